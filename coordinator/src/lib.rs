@@ -1,0 +1,21 @@
+//! Sanctum's coordinator: it recruits hospital nodes into a plan, runs its rounds, aggregates
+//! their updates as they arrive, and serves the consortium lead.
+//!
+//! # Layout
+//! - [`round`]: the plan/round state machine (sans-IO; time is an argument).
+//! - [`aggregate`]: the streaming weighted sum and the server optimizers (plain arithmetic).
+//! - [`store`]: content-addressed models, the upload spool and exports, written atomically.
+//! - [`service`]: the gRPC services and the driver task that applies the state machine's actions.
+//! - [`watch`]: the lead's live view of a plan (progress bar and per-round lines).
+//! - [`config`]: the coordinator's and the lead's config files.
+//! - [`pki`]: `pki init` and `pki sign`, the consortium CA's file handling.
+//! - [`simulate`]: the coordinator plus one real `sanctum-node` process per hospital on loopback.
+
+pub mod aggregate;
+pub mod config;
+pub mod pki;
+pub mod round;
+pub mod service;
+pub mod simulate;
+pub mod store;
+pub mod watch;

@@ -1,0 +1,328 @@
+//! `sanctum-coordinator`: parse → load config → build → run. Bad configuration exits with code 64
+//! before anything binds a port.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sanctum_coordinator::config::{self, CoordinatorConfig, LeadConfig};
+use sanctum_coordinator::service::{Coordinator, CoordinatorOptions};
+use sanctum_coordinator::simulate::{SimulateOptions, simulate};
+use sanctum_coordinator::{pki, watch};
+use sanctum_protocol::pki::Role;
+use sanctum_protocol::plan::Plan;
+use sanctum_protocol::proto::{SubmitPlanRequest, WatchPlanRequest, lead_client::LeadClient};
+use sanctum_protocol::tls::{self, TlsMaterial};
+use tokio_stream::StreamExt;
+
+/// Exit code for unusable configuration or arguments (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "sanctum-coordinator",
+    version,
+    about = "Sanctum's coordinator: PKI, plans, rounds and aggregation"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator service.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Manage the consortium PKI.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Submit and follow training plans (as the lead).
+    #[command(subcommand)]
+    Plan(PlanCommand),
+    /// Run a plan's [simulation] hospitals as real node processes over loopback mutual TLS.
+    Simulate {
+        #[arg(long)]
+        plan: PathBuf,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Write a JSON summary here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Keep PKI, logs, models and exports here instead of a temporary directory.
+        #[arg(long)]
+        workdir: Option<PathBuf>,
+        /// The sanctum-node binary (default: next to this one).
+        #[arg(long)]
+        node_bin: Option<PathBuf>,
+        /// Device for the nodes: auto, cpu or cuda.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create the consortium CA, the coordinator's certificate and the lead's certificate.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "sanctum")]
+        consortium: String,
+        /// Host names or IPs the coordinator is reached at (repeatable).
+        #[arg(long = "host", default_values_t = vec!["localhost".to_string(), "127.0.0.1".to_string()])]
+        hosts: Vec<String>,
+        #[arg(long, default_value = "lead")]
+        lead_name: String,
+        #[arg(long, default_value_t = 90)]
+        days: i64,
+    },
+    /// Sign a member's CSR; the identity and role are decided here, not by the request.
+    Sign {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        csr: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "node")]
+        role: String,
+        #[arg(long, default_value_t = 90)]
+        days: i64,
+        /// Where to write the certificate (default: DIR/issued/NAME.pem).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PlanCommand {
+    /// Submit a plan and follow it until it finishes.
+    Submit {
+        /// lead.toml: coordinator address and the lead's certificate.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        plan: PathBuf,
+    },
+    /// Follow a running plan.
+    Watch {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        plan_id: String,
+    },
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The simulator prints its own progress; the service logs what it does.
+    init_tracing(match cli.command {
+        Command::Simulate { .. } => "warn",
+        _ => "warn,sanctum_coordinator=info",
+    });
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", format!("{e:#}"));
+            if e.downcast_ref::<config::ConfigError>().is_some()
+                || e.downcast_ref::<tls::TlsError>().is_some()
+            {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn lead_client(
+    config_path: &PathBuf,
+) -> anyhow::Result<LeadClient<tonic::transport::Channel>> {
+    let cfg: LeadConfig = config::load(config_path)?;
+    let material = TlsMaterial::load(&config::resolve_tls(config_path, &cfg.tls))?;
+    let channel = tls::connect(&cfg.coordinator, &material).await?;
+    Ok(LeadClient::new(channel))
+}
+
+async fn follow_remote(
+    client: &mut LeadClient<tonic::transport::Channel>,
+    plan_id: &str,
+    rounds: u32,
+) -> anyhow::Result<ExitCode> {
+    let stream = client
+        .watch_plan(WatchPlanRequest {
+            plan_id: plan_id.to_string(),
+        })
+        .await?
+        .into_inner();
+    let events = stream.filter_map(|e| e.ok());
+    let finished = watch::follow(events, rounds, "metric")
+        .await
+        .context("the coordinator closed the watch stream")?;
+    println!(
+        "plan {}: {} after {} round(s): {}",
+        plan_id,
+        if finished.success {
+            "finished"
+        } else {
+            "FAILED"
+        },
+        finished.rounds_completed,
+        finished.reason
+    );
+    for m in &finished.final_metrics {
+        println!(
+            "  {:<14} {} {:.4} on {} test samples",
+            m.node, finished.metric_name, m.value, m.samples
+        );
+    }
+    if !finished.model_path.is_empty() {
+        println!("final model: {}", finished.model_path);
+    }
+    Ok(if finished.success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve { config: path } => {
+            let cfg: CoordinatorConfig = config::load(&path)?;
+            let material = TlsMaterial::load(&config::resolve_tls(&path, &cfg.tls))?;
+            let base = path.parent().unwrap_or(std::path::Path::new("."));
+            let coordinator = Coordinator::start(CoordinatorOptions {
+                state_dir: config::resolve(base, &cfg.state_dir),
+                evaluation_deadline: Duration::from_secs(cfg.evaluation_deadline_secs),
+            })?;
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+            // Tests and scripts read the bound address from this line (listen on port 0 works).
+            println!("listening on {}", listener.local_addr()?);
+            coordinator
+                .serve(listener, &material, shutdown_signal())
+                .await?;
+            eprintln!("coordinator stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pki(PkiCommand::Init {
+            dir,
+            consortium,
+            hosts,
+            lead_name,
+            days,
+        }) => {
+            let out = pki::init(&dir, &consortium, &hosts, &lead_name, days)?;
+            println!("consortium CA:           {}", out.ca_cert.display());
+            println!(
+                "coordinator certificate: {} (hosts: {})",
+                out.coordinator_cert.display(),
+                hosts.join(", ")
+            );
+            println!("lead certificate:        {}", out.lead_cert.display());
+            println!(
+                "next: give {} to each hospital; sign their CSRs with `sanctum-coordinator pki sign`",
+                out.ca_cert.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pki(PkiCommand::Sign {
+            dir,
+            csr,
+            name,
+            role,
+            days,
+            out,
+        }) => {
+            let role: Role = role.parse()?;
+            let pem = pki::sign(&dir, &csr, &name, role, days)?;
+            let out = out.unwrap_or_else(|| dir.join("issued").join(format!("{name}.pem")));
+            if let Some(parent) = out.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            pki::write_public(&out, &pem)?;
+            println!("signed {name} as {role} for {days} days: {}", out.display());
+            println!("next: send {} and ca.pem back to {name}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan(PlanCommand::Submit { config: path, plan }) => {
+            let text = std::fs::read_to_string(&plan)
+                .with_context(|| format!("cannot read plan {}", plan.display()))?;
+            let parsed = Plan::parse(&text).with_context(|| format!("plan {}", plan.display()))?;
+            let mut client = lead_client(&path).await?;
+            let id = client
+                .submit_plan(SubmitPlanRequest { plan_toml: text })
+                .await
+                .map_err(|s| anyhow::anyhow!("the coordinator refused the plan: {}", s.message()))?
+                .into_inner()
+                .plan_id;
+            println!("plan '{}' submitted: {id}", parsed.name);
+            follow_remote(&mut client, &id, parsed.rounds).await
+        }
+        Command::Plan(PlanCommand::Watch {
+            config: path,
+            plan_id,
+        }) => {
+            let mut client = lead_client(&path).await?;
+            follow_remote(&mut client, &plan_id, 0).await
+        }
+        Command::Simulate {
+            plan,
+            seed,
+            json,
+            workdir,
+            node_bin,
+            device,
+        } => {
+            let summary = simulate(&SimulateOptions {
+                plan,
+                seed,
+                json,
+                workdir,
+                node_bin,
+                device,
+            })
+            .await?;
+            Ok(if summary.finished.success {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}

@@ -1,0 +1,542 @@
+//! The plan and round state machine, without I/O and without a clock: the service feeds it what
+//! happened (with the time as an argument) and carries out the [`Action`]s it returns.
+//!
+//! Phases: recruiting (nodes accept or refuse the plan) → rounds (train, report, aggregate) →
+//! evaluation of the final model → finished. Late nodes are dropped from a round at its deadline;
+//! a round with fewer than `min_nodes` reports fails the plan cleanly.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// A node's name, as its certificate says.
+pub type NodeName = String;
+
+/// The parameters of a run that the state machine needs.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub rounds: u32,
+    pub min_nodes: usize,
+    pub recruit_deadline: Duration,
+    pub round_deadline: Duration,
+    /// How long the final evaluation waits for nodes.
+    pub evaluation_deadline: Duration,
+}
+
+/// What the service must do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send the plan offer to these nodes.
+    Offer(Vec<NodeName>),
+    /// Publish the current global model and ask these nodes to train on it.
+    OpenRound {
+        round: u32,
+        participants: Vec<NodeName>,
+        deadline: Instant,
+    },
+    /// The round is over: aggregate what was accepted, then call [`PlanRun::round_aggregated`].
+    CloseRound {
+        round: u32,
+        reported: Vec<NodeName>,
+        dropped: Vec<NodeName>,
+    },
+    /// Ask these nodes to evaluate the final global model.
+    Evaluate(Vec<NodeName>),
+    /// The plan is over.
+    Finish { success: bool, reason: String },
+}
+
+/// Why an update is not admitted into the round.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("no round is open")]
+    NoOpenRound,
+    #[error("update is for round {got} but round {open} is open")]
+    WrongRound { got: u32, open: u32 },
+    #[error("'{0}' is not a participant of this round")]
+    NotParticipant(NodeName),
+    #[error("'{0}' already sent its update for this round")]
+    Duplicate(NodeName),
+    #[error("the round's deadline passed")]
+    Late,
+}
+
+#[derive(Clone, Debug)]
+enum Phase {
+    Recruiting {
+        deadline: Instant,
+    },
+    Training {
+        round: u32,
+        participants: BTreeSet<NodeName>,
+        reported: BTreeSet<NodeName>,
+        deadline: Instant,
+    },
+    Aggregating {
+        round: u32,
+    },
+    Evaluating {
+        pending: BTreeSet<NodeName>,
+        deadline: Instant,
+    },
+    Finished,
+}
+
+/// One plan's progress.
+#[derive(Debug)]
+pub struct PlanRun {
+    cfg: RunConfig,
+    phase: Phase,
+    /// Nodes the plan was offered to.
+    offered: BTreeSet<NodeName>,
+    /// Nodes that accepted; only they ever take part.
+    accepted: BTreeSet<NodeName>,
+    /// Nodes that refused, with their reason.
+    refused: BTreeMap<NodeName, String>,
+    /// Accepted nodes whose connection is currently up.
+    online: BTreeSet<NodeName>,
+    rounds_completed: u32,
+}
+
+impl PlanRun {
+    /// Starts recruiting among the nodes connected now.
+    pub fn start(
+        cfg: RunConfig,
+        connected: impl IntoIterator<Item = NodeName>,
+        now: Instant,
+    ) -> (Self, Vec<Action>) {
+        let offered: BTreeSet<NodeName> = connected.into_iter().collect();
+        let run = Self {
+            phase: Phase::Recruiting {
+                deadline: now + cfg.recruit_deadline,
+            },
+            cfg,
+            offered: offered.clone(),
+            accepted: BTreeSet::new(),
+            refused: BTreeMap::new(),
+            online: offered.clone(),
+            rounds_completed: 0,
+        };
+        let actions = if offered.is_empty() {
+            vec![]
+        } else {
+            vec![Action::Offer(offered.into_iter().collect())]
+        };
+        (run, actions)
+    }
+
+    /// Rounds whose aggregate was applied.
+    pub fn rounds_completed(&self) -> u32 {
+        self.rounds_completed
+    }
+
+    /// Whether the plan is over.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    /// The round currently collecting updates.
+    pub fn open_round(&self) -> Option<u32> {
+        match &self.phase {
+            Phase::Training { round, .. } => Some(*round),
+            _ => None,
+        }
+    }
+
+    /// Nodes that refused the plan and why.
+    pub fn refusals(&self) -> &BTreeMap<NodeName, String> {
+        &self.refused
+    }
+
+    /// A node connected (or reconnected).
+    pub fn node_connected(&mut self, node: &str, now: Instant) -> Vec<Action> {
+        self.online.insert(node.to_string());
+        match self.phase {
+            Phase::Recruiting { .. } if self.offered.insert(node.to_string()) => {
+                vec![Action::Offer(vec![node.to_string()])]
+            }
+            _ => self.tick(now),
+        }
+    }
+
+    /// A node's connection went away.
+    pub fn node_disconnected(&mut self, node: &str, now: Instant) -> Vec<Action> {
+        self.online.remove(node);
+        match &mut self.phase {
+            Phase::Training {
+                participants,
+                reported,
+                ..
+            } if !reported.contains(node) => {
+                participants.remove(node);
+            }
+            Phase::Evaluating { pending, .. } => {
+                pending.remove(node);
+            }
+            _ => {}
+        }
+        self.advance(now)
+    }
+
+    /// A node accepted or refused the plan.
+    pub fn decision(
+        &mut self,
+        node: &str,
+        accept: bool,
+        reason: &str,
+        now: Instant,
+    ) -> Vec<Action> {
+        if !matches!(self.phase, Phase::Recruiting { .. }) || !self.offered.contains(node) {
+            return vec![];
+        }
+        if accept {
+            self.refused.remove(node);
+            self.accepted.insert(node.to_string());
+        } else {
+            self.accepted.remove(node);
+            self.refused.insert(node.to_string(), reason.to_string());
+        }
+        self.advance(now)
+    }
+
+    /// Asks whether an update may enter the round; on `Ok` the node counts as reported and the
+    /// service must apply the update before anything else happens.
+    pub fn admit_update(
+        &mut self,
+        node: &str,
+        round: u32,
+        now: Instant,
+    ) -> Result<Vec<Action>, Rejection> {
+        let Phase::Training {
+            round: open,
+            participants,
+            reported,
+            deadline,
+        } = &mut self.phase
+        else {
+            return Err(Rejection::NoOpenRound);
+        };
+        if round != *open {
+            return Err(Rejection::WrongRound {
+                got: round,
+                open: *open,
+            });
+        }
+        if reported.contains(node) {
+            return Err(Rejection::Duplicate(node.to_string()));
+        }
+        if !participants.contains(node) {
+            return Err(Rejection::NotParticipant(node.to_string()));
+        }
+        if now >= *deadline {
+            return Err(Rejection::Late);
+        }
+        reported.insert(node.to_string());
+        Ok(self.advance(now))
+    }
+
+    /// The service finished aggregating `round`.
+    pub fn round_aggregated(&mut self, round: u32, now: Instant) -> Vec<Action> {
+        if !matches!(self.phase, Phase::Aggregating { round: r } if r == round) {
+            return vec![];
+        }
+        self.rounds_completed = round;
+        if round < self.cfg.rounds {
+            self.open_round_now(round + 1, now)
+        } else {
+            let pending: BTreeSet<NodeName> =
+                self.accepted.intersection(&self.online).cloned().collect();
+            self.phase = Phase::Evaluating {
+                pending: pending.clone(),
+                deadline: now + self.cfg.evaluation_deadline,
+            };
+            let mut actions = vec![Action::Evaluate(pending.into_iter().collect())];
+            actions.extend(self.advance(now));
+            actions
+        }
+    }
+
+    /// The service could not aggregate (no usable update, or its storage failed).
+    pub fn aggregation_failed(&mut self, reason: &str) -> Vec<Action> {
+        self.finish(false, reason.to_string())
+    }
+
+    /// A node reported its evaluation of the final model.
+    pub fn evaluated(&mut self, node: &str, now: Instant) -> Vec<Action> {
+        if let Phase::Evaluating { pending, .. } = &mut self.phase {
+            pending.remove(node);
+        }
+        self.advance(now)
+    }
+
+    /// The lead cancelled the plan.
+    pub fn cancel(&mut self, reason: &str) -> Vec<Action> {
+        if self.is_finished() {
+            return vec![];
+        }
+        self.finish(false, reason.to_string())
+    }
+
+    /// Time passed: deadlines may have expired.
+    pub fn tick(&mut self, now: Instant) -> Vec<Action> {
+        self.advance(now)
+    }
+
+    fn open_round_now(&mut self, round: u32, now: Instant) -> Vec<Action> {
+        let participants: BTreeSet<NodeName> =
+            self.accepted.intersection(&self.online).cloned().collect();
+        if participants.len() < self.cfg.min_nodes {
+            return self.finish(
+                false,
+                format!(
+                    "round {round} cannot start: {} of the {} nodes that accepted are connected, min_nodes is {}",
+                    participants.len(),
+                    self.accepted.len(),
+                    self.cfg.min_nodes
+                ),
+            );
+        }
+        let deadline = now + self.cfg.round_deadline;
+        self.phase = Phase::Training {
+            round,
+            participants: participants.clone(),
+            reported: BTreeSet::new(),
+            deadline,
+        };
+        vec![Action::OpenRound {
+            round,
+            participants: participants.into_iter().collect(),
+            deadline,
+        }]
+    }
+
+    fn finish(&mut self, success: bool, reason: String) -> Vec<Action> {
+        self.phase = Phase::Finished;
+        vec![Action::Finish { success, reason }]
+    }
+
+    fn advance(&mut self, now: Instant) -> Vec<Action> {
+        match &self.phase {
+            Phase::Recruiting { deadline } => {
+                let undecided = self
+                    .offered
+                    .iter()
+                    .filter(|n| self.online.contains(*n))
+                    .any(|n| !self.accepted.contains(n) && !self.refused.contains_key(n));
+                if undecided && now < *deadline {
+                    return vec![];
+                }
+                if self.accepted.len() >= self.cfg.min_nodes {
+                    return self.open_round_now(1, now);
+                }
+                if !undecided || now >= *deadline {
+                    let mut reason = format!(
+                        "{} node(s) accepted the plan, min_nodes is {}",
+                        self.accepted.len(),
+                        self.cfg.min_nodes
+                    );
+                    for (node, why) in &self.refused {
+                        reason.push_str(&format!("; {node} refused: {why}"));
+                    }
+                    return self.finish(false, reason);
+                }
+                vec![]
+            }
+            Phase::Training {
+                round,
+                participants,
+                reported,
+                deadline,
+            } => {
+                let all_in = participants.iter().all(|p| reported.contains(p));
+                if !all_in && now < *deadline {
+                    return vec![];
+                }
+                let round = *round;
+                let reported_list: Vec<NodeName> = reported.iter().cloned().collect();
+                let dropped: Vec<NodeName> = participants.difference(reported).cloned().collect();
+                if reported.len() < self.cfg.min_nodes {
+                    return self.finish(
+                        false,
+                        format!(
+                            "round {round} failed: {} node(s) reported, min_nodes is {}; dropped: {}",
+                            reported.len(),
+                            self.cfg.min_nodes,
+                            if dropped.is_empty() { "none".to_string() } else { dropped.join(", ") }
+                        ),
+                    );
+                }
+                self.phase = Phase::Aggregating { round };
+                vec![Action::CloseRound {
+                    round,
+                    reported: reported_list,
+                    dropped,
+                }]
+            }
+            Phase::Evaluating { pending, deadline } => {
+                if pending.is_empty() || now >= *deadline {
+                    let missing = pending.iter().cloned().collect::<Vec<_>>();
+                    let reason = if missing.is_empty() {
+                        "completed".to_string()
+                    } else {
+                        format!("completed; no final evaluation from {}", missing.join(", "))
+                    };
+                    return self.finish(true, reason);
+                }
+                vec![]
+            }
+            Phase::Aggregating { .. } | Phase::Finished => vec![],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(rounds: u32, min_nodes: usize) -> RunConfig {
+        RunConfig {
+            rounds,
+            min_nodes,
+            recruit_deadline: Duration::from_secs(10),
+            round_deadline: Duration::from_secs(30),
+            evaluation_deadline: Duration::from_secs(5),
+        }
+    }
+
+    fn names(v: &[&str]) -> Vec<NodeName> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn full_run_with_all_nodes() {
+        let t0 = Instant::now();
+        let (mut run, a) = PlanRun::start(cfg(2, 2), names(&["a", "b"]), t0);
+        assert_eq!(a, vec![Action::Offer(names(&["a", "b"]))]);
+        assert!(run.decision("a", true, "", t0).is_empty());
+        let a = run.decision("b", true, "", t0);
+        assert!(
+            matches!(&a[..], [Action::OpenRound { round: 1, participants, .. }] if participants == &names(&["a", "b"]))
+        );
+        assert!(run.admit_update("a", 1, t0).unwrap().is_empty());
+        assert_eq!(
+            run.admit_update("a", 1, t0),
+            Err(Rejection::Duplicate("a".into()))
+        );
+        let a = run.admit_update("b", 1, t0).unwrap();
+        assert_eq!(
+            a,
+            vec![Action::CloseRound {
+                round: 1,
+                reported: names(&["a", "b"]),
+                dropped: vec![]
+            }]
+        );
+        assert_eq!(run.admit_update("a", 1, t0), Err(Rejection::NoOpenRound));
+        let a = run.round_aggregated(1, t0);
+        assert!(matches!(&a[..], [Action::OpenRound { round: 2, .. }]));
+        assert_eq!(
+            run.admit_update("a", 1, t0),
+            Err(Rejection::WrongRound { got: 1, open: 2 })
+        );
+        run.admit_update("a", 2, t0).unwrap();
+        run.admit_update("b", 2, t0).unwrap();
+        let a = run.round_aggregated(2, t0);
+        assert_eq!(a, vec![Action::Evaluate(names(&["a", "b"]))]);
+        run.evaluated("a", t0);
+        let a = run.evaluated("b", t0);
+        assert_eq!(
+            a,
+            vec![Action::Finish {
+                success: true,
+                reason: "completed".into()
+            }]
+        );
+        assert_eq!(run.rounds_completed(), 2);
+    }
+
+    #[test]
+    fn late_node_is_dropped_at_the_deadline_and_the_round_goes_on() {
+        let t0 = Instant::now();
+        let (mut run, _) = PlanRun::start(cfg(1, 2), names(&["a", "b", "c"]), t0);
+        for n in ["a", "b", "c"] {
+            run.decision(n, true, "", t0);
+        }
+        run.admit_update("a", 1, t0).unwrap();
+        run.admit_update("b", 1, t0).unwrap();
+        assert!(run.tick(t0 + Duration::from_secs(29)).is_empty());
+        let late = t0 + Duration::from_secs(31);
+        assert_eq!(run.admit_update("c", 1, late), Err(Rejection::Late));
+        let a = run.tick(late);
+        assert_eq!(
+            a,
+            vec![Action::CloseRound {
+                round: 1,
+                reported: names(&["a", "b"]),
+                dropped: names(&["c"])
+            }]
+        );
+    }
+
+    #[test]
+    fn refusals_below_min_nodes_fail_with_the_reasons() {
+        let t0 = Instant::now();
+        let (mut run, _) = PlanRun::start(cfg(1, 2), names(&["a", "b"]), t0);
+        run.decision("a", true, "", t0);
+        let a = run.decision("b", false, "schema mismatch: column 'age' missing", t0);
+        match &a[..] {
+            [
+                Action::Finish {
+                    success: false,
+                    reason,
+                },
+            ] => {
+                assert!(reason.contains("b refused: schema mismatch"), "{reason}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn round_fails_cleanly_below_min_nodes_and_disconnects_close_early() {
+        let t0 = Instant::now();
+        let (mut run, _) = PlanRun::start(cfg(3, 2), names(&["a", "b", "c"]), t0);
+        for n in ["a", "b", "c"] {
+            run.decision(n, true, "", t0);
+        }
+        run.admit_update("a", 1, t0).unwrap();
+        run.admit_update("b", 1, t0).unwrap();
+        // c crashes: the round closes without waiting for the deadline.
+        let a = run.node_disconnected("c", t0);
+        assert_eq!(
+            a,
+            vec![Action::CloseRound {
+                round: 1,
+                reported: names(&["a", "b"]),
+                dropped: names(&["c"])
+            }]
+        );
+        run.round_aggregated(1, t0);
+        run.admit_update("a", 2, t0).unwrap();
+        let a = run.tick(t0 + Duration::from_secs(31));
+        assert!(
+            matches!(&a[..], [Action::Finish { success: false, reason }] if reason.contains("round 2 failed"))
+        );
+        assert!(run.is_finished());
+    }
+
+    #[test]
+    fn recruiting_waits_for_the_deadline_when_nodes_are_silent() {
+        let t0 = Instant::now();
+        let (mut run, _) = PlanRun::start(cfg(1, 1), names(&["a", "b"]), t0);
+        assert!(run.decision("a", true, "", t0).is_empty());
+        let a = run.tick(t0 + Duration::from_secs(11));
+        assert!(
+            matches!(&a[..], [Action::OpenRound { round: 1, participants, .. }] if participants == &names(&["a"]))
+        );
+        // b never answered and is not a participant.
+        assert_eq!(
+            run.admit_update("b", 1, t0 + Duration::from_secs(12)),
+            Err(Rejection::NotParticipant("b".into()))
+        );
+    }
+}

@@ -1,0 +1,1017 @@
+//! The coordinator at run time: the gRPC services nodes and the lead call, and the driver task
+//! that owns the plan state and turns the sans-IO [`PlanRun`]'s actions into messages and files.
+//!
+//! Handlers only decode, check what they can on their own, and hand events to the driver over a
+//! channel; the driver is the one place plan state changes, so there are no lock-order puzzles.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sanctum_protocol::hash::{ContentHash, Hasher};
+use sanctum_protocol::model::Weights;
+use sanctum_protocol::pki::Role;
+use sanctum_protocol::plan::{Plan, Weighting};
+use sanctum_protocol::proto::{
+    self, Ack, Directive, EvaluationReport, FetchModelRequest, ModelChunk, PlanEvent, PlanFinished,
+    PlanResponse, SubmitPlanRequest, SubmitPlanResponse, SubscribeRequest, UpdateChunk,
+    UpdateReceipt, WatchPlanRequest, directive, federation_server, lead_server, plan_event,
+    update_chunk,
+};
+use sanctum_protocol::tls::{self, TlsMaterial};
+use sanctum_protocol::transfer::{self, CHUNK_BYTES};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::aggregate::{Accumulator, ServerState};
+use crate::round::{Action, PlanRun, RunConfig};
+use crate::store::{Store, write_atomic};
+
+/// Settings of a running coordinator.
+#[derive(Clone, Debug)]
+pub struct CoordinatorOptions {
+    /// Where models, spooled uploads and exports live.
+    pub state_dir: PathBuf,
+    /// How long the final evaluation waits for nodes.
+    pub evaluation_deadline: Duration,
+}
+
+/// A handle on a running coordinator; cheap to clone.
+#[derive(Clone)]
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    events: mpsc::UnboundedSender<Event>,
+    /// Open directive streams, one per connected node (a reconnect replaces the old one).
+    nodes: Mutex<HashMap<String, NodeConn>>,
+    /// What the open round accepts, so uploads are refused before they are spooled.
+    round: RwLock<Option<RoundInfo>>,
+    /// Everything that happens to plans, for `WatchPlan` and the simulator.
+    plan_events: broadcast::Sender<(String, PlanEvent)>,
+    /// Final outcome of every plan this process ran, for late watchers.
+    finished: Mutex<HashMap<String, PlanFinished>>,
+    store: Store,
+    next_conn: AtomicU64,
+}
+
+struct NodeConn {
+    /// Distinguishes a reconnect from the stream it replaced.
+    id: u64,
+    tx: mpsc::Sender<Result<Directive, Status>>,
+}
+
+#[derive(Clone, Debug)]
+struct RoundInfo {
+    plan_id: String,
+    round: u32,
+    model: ContentHash,
+    num_params: usize,
+}
+
+/// A header that passed the handler's checks, and where its payload was spooled.
+struct SpooledUpdate {
+    round: u32,
+    plan_id: String,
+    base_model: String,
+    sample_count: u64,
+    metrics: Vec<proto::Metric>,
+    spool: tempfile::NamedTempFile,
+}
+
+enum Event {
+    Connected {
+        node: String,
+    },
+    Disconnected {
+        node: String,
+        conn: u64,
+    },
+    Submit {
+        plan: Box<Plan>,
+        reply: oneshot::Sender<Result<String, Status>>,
+    },
+    Decision {
+        node: String,
+        response: PlanResponse,
+    },
+    Update {
+        node: String,
+        update: SpooledUpdate,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Evaluation {
+        node: String,
+        report: EvaluationReport,
+    },
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave these maps half-updated; keep serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Coordinator {
+    /// Opens the state directory and starts the driver task.
+    pub fn start(options: CoordinatorOptions) -> std::io::Result<Self> {
+        let store = Store::open(&options.state_dir)?;
+        let (events, rx) = mpsc::unbounded_channel();
+        let (plan_events, _) = broadcast::channel(1024);
+        let inner = Arc::new(Inner {
+            events,
+            nodes: Mutex::new(HashMap::new()),
+            round: RwLock::new(None),
+            plan_events,
+            finished: Mutex::new(HashMap::new()),
+            store,
+            next_conn: AtomicU64::new(1),
+        });
+        let driver = Driver {
+            inner: inner.clone(),
+            active: None,
+            evaluation_deadline: options.evaluation_deadline,
+        };
+        tokio::spawn(driver.run(rx));
+        Ok(Self { inner })
+    }
+
+    /// Serves both gRPC services on `listener` over mutual TLS until `shutdown` completes.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        material: &TlsMaterial,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let incoming = tls::mtls_incoming(listener, material.server_config()?);
+        let federation = federation_server::FederationServer::new(FederationApi {
+            inner: self.inner.clone(),
+        })
+        .max_decoding_message_size(2 * CHUNK_BYTES);
+        let lead = lead_server::LeadServer::new(LeadApi {
+            inner: self.inner.clone(),
+        });
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                federation,
+                tls::role_guard(&[Role::Node]),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                lead,
+                tls::role_guard(&[Role::Lead]),
+            ))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await?;
+        Ok(())
+    }
+
+    /// Submits a plan as the lead would; returns its id.
+    pub async fn submit(&self, plan: Plan) -> Result<String, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .events
+            .send(Event::Submit {
+                plan: Box::new(plan),
+                reply,
+            })
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))?
+    }
+
+    /// Follows a plan's events until it finishes.
+    pub fn watch(&self, plan_id: &str) -> impl Stream<Item = PlanEvent> + Send + 'static {
+        watch_stream(&self.inner, plan_id)
+    }
+
+    /// Names of the nodes connected now.
+    pub fn connected_nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.inner.nodes).keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+fn watch_stream(
+    inner: &Arc<Inner>,
+    plan_id: &str,
+) -> impl Stream<Item = PlanEvent> + Send + 'static {
+    let mut rx = inner.plan_events.subscribe();
+    let done = lock(&inner.finished).get(plan_id).cloned();
+    let plan_id = plan_id.to_string();
+    let (tx, out) = mpsc::channel(256);
+    tokio::spawn(async move {
+        if let Some(done) = done {
+            let _ = tx
+                .send(PlanEvent {
+                    kind: Some(plan_event::Kind::PlanFinished(done)),
+                })
+                .await;
+            return;
+        }
+        loop {
+            match rx.recv().await {
+                Ok((id, ev)) if id == plan_id => {
+                    let last = matches!(ev.kind, Some(plan_event::Kind::PlanFinished(_)));
+                    if tx.send(ev).await.is_err() || last {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!("a plan watcher fell behind and missed {n} events");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    ReceiverStream::new(out)
+}
+
+impl Inner {
+    fn send_event(&self, ev: Event) {
+        // Only fails when the driver is gone, i.e. during shutdown.
+        let _ = self.events.send(ev);
+    }
+
+    fn publish(&self, plan_id: &str, kind: plan_event::Kind) {
+        let _ = self
+            .plan_events
+            .send((plan_id.to_string(), PlanEvent { kind: Some(kind) }));
+    }
+
+    /// Logs and publishes a refused update, and returns the status for the node.
+    fn reject(&self, node: &str, plan_id: &str, round: u32, status: Status) -> Status {
+        tracing::warn!(node, round, "rejected update: {}", status.message());
+        self.publish(
+            plan_id,
+            plan_event::Kind::UpdateRejected(proto::UpdateRejected {
+                round,
+                node: node.to_string(),
+                reason: status.message().to_string(),
+            }),
+        );
+        status
+    }
+}
+
+/// Sends `UnboundedSender`-side notice when a node's directive stream is dropped.
+struct DirectiveStream {
+    inner: ReceiverStream<Result<Directive, Status>>,
+    node: String,
+    conn: u64,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Stream for DirectiveStream {
+    type Item = Result<Directive, Status>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
+
+impl Drop for DirectiveStream {
+    fn drop(&mut self) {
+        let _ = self.events.send(Event::Disconnected {
+            node: self.node.clone(),
+            conn: self.conn,
+        });
+    }
+}
+
+struct FederationApi {
+    inner: Arc<Inner>,
+}
+
+fn caller<T>(request: &Request<T>) -> Result<String, Status> {
+    Ok(tls::peer(request)?.identity.name.clone())
+}
+
+#[tonic::async_trait]
+impl federation_server::Federation for FederationApi {
+    type SubscribeStream = Pin<Box<dyn Stream<Item = Result<Directive, Status>> + Send + 'static>>;
+    type FetchModelStream = ReceiverStream<Result<ModelChunk, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let node = caller(&request)?;
+        let hello = request.into_inner();
+        let (tx, rx) = mpsc::channel(32);
+        let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inner.nodes).insert(node.clone(), NodeConn { id: conn, tx });
+        tracing::info!(
+            node,
+            device = hello.device,
+            version = hello.software_version,
+            "node connected"
+        );
+        self.inner
+            .send_event(Event::Connected { node: node.clone() });
+        let stream = DirectiveStream {
+            inner: ReceiverStream::new(rx),
+            node,
+            conn,
+            events: self.inner.events.clone(),
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn respond_to_plan(
+        &self,
+        request: Request<PlanResponse>,
+    ) -> Result<Response<Ack>, Status> {
+        let node = caller(&request)?;
+        self.inner.send_event(Event::Decision {
+            node,
+            response: request.into_inner(),
+        });
+        Ok(Response::new(Ack {}))
+    }
+
+    async fn fetch_model(
+        &self,
+        request: Request<FetchModelRequest>,
+    ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let hash =
+            ContentHash::parse(&request.get_ref().sha256).map_err(Status::invalid_argument)?;
+        let bytes = match self.inner.store.read_model(&hash) {
+            Ok(b) => Arc::new(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Status::not_found(format!("no model with hash {hash}")));
+            }
+            Err(e) => return Err(Status::internal(format!("cannot read model {hash}: {e}"))),
+        };
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let total = bytes.len() as u64;
+            for (offset, chunk) in transfer::chunks(&bytes) {
+                let msg = ModelChunk {
+                    offset,
+                    data: chunk.to_vec(),
+                    total_bytes: total,
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn submit_update(
+        &self,
+        request: Request<Streaming<UpdateChunk>>,
+    ) -> Result<Response<UpdateReceipt>, Status> {
+        let node = caller(&request)?;
+        let mut stream = request.into_inner();
+        let header = match stream.message().await? {
+            Some(UpdateChunk {
+                part: Some(update_chunk::Part::Header(h)),
+            }) => h,
+            _ => {
+                return Err(self.inner.reject(
+                    &node,
+                    "",
+                    0,
+                    Status::invalid_argument("the first message of an upload must be its header"),
+                ));
+            }
+        };
+        let reject = |status: Status| {
+            self.inner
+                .reject(&node, &header.plan_id, header.round, status)
+        };
+        let info = self
+            .inner
+            .round
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| reject(Status::failed_precondition("no round is open")))?;
+        if header.plan_id != info.plan_id || header.round != info.round {
+            return Err(reject(Status::failed_precondition(format!(
+                "update is for plan {} round {}, but round {} of plan {} is open",
+                short(&header.plan_id),
+                header.round,
+                info.round,
+                short(&info.plan_id)
+            ))));
+        }
+        if header.base_model_sha256 != info.model.to_hex() {
+            return Err(reject(Status::invalid_argument(format!(
+                "update was computed from model {}, but the round's model is {}",
+                short(&header.base_model_sha256),
+                info.model.short()
+            ))));
+        }
+        if header.num_params != info.num_params as u64 {
+            return Err(reject(Status::invalid_argument(format!(
+                "update has {} parameters, the model has {}",
+                header.num_params, info.num_params
+            ))));
+        }
+        let payload_hash = ContentHash::parse(&header.payload_sha256)
+            .map_err(|e| reject(Status::invalid_argument(format!("payload_sha256: {e}"))))?;
+        let expected = info.num_params as u64 * 4;
+        let mut spool = self
+            .inner
+            .store
+            .spool()
+            .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
+        let mut hasher = Hasher::default();
+        let mut received = 0u64;
+        while let Some(msg) = stream.message().await? {
+            let data = match msg.part {
+                Some(update_chunk::Part::Data(d)) => d,
+                _ => {
+                    return Err(reject(Status::invalid_argument(
+                        "an upload carries one header, then only data",
+                    )));
+                }
+            };
+            if data.len() > CHUNK_BYTES || data.len() % 4 != 0 {
+                return Err(reject(Status::invalid_argument(format!(
+                    "data chunk of {} bytes: chunks are whole f32 values and at most {CHUNK_BYTES} bytes",
+                    data.len()
+                ))));
+            }
+            received += data.len() as u64;
+            if received > expected {
+                return Err(reject(Status::invalid_argument(format!(
+                    "upload carries more than the {expected} bytes its {} parameters need",
+                    info.num_params
+                ))));
+            }
+            hasher.update(&data);
+            spool
+                .write_all(&data)
+                .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
+        }
+        if received != expected {
+            return Err(reject(Status::invalid_argument(format!(
+                "upload ended after {received} of {expected} bytes"
+            ))));
+        }
+        if hasher.finish() != payload_hash {
+            return Err(reject(Status::invalid_argument(
+                "payload does not match payload_sha256",
+            )));
+        }
+        spool
+            .flush()
+            .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
+        let update = SpooledUpdate {
+            round: header.round,
+            plan_id: header.plan_id.clone(),
+            base_model: header.base_model_sha256.clone(),
+            sample_count: header.sample_count,
+            metrics: header.metrics.clone(),
+            spool,
+        };
+        let (reply, rx) = oneshot::channel();
+        self.inner.send_event(Event::Update {
+            node: node.clone(),
+            update,
+            reply,
+        });
+        match rx.await {
+            Ok(Ok(())) => Ok(Response::new(UpdateReceipt {
+                accepted: true,
+                reason: String::new(),
+            })),
+            Ok(Err(reason)) => Err(reject(Status::failed_precondition(reason))),
+            Err(_) => Err(Status::unavailable("coordinator is shutting down")),
+        }
+    }
+
+    async fn report_evaluation(
+        &self,
+        request: Request<EvaluationReport>,
+    ) -> Result<Response<Ack>, Status> {
+        let node = caller(&request)?;
+        self.inner.send_event(Event::Evaluation {
+            node,
+            report: request.into_inner(),
+        });
+        Ok(Response::new(Ack {}))
+    }
+}
+
+struct LeadApi {
+    inner: Arc<Inner>,
+}
+
+#[tonic::async_trait]
+impl lead_server::Lead for LeadApi {
+    type WatchPlanStream = Pin<Box<dyn Stream<Item = Result<PlanEvent, Status>> + Send + 'static>>;
+
+    async fn submit_plan(
+        &self,
+        request: Request<SubmitPlanRequest>,
+    ) -> Result<Response<SubmitPlanResponse>, Status> {
+        let lead = caller(&request)?;
+        let plan = Plan::parse(&request.get_ref().plan_toml)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(lead, plan = plan.name, "plan submitted");
+        let (reply, rx) = oneshot::channel();
+        self.inner.send_event(Event::Submit {
+            plan: Box::new(plan),
+            reply,
+        });
+        let plan_id = rx
+            .await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))??;
+        Ok(Response::new(SubmitPlanResponse { plan_id }))
+    }
+
+    async fn watch_plan(
+        &self,
+        request: Request<WatchPlanRequest>,
+    ) -> Result<Response<Self::WatchPlanStream>, Status> {
+        use tokio_stream::StreamExt;
+        let stream = watch_stream(&self.inner, &request.get_ref().plan_id).map(Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+fn short(hex: &str) -> &str {
+    hex.get(..12).unwrap_or(hex)
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The plan being run and everything the driver keeps for it.
+struct ActiveRun {
+    plan_id: String,
+    plan: Plan,
+    wire_toml: String,
+    run: PlanRun,
+    global: Weights,
+    model: ContentHash,
+    model_bytes: u64,
+    server: ServerState,
+    acc: Accumulator,
+    /// Metrics reported with this round's updates (of the round's starting model).
+    round_metrics: BTreeMap<String, proto::Metric>,
+    /// The final model's evaluation at each node.
+    final_metrics: BTreeMap<String, proto::Metric>,
+    /// Hash of the initial model and of every round's result, in order.
+    lineage: Vec<ContentHash>,
+    participants: Vec<String>,
+}
+
+struct Driver {
+    inner: Arc<Inner>,
+    active: Option<ActiveRun>,
+    evaluation_deadline: Duration,
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(ev) => self.handle(ev),
+                    None => return,
+                },
+                _ = tick.tick() => {
+                    let actions = self.active.as_mut().map(|a| a.run.tick(Instant::now())).unwrap_or_default();
+                    self.apply(actions);
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Event) {
+        let now = Instant::now();
+        match ev {
+            Event::Connected { node } => {
+                let actions = self
+                    .active
+                    .as_mut()
+                    .map(|a| a.run.node_connected(&node, now))
+                    .unwrap_or_default();
+                self.apply(actions);
+            }
+            Event::Disconnected { node, conn } => {
+                let mut nodes = lock(&self.inner.nodes);
+                if nodes.get(&node).is_some_and(|c| c.id == conn) {
+                    nodes.remove(&node);
+                    drop(nodes);
+                    tracing::info!(node, "node disconnected");
+                    let actions = self
+                        .active
+                        .as_mut()
+                        .map(|a| a.run.node_disconnected(&node, now))
+                        .unwrap_or_default();
+                    self.apply(actions);
+                }
+            }
+            Event::Submit { plan, reply } => {
+                let result = self.submit(*plan, now);
+                let _ = reply.send(result);
+            }
+            Event::Decision { node, response } => {
+                let Some(active) = self
+                    .active
+                    .as_mut()
+                    .filter(|a| a.plan_id == response.plan_id)
+                else {
+                    tracing::warn!(
+                        node,
+                        plan = response.plan_id,
+                        "decision for a plan that is not running"
+                    );
+                    return;
+                };
+                if response.accept {
+                    tracing::info!(node, "accepted the plan");
+                } else {
+                    tracing::warn!(node, reason = response.reason, "refused the plan");
+                }
+                let plan_id = active.plan_id.clone();
+                let actions = active
+                    .run
+                    .decision(&node, response.accept, &response.reason, now);
+                self.inner.publish(
+                    &plan_id,
+                    plan_event::Kind::NodeDecision(proto::NodeDecision {
+                        node,
+                        accepted: response.accept,
+                        reason: response.reason,
+                    }),
+                );
+                self.apply(actions);
+            }
+            Event::Update {
+                node,
+                update,
+                reply,
+            } => match self.admit(&node, update, now) {
+                Ok(actions) => {
+                    let _ = reply.send(Ok(()));
+                    self.apply(actions);
+                }
+                Err(reason) => {
+                    let _ = reply.send(Err(reason));
+                }
+            },
+            Event::Evaluation { node, report } => {
+                let Some(active) = self.active.as_mut() else {
+                    return;
+                };
+                if report.plan_id != active.plan_id || report.model_sha256 != active.model.to_hex()
+                {
+                    tracing::warn!(
+                        node,
+                        "evaluation of a model that is not this plan's final model; ignored"
+                    );
+                    return;
+                }
+                if let Some(m) = report.metrics.into_iter().next() {
+                    active.final_metrics.insert(node.clone(), m);
+                }
+                let actions = active.run.evaluated(&node, now);
+                self.apply(actions);
+            }
+        }
+    }
+
+    fn submit(&mut self, plan: Plan, now: Instant) -> Result<String, Status> {
+        if let Some(active) = &self.active {
+            return Err(Status::failed_precondition(format!(
+                "plan '{}' ({}) is still running; wait for it to finish",
+                active.plan.name,
+                short(&active.plan_id)
+            )));
+        }
+        let wire_toml = plan
+            .to_wire_toml()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let plan_id = Plan::id_of(&wire_toml).to_hex();
+        let global = plan.model.init(plan.seed);
+        let bytes = global
+            .to_safetensors()
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let model = self
+            .inner
+            .store
+            .put_model(&bytes)
+            .map_err(|e| Status::internal(format!("model store: {e}")))?;
+        let num_params = global.values().len();
+        let cfg = RunConfig {
+            rounds: plan.rounds,
+            min_nodes: plan.min_nodes,
+            recruit_deadline: Duration::from_secs(plan.recruit_deadline_secs),
+            round_deadline: Duration::from_secs(plan.round_deadline_secs),
+            evaluation_deadline: self.evaluation_deadline,
+        };
+        let connected: Vec<String> = lock(&self.inner.nodes).keys().cloned().collect();
+        let (run, actions) = PlanRun::start(cfg, connected, now);
+        tracing::info!(plan = plan.name, id = short(&plan_id), model = %model.short(), "plan started");
+        self.active = Some(ActiveRun {
+            plan_id: plan_id.clone(),
+            server: ServerState::new(plan.strategy.clone(), num_params),
+            acc: Accumulator::new(num_params),
+            plan,
+            wire_toml,
+            run,
+            global,
+            model,
+            model_bytes: bytes.len() as u64,
+            round_metrics: BTreeMap::new(),
+            final_metrics: BTreeMap::new(),
+            lineage: vec![model],
+            participants: vec![],
+        });
+        self.apply(actions);
+        Ok(plan_id)
+    }
+
+    /// Checks a spooled update against the plan and folds it in; the round goes on either way.
+    fn admit(
+        &mut self,
+        node: &str,
+        update: SpooledUpdate,
+        now: Instant,
+    ) -> Result<Vec<Action>, String> {
+        let active = self.active.as_mut().ok_or("no plan is running")?;
+        if update.plan_id != active.plan_id || update.base_model != active.model.to_hex() {
+            return Err("update is for another plan or model".into());
+        }
+        let weight = match active.plan.strategy.weighting() {
+            Weighting::Samples if update.sample_count == 0 => {
+                return Err(
+                    "sample_count is 0 but the plan weights updates by sample count".into(),
+                );
+            }
+            Weighting::Samples => update.sample_count as f64,
+            Weighting::Uniform => 1.0,
+        };
+        let mut bytes = Vec::new();
+        let mut file = update.spool.reopen().map_err(|e| format!("spool: {e}"))?;
+        file.read_to_end(&mut bytes)
+            .map_err(|e| format!("spool: {e}"))?;
+        let values = transfer::le_bytes_to_f32(&bytes)?;
+        active.acc.check(&values).map_err(|e| e.to_string())?;
+        let actions = active
+            .run
+            .admit_update(node, update.round, now)
+            .map_err(|e| e.to_string())?;
+        active.acc.add(&values, weight).map_err(|e| e.to_string())?;
+        if let Some(m) = update.metrics.into_iter().next() {
+            active.round_metrics.insert(node.to_string(), m);
+        }
+        tracing::info!(node, round = update.round, "update accepted");
+        Ok(actions)
+    }
+
+    fn send(&self, node: &str, kind: directive::Kind) {
+        let tx = lock(&self.inner.nodes).get(node).map(|c| c.tx.clone());
+        match tx {
+            Some(tx) => {
+                if tx.try_send(Ok(Directive { kind: Some(kind) })).is_err() {
+                    tracing::warn!(
+                        node,
+                        "directive stream is full or closed; the node will be dropped if it stays silent"
+                    );
+                }
+            }
+            None => tracing::warn!(node, "node is not connected; directive not sent"),
+        }
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        let mut queue: VecDeque<Action> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            let Some(active) = self.active.as_mut() else {
+                return;
+            };
+            let plan_id = active.plan_id.clone();
+            match action {
+                Action::Offer(nodes) => {
+                    let offer = directive::Kind::OfferPlan(proto::OfferPlan {
+                        plan_id: plan_id.clone(),
+                        plan_toml: active.wire_toml.clone(),
+                    });
+                    for n in nodes {
+                        self.send(&n, offer.clone());
+                    }
+                }
+                Action::OpenRound {
+                    round,
+                    participants,
+                    deadline,
+                } => {
+                    let deadline_ms = unix_ms(
+                        SystemTime::now() + deadline.saturating_duration_since(Instant::now()),
+                    );
+                    active.acc = Accumulator::new(active.global.values().len());
+                    active.round_metrics.clear();
+                    active.participants = participants.clone();
+                    *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) =
+                        Some(RoundInfo {
+                            plan_id: plan_id.clone(),
+                            round,
+                            model: active.model,
+                            num_params: active.global.values().len(),
+                        });
+                    let start = directive::Kind::StartRound(proto::StartRound {
+                        plan_id: plan_id.clone(),
+                        round,
+                        model_sha256: active.model.to_hex(),
+                        model_bytes: active.model_bytes,
+                        deadline_unix_ms: deadline_ms,
+                    });
+                    tracing::info!(round, nodes = participants.len(), model = %active.model.short(), "round opened");
+                    self.inner.publish(
+                        &plan_id,
+                        plan_event::Kind::RoundOpened(proto::RoundOpened {
+                            round,
+                            participants: participants.clone(),
+                            model_sha256: active.model.to_hex(),
+                        }),
+                    );
+                    for n in &participants {
+                        self.send(n, start.clone());
+                    }
+                }
+                Action::CloseRound {
+                    round,
+                    reported,
+                    dropped,
+                } => {
+                    *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = None;
+                    let next = match self.close_round(round) {
+                        Ok(()) => {
+                            let Some(active) = self.active.as_mut() else {
+                                return;
+                            };
+                            let metrics = active
+                                .round_metrics
+                                .iter()
+                                .map(|(node, m)| proto::NodeMetric {
+                                    node: node.clone(),
+                                    value: m.value,
+                                    samples: m.samples,
+                                })
+                                .collect();
+                            self.inner.publish(
+                                &plan_id,
+                                plan_event::Kind::RoundClosed(proto::RoundClosed {
+                                    round,
+                                    reported,
+                                    dropped,
+                                    metrics,
+                                    new_model_sha256: active.model.to_hex(),
+                                }),
+                            );
+                            active.run.round_aggregated(round, Instant::now())
+                        }
+                        Err(reason) => {
+                            tracing::error!(round, "aggregation failed: {reason}");
+                            self.active
+                                .as_mut()
+                                .map(|a| a.run.aggregation_failed(&reason))
+                                .unwrap_or_default()
+                        }
+                    };
+                    queue.extend(next);
+                }
+                Action::Evaluate(nodes) => {
+                    let ev = directive::Kind::Evaluate(proto::Evaluate {
+                        plan_id: plan_id.clone(),
+                        model_sha256: active.model.to_hex(),
+                        model_bytes: active.model_bytes,
+                    });
+                    for n in nodes {
+                        self.send(&n, ev.clone());
+                    }
+                }
+                Action::Finish { success, reason } => {
+                    self.finish(success, reason);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Applies the server step to the admitted updates and publishes the new global model.
+    fn close_round(&mut self, round: u32) -> Result<(), String> {
+        let active = self.active.as_mut().ok_or("no plan is running")?;
+        let mean = active.acc.mean().ok_or("no update was admitted")?;
+        active
+            .server
+            .step(active.global.values_mut(), &mean)
+            .map_err(|e| e.to_string())?;
+        let bytes = active.global.to_safetensors().map_err(|e| e.to_string())?;
+        active.model = self
+            .inner
+            .store
+            .put_model(&bytes)
+            .map_err(|e| format!("model store: {e}"))?;
+        active.model_bytes = bytes.len() as u64;
+        active.lineage.push(active.model);
+        tracing::info!(round, updates = active.acc.count(), model = %active.model.short(), "round aggregated");
+        Ok(())
+    }
+
+    fn finish(&mut self, success: bool, reason: String) {
+        let Some(active) = self.active.take() else {
+            return;
+        };
+        *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = None;
+        let model_path = if success {
+            match export(&self.inner.store, &active) {
+                Ok(p) => p.display().to_string(),
+                Err(e) => {
+                    tracing::error!("exporting the final model failed: {e}");
+                    String::new()
+                }
+            }
+        } else {
+            String::new()
+        };
+        let metric_name = active
+            .plan
+            .schema()
+            .map(|s| s.task.metric())
+            .unwrap_or("metric")
+            .to_string();
+        let finished = PlanFinished {
+            success,
+            reason: reason.clone(),
+            rounds_completed: active.run.rounds_completed(),
+            final_model_sha256: active.model.to_hex(),
+            metric_name,
+            final_metrics: active
+                .final_metrics
+                .iter()
+                .map(|(node, m)| proto::NodeMetric {
+                    node: node.clone(),
+                    value: m.value,
+                    samples: m.samples,
+                })
+                .collect(),
+            model_path,
+        };
+        if success {
+            tracing::info!(plan = active.plan.name, "plan finished: {reason}");
+        } else {
+            tracing::error!(plan = active.plan.name, "plan failed: {reason}");
+        }
+        lock(&self.inner.finished).insert(active.plan_id.clone(), finished.clone());
+        self.inner
+            .publish(&active.plan_id, plan_event::Kind::PlanFinished(finished));
+        let closed = directive::Kind::PlanClosed(proto::PlanClosed {
+            plan_id: active.plan_id.clone(),
+            success,
+            reason,
+        });
+        let nodes: Vec<String> = lock(&self.inner.nodes).keys().cloned().collect();
+        for n in nodes {
+            self.send(&n, closed.clone());
+        }
+    }
+}
+
+/// Writes the final model (safetensors) and its manifest: plan, lineage hash chain, metrics.
+fn export(store: &Store, active: &ActiveRun) -> anyhow::Result<PathBuf> {
+    let stem = format!("{}-{}", active.plan.name, active.model.short());
+    let model_path = store.exports_dir().join(format!("{stem}.safetensors"));
+    write_atomic(&model_path, &store.read_model(&active.model)?)?;
+    let manifest = serde_json::json!({
+        "plan_name": active.plan.name,
+        "plan_id": active.plan_id,
+        "strategy": active.plan.strategy.name(),
+        "model": active.plan.model.name(),
+        "rounds_completed": active.run.rounds_completed(),
+        "final_model_sha256": active.model.to_hex(),
+        "lineage": active.lineage.iter().map(|h| h.to_hex()).collect::<Vec<_>>(),
+        "final_metrics": active.final_metrics.iter().map(|(n, m)| (n.clone(), serde_json::json!({"name": m.name, "value": m.value, "samples": m.samples}))).collect::<serde_json::Map<_, _>>(),
+        "exported_unix_ms": unix_ms(SystemTime::now()),
+        "plan_toml": active.wire_toml,
+    });
+    write_atomic(
+        &store.exports_dir().join(format!("{stem}.manifest.json")),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
+    Ok(model_path)
+}

@@ -1,0 +1,339 @@
+//! `sanctum-coordinator simulate`: the whole federation on one machine, for real. It makes a
+//! throw-away consortium PKI, starts the coordinator on a loopback port, starts one
+//! `sanctum-node` process per hospital (each sees only its own data file), runs the plan over
+//! mutual TLS and prints the outcome next to the published reference numbers.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sanctum_protocol::pki::{self, Role, SignSpec};
+use sanctum_protocol::plan::Plan;
+use sanctum_protocol::proto::PlanFinished;
+use sanctum_protocol::tls::TlsMaterial;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+
+use crate::config::resolve;
+use crate::pki::{write_private, write_public};
+use crate::service::{Coordinator, CoordinatorOptions};
+use crate::watch;
+
+/// What `simulate` was asked to do.
+#[derive(Debug, Clone)]
+pub struct SimulateOptions {
+    pub plan: PathBuf,
+    /// Overrides the plan's seed.
+    pub seed: Option<u64>,
+    /// Where to write the JSON summary.
+    pub json: Option<PathBuf>,
+    /// Where to keep PKI, logs and state; a temporary directory (removed after) when absent.
+    pub workdir: Option<PathBuf>,
+    /// The node binary; by default the `sanctum-node` next to this executable.
+    pub node_bin: Option<PathBuf>,
+    /// The nodes' `device` setting (`auto`, `cpu`, `cuda`).
+    pub device: String,
+}
+
+/// The outcome, as written to the JSON summary.
+#[derive(Debug)]
+pub struct Summary {
+    pub finished: PlanFinished,
+    pub json: serde_json::Value,
+}
+
+fn node_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let exe = std::env::current_exe().context("cannot locate this executable")?;
+    let candidate = exe.with_file_name("sanctum-node");
+    if candidate.exists() {
+        Ok(candidate)
+    } else {
+        bail!(
+            "sanctum-node not found next to {}: build it (`cargo build --release -p sanctum-node`) or pass --node-bin",
+            exe.display()
+        )
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Runs the simulation; returns the summary (the plan may have failed: see `finished.success`).
+pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
+    let started = Instant::now();
+    let text = std::fs::read_to_string(&opts.plan)
+        .with_context(|| format!("cannot read plan {}", opts.plan.display()))?;
+    let mut plan = Plan::parse(&text).with_context(|| format!("plan {}", opts.plan.display()))?;
+    if let Some(seed) = opts.seed {
+        plan.seed = seed;
+    }
+    let sim = plan.simulation.clone().with_context(|| {
+        format!(
+            "plan {} has no [simulation] section listing the hospitals",
+            opts.plan.display()
+        )
+    })?;
+    let plan_dir = opts.plan.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let node_bin = node_binary(opts.node_bin.as_deref())?;
+
+    let _tmp;
+    let work = match &opts.workdir {
+        Some(w) => {
+            std::fs::create_dir_all(w)?;
+            w.clone()
+        }
+        None => {
+            _tmp = tempfile::Builder::new().prefix("sanctum-sim-").tempdir()?;
+            _tmp.path().to_path_buf()
+        }
+    };
+    let work = std::fs::canonicalize(&work)?;
+
+    // A throw-away consortium: CA, coordinator, and each hospital's own key and CSR.
+    let ca = pki::init_ca("simulation", 1)?;
+    let hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let coord = pki::issue(
+        &ca.cert_pem,
+        &ca.key_pem,
+        &SignSpec {
+            name: "coordinator",
+            role: Role::Coordinator,
+            days: 1,
+            hosts: &hosts,
+        },
+    )?;
+    let material = TlsMaterial::from_pem(&ca.cert_pem, &coord.cert_pem, &coord.key_pem)?;
+
+    let state_dir = work.join("coordinator");
+    let coordinator = Coordinator::start(CoordinatorOptions {
+        state_dir: state_dir.clone(),
+        evaluation_deadline: Duration::from_secs(plan.round_deadline_secs),
+    })?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let coordinator = coordinator.clone();
+        tokio::spawn(async move {
+            coordinator
+                .serve(listener, &material, async {
+                    let _ = stop_rx.await;
+                })
+                .await
+        })
+    };
+
+    let mut children: Vec<(String, Child, PathBuf)> = Vec::new();
+    for h in &sim.hospitals {
+        let dir = work.join("nodes").join(&h.name);
+        std::fs::create_dir_all(&dir)?;
+        let (key_pem, csr_pem) = pki::request(&h.name)?;
+        let cert_pem = pki::sign(
+            &ca.cert_pem,
+            &ca.key_pem,
+            &csr_pem,
+            &SignSpec {
+                name: &h.name,
+                role: Role::Node,
+                days: 1,
+                hosts: &[],
+            },
+        )?;
+        let key_path = dir.join("node.key");
+        let _ = std::fs::remove_file(&key_path);
+        write_private(&key_path, &key_pem)?;
+        write_public(&dir.join("node.pem"), &cert_pem)?;
+        write_public(&dir.join("ca.pem"), &ca.cert_pem)?;
+        let data = resolve(&plan_dir, &h.data);
+        let data = std::fs::canonicalize(&data).unwrap_or(data);
+        let config = format!(
+            "coordinator = \"localhost:{port}\"\ndevice = {device}\nthreads = 1\nstate_dir = \"state\"\n\n[tls]\nca = \"ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\n\n[[datasets]]\nschema = {schema}\npath = {path}\n\n[policy]\nallowed_models = [\"logistic_regression\", \"mlp\"]\n",
+            device = toml_str(&opts.device),
+            schema = toml_str(&plan.data.schema),
+            path = toml_str(&data.display().to_string()),
+        );
+        let config_path = dir.join("node.toml");
+        std::fs::write(&config_path, config)?;
+        let log_path = dir.join("node.log");
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new(&node_bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--exit-after-plan")
+            .env_remove("LD_LIBRARY_PATH")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", node_bin.display()))?;
+        children.push((h.name.clone(), child, log_path));
+    }
+
+    // Wait until every hospital is connected, or one of them gives up.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let connected = coordinator.connected_nodes();
+        if sim.hospitals.iter().all(|h| connected.contains(&h.name)) {
+            break;
+        }
+        for (name, child, log) in &mut children {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "node '{name}' exited ({status}) before connecting; its log ends with:\n{}",
+                    tail(log, 20)
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "not every node connected within 120 s (connected: {connected:?}); logs are in {}",
+                work.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "plan '{}': {} on {} hospitals, {} rounds x {} local steps, seed {}",
+        plan.name,
+        plan.strategy.name(),
+        sim.hospitals.len(),
+        plan.rounds,
+        plan.local.steps,
+        plan.seed
+    );
+
+    let metric = plan.schema().map(|s| s.task.metric()).unwrap_or("metric");
+    let plan_id = coordinator
+        .submit(plan.clone())
+        .await
+        .map_err(|s| anyhow::anyhow!("plan refused: {}", s.message()))?;
+    let finished = watch::follow(coordinator.watch(&plan_id), plan.rounds, metric)
+        .await
+        .context("the coordinator stopped before the plan finished")?;
+
+    // Nodes exit on their own once the plan is closed.
+    for (name, child, log) in &mut children {
+        match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+            Ok(Ok(status)) if status.success() => {}
+            Ok(Ok(status)) => {
+                eprintln!("node '{name}' exited with {status}; log: {}", log.display())
+            }
+            _ => {
+                eprintln!("node '{name}' did not exit; stopping it");
+                let _ = child.kill().await;
+            }
+        }
+    }
+    let _ = stop_tx.send(());
+    let _ = server.await;
+
+    let per_node: BTreeMap<String, (f64, u64)> = finished
+        .final_metrics
+        .iter()
+        .map(|m| (m.node.clone(), (m.value, m.samples)))
+        .collect();
+    let mean_metric = watch::mean(per_node.values().map(|(v, _)| *v));
+    print_table(
+        &finished,
+        &per_node,
+        mean_metric,
+        metric,
+        sim.reference.as_ref(),
+    );
+    if !finished.success {
+        for (name, _, log) in &children {
+            eprintln!(
+                "--- last lines of {name}'s log ({}):\n{}",
+                log.display(),
+                tail(log, 8)
+            );
+        }
+    }
+    let json = json!({
+        "plan": plan.name,
+        "strategy": plan.strategy.name(),
+        "seed": plan.seed,
+        "success": finished.success,
+        "reason": finished.reason,
+        "rounds_completed": finished.rounds_completed,
+        "metric": metric,
+        "mean_metric": mean_metric,
+        "per_node": per_node.iter().map(|(n, (v, s))| (n.clone(), json!({"metric": v, "samples": s}))).collect::<serde_json::Map<_, _>>(),
+        "final_model_sha256": finished.final_model_sha256,
+        "model_path": if opts.workdir.is_some() { json!(finished.model_path) } else { json!(null) },
+        "wall_seconds": started.elapsed().as_secs_f64(),
+        "reference": sim.reference.as_ref().map(|r| json!({"source": r.source, "mean": r.mean, "per_node": r.per_node})),
+    });
+    if let Some(path) = &opts.json {
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(Summary { finished, json })
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn print_table(
+    finished: &PlanFinished,
+    per_node: &BTreeMap<String, (f64, u64)>,
+    mean_metric: Option<f64>,
+    metric: &str,
+    reference: Option<&sanctum_protocol::plan::Reference>,
+) {
+    println!();
+    if !finished.success {
+        println!(
+            "plan FAILED after {} round(s): {}",
+            finished.rounds_completed, finished.reason
+        );
+    } else {
+        println!(
+            "plan finished: {} round(s), final model {}",
+            finished.rounds_completed,
+            &finished.final_model_sha256[..12]
+        );
+    }
+    let ref_head = if reference.is_some() {
+        "  published"
+    } else {
+        ""
+    };
+    println!(
+        "{:<14} {:>12} {:>10}{ref_head}",
+        "hospital", "test samples", metric
+    );
+    for (node, (value, samples)) in per_node {
+        let r = reference
+            .and_then(|r| r.per_node.get(node))
+            .map(|v| format!("  {v:>9.3}"))
+            .unwrap_or_default();
+        println!("{node:<14} {samples:>12} {value:>10.4}{r}");
+    }
+    let r = reference
+        .map(|r| format!("  {:>9.3}", r.mean))
+        .unwrap_or_default();
+    match mean_metric {
+        Some(m) => println!("{:<14} {:>12} {m:>10.4}{r}", "mean", ""),
+        None => println!("{:<14} {:>12} {:>10}{r}", "mean", "", "n/a"),
+    }
+    if let Some(r) = reference {
+        println!("published: {}", r.source);
+    }
+}

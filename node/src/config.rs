@@ -1,0 +1,135 @@
+//! `node.toml`: the one file a hospital's IT team writes. Relative paths are resolved against the
+//! file's directory; every error names the file and the field.
+
+use std::path::{Path, PathBuf};
+
+use sanctum_protocol::tls::TlsFiles;
+use serde::Deserialize;
+
+/// The node's configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// `host:port` of the coordinator; the node only ever dials out.
+    pub coordinator: String,
+    pub tls: TlsFiles,
+    /// `auto` (GPU when there is one), `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Threads libtorch may use on the CPU (default: libtorch's choice).
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// Where the egress log lives.
+    pub state_dir: PathBuf,
+    /// The hospital's datasets, one per schema it can train on.
+    #[serde(default)]
+    pub datasets: Vec<DatasetConfig>,
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+
+/// A local data file and the schema it follows.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    pub schema: String,
+    pub path: PathBuf,
+}
+
+/// The hospital's rules. Anything not allowed here is refused.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Model kinds this hospital will train (`logistic_regression`, `mlp`); empty allows none.
+    #[serde(default)]
+    pub allowed_models: Vec<String>,
+    /// Whether the node may tell the coordinator how many training examples it has (FedAvg
+    /// weights); plans that need it are refused when false.
+    #[serde(default = "yes")]
+    pub share_sample_counts: bool,
+    /// Most rounds a single plan may ask for.
+    #[serde(default = "default_max_rounds")]
+    pub max_rounds: u32,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_max_rounds() -> u32 {
+    1000
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            allowed_models: vec![],
+            share_sample_counts: true,
+            max_rounds: default_max_rounds(),
+        }
+    }
+}
+
+/// A config that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {reason}")]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+impl NodeConfig {
+    /// Reads, resolves relative paths and validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let err = |reason: String| ConfigError {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        cfg.tls = TlsFiles {
+            ca: resolve(&cfg.tls.ca),
+            cert: resolve(&cfg.tls.cert),
+            key: resolve(&cfg.tls.key),
+        };
+        cfg.state_dir = resolve(&cfg.state_dir);
+        for d in &mut cfg.datasets {
+            d.path = resolve(&d.path);
+        }
+        cfg.validate().map_err(err)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        for d in &self.datasets {
+            if sanctum_protocol::schema::lookup(&d.schema).is_none() {
+                return Err(format!(
+                    "datasets.schema '{}' is unknown; known schemas: {}",
+                    d.schema,
+                    sanctum_protocol::schema::known_names()
+                ));
+            }
+        }
+        crate::train::parse_device(&self.device).map_err(|e| format!("device: {e}"))?;
+        if self.threads == Some(0) {
+            return Err("threads must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The dataset configured for a schema.
+    pub fn dataset(&self, schema: &str) -> Option<&DatasetConfig> {
+        self.datasets.iter().find(|d| d.schema == schema)
+    }
+}

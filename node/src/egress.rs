@@ -1,0 +1,79 @@
+//! The node's record of everything it sent: one JSON line per message, with its size and the
+//! policy rule that allowed it, fsync'd before the message leaves.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Why a message was allowed to leave.
+#[derive(Clone, Copy, Debug)]
+pub enum Rule {
+    /// Hello on connect: software version and device.
+    Subscribe,
+    /// Accepting or refusing a plan, with the reason.
+    PlanDecision,
+    /// A model update for a plan the policy accepted.
+    ModelUpdate,
+    /// Metrics of a global model on the local test split.
+    Evaluation,
+    /// Asking for a global model by hash.
+    ModelRequest,
+}
+
+impl Rule {
+    fn as_str(self) -> &'static str {
+        match self {
+            Rule::Subscribe => "subscribe: version and device only",
+            Rule::PlanDecision => "plan decision under local policy",
+            Rule::ModelUpdate => "model update for an accepted plan (policy.allowed_models)",
+            Rule::Evaluation => "aggregate test metric of a global model",
+            Rule::ModelRequest => "model request by content hash",
+        }
+    }
+}
+
+/// Append-only, fsync'd JSON Lines file.
+pub struct EgressLog {
+    file: File,
+    path: PathBuf,
+}
+
+impl EgressLog {
+    /// Opens (creating) `dir/egress.jsonl`.
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("egress.jsonl");
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        Ok(Self { file, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records a message about to leave; it must not leave if this fails.
+    pub fn record(
+        &mut self,
+        call: &str,
+        plan_id: &str,
+        round: Option<u32>,
+        bytes: usize,
+        rule: Rule,
+    ) -> std::io::Result<()> {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let line = serde_json::json!({
+            "time_unix_ms": t as u64,
+            "call": call,
+            "plan_id": plan_id,
+            "round": round,
+            "bytes": bytes,
+            "rule": rule.as_str(),
+        });
+        writeln!(self.file, "{line}")?;
+        self.file.sync_data()
+    }
+}

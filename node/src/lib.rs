@@ -1,0 +1,18 @@
+//! Sanctum's hospital node: it dials out to the coordinator, checks every plan against the
+//! hospital's own policy and data, trains on the hospital's data with libtorch, and sends only
+//! model updates and metrics, writing down every byte that leaves.
+//!
+//! # Layout
+//! - [`config`]: the node's one config file (coordinator, TLS, datasets, policy, device).
+//! - [`data`]: loading and validating a local CSV against a plan's schema.
+//! - [`policy`]: the local rules a plan must satisfy before the node takes part (fails closed).
+//! - [`train`]: the model zoo on tch, local training and evaluation.
+//! - [`egress`]: the append-only record of everything the node sent and the rule that allowed it.
+//! - [`daemon`]: the gRPC client loop that ties them together.
+
+pub mod config;
+pub mod daemon;
+pub mod data;
+pub mod egress;
+pub mod policy;
+pub mod train;

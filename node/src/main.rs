@@ -1,0 +1,177 @@
+//! `sanctum-node`: parse → load and validate config → build → run. Bad configuration exits with
+//! code 64 before anything connects.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sanctum_node::config::NodeConfig;
+use sanctum_node::daemon::Node;
+use sanctum_node::{data, train};
+use sanctum_protocol::pki;
+use sanctum_protocol::tls::TlsMaterial;
+
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "sanctum-node",
+    version,
+    about = "Sanctum's hospital node: local policy, local data, local training"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node daemon.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Exit after the first plan this node accepted is closed.
+        #[arg(long)]
+        exit_after_plan: bool,
+    },
+    /// Check the config, the certificates and every dataset without connecting.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Identity: create this hospital's private key and a CSR for the lead to sign.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create a private key (stays here) and a CSR (send it to the lead).
+    Request {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sanctum_node=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<sanctum_node::config::ConfigError>()
+                .is_some()
+                || e.downcast_ref::<sanctum_protocol::tls::TlsError>()
+                    .is_some()
+            {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn load(config: &PathBuf) -> anyhow::Result<(NodeConfig, TlsMaterial, tch::Device)> {
+    let cfg = NodeConfig::load(config)?;
+    let material = TlsMaterial::load(&cfg.tls)?;
+    let device = train::parse_device(&cfg.device).map_err(anyhow::Error::msg)?;
+    train::check_device(device).map_err(|e| sanctum_node::config::ConfigError {
+        path: config.clone(),
+        reason: e,
+    })?;
+    if let Some(n) = cfg.threads {
+        tch::set_num_threads(n as i32);
+    }
+    Ok((cfg, material, device))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run {
+            config,
+            exit_after_plan,
+        } => {
+            let (cfg, material, device) = load(&config)?;
+            let why = match (cfg.device.as_str(), device) {
+                ("auto", tch::Device::Cpu) => " (auto: no CUDA device found)",
+                ("auto", _) => " (auto: CUDA device found)",
+                _ => "",
+            };
+            tracing::info!(
+                node = material.identity().name,
+                device = train::device_name(device),
+                "starting; training on {}{why}",
+                train::device_name(device)
+            );
+            let node = Node::new(cfg, material, device, exit_after_plan)
+                .context("cannot open the node's state directory")?;
+            tokio::select! {
+                r = node.run() => r,
+                _ = tokio::signal::ctrl_c() => { tracing::info!("stopping"); Ok(()) }
+            }
+        }
+        Command::Check { config } => {
+            let (cfg, material, device) = load(&config)?;
+            println!("identity: {}", material.identity());
+            println!("device:   {}", train::device_name(device));
+            for d in &cfg.datasets {
+                let schema =
+                    sanctum_protocol::schema::lookup(&d.schema).context("unknown schema")?;
+                let data = data::load(&d.path, schema)?;
+                println!(
+                    "dataset {} ({}): {} train rows, {} test rows",
+                    d.schema,
+                    d.path.display(),
+                    data.train_len(),
+                    data.test_len()
+                );
+            }
+            Ok(())
+        }
+        Command::Pki(PkiCommand::Request { name, out_dir }) => {
+            let (key, csr) = pki::request(&name)?;
+            std::fs::create_dir_all(&out_dir)?;
+            let key_path = out_dir.join(format!("{name}.key"));
+            let csr_path = out_dir.join(format!("{name}.csr"));
+            {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&key_path)
+                    .with_context(|| {
+                        format!(
+                            "cannot create {} (a key is never overwritten)",
+                            key_path.display()
+                        )
+                    })?;
+                f.write_all(key.as_bytes())?;
+                f.sync_all()?;
+            }
+            std::fs::write(&csr_path, csr)?;
+            println!(
+                "private key: {} (keep it here; it never leaves the hospital)",
+                key_path.display()
+            );
+            println!("request:     {}", csr_path.display());
+            println!(
+                "next: send {} to the consortium lead for `sanctum-coordinator pki sign`",
+                csr_path.display()
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! The hospital's local rules. Whatever the coordinator asks, the node only takes part in a plan
+//! its policy allows; anything the policy does not mention is refused (fail closed).
+
+use sanctum_protocol::plan::{Plan, Weighting};
+
+use crate::config::{DatasetConfig, NodeConfig};
+
+/// Checks a plan against the node's policy; returns the dataset to use or the reason to refuse.
+pub fn check<'a>(plan: &Plan, cfg: &'a NodeConfig) -> Result<&'a DatasetConfig, String> {
+    let model = plan.model.name();
+    if !cfg.policy.allowed_models.iter().any(|m| m == model) {
+        return Err(format!(
+            "model '{model}' is not in this hospital's policy.allowed_models ({})",
+            if cfg.policy.allowed_models.is_empty() {
+                "empty".to_string()
+            } else {
+                cfg.policy.allowed_models.join(", ")
+            }
+        ));
+    }
+    if plan.rounds > cfg.policy.max_rounds {
+        return Err(format!(
+            "plan asks for {} rounds; policy.max_rounds is {}",
+            plan.rounds, cfg.policy.max_rounds
+        ));
+    }
+    if plan.strategy.weighting() == Weighting::Samples && !cfg.policy.share_sample_counts {
+        return Err("plan weights updates by sample count, which this hospital's policy withholds (policy.share_sample_counts = false)".into());
+    }
+    cfg.dataset(&plan.data.schema).ok_or_else(|| {
+        format!(
+            "this hospital has no dataset with schema '{}'",
+            plan.data.schema
+        )
+    })
+}

@@ -1,0 +1,33 @@
+//! The contract between Sanctum's parties: what the coordinator, the hospital nodes and the
+//! consortium lead agree on, with no I/O policy of its own.
+//!
+//! # Layout
+//! - [`proto`]: the gRPC wire types and services generated from `proto/sanctum.proto`. Only this
+//!   crate defines wire types; the other crates convert at their edges.
+//! - [`plan`]: the training plan a lead submits (TOML), its validation and its content address.
+//! - [`schema`]: the built-in dataset schemas a plan can name and a node validates its data against.
+//! - [`model`]: the model zoo's parameter layouts, initialisation and the safetensors encoding.
+//! - [`hash`]: SHA-256 content addresses for models, plans and updates.
+//! - [`transfer`]: chunking rules shared by uploads and downloads (no message-size ceiling).
+//! - [`pki`]: the consortium CA, certificate requests, signing, and identity read from certificates.
+//! - [`tls`]: mutual TLS 1.3 (rustls + ring) for both ends of a tonic channel, and the role guard.
+
+pub mod hash;
+pub mod model;
+pub mod pki;
+pub mod plan;
+pub mod schema;
+pub mod tls;
+pub mod transfer;
+
+/// Generated gRPC types and services (`sanctum.v1`).
+#[allow(unreachable_pub, clippy::all, missing_docs)]
+pub mod proto {
+    tonic::include_proto!("sanctum.v1");
+}
+
+/// Re-exported so other crates encode wire types with the same prost.
+pub use prost;
+
+/// The software version both binaries report, so a lead can see who runs what.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,314 @@
+//! The consortium PKI: the CA, certificate requests and signing, and identity read back from a
+//! verified certificate.
+//!
+//! Identity and role live in the certificate, in a URI subject alternative name
+//! `urn:sanctum:<role>:<name>` chosen by the lead when signing (what a CSR asks for is ignored).
+//! A hospital creates its own private key and only ever sends a CSR.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::hash::ContentHash;
+
+/// What a certificate holder may do. It comes from the certificate, never from a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The coordinator's server certificate.
+    Coordinator,
+    /// A hospital's node daemon.
+    Node,
+    /// The consortium lead: submits and watches plans.
+    Lead,
+    /// A compliance auditor: read-only.
+    Auditor,
+}
+
+impl Role {
+    /// The spelling used in certificates and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::Node => "node",
+            Role::Lead => "lead",
+            Role::Auditor => "auditor",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = PkiError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "coordinator" => Ok(Role::Coordinator),
+            "node" => Ok(Role::Node),
+            "lead" => Ok(Role::Lead),
+            "auditor" => Ok(Role::Auditor),
+            other => Err(PkiError::UnknownRole(other.to_string())),
+        }
+    }
+}
+
+/// Who is on the other end of a verified connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The member's name, unique in the consortium (`cleveland`).
+    pub name: String,
+    /// What the member may do.
+    pub role: Role,
+    /// SHA-256 of the certificate's DER, for logs and audit records.
+    pub fingerprint: ContentHash,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.name, self.role)
+    }
+}
+
+/// Everything that can go wrong with keys, requests and certificates.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("unknown role '{0}': use one of node, lead, auditor, coordinator")]
+    UnknownRole(String),
+    #[error(
+        "invalid member name '{0}': use 1 to 63 lowercase letters, digits, '-' or '_', starting with a letter or digit"
+    )]
+    InvalidName(String),
+    #[error("certificate request is not valid: {0}")]
+    BadRequest(String),
+    #[error("certificate is not valid: {0}")]
+    BadCertificate(String),
+    #[error(
+        "certificate has no Sanctum identity (URI SAN urn:sanctum:<role>:<name>): was it signed with `sanctum-coordinator pki sign`?"
+    )]
+    NoIdentity,
+    #[error("key or certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+const URI_PREFIX: &str = "urn:sanctum:";
+
+/// Checks a member name: it becomes part of certificates, file names and log lines.
+pub fn validate_name(name: &str) -> Result<(), PkiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(PkiError::InvalidName(name.to_string()))
+    }
+}
+
+/// A PEM certificate and its PEM private key.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Creates the consortium CA (self-signed, ECDSA P-256).
+pub fn init_ca(consortium: &str, days: i64) -> Result<Issued, PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("{consortium} consortium CA"));
+    dn.push(DnType::OrganizationName, consortium);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    set_validity(&mut params, days);
+    let cert = params.self_signed(&key)?;
+    Ok(Issued {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Creates a private key and a CSR for `name`. The key stays with whoever calls this.
+pub fn request(name: &str) -> Result<(String, String), PkiError> {
+    validate_name(name)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// What the lead decides when signing: the request says nothing about identity or role.
+pub struct SignSpec<'a> {
+    pub name: &'a str,
+    pub role: Role,
+    pub days: i64,
+    /// DNS names or IP addresses a server certificate answers for (coordinator only).
+    pub hosts: &'a [String],
+}
+
+/// Signs a CSR with the CA, with the identity and role the lead chose.
+pub fn sign(
+    ca_cert_pem: &str,
+    ca_key_pem: &str,
+    csr_pem: &str,
+    spec: &SignSpec<'_>,
+) -> Result<String, PkiError> {
+    validate_name(spec.name)?;
+    let ca_key = KeyPair::from_pem(ca_key_pem)
+        .map_err(|e| PkiError::BadCertificate(format!("CA key: {e}")))?;
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key)
+        .map_err(|e| PkiError::BadCertificate(format!("CA certificate: {e}")))?;
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+        PkiError::BadRequest(format!(
+            "{e}; expected a PEM 'CERTIFICATE REQUEST' from `sanctum-node pki request`"
+        ))
+    })?;
+    let params = leaf_params(spec)?;
+    let cert = params.signed_by(&csr.public_key, &issuer)?;
+    Ok(cert.pem())
+}
+
+/// Issues a certificate with a fresh key (for the lead's own and the coordinator's, made where
+/// the CA lives, and for simulations).
+pub fn issue(ca_cert_pem: &str, ca_key_pem: &str, spec: &SignSpec<'_>) -> Result<Issued, PkiError> {
+    let (key_pem, csr_pem) = request(spec.name)?;
+    let cert_pem = sign(ca_cert_pem, ca_key_pem, &csr_pem, spec)?;
+    Ok(Issued { cert_pem, key_pem })
+}
+
+fn leaf_params(spec: &SignSpec<'_>) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, spec.name);
+    params.distinguished_name = dn;
+    let uri = format!("{URI_PREFIX}{}:{}", spec.role, spec.name);
+    params.subject_alt_names.push(SanType::URI(
+        uri.try_into()
+            .map_err(|e| PkiError::BadRequest(format!("{e}")))?,
+    ));
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if spec.role == Role::Coordinator {
+        params
+            .extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ServerAuth);
+        for host in spec.hosts {
+            let san = match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    host.clone()
+                        .try_into()
+                        .map_err(|e| PkiError::BadRequest(format!("host '{host}': {e}")))?,
+                ),
+            };
+            params.subject_alt_names.push(san);
+        }
+    }
+    set_validity(&mut params, spec.days);
+    Ok(params)
+}
+
+fn set_validity(params: &mut CertificateParams, days: i64) {
+    let now = OffsetDateTime::now_utc();
+    // A minute of slack for clocks that disagree a little.
+    params.not_before = now - Duration::minutes(1);
+    params.not_after = now + Duration::days(days);
+}
+
+/// Reads the Sanctum identity out of a certificate (already verified by TLS).
+pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der)
+        .map_err(|e| PkiError::BadCertificate(format!("cannot parse: {e}")))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| PkiError::BadCertificate(format!("subject alternative names: {e}")))?
+        .ok_or(PkiError::NoIdentity)?;
+    for name in &san.value.general_names {
+        if let GeneralName::URI(uri) = name {
+            if let Some(rest) = uri.strip_prefix(URI_PREFIX) {
+                let (role, member) = rest.split_once(':').ok_or(PkiError::NoIdentity)?;
+                validate_name(member)?;
+                return Ok(Identity {
+                    name: member.to_string(),
+                    role: role.parse()?,
+                    fingerprint: ContentHash::of(der),
+                });
+            }
+        }
+    }
+    Err(PkiError::NoIdentity)
+}
+
+/// Reads the identity from the first certificate of a PEM file's contents.
+pub fn identity_from_pem(pem: &str) -> Result<Identity, PkiError> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let der = CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| PkiError::BadCertificate(format!("not a PEM certificate: {e}")))?;
+    identity_from_der(&der)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signed_certificate_carries_the_leads_choice_of_identity() -> Result<(), PkiError> {
+        let ca = init_ca("test", 30)?;
+        let (_key, csr) = request("cleveland")?;
+        let cert = sign(
+            &ca.cert_pem,
+            &ca.key_pem,
+            &csr,
+            &SignSpec {
+                name: "cleveland",
+                role: Role::Node,
+                days: 90,
+                hosts: &[],
+            },
+        )?;
+        let id = identity_from_pem(&cert)?;
+        assert_eq!(id.name, "cleveland");
+        assert_eq!(id.role, Role::Node);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_names_and_garbage_requests_are_refused() -> Result<(), PkiError> {
+        for bad in ["", "Cleveland", "a b", "-x", &"a".repeat(64), "x/y"] {
+            assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+        }
+        let ca = init_ca("test", 30)?;
+        let spec = SignSpec {
+            name: "x",
+            role: Role::Node,
+            days: 1,
+            hosts: &[],
+        };
+        let err = sign(&ca.cert_pem, &ca.key_pem, "not a csr", &spec);
+        assert!(matches!(err, Err(PkiError::BadRequest(_))));
+        // A CA certificate is not a member certificate.
+        assert!(matches!(
+            identity_from_pem(&ca.cert_pem),
+            Err(PkiError::NoIdentity)
+        ));
+        Ok(())
+    }
+}

@@ -1,0 +1,378 @@
+//! The training plan a lead submits (TOML): what model, on which data schema, with which strategy,
+//! for how many rounds, under which deadlines. Nodes receive the same plan and check it against
+//! their own policy.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hash::ContentHash;
+use crate::model::ModelSpec;
+use crate::schema;
+
+/// A validated plan. Build it with [`Plan::parse`]; its fields then hold the invariants
+/// `validate` checks (positive rounds, known schema, model inputs equal to the schema's features…).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    /// A human name for the plan, shown in tables and logs.
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Seeds the initial model and each node's batch order, so a run can be reproduced.
+    #[serde(default)]
+    pub seed: u64,
+    /// Federated rounds to run.
+    pub rounds: u32,
+    /// Fewest nodes that must accept the plan and report in each round; below it the plan fails.
+    pub min_nodes: usize,
+    /// Seconds a round waits for updates before dropping late nodes.
+    #[serde(default = "default_round_deadline")]
+    pub round_deadline_secs: u64,
+    /// Seconds the coordinator waits for nodes to accept or refuse the plan.
+    #[serde(default = "default_recruit_deadline")]
+    pub recruit_deadline_secs: u64,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub local: LocalTraining,
+    pub strategy: Strategy,
+    /// Only for `sanctum-coordinator simulate`; never sent to nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simulation: Option<Simulation>,
+}
+
+fn default_round_deadline() -> u64 {
+    600
+}
+fn default_recruit_deadline() -> u64 {
+    120
+}
+
+/// Which data the plan trains on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// A built-in schema name (see [`crate::schema`]).
+    pub schema: String,
+}
+
+/// What each node does locally in a round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalTraining {
+    /// Optimizer steps (mini-batches) per round.
+    pub steps: u32,
+    pub batch_size: u32,
+    #[serde(default)]
+    pub optimizer: LocalOptimizer,
+    pub learning_rate: f64,
+}
+
+/// The node-side optimizer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalOptimizer {
+    #[default]
+    Sgd,
+    Adam,
+}
+
+/// How node updates are weighted in the average.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Weighting {
+    /// By each node's training-sample count (FedAvg as published); reveals dataset sizes to the
+    /// coordinator, so a node's policy may refuse it.
+    #[default]
+    Samples,
+    /// Every node counts the same.
+    Uniform,
+}
+
+/// The aggregation strategy and server optimizer (Reddi et al. 2021 for the adaptive ones).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Strategy {
+    /// The global model moves by the weighted mean of the updates.
+    Fedavg {
+        #[serde(default)]
+        weighting: Weighting,
+    },
+    Fedadam(ServerOptimizer),
+    Fedyogi(ServerOptimizer),
+    Fedadagrad(ServerOptimizer),
+}
+
+/// Hyper-parameters of the adaptive server optimizers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerOptimizer {
+    pub server_learning_rate: f64,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    /// Adaptivity floor added to √v.
+    #[serde(default = "default_tau")]
+    pub tau: f64,
+    #[serde(default)]
+    pub weighting: Weighting,
+}
+
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.99
+}
+fn default_tau() -> f64 {
+    1e-3
+}
+
+impl Strategy {
+    /// The strategy's name as plans spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Strategy::Fedavg { .. } => "fedavg",
+            Strategy::Fedadam(_) => "fedadam",
+            Strategy::Fedyogi(_) => "fedyogi",
+            Strategy::Fedadagrad(_) => "fedadagrad",
+        }
+    }
+
+    /// How updates are weighted.
+    pub fn weighting(&self) -> Weighting {
+        match self {
+            Strategy::Fedavg { weighting } => *weighting,
+            Strategy::Fedadam(o) | Strategy::Fedyogi(o) | Strategy::Fedadagrad(o) => o.weighting,
+        }
+    }
+}
+
+/// Where `simulate` finds each hospital's data, and the published numbers to compare against.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Simulation {
+    pub hospitals: Vec<SimulatedHospital>,
+    #[serde(default)]
+    pub reference: Option<Reference>,
+}
+
+/// One simulated hospital: its name (which becomes its certificate) and its data file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimulatedHospital {
+    pub name: String,
+    /// Relative paths are resolved against the plan file's directory.
+    pub data: PathBuf,
+}
+
+/// Published results to print beside ours.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reference {
+    /// Where the numbers come from.
+    pub source: String,
+    pub mean: f64,
+    #[serde(default)]
+    pub per_node: BTreeMap<String, f64>,
+}
+
+/// Why a plan was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("plan is not valid TOML: {0}")]
+    Toml(String),
+    #[error("plan field `{field}` {problem}")]
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> PlanError {
+    PlanError::Invalid {
+        field,
+        problem: problem.into(),
+    }
+}
+
+impl Plan {
+    /// Parses and validates a plan; the error names the line or the field at fault.
+    pub fn parse(text: &str) -> Result<Self, PlanError> {
+        let plan: Plan = toml::from_str(text).map_err(|e| PlanError::Toml(e.to_string()))?;
+        plan.validate()?;
+        Ok(plan)
+    }
+
+    /// Cross-field rules that types alone do not hold.
+    pub fn validate(&self) -> Result<(), PlanError> {
+        if self.name.trim().is_empty() {
+            return Err(invalid("name", "is empty"));
+        }
+        if self.rounds == 0 {
+            return Err(invalid("rounds", "must be at least 1"));
+        }
+        if self.min_nodes == 0 {
+            return Err(invalid("min_nodes", "must be at least 1"));
+        }
+        if self.round_deadline_secs == 0 || self.recruit_deadline_secs == 0 {
+            return Err(invalid(
+                "round_deadline_secs",
+                "deadlines must be at least 1 second",
+            ));
+        }
+        let schema = schema::lookup(&self.data.schema).ok_or_else(|| {
+            invalid(
+                "data.schema",
+                format!(
+                    "'{}' is unknown; known schemas: {}",
+                    self.data.schema,
+                    schema::known_names()
+                ),
+            )
+        })?;
+        self.model
+            .validate()
+            .map_err(|e| invalid("model", e.to_string()))?;
+        if self.model.inputs() != schema.features.len() {
+            return Err(invalid(
+                "model.inputs",
+                format!(
+                    "is {} but schema '{}' has {} features",
+                    self.model.inputs(),
+                    schema.name,
+                    schema.features.len()
+                ),
+            ));
+        }
+        if self.local.steps == 0 {
+            return Err(invalid("local.steps", "must be at least 1"));
+        }
+        if self.local.batch_size == 0 {
+            return Err(invalid("local.batch_size", "must be at least 1"));
+        }
+        if !(self.local.learning_rate.is_finite() && self.local.learning_rate > 0.0) {
+            return Err(invalid("local.learning_rate", "must be a positive number"));
+        }
+        if let Strategy::Fedadam(o) | Strategy::Fedyogi(o) | Strategy::Fedadagrad(o) =
+            &self.strategy
+        {
+            if !(o.server_learning_rate.is_finite() && o.server_learning_rate > 0.0) {
+                return Err(invalid(
+                    "strategy.server_learning_rate",
+                    "must be a positive number",
+                ));
+            }
+            for (field, b) in [("strategy.beta1", o.beta1), ("strategy.beta2", o.beta2)] {
+                if !(0.0..1.0).contains(&b) {
+                    return Err(invalid(field, format!("is {b}; it must be in [0, 1)")));
+                }
+            }
+            if !(o.tau.is_finite() && o.tau > 0.0) {
+                return Err(invalid("strategy.tau", "must be a positive number"));
+            }
+        }
+        if let Some(sim) = &self.simulation {
+            let mut seen = BTreeSet::new();
+            for h in &sim.hospitals {
+                crate::pki::validate_name(&h.name)
+                    .map_err(|e| invalid("simulation.hospitals.name", e.to_string()))?;
+                if !seen.insert(&h.name) {
+                    return Err(invalid(
+                        "simulation.hospitals",
+                        format!("'{}' is listed twice", h.name),
+                    ));
+                }
+            }
+            if sim.hospitals.len() < self.min_nodes {
+                return Err(invalid(
+                    "simulation.hospitals",
+                    format!(
+                        "lists {} hospitals but min_nodes is {}",
+                        sim.hospitals.len(),
+                        self.min_nodes
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The plan as sent to nodes: canonical TOML without the simulation section. Its SHA-256 is
+    /// the plan id both sides log.
+    pub fn to_wire_toml(&self) -> Result<String, PlanError> {
+        let mut wire = self.clone();
+        wire.simulation = None;
+        toml::to_string(&wire).map_err(|e| PlanError::Toml(e.to_string()))
+    }
+
+    /// The content address of [`Plan::to_wire_toml`].
+    pub fn id_of(wire_toml: &str) -> ContentHash {
+        ContentHash::of(wire_toml.as_bytes())
+    }
+
+    /// The schema the plan trains on (validated to exist).
+    pub fn schema(&self) -> Option<&'static schema::Schema> {
+        schema::lookup(&self.data.schema)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLAN: &str = r#"
+name = "t"
+rounds = 2
+min_nodes = 1
+[model]
+kind = "logistic_regression"
+inputs = 13
+[data]
+schema = "heart_disease"
+[local]
+steps = 3
+batch_size = 4
+learning_rate = 0.01
+[strategy]
+kind = "fedadam"
+server_learning_rate = 0.01
+"#;
+
+    #[test]
+    fn parses_and_roundtrips_through_the_wire_form() {
+        let plan = Plan::parse(PLAN).unwrap();
+        assert_eq!(plan.strategy.name(), "fedadam");
+        let wire = plan.to_wire_toml().unwrap();
+        assert_eq!(Plan::parse(&wire).unwrap(), plan);
+    }
+
+    #[test]
+    fn errors_name_the_field_or_line() {
+        let e = Plan::parse(&PLAN.replace("inputs = 13", "inputs = 12"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.inputs"), "{e}");
+        let e = Plan::parse(&PLAN.replace("heart_disease", "nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("data.schema") && e.contains("heart_disease"),
+            "{e}"
+        );
+        let e = Plan::parse(&PLAN.replace("rounds = 2", "rounds = \"two\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3"), "{e}");
+        let e = Plan::parse(&PLAN.replace("steps = 3", "steps = 3\nstepz = 1"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("stepz"), "{e}");
+        let e = Plan::parse(&PLAN.replace("rounds = 2", "rounds = 0"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rounds"), "{e}");
+    }
+}
