@@ -29,20 +29,13 @@ pub struct Accumulator {
 impl Accumulator {
     /// An empty sum for a model of `num_params` scalars.
     pub fn new(num_params: usize) -> Self {
-        Self {
-            sum: vec![0.0; num_params],
-            total_weight: 0.0,
-            count: 0,
-        }
+        Self { sum: vec![0.0; num_params], total_weight: 0.0, count: 0 }
     }
 
     /// Checks an update without folding it in: shape and finiteness.
     pub fn check(&self, update: &[f32]) -> Result<(), AggregateError> {
         if update.len() != self.sum.len() {
-            return Err(AggregateError::Shape {
-                got: update.len(),
-                want: self.sum.len(),
-            });
+            return Err(AggregateError::Shape { got: update.len(), want: self.sum.len() });
         }
         if let Some(index) = update.iter().position(|v| !v.is_finite()) {
             return Err(AggregateError::NonFinite { index });
@@ -90,24 +83,18 @@ pub struct ServerState {
 
 impl ServerState {
     pub fn new(strategy: Strategy, num_params: usize) -> Self {
-        let tau = match &strategy {
-            Strategy::Fedadam(o) | Strategy::Fedyogi(o) | Strategy::Fedadagrad(o) => o.tau,
-            Strategy::Fedavg { .. } => 0.0,
+        // FedAvg keeps no moments: no memory for them either.
+        let (n, tau) = match &strategy {
+            Strategy::Fedadam(o) | Strategy::Fedyogi(o) | Strategy::Fedadagrad(o) => (num_params, o.tau),
+            Strategy::Fedavg { .. } => (0, 0.0),
         };
-        Self {
-            strategy,
-            m: vec![0.0; num_params],
-            v: vec![tau * tau; num_params],
-        }
+        Self { strategy, m: vec![0.0; n], v: vec![tau * tau; n] }
     }
 
     /// Moves the global model by one server step, given the mean update Δ (local − global).
     pub fn step(&mut self, global: &mut [f32], delta: &[f64]) -> Result<(), AggregateError> {
         if delta.len() != global.len() {
-            return Err(AggregateError::Shape {
-                got: delta.len(),
-                want: global.len(),
-            });
+            return Err(AggregateError::Shape { got: delta.len(), want: global.len() });
         }
         let (m, v) = (&mut self.m, &mut self.v);
         match &self.strategy {
@@ -116,12 +103,10 @@ impl ServerState {
                     *w = (f64::from(*w) + d) as f32;
                 }
             }
-            Strategy::Fedadam(o) => {
-                adaptive(global, delta, m, v, o, |v, d2, b2| b2 * v + (1.0 - b2) * d2)
+            Strategy::Fedadam(o) => adaptive(global, delta, m, v, o, |v, d2, b2| b2 * v + (1.0 - b2) * d2),
+            Strategy::Fedyogi(o) => {
+                adaptive(global, delta, m, v, o, |v, d2, b2| v - (1.0 - b2) * d2 * (v - d2).signum())
             }
-            Strategy::Fedyogi(o) => adaptive(global, delta, m, v, o, |v, d2, b2| {
-                v - (1.0 - b2) * d2 * (v - d2).signum()
-            }),
             Strategy::Fedadagrad(o) => adaptive(global, delta, m, v, o, |v, d2, _| v + d2),
         }
         Ok(())
@@ -154,27 +139,15 @@ mod tests {
     use super::*;
 
     fn opt() -> ServerOptimizer {
-        ServerOptimizer {
-            server_learning_rate: 0.1,
-            beta1: 0.9,
-            beta2: 0.99,
-            tau: 1e-3,
-            weighting: Weighting::Samples,
-        }
+        ServerOptimizer { server_learning_rate: 0.1, beta1: 0.9, beta2: 0.99, tau: 1e-3, weighting: Weighting::Samples }
     }
 
     #[test]
     fn weighted_mean_and_refusals_leave_the_sum_untouched() {
         let mut acc = Accumulator::new(2);
         acc.add(&[1.0, 2.0], 1.0).unwrap();
-        assert_eq!(
-            acc.add(&[f32::NAN, 0.0], 1.0),
-            Err(AggregateError::NonFinite { index: 0 })
-        );
-        assert_eq!(
-            acc.add(&[1.0], 1.0),
-            Err(AggregateError::Shape { got: 1, want: 2 })
-        );
+        assert_eq!(acc.add(&[f32::NAN, 0.0], 1.0), Err(AggregateError::NonFinite { index: 0 }));
+        assert_eq!(acc.add(&[1.0], 1.0), Err(AggregateError::Shape { got: 1, want: 2 }));
         assert_eq!(acc.add(&[1.0, 1.0], 0.0), Err(AggregateError::Weight(0.0)));
         acc.add(&[4.0, 5.0], 2.0).unwrap();
         assert_eq!(acc.count(), 2);

@@ -44,29 +44,18 @@ pub struct ConfigError {
 
 /// Reads a TOML config; relative paths inside it are resolved against the file's directory.
 pub fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let err = |reason: String| ConfigError {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let err = |reason: String| ConfigError { path: path.to_path_buf(), reason };
     let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
     toml::from_str(&text).map_err(|e| err(e.to_string()))
 }
 
 /// Resolves `p` against `base` unless it is absolute.
 pub fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
-    }
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
 }
 
 /// Resolves the three TLS paths against the config file's directory.
 pub fn resolve_tls(config_path: &Path, tls: &TlsFiles) -> TlsFiles {
     let base = config_path.parent().unwrap_or(Path::new("."));
-    TlsFiles {
-        ca: resolve(base, &tls.ca),
-        cert: resolve(base, &tls.cert),
-        key: resolve(base, &tls.key),
-    }
+    TlsFiles { ca: resolve(base, &tls.ca), cert: resolve(base, &tls.cert), key: resolve(base, &tls.key) }
 }

@@ -21,11 +21,7 @@ use tokio_stream::StreamExt;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(
-    name = "sanctum-coordinator",
-    version,
-    about = "Sanctum's coordinator: PKI, plans, rounds and aggregation"
-)]
+#[command(name = "sanctum-coordinator", version, about = "Sanctum's coordinator: PKI, plans, rounds and aggregation")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -121,10 +117,7 @@ enum PlanCommand {
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 #[tokio::main]
@@ -138,10 +131,8 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", format!("{e:#}"));
-            if e.downcast_ref::<config::ConfigError>().is_some()
-                || e.downcast_ref::<tls::TlsError>().is_some()
-            {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<config::ConfigError>().is_some() || e.downcast_ref::<tls::TlsError>().is_some() {
                 ExitCode::from(EXIT_CONFIG)
             } else {
                 ExitCode::FAILURE
@@ -154,23 +145,20 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
 
-async fn lead_client(
-    config_path: &PathBuf,
-) -> anyhow::Result<LeadClient<tonic::transport::Channel>> {
+async fn lead_client(config_path: &std::path::Path) -> anyhow::Result<LeadClient<tonic::transport::Channel>> {
     let cfg: LeadConfig = config::load(config_path)?;
     let material = TlsMaterial::load(&config::resolve_tls(config_path, &cfg.tls))?;
     let channel = tls::connect(&cfg.coordinator, &material).await?;
@@ -182,41 +170,23 @@ async fn follow_remote(
     plan_id: &str,
     rounds: u32,
 ) -> anyhow::Result<ExitCode> {
-    let stream = client
-        .watch_plan(WatchPlanRequest {
-            plan_id: plan_id.to_string(),
-        })
-        .await?
-        .into_inner();
+    let stream = client.watch_plan(WatchPlanRequest { plan_id: plan_id.to_string() }).await?.into_inner();
     let events = stream.filter_map(|e| e.ok());
-    let finished = watch::follow(events, rounds, "metric")
-        .await
-        .context("the coordinator closed the watch stream")?;
+    let finished = watch::follow(events, rounds, "metric").await.context("the coordinator closed the watch stream")?;
     println!(
         "plan {}: {} after {} round(s): {}",
         plan_id,
-        if finished.success {
-            "finished"
-        } else {
-            "FAILED"
-        },
+        if finished.success { "finished" } else { "FAILED" },
         finished.rounds_completed,
         finished.reason
     );
     for m in &finished.final_metrics {
-        println!(
-            "  {:<14} {} {:.4} on {} test samples",
-            m.node, finished.metric_name, m.value, m.samples
-        );
+        println!("  {:<14} {} {:.4} on {} test samples", m.node, finished.metric_name, m.value, m.samples);
     }
     if !finished.model_path.is_empty() {
         println!("final model: {}", finished.model_path);
     }
-    Ok(if finished.success {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if finished.success { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -234,26 +204,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
             // Tests and scripts read the bound address from this line (listen on port 0 works).
             println!("listening on {}", listener.local_addr()?);
-            coordinator
-                .serve(listener, &material, shutdown_signal())
-                .await?;
+            coordinator.serve(listener, &material, shutdown_signal()).await?;
             eprintln!("coordinator stopped");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Pki(PkiCommand::Init {
-            dir,
-            consortium,
-            hosts,
-            lead_name,
-            days,
-        }) => {
+        Command::Pki(PkiCommand::Init { dir, consortium, hosts, lead_name, days }) => {
             let out = pki::init(&dir, &consortium, &hosts, &lead_name, days)?;
             println!("consortium CA:           {}", out.ca_cert.display());
-            println!(
-                "coordinator certificate: {} (hosts: {})",
-                out.coordinator_cert.display(),
-                hosts.join(", ")
-            );
+            println!("coordinator certificate: {} (hosts: {})", out.coordinator_cert.display(), hosts.join(", "));
             println!("lead certificate:        {}", out.lead_cert.display());
             println!(
                 "next: give {} to each hospital; sign their CSRs with `sanctum-coordinator pki sign`",
@@ -261,14 +219,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Pki(PkiCommand::Sign {
-            dir,
-            csr,
-            name,
-            role,
-            days,
-            out,
-        }) => {
+        Command::Pki(PkiCommand::Sign { dir, csr, name, role, days, out }) => {
             let role: Role = role.parse()?;
             let pem = pki::sign(&dir, &csr, &name, role, days)?;
             let out = out.unwrap_or_else(|| dir.join("issued").join(format!("{name}.pem")));
@@ -281,8 +232,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan(PlanCommand::Submit { config: path, plan }) => {
-            let text = std::fs::read_to_string(&plan)
-                .with_context(|| format!("cannot read plan {}", plan.display()))?;
+            let text =
+                std::fs::read_to_string(&plan).with_context(|| format!("cannot read plan {}", plan.display()))?;
             let parsed = Plan::parse(&text).with_context(|| format!("plan {}", plan.display()))?;
             let mut client = lead_client(&path).await?;
             let id = client
@@ -294,35 +245,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("plan '{}' submitted: {id}", parsed.name);
             follow_remote(&mut client, &id, parsed.rounds).await
         }
-        Command::Plan(PlanCommand::Watch {
-            config: path,
-            plan_id,
-        }) => {
+        Command::Plan(PlanCommand::Watch { config: path, plan_id }) => {
             let mut client = lead_client(&path).await?;
             follow_remote(&mut client, &plan_id, 0).await
         }
-        Command::Simulate {
-            plan,
-            seed,
-            json,
-            workdir,
-            node_bin,
-            device,
-        } => {
-            let summary = simulate(&SimulateOptions {
-                plan,
-                seed,
-                json,
-                workdir,
-                node_bin,
-                device,
-            })
-            .await?;
-            Ok(if summary.finished.success {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+        Command::Simulate { plan, seed, json, workdir, node_bin, device } => {
+            let summary = simulate(&SimulateOptions { plan, seed, json, workdir, node_bin, device }).await?;
+            Ok(if summary.finished.success { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
 }

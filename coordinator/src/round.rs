@@ -28,17 +28,9 @@ pub enum Action {
     /// Send the plan offer to these nodes.
     Offer(Vec<NodeName>),
     /// Publish the current global model and ask these nodes to train on it.
-    OpenRound {
-        round: u32,
-        participants: Vec<NodeName>,
-        deadline: Instant,
-    },
+    OpenRound { round: u32, participants: Vec<NodeName>, deadline: Instant },
     /// The round is over: aggregate what was accepted, then call [`PlanRun::round_aggregated`].
-    CloseRound {
-        round: u32,
-        reported: Vec<NodeName>,
-        dropped: Vec<NodeName>,
-    },
+    CloseRound { round: u32, reported: Vec<NodeName>, dropped: Vec<NodeName> },
     /// Ask these nodes to evaluate the final global model.
     Evaluate(Vec<NodeName>),
     /// The plan is over.
@@ -62,22 +54,10 @@ pub enum Rejection {
 
 #[derive(Clone, Debug)]
 enum Phase {
-    Recruiting {
-        deadline: Instant,
-    },
-    Training {
-        round: u32,
-        participants: BTreeSet<NodeName>,
-        reported: BTreeSet<NodeName>,
-        deadline: Instant,
-    },
-    Aggregating {
-        round: u32,
-    },
-    Evaluating {
-        pending: BTreeSet<NodeName>,
-        deadline: Instant,
-    },
+    Recruiting { deadline: Instant },
+    Training { round: u32, participants: BTreeSet<NodeName>, reported: BTreeSet<NodeName>, deadline: Instant },
+    Aggregating { round: u32 },
+    Evaluating { pending: BTreeSet<NodeName>, deadline: Instant },
     Finished,
 }
 
@@ -99,16 +79,10 @@ pub struct PlanRun {
 
 impl PlanRun {
     /// Starts recruiting among the nodes connected now.
-    pub fn start(
-        cfg: RunConfig,
-        connected: impl IntoIterator<Item = NodeName>,
-        now: Instant,
-    ) -> (Self, Vec<Action>) {
+    pub fn start(cfg: RunConfig, connected: impl IntoIterator<Item = NodeName>, now: Instant) -> (Self, Vec<Action>) {
         let offered: BTreeSet<NodeName> = connected.into_iter().collect();
         let run = Self {
-            phase: Phase::Recruiting {
-                deadline: now + cfg.recruit_deadline,
-            },
+            phase: Phase::Recruiting { deadline: now + cfg.recruit_deadline },
             cfg,
             offered: offered.clone(),
             accepted: BTreeSet::new(),
@@ -116,11 +90,7 @@ impl PlanRun {
             online: offered.clone(),
             rounds_completed: 0,
         };
-        let actions = if offered.is_empty() {
-            vec![]
-        } else {
-            vec![Action::Offer(offered.into_iter().collect())]
-        };
+        let actions = if offered.is_empty() { vec![] } else { vec![Action::Offer(offered.into_iter().collect())] };
         (run, actions)
     }
 
@@ -162,11 +132,7 @@ impl PlanRun {
     pub fn node_disconnected(&mut self, node: &str, now: Instant) -> Vec<Action> {
         self.online.remove(node);
         match &mut self.phase {
-            Phase::Training {
-                participants,
-                reported,
-                ..
-            } if !reported.contains(node) => {
+            Phase::Training { participants, reported, .. } if !reported.contains(node) => {
                 participants.remove(node);
             }
             Phase::Evaluating { pending, .. } => {
@@ -178,13 +144,7 @@ impl PlanRun {
     }
 
     /// A node accepted or refused the plan.
-    pub fn decision(
-        &mut self,
-        node: &str,
-        accept: bool,
-        reason: &str,
-        now: Instant,
-    ) -> Vec<Action> {
+    pub fn decision(&mut self, node: &str, accept: bool, reason: &str, now: Instant) -> Vec<Action> {
         if !matches!(self.phase, Phase::Recruiting { .. }) || !self.offered.contains(node) {
             return vec![];
         }
@@ -200,26 +160,12 @@ impl PlanRun {
 
     /// Asks whether an update may enter the round; on `Ok` the node counts as reported and the
     /// service must apply the update before anything else happens.
-    pub fn admit_update(
-        &mut self,
-        node: &str,
-        round: u32,
-        now: Instant,
-    ) -> Result<Vec<Action>, Rejection> {
-        let Phase::Training {
-            round: open,
-            participants,
-            reported,
-            deadline,
-        } = &mut self.phase
-        else {
+    pub fn admit_update(&mut self, node: &str, round: u32, now: Instant) -> Result<Vec<Action>, Rejection> {
+        let Phase::Training { round: open, participants, reported, deadline } = &mut self.phase else {
             return Err(Rejection::NoOpenRound);
         };
         if round != *open {
-            return Err(Rejection::WrongRound {
-                got: round,
-                open: *open,
-            });
+            return Err(Rejection::WrongRound { got: round, open: *open });
         }
         if reported.contains(node) {
             return Err(Rejection::Duplicate(node.to_string()));
@@ -243,12 +189,8 @@ impl PlanRun {
         if round < self.cfg.rounds {
             self.open_round_now(round + 1, now)
         } else {
-            let pending: BTreeSet<NodeName> =
-                self.accepted.intersection(&self.online).cloned().collect();
-            self.phase = Phase::Evaluating {
-                pending: pending.clone(),
-                deadline: now + self.cfg.evaluation_deadline,
-            };
+            let pending: BTreeSet<NodeName> = self.accepted.intersection(&self.online).cloned().collect();
+            self.phase = Phase::Evaluating { pending: pending.clone(), deadline: now + self.cfg.evaluation_deadline };
             let mut actions = vec![Action::Evaluate(pending.into_iter().collect())];
             actions.extend(self.advance(now));
             actions
@@ -282,8 +224,7 @@ impl PlanRun {
     }
 
     fn open_round_now(&mut self, round: u32, now: Instant) -> Vec<Action> {
-        let participants: BTreeSet<NodeName> =
-            self.accepted.intersection(&self.online).cloned().collect();
+        let participants: BTreeSet<NodeName> = self.accepted.intersection(&self.online).cloned().collect();
         if participants.len() < self.cfg.min_nodes {
             return self.finish(
                 false,
@@ -296,17 +237,8 @@ impl PlanRun {
             );
         }
         let deadline = now + self.cfg.round_deadline;
-        self.phase = Phase::Training {
-            round,
-            participants: participants.clone(),
-            reported: BTreeSet::new(),
-            deadline,
-        };
-        vec![Action::OpenRound {
-            round,
-            participants: participants.into_iter().collect(),
-            deadline,
-        }]
+        self.phase = Phase::Training { round, participants: participants.clone(), reported: BTreeSet::new(), deadline };
+        vec![Action::OpenRound { round, participants: participants.into_iter().collect(), deadline }]
     }
 
     fn finish(&mut self, success: bool, reason: String) -> Vec<Action> {
@@ -341,12 +273,7 @@ impl PlanRun {
                 }
                 vec![]
             }
-            Phase::Training {
-                round,
-                participants,
-                reported,
-                deadline,
-            } => {
+            Phase::Training { round, participants, reported, deadline } => {
                 let all_in = participants.iter().all(|p| reported.contains(p));
                 if !all_in && now < *deadline {
                     return vec![];
@@ -366,11 +293,7 @@ impl PlanRun {
                     );
                 }
                 self.phase = Phase::Aggregating { round };
-                vec![Action::CloseRound {
-                    round,
-                    reported: reported_list,
-                    dropped,
-                }]
+                vec![Action::CloseRound { round, reported: reported_list, dropped }]
             }
             Phase::Evaluating { pending, deadline } => {
                 if pending.is_empty() || now >= *deadline {
@@ -418,39 +341,20 @@ mod tests {
             matches!(&a[..], [Action::OpenRound { round: 1, participants, .. }] if participants == &names(&["a", "b"]))
         );
         assert!(run.admit_update("a", 1, t0).unwrap().is_empty());
-        assert_eq!(
-            run.admit_update("a", 1, t0),
-            Err(Rejection::Duplicate("a".into()))
-        );
+        assert_eq!(run.admit_update("a", 1, t0), Err(Rejection::Duplicate("a".into())));
         let a = run.admit_update("b", 1, t0).unwrap();
-        assert_eq!(
-            a,
-            vec![Action::CloseRound {
-                round: 1,
-                reported: names(&["a", "b"]),
-                dropped: vec![]
-            }]
-        );
+        assert_eq!(a, vec![Action::CloseRound { round: 1, reported: names(&["a", "b"]), dropped: vec![] }]);
         assert_eq!(run.admit_update("a", 1, t0), Err(Rejection::NoOpenRound));
         let a = run.round_aggregated(1, t0);
         assert!(matches!(&a[..], [Action::OpenRound { round: 2, .. }]));
-        assert_eq!(
-            run.admit_update("a", 1, t0),
-            Err(Rejection::WrongRound { got: 1, open: 2 })
-        );
+        assert_eq!(run.admit_update("a", 1, t0), Err(Rejection::WrongRound { got: 1, open: 2 }));
         run.admit_update("a", 2, t0).unwrap();
         run.admit_update("b", 2, t0).unwrap();
         let a = run.round_aggregated(2, t0);
         assert_eq!(a, vec![Action::Evaluate(names(&["a", "b"]))]);
         run.evaluated("a", t0);
         let a = run.evaluated("b", t0);
-        assert_eq!(
-            a,
-            vec![Action::Finish {
-                success: true,
-                reason: "completed".into()
-            }]
-        );
+        assert_eq!(a, vec![Action::Finish { success: true, reason: "completed".into() }]);
         assert_eq!(run.rounds_completed(), 2);
     }
 
@@ -467,14 +371,7 @@ mod tests {
         let late = t0 + Duration::from_secs(31);
         assert_eq!(run.admit_update("c", 1, late), Err(Rejection::Late));
         let a = run.tick(late);
-        assert_eq!(
-            a,
-            vec![Action::CloseRound {
-                round: 1,
-                reported: names(&["a", "b"]),
-                dropped: names(&["c"])
-            }]
-        );
+        assert_eq!(a, vec![Action::CloseRound { round: 1, reported: names(&["a", "b"]), dropped: names(&["c"]) }]);
     }
 
     #[test]
@@ -484,12 +381,7 @@ mod tests {
         run.decision("a", true, "", t0);
         let a = run.decision("b", false, "schema mismatch: column 'age' missing", t0);
         match &a[..] {
-            [
-                Action::Finish {
-                    success: false,
-                    reason,
-                },
-            ] => {
+            [Action::Finish { success: false, reason }] => {
                 assert!(reason.contains("b refused: schema mismatch"), "{reason}")
             }
             other => panic!("unexpected {other:?}"),
@@ -507,20 +399,11 @@ mod tests {
         run.admit_update("b", 1, t0).unwrap();
         // c crashes: the round closes without waiting for the deadline.
         let a = run.node_disconnected("c", t0);
-        assert_eq!(
-            a,
-            vec![Action::CloseRound {
-                round: 1,
-                reported: names(&["a", "b"]),
-                dropped: names(&["c"])
-            }]
-        );
+        assert_eq!(a, vec![Action::CloseRound { round: 1, reported: names(&["a", "b"]), dropped: names(&["c"]) }]);
         run.round_aggregated(1, t0);
         run.admit_update("a", 2, t0).unwrap();
         let a = run.tick(t0 + Duration::from_secs(31));
-        assert!(
-            matches!(&a[..], [Action::Finish { success: false, reason }] if reason.contains("round 2 failed"))
-        );
+        assert!(matches!(&a[..], [Action::Finish { success: false, reason }] if reason.contains("round 2 failed")));
         assert!(run.is_finished());
     }
 
@@ -530,13 +413,8 @@ mod tests {
         let (mut run, _) = PlanRun::start(cfg(1, 1), names(&["a", "b"]), t0);
         assert!(run.decision("a", true, "", t0).is_empty());
         let a = run.tick(t0 + Duration::from_secs(11));
-        assert!(
-            matches!(&a[..], [Action::OpenRound { round: 1, participants, .. }] if participants == &names(&["a"]))
-        );
+        assert!(matches!(&a[..], [Action::OpenRound { round: 1, participants, .. }] if participants == &names(&["a"])));
         // b never answered and is not a participant.
-        assert_eq!(
-            run.admit_update("b", 1, t0 + Duration::from_secs(12)),
-            Err(Rejection::NotParticipant("b".into()))
-        );
+        assert_eq!(run.admit_update("b", 1, t0 + Duration::from_secs(12)), Err(Rejection::NotParticipant("b".into())));
     }
 }

@@ -18,10 +18,9 @@ use sanctum_protocol::model::Weights;
 use sanctum_protocol::pki::Role;
 use sanctum_protocol::plan::{Plan, Weighting};
 use sanctum_protocol::proto::{
-    self, Ack, Directive, EvaluationReport, FetchModelRequest, ModelChunk, PlanEvent, PlanFinished,
-    PlanResponse, SubmitPlanRequest, SubmitPlanResponse, SubscribeRequest, UpdateChunk,
-    UpdateReceipt, WatchPlanRequest, directive, federation_server, lead_server, plan_event,
-    update_chunk,
+    self, Ack, Directive, EvaluationReport, FetchModelRequest, ModelChunk, PlanEvent, PlanFinished, PlanResponse,
+    SubmitPlanRequest, SubmitPlanResponse, SubscribeRequest, UpdateChunk, UpdateReceipt, WatchPlanRequest, directive,
+    federation_server, lead_server, plan_event, update_chunk,
 };
 use sanctum_protocol::tls::{self, TlsMaterial};
 use sanctum_protocol::transfer::{self, CHUNK_BYTES};
@@ -89,30 +88,12 @@ struct SpooledUpdate {
 }
 
 enum Event {
-    Connected {
-        node: String,
-    },
-    Disconnected {
-        node: String,
-        conn: u64,
-    },
-    Submit {
-        plan: Box<Plan>,
-        reply: oneshot::Sender<Result<String, Status>>,
-    },
-    Decision {
-        node: String,
-        response: PlanResponse,
-    },
-    Update {
-        node: String,
-        update: SpooledUpdate,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-    Evaluation {
-        node: String,
-        report: EvaluationReport,
-    },
+    Connected { node: String },
+    Disconnected { node: String, conn: u64 },
+    Submit { plan: Box<Plan>, reply: oneshot::Sender<Result<String, Status>> },
+    Decision { node: String, response: PlanResponse },
+    Update { node: String, update: SpooledUpdate, reply: oneshot::Sender<Result<(), String>> },
+    Evaluation { node: String, report: EvaluationReport },
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -135,11 +116,7 @@ impl Coordinator {
             store,
             next_conn: AtomicU64::new(1),
         });
-        let driver = Driver {
-            inner: inner.clone(),
-            active: None,
-            evaluation_deadline: options.evaluation_deadline,
-        };
+        let driver = Driver { inner: inner.clone(), active: None, evaluation_deadline: options.evaluation_deadline };
         tokio::spawn(driver.run(rx));
         Ok(Self { inner })
     }
@@ -152,23 +129,16 @@ impl Coordinator {
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
         let incoming = tls::mtls_incoming(listener, material.server_config()?);
-        let federation = federation_server::FederationServer::new(FederationApi {
-            inner: self.inner.clone(),
-        })
-        .max_decoding_message_size(2 * CHUNK_BYTES);
-        let lead = lead_server::LeadServer::new(LeadApi {
-            inner: self.inner.clone(),
-        });
+        let federation = federation_server::FederationServer::new(FederationApi { inner: self.inner.clone() })
+            .max_decoding_message_size(2 * CHUNK_BYTES);
+        let lead = lead_server::LeadServer::new(LeadApi { inner: self.inner.clone() });
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 federation,
                 tls::role_guard(&[Role::Node]),
             ))
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                lead,
-                tls::role_guard(&[Role::Lead]),
-            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(lead, tls::role_guard(&[Role::Lead])))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         Ok(())
@@ -179,13 +149,9 @@ impl Coordinator {
         let (reply, rx) = oneshot::channel();
         self.inner
             .events
-            .send(Event::Submit {
-                plan: Box::new(plan),
-                reply,
-            })
+            .send(Event::Submit { plan: Box::new(plan), reply })
             .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
-        rx.await
-            .map_err(|_| Status::unavailable("coordinator is shutting down"))?
+        rx.await.map_err(|_| Status::unavailable("coordinator is shutting down"))?
     }
 
     /// Follows a plan's events until it finishes.
@@ -201,21 +167,14 @@ impl Coordinator {
     }
 }
 
-fn watch_stream(
-    inner: &Arc<Inner>,
-    plan_id: &str,
-) -> impl Stream<Item = PlanEvent> + Send + 'static {
+fn watch_stream(inner: &Arc<Inner>, plan_id: &str) -> impl Stream<Item = PlanEvent> + Send + 'static {
     let mut rx = inner.plan_events.subscribe();
     let done = lock(&inner.finished).get(plan_id).cloned();
     let plan_id = plan_id.to_string();
     let (tx, out) = mpsc::channel(256);
     tokio::spawn(async move {
         if let Some(done) = done {
-            let _ = tx
-                .send(PlanEvent {
-                    kind: Some(plan_event::Kind::PlanFinished(done)),
-                })
-                .await;
+            let _ = tx.send(PlanEvent { kind: Some(plan_event::Kind::PlanFinished(done)) }).await;
             return;
         }
         loop {
@@ -244,9 +203,7 @@ impl Inner {
     }
 
     fn publish(&self, plan_id: &str, kind: plan_event::Kind) {
-        let _ = self
-            .plan_events
-            .send((plan_id.to_string(), PlanEvent { kind: Some(kind) }));
+        let _ = self.plan_events.send((plan_id.to_string(), PlanEvent { kind: Some(kind) }));
     }
 
     /// Logs and publishes a refused update, and returns the status for the node.
@@ -281,10 +238,7 @@ impl Stream for DirectiveStream {
 
 impl Drop for DirectiveStream {
     fn drop(&mut self) {
-        let _ = self.events.send(Event::Disconnected {
-            node: self.node.clone(),
-            conn: self.conn,
-        });
+        let _ = self.events.send(Event::Disconnected { node: self.node.clone(), conn: self.conn });
     }
 }
 
@@ -301,41 +255,21 @@ impl federation_server::Federation for FederationApi {
     type SubscribeStream = Pin<Box<dyn Stream<Item = Result<Directive, Status>> + Send + 'static>>;
     type FetchModelStream = ReceiverStream<Result<ModelChunk, Status>>;
 
-    async fn subscribe(
-        &self,
-        request: Request<SubscribeRequest>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let node = caller(&request)?;
         let hello = request.into_inner();
         let (tx, rx) = mpsc::channel(32);
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         lock(&self.inner.nodes).insert(node.clone(), NodeConn { id: conn, tx });
-        tracing::info!(
-            node,
-            device = hello.device,
-            version = hello.software_version,
-            "node connected"
-        );
-        self.inner
-            .send_event(Event::Connected { node: node.clone() });
-        let stream = DirectiveStream {
-            inner: ReceiverStream::new(rx),
-            node,
-            conn,
-            events: self.inner.events.clone(),
-        };
+        tracing::info!(node, device = hello.device, version = hello.software_version, "node connected");
+        self.inner.send_event(Event::Connected { node: node.clone() });
+        let stream = DirectiveStream { inner: ReceiverStream::new(rx), node, conn, events: self.inner.events.clone() };
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn respond_to_plan(
-        &self,
-        request: Request<PlanResponse>,
-    ) -> Result<Response<Ack>, Status> {
+    async fn respond_to_plan(&self, request: Request<PlanResponse>) -> Result<Response<Ack>, Status> {
         let node = caller(&request)?;
-        self.inner.send_event(Event::Decision {
-            node,
-            response: request.into_inner(),
-        });
+        self.inner.send_event(Event::Decision { node, response: request.into_inner() });
         Ok(Response::new(Ack {}))
     }
 
@@ -343,8 +277,7 @@ impl federation_server::Federation for FederationApi {
         &self,
         request: Request<FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
-        let hash =
-            ContentHash::parse(&request.get_ref().sha256).map_err(Status::invalid_argument)?;
+        let hash = ContentHash::parse(&request.get_ref().sha256).map_err(Status::invalid_argument)?;
         let bytes = match self.inner.store.read_model(&hash) {
             Ok(b) => Arc::new(b),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -356,11 +289,7 @@ impl federation_server::Federation for FederationApi {
         tokio::spawn(async move {
             let total = bytes.len() as u64;
             for (offset, chunk) in transfer::chunks(&bytes) {
-                let msg = ModelChunk {
-                    offset,
-                    data: chunk.to_vec(),
-                    total_bytes: total,
-                };
+                let msg = ModelChunk { offset, data: chunk.to_vec(), total_bytes: total };
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
                 }
@@ -369,16 +298,11 @@ impl federation_server::Federation for FederationApi {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn submit_update(
-        &self,
-        request: Request<Streaming<UpdateChunk>>,
-    ) -> Result<Response<UpdateReceipt>, Status> {
+    async fn submit_update(&self, request: Request<Streaming<UpdateChunk>>) -> Result<Response<UpdateReceipt>, Status> {
         let node = caller(&request)?;
         let mut stream = request.into_inner();
         let header = match stream.message().await? {
-            Some(UpdateChunk {
-                part: Some(update_chunk::Part::Header(h)),
-            }) => h,
+            Some(UpdateChunk { part: Some(update_chunk::Part::Header(h)) }) => h,
             _ => {
                 return Err(self.inner.reject(
                     &node,
@@ -388,10 +312,7 @@ impl federation_server::Federation for FederationApi {
                 ));
             }
         };
-        let reject = |status: Status| {
-            self.inner
-                .reject(&node, &header.plan_id, header.round, status)
-        };
+        let reject = |status: Status| self.inner.reject(&node, &header.plan_id, header.round, status);
         let info = self
             .inner
             .round
@@ -424,20 +345,14 @@ impl federation_server::Federation for FederationApi {
         let payload_hash = ContentHash::parse(&header.payload_sha256)
             .map_err(|e| reject(Status::invalid_argument(format!("payload_sha256: {e}"))))?;
         let expected = info.num_params as u64 * 4;
-        let mut spool = self
-            .inner
-            .store
-            .spool()
-            .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
+        let mut spool = self.inner.store.spool().map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
         let mut hasher = Hasher::default();
         let mut received = 0u64;
         while let Some(msg) = stream.message().await? {
             let data = match msg.part {
                 Some(update_chunk::Part::Data(d)) => d,
                 _ => {
-                    return Err(reject(Status::invalid_argument(
-                        "an upload carries one header, then only data",
-                    )));
+                    return Err(reject(Status::invalid_argument("an upload carries one header, then only data")));
                 }
             };
             if data.len() > CHUNK_BYTES || data.len() % 4 != 0 {
@@ -454,23 +369,15 @@ impl federation_server::Federation for FederationApi {
                 ))));
             }
             hasher.update(&data);
-            spool
-                .write_all(&data)
-                .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
+            spool.write_all(&data).map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
         }
         if received != expected {
-            return Err(reject(Status::invalid_argument(format!(
-                "upload ended after {received} of {expected} bytes"
-            ))));
+            return Err(reject(Status::invalid_argument(format!("upload ended after {received} of {expected} bytes"))));
         }
         if hasher.finish() != payload_hash {
-            return Err(reject(Status::invalid_argument(
-                "payload does not match payload_sha256",
-            )));
+            return Err(reject(Status::invalid_argument("payload does not match payload_sha256")));
         }
-        spool
-            .flush()
-            .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
+        spool.flush().map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
         let update = SpooledUpdate {
             round: header.round,
             plan_id: header.plan_id.clone(),
@@ -480,30 +387,17 @@ impl federation_server::Federation for FederationApi {
             spool,
         };
         let (reply, rx) = oneshot::channel();
-        self.inner.send_event(Event::Update {
-            node: node.clone(),
-            update,
-            reply,
-        });
+        self.inner.send_event(Event::Update { node: node.clone(), update, reply });
         match rx.await {
-            Ok(Ok(())) => Ok(Response::new(UpdateReceipt {
-                accepted: true,
-                reason: String::new(),
-            })),
+            Ok(Ok(())) => Ok(Response::new(UpdateReceipt { accepted: true, reason: String::new() })),
             Ok(Err(reason)) => Err(reject(Status::failed_precondition(reason))),
             Err(_) => Err(Status::unavailable("coordinator is shutting down")),
         }
     }
 
-    async fn report_evaluation(
-        &self,
-        request: Request<EvaluationReport>,
-    ) -> Result<Response<Ack>, Status> {
+    async fn report_evaluation(&self, request: Request<EvaluationReport>) -> Result<Response<Ack>, Status> {
         let node = caller(&request)?;
-        self.inner.send_event(Event::Evaluation {
-            node,
-            report: request.into_inner(),
-        });
+        self.inner.send_event(Event::Evaluation { node, report: request.into_inner() });
         Ok(Response::new(Ack {}))
     }
 }
@@ -516,29 +410,17 @@ struct LeadApi {
 impl lead_server::Lead for LeadApi {
     type WatchPlanStream = Pin<Box<dyn Stream<Item = Result<PlanEvent, Status>> + Send + 'static>>;
 
-    async fn submit_plan(
-        &self,
-        request: Request<SubmitPlanRequest>,
-    ) -> Result<Response<SubmitPlanResponse>, Status> {
+    async fn submit_plan(&self, request: Request<SubmitPlanRequest>) -> Result<Response<SubmitPlanResponse>, Status> {
         let lead = caller(&request)?;
-        let plan = Plan::parse(&request.get_ref().plan_toml)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let plan = Plan::parse(&request.get_ref().plan_toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::info!(lead, plan = plan.name, "plan submitted");
         let (reply, rx) = oneshot::channel();
-        self.inner.send_event(Event::Submit {
-            plan: Box::new(plan),
-            reply,
-        });
-        let plan_id = rx
-            .await
-            .map_err(|_| Status::unavailable("coordinator is shutting down"))??;
+        self.inner.send_event(Event::Submit { plan: Box::new(plan), reply });
+        let plan_id = rx.await.map_err(|_| Status::unavailable("coordinator is shutting down"))??;
         Ok(Response::new(SubmitPlanResponse { plan_id }))
     }
 
-    async fn watch_plan(
-        &self,
-        request: Request<WatchPlanRequest>,
-    ) -> Result<Response<Self::WatchPlanStream>, Status> {
+    async fn watch_plan(&self, request: Request<WatchPlanRequest>) -> Result<Response<Self::WatchPlanStream>, Status> {
         use tokio_stream::StreamExt;
         let stream = watch_stream(&self.inner, &request.get_ref().plan_id).map(Ok);
         Ok(Response::new(Box::pin(stream)))
@@ -550,9 +432,7 @@ fn short(hex: &str) -> &str {
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// The plan being run and everything the driver keeps for it.
@@ -603,11 +483,7 @@ impl Driver {
         let now = Instant::now();
         match ev {
             Event::Connected { node } => {
-                let actions = self
-                    .active
-                    .as_mut()
-                    .map(|a| a.run.node_connected(&node, now))
-                    .unwrap_or_default();
+                let actions = self.active.as_mut().map(|a| a.run.node_connected(&node, now)).unwrap_or_default();
                 self.apply(actions);
             }
             Event::Disconnected { node, conn } => {
@@ -616,11 +492,7 @@ impl Driver {
                     nodes.remove(&node);
                     drop(nodes);
                     tracing::info!(node, "node disconnected");
-                    let actions = self
-                        .active
-                        .as_mut()
-                        .map(|a| a.run.node_disconnected(&node, now))
-                        .unwrap_or_default();
+                    let actions = self.active.as_mut().map(|a| a.run.node_disconnected(&node, now)).unwrap_or_default();
                     self.apply(actions);
                 }
             }
@@ -629,16 +501,8 @@ impl Driver {
                 let _ = reply.send(result);
             }
             Event::Decision { node, response } => {
-                let Some(active) = self
-                    .active
-                    .as_mut()
-                    .filter(|a| a.plan_id == response.plan_id)
-                else {
-                    tracing::warn!(
-                        node,
-                        plan = response.plan_id,
-                        "decision for a plan that is not running"
-                    );
+                let Some(active) = self.active.as_mut().filter(|a| a.plan_id == response.plan_id) else {
+                    tracing::warn!(node, plan = response.plan_id, "decision for a plan that is not running");
                     return;
                 };
                 if response.accept {
@@ -647,9 +511,7 @@ impl Driver {
                     tracing::warn!(node, reason = response.reason, "refused the plan");
                 }
                 let plan_id = active.plan_id.clone();
-                let actions = active
-                    .run
-                    .decision(&node, response.accept, &response.reason, now);
+                let actions = active.run.decision(&node, response.accept, &response.reason, now);
                 self.inner.publish(
                     &plan_id,
                     plan_event::Kind::NodeDecision(proto::NodeDecision {
@@ -660,11 +522,7 @@ impl Driver {
                 );
                 self.apply(actions);
             }
-            Event::Update {
-                node,
-                update,
-                reply,
-            } => match self.admit(&node, update, now) {
+            Event::Update { node, update, reply } => match self.admit(&node, update, now) {
                 Ok(actions) => {
                     let _ = reply.send(Ok(()));
                     self.apply(actions);
@@ -677,12 +535,8 @@ impl Driver {
                 let Some(active) = self.active.as_mut() else {
                     return;
                 };
-                if report.plan_id != active.plan_id || report.model_sha256 != active.model.to_hex()
-                {
-                    tracing::warn!(
-                        node,
-                        "evaluation of a model that is not this plan's final model; ignored"
-                    );
+                if report.plan_id != active.plan_id || report.model_sha256 != active.model.to_hex() {
+                    tracing::warn!(node, "evaluation of a model that is not this plan's final model; ignored");
                     return;
                 }
                 if let Some(m) = report.metrics.into_iter().next() {
@@ -702,19 +556,11 @@ impl Driver {
                 short(&active.plan_id)
             )));
         }
-        let wire_toml = plan
-            .to_wire_toml()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let wire_toml = plan.to_wire_toml().map_err(|e| Status::invalid_argument(e.to_string()))?;
         let plan_id = Plan::id_of(&wire_toml).to_hex();
         let global = plan.model.init(plan.seed);
-        let bytes = global
-            .to_safetensors()
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let model = self
-            .inner
-            .store
-            .put_model(&bytes)
-            .map_err(|e| Status::internal(format!("model store: {e}")))?;
+        let bytes = global.to_safetensors().map_err(|e| Status::internal(e.to_string()))?;
+        let model = self.inner.store.put_model(&bytes).map_err(|e| Status::internal(format!("model store: {e}")))?;
         let num_params = global.values().len();
         let cfg = RunConfig {
             rounds: plan.rounds,
@@ -746,35 +592,24 @@ impl Driver {
     }
 
     /// Checks a spooled update against the plan and folds it in; the round goes on either way.
-    fn admit(
-        &mut self,
-        node: &str,
-        update: SpooledUpdate,
-        now: Instant,
-    ) -> Result<Vec<Action>, String> {
+    fn admit(&mut self, node: &str, update: SpooledUpdate, now: Instant) -> Result<Vec<Action>, String> {
         let active = self.active.as_mut().ok_or("no plan is running")?;
         if update.plan_id != active.plan_id || update.base_model != active.model.to_hex() {
             return Err("update is for another plan or model".into());
         }
         let weight = match active.plan.strategy.weighting() {
             Weighting::Samples if update.sample_count == 0 => {
-                return Err(
-                    "sample_count is 0 but the plan weights updates by sample count".into(),
-                );
+                return Err("sample_count is 0 but the plan weights updates by sample count".into());
             }
             Weighting::Samples => update.sample_count as f64,
             Weighting::Uniform => 1.0,
         };
         let mut bytes = Vec::new();
         let mut file = update.spool.reopen().map_err(|e| format!("spool: {e}"))?;
-        file.read_to_end(&mut bytes)
-            .map_err(|e| format!("spool: {e}"))?;
+        file.read_to_end(&mut bytes).map_err(|e| format!("spool: {e}"))?;
         let values = transfer::le_bytes_to_f32(&bytes)?;
         active.acc.check(&values).map_err(|e| e.to_string())?;
-        let actions = active
-            .run
-            .admit_update(node, update.round, now)
-            .map_err(|e| e.to_string())?;
+        let actions = active.run.admit_update(node, update.round, now).map_err(|e| e.to_string())?;
         active.acc.add(&values, weight).map_err(|e| e.to_string())?;
         if let Some(m) = update.metrics.into_iter().next() {
             active.round_metrics.insert(node.to_string(), m);
@@ -815,24 +650,17 @@ impl Driver {
                         self.send(&n, offer.clone());
                     }
                 }
-                Action::OpenRound {
-                    round,
-                    participants,
-                    deadline,
-                } => {
-                    let deadline_ms = unix_ms(
-                        SystemTime::now() + deadline.saturating_duration_since(Instant::now()),
-                    );
+                Action::OpenRound { round, participants, deadline } => {
+                    let deadline_ms = unix_ms(SystemTime::now() + deadline.saturating_duration_since(Instant::now()));
                     active.acc = Accumulator::new(active.global.values().len());
                     active.round_metrics.clear();
                     active.participants = participants.clone();
-                    *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) =
-                        Some(RoundInfo {
-                            plan_id: plan_id.clone(),
-                            round,
-                            model: active.model,
-                            num_params: active.global.values().len(),
-                        });
+                    *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = Some(RoundInfo {
+                        plan_id: plan_id.clone(),
+                        round,
+                        model: active.model,
+                        num_params: active.global.values().len(),
+                    });
                     let start = directive::Kind::StartRound(proto::StartRound {
                         plan_id: plan_id.clone(),
                         round,
@@ -853,11 +681,7 @@ impl Driver {
                         self.send(n, start.clone());
                     }
                 }
-                Action::CloseRound {
-                    round,
-                    reported,
-                    dropped,
-                } => {
+                Action::CloseRound { round, reported, dropped } => {
                     *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = None;
                     let next = match self.close_round(round) {
                         Ok(()) => {
@@ -887,10 +711,7 @@ impl Driver {
                         }
                         Err(reason) => {
                             tracing::error!(round, "aggregation failed: {reason}");
-                            self.active
-                                .as_mut()
-                                .map(|a| a.run.aggregation_failed(&reason))
-                                .unwrap_or_default()
+                            self.active.as_mut().map(|a| a.run.aggregation_failed(&reason)).unwrap_or_default()
                         }
                     };
                     queue.extend(next);
@@ -917,16 +738,9 @@ impl Driver {
     fn close_round(&mut self, round: u32) -> Result<(), String> {
         let active = self.active.as_mut().ok_or("no plan is running")?;
         let mean = active.acc.mean().ok_or("no update was admitted")?;
-        active
-            .server
-            .step(active.global.values_mut(), &mean)
-            .map_err(|e| e.to_string())?;
+        active.server.step(active.global.values_mut(), &mean).map_err(|e| e.to_string())?;
         let bytes = active.global.to_safetensors().map_err(|e| e.to_string())?;
-        active.model = self
-            .inner
-            .store
-            .put_model(&bytes)
-            .map_err(|e| format!("model store: {e}"))?;
+        active.model = self.inner.store.put_model(&bytes).map_err(|e| format!("model store: {e}"))?;
         active.model_bytes = bytes.len() as u64;
         active.lineage.push(active.model);
         tracing::info!(round, updates = active.acc.count(), model = %active.model.short(), "round aggregated");
@@ -949,12 +763,7 @@ impl Driver {
         } else {
             String::new()
         };
-        let metric_name = active
-            .plan
-            .schema()
-            .map(|s| s.task.metric())
-            .unwrap_or("metric")
-            .to_string();
+        let metric_name = active.plan.schema().map(|s| s.task.metric()).unwrap_or("metric").to_string();
         let finished = PlanFinished {
             success,
             reason: reason.clone(),
@@ -964,11 +773,7 @@ impl Driver {
             final_metrics: active
                 .final_metrics
                 .iter()
-                .map(|(node, m)| proto::NodeMetric {
-                    node: node.clone(),
-                    value: m.value,
-                    samples: m.samples,
-                })
+                .map(|(node, m)| proto::NodeMetric { node: node.clone(), value: m.value, samples: m.samples })
                 .collect(),
             model_path,
         };
@@ -978,13 +783,9 @@ impl Driver {
             tracing::error!(plan = active.plan.name, "plan failed: {reason}");
         }
         lock(&self.inner.finished).insert(active.plan_id.clone(), finished.clone());
-        self.inner
-            .publish(&active.plan_id, plan_event::Kind::PlanFinished(finished));
-        let closed = directive::Kind::PlanClosed(proto::PlanClosed {
-            plan_id: active.plan_id.clone(),
-            success,
-            reason,
-        });
+        self.inner.publish(&active.plan_id, plan_event::Kind::PlanFinished(finished));
+        let closed =
+            directive::Kind::PlanClosed(proto::PlanClosed { plan_id: active.plan_id.clone(), success, reason });
         let nodes: Vec<String> = lock(&self.inner.nodes).keys().cloned().collect();
         for n in nodes {
             self.send(&n, closed.clone());

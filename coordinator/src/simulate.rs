@@ -70,18 +70,16 @@ fn tail(path: &Path, lines: usize) -> String {
 /// Runs the simulation; returns the summary (the plan may have failed: see `finished.success`).
 pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
     let started = Instant::now();
-    let text = std::fs::read_to_string(&opts.plan)
-        .with_context(|| format!("cannot read plan {}", opts.plan.display()))?;
+    let text =
+        std::fs::read_to_string(&opts.plan).with_context(|| format!("cannot read plan {}", opts.plan.display()))?;
     let mut plan = Plan::parse(&text).with_context(|| format!("plan {}", opts.plan.display()))?;
     if let Some(seed) = opts.seed {
         plan.seed = seed;
     }
-    let sim = plan.simulation.clone().with_context(|| {
-        format!(
-            "plan {} has no [simulation] section listing the hospitals",
-            opts.plan.display()
-        )
-    })?;
+    let sim = plan
+        .simulation
+        .clone()
+        .with_context(|| format!("plan {} has no [simulation] section listing the hospitals", opts.plan.display()))?;
     let plan_dir = opts.plan.parent().unwrap_or(Path::new(".")).to_path_buf();
     let node_bin = node_binary(opts.node_bin.as_deref())?;
 
@@ -104,12 +102,7 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
     let coord = pki::issue(
         &ca.cert_pem,
         &ca.key_pem,
-        &SignSpec {
-            name: "coordinator",
-            role: Role::Coordinator,
-            days: 1,
-            hosts: &hosts,
-        },
+        &SignSpec { name: "coordinator", role: Role::Coordinator, days: 1, hosts: &hosts },
     )?;
     let material = TlsMaterial::from_pem(&ca.cert_pem, &coord.cert_pem, &coord.key_pem)?;
 
@@ -141,12 +134,7 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
             &ca.cert_pem,
             &ca.key_pem,
             &csr_pem,
-            &SignSpec {
-                name: &h.name,
-                role: Role::Node,
-                days: 1,
-                hosts: &[],
-            },
+            &SignSpec { name: &h.name, role: Role::Node, days: 1, hosts: &[] },
         )?;
         let key_path = dir.join("node.key");
         let _ = std::fs::remove_file(&key_path);
@@ -171,10 +159,7 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
             .arg(&config_path)
             .arg("--exit-after-plan")
             .env_remove("LD_LIBRARY_PATH")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
@@ -193,17 +178,11 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
         }
         for (name, child, log) in &mut children {
             if let Some(status) = child.try_wait()? {
-                bail!(
-                    "node '{name}' exited ({status}) before connecting; its log ends with:\n{}",
-                    tail(log, 20)
-                );
+                bail!("node '{name}' exited ({status}) before connecting; its log ends with:\n{}", tail(log, 20));
             }
         }
         if Instant::now() > deadline {
-            bail!(
-                "not every node connected within 120 s (connected: {connected:?}); logs are in {}",
-                work.display()
-            );
+            bail!("not every node connected within 120 s (connected: {connected:?}); logs are in {}", work.display());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -218,10 +197,8 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
     );
 
     let metric = plan.schema().map(|s| s.task.metric()).unwrap_or("metric");
-    let plan_id = coordinator
-        .submit(plan.clone())
-        .await
-        .map_err(|s| anyhow::anyhow!("plan refused: {}", s.message()))?;
+    let plan_id =
+        coordinator.submit(plan.clone()).await.map_err(|s| anyhow::anyhow!("plan refused: {}", s.message()))?;
     let finished = watch::follow(coordinator.watch(&plan_id), plan.rounds, metric)
         .await
         .context("the coordinator stopped before the plan finished")?;
@@ -242,26 +219,13 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
     let _ = stop_tx.send(());
     let _ = server.await;
 
-    let per_node: BTreeMap<String, (f64, u64)> = finished
-        .final_metrics
-        .iter()
-        .map(|m| (m.node.clone(), (m.value, m.samples)))
-        .collect();
+    let per_node: BTreeMap<String, (f64, u64)> =
+        finished.final_metrics.iter().map(|m| (m.node.clone(), (m.value, m.samples))).collect();
     let mean_metric = watch::mean(per_node.values().map(|(v, _)| *v));
-    print_table(
-        &finished,
-        &per_node,
-        mean_metric,
-        metric,
-        sim.reference.as_ref(),
-    );
+    print_table(&finished, &per_node, mean_metric, metric, sim.reference.as_ref());
     if !finished.success {
         for (name, _, log) in &children {
-            eprintln!(
-                "--- last lines of {name}'s log ({}):\n{}",
-                log.display(),
-                tail(log, 8)
-            );
+            eprintln!("--- last lines of {name}'s log ({}):\n{}", log.display(), tail(log, 8));
         }
     }
     let json = json!({
@@ -299,10 +263,7 @@ fn print_table(
 ) {
     println!();
     if !finished.success {
-        println!(
-            "plan FAILED after {} round(s): {}",
-            finished.rounds_completed, finished.reason
-        );
+        println!("plan FAILED after {} round(s): {}", finished.rounds_completed, finished.reason);
     } else {
         println!(
             "plan finished: {} round(s), final model {}",
@@ -310,25 +271,13 @@ fn print_table(
             &finished.final_model_sha256[..12]
         );
     }
-    let ref_head = if reference.is_some() {
-        "  published"
-    } else {
-        ""
-    };
-    println!(
-        "{:<14} {:>12} {:>10}{ref_head}",
-        "hospital", "test samples", metric
-    );
+    let ref_head = if reference.is_some() { "  published" } else { "" };
+    println!("{:<14} {:>12} {:>10}{ref_head}", "hospital", "test samples", metric);
     for (node, (value, samples)) in per_node {
-        let r = reference
-            .and_then(|r| r.per_node.get(node))
-            .map(|v| format!("  {v:>9.3}"))
-            .unwrap_or_default();
+        let r = reference.and_then(|r| r.per_node.get(node)).map(|v| format!("  {v:>9.3}")).unwrap_or_default();
         println!("{node:<14} {samples:>12} {value:>10.4}{r}");
     }
-    let r = reference
-        .map(|r| format!("  {:>9.3}", r.mean))
-        .unwrap_or_default();
+    let r = reference.map(|r| format!("  {:>9.3}", r.mean)).unwrap_or_default();
     match mean_metric {
         Some(m) => println!("{:<14} {:>12} {m:>10.4}{r}", "mean", ""),
         None => println!("{:<14} {:>12} {:>10}{r}", "mean", "", "n/a"),

@@ -26,9 +26,7 @@ impl Store {
         for entry in fs::read_dir(root.join("spool"))? {
             let _ = fs::remove_file(entry?.path());
         }
-        Ok(Self {
-            root: root.to_path_buf(),
-        })
+        Ok(Self { root: root.to_path_buf() })
     }
 
     /// The path of the model with this hash.
@@ -53,9 +51,7 @@ impl Store {
 
     /// A fresh spool file for an incoming upload; it is removed when dropped.
     pub fn spool(&self) -> io::Result<tempfile::NamedTempFile> {
-        tempfile::Builder::new()
-            .prefix("update-")
-            .tempfile_in(self.root.join("spool"))
+        tempfile::Builder::new().prefix("update-").tempfile_in(self.root.join("spool"))
     }
 
     /// Where exported models go.

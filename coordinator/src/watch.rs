@@ -7,25 +7,17 @@ use tokio_stream::{Stream, StreamExt};
 
 /// Mean of the values, or `None` for none.
 pub fn mean(values: impl IntoIterator<Item = f64>) -> Option<f64> {
-    let (sum, n) = values
-        .into_iter()
-        .fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    let (sum, n) = values.into_iter().fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     (n > 0).then(|| sum / n as f64)
 }
 
 /// Prints a plan's events as they come and returns its outcome (`None` if the stream ended first).
-pub async fn follow(
-    events: impl Stream<Item = PlanEvent>,
-    rounds: u32,
-    metric: &str,
-) -> Option<PlanFinished> {
+pub async fn follow(events: impl Stream<Item = PlanEvent>, rounds: u32, metric: &str) -> Option<PlanFinished> {
     let bar = ProgressBar::new(u64::from(rounds));
     bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} round {pos}/{len} [{bar:30}] {elapsed_precise} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{spinner} round {pos}/{len} [{bar:30}] {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
     let say = |line: String| {
         if bar.is_hidden() {
@@ -37,28 +29,18 @@ pub async fn follow(
     let mut events = std::pin::pin!(events);
     while let Some(ev) = events.next().await {
         match ev.kind {
-            Some(plan_event::Kind::NodeDecision(d)) if d.accepted => {
-                say(format!("  {} accepted the plan", d.node))
-            }
-            Some(plan_event::Kind::NodeDecision(d)) => {
-                say(format!("  {} REFUSED the plan: {}", d.node, d.reason))
-            }
+            Some(plan_event::Kind::NodeDecision(d)) if d.accepted => say(format!("  {} accepted the plan", d.node)),
+            Some(plan_event::Kind::NodeDecision(d)) => say(format!("  {} REFUSED the plan: {}", d.node, d.reason)),
             Some(plan_event::Kind::RoundOpened(r)) => {
                 bar.set_message(format!("training on {} nodes", r.participants.len()));
             }
             Some(plan_event::Kind::UpdateRejected(r)) => {
-                say(format!(
-                    "  round {}: update from {} rejected: {}",
-                    r.round, r.node, r.reason
-                ));
+                say(format!("  round {}: update from {} rejected: {}", r.round, r.node, r.reason));
             }
             Some(plan_event::Kind::RoundClosed(r)) => {
                 let m = mean(r.metrics.iter().map(|m| m.value));
-                let dropped = if r.dropped.is_empty() {
-                    String::new()
-                } else {
-                    format!(", dropped: {}", r.dropped.join(", "))
-                };
+                let dropped =
+                    if r.dropped.is_empty() { String::new() } else { format!(", dropped: {}", r.dropped.join(", ")) };
                 say(format!(
                     "round {:>3}/{rounds}: {} node(s) reporting, mean {metric} of the round's starting model {}{dropped}",
                     r.round,

@@ -65,11 +65,7 @@ fn default_max_rounds() -> u32 {
 
 impl Default for Policy {
     fn default() -> Self {
-        Self {
-            allowed_models: vec![],
-            share_sample_counts: true,
-            max_rounds: default_max_rounds(),
-        }
+        Self { allowed_models: vec![], share_sample_counts: true, max_rounds: default_max_rounds() }
     }
 }
 
@@ -84,25 +80,14 @@ pub struct ConfigError {
 impl NodeConfig {
     /// Reads, resolves relative paths and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let err = |reason: String| ConfigError {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let err = |reason: String| ConfigError { path: path.to_path_buf(), reason };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
         let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
+            if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
         };
-        cfg.tls = TlsFiles {
-            ca: resolve(&cfg.tls.ca),
-            cert: resolve(&cfg.tls.cert),
-            key: resolve(&cfg.tls.key),
-        };
+        cfg.tls = TlsFiles { ca: resolve(&cfg.tls.ca), cert: resolve(&cfg.tls.cert), key: resolve(&cfg.tls.key) };
         cfg.state_dir = resolve(&cfg.state_dir);
         for d in &mut cfg.datasets {
             d.path = resolve(&d.path);

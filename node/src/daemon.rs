@@ -11,8 +11,8 @@ use sanctum_protocol::model::Weights;
 use sanctum_protocol::plan::Plan;
 use sanctum_protocol::prost::Message;
 use sanctum_protocol::proto::{
-    self, Directive, EvaluationReport, FetchModelRequest, PlanResponse, SubscribeRequest,
-    UpdateChunk, UpdateHeader, directive, federation_client::FederationClient, update_chunk,
+    self, Directive, EvaluationReport, FetchModelRequest, PlanResponse, SubscribeRequest, UpdateChunk, UpdateHeader,
+    directive, federation_client::FederationClient, update_chunk,
 };
 use sanctum_protocol::tls::{self, TlsMaterial};
 use sanctum_protocol::transfer;
@@ -36,7 +36,7 @@ pub struct Node {
     material: TlsMaterial,
     device: Device,
     egress: EgressLog,
-    /// Exit once the plan in progress is closed (simulations and tests).
+    /// Exit once the plan offered to this node is closed (simulations and tests).
     exit_after_plan: bool,
     plans: HashMap<String, Accepted>,
     /// The last global model fetched, to avoid fetching it twice.
@@ -52,22 +52,9 @@ enum SessionEnd {
 }
 
 impl Node {
-    pub fn new(
-        cfg: NodeConfig,
-        material: TlsMaterial,
-        device: Device,
-        exit_after_plan: bool,
-    ) -> std::io::Result<Self> {
+    pub fn new(cfg: NodeConfig, material: TlsMaterial, device: Device, exit_after_plan: bool) -> std::io::Result<Self> {
         let egress = EgressLog::open(&cfg.state_dir)?;
-        Ok(Self {
-            cfg,
-            material,
-            device,
-            egress,
-            exit_after_plan,
-            plans: HashMap::new(),
-            cached: None,
-        })
+        Ok(Self { cfg, material, device, egress, exit_after_plan, plans: HashMap::new(), cached: None })
     }
 
     /// Runs until the process is stopped (or, with `exit_after_plan`, the plan closes).
@@ -78,16 +65,13 @@ impl Node {
                 Ok(channel) => {
                     backoff = Duration::from_millis(500);
                     match self
-                        .session(
-                            FederationClient::new(channel)
-                                .max_decoding_message_size(2 * transfer::CHUNK_BYTES),
-                        )
+                        .session(FederationClient::new(channel).max_decoding_message_size(2 * transfer::CHUNK_BYTES))
                         .await
                     {
                         SessionEnd::Done => return Ok(()),
-                        SessionEnd::Lost(why) => tracing::warn!(
-                            "connection to the coordinator lost: {why}; reconnecting"
-                        ),
+                        SessionEnd::Lost(why) => {
+                            tracing::warn!("connection to the coordinator lost: {why}; reconnecting")
+                        }
                     }
                 }
                 Err(e) => tracing::warn!("{e}; retrying in {:.1} s", backoff.as_secs_f64()),
@@ -102,20 +86,14 @@ impl Node {
             software_version: sanctum_protocol::VERSION.to_string(),
             device: train::device_name(self.device),
         };
-        if let Err(e) =
-            self.egress
-                .record("Subscribe", "", None, hello.encoded_len(), Rule::Subscribe)
-        {
+        if let Err(e) = self.egress.record("Subscribe", "", None, hello.encoded_len(), Rule::Subscribe) {
             return SessionEnd::Lost(format!("egress log: {e}"));
         }
         let mut stream = match client.subscribe(hello).await {
             Ok(r) => r.into_inner(),
             Err(s) => return SessionEnd::Lost(format!("{}: {}", s.code(), s.message())),
         };
-        tracing::info!(
-            coordinator = self.cfg.coordinator,
-            "connected; waiting for plans"
-        );
+        tracing::info!(coordinator = self.cfg.coordinator, "connected; waiting for plans");
         loop {
             match stream.message().await {
                 Ok(Some(Directive { kind: Some(kind) })) => {
@@ -130,11 +108,7 @@ impl Node {
         }
     }
 
-    async fn handle(
-        &mut self,
-        client: &mut FederationClient<Channel>,
-        kind: directive::Kind,
-    ) -> Option<SessionEnd> {
+    async fn handle(&mut self, client: &mut FederationClient<Channel>, kind: directive::Kind) -> Option<SessionEnd> {
         match kind {
             directive::Kind::OfferPlan(offer) => {
                 let (accept, reason) = match self.consider(&offer) {
@@ -153,18 +127,10 @@ impl Node {
                         (false, reason)
                     }
                 };
-                let msg = PlanResponse {
-                    plan_id: offer.plan_id.clone(),
-                    accept,
-                    reason,
-                };
-                if let Err(e) = self.egress.record(
-                    "RespondToPlan",
-                    &offer.plan_id,
-                    None,
-                    msg.encoded_len(),
-                    Rule::PlanDecision,
-                ) {
+                let msg = PlanResponse { plan_id: offer.plan_id.clone(), accept, reason };
+                if let Err(e) =
+                    self.egress.record("RespondToPlan", &offer.plan_id, None, msg.encoded_len(), Rule::PlanDecision)
+                {
                     return Some(SessionEnd::Lost(format!("egress log: {e}")));
                 }
                 if let Err(s) = client.respond_to_plan(msg).await {
@@ -189,7 +155,8 @@ impl Node {
                     reason = closed.reason,
                     "plan closed"
                 );
-                if self.exit_after_plan && name.is_some() {
+                // A simulated node serves one plan, whether it took part or refused it.
+                if self.exit_after_plan {
                     return Some(SessionEnd::Done);
                 }
             }
@@ -205,7 +172,13 @@ impl Node {
         let plan = Plan::parse(&offer.plan_toml).map_err(|e| format!("plan is not valid: {e}"))?;
         let dataset = policy::check(&plan, &self.cfg)?;
         let schema = plan.schema().ok_or("plan names an unknown schema")?;
-        let data = data::load(&dataset.path, schema).map_err(|e| e.to_string())?;
+        let data = data::load(&dataset.path, schema).map_err(|e| {
+            // The full path stays in the local log; the coordinator only learns the file name.
+            let full = e.to_string();
+            tracing::warn!("dataset {}: {full}", dataset.path.display());
+            let shown = dataset.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            full.replace(&dataset.path.display().to_string(), &shown)
+        })?;
         if data.features != plan.model.inputs() {
             return Err(format!(
                 "local data has {} features, the plan's model takes {}",
@@ -213,10 +186,7 @@ impl Node {
                 plan.model.inputs()
             ));
         }
-        Ok(Accepted {
-            plan,
-            data: Arc::new(data),
-        })
+        Ok(Accepted { plan, data: Arc::new(data) })
     }
 
     async fn fetch(
@@ -227,27 +197,17 @@ impl Node {
         size: u64,
     ) -> anyhow::Result<Vec<u8>> {
         let hash = ContentHash::parse(hash_hex).map_err(anyhow::Error::msg)?;
-        if let Some((h, bytes)) = &self.cached {
-            if *h == hash {
-                return Ok(bytes.clone());
-            }
+        if let Some((h, bytes)) = &self.cached
+            && *h == hash
+        {
+            return Ok(bytes.clone());
         }
-        let req = FetchModelRequest {
-            sha256: hash_hex.to_string(),
-        };
-        self.egress.record(
-            "FetchModel",
-            plan_id,
-            None,
-            req.encoded_len(),
-            Rule::ModelRequest,
-        )?;
+        let req = FetchModelRequest { sha256: hash_hex.to_string() };
+        self.egress.record("FetchModel", plan_id, None, req.encoded_len(), Rule::ModelRequest)?;
         let mut stream = client.fetch_model(req).await?.into_inner();
         let mut bytes = Vec::with_capacity(size.min(1 << 32) as usize);
         while let Some(chunk) = stream.message().await? {
-            if chunk.offset != bytes.len() as u64
-                || bytes.len() as u64 + chunk.data.len() as u64 > size
-            {
+            if chunk.offset != bytes.len() as u64 || bytes.len() as u64 + chunk.data.len() as u64 > size {
                 anyhow::bail!("model stream out of order or larger than announced ({size} bytes)");
             }
             bytes.extend_from_slice(&chunk.data);
@@ -265,34 +225,23 @@ impl Node {
         start: &proto::StartRound,
     ) -> anyhow::Result<()> {
         let Some(accepted) = self.plans.get(&start.plan_id) else {
-            anyhow::bail!(
-                "round for plan {} which this node did not accept",
-                start.plan_id
-            );
+            anyhow::bail!("round for plan {} which this node did not accept", start.plan_id);
         };
         let plan = accepted.plan.clone();
         let data = accepted.data.clone();
-        let bytes = self
-            .fetch(
-                client,
-                &start.plan_id,
-                &start.model_sha256,
-                start.model_bytes,
-            )
-            .await?;
+        let bytes = self.fetch(client, &start.plan_id, &start.model_sha256, start.model_bytes).await?;
         let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
         let device = self.device;
         // Each node and round gets its own batch order, reproducible from the plan's seed.
         let seed = plan.seed
             ^ u64::from(start.round).wrapping_mul(0x9E37_79B9_7F4A_7C15)
             ^ name_seed(&self.material.identity().name);
-        let (metric, result) =
-            tokio::task::spawn_blocking(move || -> Result<_, train::TrainError> {
-                let metric = train::evaluate(&global, &data, device)?;
-                let result = train::train_round(&plan, &global, &data, device, seed)?;
-                Ok((metric, result))
-            })
-            .await??;
+        let (metric, result) = tokio::task::spawn_blocking(move || -> Result<_, train::TrainError> {
+            let metric = train::evaluate(&global, &data, device)?;
+            let result = train::train_round(&plan, &global, &data, device, seed)?;
+            Ok((metric, result))
+        })
+        .await??;
         tracing::info!(
             round = start.round,
             accuracy_before = format!("{:.4}", metric.0),
@@ -300,15 +249,8 @@ impl Node {
             seconds = format!("{:.2}", result.seconds),
             "local training done"
         );
-        let accepted = self
-            .plans
-            .get(&start.plan_id)
-            .ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
-        let schema = accepted
-            .plan
-            .schema()
-            .map(|s| s.task.metric())
-            .unwrap_or("metric");
+        let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
+        let schema = accepted.plan.schema().map(|s| s.task.metric()).unwrap_or("metric");
         let payload = transfer::f32_to_le_bytes(&result.delta);
         let mut hasher = Hasher::default();
         hasher.update(&payload);
@@ -317,91 +259,41 @@ impl Node {
             round: start.round,
             base_model_sha256: start.model_sha256.clone(),
             num_params: result.delta.len() as u64,
-            sample_count: if self.cfg.policy.share_sample_counts {
-                accepted.data.train_len() as u64
-            } else {
-                0
-            },
+            sample_count: if self.cfg.policy.share_sample_counts { accepted.data.train_len() as u64 } else { 0 },
             payload_sha256: hasher.finish().to_hex(),
-            metrics: vec![proto::Metric {
-                name: schema.to_string(),
-                value: metric.0,
-                samples: metric.1,
-            }],
+            metrics: vec![proto::Metric { name: schema.to_string(), value: metric.0, samples: metric.1 }],
         };
-        let mut messages = vec![UpdateChunk {
-            part: Some(update_chunk::Part::Header(header)),
-        }];
-        messages.extend(transfer::chunks(&payload).map(|(_, c)| UpdateChunk {
-            part: Some(update_chunk::Part::Data(c.to_vec())),
-        }));
+        let mut messages = vec![UpdateChunk { part: Some(update_chunk::Part::Header(header)) }];
+        messages.extend(
+            transfer::chunks(&payload).map(|(_, c)| UpdateChunk { part: Some(update_chunk::Part::Data(c.to_vec())) }),
+        );
         let bytes_out: usize = messages.iter().map(Message::encoded_len).sum();
-        self.egress.record(
-            "SubmitUpdate",
-            &start.plan_id,
-            Some(start.round),
-            bytes_out,
-            Rule::ModelUpdate,
-        )?;
+        self.egress.record("SubmitUpdate", &start.plan_id, Some(start.round), bytes_out, Rule::ModelUpdate)?;
         match client.submit_update(tokio_stream::iter(messages)).await {
             Ok(_) => tracing::info!(round = start.round, "update accepted by the coordinator"),
-            Err(s) => tracing::warn!(
-                round = start.round,
-                "update refused by the coordinator: {}",
-                s.message()
-            ),
+            Err(s) => tracing::warn!(round = start.round, "update refused by the coordinator: {}", s.message()),
         }
         Ok(())
     }
 
-    async fn evaluate(
-        &mut self,
-        client: &mut FederationClient<Channel>,
-        ev: &proto::Evaluate,
-    ) -> anyhow::Result<()> {
+    async fn evaluate(&mut self, client: &mut FederationClient<Channel>, ev: &proto::Evaluate) -> anyhow::Result<()> {
         let Some(accepted) = self.plans.get(&ev.plan_id) else {
-            anyhow::bail!(
-                "evaluation for plan {} which this node did not accept",
-                ev.plan_id
-            );
+            anyhow::bail!("evaluation for plan {} which this node did not accept", ev.plan_id);
         };
         let layout = accepted.plan.model.layout();
-        let metric_name = accepted
-            .plan
-            .schema()
-            .map(|s| s.task.metric())
-            .unwrap_or("metric")
-            .to_string();
+        let metric_name = accepted.plan.schema().map(|s| s.task.metric()).unwrap_or("metric").to_string();
         let data = accepted.data.clone();
-        let bytes = self
-            .fetch(client, &ev.plan_id, &ev.model_sha256, ev.model_bytes)
-            .await?;
+        let bytes = self.fetch(client, &ev.plan_id, &ev.model_sha256, ev.model_bytes).await?;
         let weights = Weights::from_safetensors(&bytes, &layout)?;
         let device = self.device;
-        let (value, samples) =
-            tokio::task::spawn_blocking(move || train::evaluate(&weights, &data, device)).await??;
-        tracing::info!(
-            metric = metric_name,
-            value = format!("{value:.4}"),
-            samples,
-            "final model evaluated"
-        );
+        let (value, samples) = tokio::task::spawn_blocking(move || train::evaluate(&weights, &data, device)).await??;
+        tracing::info!(metric = metric_name, value = format!("{value:.4}"), samples, "final model evaluated");
         let report = EvaluationReport {
             plan_id: ev.plan_id.clone(),
             model_sha256: ev.model_sha256.clone(),
-            metrics: vec![proto::Metric {
-                name: metric_name,
-                value,
-                samples,
-            }],
+            metrics: vec![proto::Metric { name: metric_name, value, samples }],
         };
-        self.egress.record(
-            "ReportEvaluation",
-            &ev.plan_id,
-            None,
-            report.encoded_len(),
-            Rule::Evaluation,
-        )?;
+        self.egress.record("ReportEvaluation", &ev.plan_id, None, report.encoded_len(), Rule::Evaluation)?;
         client.report_evaluation(report).await?;
         Ok(())
     }

@@ -30,90 +30,44 @@ impl LocalData {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("cannot read data file {path}: {source}; check datasets.path in the node config")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "{path}: column '{column}' required by schema '{schema}' is missing (header has: {found})"
-    )]
-    MissingColumn {
-        path: PathBuf,
-        column: String,
-        schema: String,
-        found: String,
-    },
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: column '{column}' required by schema '{schema}' is missing (header has: {found})")]
+    MissingColumn { path: PathBuf, column: String, schema: String, found: String },
     #[error("{path} line {line}, column {column} ({name}): {problem}")]
-    Cell {
-        path: PathBuf,
-        line: u64,
-        column: usize,
-        name: String,
-        problem: String,
-    },
+    Cell { path: PathBuf, line: u64, column: usize, name: String, problem: String },
     #[error("{path} line {line}: {problem}")]
-    Row {
-        path: PathBuf,
-        line: u64,
-        problem: String,
-    },
+    Row { path: PathBuf, line: u64, problem: String },
     #[error("{path}: the {split} split is empty; the schema needs rows with {column} = {split}")]
-    EmptySplit {
-        path: PathBuf,
-        split: &'static str,
-        column: String,
-    },
+    EmptySplit { path: PathBuf, split: &'static str, column: String },
 }
 
 /// Reads and validates `path` against `schema`.
 pub fn load(path: &Path, schema: &Schema) -> Result<LocalData, DataError> {
-    let file = std::fs::File::open(path).map_err(|source| DataError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .trim(csv::Trim::All)
-        .from_reader(file);
+    let file = std::fs::File::open(path).map_err(|source| DataError::Read { path: path.to_path_buf(), source })?;
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).trim(csv::Trim::All).from_reader(file);
     let headers = reader
         .headers()
-        .map_err(|e| DataError::Row {
-            path: path.to_path_buf(),
-            line: 1,
-            problem: format!("unreadable header: {e}"),
-        })?
+        .map_err(|e| DataError::Row { path: path.to_path_buf(), line: 1, problem: format!("unreadable header: {e}") })?
         .clone();
     let index: HashMap<&str, usize> = headers.iter().enumerate().map(|(i, h)| (h, i)).collect();
     let col = |name: &str| {
-        index
-            .get(name)
-            .copied()
-            .ok_or_else(|| DataError::MissingColumn {
-                path: path.to_path_buf(),
-                column: name.to_string(),
-                schema: schema.name.to_string(),
-                found: headers.iter().collect::<Vec<_>>().join(", "),
-            })
+        index.get(name).copied().ok_or_else(|| DataError::MissingColumn {
+            path: path.to_path_buf(),
+            column: name.to_string(),
+            schema: schema.name.to_string(),
+            found: headers.iter().collect::<Vec<_>>().join(", "),
+        })
     };
-    let feature_cols = schema
-        .features
-        .iter()
-        .map(|f| col(f))
-        .collect::<Result<Vec<_>, _>>()?;
+    let feature_cols = schema.features.iter().map(|f| col(f)).collect::<Result<Vec<_>, _>>()?;
     let label_col = col(schema.label)?;
     let split_col = col(schema.split)?;
 
     let d = schema.features.len();
-    let (mut train_x, mut train_y, mut test_x, mut test_y) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut train_x, mut train_y, mut test_x, mut test_y) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for record in reader.records() {
         let record = record.map_err(|e| {
             let line = e.position().map(|p| p.line()).unwrap_or(0);
-            DataError::Row {
-                path: path.to_path_buf(),
-                line,
-                problem: e.to_string(),
-            }
+            DataError::Row { path: path.to_path_buf(), line, problem: e.to_string() }
         })?;
         let line = record.position().map(|p| p.line()).unwrap_or(0);
         let cell = |c: usize| -> Result<f64, DataError> {
@@ -174,23 +128,13 @@ pub fn load(path: &Path, schema: &Schema) -> Result<LocalData, DataError> {
     }
     for (rows, split) in [(&train_y, "train"), (&test_y, "test")] {
         if rows.is_empty() {
-            return Err(DataError::EmptySplit {
-                path: path.to_path_buf(),
-                split,
-                column: schema.split.to_string(),
-            });
+            return Err(DataError::EmptySplit { path: path.to_path_buf(), split, column: schema.split.to_string() });
         }
     }
     if schema.standardize {
         standardize(&mut train_x, &mut test_x, d);
     }
-    Ok(LocalData {
-        features: d,
-        train_x,
-        train_y,
-        test_x,
-        test_y,
-    })
+    Ok(LocalData { features: d, train_x, train_y, test_x, test_y })
 }
 
 /// (x − mean) / (std + 1e-9) per feature with the train split's mean and sample std (ddof = 1),
@@ -200,20 +144,12 @@ fn standardize(train: &mut [f32], test: &mut [f32], d: usize) {
     for j in 0..d {
         let mean = (0..n).map(|i| f64::from(train[i * d + j])).sum::<f64>() / n as f64;
         let var = if n > 1 {
-            (0..n)
-                .map(|i| (f64::from(train[i * d + j]) - mean).powi(2))
-                .sum::<f64>()
-                / (n - 1) as f64
+            (0..n).map(|i| (f64::from(train[i * d + j]) - mean).powi(2)).sum::<f64>() / (n - 1) as f64
         } else {
             0.0
         };
         let scale = var.sqrt() + 1e-9;
-        for x in train
-            .iter_mut()
-            .skip(j)
-            .step_by(d)
-            .chain(test.iter_mut().skip(j).step_by(d))
-        {
+        for x in train.iter_mut().skip(j).step_by(d).chain(test.iter_mut().skip(j).step_by(d)) {
             *x = ((f64::from(*x) - mean) / scale) as f32;
         }
     }
@@ -227,7 +163,8 @@ mod tests {
 
     use super::*;
 
-    const HEADER: &str = "age,sex,trestbps,chol,fbs,thalach,exang,oldpeak,cp_2,cp_3,cp_4,restecg_1,restecg_2,label,split";
+    const HEADER: &str =
+        "age,sex,trestbps,chol,fbs,thalach,exang,oldpeak,cp_2,cp_3,cp_4,restecg_1,restecg_2,label,split";
 
     fn file(body: &str) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -252,46 +189,23 @@ mod tests {
     fn bad_cells_name_file_line_and_column() {
         let f = file("60,1,140,abc,0,150,0,1.0,0,0,1,0,1,1,train\n");
         let e = load(f.path(), &HEART_DISEASE).unwrap_err().to_string();
-        assert!(
-            e.contains("line 2, column 4 (chol)") && e.contains("'abc' is not a number"),
-            "{e}"
-        );
-        let f = file(
-            "60,1,140,200,0,150,0,1.0,0,0,1,0,1,1,train\n60,1,140,200,0,150,0,,0,0,1,0,1,1,train\n",
-        );
+        assert!(e.contains("line 2, column 4 (chol)") && e.contains("'abc' is not a number"), "{e}");
+        let f = file("60,1,140,200,0,150,0,1.0,0,0,1,0,1,1,train\n60,1,140,200,0,150,0,,0,0,1,0,1,1,train\n");
         let e = load(f.path(), &HEART_DISEASE).unwrap_err().to_string();
-        assert!(
-            e.contains("line 3, column 8 (oldpeak): value is missing"),
-            "{e}"
-        );
+        assert!(e.contains("line 3, column 8 (oldpeak): value is missing"), "{e}");
         let f = file("60,1,140,200,0,150,0,1.0,0,0,1,0,1,1\n");
         let e = load(f.path(), &HEART_DISEASE).unwrap_err().to_string();
         assert!(e.contains("line 2"), "{e}");
         let f = file("60,1,140,200,0,150,0,1.0,0,0,1,0,1,2,train\n");
-        assert!(
-            load(f.path(), &HEART_DISEASE)
-                .unwrap_err()
-                .to_string()
-                .contains("not 0 or 1")
-        );
+        assert!(load(f.path(), &HEART_DISEASE).unwrap_err().to_string().contains("not 0 or 1"));
         let f = file("60,1,140,200,0,150,0,1.0,0,0,1,0,1,1,train\n");
-        assert!(
-            load(f.path(), &HEART_DISEASE)
-                .unwrap_err()
-                .to_string()
-                .contains("test split is empty")
-        );
+        assert!(load(f.path(), &HEART_DISEASE).unwrap_err().to_string().contains("test split is empty"));
     }
 
     #[test]
     fn missing_file_and_missing_column() {
-        let e = load(Path::new("/nonexistent/heart.csv"), &HEART_DISEASE)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("/nonexistent/heart.csv") && e.contains("datasets.path"),
-            "{e}"
-        );
+        let e = load(Path::new("/nonexistent/heart.csv"), &HEART_DISEASE).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/heart.csv") && e.contains("datasets.path"), "{e}");
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(f, "age,sex\n1,2").unwrap();
         let e = load(f.path(), &HEART_DISEASE).unwrap_err().to_string();

@@ -61,10 +61,7 @@ impl EgressLog {
         bytes: usize,
         rule: Rule,
     ) -> std::io::Result<()> {
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
         let line = serde_json::json!({
             "time_unix_ms": t as u64,
             "call": call,

@@ -15,11 +15,7 @@ use sanctum_protocol::tls::TlsMaterial;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(
-    name = "sanctum-node",
-    version,
-    about = "Sanctum's hospital node: local policy, local data, local training"
-)]
+#[command(name = "sanctum-node", version, about = "Sanctum's hospital node: local policy, local data, local training")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -31,7 +27,7 @@ enum Command {
     Run {
         #[arg(long)]
         config: PathBuf,
-        /// Exit after the first plan this node accepted is closed.
+        /// Exit once the first plan offered to this node is closed (simulations).
         #[arg(long)]
         exit_after_plan: bool,
     },
@@ -61,18 +57,13 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sanctum_node=info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<sanctum_node::config::ConfigError>()
-                .is_some()
-                || e.downcast_ref::<sanctum_protocol::tls::TlsError>()
-                    .is_some()
+            if e.downcast_ref::<sanctum_node::config::ConfigError>().is_some()
+                || e.downcast_ref::<sanctum_protocol::tls::TlsError>().is_some()
             {
                 ExitCode::from(EXIT_CONFIG)
             } else {
@@ -82,14 +73,12 @@ async fn main() -> ExitCode {
     }
 }
 
-fn load(config: &PathBuf) -> anyhow::Result<(NodeConfig, TlsMaterial, tch::Device)> {
+fn load(config: &std::path::Path) -> anyhow::Result<(NodeConfig, TlsMaterial, tch::Device)> {
     let cfg = NodeConfig::load(config)?;
     let material = TlsMaterial::load(&cfg.tls)?;
     let device = train::parse_device(&cfg.device).map_err(anyhow::Error::msg)?;
-    train::check_device(device).map_err(|e| sanctum_node::config::ConfigError {
-        path: config.clone(),
-        reason: e,
-    })?;
+    train::check_device(device)
+        .map_err(|e| sanctum_node::config::ConfigError { path: config.to_path_buf(), reason: e })?;
     if let Some(n) = cfg.threads {
         tch::set_num_threads(n as i32);
     }
@@ -98,10 +87,7 @@ fn load(config: &PathBuf) -> anyhow::Result<(NodeConfig, TlsMaterial, tch::Devic
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run {
-            config,
-            exit_after_plan,
-        } => {
+        Command::Run { config, exit_after_plan } => {
             let (cfg, material, device) = load(&config)?;
             let why = match (cfg.device.as_str(), device) {
                 ("auto", tch::Device::Cpu) => " (auto: no CUDA device found)",
@@ -114,8 +100,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "starting; training on {}{why}",
                 train::device_name(device)
             );
-            let node = Node::new(cfg, material, device, exit_after_plan)
-                .context("cannot open the node's state directory")?;
+            let node =
+                Node::new(cfg, material, device, exit_after_plan).context("cannot open the node's state directory")?;
             tokio::select! {
                 r = node.run() => r,
                 _ = tokio::signal::ctrl_c() => { tracing::info!("stopping"); Ok(()) }
@@ -126,8 +112,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("identity: {}", material.identity());
             println!("device:   {}", train::device_name(device));
             for d in &cfg.datasets {
-                let schema =
-                    sanctum_protocol::schema::lookup(&d.schema).context("unknown schema")?;
+                let schema = sanctum_protocol::schema::lookup(&d.schema).context("unknown schema")?;
                 let data = data::load(&d.path, schema)?;
                 println!(
                     "dataset {} ({}): {} train rows, {} test rows",
@@ -147,30 +132,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             {
                 use std::io::Write;
                 use std::os::unix::fs::OpenOptionsExt;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&key_path)
-                    .with_context(|| {
-                        format!(
-                            "cannot create {} (a key is never overwritten)",
-                            key_path.display()
-                        )
-                    })?;
+                let mut f =
+                    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_path).with_context(
+                        || format!("cannot create {} (a key is never overwritten)", key_path.display()),
+                    )?;
                 f.write_all(key.as_bytes())?;
                 f.sync_all()?;
             }
             std::fs::write(&csr_path, csr)?;
-            println!(
-                "private key: {} (keep it here; it never leaves the hospital)",
-                key_path.display()
-            );
+            println!("private key: {} (keep it here; it never leaves the hospital)", key_path.display());
             println!("request:     {}", csr_path.display());
-            println!(
-                "next: send {} to the consortium lead for `sanctum-coordinator pki sign`",
-                csr_path.display()
-            );
+            println!("next: send {} to the consortium lead for `sanctum-coordinator pki sign`", csr_path.display());
             Ok(())
         }
     }

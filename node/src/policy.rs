@@ -19,18 +19,11 @@ pub fn check<'a>(plan: &Plan, cfg: &'a NodeConfig) -> Result<&'a DatasetConfig, 
         ));
     }
     if plan.rounds > cfg.policy.max_rounds {
-        return Err(format!(
-            "plan asks for {} rounds; policy.max_rounds is {}",
-            plan.rounds, cfg.policy.max_rounds
-        ));
+        return Err(format!("plan asks for {} rounds; policy.max_rounds is {}", plan.rounds, cfg.policy.max_rounds));
     }
     if plan.strategy.weighting() == Weighting::Samples && !cfg.policy.share_sample_counts {
         return Err("plan weights updates by sample count, which this hospital's policy withholds (policy.share_sample_counts = false)".into());
     }
-    cfg.dataset(&plan.data.schema).ok_or_else(|| {
-        format!(
-            "this hospital has no dataset with schema '{}'",
-            plan.data.schema
-        )
-    })
+    cfg.dataset(&plan.data.schema)
+        .ok_or_else(|| format!("this hospital has no dataset with schema '{}'", plan.data.schema))
 }

@@ -35,9 +35,7 @@ pub fn parse_device(s: &str) -> Result<Device, String> {
         "cuda" => Ok(Device::Cuda(0)),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(n)) => Ok(Device::Cuda(n)),
-            _ => Err(format!(
-                "'{other}' is not a device; use auto, cpu, cuda or cuda:N"
-            )),
+            _ => Err(format!("'{other}' is not a device; use auto, cpu, cuda or cuda:N")),
         },
     }
 }
@@ -75,32 +73,22 @@ impl Net {
         let vs = nn::VarStore::new(device);
         let mut vars = Vec::new();
         for (spec, values) in weights.tensors() {
-            let (prefix, leaf) = spec.name.rsplit_once('.').ok_or_else(|| {
-                TrainError::Model(format!("tensor name '{}' has no layer prefix", spec.name))
-            })?;
+            let (prefix, leaf) = spec
+                .name
+                .rsplit_once('.')
+                .ok_or_else(|| TrainError::Model(format!("tensor name '{}' has no layer prefix", spec.name)))?;
             let path = prefix.split('.').fold(vs.root(), |p, s| p / s);
             let shape: Vec<i64> = spec.shape.iter().map(|&d| d as i64).collect();
             let mut var = path.f_zeros(leaf, &shape)?;
-            let src = Tensor::f_from_slice(values)?
-                .f_view(shape.as_slice())?
-                .f_to_device(device)?;
+            let src = Tensor::f_from_slice(values)?.f_view(shape.as_slice())?.f_to_device(device)?;
             tch::no_grad(|| var.f_copy_(&src))?;
             vars.push(var);
         }
         if vars.len() % 2 != 0 {
-            return Err(TrainError::Model(
-                "layout is not (weight, bias) pairs".into(),
-            ));
+            return Err(TrainError::Model("layout is not (weight, bias) pairs".into()));
         }
-        let layers = vars
-            .chunks(2)
-            .map(|c| (c[0].shallow_clone(), c[1].shallow_clone()))
-            .collect();
-        Ok(Self {
-            vs,
-            layers,
-            layout: weights.layout().to_vec(),
-        })
+        let layers = vars.chunks(2).map(|c| (c[0].shallow_clone(), c[1].shallow_clone())).collect();
+        Ok(Self { vs, layers, layout: weights.layout().to_vec() })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
@@ -128,17 +116,11 @@ impl Net {
 
 fn matrix(values: &[f32], cols: usize, device: Device) -> Result<Tensor, TchError> {
     let rows = (values.len() / cols.max(1)) as i64;
-    Tensor::f_from_slice(values)?
-        .f_view([rows, cols as i64])?
-        .f_to_device(device)
+    Tensor::f_from_slice(values)?.f_view([rows, cols as i64])?.f_to_device(device)
 }
 
 /// Accuracy at 0.5 of a binary classifier on the local test split, and the split's size.
-pub fn evaluate(
-    weights: &Weights,
-    data: &LocalData,
-    device: Device,
-) -> Result<(f64, u64), TrainError> {
+pub fn evaluate(weights: &Weights, data: &LocalData, device: Device) -> Result<(f64, u64), TrainError> {
     let net = Net::new(weights, device)?;
     let x = matrix(&data.test_x, data.features, device)?;
     let y = Tensor::f_from_slice(&data.test_y)?.f_to_device(device)?;
@@ -146,9 +128,7 @@ pub fn evaluate(
         let logits = net.forward(&x)?.f_view([-1])?;
         // sigmoid(z) > 0.5 ⇔ z > 0
         let pred = logits.f_gt(0.0)?.f_to_kind(Kind::Float)?;
-        pred.f_eq_tensor(&y)?
-            .f_sum(Kind::Float)?
-            .f_double_value(&[])
+        pred.f_eq_tensor(&y)?.f_sum(Kind::Float)?.f_double_value(&[])
     })?;
     let n = data.test_len() as u64;
     Ok((if n == 0 { 0.0 } else { correct / n as f64 }, n))
@@ -198,24 +178,14 @@ pub fn train_round(
         let xb = x.f_index_select(0, &idx)?;
         let yb = y.f_index_select(0, &idx)?;
         let logits = net.forward(&xb)?.f_view([-1])?;
-        let loss = logits.f_binary_cross_entropy_with_logits::<Tensor>(
-            &yb,
-            None,
-            None,
-            Reduction::Mean,
-        )?;
+        let loss = logits.f_binary_cross_entropy_with_logits::<Tensor>(&yb, None, None, Reduction::Mean)?;
         opt.zero_grad();
         loss.f_backward()?;
         opt.step();
         loss_sum += loss.f_double_value(&[])?;
     }
     let local = net.weights()?;
-    let delta: Vec<f32> = local
-        .values()
-        .iter()
-        .zip(global.values())
-        .map(|(l, g)| l - g)
-        .collect();
+    let delta: Vec<f32> = local.values().iter().zip(global.values()).map(|(l, g)| l - g).collect();
     if delta.iter().any(|v| !v.is_finite()) {
         return Err(TrainError::Diverged);
     }
@@ -249,21 +219,12 @@ mod tests {
             train_x[i * d] = v;
             train_y[i] = if v > 0.0 { 1.0 } else { 0.0 };
         }
-        LocalData {
-            features: d,
-            test_x: train_x.clone(),
-            test_y: train_y.clone(),
-            train_x,
-            train_y,
-        }
+        LocalData { features: d, test_x: train_x.clone(), test_y: train_y.clone(), train_x, train_y }
     }
 
     #[test]
     fn weights_roundtrip_through_libtorch_by_name() {
-        let spec = ModelSpec::Mlp {
-            inputs: 13,
-            hidden: vec![5],
-        };
+        let spec = ModelSpec::Mlp { inputs: 13, hidden: vec![5] };
         let w = spec.init(3);
         let net = Net::new(&w, Device::Cpu).unwrap();
         assert_eq!(net.weights().unwrap(), w);

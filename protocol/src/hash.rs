@@ -20,9 +20,8 @@ impl ContentHash {
     /// Parses 64 hex characters; anything else is refused with the reason.
     pub fn parse(text: &str) -> Result<Self, String> {
         let bytes = hex::decode(text).map_err(|e| format!("'{text}' is not a hex SHA-256: {e}"))?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| format!("'{text}' is not a SHA-256: expected 64 hex characters"))?;
+        let arr: [u8; 32] =
+            bytes.try_into().map_err(|_| format!("'{text}' is not a SHA-256: expected 64 hex characters"))?;
         Ok(Self(arr))
     }
 
@@ -81,10 +80,7 @@ mod tests {
     fn known_vector_and_incremental_agree() {
         // FIPS 180-2 test vector for "abc".
         let h = ContentHash::of(b"abc");
-        assert_eq!(
-            h.to_hex(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(h.to_hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         let mut inc = Hasher::default();
         inc.update(b"a");
         inc.update(b"bc");

@@ -46,15 +46,8 @@ pub enum ModelError {
     Format(String),
     #[error("model file lacks tensor '{0}' that the plan's model needs")]
     Missing(String),
-    #[error(
-        "tensor '{name}' has shape {got:?} and dtype {dtype}, the plan's model needs {want:?} f32"
-    )]
-    Shape {
-        name: String,
-        got: Vec<usize>,
-        want: Vec<usize>,
-        dtype: String,
-    },
+    #[error("tensor '{name}' has shape {got:?} and dtype {dtype}, the plan's model needs {want:?} f32")]
+    Shape { name: String, got: Vec<usize>, want: Vec<usize>, dtype: String },
 }
 
 impl ModelSpec {
@@ -84,11 +77,7 @@ impl ModelSpec {
 
     /// Rejects degenerate architectures.
     pub fn validate(&self) -> Result<(), ModelError> {
-        if self
-            .linear_layers()
-            .iter()
-            .any(|(_, i, o)| *i == 0 || *o == 0)
-        {
+        if self.linear_layers().iter().any(|(_, i, o)| *i == 0 || *o == 0) {
             return Err(ModelError::EmptyLayer);
         }
         Ok(())
@@ -100,14 +89,8 @@ impl ModelSpec {
             .into_iter()
             .flat_map(|(name, fan_in, fan_out)| {
                 [
-                    TensorSpec {
-                        name: format!("{name}.weight"),
-                        shape: vec![fan_out, fan_in],
-                    },
-                    TensorSpec {
-                        name: format!("{name}.bias"),
-                        shape: vec![fan_out],
-                    },
+                    TensorSpec { name: format!("{name}.weight"), shape: vec![fan_out, fan_in] },
+                    TensorSpec { name: format!("{name}.bias"), shape: vec![fan_out] },
                 ]
             })
             .collect()
@@ -138,10 +121,7 @@ impl ModelSpec {
                 values.push(rng.random_range(-bound..bound) as f32);
             }
         }
-        Weights {
-            layout: self.layout(),
-            values,
-        }
+        Weights { layout: self.layout(), values }
     }
 }
 
@@ -157,10 +137,7 @@ impl Weights {
     pub fn new(layout: Vec<TensorSpec>, values: Vec<f32>) -> Result<Self, ModelError> {
         let want: usize = layout.iter().map(TensorSpec::numel).sum();
         if values.len() != want {
-            return Err(ModelError::Size {
-                got: values.len(),
-                want,
-            });
+            return Err(ModelError::Size { got: values.len(), want });
         }
         Ok(Self { layout, values })
     }
@@ -191,13 +168,7 @@ impl Weights {
     pub fn to_safetensors(&self) -> Result<Vec<u8>, ModelError> {
         let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = self
             .tensors()
-            .map(|(t, v)| {
-                (
-                    t.name.clone(),
-                    crate::transfer::f32_to_le_bytes(v),
-                    t.shape.clone(),
-                )
-            })
+            .map(|(t, v)| (t.name.clone(), crate::transfer::f32_to_le_bytes(v), t.shape.clone()))
             .collect();
         let views = bytes
             .iter()
@@ -212,13 +183,10 @@ impl Weights {
 
     /// Decodes safetensors bytes, checking every tensor the layout needs.
     pub fn from_safetensors(bytes: &[u8], layout: &[TensorSpec]) -> Result<Self, ModelError> {
-        let st = safetensors::SafeTensors::deserialize(bytes)
-            .map_err(|e| ModelError::Format(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| ModelError::Format(e.to_string()))?;
         let mut values = Vec::with_capacity(layout.iter().map(TensorSpec::numel).sum());
         for spec in layout {
-            let t = st
-                .tensor(&spec.name)
-                .map_err(|_| ModelError::Missing(spec.name.clone()))?;
+            let t = st.tensor(&spec.name).map_err(|_| ModelError::Missing(spec.name.clone()))?;
             if t.dtype() != Dtype::F32 || t.shape() != spec.shape.as_slice() {
                 return Err(ModelError::Shape {
                     name: spec.name.clone(),
@@ -239,21 +207,11 @@ mod tests {
 
     #[test]
     fn layout_and_init_match_pytorch_shapes_and_bounds() {
-        let mlp = ModelSpec::Mlp {
-            inputs: 13,
-            hidden: vec![16, 8],
-        };
+        let mlp = ModelSpec::Mlp { inputs: 13, hidden: vec![16, 8] };
         let names: Vec<String> = mlp.layout().into_iter().map(|t| t.name).collect();
         assert_eq!(
             names,
-            [
-                "hidden.0.weight",
-                "hidden.0.bias",
-                "hidden.1.weight",
-                "hidden.1.bias",
-                "out.weight",
-                "out.bias"
-            ]
+            ["hidden.0.weight", "hidden.0.bias", "hidden.1.weight", "hidden.1.bias", "out.weight", "out.bias"]
         );
         assert_eq!(mlp.num_params(), 13 * 16 + 16 + 16 * 8 + 8 + 8 + 1);
         let w = mlp.init(7);
@@ -272,10 +230,7 @@ mod tests {
         let bytes = w.to_safetensors()?;
         assert_eq!(Weights::from_safetensors(&bytes, &spec.layout())?, w);
         let other = ModelSpec::LogisticRegression { inputs: 12 };
-        assert!(matches!(
-            Weights::from_safetensors(&bytes, &other.layout()),
-            Err(ModelError::Shape { .. })
-        ));
+        assert!(matches!(Weights::from_safetensors(&bytes, &other.layout()), Err(ModelError::Shape { .. })));
         assert!(Weights::from_safetensors(b"garbage", &spec.layout()).is_err());
         Ok(())
     }

@@ -9,8 +9,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -104,18 +104,9 @@ const URI_PREFIX: &str = "urn:sanctum:";
 pub fn validate_name(name: &str) -> Result<(), PkiError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        && name
-            .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    if ok {
-        Ok(())
-    } else {
-        Err(PkiError::InvalidName(name.to_string()))
-    }
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok { Ok(()) } else { Err(PkiError::InvalidName(name.to_string())) }
 }
 
 /// A PEM certificate and its PEM private key.
@@ -136,10 +127,7 @@ pub fn init_ca(consortium: &str, days: i64) -> Result<Issued, PkiError> {
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     set_validity(&mut params, days);
     let cert = params.self_signed(&key)?;
-    Ok(Issued {
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    })
+    Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
 /// Creates a private key and a CSR for `name`. The key stays with whoever calls this.
@@ -164,21 +152,13 @@ pub struct SignSpec<'a> {
 }
 
 /// Signs a CSR with the CA, with the identity and role the lead chose.
-pub fn sign(
-    ca_cert_pem: &str,
-    ca_key_pem: &str,
-    csr_pem: &str,
-    spec: &SignSpec<'_>,
-) -> Result<String, PkiError> {
+pub fn sign(ca_cert_pem: &str, ca_key_pem: &str, csr_pem: &str, spec: &SignSpec<'_>) -> Result<String, PkiError> {
     validate_name(spec.name)?;
-    let ca_key = KeyPair::from_pem(ca_key_pem)
-        .map_err(|e| PkiError::BadCertificate(format!("CA key: {e}")))?;
+    let ca_key = KeyPair::from_pem(ca_key_pem).map_err(|e| PkiError::BadCertificate(format!("CA key: {e}")))?;
     let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key)
         .map_err(|e| PkiError::BadCertificate(format!("CA certificate: {e}")))?;
     let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
-        PkiError::BadRequest(format!(
-            "{e}; expected a PEM 'CERTIFICATE REQUEST' from `sanctum-node pki request`"
-        ))
+        PkiError::BadRequest(format!("{e}; expected a PEM 'CERTIFICATE REQUEST' from `sanctum-node pki request`"))
     })?;
     let params = leaf_params(spec)?;
     let cert = params.signed_by(&csr.public_key, &issuer)?;
@@ -199,23 +179,16 @@ fn leaf_params(spec: &SignSpec<'_>) -> Result<CertificateParams, PkiError> {
     dn.push(DnType::CommonName, spec.name);
     params.distinguished_name = dn;
     let uri = format!("{URI_PREFIX}{}:{}", spec.role, spec.name);
-    params.subject_alt_names.push(SanType::URI(
-        uri.try_into()
-            .map_err(|e| PkiError::BadRequest(format!("{e}")))?,
-    ));
+    params.subject_alt_names.push(SanType::URI(uri.try_into().map_err(|e| PkiError::BadRequest(format!("{e}")))?));
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     if spec.role == Role::Coordinator {
-        params
-            .extended_key_usages
-            .push(ExtendedKeyUsagePurpose::ServerAuth);
+        params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
         for host in spec.hosts {
             let san = match host.parse::<std::net::IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
                 Err(_) => SanType::DnsName(
-                    host.clone()
-                        .try_into()
-                        .map_err(|e| PkiError::BadRequest(format!("host '{host}': {e}")))?,
+                    host.clone().try_into().map_err(|e| PkiError::BadRequest(format!("host '{host}': {e}")))?,
                 ),
             };
             params.subject_alt_names.push(san);
@@ -235,23 +208,19 @@ fn set_validity(params: &mut CertificateParams, days: i64) {
 /// Reads the Sanctum identity out of a certificate (already verified by TLS).
 pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
     use x509_parser::prelude::*;
-    let (_, cert) = X509Certificate::from_der(der)
-        .map_err(|e| PkiError::BadCertificate(format!("cannot parse: {e}")))?;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| PkiError::BadCertificate(format!("cannot parse: {e}")))?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| PkiError::BadCertificate(format!("subject alternative names: {e}")))?
         .ok_or(PkiError::NoIdentity)?;
     for name in &san.value.general_names {
-        if let GeneralName::URI(uri) = name {
-            if let Some(rest) = uri.strip_prefix(URI_PREFIX) {
-                let (role, member) = rest.split_once(':').ok_or(PkiError::NoIdentity)?;
-                validate_name(member)?;
-                return Ok(Identity {
-                    name: member.to_string(),
-                    role: role.parse()?,
-                    fingerprint: ContentHash::of(der),
-                });
-            }
+        if let GeneralName::URI(uri) = name
+            && let Some(rest) = uri.strip_prefix(URI_PREFIX)
+        {
+            let (role, member) = rest.split_once(':').ok_or(PkiError::NoIdentity)?;
+            validate_name(member)?;
+            return Ok(Identity { name: member.to_string(), role: role.parse()?, fingerprint: ContentHash::of(der) });
         }
     }
     Err(PkiError::NoIdentity)
@@ -277,12 +246,7 @@ mod tests {
             &ca.cert_pem,
             &ca.key_pem,
             &csr,
-            &SignSpec {
-                name: "cleveland",
-                role: Role::Node,
-                days: 90,
-                hosts: &[],
-            },
+            &SignSpec { name: "cleveland", role: Role::Node, days: 90, hosts: &[] },
         )?;
         let id = identity_from_pem(&cert)?;
         assert_eq!(id.name, "cleveland");
@@ -296,19 +260,11 @@ mod tests {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
         }
         let ca = init_ca("test", 30)?;
-        let spec = SignSpec {
-            name: "x",
-            role: Role::Node,
-            days: 1,
-            hosts: &[],
-        };
+        let spec = SignSpec { name: "x", role: Role::Node, days: 1, hosts: &[] };
         let err = sign(&ca.cert_pem, &ca.key_pem, "not a csr", &spec);
         assert!(matches!(err, Err(PkiError::BadRequest(_))));
         // A CA certificate is not a member certificate.
-        assert!(matches!(
-            identity_from_pem(&ca.cert_pem),
-            Err(PkiError::NoIdentity)
-        ));
+        assert!(matches!(identity_from_pem(&ca.cert_pem), Err(PkiError::NoIdentity)));
         Ok(())
     }
 }

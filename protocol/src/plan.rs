@@ -185,17 +185,11 @@ pub enum PlanError {
     #[error("plan is not valid TOML: {0}")]
     Toml(String),
     #[error("plan field `{field}` {problem}")]
-    Invalid {
-        field: &'static str,
-        problem: String,
-    },
+    Invalid { field: &'static str, problem: String },
 }
 
 fn invalid(field: &'static str, problem: impl Into<String>) -> PlanError {
-    PlanError::Invalid {
-        field,
-        problem: problem.into(),
-    }
+    PlanError::Invalid { field, problem: problem.into() }
 }
 
 impl Plan {
@@ -218,24 +212,15 @@ impl Plan {
             return Err(invalid("min_nodes", "must be at least 1"));
         }
         if self.round_deadline_secs == 0 || self.recruit_deadline_secs == 0 {
-            return Err(invalid(
-                "round_deadline_secs",
-                "deadlines must be at least 1 second",
-            ));
+            return Err(invalid("round_deadline_secs", "deadlines must be at least 1 second"));
         }
         let schema = schema::lookup(&self.data.schema).ok_or_else(|| {
             invalid(
                 "data.schema",
-                format!(
-                    "'{}' is unknown; known schemas: {}",
-                    self.data.schema,
-                    schema::known_names()
-                ),
+                format!("'{}' is unknown; known schemas: {}", self.data.schema, schema::known_names()),
             )
         })?;
-        self.model
-            .validate()
-            .map_err(|e| invalid("model", e.to_string()))?;
+        self.model.validate().map_err(|e| invalid("model", e.to_string()))?;
         if self.model.inputs() != schema.features.len() {
             return Err(invalid(
                 "model.inputs",
@@ -256,14 +241,9 @@ impl Plan {
         if !(self.local.learning_rate.is_finite() && self.local.learning_rate > 0.0) {
             return Err(invalid("local.learning_rate", "must be a positive number"));
         }
-        if let Strategy::Fedadam(o) | Strategy::Fedyogi(o) | Strategy::Fedadagrad(o) =
-            &self.strategy
-        {
+        if let Strategy::Fedadam(o) | Strategy::Fedyogi(o) | Strategy::Fedadagrad(o) = &self.strategy {
             if !(o.server_learning_rate.is_finite() && o.server_learning_rate > 0.0) {
-                return Err(invalid(
-                    "strategy.server_learning_rate",
-                    "must be a positive number",
-                ));
+                return Err(invalid("strategy.server_learning_rate", "must be a positive number"));
             }
             for (field, b) in [("strategy.beta1", o.beta1), ("strategy.beta2", o.beta2)] {
                 if !(0.0..1.0).contains(&b) {
@@ -277,23 +257,15 @@ impl Plan {
         if let Some(sim) = &self.simulation {
             let mut seen = BTreeSet::new();
             for h in &sim.hospitals {
-                crate::pki::validate_name(&h.name)
-                    .map_err(|e| invalid("simulation.hospitals.name", e.to_string()))?;
+                crate::pki::validate_name(&h.name).map_err(|e| invalid("simulation.hospitals.name", e.to_string()))?;
                 if !seen.insert(&h.name) {
-                    return Err(invalid(
-                        "simulation.hospitals",
-                        format!("'{}' is listed twice", h.name),
-                    ));
+                    return Err(invalid("simulation.hospitals", format!("'{}' is listed twice", h.name)));
                 }
             }
             if sim.hospitals.len() < self.min_nodes {
                 return Err(invalid(
                     "simulation.hospitals",
-                    format!(
-                        "lists {} hospitals but min_nodes is {}",
-                        sim.hospitals.len(),
-                        self.min_nodes
-                    ),
+                    format!("lists {} hospitals but min_nodes is {}", sim.hospitals.len(), self.min_nodes),
                 ));
             }
         }
@@ -351,28 +323,15 @@ server_learning_rate = 0.01
 
     #[test]
     fn errors_name_the_field_or_line() {
-        let e = Plan::parse(&PLAN.replace("inputs = 13", "inputs = 12"))
-            .unwrap_err()
-            .to_string();
+        let e = Plan::parse(&PLAN.replace("inputs = 13", "inputs = 12")).unwrap_err().to_string();
         assert!(e.contains("model.inputs"), "{e}");
-        let e = Plan::parse(&PLAN.replace("heart_disease", "nope"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("data.schema") && e.contains("heart_disease"),
-            "{e}"
-        );
-        let e = Plan::parse(&PLAN.replace("rounds = 2", "rounds = \"two\""))
-            .unwrap_err()
-            .to_string();
+        let e = Plan::parse(&PLAN.replace("heart_disease", "nope")).unwrap_err().to_string();
+        assert!(e.contains("data.schema") && e.contains("heart_disease"), "{e}");
+        let e = Plan::parse(&PLAN.replace("rounds = 2", "rounds = \"two\"")).unwrap_err().to_string();
         assert!(e.contains("line 3"), "{e}");
-        let e = Plan::parse(&PLAN.replace("steps = 3", "steps = 3\nstepz = 1"))
-            .unwrap_err()
-            .to_string();
+        let e = Plan::parse(&PLAN.replace("steps = 3", "steps = 3\nstepz = 1")).unwrap_err().to_string();
         assert!(e.contains("stepz"), "{e}");
-        let e = Plan::parse(&PLAN.replace("rounds = 2", "rounds = 0"))
-            .unwrap_err()
-            .to_string();
+        let e = Plan::parse(&PLAN.replace("rounds = 2", "rounds = 0")).unwrap_err().to_string();
         assert!(e.contains("rounds"), "{e}");
     }
 }

@@ -48,17 +48,9 @@ pub struct TlsFiles {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {what} '{path}': {source}; check the [tls] section of the config")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Read { what: &'static str, path: PathBuf, source: io::Error },
     #[error("{what} '{path}' is not valid PEM: {reason}")]
-    Pem {
-        what: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
+    Pem { what: &'static str, path: PathBuf, reason: String },
     #[error("rustls refused the configuration: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("{0}")]
@@ -81,11 +73,7 @@ impl TlsMaterial {
     /// Loads the three PEM files named in a config.
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
         let read = |what: &'static str, path: &Path| {
-            std::fs::read(path).map_err(|source| TlsError::Read {
-                what,
-                path: path.to_path_buf(),
-                source,
-            })
+            std::fs::read(path).map_err(|source| TlsError::Read { what, path: path.to_path_buf(), source })
         };
         Self::from_pem_with_paths(
             (&read("CA certificate", &files.ca)?, &files.ca),
@@ -97,32 +85,18 @@ impl TlsMaterial {
     /// Builds from PEM text already in memory (simulations and tests).
     pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
         let mem = Path::new("<memory>");
-        Self::from_pem_with_paths(
-            (ca.as_bytes(), mem),
-            (cert.as_bytes(), mem),
-            (key.as_bytes(), mem),
-        )
+        Self::from_pem_with_paths((ca.as_bytes(), mem), (cert.as_bytes(), mem), (key.as_bytes(), mem))
     }
 
-    fn from_pem_with_paths(
-        ca: (&[u8], &Path),
-        cert: (&[u8], &Path),
-        key: (&[u8], &Path),
-    ) -> Result<Self, TlsError> {
+    fn from_pem_with_paths(ca: (&[u8], &Path), cert: (&[u8], &Path), key: (&[u8], &Path)) -> Result<Self, TlsError> {
         let certs = |what: &'static str, (bytes, path): (&[u8], &Path)| {
             let list: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(bytes).collect();
             match list {
                 Ok(l) if !l.is_empty() => Ok(l),
-                Ok(_) => Err(TlsError::Pem {
-                    what,
-                    path: path.to_path_buf(),
-                    reason: "no CERTIFICATE block found".into(),
-                }),
-                Err(e) => Err(TlsError::Pem {
-                    what,
-                    path: path.to_path_buf(),
-                    reason: e.to_string(),
-                }),
+                Ok(_) => {
+                    Err(TlsError::Pem { what, path: path.to_path_buf(), reason: "no CERTIFICATE block found".into() })
+                }
+                Err(e) => Err(TlsError::Pem { what, path: path.to_path_buf(), reason: e.to_string() }),
             }
         };
         let roots = certs("CA certificate", ca)?;
@@ -133,12 +107,7 @@ impl TlsMaterial {
             reason: e.to_string(),
         })?;
         let identity = pki::identity_from_der(&chain[0])?;
-        Ok(Self {
-            roots,
-            chain,
-            key,
-            identity,
-        })
+        Ok(Self { roots, chain, key, identity })
     }
 
     /// Who this party is, as its own certificate says.
@@ -160,12 +129,9 @@ impl TlsMaterial {
 
     /// A server configuration: TLS 1.3 only, client certificates from the consortium CA required.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(
-            Arc::new(self.root_store()?),
-            Self::provider(),
-        )
-        .build()
-        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(self.root_store()?), Self::provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
         let mut cfg = ServerConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -201,21 +167,13 @@ pub struct AuthenticatedStream {
 }
 
 impl AsyncRead for AuthenticatedStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for AuthenticatedStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -267,8 +225,7 @@ pub fn mtls_incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::warn!(%remote, "refused connection: TLS handshake failed: {e}");
@@ -289,10 +246,7 @@ pub fn mtls_incoming(
                 match identity {
                     Ok(identity) => {
                         tracing::debug!(%remote, peer = %identity, "mutual TLS established");
-                        let stream = AuthenticatedStream {
-                            inner: tls,
-                            peer: PeerInfo { identity, remote },
-                        };
+                        let stream = AuthenticatedStream { inner: tls, peer: PeerInfo { identity, remote } };
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Err(e) => tracing::warn!(%remote, "refused connection: {e}"),
@@ -335,12 +289,8 @@ pub fn role_guard(
 pub fn parse_address(address: &str) -> Result<(String, u16), TlsError> {
     let rest = address.strip_prefix("https://").unwrap_or(address);
     let rest = rest.trim_end_matches('/');
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or_else(|| TlsError::Address(address.to_string()))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| TlsError::Address(address.to_string()))?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| TlsError::Address(address.to_string()))?;
+    let port: u16 = port.parse().map_err(|_| TlsError::Address(address.to_string()))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
         return Err(TlsError::Address(address.to_string()));
@@ -351,9 +301,8 @@ pub fn parse_address(address: &str) -> Result<(String, u16), TlsError> {
 /// Dials the coordinator over mutual TLS 1.3 and returns a tonic channel.
 pub async fn connect(address: &str, material: &TlsMaterial) -> Result<Channel, TlsError> {
     let (host, port) = parse_address(address)?;
-    let server_name = ServerName::try_from(host.clone())
-        .map_err(|_| TlsError::Address(address.to_string()))?
-        .to_owned();
+    let server_name =
+        ServerName::try_from(host.clone()).map_err(|_| TlsError::Address(address.to_string()))?.to_owned();
     let connector = TlsConnector::from(material.client_config()?);
     let endpoint = Endpoint::from_shared(format!("http://{host}:{port}"))
         .map_err(|_| TlsError::Address(address.to_string()))?
@@ -374,10 +323,7 @@ pub async fn connect(address: &str, material: &TlsMaterial) -> Result<Channel, T
             }
         }))
         .await
-        .map_err(|e| TlsError::Connect {
-            addr: address.to_string(),
-            reason: error_chain(&e),
-        })
+        .map_err(|e| TlsError::Connect { addr: address.to_string(), reason: error_chain(&e) })
 }
 
 /// An error and its sources on one line, so the root cause (a refused certificate) shows.
@@ -398,14 +344,8 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(
-            parse_address("localhost:7000").ok(),
-            Some(("localhost".into(), 7000))
-        );
-        assert_eq!(
-            parse_address("https://127.0.0.1:1/").ok(),
-            Some(("127.0.0.1".into(), 1))
-        );
+        assert_eq!(parse_address("localhost:7000").ok(), Some(("localhost".into(), 7000)));
+        assert_eq!(parse_address("https://127.0.0.1:1/").ok(), Some(("127.0.0.1".into(), 1)));
         assert_eq!(parse_address("[::1]:9").ok(), Some(("::1".into(), 9)));
         assert!(parse_address("localhost").is_err());
         assert!(parse_address(":80").is_err());

@@ -9,10 +9,7 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 
 /// Splits `bytes` into wire-sized chunks (`(offset, chunk)`).
 pub fn chunks(bytes: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
-    bytes
-        .chunks(CHUNK_BYTES)
-        .enumerate()
-        .map(|(i, c)| ((i * CHUNK_BYTES) as u64, c))
+    bytes.chunks(CHUNK_BYTES).enumerate().map(|(i, c)| ((i * CHUNK_BYTES) as u64, c))
 }
 
 /// Encodes `f32` values as little-endian bytes, the layout of update payloads.
@@ -26,16 +23,10 @@ pub fn f32_to_le_bytes(values: &[f32]) -> Vec<u8> {
 
 /// Decodes little-endian `f32` values; the length must be a multiple of four.
 pub fn le_bytes_to_f32(bytes: &[u8]) -> Result<Vec<f32>, String> {
-    if bytes.len() % 4 != 0 {
-        return Err(format!(
-            "chunk of {} bytes is not a whole number of f32 values",
-            bytes.len()
-        ));
+    if !bytes.len().is_multiple_of(4) {
+        return Err(format!("chunk of {} bytes is not a whole number of f32 values", bytes.len()));
     }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
+    Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }
 
 #[cfg(test)]
@@ -44,9 +35,7 @@ mod tests {
 
     #[test]
     fn chunks_cover_everything_in_order() {
-        let data: Vec<u8> = (0..(CHUNK_BYTES * 2 + 17))
-            .map(|i| (i % 251) as u8)
-            .collect();
+        let data: Vec<u8> = (0..(CHUNK_BYTES * 2 + 17)).map(|i| (i % 251) as u8).collect();
         let mut rebuilt = Vec::new();
         for (offset, c) in chunks(&data) {
             assert_eq!(offset as usize, rebuilt.len());

@@ -1,1 +1,221 @@
-//! e2e harness
+//! Harness for Sanctum's end-to-end tests: a throw-away consortium made with the real CLIs,
+//! the real `sanctum-coordinator` and `sanctum-node` processes on loopback port 0, and clients
+//! holding any certificate a test needs (including ones the coordinator must refuse).
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which `scripts/test`
+//! does); every process is killed when its handle drops.
+
+#![allow(clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sanctum_protocol::tls::{self, TlsFiles, TlsMaterial};
+use tonic::transport::Channel;
+
+/// Path of a workspace binary next to the test executable's target directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Runs a CLI to completion and insists it succeeded.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.env_remove("LD_LIBRARY_PATH").output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A consortium PKI in a temporary directory, made with `pki init`.
+pub struct Consortium {
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Consortium {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Consortium {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        run_ok(Command::new(bin("sanctum-coordinator")).args(["pki", "init", "--dir"]).arg(dir.path().join("pki")));
+        Self { dir }
+    }
+
+    pub fn pki(&self) -> PathBuf {
+        self.dir.path().join("pki")
+    }
+
+    /// The files of a member whose key was made by `sanctum-node pki request` and signed by
+    /// `sanctum-coordinator pki sign` with `role`.
+    pub fn member(&self, name: &str, role: &str) -> TlsFiles {
+        let out = self.dir.path().join("members").join(name);
+        run_ok(Command::new(bin("sanctum-node")).args(["pki", "request", "--name", name, "--out-dir"]).arg(&out));
+        let cert = out.join(format!("{name}.pem"));
+        run_ok(
+            Command::new(bin("sanctum-coordinator"))
+                .args(["pki", "sign", "--dir"])
+                .arg(self.pki())
+                .arg("--csr")
+                .arg(out.join(format!("{name}.csr")))
+                .args(["--name", name, "--role", role, "--out"])
+                .arg(&cert),
+        );
+        TlsFiles { ca: self.pki().join("ca.pem"), cert, key: out.join(format!("{name}.key")) }
+    }
+
+    /// The lead's files made by `pki init`.
+    pub fn lead(&self) -> TlsFiles {
+        TlsFiles { ca: self.pki().join("ca.pem"), cert: self.pki().join("lead.pem"), key: self.pki().join("lead.key") }
+    }
+}
+
+/// A running `sanctum-coordinator serve`.
+pub struct CoordinatorProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl CoordinatorProcess {
+    /// Starts it on 127.0.0.1:0 and waits for the address it bound.
+    pub fn start(c: &Consortium) -> Self {
+        let dir = c.dir.path().join("coordinator");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let config = dir.join("coordinator.toml");
+        let pki = c.pki();
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\nevaluation_deadline_secs = 30\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                pki.join("ca.pem"),
+                pki.join("coordinator.pem"),
+                pki.join("coordinator.key")
+            ),
+        )
+        .expect("write config");
+        let log = dir.join("coordinator.log");
+        let mut child = Command::new(bin("sanctum-coordinator"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn coordinator");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read");
+        let addr = line.trim().strip_prefix("listening on ").and_then(|a| a.parse().ok()).unwrap_or_else(|| {
+            panic!("coordinator did not start: {line:?}; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+        });
+        Self { child, addr, log }
+    }
+
+    /// `localhost:PORT`, the name in the coordinator's certificate.
+    pub fn address(&self) -> String {
+        format!("localhost:{}", self.addr.port())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for CoordinatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `sanctum-node run --exit-after-plan`.
+pub struct NodeProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl NodeProcess {
+    pub fn start(c: &Consortium, name: &str, coordinator: &str, data: &Path) -> Self {
+        let files = c.member(name, "node");
+        let dir = c.dir.path().join("members").join(name);
+        let config = dir.join("node.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "coordinator = {coordinator:?}\ndevice = \"cpu\"\nthreads = 1\nstate_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nschema = \"heart_disease\"\npath = {data:?}\n[policy]\nallowed_models = [\"logistic_regression\"]\n",
+                files.ca, files.cert, files.key
+            ),
+        )
+        .expect("write node config");
+        let log = dir.join("node.log");
+        let child = Command::new(bin("sanctum-node"))
+            .args(["run", "--exit-after-plan", "--config"])
+            .arg(&config)
+            .env_remove("LD_LIBRARY_PATH")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("spawn node");
+        Self { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A mutual-TLS channel to the coordinator holding `files`' certificate.
+pub async fn channel(address: &str, files: &TlsFiles) -> Result<Channel, tls::TlsError> {
+    let material = TlsMaterial::load(files)?;
+    tls::connect(address, &material).await
+}
+
+/// The bundled heart-disease data file of a hospital.
+pub fn heart_data(hospital: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/heart_disease/data").join(format!("{hospital}.csv"))
+}
+
+/// Polls `f` every 50 ms until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
