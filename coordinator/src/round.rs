@@ -131,15 +131,11 @@ impl PlanRun {
     /// A node's connection went away.
     pub fn node_disconnected(&mut self, node: &str, now: Instant) -> Vec<Action> {
         self.online.remove(node);
-        match &mut self.phase {
-            Phase::Training { participants, reported, .. } if !reported.contains(node) => {
-                participants.remove(node);
-            }
-            Phase::Evaluating { pending, .. } => {
-                pending.remove(node);
-            }
-            _ => {}
+        if let Phase::Evaluating { pending, .. } = &mut self.phase {
+            pending.remove(node);
         }
+        // A participant that went away no longer holds up its round (see `advance`); it is
+        // listed as dropped when the round closes.
         self.advance(now)
     }
 
@@ -274,7 +270,7 @@ impl PlanRun {
                 vec![]
             }
             Phase::Training { round, participants, reported, deadline } => {
-                let all_in = participants.iter().all(|p| reported.contains(p));
+                let all_in = participants.iter().all(|p| reported.contains(p) || !self.online.contains(p));
                 if !all_in && now < *deadline {
                     return vec![];
                 }

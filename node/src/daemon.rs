@@ -9,7 +9,7 @@ use std::time::Duration;
 use sanctum_protocol::hash::{ContentHash, Hasher};
 use sanctum_protocol::model::Weights;
 use sanctum_protocol::plan::Plan;
-use sanctum_protocol::prost::Message;
+use sanctum_protocol::prost::{self, Message};
 use sanctum_protocol::proto::{
     self, Directive, EvaluationReport, FetchModelRequest, PlanResponse, SubscribeRequest, UpdateChunk, UpdateHeader,
     directive, federation_client::FederationClient, update_chunk,
@@ -40,7 +40,7 @@ pub struct Node {
     exit_after_plan: bool,
     plans: HashMap<String, Accepted>,
     /// The last global model fetched, to avoid fetching it twice.
-    cached: Option<(ContentHash, Vec<u8>)>,
+    cached: Option<(ContentHash, Arc<Vec<u8>>)>,
 }
 
 /// What ends a session with the coordinator.
@@ -195,13 +195,15 @@ impl Node {
         plan_id: &str,
         hash_hex: &str,
         size: u64,
-    ) -> anyhow::Result<Vec<u8>> {
+    ) -> anyhow::Result<Arc<Vec<u8>>> {
         let hash = ContentHash::parse(hash_hex).map_err(anyhow::Error::msg)?;
         if let Some((h, bytes)) = &self.cached
             && *h == hash
         {
-            return Ok(bytes.clone());
+            return Ok(Arc::clone(bytes));
         }
+        // Drop the previous model before fetching the next one: one model in memory at a time.
+        self.cached = None;
         let req = FetchModelRequest { sha256: hash_hex.to_string() };
         self.egress.record("FetchModel", plan_id, None, req.encoded_len(), Rule::ModelRequest)?;
         let mut stream = client.fetch_model(req).await?.into_inner();
@@ -215,7 +217,8 @@ impl Node {
         if ContentHash::of(&bytes) != hash {
             anyhow::bail!("model bytes do not match their SHA-256 {hash_hex}");
         }
-        self.cached = Some((hash, bytes.clone()));
+        let bytes = Arc::new(bytes);
+        self.cached = Some((hash, Arc::clone(&bytes)));
         Ok(bytes)
     }
 
@@ -263,12 +266,23 @@ impl Node {
             payload_sha256: hasher.finish().to_hex(),
             metrics: vec![proto::Metric { name: schema.to_string(), value: metric.0, samples: metric.1 }],
         };
-        let mut messages = vec![UpdateChunk { part: Some(update_chunk::Part::Header(header)) }];
-        messages.extend(
-            transfer::chunks(&payload).map(|(_, c)| UpdateChunk { part: Some(update_chunk::Part::Data(c.to_vec())) }),
-        );
-        let bytes_out: usize = messages.iter().map(Message::encoded_len).sum();
+        let header = UpdateChunk { part: Some(update_chunk::Part::Header(header)) };
+        // Data chunks are made as they are sent, not all at once: the payload is held once.
+        let payload = Arc::new(payload);
+        let n_chunks = payload.len().div_ceil(transfer::CHUNK_BYTES);
+        let chunk_len = |i: usize| transfer::CHUNK_BYTES.min(payload.len() - i * transfer::CHUNK_BYTES);
+        let bytes_out =
+            header.encoded_len() + (0..n_chunks).map(|i| data_chunk_encoded_len(chunk_len(i))).sum::<usize>();
         self.egress.record("SubmitUpdate", &start.plan_id, Some(start.round), bytes_out, Rule::ModelUpdate)?;
+        let data = {
+            let payload = Arc::clone(&payload);
+            (0..n_chunks).map(move |i| {
+                let start = i * transfer::CHUNK_BYTES;
+                let end = (start + transfer::CHUNK_BYTES).min(payload.len());
+                UpdateChunk { part: Some(update_chunk::Part::Data(payload[start..end].to_vec())) }
+            })
+        };
+        let messages = std::iter::once(header).chain(data);
         match client.submit_update(tokio_stream::iter(messages)).await {
             Ok(_) => tracing::info!(round = start.round, "update accepted by the coordinator"),
             Err(s) => tracing::warn!(round = start.round, "update refused by the coordinator: {}", s.message()),
@@ -299,7 +313,26 @@ impl Node {
     }
 }
 
+/// Encoded size of an `UpdateChunk` carrying `len` data bytes (field 2, length-delimited), so the
+/// egress log can count an upload without building all its messages at once.
+fn data_chunk_encoded_len(len: usize) -> usize {
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
 fn name_seed(name: &str) -> u64 {
     let h = ContentHash::of(name.as_bytes()).to_hex();
     u64::from_str_radix(&h[..16], 16).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn egress_counts_data_chunks_as_prost_encodes_them() {
+        for len in [0, 1, 127, 128, 4096, transfer::CHUNK_BYTES] {
+            let msg = UpdateChunk { part: Some(update_chunk::Part::Data(vec![7; len])) };
+            assert_eq!(data_chunk_encoded_len(len), msg.encoded_len(), "len {len}");
+        }
+    }
 }
