@@ -13,10 +13,14 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SANCTUM_CACHE/target}"
 mkdir -p "$SANCTUM_CACHE"
 
 sanctum_python() {
-    for py in python3.12 python3.11 python3.10 python3; do
-        if command -v "$py" >/dev/null 2>&1; then echo "$py"; return 0; fi
+    # A name on PATH may be a shim for a version that is not installed: run it to be sure.
+    for py in python3 python3.13 python3.12 python3.11 python3.10; do
+        if "$py" -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 10) else 1)' >/dev/null 2>&1; then
+            echo "$py"
+            return 0
+        fi
     done
-    echo "error: no python3 found; install Python 3.10+ (it only installs the torch wheel that carries libtorch)" >&2
+    echo "error: no Python 3.10+ with the venv module found; install one (it only installs the torch wheel that carries libtorch), or set LIBTORCH to an existing libtorch 2.11.0" >&2
     return 1
 }
 

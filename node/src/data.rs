@@ -11,6 +11,10 @@ use sanctum_protocol::schema::Schema;
 #[derive(Debug, Clone)]
 pub struct LocalData {
     pub features: usize,
+    /// Train-split mean and standard deviation per feature, before standardisation (for `check`
+    /// and tests; they never leave the node).
+    pub train_mean: Vec<f64>,
+    pub train_std: Vec<f64>,
     pub train_x: Vec<f32>,
     pub train_y: Vec<f32>,
     pub test_x: Vec<f32>,
@@ -131,16 +135,16 @@ pub fn load(path: &Path, schema: &Schema) -> Result<LocalData, DataError> {
             return Err(DataError::EmptySplit { path: path.to_path_buf(), split, column: schema.split.to_string() });
         }
     }
-    if schema.standardize {
-        standardize(&mut train_x, &mut test_x, d);
-    }
-    Ok(LocalData { features: d, train_x, train_y, test_x, test_y })
+    let (train_mean, train_std) =
+        if schema.standardize { standardize(&mut train_x, &mut test_x, d) } else { (vec![0.0; d], vec![1.0; d]) };
+    Ok(LocalData { features: d, train_mean, train_std, train_x, train_y, test_x, test_y })
 }
 
 /// (x − mean) / (std + 1e-9) per feature with the train split's mean and sample std (ddof = 1),
-/// exactly as FLamby normalises each center.
-fn standardize(train: &mut [f32], test: &mut [f32], d: usize) {
+/// exactly as FLamby normalises each center. Returns the means and standard deviations.
+fn standardize(train: &mut [f32], test: &mut [f32], d: usize) -> (Vec<f64>, Vec<f64>) {
     let n = train.len() / d;
+    let (mut means, mut stds) = (Vec::with_capacity(d), Vec::with_capacity(d));
     for j in 0..d {
         let mean = (0..n).map(|i| f64::from(train[i * d + j])).sum::<f64>() / n as f64;
         let var = if n > 1 {
@@ -152,7 +156,10 @@ fn standardize(train: &mut [f32], test: &mut [f32], d: usize) {
         for x in train.iter_mut().skip(j).step_by(d).chain(test.iter_mut().skip(j).step_by(d)) {
             *x = ((f64::from(*x) - mean) / scale) as f32;
         }
+        means.push(mean);
+        stds.push(var.sqrt());
     }
+    (means, stds)
 }
 
 #[cfg(test)]
@@ -200,6 +207,23 @@ mod tests {
         assert!(load(f.path(), &HEART_DISEASE).unwrap_err().to_string().contains("not 0 or 1"));
         let f = file("60,1,140,200,0,150,0,1.0,0,0,1,0,1,1,train\n");
         assert!(load(f.path(), &HEART_DISEASE).unwrap_err().to_string().contains("test split is empty"));
+    }
+
+    #[test]
+    fn standardisation_matches_flamby_per_center() {
+        let golden: serde_json::Value =
+            serde_json::from_str(include_str!("../testdata/flamby_heart_norm_stats.json")).unwrap();
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/heart_disease/data");
+        for (center, name) in ["cleveland", "hungarian", "switzerland", "va"].iter().enumerate() {
+            let d = load(&dir.join(format!("{name}.csv")), &HEART_DISEASE).unwrap();
+            let want = &golden["per_center_train"][center.to_string()];
+            assert_eq!(want["n"].as_u64().unwrap() as usize, d.train_len(), "{name}");
+            for j in 0..13 {
+                let (m, s) = (want["mean"][j].as_f64().unwrap(), want["std_ddof1"][j].as_f64().unwrap());
+                assert!((d.train_mean[j] - m).abs() < 1e-6, "{name} feature {j}: mean {} vs {m}", d.train_mean[j]);
+                assert!((d.train_std[j] - s).abs() < 1e-6, "{name} feature {j}: std {} vs {s}", d.train_std[j]);
+            }
+        }
     }
 
     #[test]

@@ -219,7 +219,15 @@ mod tests {
             train_x[i * d] = v;
             train_y[i] = if v > 0.0 { 1.0 } else { 0.0 };
         }
-        LocalData { features: d, test_x: train_x.clone(), test_y: train_y.clone(), train_x, train_y }
+        LocalData {
+            features: d,
+            train_mean: vec![0.0; d],
+            train_std: vec![1.0; d],
+            test_x: train_x.clone(),
+            test_y: train_y.clone(),
+            train_x,
+            train_y,
+        }
     }
 
     #[test]
