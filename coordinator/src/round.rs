@@ -29,6 +29,8 @@ pub enum Action {
     Offer(Vec<NodeName>),
     /// Publish the current global model and ask these nodes to train on it.
     OpenRound { round: u32, participants: Vec<NodeName>, deadline: Instant },
+    /// Send the open round again to a participant that reconnected.
+    Rejoin { node: NodeName, round: u32, deadline: Instant },
     /// The round is over: aggregate what was accepted, then call [`PlanRun::round_aggregated`].
     CloseRound { round: u32, reported: Vec<NodeName>, dropped: Vec<NodeName> },
     /// Ask these nodes to evaluate the final global model.
@@ -120,9 +122,16 @@ impl PlanRun {
     /// A node connected (or reconnected).
     pub fn node_connected(&mut self, node: &str, now: Instant) -> Vec<Action> {
         self.online.insert(node.to_string());
-        match self.phase {
+        match &self.phase {
             Phase::Recruiting { .. } if self.offered.insert(node.to_string()) => {
                 vec![Action::Offer(vec![node.to_string()])]
+            }
+            // A participant that lost its connection mid-round gets the round again: it may
+            // still report before the deadline (a second upload is refused as a duplicate).
+            Phase::Training { round, participants, reported, deadline }
+                if participants.contains(node) && !reported.contains(node) && now < *deadline =>
+            {
+                vec![Action::Rejoin { node: node.to_string(), round: *round, deadline: *deadline }]
             }
             _ => self.tick(now),
         }
@@ -401,6 +410,22 @@ mod tests {
         let a = run.tick(t0 + Duration::from_secs(31));
         assert!(matches!(&a[..], [Action::Finish { success: false, reason }] if reason.contains("round 2 failed")));
         assert!(run.is_finished());
+    }
+
+    #[test]
+    fn a_participant_that_reconnects_gets_the_round_again() {
+        let t0 = Instant::now();
+        let (mut run, _) = PlanRun::start(cfg(1, 2), names(&["a", "b", "c"]), t0);
+        for n in ["a", "b", "c"] {
+            run.decision(n, true, "", t0);
+        }
+        run.admit_update("a", 1, t0).unwrap();
+        assert!(run.node_disconnected("c", t0).is_empty(), "b has not reported yet");
+        let a = run.node_connected("c", t0);
+        assert!(matches!(&a[..], [Action::Rejoin { node, round: 1, .. }] if node == "c"), "{a:?}");
+        run.admit_update("c", 1, t0).unwrap();
+        let a = run.admit_update("b", 1, t0).unwrap();
+        assert_eq!(a, vec![Action::CloseRound { round: 1, reported: names(&["a", "b", "c"]), dropped: vec![] }]);
     }
 
     #[test]

@@ -681,6 +681,19 @@ impl Driver {
                         self.send(n, start.clone());
                     }
                 }
+                Action::Rejoin { node, round, deadline } => {
+                    tracing::info!(node, round, "participant reconnected; sending the round again");
+                    let start = directive::Kind::StartRound(proto::StartRound {
+                        plan_id: plan_id.clone(),
+                        round,
+                        model_sha256: active.model.to_hex(),
+                        model_bytes: active.model_bytes,
+                        deadline_unix_ms: unix_ms(
+                            SystemTime::now() + deadline.saturating_duration_since(Instant::now()),
+                        ),
+                    });
+                    self.send(&node, start);
+                }
                 Action::CloseRound { round, reported, dropped } => {
                     *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = None;
                     let next = match self.close_round(round) {

@@ -1,0 +1,64 @@
+//! A hospital's node is killed mid-plan: its round goes on with the others at once (no waiting
+//! for the deadline) and the plan completes with the survivors.
+
+use std::time::Duration;
+
+use sanctum_protocol::proto::lead_client::LeadClient;
+use sanctum_protocol::proto::{SubmitPlanRequest, WatchPlanRequest, plan_event};
+use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, channel, heart_data, wait_until};
+use tokio_stream::StreamExt;
+
+#[tokio::test]
+async fn a_killed_node_is_dropped_and_the_plan_completes_with_the_others() {
+    let c = Consortium::new();
+    let coord = CoordinatorProcess::start(&c);
+    let addr = coord.address();
+    let mut nodes: Vec<(String, NodeProcess)> = ["cleveland", "hungarian", "va"]
+        .iter()
+        .map(|h| (h.to_string(), NodeProcess::start(&c, h, &addr, &heart_data(h))))
+        .collect();
+    assert!(
+        wait_until(Duration::from_secs(60), || coord.log_text().matches("node connected").count() >= 3),
+        "nodes did not connect:\n{}",
+        coord.log_text()
+    );
+    let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
+    // The deadline is far longer than the test may take: only the disconnect can close the round.
+    let plan = "name = \"faults\"\nrounds = 4\nmin_nodes = 2\nround_deadline_secs = 600\n\
+                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+                [local]\nsteps = 20\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n";
+    let plan_id = lead.submit_plan(SubmitPlanRequest { plan_toml: plan.into() }).await.unwrap().into_inner().plan_id;
+    let mut events = lead.watch_plan(WatchPlanRequest { plan_id }).await.unwrap().into_inner();
+
+    let mut killed = false;
+    let mut va_left_out = false;
+    let finished = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(120), events.next())
+            .await
+            .expect("the plan waited for the deadline instead of dropping the killed node")
+            .unwrap()
+            .unwrap();
+        match ev.kind {
+            Some(plan_event::Kind::RoundOpened(r)) if r.round == 2 && !killed => {
+                let (_, va) = nodes.iter_mut().find(|(n, _)| n == "va").unwrap();
+                va.child.kill().unwrap();
+                va.child.wait().unwrap();
+                killed = true;
+            }
+            Some(plan_event::Kind::RoundOpened(r)) if killed && !r.participants.contains(&"va".to_string()) => {
+                va_left_out = true;
+            }
+            Some(plan_event::Kind::RoundClosed(r)) => {
+                println!("round {}: reported {:?}, dropped {:?}", r.round, r.reported, r.dropped);
+            }
+            Some(plan_event::Kind::PlanFinished(f)) => break f,
+            _ => {}
+        }
+    };
+    assert!(finished.success, "{}", finished.reason);
+    assert_eq!(finished.rounds_completed, 4);
+    assert!(va_left_out, "va was still asked to train after it died");
+    let evaluated: Vec<&str> = finished.final_metrics.iter().map(|m| m.node.as_str()).collect();
+    assert_eq!(evaluated, ["cleveland", "hungarian"]);
+    assert!(coord.log_text().contains("node disconnected"));
+}
