@@ -8,17 +8,7 @@ use sanctum_protocol::pki::{self, Role, SignSpec};
 
 /// Writes a file readable only by its owner (private keys).
 pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create private key file {}", path.display()))?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    Ok(())
+    pki::write_private_key(path, contents).with_context(|| format!("cannot create private key file {}", path.display()))
 }
 
 /// Writes a public file (certificates).

@@ -651,7 +651,6 @@ impl Driver {
                     }
                 }
                 Action::OpenRound { round, participants, deadline } => {
-                    let deadline_ms = unix_ms(SystemTime::now() + deadline.saturating_duration_since(Instant::now()));
                     active.acc = Accumulator::new(active.global.values().len());
                     active.round_metrics.clear();
                     active.participants = participants.clone();
@@ -661,13 +660,7 @@ impl Driver {
                         model: active.model,
                         num_params: active.global.values().len(),
                     });
-                    let start = directive::Kind::StartRound(proto::StartRound {
-                        plan_id: plan_id.clone(),
-                        round,
-                        model_sha256: active.model.to_hex(),
-                        model_bytes: active.model_bytes,
-                        deadline_unix_ms: deadline_ms,
-                    });
+                    let start = start_round(&plan_id, round, active, deadline);
                     tracing::info!(round, nodes = participants.len(), model = %active.model.short(), "round opened");
                     self.inner.publish(
                         &plan_id,
@@ -683,15 +676,7 @@ impl Driver {
                 }
                 Action::Rejoin { node, round, deadline } => {
                     tracing::info!(node, round, "participant reconnected; sending the round again");
-                    let start = directive::Kind::StartRound(proto::StartRound {
-                        plan_id: plan_id.clone(),
-                        round,
-                        model_sha256: active.model.to_hex(),
-                        model_bytes: active.model_bytes,
-                        deadline_unix_ms: unix_ms(
-                            SystemTime::now() + deadline.saturating_duration_since(Instant::now()),
-                        ),
-                    });
+                    let start = start_round(&plan_id, round, active, deadline);
                     self.send(&node, start);
                 }
                 Action::CloseRound { round, reported, dropped } => {
@@ -804,6 +789,17 @@ impl Driver {
             self.send(&n, closed.clone());
         }
     }
+}
+
+/// The directive that asks a participant to train `round` on the current global model.
+fn start_round(plan_id: &str, round: u32, active: &ActiveRun, deadline: Instant) -> directive::Kind {
+    directive::Kind::StartRound(proto::StartRound {
+        plan_id: plan_id.to_string(),
+        round,
+        model_sha256: active.model.to_hex(),
+        model_bytes: active.model_bytes,
+        deadline_unix_ms: unix_ms(SystemTime::now() + deadline.saturating_duration_since(Instant::now())),
+    })
 }
 
 /// Writes the final model (safetensors) and its manifest: plan, lineage hash chain, metrics.

@@ -129,16 +129,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             std::fs::create_dir_all(&out_dir)?;
             let key_path = out_dir.join(format!("{name}.key"));
             let csr_path = out_dir.join(format!("{name}.csr"));
-            {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut f =
-                    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key_path).with_context(
-                        || format!("cannot create {} (a key is never overwritten)", key_path.display()),
-                    )?;
-                f.write_all(key.as_bytes())?;
-                f.sync_all()?;
-            }
+            pki::write_private_key(&key_path, &key)
+                .with_context(|| format!("cannot create {} (a key is never overwritten)", key_path.display()))?;
             std::fs::write(&csr_path, csr)?;
             println!("private key: {} (keep it here; it never leaves the hospital)", key_path.display());
             println!("request:     {}", csr_path.display());

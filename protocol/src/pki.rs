@@ -205,6 +205,16 @@ fn set_validity(params: &mut CertificateParams, days: i64) {
     params.not_after = now + Duration::days(days);
 }
 
+/// Writes a private key readable only by its owner; never overwrites an existing file, so a
+/// second request cannot destroy a key that certificates were issued for.
+pub fn write_private_key(path: &std::path::Path, pem: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(pem.as_bytes())?;
+    f.sync_all()
+}
+
 /// Reads the Sanctum identity out of a certificate (already verified by TLS).
 pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
     use x509_parser::prelude::*;
