@@ -13,6 +13,7 @@ use sanctum_coordinator::simulate::{SimulateOptions, simulate};
 use sanctum_coordinator::{pki, watch};
 use sanctum_protocol::pki::Role;
 use sanctum_protocol::plan::Plan;
+use sanctum_protocol::privacy::cli::PrivacyCommand;
 use sanctum_protocol::proto::{SubmitPlanRequest, WatchPlanRequest, lead_client::LeadClient};
 use sanctum_protocol::tls::{self, TlsMaterial};
 use tokio_stream::StreamExt;
@@ -40,6 +41,9 @@ enum Command {
     /// Submit and follow training plans (as the lead).
     #[command(subcommand)]
     Plan(PlanCommand),
+    /// Privacy accounting: ε of a DP-SGD run, or the noise a target ε needs.
+    #[command(subcommand)]
+    Privacy(PrivacyCommand),
     /// Run a plan's [simulation] hospitals as real node processes over loopback mutual TLS.
     Simulate {
         #[arg(long)]
@@ -248,6 +252,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plan(PlanCommand::Watch { config: path, plan_id }) => {
             let mut client = lead_client(&path).await?;
             follow_remote(&mut client, &plan_id, 0).await
+        }
+        Command::Privacy(cmd) => {
+            println!("{}", sanctum_protocol::privacy::cli::run(&cmd)?);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Simulate { plan, seed, json, workdir, node_bin, device } => {
             let summary = simulate(&SimulateOptions { plan, seed, json, workdir, node_bin, device }).await?;

@@ -59,6 +59,8 @@ struct Inner {
     plan_events: broadcast::Sender<(String, PlanEvent)>,
     /// Final outcome of every plan this process ran, for late watchers.
     finished: Mutex<HashMap<String, PlanFinished>>,
+    /// Ids of every plan this process started, so watching an unknown id fails at once.
+    known_plans: Mutex<std::collections::HashSet<String>>,
     store: Store,
     next_conn: AtomicU64,
 }
@@ -113,6 +115,7 @@ impl Coordinator {
             round: RwLock::new(None),
             plan_events,
             finished: Mutex::new(HashMap::new()),
+            known_plans: Mutex::new(std::collections::HashSet::new()),
             store,
             next_conn: AtomicU64::new(1),
         });
@@ -422,7 +425,11 @@ impl lead_server::Lead for LeadApi {
 
     async fn watch_plan(&self, request: Request<WatchPlanRequest>) -> Result<Response<Self::WatchPlanStream>, Status> {
         use tokio_stream::StreamExt;
-        let stream = watch_stream(&self.inner, &request.get_ref().plan_id).map(Ok);
+        let plan_id = &request.get_ref().plan_id;
+        if !lock(&self.inner.known_plans).contains(plan_id) {
+            return Err(Status::not_found(format!("no plan with id '{plan_id}' was submitted to this coordinator")));
+        }
+        let stream = watch_stream(&self.inner, plan_id).map(Ok);
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -558,6 +565,7 @@ impl Driver {
         }
         let wire_toml = plan.to_wire_toml().map_err(|e| Status::invalid_argument(e.to_string()))?;
         let plan_id = Plan::id_of(&wire_toml).to_hex();
+        lock(&self.inner.known_plans).insert(plan_id.clone());
         let global = plan.model.init(plan.seed);
         let bytes = global.to_safetensors().map_err(|e| Status::internal(e.to_string()))?;
         let model = self.inner.store.put_model(&bytes).map_err(|e| Status::internal(format!("model store: {e}")))?;

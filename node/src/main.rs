@@ -10,6 +10,7 @@ use sanctum_node::config::NodeConfig;
 use sanctum_node::daemon::Node;
 use sanctum_node::{data, train};
 use sanctum_protocol::pki;
+use sanctum_protocol::privacy::cli::PrivacyCommand;
 use sanctum_protocol::tls::TlsMaterial;
 
 const EXIT_CONFIG: u8 = 64;
@@ -36,6 +37,9 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Privacy accounting: ε of a DP-SGD run, or the noise a target ε needs.
+    #[command(subcommand)]
+    Privacy(PrivacyCommand),
     /// Identity: create this hospital's private key and a CSR for the lead to sign.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -122,6 +126,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     data.test_len()
                 );
             }
+            Ok(())
+        }
+        Command::Privacy(cmd) => {
+            println!("{}", sanctum_protocol::privacy::cli::run(&cmd)?);
             Ok(())
         }
         Command::Pki(PkiCommand::Request { name, out_dir }) => {

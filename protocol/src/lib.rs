@@ -5,6 +5,7 @@
 //! - [`proto`]: the gRPC wire types and services generated from `proto/sanctum.proto`. Only this
 //!   crate defines wire types; the other crates convert at their edges.
 //! - [`plan`]: the training plan a lead submits (TOML), its validation and its content address.
+//! - [`privacy`]: DP accountants (RDP and PLD) for the Poisson-subsampled Gaussian, no I/O.
 //! - [`schema`]: the built-in dataset schemas a plan can name and a node validates its data against.
 //! - [`model`]: the model zoo's parameter layouts, initialisation and the safetensors encoding.
 //! - [`hash`]: SHA-256 content addresses for models, plans and updates.
@@ -16,6 +17,7 @@ pub mod hash;
 pub mod model;
 pub mod pki;
 pub mod plan;
+pub mod privacy;
 pub mod schema;
 pub mod tls;
 pub mod transfer;

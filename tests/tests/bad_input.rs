@@ -123,6 +123,8 @@ async fn bad_updates_are_rejected_logged_and_the_round_goes_on() {
     let s = lead.submit_plan(SubmitPlanRequest { plan_toml: "rounds = [".into() }).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("not valid TOML"), "{}", s.message());
+    let s = lead.watch_plan(WatchPlanRequest { plan_id: "f00d".into() }).await.unwrap_err();
+    assert_eq!(s.code(), Code::NotFound, "{s:?}");
 
     let honest: Vec<NodeProcess> =
         ["cleveland", "hungarian"].iter().map(|h| NodeProcess::start(&c, h, &addr, &heart_data(h))).collect();

@@ -85,3 +85,41 @@ fn pki_refuses_to_overwrite_a_ca_and_rejects_garbage_requests() {
     assert!(text.contains("never overwritten"), "{text}");
     assert_eq!(std::fs::read(out.join("va.key")).unwrap(), key);
 }
+
+#[test]
+fn privacy_commands_answer_the_public_check_from_both_binaries() {
+    for binary in ["sanctum-coordinator", "sanctum-node"] {
+        let (code, text) = run(Command::new(bin(binary)).args([
+            "privacy",
+            "epsilon",
+            "--sampling-rate",
+            "0.0042666666666666667",
+            "--noise-multiplier",
+            "1.1",
+            "--steps",
+            "14040",
+            "--delta",
+            "1e-5",
+            "--json",
+        ]));
+        assert_eq!(code, 0, "{text}");
+        let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+        // Abadi et al.'s MNIST setting: RDP ε ≈ 2.594 (Opacus), PLD ε ≈ 2.38 (dp_accounting).
+        assert!((report["rdp_epsilon"].as_f64().unwrap() - 2.594).abs() < 1e-3, "{text}");
+        assert!((report["pld_epsilon"].as_f64().unwrap() - 2.380).abs() < 1e-3, "{text}");
+    }
+    let (code, text) = run(Command::new(bin("sanctum-node")).args([
+        "privacy",
+        "epsilon",
+        "--sampling-rate",
+        "2",
+        "--noise-multiplier",
+        "1",
+        "--steps",
+        "3",
+        "--delta",
+        "1e-5",
+    ]));
+    assert_ne!(code, 0);
+    assert!(text.contains("sampling rate 2 is not in (0, 1]"), "{text}");
+}
