@@ -54,6 +54,10 @@ pub struct Policy {
     /// Most rounds a single plan may ask for.
     #[serde(default = "default_max_rounds")]
     pub max_rounds: u32,
+    /// When set, only plans with example-level DP whose ε on this hospital's data (for the whole
+    /// plan, at the plan's δ) is at most this are accepted; plans without DP are refused.
+    #[serde(default)]
+    pub max_epsilon: Option<f64>,
 }
 
 fn yes() -> bool {
@@ -65,7 +69,7 @@ fn default_max_rounds() -> u32 {
 
 impl Default for Policy {
     fn default() -> Self {
-        Self { allowed_models: vec![], share_sample_counts: true, max_rounds: default_max_rounds() }
+        Self { allowed_models: vec![], share_sample_counts: true, max_rounds: default_max_rounds(), max_epsilon: None }
     }
 }
 

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use sanctum_protocol::hash::{ContentHash, Hasher};
 use sanctum_protocol::model::Weights;
-use sanctum_protocol::plan::Plan;
+use sanctum_protocol::plan::{Plan, PrivacyMode};
+use sanctum_protocol::privacy::{self, Accountant, SampledGaussian};
 use sanctum_protocol::prost::{self, Message};
 use sanctum_protocol::proto::{
     self, Directive, EvaluationReport, FetchModelRequest, PlanResponse, SubscribeRequest, UpdateChunk, UpdateHeader,
@@ -28,6 +29,29 @@ use crate::{policy, train};
 struct Accepted {
     plan: Plan,
     data: Arc<LocalData>,
+    /// DP-SGD settings derived from this node's own data, when the plan asks for privacy.
+    dp: Option<DpPlan>,
+}
+
+/// What example-level DP costs this node for a plan.
+#[derive(Clone, Copy, Debug)]
+struct DpPlan {
+    setup: train::DpSetup,
+    delta: f64,
+    /// ε for every step of the plan (PLD accountant): what the node agreed to spend.
+    epsilon: f64,
+}
+
+impl DpPlan {
+    /// ε after `steps` steps (PLD accountant).
+    fn epsilon_after(&self, steps: u64) -> f64 {
+        let run = SampledGaussian {
+            sampling_rate: self.setup.sampling_rate,
+            noise_multiplier: self.setup.noise_multiplier,
+            steps,
+        };
+        privacy::epsilon_with(Accountant::Pld, &run, self.delta).unwrap_or(f64::INFINITY)
+    }
 }
 
 /// The running node.
@@ -186,7 +210,56 @@ impl Node {
                 plan.model.inputs()
             ));
         }
-        Ok(Accepted { plan, data: Arc::new(data) })
+        let dp = self.privacy_for(&plan, &data)?;
+        Ok(Accepted { plan, data: Arc::new(data), dp })
+    }
+
+    /// Derives this node's DP-SGD settings for a plan and checks them against the policy's ε cap.
+    fn privacy_for(&self, plan: &Plan, data: &LocalData) -> Result<Option<DpPlan>, String> {
+        let cap = self.cfg.policy.max_epsilon;
+        let p = &plan.privacy;
+        if p.mode == PrivacyMode::None {
+            return match cap {
+                Some(cap) => Err(format!(
+                    "plan has no differential privacy (privacy.mode = none); this hospital's policy requires ε ≤ {cap}"
+                )),
+                None => Ok(None),
+            };
+        }
+        let (Some(delta), Some(clip_norm)) = (p.delta, p.clip_norm) else {
+            return Err("plan's [privacy] section lacks delta or clip_norm".into());
+        };
+        let sampling_rate = (f64::from(plan.local.batch_size) / data.train_len() as f64).min(1.0);
+        let steps = u64::from(plan.rounds) * u64::from(plan.local.steps);
+        let noise_multiplier = match (p.noise_multiplier, p.target_epsilon) {
+            (Some(sigma), _) => sigma,
+            (None, Some(target)) => privacy::noise_for_epsilon(Accountant::Pld, target, sampling_rate, steps, delta)
+                .map_err(|e| format!("cannot meet target_epsilon {target} on this hospital's data: {e}"))?,
+            (None, None) => {
+                return Err("plan's [privacy] section has neither noise_multiplier nor target_epsilon".into());
+            }
+        };
+        let setup = train::DpSetup { sampling_rate, noise_multiplier, clip_norm };
+        let mut dp = DpPlan { setup, delta, epsilon: 0.0 };
+        dp.epsilon = dp.epsilon_after(steps);
+        if let Some(cap) = cap
+            && dp.epsilon > cap
+        {
+            return Err(format!(
+                "plan would spend ε = {:.3} (δ = {delta:e}, {steps} DP-SGD steps at q = {sampling_rate:.4}, σ = {noise_multiplier:.3}) on this hospital's data; policy.max_epsilon is {cap}",
+                dp.epsilon
+            ));
+        }
+        tracing::info!(
+            epsilon = format!("{:.3}", dp.epsilon),
+            delta,
+            steps,
+            sampling_rate = format!("{sampling_rate:.4}"),
+            noise_multiplier = format!("{noise_multiplier:.3}"),
+            clip_norm,
+            "plan uses example-level DP"
+        );
+        Ok(Some(dp))
     }
 
     async fn fetch(
@@ -232,6 +305,7 @@ impl Node {
         };
         let plan = accepted.plan.clone();
         let data = accepted.data.clone();
+        let dp = accepted.dp;
         let bytes = self.fetch(client, &start.plan_id, &start.model_sha256, start.model_bytes).await?;
         let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
         let device = self.device;
@@ -241,7 +315,10 @@ impl Node {
             ^ name_seed(&self.material.identity().name);
         let (metric, result) = tokio::task::spawn_blocking(move || -> Result<_, train::TrainError> {
             let metric = train::evaluate(&global, &data, device)?;
-            let result = train::train_round(&plan, &global, &data, device, seed)?;
+            let result = match &dp {
+                Some(dp) => train::train_round_dp(&plan, &global, &data, device, &dp.setup)?,
+                None => train::train_round(&plan, &global, &data, device, seed)?,
+            };
             Ok((metric, result))
         })
         .await??;
@@ -264,7 +341,21 @@ impl Node {
             num_params: result.delta.len() as u64,
             sample_count: if self.cfg.policy.share_sample_counts { accepted.data.train_len() as u64 } else { 0 },
             payload_sha256: hasher.finish().to_hex(),
-            metrics: vec![proto::Metric { name: schema.to_string(), value: metric.0, samples: metric.1 }],
+            metrics: {
+                let mut m = vec![proto::Metric { name: schema.to_string(), value: metric.0, samples: metric.1 }];
+                if let Some(dp) = &accepted.dp {
+                    let steps = u64::from(start.round) * u64::from(accepted.plan.local.steps);
+                    let spent = dp.epsilon_after(steps);
+                    tracing::info!(
+                        round = start.round,
+                        epsilon_spent = format!("{spent:.3}"),
+                        of = format!("{:.3}", dp.epsilon),
+                        "privacy spent"
+                    );
+                    m.push(proto::Metric { name: "epsilon_spent".into(), value: spent, samples: steps });
+                }
+                m
+            },
         };
         let header = UpdateChunk { part: Some(update_chunk::Part::Header(header)) };
         // Data chunks are made as they are sent, not all at once: the payload is held once.

@@ -7,12 +7,16 @@
 //! - [`data`]: loading and validating a local CSV against a plan's schema.
 //! - [`policy`]: the local rules a plan must satisfy before the node takes part (fails closed).
 //! - [`train`]: the model zoo on tch, local training and evaluation.
+//! - [`dpsgd`]: DP-SGD's per-example clipping by ghost norms (no loop over examples).
+//! - [`noise`]: Gaussian noise from an OS-seeded CSPRNG, hardened against floating-point attacks.
 //! - [`egress`]: the append-only record of everything the node sent and the rule that allowed it.
 //! - [`daemon`]: the gRPC client loop that ties them together.
 
 pub mod config;
 pub mod daemon;
 pub mod data;
+pub mod dpsgd;
 pub mod egress;
+pub mod noise;
 pub mod policy;
 pub mod train;

@@ -61,15 +61,15 @@ pub fn check_device(d: Device) -> Result<(), String> {
 }
 
 /// A feed-forward net built from a layout of `(…weight, …bias)` pairs, ReLU between layers.
-struct Net {
+pub(crate) struct Net {
     vs: nn::VarStore,
     /// (weight, bias) per linear layer, in order.
-    layers: Vec<(Tensor, Tensor)>,
+    pub(crate) layers: Vec<(Tensor, Tensor)>,
     layout: Vec<TensorSpec>,
 }
 
 impl Net {
-    fn new(weights: &Weights, device: Device) -> Result<Self, TrainError> {
+    pub(crate) fn new(weights: &Weights, device: Device) -> Result<Self, TrainError> {
         let vs = nn::VarStore::new(device);
         let mut vars = Vec::new();
         for (spec, values) in weights.tensors() {
@@ -91,15 +91,22 @@ impl Net {
         Ok(Self { vs, layers, layout: weights.layout().to_vec() })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        Ok(self.forward_recorded(x)?.0)
+    }
+
+    /// The forward pass, also returning each linear layer's input (detached: only its value is
+    /// needed) and output (in the graph, so gradients with respect to it can be asked for).
+    pub(crate) fn forward_recorded(&self, x: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>), TchError> {
         let mut h = x.shallow_clone();
+        let mut record = Vec::with_capacity(self.layers.len());
         for (i, (w, b)) in self.layers.iter().enumerate() {
-            h = h.f_linear(w, Some(b))?;
-            if i + 1 < self.layers.len() {
-                h = h.f_relu()?;
-            }
+            let input = h.f_detach()?;
+            let out = h.f_linear(w, Some(b))?;
+            record.push((input, out.shallow_clone()));
+            h = if i + 1 < self.layers.len() { out.f_relu()? } else { out };
         }
-        Ok(h)
+        Ok((h, record))
     }
 
     fn weights(&self) -> Result<Weights, TrainError> {
@@ -114,7 +121,7 @@ impl Net {
     }
 }
 
-fn matrix(values: &[f32], cols: usize, device: Device) -> Result<Tensor, TchError> {
+pub(crate) fn matrix(values: &[f32], cols: usize, device: Device) -> Result<Tensor, TchError> {
     let rows = (values.len() / cols.max(1)) as i64;
     Tensor::f_from_slice(values)?.f_view([rows, cols as i64])?.f_to_device(device)
 }
@@ -183,6 +190,74 @@ pub fn train_round(
         loss.f_backward()?;
         opt.step();
         loss_sum += loss.f_double_value(&[])?;
+    }
+    let local = net.weights()?;
+    let delta: Vec<f32> = local.values().iter().zip(global.values()).map(|(l, g)| l - g).collect();
+    if delta.iter().any(|v| !v.is_finite()) {
+        return Err(TrainError::Diverged);
+    }
+    Ok(RoundResult {
+        delta,
+        mean_loss: loss_sum / f64::from(plan.local.steps.max(1)),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The DP-SGD settings a node derived for a plan from its own data.
+#[derive(Clone, Copy, Debug)]
+pub struct DpSetup {
+    /// Poisson sampling rate q = batch_size / train examples (at most 1).
+    pub sampling_rate: f64,
+    pub noise_multiplier: f64,
+    pub clip_norm: f64,
+}
+
+/// One round of DP-SGD from `global`: each step samples every training example independently
+/// with probability q, clips each example's gradient to `clip_norm` (ghost clipping, see
+/// [`crate::dpsgd`]), adds N(0, (σ·C)²) noise from the OS-seeded CSPRNG to the sum, divides by
+/// the expected batch size q·n, and takes an SGD step. Batches are drawn from the secure stream
+/// too, so a DP round is deliberately not reproducible from the plan's seed.
+pub fn train_round_dp(
+    plan: &Plan,
+    global: &Weights,
+    data: &LocalData,
+    device: Device,
+    dp: &DpSetup,
+) -> Result<RoundResult, TrainError> {
+    let started = Instant::now();
+    let net = Net::new(global, device)?;
+    let x = matrix(&data.train_x, data.features, device)?;
+    let y = Tensor::f_from_slice(&data.train_y)?.f_to_device(device)?;
+    let n = data.train_len();
+    let expected_batch = dp.sampling_rate * n as f64;
+    let lr = plan.local.learning_rate;
+    let std = dp.noise_multiplier * dp.clip_norm;
+    let mut secure = crate::noise::SecureGaussian::from_os();
+    let mut loss_sum = 0.0;
+    let params: Vec<Tensor> = net.layers.iter().flat_map(|(w, b)| [w.shallow_clone(), b.shallow_clone()]).collect();
+    for _ in 0..plan.local.steps {
+        let idx: Vec<i64> = (0..n as i64).filter(|_| secure.uniform() < dp.sampling_rate).collect();
+        let sums: Vec<Tensor> = if idx.is_empty() {
+            params.iter().map(|p| p.f_zeros_like()).collect::<Result<_, _>>()?
+        } else {
+            let idx = Tensor::f_from_slice(&idx)?.f_to_device(device)?;
+            let (xb, yb) = (x.f_index_select(0, &idx)?, y.f_index_select(0, &idx)?);
+            loss_sum += tch::no_grad(|| -> Result<f64, TchError> {
+                let logits = net.forward(&xb)?.f_view([-1])?;
+                logits
+                    .f_binary_cross_entropy_with_logits::<Tensor>(&yb, None, None, Reduction::Mean)?
+                    .f_double_value(&[])
+            })?;
+            crate::dpsgd::clipped_sum(&net, &xb, &yb, dp.clip_norm)?.grads
+        };
+        for (p, sum) in params.iter().zip(sums) {
+            let mut noise = vec![0f32; sum.numel()];
+            secure.fill(&mut noise, std);
+            let noise = Tensor::f_from_slice(&noise)?.f_view(sum.size().as_slice())?.f_to_device(device)?;
+            let grad = sum.f_add(&noise)?.f_div_scalar(expected_batch)?;
+            let mut p = p.shallow_clone();
+            tch::no_grad(|| p.f_sub_(&grad.f_mul_scalar(lr)?).map(|_| ()))?;
+        }
     }
     let local = net.weights()?;
     let delta: Vec<f32> = local.values().iter().zip(global.values()).map(|(l, g)| l - g).collect();
@@ -268,6 +343,32 @@ mod tests {
             *t += d;
         }
         assert!(evaluate(&trained, &data, Device::Cpu).unwrap().0 >= 0.95);
+    }
+
+    #[test]
+    fn dp_sgd_learns_with_mild_noise_and_drowns_in_huge_noise() {
+        let plan = toy_plan(60, 0.5, "kind='logistic_regression'\ninputs=13");
+        let data = toy_data();
+        let w = plan.model.init(0);
+        let apply = |r: &RoundResult| {
+            let mut t = w.clone();
+            for (v, d) in t.values_mut().iter_mut().zip(&r.delta) {
+                *v += d;
+            }
+            evaluate(&t, &data, Device::Cpu).unwrap().0
+        };
+        let mild = DpSetup { sampling_rate: 0.25, noise_multiplier: 0.5, clip_norm: 1.0 };
+        let r = train_round_dp(&plan, &w, &data, Device::Cpu, &mild).unwrap();
+        assert!(apply(&r) >= 0.95, "DP-SGD with mild noise should still separate the toy data");
+        // Two runs draw different batches and noise: the secure stream is not replayable.
+        let r2 = train_round_dp(&plan, &w, &data, Device::Cpu, &mild).unwrap();
+        assert_ne!(r.delta, r2.delta);
+        // With σ = 1e4 the step is noise: its size matches lr·σ·C/(q·n) per coordinate per step.
+        let loud = DpSetup { sampling_rate: 0.25, noise_multiplier: 1e4, clip_norm: 1.0 };
+        let r = train_round_dp(&plan, &w, &data, Device::Cpu, &loud).unwrap();
+        let rms = (r.delta.iter().map(|d| f64::from(*d).powi(2)).sum::<f64>() / r.delta.len() as f64).sqrt();
+        let want = 0.5 * 1e4 / (0.25 * 40.0) * 60f64.sqrt();
+        assert!((rms / want - 1.0).abs() < 0.5, "rms step {rms}, expected about {want}");
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct Plan {
     pub data: DataSpec,
     pub local: LocalTraining,
     pub strategy: Strategy,
+    /// Differential privacy of what leaves each node; off unless the plan asks for it.
+    #[serde(default)]
+    pub privacy: PrivacySpec,
     /// Only for `sanctum-coordinator simulate`; never sent to nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simulation: Option<Simulation>,
@@ -128,6 +131,39 @@ fn default_beta2() -> f64 {
 }
 fn default_tau() -> f64 {
     1e-3
+}
+
+/// Which differential privacy a plan asks of its nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrivacyMode {
+    /// Updates leave without noise.
+    #[default]
+    None,
+    /// Example-level DP at every node: DP-SGD (Poisson sampling, per-example clipping, Gaussian
+    /// noise), protecting each hospital's patients.
+    Example,
+}
+
+/// The `[privacy]` section.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacySpec {
+    #[serde(default)]
+    pub mode: PrivacyMode,
+    /// Noise standard deviation / clip norm. Give this or `target_epsilon`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_multiplier: Option<f64>,
+    /// ε each node may spend on the whole plan; each node derives the noise multiplier for its
+    /// own sampling rate and step count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_epsilon: Option<f64>,
+    /// δ of the (ε, δ) guarantee, per node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<f64>,
+    /// Per-example gradient clipping norm.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_norm: Option<f64>,
 }
 
 impl Strategy {
@@ -254,6 +290,7 @@ impl Plan {
                 return Err(invalid("strategy.tau", "must be a positive number"));
             }
         }
+        self.validate_privacy()?;
         if let Some(sim) = &self.simulation {
             let mut seen = BTreeSet::new();
             for h in &sim.hospitals {
@@ -267,6 +304,48 @@ impl Plan {
                     "simulation.hospitals",
                     format!("lists {} hospitals but min_nodes is {}", sim.hospitals.len(), self.min_nodes),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_privacy(&self) -> Result<(), PlanError> {
+        let p = &self.privacy;
+        let positive = |v: Option<f64>| v.is_some_and(|v| v.is_finite() && v > 0.0);
+        match p.mode {
+            PrivacyMode::None => {
+                if p.noise_multiplier.is_some() || p.target_epsilon.is_some() || p.clip_norm.is_some() {
+                    return Err(invalid(
+                        "privacy.mode",
+                        "is none, but privacy parameters are set; use mode = \"example\"",
+                    ));
+                }
+            }
+            PrivacyMode::Example => {
+                match (p.noise_multiplier, p.target_epsilon) {
+                    (Some(_), Some(_)) | (None, None) => {
+                        return Err(invalid("privacy", "needs exactly one of noise_multiplier or target_epsilon"));
+                    }
+                    (Some(_), None) if !positive(p.noise_multiplier) => {
+                        return Err(invalid("privacy.noise_multiplier", "must be a positive number"));
+                    }
+                    (None, Some(_)) if !positive(p.target_epsilon) => {
+                        return Err(invalid("privacy.target_epsilon", "must be a positive number"));
+                    }
+                    _ => {}
+                }
+                if !positive(p.clip_norm) {
+                    return Err(invalid(
+                        "privacy.clip_norm",
+                        "is required with mode = \"example\" and must be positive",
+                    ));
+                }
+                if !p.delta.is_some_and(|d| d > 0.0 && d < 1.0) {
+                    return Err(invalid("privacy.delta", "is required with mode = \"example\" and must be in (0, 1)"));
+                }
+                if self.local.optimizer != LocalOptimizer::Sgd {
+                    return Err(invalid("local.optimizer", "must be sgd with example-level privacy (DP-SGD)"));
+                }
             }
         }
         Ok(())
@@ -333,5 +412,14 @@ server_learning_rate = 0.01
         assert!(e.contains("stepz"), "{e}");
         let e = Plan::parse(&PLAN.replace("rounds = 2", "rounds = 0")).unwrap_err().to_string();
         assert!(e.contains("rounds"), "{e}");
+        let dp = |extra: &str| Plan::parse(&format!("{PLAN}[privacy]\nmode = \"example\"\n{extra}"));
+        let e = dp("clip_norm = 1.0\ndelta = 1e-5").unwrap_err().to_string();
+        assert!(e.contains("exactly one of noise_multiplier or target_epsilon"), "{e}");
+        let e = dp("noise_multiplier = 1.0\ndelta = 1e-5").unwrap_err().to_string();
+        assert!(e.contains("privacy.clip_norm"), "{e}");
+        let e = dp("noise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 2").unwrap_err().to_string();
+        assert!(e.contains("privacy.delta"), "{e}");
+        let ok = dp("target_epsilon = 3.0\nclip_norm = 1.0\ndelta = 1e-5").unwrap();
+        assert_eq!(Plan::parse(&ok.to_wire_toml().unwrap()).unwrap(), ok);
     }
 }

@@ -161,13 +161,18 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub fn start(c: &Consortium, name: &str, coordinator: &str, data: &Path) -> Self {
+        Self::start_with_policy(c, name, coordinator, data, "")
+    }
+
+    /// Like [`NodeProcess::start`], with extra lines in the node's `[policy]` section.
+    pub fn start_with_policy(c: &Consortium, name: &str, coordinator: &str, data: &Path, policy: &str) -> Self {
         let files = c.member(name, "node");
         let dir = c.dir.path().join("members").join(name);
         let config = dir.join("node.toml");
         std::fs::write(
             &config,
             format!(
-                "coordinator = {coordinator:?}\ndevice = \"cpu\"\nthreads = 1\nstate_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nschema = \"heart_disease\"\npath = {data:?}\n[policy]\nallowed_models = [\"logistic_regression\"]\n",
+                "coordinator = {coordinator:?}\ndevice = \"cpu\"\nthreads = 1\nstate_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nschema = \"heart_disease\"\npath = {data:?}\n[policy]\nallowed_models = [\"logistic_regression\"]\n{policy}\n",
                 files.ca, files.cert, files.key
             ),
         )

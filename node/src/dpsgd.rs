@@ -1,0 +1,137 @@
+//! DP-SGD's clipped gradient sum without a loop over examples ("ghost clipping" and
+//! book-keeping: Goodfellow 2015; Li et al. 2022; Bu et al. 2023).
+//!
+//! For a linear layer z = a·Wᵀ + b, example i's weight gradient is the outer product gᵢ·aᵢᵀ of
+//! the gradient of the loss with respect to the layer's output (gᵢ) and the layer's input (aᵢ),
+//! so its squared Frobenius norm is ‖gᵢ‖²·‖aᵢ‖², and its bias gradient is gᵢ. One forward pass
+//! keeps every aᵢ, one `run_backward` on the summed loss returns every gᵢ, the per-example norms
+//! follow by row sums, and the clipped sum is Σᵢ cᵢ·gᵢ·aᵢᵀ = (c ⊙ g)ᵀ·a, one matrix product per
+//! layer. The per-example loop survives only as the test oracle.
+
+use tch::{Kind, Reduction, TchError, Tensor};
+
+use crate::train::Net;
+
+/// The clipped sum of a batch's per-example gradients.
+pub struct ClippedSum {
+    /// One tensor per model variable, in layout order (weight, bias, weight, bias, …).
+    pub grads: Vec<Tensor>,
+    /// Each example's gradient norm before clipping.
+    pub norms: Tensor,
+}
+
+/// Per-example binary cross-entropy on logits, one value per row.
+fn per_example_loss(logits: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
+    logits.f_view([-1])?.f_binary_cross_entropy_with_logits::<Tensor>(y, None, None, Reduction::None)
+}
+
+/// Σᵢ min(1, C/‖∇ℓᵢ‖)·∇ℓᵢ over the batch `x`, `y`, computed from layer inputs and output
+/// gradients.
+pub(crate) fn clipped_sum(net: &Net, x: &Tensor, y: &Tensor, clip_norm: f64) -> Result<ClippedSum, TchError> {
+    let (logits, record) = net.forward_recorded(x)?;
+    let loss = per_example_loss(&logits, y)?.f_sum(Kind::Float)?;
+    let outputs: Vec<&Tensor> = record.iter().map(|(_, z)| z).collect();
+    let out_grads = Tensor::f_run_backward(&[&loss], &outputs, false, false)?;
+    // ‖∇ℓᵢ‖² = Σ_layers (‖gᵢ‖²·‖aᵢ‖² + ‖gᵢ‖²)
+    let mut sq_norms: Option<Tensor> = None;
+    for ((a, _), g) in record.iter().zip(&out_grads) {
+        let g2 = g.f_square()?.f_sum_dim_intlist(1, false, Kind::Float)?;
+        let a2 = a.f_square()?.f_sum_dim_intlist(1, false, Kind::Float)?;
+        let layer = g2.f_mul(&a2.f_add_scalar(1.0)?)?;
+        sq_norms = Some(match sq_norms {
+            None => layer,
+            Some(acc) => acc.f_add(&layer)?,
+        });
+    }
+    let norms = sq_norms.ok_or_else(|| TchError::Kind("model has no layers".into()))?.f_sqrt()?;
+    // cᵢ = min(1, C/‖∇ℓᵢ‖); the 1e-6 keeps a zero gradient finite and only ever shrinks cᵢ.
+    let factors = norms.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(clip_norm)?.f_clamp_max(1.0)?;
+    let mut grads = Vec::with_capacity(2 * record.len());
+    for ((a, _), g) in record.iter().zip(&out_grads) {
+        let scaled = g.f_mul(&factors.f_unsqueeze(1)?)?;
+        grads.push(scaled.f_tr()?.f_matmul(a)?);
+        grads.push(scaled.f_sum_dim_intlist(0, false, Kind::Float)?);
+    }
+    Ok(ClippedSum { grads, norms: norms.f_detach()? })
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use sanctum_protocol::model::ModelSpec;
+    use tch::Device;
+
+    use super::*;
+
+    /// The oracle: one backward pass per example, clip, sum.
+    fn clipped_sum_by_loop(net: &Net, x: &Tensor, y: &Tensor, clip_norm: f64) -> (Vec<Tensor>, Vec<f64>) {
+        let params: Vec<Tensor> = net.layers.iter().flat_map(|(w, b)| [w.shallow_clone(), b.shallow_clone()]).collect();
+        let mut sum: Vec<Tensor> = params.iter().map(|p| p.zeros_like()).collect();
+        let mut norms = Vec::new();
+        for i in 0..x.size()[0] {
+            let xi = x.narrow(0, i, 1);
+            let yi = y.narrow(0, i, 1);
+            let loss = per_example_loss(&net.forward(&xi).unwrap(), &yi).unwrap().sum(Kind::Float);
+            let grads = Tensor::run_backward(&[&loss], &params, false, false);
+            let norm = grads.iter().map(|g| g.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
+            let c = (clip_norm / (norm + 1e-6)).min(1.0);
+            for (s, g) in sum.iter_mut().zip(&grads) {
+                *s = &*s + g * c;
+            }
+            norms.push(norm);
+        }
+        (sum, norms)
+    }
+
+    fn batch(n: i64, seed: i64) -> (Tensor, Tensor) {
+        tch::manual_seed(seed);
+        let x = Tensor::randn([n, 13], (Kind::Float, Device::Cpu)) * 2.0;
+        let y = Tensor::randint(2, [n], (Kind::Float, Device::Cpu));
+        (x, y)
+    }
+
+    fn net(spec: &ModelSpec, seed: u64) -> Net {
+        Net::new(&spec.init(seed), Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn ghost_clipping_equals_the_per_example_loop() {
+        let models = [
+            ModelSpec::LogisticRegression { inputs: 13 },
+            ModelSpec::Mlp { inputs: 13, hidden: vec![16] },
+            ModelSpec::Mlp { inputs: 13, hidden: vec![32, 8] },
+        ];
+        for (m, spec) in models.iter().enumerate() {
+            for clip in [0.05, 1.0, 1e6] {
+                let net = net(spec, m as u64);
+                let (x, y) = batch(64, m as i64);
+                let fast = clipped_sum(&net, &x, &y, clip).unwrap();
+                let (slow, norms) = clipped_sum_by_loop(&net, &x, &y, clip);
+                for (f, s) in fast.grads.iter().zip(&slow) {
+                    let diff = (f - s).abs().max().double_value(&[]);
+                    assert!(diff <= 1e-5, "{} clip {clip}: max difference {diff}", spec.name());
+                }
+                let fast_norms = Vec::<f32>::try_from(&fast.norms).unwrap();
+                for (a, b) in fast_norms.iter().zip(&norms) {
+                    assert!((f64::from(*a) - b).abs() <= 1e-4 * b.max(1.0), "norm {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn no_clipped_contribution_exceeds_the_clip_norm(seed in 0u64..1000, clip in 0.001f64..10.0, n in 1i64..16) {
+            // A batch of one is one example's clipped contribution.
+            let spec = ModelSpec::Mlp { inputs: 13, hidden: vec![8] };
+            let net = net(&spec, seed);
+            let (x, y) = batch(n, seed as i64);
+            for i in 0..n {
+                let one = clipped_sum(&net, &x.narrow(0, i, 1), &y.narrow(0, i, 1), clip).unwrap();
+                let norm: f64 = one.grads.iter().map(|g| g.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
+                prop_assert!(norm <= clip * (1.0 + 1e-5), "contribution {norm} > clip {clip}");
+            }
+        }
+    }
+}
