@@ -149,6 +149,26 @@ pub struct RoundResult {
     pub seconds: f64,
 }
 
+/// The update local − global, refused if training diverged.
+fn finish_round(
+    net: &Net,
+    global: &Weights,
+    plan: &Plan,
+    loss_sum: f64,
+    started: Instant,
+) -> Result<RoundResult, TrainError> {
+    let local = net.weights()?;
+    let delta: Vec<f32> = local.values().iter().zip(global.values()).map(|(l, g)| l - g).collect();
+    if delta.iter().any(|v| !v.is_finite()) {
+        return Err(TrainError::Diverged);
+    }
+    Ok(RoundResult {
+        delta,
+        mean_loss: loss_sum / f64::from(plan.local.steps.max(1)),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
 /// Runs the plan's local steps from `global` on the train split and returns the update.
 /// Batches follow a seeded shuffle per epoch (a DataLoader with `shuffle=True`); the last batch
 /// of an epoch may be smaller.
@@ -191,16 +211,7 @@ pub fn train_round(
         opt.step();
         loss_sum += loss.f_double_value(&[])?;
     }
-    let local = net.weights()?;
-    let delta: Vec<f32> = local.values().iter().zip(global.values()).map(|(l, g)| l - g).collect();
-    if delta.iter().any(|v| !v.is_finite()) {
-        return Err(TrainError::Diverged);
-    }
-    Ok(RoundResult {
-        delta,
-        mean_loss: loss_sum / f64::from(plan.local.steps.max(1)),
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    finish_round(&net, global, plan, loss_sum, started)
 }
 
 /// The DP-SGD settings a node derived for a plan from its own data.
@@ -259,16 +270,7 @@ pub fn train_round_dp(
             tch::no_grad(|| p.f_sub_(&grad.f_mul_scalar(lr)?).map(|_| ()))?;
         }
     }
-    let local = net.weights()?;
-    let delta: Vec<f32> = local.values().iter().zip(global.values()).map(|(l, g)| l - g).collect();
-    if delta.iter().any(|v| !v.is_finite()) {
-        return Err(TrainError::Diverged);
-    }
-    Ok(RoundResult {
-        delta,
-        mean_loss: loss_sum / f64::from(plan.local.steps.max(1)),
-        seconds: started.elapsed().as_secs_f64(),
-    })
+    finish_round(&net, global, plan, loss_sum, started)
 }
 
 #[cfg(test)]
