@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 use crate::config::NodeConfig;
 use crate::data::{self, LocalData};
 use crate::egress::{EgressLog, Rule};
+use crate::ledger::{Charge, Ledger};
 use crate::{policy, train};
 
 /// A plan this node accepted, with its validated data.
@@ -60,6 +61,8 @@ pub struct Node {
     material: TlsMaterial,
     device: Device,
     egress: EgressLog,
+    /// What each dataset has spent; charged before an update leaves.
+    ledger: Ledger,
     /// Exit once the plan offered to this node is closed (simulations and tests).
     exit_after_plan: bool,
     plans: HashMap<String, Accepted>,
@@ -76,9 +79,10 @@ enum SessionEnd {
 }
 
 impl Node {
-    pub fn new(cfg: NodeConfig, material: TlsMaterial, device: Device, exit_after_plan: bool) -> std::io::Result<Self> {
+    pub fn new(cfg: NodeConfig, material: TlsMaterial, device: Device, exit_after_plan: bool) -> anyhow::Result<Self> {
         let egress = EgressLog::open(&cfg.state_dir)?;
-        Ok(Self { cfg, material, device, egress, exit_after_plan, plans: HashMap::new(), cached: None })
+        let ledger = Ledger::open(&cfg.state_dir)?;
+        Ok(Self { cfg, material, device, egress, ledger, exit_after_plan, plans: HashMap::new(), cached: None })
     }
 
     /// Runs until the process is stopped (or, with `exit_after_plan`, the plan closes).
@@ -210,12 +214,12 @@ impl Node {
                 plan.model.inputs()
             ));
         }
-        let dp = self.privacy_for(&plan, &data)?;
+        let dp = self.privacy_for(&plan, &offer.plan_id, &data)?;
         Ok(Accepted { plan, data: Arc::new(data), dp })
     }
 
     /// Derives this node's DP-SGD settings for a plan and checks them against the policy's ε cap.
-    fn privacy_for(&self, plan: &Plan, data: &LocalData) -> Result<Option<DpPlan>, String> {
+    fn privacy_for(&self, plan: &Plan, plan_id: &str, data: &LocalData) -> Result<Option<DpPlan>, String> {
         let cap = self.cfg.policy.max_epsilon;
         let p = &plan.privacy;
         if p.mode == PrivacyMode::None {
@@ -242,12 +246,14 @@ impl Node {
         let setup = train::DpSetup { sampling_rate, noise_multiplier, clip_norm };
         let mut dp = DpPlan { setup, delta, epsilon: 0.0 };
         dp.epsilon = dp.epsilon_after(steps);
+        // Charges of this same plan (offered again after a restart) are part of its own ε.
+        let already = self.ledger.spent(&plan.data.schema, Some(plan_id));
         if let Some(cap) = cap
-            && dp.epsilon > cap
+            && already.epsilon + dp.epsilon > cap
         {
             return Err(format!(
-                "plan would spend ε = {:.3} (δ = {delta:e}, {steps} DP-SGD steps at q = {sampling_rate:.4}, σ = {noise_multiplier:.3}) on this hospital's data; policy.max_epsilon is {cap}",
-                dp.epsilon
+                "plan would spend ε = {:.3} (δ = {delta:e}, {steps} DP-SGD steps at q = {sampling_rate:.4}, σ = {noise_multiplier:.3}) on this hospital's data, which has already spent ε = {:.3}; policy.max_epsilon is {cap}",
+                dp.epsilon, already.epsilon
             ));
         }
         tracing::info!(
@@ -329,6 +335,11 @@ impl Node {
             seconds = format!("{:.2}", result.seconds),
             "local training done"
         );
+        // The privacy cost is charged, durably, before anything about this round leaves.
+        let epsilon_spent = match dp {
+            Some(dp) => Some(self.charge(&start.plan_id, start.round, &dp)?),
+            None => None,
+        };
         let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
         let schema = accepted.plan.schema().map(|s| s.task.metric()).unwrap_or("metric");
         let payload = transfer::f32_to_le_bytes(&result.delta);
@@ -343,15 +354,7 @@ impl Node {
             payload_sha256: hasher.finish().to_hex(),
             metrics: {
                 let mut m = vec![proto::Metric { name: schema.to_string(), value: metric.0, samples: metric.1 }];
-                if let Some(dp) = &accepted.dp {
-                    let steps = u64::from(start.round) * u64::from(accepted.plan.local.steps);
-                    let spent = dp.epsilon_after(steps);
-                    tracing::info!(
-                        round = start.round,
-                        epsilon_spent = format!("{spent:.3}"),
-                        of = format!("{:.3}", dp.epsilon),
-                        "privacy spent"
-                    );
+                if let Some((spent, steps)) = epsilon_spent {
                     m.push(proto::Metric { name: "epsilon_spent".into(), value: spent, samples: steps });
                 }
                 m
@@ -379,6 +382,54 @@ impl Node {
             Err(s) => tracing::warn!(round = start.round, "update refused by the coordinator: {}", s.message()),
         }
         Ok(())
+    }
+
+    /// Charges this round's privacy cost to the ledger (fsync'd) before the update may leave;
+    /// refuses if the dataset's cap would be exceeded. Returns (ε spent by the plan, steps).
+    fn charge(&mut self, plan_id: &str, round: u32, dp: &DpPlan) -> anyhow::Result<(f64, u64)> {
+        let accepted = self.plans.get(plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
+        let dataset = accepted.plan.data.schema.clone();
+        let steps = u64::from(round) * u64::from(accepted.plan.local.steps);
+        let spent = dp.epsilon_after(steps);
+        let others = self.ledger.spent(&dataset, Some(plan_id));
+        if let Some(cap) = self.cfg.policy.max_epsilon
+            && others.epsilon + spent > cap
+        {
+            anyhow::bail!(
+                "round {round} would bring dataset '{dataset}' to ε = {:.3}, above policy.max_epsilon = {cap}; the update is not sent",
+                others.epsilon + spent
+            );
+        }
+        let charge = Charge {
+            dataset,
+            plan_id: plan_id.to_string(),
+            plan_name: accepted.plan.name.clone(),
+            round,
+            epsilon: spent,
+            delta: dp.delta,
+            steps,
+            sampling_rate: dp.setup.sampling_rate,
+            noise_multiplier: dp.setup.noise_multiplier,
+            accountant: "pld".into(),
+            time_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        let fresh = self.ledger.charge(charge)?;
+        tracing::info!(
+            round,
+            epsilon_spent = format!("{spent:.3}"),
+            of = format!("{:.3}", dp.epsilon),
+            charged = if fresh { "now" } else { "already (retry)" },
+            "privacy charged to the ledger"
+        );
+        // Test hook for the crash-between-charge-and-send fault test; never set in production.
+        if std::env::var_os("SANCTUM_FAULT_CRASH_AFTER_CHARGE").is_some() {
+            tracing::error!("SANCTUM_FAULT_CRASH_AFTER_CHARGE is set: exiting before the update is sent");
+            std::process::exit(70);
+        }
+        Ok((spent, steps))
     }
 
     async fn evaluate(&mut self, client: &mut FederationClient<Channel>, ev: &proto::Evaluate) -> anyhow::Result<()> {

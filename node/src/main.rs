@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sanctum_node::config::NodeConfig;
 use sanctum_node::daemon::Node;
+use sanctum_node::ledger::Ledger;
 use sanctum_node::{data, train};
 use sanctum_protocol::pki;
 use sanctum_protocol::privacy::cli::PrivacyCommand;
@@ -36,6 +37,13 @@ enum Command {
     Check {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// What each dataset has spent from its privacy budget, per plan, from the ledger.
+    Budget {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Privacy accounting: ε of a DP-SGD run, or the noise a target ε needs.
     #[command(subcommand)]
@@ -130,6 +138,57 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     data.train_len(),
                     data.test_len()
                 );
+            }
+            Ok(())
+        }
+        Command::Budget { config, json } => {
+            let cfg = NodeConfig::load(&config)?;
+            let ledger = Ledger::open(&cfg.state_dir)?;
+            let cap = cfg.policy.max_epsilon;
+            let mut names: Vec<String> = cfg.datasets.iter().map(|d| d.schema.clone()).collect();
+            names.extend(ledger.datasets());
+            names.sort();
+            names.dedup();
+            let mut out = Vec::new();
+            for name in &names {
+                let spent = ledger.spent(name, None);
+                let plans: Vec<_> = ledger.plans(name).into_values().collect();
+                out.push(serde_json::json!({
+                    "dataset": name,
+                    "epsilon_spent": spent.epsilon,
+                    "delta_spent": spent.delta,
+                    "epsilon_cap": cap,
+                    "epsilon_remaining": cap.map(|c| (c - spent.epsilon).max(0.0)),
+                    "accountant": "pld (connect-the-dots) within a plan; basic composition (sum) across plans",
+                    "plans": plans,
+                }));
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+                return Ok(());
+            }
+            println!("privacy ledger: {}", ledger.path().display());
+            println!("accountant: PLD (connect-the-dots) within a plan; ε and δ add up across plans");
+            for name in &names {
+                let spent = ledger.spent(name, None);
+                let cap_text = match cap {
+                    Some(c) => format!("of {c} (remaining {:.3})", (c - spent.epsilon).max(0.0)),
+                    None => "(no cap: policy.max_epsilon is not set)".to_string(),
+                };
+                println!("dataset {name}: ε spent {:.3} {cap_text}, δ spent {:e}", spent.epsilon, spent.delta);
+                for c in ledger.plans(name).values() {
+                    println!(
+                        "  plan {} ({}): {} round(s) charged, {} steps at q = {:.4}, σ = {:.3}: ε = {:.3}, δ = {:e}",
+                        c.plan_name,
+                        &c.plan_id[..c.plan_id.len().min(12)],
+                        c.round,
+                        c.steps,
+                        c.sampling_rate,
+                        c.noise_multiplier,
+                        c.epsilon,
+                        c.delta
+                    );
+                }
             }
             Ok(())
         }

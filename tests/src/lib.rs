@@ -157,6 +157,8 @@ impl Drop for CoordinatorProcess {
 pub struct NodeProcess {
     pub child: Child,
     pub log: PathBuf,
+    /// The node's config file, for `sanctum-node budget` and restarts.
+    pub config: PathBuf,
 }
 
 impl NodeProcess {
@@ -166,6 +168,18 @@ impl NodeProcess {
 
     /// Like [`NodeProcess::start`], with extra lines in the node's `[policy]` section.
     pub fn start_with_policy(c: &Consortium, name: &str, coordinator: &str, data: &Path, policy: &str) -> Self {
+        Self::start_with(c, name, coordinator, data, policy, &[])
+    }
+
+    /// Like [`NodeProcess::start_with_policy`], with extra environment variables (fault hooks).
+    pub fn start_with(
+        c: &Consortium,
+        name: &str,
+        coordinator: &str,
+        data: &Path,
+        policy: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let files = c.member(name, "node");
         let dir = c.dir.path().join("members").join(name);
         let config = dir.join("node.toml");
@@ -178,16 +192,29 @@ impl NodeProcess {
         )
         .expect("write node config");
         let log = dir.join("node.log");
-        let child = Command::new(bin("sanctum-node"))
-            .args(["run", "--exit-after-plan", "--config"])
-            .arg(&config)
+        let child = Self::spawn(&config, &log, env);
+        Self { child, log, config }
+    }
+
+    fn spawn(config: &Path, log: &Path, env: &[(&str, &str)]) -> Child {
+        let mut cmd = Command::new(bin("sanctum-node"));
+        cmd.args(["run", "--exit-after-plan", "--config"])
+            .arg(config)
             .env_remove("LD_LIBRARY_PATH")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
-            .spawn()
-            .expect("spawn node");
-        Self { child, log }
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("spawn node")
+    }
+
+    /// Starts the same node again (same key, config and state directory) after it stopped.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.config, &self.log, &[]);
     }
 
     pub fn log_text(&self) -> String {

@@ -2,11 +2,12 @@
 //! refuses a plan that would overspend its policy's cap (the lead sees why), and trains with
 //! DP-SGD when it accepts.
 
+use std::process::Command;
 use std::time::Duration;
 
 use sanctum_protocol::proto::lead_client::LeadClient;
 use sanctum_protocol::proto::{SubmitPlanRequest, WatchPlanRequest, plan_event};
-use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, channel, heart_data, wait_until};
+use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, bin, channel, heart_data, run_ok, wait_until};
 use tokio_stream::StreamExt;
 
 #[tokio::test]
@@ -49,4 +50,76 @@ async fn a_plan_that_would_overspend_is_refused_and_the_others_train_privately()
     assert!(log.contains("plan uses example-level DP"), "{log}");
     assert!(log.contains("epsilon_spent=\"2.96"), "{log}");
     drop(strict);
+}
+
+#[tokio::test]
+async fn a_crash_between_charge_and_send_leaves_the_charge_once_and_never_less() {
+    let c = Consortium::new();
+    let coord = CoordinatorProcess::start(&c);
+    let addr = coord.address();
+    let mut crashing = NodeProcess::start_with(
+        &c,
+        "cleveland",
+        &addr,
+        &heart_data("cleveland"),
+        "max_epsilon = 10.0",
+        &[("SANCTUM_FAULT_CRASH_AFTER_CHARGE", "1")],
+    );
+    let _honest = NodeProcess::start(&c, "hungarian", &addr, &heart_data("hungarian"));
+    assert!(wait_until(Duration::from_secs(60), || coord.log_text().matches("node connected").count() >= 2));
+    let plan = "name = \"crash\"\nrounds = 2\nmin_nodes = 1\n\
+                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+                [local]\nsteps = 10\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n\
+                [privacy]\nmode = \"example\"\nnoise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 1e-5\n";
+    let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
+    let plan_id = lead.submit_plan(SubmitPlanRequest { plan_toml: plan.into() }).await.unwrap().into_inner().plan_id;
+    let mut events = lead.watch_plan(WatchPlanRequest { plan_id: plan_id.clone() }).await.unwrap().into_inner();
+    let finished = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(120), events.next()).await.unwrap().unwrap().unwrap();
+        if let Some(plan_event::Kind::PlanFinished(f)) = ev.kind {
+            break f;
+        }
+    };
+    assert!(finished.success, "{}", finished.reason);
+    // The node died right after its round-1 charge was fsync'd, before the update left.
+    let status = crashing.child.wait().unwrap();
+    assert_eq!(status.code(), Some(70), "{}", crashing.log_text());
+    let egress = std::fs::read_to_string(crashing.config.with_file_name("state").join("egress.jsonl")).unwrap();
+    assert!(!egress.contains("SubmitUpdate"), "the update must not have left:\n{egress}");
+
+    let budget = |node: &NodeProcess| -> serde_json::Value {
+        let out = run_ok(Command::new(bin("sanctum-node")).args(["budget", "--json", "--config"]).arg(&node.config));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // ε of 10 DP-SGD steps at q = 4/199, σ = 1, δ = 1e-5 by the same accountant the node uses.
+    let truth = sanctum_protocol::privacy::epsilon_with(
+        sanctum_protocol::privacy::Accountant::Pld,
+        &sanctum_protocol::privacy::SampledGaussian { sampling_rate: 4.0 / 199.0, noise_multiplier: 1.0, steps: 10 },
+        1e-5,
+    )
+    .unwrap();
+    let check = |b: &serde_json::Value| {
+        let d = &b[0];
+        assert_eq!(d["dataset"], "heart_disease");
+        let plans = d["plans"].as_array().unwrap();
+        assert_eq!(plans.len(), 1, "{b}");
+        assert_eq!(plans[0]["plan_id"], plan_id.as_str());
+        assert_eq!(plans[0]["round"], 1);
+        let spent = d["epsilon_spent"].as_f64().unwrap();
+        assert!((spent - truth).abs() < 1e-9, "spent {spent}, truth {truth}");
+        let remaining = d["epsilon_remaining"].as_f64().unwrap();
+        assert!(remaining <= 10.0 - truth + 1e-12, "remaining {remaining} is more than the truth");
+    };
+    check(&budget(&crashing));
+    let ledger = std::fs::read_to_string(crashing.config.with_file_name("state").join("privacy_ledger.jsonl")).unwrap();
+    assert_eq!(ledger.lines().count(), 1, "{ledger}");
+
+    // After a restart the node opens the same ledger: the charge is there once, still.
+    crashing.restart();
+    assert!(wait_until(Duration::from_secs(60), || crashing
+        .log_text()
+        .matches("connected; waiting for plans")
+        .count()
+        >= 2));
+    check(&budget(&crashing));
 }
