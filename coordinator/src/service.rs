@@ -525,6 +525,7 @@ impl Driver {
                         node,
                         accepted: response.accept,
                         reason: response.reason,
+                        privacy: response.privacy,
                     }),
                 );
                 self.apply(actions);

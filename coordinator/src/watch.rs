@@ -11,6 +11,16 @@ pub fn mean(values: impl IntoIterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| sum / n as f64)
 }
 
+/// "; DP-SGD will spend ε = … (δ = …) over N steps (σ = …, q = …)" for a node's decision line.
+fn describe_cost(p: &sanctum_protocol::proto::PrivacyCost) -> String {
+    let detail = if p.sampling_rate > 0.0 {
+        format!(", σ = {:.3}, q = {:.4}", p.noise_multiplier, p.sampling_rate)
+    } else {
+        String::new()
+    };
+    format!(": DP-SGD will spend ε = {:.3} (δ = {:e}) over {} steps{detail}", p.epsilon, p.delta, p.steps)
+}
+
 /// Prints a plan's events as they come and returns its outcome (`None` if the stream ended first).
 pub async fn follow(events: impl Stream<Item = PlanEvent>, rounds: u32, metric: &str) -> Option<PlanFinished> {
     let bar = ProgressBar::new(u64::from(rounds));
@@ -29,7 +39,11 @@ pub async fn follow(events: impl Stream<Item = PlanEvent>, rounds: u32, metric: 
     let mut events = std::pin::pin!(events);
     while let Some(ev) = events.next().await {
         match ev.kind {
-            Some(plan_event::Kind::NodeDecision(d)) if d.accepted => say(format!("  {} accepted the plan", d.node)),
+            Some(plan_event::Kind::NodeDecision(d)) if d.accepted => say(format!(
+                "  {} accepted the plan{}",
+                d.node,
+                d.privacy.map(|p| describe_cost(&p)).unwrap_or_default()
+            )),
             Some(plan_event::Kind::NodeDecision(d)) => say(format!("  {} REFUSED the plan: {}", d.node, d.reason)),
             Some(plan_event::Kind::RoundOpened(r)) => {
                 bar.set_message(format!("training on {} nodes", r.participants.len()));

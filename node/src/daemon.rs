@@ -39,6 +39,8 @@ struct Accepted {
 struct DpPlan {
     setup: train::DpSetup,
     delta: f64,
+    /// DP-SGD steps over the whole plan.
+    steps: u64,
     /// ε for every step of the plan (PLD accountant): what the node agreed to spend.
     epsilon: f64,
 }
@@ -155,7 +157,16 @@ impl Node {
                         (false, reason)
                     }
                 };
-                let msg = PlanResponse { plan_id: offer.plan_id.clone(), accept, reason };
+                let share = self.cfg.policy.share_sample_counts;
+                let privacy =
+                    self.plans.get(&offer.plan_id).and_then(|a| a.dp).filter(|_| accept).map(|dp| proto::PrivacyCost {
+                        epsilon: dp.epsilon,
+                        delta: dp.delta,
+                        steps: dp.steps,
+                        sampling_rate: if share { dp.setup.sampling_rate } else { 0.0 },
+                        noise_multiplier: if share { dp.setup.noise_multiplier } else { 0.0 },
+                    });
+                let msg = PlanResponse { plan_id: offer.plan_id.clone(), accept, reason, privacy };
                 if let Err(e) =
                     self.egress.record("RespondToPlan", &offer.plan_id, None, msg.encoded_len(), Rule::PlanDecision)
                 {
@@ -244,7 +255,7 @@ impl Node {
             }
         };
         let setup = train::DpSetup { sampling_rate, noise_multiplier, clip_norm };
-        let mut dp = DpPlan { setup, delta, epsilon: 0.0 };
+        let mut dp = DpPlan { setup, delta, steps, epsilon: 0.0 };
         dp.epsilon = dp.epsilon_after(steps);
         // Charges of this same plan (offered again after a restart) are part of its own ε.
         let already = self.ledger.spent(&plan.data.schema, Some(plan_id));

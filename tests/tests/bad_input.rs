@@ -146,7 +146,12 @@ async fn bad_updates_are_rejected_logged_and_the_round_goes_on() {
         match d.kind {
             Some(directive::Kind::OfferPlan(o)) => {
                 rogue
-                    .respond_to_plan(PlanResponse { plan_id: o.plan_id, accept: true, reason: String::new() })
+                    .respond_to_plan(PlanResponse {
+                        plan_id: o.plan_id,
+                        accept: true,
+                        reason: String::new(),
+                        privacy: None,
+                    })
                     .await
                     .unwrap();
             }

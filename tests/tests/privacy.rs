@@ -32,10 +32,12 @@ async fn a_plan_that_would_overspend_is_refused_and_the_others_train_privately()
     let plan_id = lead.submit_plan(SubmitPlanRequest { plan_toml: plan.into() }).await.unwrap().into_inner().plan_id;
     let mut events = lead.watch_plan(WatchPlanRequest { plan_id }).await.unwrap().into_inner();
     let mut refusal = None;
+    let mut cost = None;
     let finished = loop {
         let ev = tokio::time::timeout(Duration::from_secs(120), events.next()).await.unwrap().unwrap().unwrap();
         match ev.kind {
             Some(plan_event::Kind::NodeDecision(d)) if !d.accepted => refusal = Some((d.node, d.reason)),
+            Some(plan_event::Kind::NodeDecision(d)) => cost = d.privacy.map(|p| (d.node, p)),
             Some(plan_event::Kind::PlanFinished(f)) => break f,
             _ => {}
         }
@@ -46,6 +48,10 @@ async fn a_plan_that_would_overspend_is_refused_and_the_others_train_privately()
     assert!(reason.contains("plan would spend ε = 2.63") && reason.contains("policy.max_epsilon is 2"), "{reason}");
     assert!(finished.success, "{}", finished.reason);
     assert_eq!(finished.final_metrics.iter().map(|m| m.node.as_str()).collect::<Vec<_>>(), ["hungarian"]);
+    // Before training, the lead learned what the plan costs the hospital that accepted it.
+    let (node, p) = cost.expect("hungarian's decision carries its privacy cost");
+    assert_eq!(node, "hungarian");
+    assert!((p.epsilon - 2.9618).abs() < 1e-3 && p.steps == 100 && p.delta == 1e-5, "{p:?}");
     let log = lenient.log_text();
     assert!(log.contains("plan uses example-level DP"), "{log}");
     assert!(log.contains("epsilon_spent=\"2.96"), "{log}");
