@@ -5,7 +5,7 @@
 //! by the weighted mean update (FedAvg) or uses it as a pseudo-gradient for FedAdam, FedYogi or
 //! FedAdagrad (Reddi et al., "Adaptive Federated Optimization", ICLR 2021).
 
-use sanctum_protocol::plan::{ServerOptimizer, Strategy};
+use sanctum_protocol::plan::{AdaptiveClipping, ServerOptimizer, Strategy};
 
 /// Why an update cannot be folded in.
 #[derive(Debug, PartialEq, thiserror::Error)]
@@ -62,12 +62,93 @@ impl Accumulator {
         self.count
     }
 
+    /// The running weighted sum.
+    pub fn sum(&self) -> &[f64] {
+        &self.sum
+    }
+
     /// The weighted mean update, or `None` when nothing was added.
     pub fn mean(&self) -> Option<Vec<f64>> {
         if self.count == 0 {
             return None;
         }
         Some(self.sum.iter().map(|s| s / self.total_weight).collect())
+    }
+}
+
+/// Client-level DP at the coordinator (DP-FedAvg, McMahan et al. 2018), with fixed or adaptive
+/// clipping (Andrew et al. 2021).
+///
+/// Each admitted update is scaled to norm at most C; at the end of the round the sum gets
+/// N(0, (σ_Δ·C)²) noise on every coordinate and is divided by the number of participants the
+/// round opened with (public, unlike the number that reported). With adaptive clipping the count
+/// of updates that needed no clipping is released with N(0, σ_b²) noise and moves C towards the
+/// target quantile: C ← C·exp(−η·(b̃ − γ)); the update noise is σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2), so
+/// the pair is exactly as private as one Gaussian release with the plan's σ.
+#[derive(Debug)]
+pub struct ClientDp {
+    clip: f64,
+    update_sigma: f64,
+    adaptive: Option<AdaptiveClipping>,
+    /// Updates this round whose norm was at most the clip norm.
+    unclipped: u64,
+}
+
+impl ClientDp {
+    /// `sigma` is the plan's noise multiplier; adaptive clipping needs 2σ_b > σ.
+    pub fn new(sigma: f64, clip: f64, adaptive: Option<AdaptiveClipping>) -> Result<Self, String> {
+        let update_sigma = match &adaptive {
+            None => sigma,
+            Some(a) => {
+                let rest = sigma.powi(-2) - (2.0 * a.count_noise_multiplier).powi(-2);
+                if rest <= 0.0 {
+                    return Err(format!(
+                        "adaptive clipping's count_noise_multiplier {} must exceed half the noise multiplier {sigma}",
+                        a.count_noise_multiplier
+                    ));
+                }
+                rest.powf(-0.5)
+            }
+        };
+        Ok(Self { clip, update_sigma, adaptive, unclipped: 0 })
+    }
+
+    /// The clip norm this round uses.
+    pub fn clip_norm(&self) -> f64 {
+        self.clip
+    }
+
+    /// The noise multiplier applied to the sum of updates.
+    pub fn update_noise_multiplier(&self) -> f64 {
+        self.update_sigma
+    }
+
+    /// Scales `update` to norm at most C; returns its norm before clipping.
+    pub fn clip(&mut self, update: &mut [f32]) -> f64 {
+        let norm = update.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+        if norm <= self.clip {
+            self.unclipped += 1;
+        } else {
+            let scale = self.clip / norm;
+            for v in update.iter_mut() {
+                *v = (f64::from(*v) * scale) as f32;
+            }
+        }
+        norm
+    }
+
+    /// The noised mean of the round's clipped updates; `gaussian(std)` draws N(0, std²).
+    /// Adapts the clip norm for the next round.
+    pub fn release(&mut self, sum: &[f64], participants: usize, gaussian: &mut dyn FnMut(f64) -> f64) -> Vec<f64> {
+        let n = participants.max(1) as f64;
+        let std = self.update_sigma * self.clip;
+        let mean = sum.iter().map(|s| (s + gaussian(std)) / n).collect();
+        if let Some(a) = &self.adaptive {
+            let b = (self.unclipped as f64 + gaussian(a.count_noise_multiplier)) / n;
+            self.clip *= (-a.learning_rate * (b - a.target_quantile)).exp();
+        }
+        self.unclipped = 0;
+        mean
     }
 }
 
@@ -164,6 +245,52 @@ mod tests {
         let v: f64 = 0.99e-6 + 0.0025;
         let want = 0.1 * 0.05 / (v.sqrt() + 1e-3);
         assert!((f64::from(w[0]) - want).abs() < 1e-6, "{} vs {want}", w[0]);
+    }
+
+    #[test]
+    fn client_dp_clips_noises_and_adapts() {
+        let mut dp = ClientDp::new(1.0, 1.0, None).unwrap();
+        let mut a = [3.0f32, 4.0];
+        assert_eq!(dp.clip(&mut a), 5.0);
+        assert!((a[0] - 0.6).abs() < 1e-6 && (a[1] - 0.8).abs() < 1e-6);
+        let mut b = [0.3f32, 0.4];
+        dp.clip(&mut b);
+        assert_eq!(b, [0.3, 0.4], "an update inside the bound is untouched");
+        // Without noise the release is the clipped sum over the participants the round opened with.
+        let sum = [0.9, 1.2];
+        let mean = dp.release(&sum, 3, &mut |_| 0.0);
+        assert!((mean[0] - 0.3).abs() < 1e-12 && (mean[1] - 0.4).abs() < 1e-12);
+        // The noise has standard deviation σ·C on every coordinate.
+        let mut seen = Vec::new();
+        dp.release(&sum, 3, &mut |std| {
+            seen.push(std);
+            0.0
+        });
+        assert_eq!(seen, vec![1.0, 1.0]);
+
+        // Adaptive: all updates under the bound with target quantile 0.5 shrinks C.
+        let adaptive = AdaptiveClipping { target_quantile: 0.5, learning_rate: 0.2, count_noise_multiplier: 10.0 };
+        let mut dp = ClientDp::new(1.0, 1.0, Some(adaptive.clone())).unwrap();
+        assert!(dp.update_noise_multiplier() > 1.0, "the count's share of the budget raises the update noise");
+        let s2 = 1.0 / (1.0f64.powi(-2) - 20.0f64.powi(-2)).sqrt();
+        assert!((dp.update_noise_multiplier() - s2).abs() < 1e-12);
+        for _ in 0..4 {
+            dp.clip(&mut [0.1f32, 0.1]);
+        }
+        dp.release(&[0.0, 0.0], 4, &mut |_| 0.0);
+        assert!((dp.clip_norm() - (-0.2f64 * 0.5).exp()).abs() < 1e-12, "{}", dp.clip_norm());
+        assert!(ClientDp::new(1.0, 1.0, Some(AdaptiveClipping { count_noise_multiplier: 0.4, ..adaptive })).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn clipped_updates_never_exceed_the_bound(v in prop::collection::vec(-100.0f32..100.0, 1..64), c in 0.01f64..10.0) {
+            let mut dp = ClientDp::new(1.0, c, None).unwrap();
+            let mut v = v;
+            dp.clip(&mut v);
+            let norm = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            prop_assert!(norm <= c * (1.0 + 1e-6));
+        }
     }
 
     proptest! {

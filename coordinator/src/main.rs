@@ -192,6 +192,12 @@ async fn follow_remote(
     for m in &finished.final_metrics {
         println!("  {:<14} {} {:.4} on {} test samples", m.node, finished.metric_name, m.value, m.samples);
     }
+    if finished.client_epsilon > 0.0 {
+        println!(
+            "client-level DP: ε = {:.3}, δ = {:e} for each hospital",
+            finished.client_epsilon, finished.client_delta
+        );
+    }
     if !finished.model_path.is_empty() {
         println!("final model: {}", finished.model_path);
     }

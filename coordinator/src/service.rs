@@ -16,7 +16,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sanctum_protocol::hash::{ContentHash, Hasher};
 use sanctum_protocol::model::Weights;
 use sanctum_protocol::pki::Role;
-use sanctum_protocol::plan::{Plan, Weighting};
+use sanctum_protocol::plan::{Plan, PrivacyMode, Weighting};
+use sanctum_protocol::privacy::noise::SecureGaussian;
+use sanctum_protocol::privacy::{self, Accountant, SampledGaussian};
 use sanctum_protocol::proto::{
     self, Ack, Directive, EvaluationReport, FetchModelRequest, ModelChunk, PlanEvent, PlanFinished, PlanResponse,
     SubmitPlanRequest, SubmitPlanResponse, SubscribeRequest, UpdateChunk, UpdateReceipt, WatchPlanRequest, directive,
@@ -30,7 +32,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::aggregate::{Accumulator, ServerState};
+use crate::aggregate::{Accumulator, ClientDp, ServerState};
 use crate::round::{Action, PlanRun, RunConfig};
 use crate::store::{Store, write_atomic};
 
@@ -460,6 +462,43 @@ struct ActiveRun {
     /// Hash of the initial model and of every round's result, in order.
     lineage: Vec<ContentHash>,
     participants: Vec<String>,
+    /// Client-level DP (DP-FedAvg) when the plan asks for it, with the ε it gives the plan.
+    client_dp: Option<(ClientDp, ClientDpCost)>,
+    /// Noise for DP-FedAvg: OS-seeded ChaCha20.
+    secure: SecureGaussian,
+}
+
+/// What client-level DP guarantees each hospital for the whole plan.
+#[derive(Clone, Copy, Debug)]
+struct ClientDpCost {
+    noise_multiplier: f64,
+    epsilon: f64,
+    delta: f64,
+}
+
+/// Sets up DP-FedAvg for a plan in client mode: the noise multiplier (given, or the smallest that
+/// meets the target over all rounds by the PLD accountant, with every hospital in every round)
+/// and the resulting ε.
+fn client_dp_for(plan: &Plan) -> Result<Option<(ClientDp, ClientDpCost)>, String> {
+    let p = &plan.privacy;
+    if p.mode != PrivacyMode::Client {
+        return Ok(None);
+    }
+    let (Some(delta), Some(clip)) = (p.delta, p.clip_norm) else {
+        return Err("client-level privacy needs privacy.delta and privacy.clip_norm".into());
+    };
+    let rounds = u64::from(plan.rounds);
+    let sigma = match (p.noise_multiplier, p.target_epsilon) {
+        (Some(s), _) => s,
+        (None, Some(target)) => {
+            privacy::noise_for_epsilon(Accountant::Pld, target, 1.0, rounds, delta).map_err(|e| e.to_string())?
+        }
+        (None, None) => return Err("client-level privacy needs noise_multiplier or target_epsilon".into()),
+    };
+    let run = SampledGaussian { sampling_rate: 1.0, noise_multiplier: sigma, steps: rounds };
+    let epsilon = privacy::epsilon_with(Accountant::Pld, &run, delta).map_err(|e| e.to_string())?;
+    let dp = ClientDp::new(sigma, clip, p.adaptive_clipping.clone())?;
+    Ok(Some((dp, ClientDpCost { noise_multiplier: sigma, epsilon, delta })))
 }
 
 struct Driver {
@@ -578,6 +617,15 @@ impl Driver {
             round_deadline: Duration::from_secs(plan.round_deadline_secs),
             evaluation_deadline: self.evaluation_deadline,
         };
+        let client_dp = client_dp_for(&plan).map_err(Status::invalid_argument)?;
+        if let Some((_, cost)) = &client_dp {
+            tracing::info!(
+                noise_multiplier = format!("{:.3}", cost.noise_multiplier),
+                epsilon = format!("{:.3}", cost.epsilon),
+                delta = cost.delta,
+                "client-level DP: each hospital's whole dataset is protected at this (ε, δ) in the released models"
+            );
+        }
         let connected: Vec<String> = lock(&self.inner.nodes).keys().cloned().collect();
         let (run, actions) = PlanRun::start(cfg, connected, now);
         tracing::info!(plan = plan.name, id = short(&plan_id), model = %model.short(), "plan started");
@@ -595,6 +643,8 @@ impl Driver {
             final_metrics: BTreeMap::new(),
             lineage: vec![model],
             participants: vec![],
+            client_dp,
+            secure: SecureGaussian::from_os(),
         });
         self.apply(actions);
         Ok(plan_id)
@@ -616,9 +666,13 @@ impl Driver {
         let mut bytes = Vec::new();
         let mut file = update.spool.reopen().map_err(|e| format!("spool: {e}"))?;
         file.read_to_end(&mut bytes).map_err(|e| format!("spool: {e}"))?;
-        let values = transfer::le_bytes_to_f32(&bytes)?;
+        let mut values = transfer::le_bytes_to_f32(&bytes)?;
         active.acc.check(&values).map_err(|e| e.to_string())?;
         let actions = active.run.admit_update(node, update.round, now).map_err(|e| e.to_string())?;
+        if let Some((dp, _)) = active.client_dp.as_mut() {
+            let norm = dp.clip(&mut values);
+            tracing::debug!(node, norm, clip = dp.clip_norm(), "update clipped for client-level DP");
+        }
         active.acc.add(&values, weight).map_err(|e| e.to_string())?;
         if let Some(m) = update.metrics.into_iter().next() {
             active.round_metrics.insert(node.to_string(), m);
@@ -744,7 +798,16 @@ impl Driver {
     /// Applies the server step to the admitted updates and publishes the new global model.
     fn close_round(&mut self, round: u32) -> Result<(), String> {
         let active = self.active.as_mut().ok_or("no plan is running")?;
-        let mean = active.acc.mean().ok_or("no update was admitted")?;
+        if active.acc.count() == 0 {
+            return Err("no update was admitted".into());
+        }
+        let mean = match active.client_dp.as_mut() {
+            Some((dp, _)) => {
+                let secure = &mut active.secure;
+                dp.release(active.acc.sum(), active.participants.len(), &mut |std| secure.sample(std))
+            }
+            None => active.acc.mean().ok_or("no update was admitted")?,
+        };
         active.server.step(active.global.values_mut(), &mean).map_err(|e| e.to_string())?;
         let bytes = active.global.to_safetensors().map_err(|e| e.to_string())?;
         active.model = self.inner.store.put_model(&bytes).map_err(|e| format!("model store: {e}"))?;
@@ -783,6 +846,8 @@ impl Driver {
                 .map(|(node, m)| proto::NodeMetric { node: node.clone(), value: m.value, samples: m.samples })
                 .collect(),
             model_path,
+            client_epsilon: active.client_dp.as_ref().map(|(_, c)| c.epsilon).unwrap_or(0.0),
+            client_delta: active.client_dp.as_ref().map(|(_, c)| c.delta).unwrap_or(0.0),
         };
         if success {
             tracing::info!(plan = active.plan.name, "plan finished: {reason}");

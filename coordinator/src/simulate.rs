@@ -241,6 +241,8 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
         "final_model_sha256": finished.final_model_sha256,
         "model_path": if opts.workdir.is_some() { json!(finished.model_path) } else { json!(null) },
         "wall_seconds": started.elapsed().as_secs_f64(),
+        "client_epsilon": (finished.client_epsilon > 0.0).then_some(finished.client_epsilon),
+        "client_delta": (finished.client_delta > 0.0).then_some(finished.client_delta),
         "reference": sim.reference.as_ref().map(|r| json!({"source": r.source, "mean": r.mean, "per_node": r.per_node})),
     });
     if let Some(path) = &opts.json {
@@ -281,6 +283,12 @@ fn print_table(
     match mean_metric {
         Some(m) => println!("{:<14} {:>12} {m:>10.4}{r}", "mean", ""),
         None => println!("{:<14} {:>12} {:>10}{r}", "mean", "", "n/a"),
+    }
+    if finished.client_epsilon > 0.0 {
+        println!(
+            "client-level DP (DP-FedAvg): every released model protects each hospital's whole dataset at ε = {:.3}, δ = {:e}",
+            finished.client_epsilon, finished.client_delta
+        );
     }
     if let Some(r) = reference {
         println!("published: {}", r.source);

@@ -233,13 +233,19 @@ impl Node {
     fn privacy_for(&self, plan: &Plan, plan_id: &str, data: &LocalData) -> Result<Option<DpPlan>, String> {
         let cap = self.cfg.policy.max_epsilon;
         let p = &plan.privacy;
-        if p.mode == PrivacyMode::None {
-            return match cap {
-                Some(cap) => Err(format!(
+        match (p.mode, cap) {
+            (PrivacyMode::None, Some(cap)) => {
+                return Err(format!(
                     "plan has no differential privacy (privacy.mode = none); this hospital's policy requires ε ≤ {cap}"
-                )),
-                None => Ok(None),
-            };
+                ));
+            }
+            (PrivacyMode::Client, Some(cap)) => {
+                return Err(format!(
+                    "plan's privacy is client-level, added by the coordinator, which this node cannot enforce; this hospital's policy requires example-level DP with ε ≤ {cap} (privacy.mode = \"example\")"
+                ));
+            }
+            (PrivacyMode::None | PrivacyMode::Client, None) => return Ok(None),
+            (PrivacyMode::Example, _) => {}
         }
         let (Some(delta), Some(clip_norm)) = (p.delta, p.clip_norm) else {
             return Err("plan's [privacy] section lacks delta or clip_norm".into());

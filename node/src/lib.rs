@@ -8,7 +8,6 @@
 //! - [`policy`]: the local rules a plan must satisfy before the node takes part (fails closed).
 //! - [`train`]: the model zoo on tch, local training and evaluation.
 //! - [`dpsgd`]: DP-SGD's per-example clipping by ghost norms (no loop over examples).
-//! - [`noise`]: Gaussian noise from an OS-seeded CSPRNG, hardened against floating-point attacks.
 //! - [`ledger`]: the privacy ledger, charged and fsync'd before an update leaves.
 //! - [`egress`]: the append-only record of everything the node sent and the rule that allowed it.
 //! - [`daemon`]: the gRPC client loop that ties them together.
@@ -19,6 +18,5 @@ pub mod data;
 pub mod dpsgd;
 pub mod egress;
 pub mod ledger;
-pub mod noise;
 pub mod policy;
 pub mod train;

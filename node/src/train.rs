@@ -243,7 +243,7 @@ pub fn train_round_dp(
     let expected_batch = dp.sampling_rate * n as f64;
     let lr = plan.local.learning_rate;
     let std = dp.noise_multiplier * dp.clip_norm;
-    let mut secure = crate::noise::SecureGaussian::from_os();
+    let mut secure = sanctum_protocol::privacy::noise::SecureGaussian::from_os();
     let mut loss_sum = 0.0;
     let params: Vec<Tensor> = net.layers.iter().flat_map(|(w, b)| [w.shallow_clone(), b.shallow_clone()]).collect();
     for _ in 0..plan.local.steps {

@@ -143,6 +143,33 @@ pub enum PrivacyMode {
     /// Example-level DP at every node: DP-SGD (Poisson sampling, per-example clipping, Gaussian
     /// noise), protecting each hospital's patients.
     Example,
+    /// Client-level DP at the coordinator (DP-FedAvg, McMahan et al. 2018): each hospital's
+    /// update is clipped and the sum is noised, protecting whole hospitals from anyone who sees
+    /// the released models. The coordinator itself sees the updates.
+    Client,
+}
+
+/// Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive
+/// Clipping"): the clip norm follows a noised estimate of a quantile of the update norms.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveClipping {
+    /// The quantile of update norms the clip norm tracks (γ).
+    #[serde(default = "default_quantile")]
+    pub target_quantile: f64,
+    /// Geometric step size of the clip-norm update (η_C).
+    #[serde(default = "default_clip_lr")]
+    pub learning_rate: f64,
+    /// Noise multiplier of the count of unclipped updates (σ_b); the update noise is raised so
+    /// the pair still has the plan's noise multiplier.
+    pub count_noise_multiplier: f64,
+}
+
+fn default_quantile() -> f64 {
+    0.5
+}
+fn default_clip_lr() -> f64 {
+    0.2
 }
 
 /// The `[privacy]` section.
@@ -161,9 +188,13 @@ pub struct PrivacySpec {
     /// δ of the (ε, δ) guarantee, per node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<f64>,
-    /// Per-example gradient clipping norm.
+    /// Per-example gradient clipping norm (example mode), or per-update clipping norm — the
+    /// initial one with adaptive clipping — (client mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_norm: Option<f64>,
+    /// Client mode only: let the clip norm adapt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_clipping: Option<AdaptiveClipping>,
 }
 
 impl Strategy {
@@ -314,14 +345,18 @@ impl Plan {
         let positive = |v: Option<f64>| v.is_some_and(|v| v.is_finite() && v > 0.0);
         match p.mode {
             PrivacyMode::None => {
-                if p.noise_multiplier.is_some() || p.target_epsilon.is_some() || p.clip_norm.is_some() {
+                if p.noise_multiplier.is_some()
+                    || p.target_epsilon.is_some()
+                    || p.clip_norm.is_some()
+                    || p.adaptive_clipping.is_some()
+                {
                     return Err(invalid(
                         "privacy.mode",
                         "is none, but privacy parameters are set; use mode = \"example\"",
                     ));
                 }
             }
-            PrivacyMode::Example => {
+            PrivacyMode::Example | PrivacyMode::Client => {
                 match (p.noise_multiplier, p.target_epsilon) {
                     (Some(_), Some(_)) | (None, None) => {
                         return Err(invalid("privacy", "needs exactly one of noise_multiplier or target_epsilon"));
@@ -343,8 +378,31 @@ impl Plan {
                 if !p.delta.is_some_and(|d| d > 0.0 && d < 1.0) {
                     return Err(invalid("privacy.delta", "is required with mode = \"example\" and must be in (0, 1)"));
                 }
-                if self.local.optimizer != LocalOptimizer::Sgd {
+                if p.mode == PrivacyMode::Example && self.local.optimizer != LocalOptimizer::Sgd {
                     return Err(invalid("local.optimizer", "must be sgd with example-level privacy (DP-SGD)"));
+                }
+                if p.mode == PrivacyMode::Example && p.adaptive_clipping.is_some() {
+                    return Err(invalid("privacy.adaptive_clipping", "applies to mode = \"client\" only"));
+                }
+                if p.mode == PrivacyMode::Client && self.strategy.weighting() != Weighting::Uniform {
+                    return Err(invalid(
+                        "strategy.weighting",
+                        "must be \"uniform\" with client-level privacy: every hospital's update has the same bound",
+                    ));
+                }
+                if let Some(a) = &p.adaptive_clipping {
+                    if !(a.target_quantile > 0.0 && a.target_quantile < 1.0) {
+                        return Err(invalid("privacy.adaptive_clipping.target_quantile", "must be in (0, 1)"));
+                    }
+                    if !(a.learning_rate.is_finite() && a.learning_rate > 0.0) {
+                        return Err(invalid("privacy.adaptive_clipping.learning_rate", "must be a positive number"));
+                    }
+                    if !(a.count_noise_multiplier.is_finite() && a.count_noise_multiplier > 0.0) {
+                        return Err(invalid(
+                            "privacy.adaptive_clipping.count_noise_multiplier",
+                            "must be a positive number",
+                        ));
+                    }
                 }
             }
         }

@@ -129,3 +129,42 @@ async fn a_crash_between_charge_and_send_leaves_the_charge_once_and_never_less()
         >= 2));
     check(&budget(&crashing));
 }
+
+#[test]
+fn client_level_dp_reports_the_epsilon_of_the_released_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = format!(
+        "name = \"client-dp\"\nrounds = 2\nmin_nodes = 2\n\
+         [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+         [local]\nsteps = 10\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\nweighting = \"uniform\"\n\
+         [privacy]\nmode = \"client\"\nnoise_multiplier = 2.0\nclip_norm = 0.5\ndelta = 1e-5\n\
+         adaptive_clipping = {{ count_noise_multiplier = 10.0 }}\n\
+         [simulation]\nhospitals = [{{ name = \"cleveland\", data = {:?} }}, {{ name = \"hungarian\", data = {:?} }}]\n",
+        heart_data("cleveland"),
+        heart_data("hungarian")
+    );
+    let path = dir.path().join("plan.toml");
+    std::fs::write(&path, plan).unwrap();
+    let json = dir.path().join("summary.json");
+    let out = run_ok(
+        Command::new(bin("sanctum-coordinator"))
+            .args(["simulate", "--device", "cpu", "--plan"])
+            .arg(&path)
+            .arg("--json")
+            .arg(&json),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(summary["rounds_completed"], 2);
+    // Every hospital in every round: the Gaussian mechanism with σ = 2 composed twice.
+    let want = sanctum_protocol::privacy::epsilon_with(
+        sanctum_protocol::privacy::Accountant::Pld,
+        &sanctum_protocol::privacy::SampledGaussian { sampling_rate: 1.0, noise_multiplier: 2.0, steps: 2 },
+        1e-5,
+    )
+    .unwrap();
+    let got = summary["client_epsilon"].as_f64().unwrap();
+    assert!((got - want).abs() < 1e-9, "client ε {got}, want {want}");
+    assert!(stdout.contains("client-level DP (DP-FedAvg)"), "{stdout}");
+}

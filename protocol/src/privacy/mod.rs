@@ -5,10 +5,14 @@
 //! - [`pld`]: a privacy-loss-distribution accountant (connect-the-dots discretisation, FFT
 //!   composition) for a tight ε, checked against Google's `dp_accounting`.
 //!
-//! Both are checked against reference values computed once with Opacus and dp_accounting and
+//! - [`noise`]: Gaussian noise from an OS-seeded CSPRNG, hardened against floating-point
+//!   attacks, for DP-SGD at the nodes and DP-FedAvg at the coordinator.
+//!
+//! Both accountants are checked against reference values computed once with Opacus and dp_accounting and
 //! committed with their generator in `protocol/testdata/privacy/`.
 
 pub mod cli;
+pub mod noise;
 pub mod pld;
 pub mod rdp;
 mod special;

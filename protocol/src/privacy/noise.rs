@@ -1,4 +1,4 @@
-//! Gaussian noise for DP-SGD from a cryptographically secure generator.
+//! Gaussian noise for DP-SGD and DP-FedAvg from a cryptographically secure generator.
 //!
 //! - The generator is ChaCha20 seeded from the operating system (`getrandom`), never libtorch's
 //!   generator or a seeded PRNG: whoever knows a seed can subtract the noise.
@@ -35,12 +35,17 @@ impl SecureGaussian {
         (r * theta.cos(), r * theta.sin())
     }
 
+    /// One N(0, `std`²) sample: four independent draws, summed and halved.
+    pub fn sample(&mut self, std: f64) -> f64 {
+        let (a, b) = self.standard_pair();
+        let (c, d) = self.standard_pair();
+        (a + b + c + d) * 0.5 * std
+    }
+
     /// Fills `out` with independent N(0, `std`²) samples.
     pub fn fill(&mut self, out: &mut [f32], std: f64) {
         for v in out.iter_mut() {
-            let (a, b) = self.standard_pair();
-            let (c, d) = self.standard_pair();
-            *v = ((a + b + c + d) * 0.5 * std) as f32;
+            *v = self.sample(std) as f32;
         }
     }
 
