@@ -11,6 +11,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
 use sanctum_protocol::model::{TensorSpec, Weights};
 use sanctum_protocol::plan::{LocalOptimizer, Plan};
+use sanctum_protocol::privacy::noise::SecureGaussian;
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Reduction, TchError, Tensor, nn};
 
@@ -243,7 +244,7 @@ pub fn train_round_dp(
     let expected_batch = dp.sampling_rate * n as f64;
     let lr = plan.local.learning_rate;
     let std = dp.noise_multiplier * dp.clip_norm;
-    let mut secure = sanctum_protocol::privacy::noise::SecureGaussian::from_os();
+    let mut secure = SecureGaussian::from_os();
     let mut loss_sum = 0.0;
     let params: Vec<Tensor> = net.layers.iter().flat_map(|(w, b)| [w.shallow_clone(), b.shallow_clone()]).collect();
     for _ in 0..plan.local.steps {
@@ -261,16 +262,76 @@ pub fn train_round_dp(
             })?;
             crate::dpsgd::clipped_sum(&net, &xb, &yb, dp.clip_norm)?.grads
         };
-        for (p, sum) in params.iter().zip(sums) {
-            let mut noise = vec![0f32; sum.numel()];
-            secure.fill(&mut noise, std);
-            let noise = Tensor::f_from_slice(&noise)?.f_view(sum.size().as_slice())?.f_to_device(device)?;
-            let grad = sum.f_add(&noise)?.f_div_scalar(expected_batch)?;
-            let mut p = p.shallow_clone();
-            tch::no_grad(|| p.f_sub_(&grad.f_mul_scalar(lr)?).map(|_| ()))?;
-        }
+        noisy_sgd_update(&params, sums, &mut secure, std, expected_batch, lr)?;
     }
     finish_round(&net, global, plan, loss_sum, started)
+}
+
+/// θ ← θ − lr·(Σ clipped + N(0, std²))/(expected batch), parameter by parameter.
+fn noisy_sgd_update(
+    params: &[Tensor],
+    sums: Vec<Tensor>,
+    secure: &mut SecureGaussian,
+    std: f64,
+    expected_batch: f64,
+    lr: f64,
+) -> Result<(), TchError> {
+    for (p, sum) in params.iter().zip(sums) {
+        let mut noise = vec![0f32; sum.numel()];
+        secure.fill(&mut noise, std);
+        let noise = Tensor::f_from_slice(&noise)?.f_view(sum.size().as_slice())?.f_to_device(sum.device())?;
+        let grad = sum.f_add(&noise)?.f_div_scalar(expected_batch)?;
+        let mut p = p.shallow_clone();
+        tch::no_grad(|| p.f_sub_(&grad.f_mul_scalar(lr)?).map(|_| ()))?;
+    }
+    Ok(())
+}
+
+/// One model and one batch, to time a plain SGD step against a DP-SGD step on the same work
+/// (`cargo bench -p sanctum-node`).
+pub struct StepBench {
+    net: Net,
+    params: Vec<Tensor>,
+    opt: nn::Optimizer,
+    x: Tensor,
+    y: Tensor,
+    secure: SecureGaussian,
+}
+
+impl StepBench {
+    /// A model from `spec` and a random batch of `batch` examples.
+    pub fn new(spec: &sanctum_protocol::model::ModelSpec, batch: i64, device: Device) -> Result<Self, TrainError> {
+        let net = Net::new(&spec.init(0), device)?;
+        let params = net.layers.iter().flat_map(|(w, b)| [w.shallow_clone(), b.shallow_clone()]).collect();
+        let opt = nn::Sgd::default().build(&net.vs, 0.01)?;
+        let x = Tensor::f_randn([batch, spec.inputs() as i64], (Kind::Float, device))?;
+        let y = Tensor::f_randint(2, [batch], (Kind::Float, device))?;
+        Ok(Self { net, params, opt, x, y, secure: SecureGaussian::from_os() })
+    }
+
+    /// Forward, mean loss, backward, SGD step.
+    pub fn plain_step(&mut self) -> Result<(), TrainError> {
+        let logits = self.net.forward(&self.x)?.f_view([-1])?;
+        let loss = logits.f_binary_cross_entropy_with_logits::<Tensor>(&self.y, None, None, Reduction::Mean)?;
+        self.opt.zero_grad();
+        loss.f_backward()?;
+        self.opt.step();
+        Ok(())
+    }
+
+    /// The clipped per-example sum alone (no noise, no update): the clipping's share of a DP step.
+    pub fn clip_only(&mut self, clip_norm: f64) -> Result<(), TrainError> {
+        crate::dpsgd::clipped_sum(&self.net, &self.x, &self.y, clip_norm)?;
+        Ok(())
+    }
+
+    /// Clipped per-example sum by ghost norms, secure Gaussian noise, SGD step.
+    pub fn dp_step(&mut self, noise_multiplier: f64, clip_norm: f64) -> Result<(), TrainError> {
+        let sums = crate::dpsgd::clipped_sum(&self.net, &self.x, &self.y, clip_norm)?.grads;
+        let batch = self.x.size()[0] as f64;
+        noisy_sgd_update(&self.params, sums, &mut self.secure, noise_multiplier * clip_norm, batch, 0.01)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
