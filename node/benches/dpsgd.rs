@@ -1,6 +1,6 @@
 //! DP-SGD's cost, measured side by side in one run (`cargo bench -p sanctum-node`):
 //! - one DP-SGD step (ghost-clipped per-example sum + secure Gaussian noise + update) against one
-//!   plain SGD step, MLP at batch 64, interleaved so machine drift hits both alike;
+//!   plain SGD step, MLPs and a small CNN at batch 64, interleaved so machine drift hits both alike;
 //! - the secure Gaussian generator's samples per second against the raw ChaCha20 keystream it
 //!   draws from.
 //!
@@ -37,6 +37,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (name, spec) in [
         ("MLP 13-256-256-1", ModelSpec::Mlp { inputs: 13, hidden: vec![256, 256] }),
         ("MLP 13-1024-1024-1", ModelSpec::Mlp { inputs: 13, hidden: vec![1024, 1024] }),
+        (
+            "CNN 1x16x16, conv 8-8 3x3",
+            ModelSpec::Cnn { channels: 1, height: 16, width: 16, filters: vec![8, 8], kernel_size: 3 },
+        ),
     ] {
         let mut bench = StepBench::new(&spec, 64, device)?;
         for _ in 0..20 {
@@ -80,7 +84,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ratio.push(k / g);
     }
     println!(
-        "secure Gaussian: {:.1} M samples/s; raw ChaCha20 keystream: {:.1} M u64/s; Gaussian/keystream {:.3} (each sample uses 8 u64s: 4 Box-Muller draws)",
+        "secure Gaussian: {:.1} M samples/s; raw ChaCha20 keystream: {:.1} M u64/s; Gaussian/keystream {:.3} (each sample sums four normal draws: 4 u64 of keystream, two Box-Muller transforms)",
         median(g_rate) / 1e6,
         median(k_rate) / 1e6,
         median(ratio)

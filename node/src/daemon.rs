@@ -337,7 +337,7 @@ impl Node {
             ^ u64::from(start.round).wrapping_mul(0x9E37_79B9_7F4A_7C15)
             ^ name_seed(&self.material.identity().name);
         let (metric, result) = tokio::task::spawn_blocking(move || -> Result<_, train::TrainError> {
-            let metric = train::evaluate(&global, &data, device)?;
+            let metric = train::evaluate(&plan.model, &global, &data, device)?;
             let result = match &dp {
                 Some(dp) => train::train_round_dp(&plan, &global, &data, device, &dp.setup)?,
                 None => train::train_round(&plan, &global, &data, device, seed)?,
@@ -454,12 +454,15 @@ impl Node {
             anyhow::bail!("evaluation for plan {} which this node did not accept", ev.plan_id);
         };
         let layout = accepted.plan.model.layout();
+        let accepted_model = accepted.plan.model.clone();
         let metric_name = accepted.plan.schema().map(|s| s.task.metric()).unwrap_or("metric").to_string();
         let data = accepted.data.clone();
         let bytes = self.fetch(client, &ev.plan_id, &ev.model_sha256, ev.model_bytes).await?;
         let weights = Weights::from_safetensors(&bytes, &layout)?;
         let device = self.device;
-        let (value, samples) = tokio::task::spawn_blocking(move || train::evaluate(&weights, &data, device)).await??;
+        let model = accepted_model;
+        let (value, samples) =
+            tokio::task::spawn_blocking(move || train::evaluate(&model, &weights, &data, device)).await??;
         tracing::info!(metric = metric_name, value = format!("{value:.4}"), samples, "final model evaluated");
         let report = EvaluationReport {
             plan_id: ev.plan_id.clone(),

@@ -10,7 +10,7 @@
 
 use tch::{Kind, Reduction, TchError, Tensor};
 
-use crate::train::Net;
+use crate::train::{Layer, Net};
 
 /// The clipped sum of a batch's per-example gradients.
 pub struct ClippedSum {
@@ -25,6 +25,15 @@ fn per_example_loss(logits: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
     logits.f_view([-1])?.f_binary_cross_entropy_with_logits::<Tensor>(y, None, None, Reduction::None)
 }
 
+/// Per-example gradient pieces of one layer.
+enum PerExample {
+    /// Linear: ‖∇Wᵢ‖² = ‖gᵢ‖²·‖aᵢ‖² never needs ∇Wᵢ itself (ghost norm).
+    Linear { a: Tensor, g: Tensor },
+    /// Convolution: ∇Wᵢ = gᵢ·Uᵢᵀ with Uᵢ the unfolded input patches (book-keeping: the per-example
+    /// weight gradients are formed once, by one batched product, and reused for the sum).
+    Conv { grads: Tensor, bias: Tensor, shape: Vec<i64> },
+}
+
 /// Σᵢ min(1, C/‖∇ℓᵢ‖)·∇ℓᵢ over the batch `x`, `y`, computed from layer inputs and output
 /// gradients.
 pub(crate) fn clipped_sum(net: &Net, x: &Tensor, y: &Tensor, clip_norm: f64) -> Result<ClippedSum, TchError> {
@@ -32,25 +41,55 @@ pub(crate) fn clipped_sum(net: &Net, x: &Tensor, y: &Tensor, clip_norm: f64) -> 
     let loss = per_example_loss(&logits, y)?.f_sum(Kind::Float)?;
     let outputs: Vec<&Tensor> = record.iter().map(|(_, z)| z).collect();
     let out_grads = Tensor::f_run_backward(&[&loss], &outputs, false, false)?;
-    // ‖∇ℓᵢ‖² = Σ_layers (‖gᵢ‖²·‖aᵢ‖² + ‖gᵢ‖²)
+    let mut pieces = Vec::with_capacity(record.len());
     let mut sq_norms: Option<Tensor> = None;
-    for ((a, _), g) in record.iter().zip(&out_grads) {
-        let g2 = g.f_square()?.f_sum_dim_intlist(1, false, Kind::Float)?;
-        let a2 = a.f_square()?.f_sum_dim_intlist(1, false, Kind::Float)?;
-        let layer = g2.f_mul(&a2.f_add_scalar(1.0)?)?;
+    for ((layer, (a, _)), g) in net.layers.iter().zip(&record).zip(out_grads) {
+        let (piece, layer_sq) = match layer {
+            Layer::Linear { .. } => {
+                // ‖∇ℓᵢ‖² gets ‖gᵢ‖²·‖aᵢ‖² (weight) + ‖gᵢ‖² (bias).
+                let g2 = g.f_square()?.f_sum_dim_intlist(1, false, Kind::Float)?;
+                let a2 = a.f_square()?.f_sum_dim_intlist(1, false, Kind::Float)?;
+                let sq = g2.f_mul(&a2.f_add_scalar(1.0)?)?;
+                (PerExample::Linear { a: a.shallow_clone(), g }, sq)
+            }
+            Layer::Conv { w, padding, .. } => {
+                let shape = w.size();
+                let k = shape[2];
+                let (batch, out) = (g.size()[0], g.size()[1]);
+                let patches = a.f_im2col([k, k], [1, 1], [*padding, *padding], [1, 1])?; // (B, C·k·k, L)
+                let g = g.f_reshape([batch, out, -1])?; // (B, O, L)
+                let grads = g.f_bmm(&patches.f_transpose(1, 2)?)?; // (B, O, C·k·k)
+                let bias = g.f_sum_dim_intlist(2, false, Kind::Float)?; // (B, O)
+                let sq = grads
+                    .f_square()?
+                    .f_sum_dim_intlist([1i64, 2].as_slice(), false, Kind::Float)?
+                    .f_add(&bias.f_square()?.f_sum_dim_intlist(1, false, Kind::Float)?)?;
+                (PerExample::Conv { grads, bias, shape }, sq)
+            }
+        };
         sq_norms = Some(match sq_norms {
-            None => layer,
-            Some(acc) => acc.f_add(&layer)?,
+            None => layer_sq,
+            Some(acc) => acc.f_add(&layer_sq)?,
         });
+        pieces.push(piece);
     }
     let norms = sq_norms.ok_or_else(|| TchError::Kind("model has no layers".into()))?.f_sqrt()?;
     // cᵢ = min(1, C/‖∇ℓᵢ‖); the 1e-6 keeps a zero gradient finite and only ever shrinks cᵢ.
     let factors = norms.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(clip_norm)?.f_clamp_max(1.0)?;
-    let mut grads = Vec::with_capacity(2 * record.len());
-    for ((a, _), g) in record.iter().zip(&out_grads) {
-        let scaled = g.f_mul(&factors.f_unsqueeze(1)?)?;
-        grads.push(scaled.f_tr()?.f_matmul(a)?);
-        grads.push(scaled.f_sum_dim_intlist(0, false, Kind::Float)?);
+    let mut grads = Vec::with_capacity(2 * pieces.len());
+    for piece in pieces {
+        match piece {
+            PerExample::Linear { a, g } => {
+                let scaled = g.f_mul(&factors.f_unsqueeze(1)?)?;
+                grads.push(scaled.f_tr()?.f_matmul(&a)?);
+                grads.push(scaled.f_sum_dim_intlist(0, false, Kind::Float)?);
+            }
+            PerExample::Conv { grads: per_example, bias, shape } => {
+                let c3 = factors.f_view([-1, 1, 1])?;
+                grads.push(per_example.f_mul(&c3)?.f_sum_dim_intlist(0, false, Kind::Float)?.f_view(shape.as_slice())?);
+                grads.push(bias.f_mul(&factors.f_unsqueeze(1)?)?.f_sum_dim_intlist(0, false, Kind::Float)?);
+            }
+        }
     }
     Ok(ClippedSum { grads, norms: norms.f_detach()? })
 }
@@ -65,7 +104,7 @@ mod tests {
 
     /// The oracle: one backward pass per example, clip, sum.
     fn clipped_sum_by_loop(net: &Net, x: &Tensor, y: &Tensor, clip_norm: f64) -> (Vec<Tensor>, Vec<f64>) {
-        let params: Vec<Tensor> = net.layers.iter().flat_map(|(w, b)| [w.shallow_clone(), b.shallow_clone()]).collect();
+        let params = net.params();
         let mut sum: Vec<Tensor> = params.iter().map(|p| p.zeros_like()).collect();
         let mut norms = Vec::new();
         for i in 0..x.size()[0] {
@@ -83,15 +122,15 @@ mod tests {
         (sum, norms)
     }
 
-    fn batch(n: i64, seed: i64) -> (Tensor, Tensor) {
+    fn batch(n: i64, features: usize, seed: i64) -> (Tensor, Tensor) {
         tch::manual_seed(seed);
-        let x = Tensor::randn([n, 13], (Kind::Float, Device::Cpu)) * 2.0;
+        let x = Tensor::randn([n, features as i64], (Kind::Float, Device::Cpu)) * 2.0;
         let y = Tensor::randint(2, [n], (Kind::Float, Device::Cpu));
         (x, y)
     }
 
     fn net(spec: &ModelSpec, seed: u64) -> Net {
-        Net::new(&spec.init(seed), Device::Cpu).unwrap()
+        Net::new(spec, &spec.init(seed), Device::Cpu).unwrap()
     }
 
     #[test]
@@ -100,11 +139,13 @@ mod tests {
             ModelSpec::LogisticRegression { inputs: 13 },
             ModelSpec::Mlp { inputs: 13, hidden: vec![16] },
             ModelSpec::Mlp { inputs: 13, hidden: vec![32, 8] },
+            ModelSpec::Cnn { channels: 1, height: 13, width: 1, filters: vec![4], kernel_size: 3 },
+            ModelSpec::Cnn { channels: 2, height: 6, width: 6, filters: vec![8, 4], kernel_size: 3 },
         ];
         for (m, spec) in models.iter().enumerate() {
             for clip in [0.05, 1.0, 1e6] {
                 let net = net(spec, m as u64);
-                let (x, y) = batch(64, m as i64);
+                let (x, y) = batch(64, spec.inputs(), m as i64);
                 let fast = clipped_sum(&net, &x, &y, clip).unwrap();
                 let (slow, norms) = clipped_sum_by_loop(&net, &x, &y, clip);
                 for (f, s) in fast.grads.iter().zip(&slow) {
@@ -124,9 +165,13 @@ mod tests {
         #[test]
         fn no_clipped_contribution_exceeds_the_clip_norm(seed in 0u64..1000, clip in 0.001f64..10.0, n in 1i64..16) {
             // A batch of one is one example's clipped contribution.
-            let spec = ModelSpec::Mlp { inputs: 13, hidden: vec![8] };
-            let net = net(&spec, seed);
-            let (x, y) = batch(n, seed as i64);
+            let specs = [
+                ModelSpec::Mlp { inputs: 13, hidden: vec![8] },
+                ModelSpec::Cnn { channels: 1, height: 4, width: 4, filters: vec![3], kernel_size: 3 },
+            ];
+            let spec = &specs[(seed % 2) as usize];
+            let net = net(spec, seed);
+            let (x, y) = batch(n, spec.inputs(), seed as i64);
             for i in 0..n {
                 let one = clipped_sum(&net, &x.narrow(0, i, 1), &y.narrow(0, i, 1), clip).unwrap();
                 let norm: f64 = one.grads.iter().map(|g| g.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();

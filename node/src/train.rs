@@ -9,7 +9,7 @@ use std::time::Instant;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
-use sanctum_protocol::model::{TensorSpec, Weights};
+use sanctum_protocol::model::{ModelSpec, TensorSpec, Weights};
 use sanctum_protocol::plan::{LocalOptimizer, Plan};
 use sanctum_protocol::privacy::noise::SecureGaussian;
 use tch::nn::OptimizerConfig;
@@ -61,16 +61,35 @@ pub fn check_device(d: Device) -> Result<(), String> {
     }
 }
 
-/// A feed-forward net built from a layout of `(…weight, …bias)` pairs, ReLU between layers.
+/// One trainable layer: its weight and bias, and what kind of layer the weight's shape says.
+pub(crate) enum Layer {
+    /// weight [out, in]
+    Linear { w: Tensor, b: Tensor },
+    /// weight [out, in, k, k], stride 1, same padding
+    Conv { w: Tensor, b: Tensor, padding: i64 },
+}
+
+impl Layer {
+    pub(crate) fn params(&self) -> [&Tensor; 2] {
+        match self {
+            Layer::Linear { w, b } | Layer::Conv { w, b, .. } => [w, b],
+        }
+    }
+}
+
+/// A feed-forward net built from a layout of `(…weight, …bias)` pairs, ReLU between layers:
+/// 2-D weights are linear layers, 4-D weights convolutions. Flat feature rows are reshaped to
+/// images before the first convolution and flattened again before the first linear layer.
 pub(crate) struct Net {
     vs: nn::VarStore,
-    /// (weight, bias) per linear layer, in order.
-    pub(crate) layers: Vec<(Tensor, Tensor)>,
+    pub(crate) layers: Vec<Layer>,
+    /// (channels, height, width) of the input image, for CNNs.
+    image: Option<[i64; 3]>,
     layout: Vec<TensorSpec>,
 }
 
 impl Net {
-    pub(crate) fn new(weights: &Weights, device: Device) -> Result<Self, TrainError> {
+    pub(crate) fn new(model: &ModelSpec, weights: &Weights, device: Device) -> Result<Self, TrainError> {
         let vs = nn::VarStore::new(device);
         let mut vars = Vec::new();
         for (spec, values) in weights.tensors() {
@@ -88,23 +107,62 @@ impl Net {
         if vars.len() % 2 != 0 {
             return Err(TrainError::Model("layout is not (weight, bias) pairs".into()));
         }
-        let layers = vars.chunks(2).map(|c| (c[0].shallow_clone(), c[1].shallow_clone())).collect();
-        Ok(Self { vs, layers, layout: weights.layout().to_vec() })
+        let layers = vars
+            .chunks(2)
+            .map(|c| {
+                let (w, b) = (c[0].shallow_clone(), c[1].shallow_clone());
+                match w.size().as_slice() {
+                    [_, _] => Ok(Layer::Linear { w, b }),
+                    [_, _, k, _] => {
+                        let padding = k / 2;
+                        Ok(Layer::Conv { w, b, padding })
+                    }
+                    other => Err(TrainError::Model(format!("weight of shape {other:?} is neither linear nor conv"))),
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let image = model.image_shape().map(|(c, h, w)| [c as i64, h as i64, w as i64]);
+        Ok(Self { vs, layers, image, layout: weights.layout().to_vec() })
+    }
+
+    /// Every trainable tensor, in layout order.
+    pub(crate) fn params(&self) -> Vec<Tensor> {
+        self.layers.iter().flat_map(|l| l.params().map(Tensor::shallow_clone)).collect()
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         Ok(self.forward_recorded(x)?.0)
     }
 
-    /// The forward pass, also returning each linear layer's input (detached: only its value is
-    /// needed) and output (in the graph, so gradients with respect to it can be asked for).
+    /// The forward pass, also returning each layer's input (detached: only its value is needed;
+    /// 4-D for convolutions, 2-D for linear layers) and output (in the graph, so gradients with
+    /// respect to it can be asked for).
     pub(crate) fn forward_recorded(&self, x: &Tensor) -> Result<(Tensor, Vec<(Tensor, Tensor)>), TchError> {
         let mut h = x.shallow_clone();
         let mut record = Vec::with_capacity(self.layers.len());
-        for (i, (w, b)) in self.layers.iter().enumerate() {
-            let input = h.f_detach()?;
-            let out = h.f_linear(w, Some(b))?;
-            record.push((input, out.shallow_clone()));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let out = match layer {
+                Layer::Conv { w, b, padding } => {
+                    if h.dim() == 2 {
+                        let [c, hh, ww] =
+                            self.image.ok_or_else(|| TchError::Kind("convolution without an image shape".into()))?;
+                        h = h.f_view([-1, c, hh, ww])?;
+                    }
+                    let input = h.f_detach()?;
+                    let out = h.f_conv2d(w, Some(b), [1, 1], [*padding, *padding], [1, 1], 1)?;
+                    record.push((input, out.shallow_clone()));
+                    out
+                }
+                Layer::Linear { w, b } => {
+                    if h.dim() > 2 {
+                        h = h.f_flatten(1, -1)?;
+                    }
+                    let input = h.f_detach()?;
+                    let out = h.f_linear(w, Some(b))?;
+                    record.push((input, out.shallow_clone()));
+                    out
+                }
+            };
             h = if i + 1 < self.layers.len() { out.f_relu()? } else { out };
         }
         Ok((h, record))
@@ -112,11 +170,9 @@ impl Net {
 
     fn weights(&self) -> Result<Weights, TrainError> {
         let mut values = Vec::new();
-        for (w, b) in &self.layers {
-            for t in [w, b] {
-                let flat = t.f_detach()?.f_to_device(Device::Cpu)?.f_flatten(0, -1)?;
-                values.extend(Vec::<f32>::try_from(&flat)?);
-            }
+        for t in self.params() {
+            let flat = t.f_detach()?.f_to_device(Device::Cpu)?.f_flatten(0, -1)?;
+            values.extend(Vec::<f32>::try_from(&flat)?);
         }
         Weights::new(self.layout.clone(), values).map_err(|e| TrainError::Model(e.to_string()))
     }
@@ -128,8 +184,13 @@ pub(crate) fn matrix(values: &[f32], cols: usize, device: Device) -> Result<Tens
 }
 
 /// Accuracy at 0.5 of a binary classifier on the local test split, and the split's size.
-pub fn evaluate(weights: &Weights, data: &LocalData, device: Device) -> Result<(f64, u64), TrainError> {
-    let net = Net::new(weights, device)?;
+pub fn evaluate(
+    model: &ModelSpec,
+    weights: &Weights,
+    data: &LocalData,
+    device: Device,
+) -> Result<(f64, u64), TrainError> {
+    let net = Net::new(model, weights, device)?;
     let x = matrix(&data.test_x, data.features, device)?;
     let y = Tensor::f_from_slice(&data.test_y)?.f_to_device(device)?;
     let correct = tch::no_grad(|| -> Result<f64, TchError> {
@@ -181,7 +242,7 @@ pub fn train_round(
     seed: u64,
 ) -> Result<RoundResult, TrainError> {
     let started = Instant::now();
-    let net = Net::new(global, device)?;
+    let net = Net::new(&plan.model, global, device)?;
     let lr = plan.local.learning_rate;
     let mut opt = match plan.local.optimizer {
         LocalOptimizer::Sgd => nn::Sgd::default().build(&net.vs, lr)?,
@@ -237,7 +298,7 @@ pub fn train_round_dp(
     dp: &DpSetup,
 ) -> Result<RoundResult, TrainError> {
     let started = Instant::now();
-    let net = Net::new(global, device)?;
+    let net = Net::new(&plan.model, global, device)?;
     let x = matrix(&data.train_x, data.features, device)?;
     let y = Tensor::f_from_slice(&data.train_y)?.f_to_device(device)?;
     let n = data.train_len();
@@ -246,7 +307,7 @@ pub fn train_round_dp(
     let std = dp.noise_multiplier * dp.clip_norm;
     let mut secure = SecureGaussian::from_os();
     let mut loss_sum = 0.0;
-    let params: Vec<Tensor> = net.layers.iter().flat_map(|(w, b)| [w.shallow_clone(), b.shallow_clone()]).collect();
+    let params = net.params();
     for _ in 0..plan.local.steps {
         let idx: Vec<i64> = (0..n as i64).filter(|_| secure.uniform() < dp.sampling_rate).collect();
         let sums: Vec<Tensor> = if idx.is_empty() {
@@ -301,8 +362,8 @@ pub struct StepBench {
 impl StepBench {
     /// A model from `spec` and a random batch of `batch` examples.
     pub fn new(spec: &sanctum_protocol::model::ModelSpec, batch: i64, device: Device) -> Result<Self, TrainError> {
-        let net = Net::new(&spec.init(0), device)?;
-        let params = net.layers.iter().flat_map(|(w, b)| [w.shallow_clone(), b.shallow_clone()]).collect();
+        let net = Net::new(spec, &spec.init(0), device)?;
+        let params = net.params();
         let opt = nn::Sgd::default().build(&net.vs, 0.01)?;
         let x = Tensor::f_randn([batch, spec.inputs() as i64], (Kind::Float, device))?;
         let y = Tensor::f_randint(2, [batch], (Kind::Float, device))?;
@@ -372,7 +433,7 @@ mod tests {
     fn weights_roundtrip_through_libtorch_by_name() {
         let spec = ModelSpec::Mlp { inputs: 13, hidden: vec![5] };
         let w = spec.init(3);
-        let net = Net::new(&w, Device::Cpu).unwrap();
+        let net = Net::new(&spec, &w, Device::Cpu).unwrap();
         assert_eq!(net.weights().unwrap(), w);
         let names: Vec<String> = net.vs.variables().keys().cloned().collect();
         assert!(names.contains(&"hidden.0.weight".to_string()), "{names:?}");
@@ -390,7 +451,7 @@ mod tests {
         for (t, d) in trained.values_mut().iter_mut().zip(&r1.delta) {
             *t += d;
         }
-        let (acc, n) = evaluate(&trained, &data, Device::Cpu).unwrap();
+        let (acc, n) = evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap();
         assert_eq!(n, 40);
         assert_eq!(acc, 1.0);
     }
@@ -405,7 +466,7 @@ mod tests {
         for (t, d) in trained.values_mut().iter_mut().zip(&r.delta) {
             *t += d;
         }
-        assert!(evaluate(&trained, &data, Device::Cpu).unwrap().0 >= 0.95);
+        assert!(evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap().0 >= 0.95);
     }
 
     #[test]
@@ -418,7 +479,7 @@ mod tests {
             for (v, d) in t.values_mut().iter_mut().zip(&r.delta) {
                 *v += d;
             }
-            evaluate(&t, &data, Device::Cpu).unwrap().0
+            evaluate(&plan.model, &t, &data, Device::Cpu).unwrap().0
         };
         let mild = DpSetup { sampling_rate: 0.25, noise_multiplier: 0.5, clip_norm: 1.0 };
         let r = train_round_dp(&plan, &w, &data, Device::Cpu, &mild).unwrap();
@@ -432,6 +493,19 @@ mod tests {
         let rms = (r.delta.iter().map(|d| f64::from(*d).powi(2)).sum::<f64>() / r.delta.len() as f64).sqrt();
         let want = 0.5 * 1e4 / (0.25 * 40.0) * 60f64.sqrt();
         assert!((rms / want - 1.0).abs() < 0.5, "rms step {rms}, expected about {want}");
+    }
+
+    #[test]
+    fn cnn_trains_too() {
+        let plan = toy_plan(80, 0.1, "kind='cnn'\nchannels=1\nheight=13\nwidth=1\nfilters=[4]\nkernel_size=3");
+        let data = toy_data();
+        let w = plan.model.init(2);
+        let r = train_round(&plan, &w, &data, Device::Cpu, 1).unwrap();
+        let mut trained = w.clone();
+        for (t, d) in trained.values_mut().iter_mut().zip(&r.delta) {
+            *t += d;
+        }
+        assert!(evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap().0 >= 0.95);
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub enum ModelSpec {
     LogisticRegression { inputs: usize },
     /// `Linear(inputs, h1) → ReLU → … → Linear(hk, 1)`; the output is a logit.
     Mlp { inputs: usize, hidden: Vec<usize> },
+    /// A small CNN: each feature row is read as a `channels × height × width` image (row-major),
+    /// then `Conv2d(k×k, same padding) → ReLU` per entry of `filters`, then `Linear(…, 1)`.
+    Cnn { channels: usize, height: usize, width: usize, filters: Vec<usize>, kernel_size: usize },
 }
 
 /// One named tensor in a model's layout.
@@ -51,9 +54,20 @@ pub enum ModelError {
 }
 
 impl ModelSpec {
-    /// The layers as (name prefix, fan_in, fan_out), in order.
+    /// The layers as (name prefix, fan_in, fan_out), in order; a convolution's fan_in is
+    /// C·k·k and its weight is [O, C, k, k] (see [`ModelSpec::layout`]).
     fn linear_layers(&self) -> Vec<(String, usize, usize)> {
         match self {
+            ModelSpec::Cnn { channels, height, width, filters, kernel_size } => {
+                let mut layers = Vec::new();
+                let mut c = *channels;
+                for (i, &f) in filters.iter().enumerate() {
+                    layers.push((format!("conv.{i}"), c * kernel_size * kernel_size, f));
+                    c = f;
+                }
+                layers.push(("out".into(), c * height * width, 1));
+                layers
+            }
             ModelSpec::LogisticRegression { inputs } => vec![("fc".into(), *inputs, 1)],
             ModelSpec::Mlp { inputs, hidden } => {
                 let mut layers = Vec::new();
@@ -72,6 +86,15 @@ impl ModelSpec {
     pub fn inputs(&self) -> usize {
         match self {
             ModelSpec::LogisticRegression { inputs } | ModelSpec::Mlp { inputs, .. } => *inputs,
+            ModelSpec::Cnn { channels, height, width, .. } => channels * height * width,
+        }
+    }
+
+    /// `(channels, height, width)` for a CNN, whose flat feature rows are reshaped to images.
+    pub fn image_shape(&self) -> Option<(usize, usize, usize)> {
+        match self {
+            ModelSpec::Cnn { channels, height, width, .. } => Some((*channels, *height, *width)),
+            _ => None,
         }
     }
 
@@ -80,16 +103,29 @@ impl ModelSpec {
         if self.linear_layers().iter().any(|(_, i, o)| *i == 0 || *o == 0) {
             return Err(ModelError::EmptyLayer);
         }
+        if let ModelSpec::Cnn { kernel_size, filters, .. } = self
+            && (kernel_size % 2 == 0 || filters.is_empty())
+        {
+            return Err(ModelError::EmptyLayer);
+        }
         Ok(())
     }
 
     /// The model's tensors, in the canonical order updates use.
     pub fn layout(&self) -> Vec<TensorSpec> {
+        let kernel = match self {
+            ModelSpec::Cnn { kernel_size, .. } => Some(*kernel_size),
+            _ => None,
+        };
         self.linear_layers()
             .into_iter()
             .flat_map(|(name, fan_in, fan_out)| {
+                let weight = match kernel {
+                    Some(k) if name.starts_with("conv.") => vec![fan_out, fan_in / (k * k), k, k],
+                    _ => vec![fan_out, fan_in],
+                };
                 [
-                    TensorSpec { name: format!("{name}.weight"), shape: vec![fan_out, fan_in] },
+                    TensorSpec { name: format!("{name}.weight"), shape: weight },
                     TensorSpec { name: format!("{name}.bias"), shape: vec![fan_out] },
                 ]
             })
@@ -106,11 +142,12 @@ impl ModelSpec {
         match self {
             ModelSpec::LogisticRegression { .. } => "logistic_regression",
             ModelSpec::Mlp { .. } => "mlp",
+            ModelSpec::Cnn { .. } => "cnn",
         }
     }
 
-    /// Initial weights as PyTorch's `nn.Linear` draws them (weight and bias uniform in
-    /// ±1/√fan_in), from a seeded generator so that a plan's seed reproduces its run.
+    /// Initial weights as PyTorch's `nn.Linear` and `nn.Conv2d` draw them (weight and bias
+    /// uniform in ±1/√fan_in), from a seeded generator so that a plan's seed reproduces its run.
     /// This is model initialisation, not privacy noise: a seeded generator is right here.
     pub fn init(&self, seed: u64) -> Weights {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
@@ -221,6 +258,28 @@ mod tests {
         assert!(v.iter().all(|x| x.abs() <= bound));
         assert_eq!(mlp.init(7), w, "same seed, same weights");
         assert_ne!(mlp.init(8), w);
+    }
+
+    #[test]
+    fn cnn_layout_is_pytorch_shaped() {
+        let cnn = ModelSpec::Cnn { channels: 1, height: 13, width: 1, filters: vec![4, 2], kernel_size: 3 };
+        let shapes: Vec<(String, Vec<usize>)> = cnn.layout().into_iter().map(|t| (t.name, t.shape)).collect();
+        assert_eq!(
+            shapes,
+            [
+                ("conv.0.weight".to_string(), vec![4, 1, 3, 3]),
+                ("conv.0.bias".to_string(), vec![4]),
+                ("conv.1.weight".to_string(), vec![2, 4, 3, 3]),
+                ("conv.1.bias".to_string(), vec![2]),
+                ("out.weight".to_string(), vec![1, 26]),
+                ("out.bias".to_string(), vec![1]),
+            ]
+        );
+        assert_eq!(cnn.inputs(), 13);
+        assert_eq!(cnn.init(0).values().len(), cnn.num_params());
+        assert!(
+            ModelSpec::Cnn { channels: 1, height: 2, width: 2, filters: vec![1], kernel_size: 2 }.validate().is_err()
+        );
     }
 
     #[test]
