@@ -8,6 +8,7 @@
 //! - [`privacy`]: DP accountants (RDP and PLD) for the Poisson-subsampled Gaussian, no I/O.
 //! - [`schema`]: the built-in dataset schemas a plan can name and a node validates its data against.
 //! - [`model`]: the model zoo's parameter layouts, initialisation and the safetensors encoding.
+//! - [`secagg`]: secure-aggregation primitives (Shamir sharing, pairwise masks), no I/O.
 //! - [`hash`]: SHA-256 content addresses for models, plans and updates.
 //! - [`transfer`]: chunking rules shared by uploads and downloads (no message-size ceiling).
 //! - [`pki`]: the consortium CA, certificate requests, signing, and identity read from certificates.
@@ -19,6 +20,7 @@ pub mod pki;
 pub mod plan;
 pub mod privacy;
 pub mod schema;
+pub mod secagg;
 pub mod tls;
 pub mod transfer;
 
