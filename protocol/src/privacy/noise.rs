@@ -42,11 +42,30 @@ impl SecureGaussian {
         (a + b + c + d) * 0.5 * std
     }
 
-    /// Fills `out` with independent N(0, `std`²) samples.
+    /// Fills `out` with independent N(0, `std`²) samples, on every core for large buffers: each
+    /// thread draws from its own ChaCha20 generator seeded from this one's output.
     pub fn fill(&mut self, out: &mut [f32], std: f64) {
-        for v in out.iter_mut() {
-            *v = self.sample(std) as f32;
+        const PER_THREAD_MIN: usize = 1 << 15;
+        let threads =
+            std::thread::available_parallelism().map_or(1, |n| n.get()).min(out.len() / PER_THREAD_MIN).max(1);
+        if threads == 1 {
+            for v in out.iter_mut() {
+                *v = self.sample(std) as f32;
+            }
+            return;
         }
+        let chunk = out.len().div_ceil(threads);
+        let mut workers: Vec<SecureGaussian> =
+            (0..threads).map(|_| SecureGaussian { rng: ChaCha20Rng::from_rng(&mut self.rng) }).collect();
+        std::thread::scope(|scope| {
+            for (part, worker) in out.chunks_mut(chunk).zip(workers.iter_mut()) {
+                scope.spawn(move || {
+                    for v in part.iter_mut() {
+                        *v = worker.sample(std) as f32;
+                    }
+                });
+            }
+        });
     }
 
     /// A uniform in [0, 1) for Poisson sampling, from the same secure stream.
