@@ -29,6 +29,8 @@ pub enum Action {
     Offer(Vec<NodeName>),
     /// Publish the current global model and ask these nodes to train on it.
     OpenRound { round: u32, participants: Vec<NodeName>, deadline: Instant },
+    /// Offer the plan again to a node that accepted it and reconnected.
+    Reoffer(NodeName),
     /// Send the open round again to a participant that reconnected.
     Rejoin { node: NodeName, round: u32, deadline: Instant },
     /// The round is over: aggregate what was accepted, then call [`PlanRun::round_aggregated`].
@@ -122,19 +124,29 @@ impl PlanRun {
     /// A node connected (or reconnected).
     pub fn node_connected(&mut self, node: &str, now: Instant) -> Vec<Action> {
         self.online.insert(node.to_string());
-        match &self.phase {
-            Phase::Recruiting { .. } if self.offered.insert(node.to_string()) => {
-                vec![Action::Offer(vec![node.to_string()])]
+        if let Phase::Recruiting { .. } = self.phase {
+            if self.offered.insert(node.to_string()) {
+                return vec![Action::Offer(vec![node.to_string()])];
             }
-            // A participant that lost its connection mid-round gets the round again: it may
-            // still report before the deadline (a second upload is refused as a duplicate).
-            Phase::Training { round, participants, reported, deadline }
-                if participants.contains(node) && !reported.contains(node) && now < *deadline =>
-            {
-                vec![Action::Rejoin { node: node.to_string(), round: *round, deadline: *deadline }]
-            }
-            _ => self.tick(now),
+            return self.tick(now);
         }
+        if self.is_finished() || !self.accepted.contains(node) {
+            return self.tick(now);
+        }
+        // A node that accepted and comes back (a restart loses what it knew) is offered the plan
+        // again first, so the directives that follow make sense to it; if it now refuses it
+        // leaves the plan (see `decision`).
+        let mut actions = vec![Action::Reoffer(node.to_string())];
+        // A participant of the open round gets the round again: it may still report before the
+        // deadline (a second upload is refused as a duplicate).
+        if let Phase::Training { round, participants, reported, deadline } = &self.phase
+            && participants.contains(node)
+            && !reported.contains(node)
+            && now < *deadline
+        {
+            actions.push(Action::Rejoin { node: node.to_string(), round: *round, deadline: *deadline });
+        }
+        actions
     }
 
     /// A node's connection went away.
@@ -150,7 +162,15 @@ impl PlanRun {
 
     /// A node accepted or refused the plan.
     pub fn decision(&mut self, node: &str, accept: bool, reason: &str, now: Instant) -> Vec<Action> {
-        if !matches!(self.phase, Phase::Recruiting { .. }) || !self.offered.contains(node) {
+        if !matches!(self.phase, Phase::Recruiting { .. }) {
+            // An answer to a re-offer: a node that now refuses leaves the plan.
+            if !accept && self.accepted.remove(node) {
+                self.refused.insert(node.to_string(), reason.to_string());
+                return self.advance(now);
+            }
+            return vec![];
+        }
+        if !self.offered.contains(node) {
             return vec![];
         }
         if accept {
@@ -279,7 +299,10 @@ impl PlanRun {
                 vec![]
             }
             Phase::Training { round, participants, reported, deadline } => {
-                let all_in = participants.iter().all(|p| reported.contains(p) || !self.online.contains(p));
+                // A participant that went away or left the plan no longer holds the round up.
+                let all_in = participants
+                    .iter()
+                    .all(|p| reported.contains(p) || !self.online.contains(p) || !self.accepted.contains(p));
                 if !all_in && now < *deadline {
                     return vec![];
                 }
@@ -422,10 +445,35 @@ mod tests {
         run.admit_update("a", 1, t0).unwrap();
         assert!(run.node_disconnected("c", t0).is_empty(), "b has not reported yet");
         let a = run.node_connected("c", t0);
-        assert!(matches!(&a[..], [Action::Rejoin { node, round: 1, .. }] if node == "c"), "{a:?}");
+        assert!(
+            matches!(&a[..], [Action::Reoffer(r), Action::Rejoin { node, round: 1, .. }] if r == "c" && node == "c"),
+            "{a:?}"
+        );
         run.admit_update("c", 1, t0).unwrap();
         let a = run.admit_update("b", 1, t0).unwrap();
         assert_eq!(a, vec![Action::CloseRound { round: 1, reported: names(&["a", "b", "c"]), dropped: vec![] }]);
+    }
+
+    #[test]
+    fn a_node_that_refuses_a_reoffer_leaves_the_plan_and_stops_holding_the_round() {
+        let t0 = Instant::now();
+        let (mut run, _) = PlanRun::start(cfg(2, 2), names(&["a", "b", "c"]), t0);
+        for n in ["a", "b", "c"] {
+            run.decision(n, true, "", t0);
+        }
+        run.admit_update("a", 1, t0).unwrap();
+        run.admit_update("b", 1, t0).unwrap();
+        run.node_disconnected("c", t0);
+        run.round_aggregated(1, t0);
+        // c restarts during round 2 (it was not a participant): it is only offered the plan again.
+        let a = run.node_connected("c", t0);
+        assert_eq!(a, vec![Action::Reoffer("c".into())]);
+        // c refuses the re-offer (say its policy changed): it leaves the plan.
+        assert!(run.decision("c", false, "policy changed", t0).is_empty());
+        assert_eq!(run.refusals().get("c").map(String::as_str), Some("policy changed"));
+        run.admit_update("a", 2, t0).unwrap();
+        let a = run.admit_update("b", 2, t0).unwrap();
+        assert!(matches!(&a[..], [Action::CloseRound { round: 2, .. }]), "{a:?}");
     }
 
     #[test]

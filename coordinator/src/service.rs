@@ -737,6 +737,14 @@ impl Driver {
                         self.send(n, start.clone());
                     }
                 }
+                Action::Reoffer(node) => {
+                    tracing::info!(node, "node reconnected during the plan; offering it again");
+                    let offer = directive::Kind::OfferPlan(proto::OfferPlan {
+                        plan_id: plan_id.clone(),
+                        plan_toml: active.wire_toml.clone(),
+                    });
+                    self.send(&node, offer);
+                }
                 Action::Rejoin { node, round, deadline } => {
                     tracing::info!(node, round, "participant reconnected; sending the round again");
                     let start = start_round(&plan_id, round, active, deadline);

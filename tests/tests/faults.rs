@@ -1,5 +1,6 @@
 //! A hospital's node is killed mid-plan: its round goes on with the others at once (no waiting
-//! for the deadline) and the plan completes with the survivors.
+//! for the deadline) and the plan completes with the survivors; a node restarted mid-plan is
+//! offered the plan again and takes part in the rounds that follow.
 
 use std::time::Duration;
 
@@ -61,4 +62,48 @@ async fn a_killed_node_is_dropped_and_the_plan_completes_with_the_others() {
     let evaluated: Vec<&str> = finished.final_metrics.iter().map(|m| m.node.as_str()).collect();
     assert_eq!(evaluated, ["cleveland", "hungarian"]);
     assert!(coord.log_text().contains("node disconnected"));
+}
+
+#[tokio::test]
+async fn a_restarted_node_rejoins_the_running_plan() {
+    let c = Consortium::new();
+    let coord = CoordinatorProcess::start(&c);
+    let addr = coord.address();
+    let mut nodes: Vec<(String, NodeProcess)> = ["cleveland", "hungarian"]
+        .iter()
+        .map(|h| (h.to_string(), NodeProcess::start(&c, h, &addr, &heart_data(h))))
+        .collect();
+    assert!(wait_until(Duration::from_secs(60), || coord.log_text().matches("node connected").count() >= 2));
+    let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
+    // Enough local steps that a round outlasts a node's restart.
+    let plan = "name = \"restart\"\nrounds = 12\nmin_nodes = 1\nround_deadline_secs = 600\n\
+                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+                [local]\nsteps = 3000\nbatch_size = 4\nlearning_rate = 0.001\n[strategy]\nkind = \"fedavg\"\n";
+    let plan_id = lead.submit_plan(SubmitPlanRequest { plan_toml: plan.into() }).await.unwrap().into_inner().plan_id;
+    let mut events = lead.watch_plan(WatchPlanRequest { plan_id }).await.unwrap().into_inner();
+    let mut restarted = false;
+    let mut reported_after_restart = false;
+    let finished = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(180), events.next()).await.unwrap().unwrap().unwrap();
+        match ev.kind {
+            Some(plan_event::Kind::RoundOpened(r)) if r.round == 2 && !restarted => {
+                let (_, va) = nodes.iter_mut().find(|(n, _)| n == "cleveland").unwrap();
+                va.restart();
+                restarted = true;
+            }
+            Some(plan_event::Kind::RoundClosed(r)) => {
+                println!("round {}: reported {:?}, dropped {:?}", r.round, r.reported, r.dropped);
+                if restarted && r.round > 2 && r.reported.contains(&"cleveland".to_string()) {
+                    reported_after_restart = true;
+                }
+            }
+            Some(plan_event::Kind::PlanFinished(f)) => break f,
+            _ => {}
+        }
+    };
+    assert!(finished.success, "{}", finished.reason);
+    assert!(reported_after_restart, "the restarted node never took part again");
+    let evaluated: Vec<&str> = finished.final_metrics.iter().map(|m| m.node.as_str()).collect();
+    assert_eq!(evaluated, ["cleveland", "hungarian"]);
+    assert!(coord.log_text().contains("offering it again"));
 }
