@@ -1,14 +1,14 @@
 # Sourced by the other scripts: one cache outside the repository for libtorch and cargo's target
 # directory, so every clone and every CI run on this machine reuses them.
 #
-#   SANCTUM_CACHE     where the cache lives (default: ~/.cache/sanctum)
+#   SANCTUM_CACHE     where the cache lives (default: $XDG_CACHE_HOME/sanctum or ~/.cache/sanctum)
 #   LIBTORCH          a libtorch you already have (its include/ and lib/); wins over the cache
 #   CARGO_TARGET_DIR  where cargo builds (default: $SANCTUM_CACHE/target)
 
 set -euo pipefail
 
 TORCH_VERSION="2.11.0"
-export SANCTUM_CACHE="${SANCTUM_CACHE:-$HOME/.cache/sanctum}"
+export SANCTUM_CACHE="${SANCTUM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/sanctum}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$SANCTUM_CACHE/target}"
 mkdir -p "$SANCTUM_CACHE"
 
