@@ -1,0 +1,119 @@
+//! Round keys signed with the node's certificate key, so the coordinator cannot substitute them.
+//!
+//! Bonawitz et al. sign each node's advertised X25519 public keys with a long-term signing key;
+//! here that key is the one the node's certificate certifies (ECDSA P-256 from `sanctum-node pki
+//! request`), so a round key is bound to the same identity mutual TLS authenticates, with no second
+//! key to distribute. The signature covers the plan, the round and the node's name, so a key
+//! advertised for one round cannot be replayed in another.
+
+use ring::rand::SystemRandom;
+use ring::signature::{self, EcdsaKeyPair, UnparsedPublicKey};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+
+/// A node's advertised public keys for one secure-aggregation round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoundKeys {
+    pub plan_id: String,
+    pub round: u32,
+    pub node: String,
+    /// X25519 key for encrypting shares to this node.
+    pub share_key: [u8; 32],
+    /// X25519 key for pairwise masks.
+    pub mask_key: [u8; 32],
+}
+
+impl RoundKeys {
+    fn message(&self) -> Vec<u8> {
+        let mut m = b"sanctum secagg round keys v1\0".to_vec();
+        for field in [self.plan_id.as_bytes(), self.node.as_bytes()] {
+            m.extend_from_slice(&(field.len() as u64).to_le_bytes());
+            m.extend_from_slice(field);
+        }
+        m.extend_from_slice(&self.round.to_le_bytes());
+        m.extend_from_slice(&self.share_key);
+        m.extend_from_slice(&self.mask_key);
+        m
+    }
+}
+
+/// Why keys cannot be signed or do not verify.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeySignatureError {
+    #[error("the node's private key is not a PKCS#8 ECDSA P-256 key: {0}")]
+    Key(String),
+    #[error("the certificate cannot be read: {0}")]
+    Certificate(String),
+    #[error("the round keys' signature does not verify against the node's certificate")]
+    BadSignature,
+}
+
+/// Signs `keys` with the node's certificate key (PEM, PKCS#8).
+pub fn sign(keys: &RoundKeys, key_pem: &str) -> Result<Vec<u8>, KeySignatureError> {
+    let der =
+        PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| KeySignatureError::Key(e.to_string()))?;
+    let rng = SystemRandom::new();
+    let pair = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, der.secret_pkcs8_der(), &rng)
+        .map_err(|e| KeySignatureError::Key(e.to_string()))?;
+    pair.sign(&rng, &keys.message()).map(|s| s.as_ref().to_vec()).map_err(|e| KeySignatureError::Key(e.to_string()))
+}
+
+/// Checks a signature on `keys` against the node's certificate (PEM or DER, already validated
+/// against the consortium CA by TLS).
+pub fn verify(keys: &RoundKeys, signature_bytes: &[u8], cert_der: &[u8]) -> Result<(), KeySignatureError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| KeySignatureError::Certificate(e.to_string()))?;
+    let spki = cert.public_key().subject_public_key.data.to_vec();
+    UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, spki)
+        .verify(&keys.message(), signature_bytes)
+        .map_err(|_| KeySignatureError::BadSignature)
+}
+
+/// The DER of the first certificate in a PEM file's contents.
+pub fn cert_der_from_pem(pem: &str) -> Result<Vec<u8>, KeySignatureError> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map(|c| c.to_vec())
+        .map_err(|e| KeySignatureError::Certificate(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{self, Role, SignSpec};
+
+    fn member(ca: &pki::Issued, name: &str) -> pki::Issued {
+        pki::issue(&ca.cert_pem, &ca.key_pem, &SignSpec { name, role: Role::Node, days: 1, hosts: &[] }).unwrap()
+    }
+
+    #[test]
+    fn keys_verify_only_against_their_own_certificate_and_unaltered() {
+        let ca = pki::init_ca("t", 1).unwrap();
+        let (a, b) = (member(&ca, "cleveland"), member(&ca, "va"));
+        let keys = RoundKeys {
+            plan_id: "p".into(),
+            round: 3,
+            node: "cleveland".into(),
+            share_key: [1; 32],
+            mask_key: [2; 32],
+        };
+        let sig = sign(&keys, &a.key_pem).unwrap();
+        let cert_a = cert_der_from_pem(&a.cert_pem).unwrap();
+        let cert_b = cert_der_from_pem(&b.cert_pem).unwrap();
+        assert_eq!(verify(&keys, &sig, &cert_a), Ok(()));
+        // The coordinator swapping in its own mask key, replaying into another round, or
+        // presenting the keys as another node's: all refused.
+        assert_eq!(
+            verify(&RoundKeys { mask_key: [9; 32], ..keys.clone() }, &sig, &cert_a),
+            Err(KeySignatureError::BadSignature)
+        );
+        assert_eq!(
+            verify(&RoundKeys { round: 4, ..keys.clone() }, &sig, &cert_a),
+            Err(KeySignatureError::BadSignature)
+        );
+        assert_eq!(verify(&keys, &sig, &cert_b), Err(KeySignatureError::BadSignature));
+        let mut flipped = sig.clone();
+        flipped[10] ^= 1;
+        assert_eq!(verify(&keys, &flipped, &cert_a), Err(KeySignatureError::BadSignature));
+        assert!(sign(&keys, "not a key").is_err());
+    }
+}
