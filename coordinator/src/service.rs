@@ -59,10 +59,10 @@ struct Inner {
     round: RwLock<Option<RoundInfo>>,
     /// Everything that happens to plans, for `WatchPlan` and the simulator.
     plan_events: broadcast::Sender<(String, PlanEvent)>,
-    /// Final outcome of every plan this process ran, for late watchers.
-    finished: Mutex<HashMap<String, PlanFinished>>,
-    /// Ids of every plan this process started, so watching an unknown id fails at once.
-    known_plans: Mutex<std::collections::HashSet<String>>,
+    /// Every event of every plan this process started, in order: a watcher that subscribes late
+    /// (or right after submitting) first gets what it missed. Publishing appends here and
+    /// broadcasts under the same lock, so a watcher sees each event exactly once.
+    history: Mutex<HashMap<String, Vec<PlanEvent>>>,
     store: Store,
     next_conn: AtomicU64,
 }
@@ -116,8 +116,7 @@ impl Coordinator {
             nodes: Mutex::new(HashMap::new()),
             round: RwLock::new(None),
             plan_events,
-            finished: Mutex::new(HashMap::new()),
-            known_plans: Mutex::new(std::collections::HashSet::new()),
+            history: Mutex::new(HashMap::new()),
             store,
             next_conn: AtomicU64::new(1),
         });
@@ -173,14 +172,18 @@ impl Coordinator {
 }
 
 fn watch_stream(inner: &Arc<Inner>, plan_id: &str) -> impl Stream<Item = PlanEvent> + Send + 'static {
-    let mut rx = inner.plan_events.subscribe();
-    let done = lock(&inner.finished).get(plan_id).cloned();
+    let (past, mut rx) = {
+        let history = lock(&inner.history);
+        (history.get(plan_id).cloned().unwrap_or_default(), inner.plan_events.subscribe())
+    };
     let plan_id = plan_id.to_string();
     let (tx, out) = mpsc::channel(256);
     tokio::spawn(async move {
-        if let Some(done) = done {
-            let _ = tx.send(PlanEvent { kind: Some(plan_event::Kind::PlanFinished(done)) }).await;
-            return;
+        for ev in past {
+            let last = matches!(ev.kind, Some(plan_event::Kind::PlanFinished(_)));
+            if tx.send(ev).await.is_err() || last {
+                return;
+            }
         }
         loop {
             match rx.recv().await {
@@ -208,7 +211,10 @@ impl Inner {
     }
 
     fn publish(&self, plan_id: &str, kind: plan_event::Kind) {
-        let _ = self.plan_events.send((plan_id.to_string(), PlanEvent { kind: Some(kind) }));
+        let ev = PlanEvent { kind: Some(kind) };
+        let mut history = lock(&self.history);
+        history.entry(plan_id.to_string()).or_default().push(ev.clone());
+        let _ = self.plan_events.send((plan_id.to_string(), ev));
     }
 
     /// Logs and publishes a refused update, and returns the status for the node.
@@ -428,7 +434,7 @@ impl lead_server::Lead for LeadApi {
     async fn watch_plan(&self, request: Request<WatchPlanRequest>) -> Result<Response<Self::WatchPlanStream>, Status> {
         use tokio_stream::StreamExt;
         let plan_id = &request.get_ref().plan_id;
-        if !lock(&self.inner.known_plans).contains(plan_id) {
+        if !lock(&self.inner.history).contains_key(plan_id) {
             return Err(Status::not_found(format!("no plan with id '{plan_id}' was submitted to this coordinator")));
         }
         let stream = watch_stream(&self.inner, plan_id).map(Ok);
@@ -605,7 +611,7 @@ impl Driver {
         }
         let wire_toml = plan.to_wire_toml().map_err(|e| Status::invalid_argument(e.to_string()))?;
         let plan_id = Plan::id_of(&wire_toml).to_hex();
-        lock(&self.inner.known_plans).insert(plan_id.clone());
+        lock(&self.inner.history).entry(plan_id.clone()).or_default();
         let global = plan.model.init(plan.seed);
         let bytes = global.to_safetensors().map_err(|e| Status::internal(e.to_string()))?;
         let model = self.inner.store.put_model(&bytes).map_err(|e| Status::internal(format!("model store: {e}")))?;
@@ -862,7 +868,6 @@ impl Driver {
         } else {
             tracing::error!(plan = active.plan.name, "plan failed: {reason}");
         }
-        lock(&self.inner.finished).insert(active.plan_id.clone(), finished.clone());
         self.inner.publish(&active.plan_id, plan_event::Kind::PlanFinished(finished));
         let closed =
             directive::Kind::PlanClosed(proto::PlanClosed { plan_id: active.plan_id.clone(), success, reason });
