@@ -488,11 +488,13 @@ mod tests {
         let r2 = train_round_dp(&plan, &w, &data, Device::Cpu, &mild).unwrap();
         assert_ne!(r.delta, r2.delta);
         // With σ = 1e4 the step is noise: its size matches lr·σ·C/(q·n) per coordinate per step.
+        // An MLP gives ~1,000 coordinates, so the sample RMS is within a few % of its expectation.
+        let mlp = toy_plan(60, 0.5, "kind='mlp'\ninputs=13\nhidden=[64]");
         let loud = DpSetup { sampling_rate: 0.25, noise_multiplier: 1e4, clip_norm: 1.0 };
-        let r = train_round_dp(&plan, &w, &data, Device::Cpu, &loud).unwrap();
+        let r = train_round_dp(&mlp, &mlp.model.init(0), &data, Device::Cpu, &loud).unwrap();
         let rms = (r.delta.iter().map(|d| f64::from(*d).powi(2)).sum::<f64>() / r.delta.len() as f64).sqrt();
         let want = 0.5 * 1e4 / (0.25 * 40.0) * 60f64.sqrt();
-        assert!((rms / want - 1.0).abs() < 0.5, "rms step {rms}, expected about {want}");
+        assert!((rms / want - 1.0).abs() < 0.2, "rms step {rms}, expected about {want}");
     }
 
     #[test]
