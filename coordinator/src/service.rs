@@ -220,6 +220,10 @@ impl Inner {
     /// Logs and publishes a refused update, and returns the status for the node.
     fn reject(&self, node: &str, plan_id: &str, round: u32, status: Status) -> Status {
         tracing::warn!(node, round, "rejected update: {}", status.message());
+        // An upload that never named its plan has no watcher to tell.
+        if plan_id.is_empty() {
+            return status;
+        }
         self.publish(
             plan_id,
             plan_event::Kind::UpdateRejected(proto::UpdateRejected {

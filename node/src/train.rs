@@ -429,6 +429,15 @@ mod tests {
         }
     }
 
+    /// The global weights moved by a round's update.
+    fn applied(w: &Weights, r: &RoundResult) -> Weights {
+        let mut t = w.clone();
+        for (v, d) in t.values_mut().iter_mut().zip(&r.delta) {
+            *v += d;
+        }
+        t
+    }
+
     #[test]
     fn weights_roundtrip_through_libtorch_by_name() {
         let spec = ModelSpec::Mlp { inputs: 13, hidden: vec![5] };
@@ -447,10 +456,7 @@ mod tests {
         let r1 = train_round(&plan, &w, &data, Device::Cpu, 9).unwrap();
         let r2 = train_round(&plan, &w, &data, Device::Cpu, 9).unwrap();
         assert_eq!(r1.delta, r2.delta, "same seed, same update");
-        let mut trained = w.clone();
-        for (t, d) in trained.values_mut().iter_mut().zip(&r1.delta) {
-            *t += d;
-        }
+        let trained = applied(&w, &r1);
         let (acc, n) = evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap();
         assert_eq!(n, 40);
         assert_eq!(acc, 1.0);
@@ -462,10 +468,7 @@ mod tests {
         let data = toy_data();
         let w = plan.model.init(1);
         let r = train_round(&plan, &w, &data, Device::Cpu, 1).unwrap();
-        let mut trained = w.clone();
-        for (t, d) in trained.values_mut().iter_mut().zip(&r.delta) {
-            *t += d;
-        }
+        let trained = applied(&w, &r);
         assert!(evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap().0 >= 0.95);
     }
 
@@ -474,13 +477,7 @@ mod tests {
         let plan = toy_plan(60, 0.5, "kind='logistic_regression'\ninputs=13");
         let data = toy_data();
         let w = plan.model.init(0);
-        let apply = |r: &RoundResult| {
-            let mut t = w.clone();
-            for (v, d) in t.values_mut().iter_mut().zip(&r.delta) {
-                *v += d;
-            }
-            evaluate(&plan.model, &t, &data, Device::Cpu).unwrap().0
-        };
+        let apply = |r: &RoundResult| evaluate(&plan.model, &applied(&w, r), &data, Device::Cpu).unwrap().0;
         let mild = DpSetup { sampling_rate: 0.25, noise_multiplier: 0.5, clip_norm: 1.0 };
         let r = train_round_dp(&plan, &w, &data, Device::Cpu, &mild).unwrap();
         assert!(apply(&r) >= 0.95, "DP-SGD with mild noise should still separate the toy data");
@@ -503,10 +500,7 @@ mod tests {
         let data = toy_data();
         let w = plan.model.init(2);
         let r = train_round(&plan, &w, &data, Device::Cpu, 1).unwrap();
-        let mut trained = w.clone();
-        for (t, d) in trained.values_mut().iter_mut().zip(&r.delta) {
-            *t += d;
-        }
+        let trained = applied(&w, &r);
         assert!(evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap().0 >= 0.95);
     }
 

@@ -140,6 +140,15 @@ impl CoordinatorProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until `n` node connections are in the log; panics with the log if they never come.
+    pub fn wait_for_nodes(&self, n: usize) {
+        assert!(
+            wait_until(Duration::from_secs(60), || self.log_text().matches("node connected").count() >= n),
+            "nodes did not connect:\n{}",
+            self.log_text()
+        );
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -250,4 +259,17 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     f()
+}
+
+/// The next event of a watched plan; panics with `stalled` if none comes within `secs`.
+pub async fn next_event(
+    events: &mut tonic::Streaming<sanctum_protocol::proto::PlanEvent>,
+    secs: u64,
+    stalled: &str,
+) -> sanctum_protocol::proto::PlanEvent {
+    tokio::time::timeout(Duration::from_secs(secs), events.message())
+        .await
+        .expect(stalled)
+        .expect("the watch stream failed")
+        .expect("the watch stream ended before the plan finished")
 }

@@ -2,7 +2,6 @@
 //! they cannot serve (the lead sees why), bad updates are rejected while the round goes on.
 
 use std::process::Command;
-use std::time::Duration;
 
 use sanctum_protocol::hash::ContentHash;
 use sanctum_protocol::proto::federation_client::FederationClient;
@@ -12,8 +11,7 @@ use sanctum_protocol::proto::{
     plan_event, update_chunk,
 };
 use sanctum_protocol::transfer;
-use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, bin, channel, heart_data, wait_until};
-use tokio_stream::StreamExt;
+use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, bin, channel, heart_data, next_event};
 use tonic::Code;
 
 fn plan(rounds: u32, min_nodes: usize, extra: &str) -> String {
@@ -131,11 +129,7 @@ async fn bad_updates_are_rejected_logged_and_the_round_goes_on() {
     let rogue_files = c.member("rogue", "node");
     let mut rogue = FederationClient::new(channel(&addr, &rogue_files).await.unwrap());
     let mut directives = rogue.subscribe(SubscribeRequest::default()).await.unwrap().into_inner();
-    assert!(
-        wait_until(Duration::from_secs(60), || coord.log_text().matches("node connected").count() >= 3),
-        "nodes did not connect:\n{}",
-        coord.log_text()
-    );
+    coord.wait_for_nodes(3);
 
     let plan_id = lead.submit_plan(SubmitPlanRequest { plan_toml: plan(2, 2, "") }).await.unwrap().into_inner().plan_id;
     let mut events = lead.watch_plan(WatchPlanRequest { plan_id: plan_id.clone() }).await.unwrap().into_inner();
@@ -183,11 +177,7 @@ async fn bad_updates_are_rejected_logged_and_the_round_goes_on() {
 
     let mut rejected_events = Vec::new();
     let finished = loop {
-        let ev = tokio::time::timeout(Duration::from_secs(120), events.next())
-            .await
-            .expect("plan stalled")
-            .unwrap()
-            .unwrap();
+        let ev = next_event(&mut events, 120, "plan stalled").await;
         match ev.kind {
             Some(plan_event::Kind::UpdateRejected(r)) => rejected_events.push(r),
             Some(plan_event::Kind::PlanFinished(f)) => break f,

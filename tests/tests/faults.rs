@@ -2,12 +2,9 @@
 //! for the deadline) and the plan completes with the survivors; a node restarted mid-plan is
 //! offered the plan again and takes part in the rounds that follow.
 
-use std::time::Duration;
-
 use sanctum_protocol::proto::lead_client::LeadClient;
 use sanctum_protocol::proto::{SubmitPlanRequest, WatchPlanRequest, plan_event};
-use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, channel, heart_data, wait_until};
-use tokio_stream::StreamExt;
+use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, channel, heart_data, next_event};
 
 #[tokio::test]
 async fn a_killed_node_is_dropped_and_the_plan_completes_with_the_others() {
@@ -18,11 +15,7 @@ async fn a_killed_node_is_dropped_and_the_plan_completes_with_the_others() {
         .iter()
         .map(|h| (h.to_string(), NodeProcess::start(&c, h, &addr, &heart_data(h))))
         .collect();
-    assert!(
-        wait_until(Duration::from_secs(60), || coord.log_text().matches("node connected").count() >= 3),
-        "nodes did not connect:\n{}",
-        coord.log_text()
-    );
+    coord.wait_for_nodes(3);
     let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
     // The deadline is far longer than the test may take: only the disconnect can close the round.
     let plan = "name = \"faults\"\nrounds = 4\nmin_nodes = 2\nround_deadline_secs = 600\n\
@@ -34,11 +27,8 @@ async fn a_killed_node_is_dropped_and_the_plan_completes_with_the_others() {
     let mut killed = false;
     let mut va_left_out = false;
     let finished = loop {
-        let ev = tokio::time::timeout(Duration::from_secs(120), events.next())
-            .await
-            .expect("the plan waited for the deadline instead of dropping the killed node")
-            .unwrap()
-            .unwrap();
+        let ev =
+            next_event(&mut events, 120, "the plan waited for the deadline instead of dropping the killed node").await;
         match ev.kind {
             Some(plan_event::Kind::RoundOpened(r)) if r.round == 2 && !killed => {
                 let (_, va) = nodes.iter_mut().find(|(n, _)| n == "va").unwrap();
@@ -73,7 +63,7 @@ async fn a_restarted_node_rejoins_the_running_plan() {
         .iter()
         .map(|h| (h.to_string(), NodeProcess::start(&c, h, &addr, &heart_data(h))))
         .collect();
-    assert!(wait_until(Duration::from_secs(60), || coord.log_text().matches("node connected").count() >= 2));
+    coord.wait_for_nodes(2);
     let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
     // Enough rounds that many open after the node is back, whatever the machine's load.
     let plan = "name = \"restart\"\nrounds = 40\nmin_nodes = 1\nround_deadline_secs = 600\n\
@@ -84,7 +74,7 @@ async fn a_restarted_node_rejoins_the_running_plan() {
     let mut restarted = false;
     let mut reported_after_restart = false;
     let finished = loop {
-        let ev = tokio::time::timeout(Duration::from_secs(180), events.next()).await.unwrap().unwrap().unwrap();
+        let ev = next_event(&mut events, 180, "the plan stalled").await;
         match ev.kind {
             Some(plan_event::Kind::RoundOpened(r)) if r.round == 2 && !restarted => {
                 let (_, va) = nodes.iter_mut().find(|(n, _)| n == "cleveland").unwrap();

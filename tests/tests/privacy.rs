@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use sanctum_protocol::proto::lead_client::LeadClient;
 use sanctum_protocol::proto::{SubmitPlanRequest, WatchPlanRequest, plan_event};
-use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, bin, channel, heart_data, run_ok, wait_until};
-use tokio_stream::StreamExt;
+use sanctum_tests::{
+    Consortium, CoordinatorProcess, NodeProcess, bin, channel, heart_data, next_event, run_ok, wait_until,
+};
 
 #[tokio::test]
 async fn a_plan_that_would_overspend_is_refused_and_the_others_train_privately() {
@@ -19,11 +20,7 @@ async fn a_plan_that_would_overspend_is_refused_and_the_others_train_privately()
     // ≈ 2.96 on Hungary's 172 (δ = 1e-5, `sanctum-node privacy epsilon`).
     let strict = NodeProcess::start_with_policy(&c, "cleveland", &addr, &heart_data("cleveland"), "max_epsilon = 2.0");
     let lenient = NodeProcess::start_with_policy(&c, "hungarian", &addr, &heart_data("hungarian"), "max_epsilon = 4.0");
-    assert!(
-        wait_until(Duration::from_secs(60), || coord.log_text().matches("node connected").count() >= 2),
-        "nodes did not connect:\n{}",
-        coord.log_text()
-    );
+    coord.wait_for_nodes(2);
     let plan = "name = \"dp\"\nrounds = 2\nmin_nodes = 1\n\
                 [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
                 [local]\nsteps = 50\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n\
@@ -34,7 +31,7 @@ async fn a_plan_that_would_overspend_is_refused_and_the_others_train_privately()
     let mut refusal = None;
     let mut cost = None;
     let finished = loop {
-        let ev = tokio::time::timeout(Duration::from_secs(120), events.next()).await.unwrap().unwrap().unwrap();
+        let ev = next_event(&mut events, 120, "the plan stalled").await;
         match ev.kind {
             Some(plan_event::Kind::NodeDecision(d)) if !d.accepted => refusal = Some((d.node, d.reason)),
             Some(plan_event::Kind::NodeDecision(d)) => cost = d.privacy.map(|p| (d.node, p)),
@@ -72,7 +69,7 @@ async fn a_crash_between_charge_and_send_leaves_the_charge_once_and_never_less()
         &[("SANCTUM_FAULT_CRASH_AFTER_CHARGE", "1")],
     );
     let _honest = NodeProcess::start(&c, "hungarian", &addr, &heart_data("hungarian"));
-    assert!(wait_until(Duration::from_secs(60), || coord.log_text().matches("node connected").count() >= 2));
+    coord.wait_for_nodes(2);
     let plan = "name = \"crash\"\nrounds = 2\nmin_nodes = 1\n\
                 [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
                 [local]\nsteps = 10\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n\
@@ -81,7 +78,7 @@ async fn a_crash_between_charge_and_send_leaves_the_charge_once_and_never_less()
     let plan_id = lead.submit_plan(SubmitPlanRequest { plan_toml: plan.into() }).await.unwrap().into_inner().plan_id;
     let mut events = lead.watch_plan(WatchPlanRequest { plan_id: plan_id.clone() }).await.unwrap().into_inner();
     let finished = loop {
-        let ev = tokio::time::timeout(Duration::from_secs(120), events.next()).await.unwrap().unwrap().unwrap();
+        let ev = next_event(&mut events, 120, "the plan stalled").await;
         if let Some(plan_event::Kind::PlanFinished(f)) = ev.kind {
             break f;
         }
