@@ -151,6 +151,57 @@ impl TlsMaterial {
     }
 }
 
+/// Checks node certificates relayed by the coordinator (secure aggregation): chain to the
+/// consortium CA, validity now, role `node` and the expected name, then a signature made with the
+/// certified key. The coordinator relays them but cannot forge them.
+pub struct NodeCertVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl NodeCertVerifier {
+    fn check(&self, node: &str, cert_der: &[u8]) -> Result<(), String> {
+        let cert = CertificateDer::from(cert_der.to_vec());
+        self.inner
+            .verify_client_cert(&cert, &[], rustls_pki_types::UnixTime::now())
+            .map_err(|e| format!("certificate refused: {e}"))?;
+        let identity = pki::identity_from_der(cert_der).map_err(|e| e.to_string())?;
+        if identity.role != pki::Role::Node || identity.name != node {
+            return Err(format!("the certificate is {identity}'s, not node '{node}''s"));
+        }
+        Ok(())
+    }
+}
+
+impl crate::secagg::client::PeerVerifier for NodeCertVerifier {
+    fn verify(&self, node: &str, cert_der: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String> {
+        self.check(node, cert_der)?;
+        crate::secagg::keys::verify_message(message, signature, cert_der).map_err(|e| e.to_string())
+    }
+}
+
+impl TlsMaterial {
+    /// A verifier of node certificates against this party's trust root.
+    pub fn node_cert_verifier(&self) -> Result<NodeCertVerifier, TlsError> {
+        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(self.root_store()?), Self::provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        Ok(NodeCertVerifier { inner })
+    }
+
+    /// Signs a secure-aggregation message with this party's certificate key.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, crate::secagg::keys::KeySignatureError> {
+        match &self.key {
+            PrivateKeyDer::Pkcs8(der) => crate::secagg::keys::sign_message_pkcs8(message, der.secret_pkcs8_der()),
+            _ => Err(crate::secagg::keys::KeySignatureError::Key("the key is not PKCS#8".into())),
+        }
+    }
+
+    /// This party's own certificate (DER).
+    pub fn cert_der(&self) -> &[u8] {
+        &self.chain[0]
+    }
+}
+
 /// Who is calling, attached by the server to every request on a connection.
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
@@ -158,6 +209,8 @@ pub struct PeerInfo {
     pub identity: Identity,
     /// The TCP peer, for logs.
     pub remote: SocketAddr,
+    /// The verified end-entity certificate (DER), relayed to peers in secure aggregation.
+    pub cert_der: Arc<Vec<u8>>,
 }
 
 /// A server-side TLS stream whose peer has been verified and identified.
@@ -242,11 +295,12 @@ pub fn mtls_incoming(
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .ok_or(PkiError::NoIdentity)
-                    .and_then(|der| pki::identity_from_der(der));
+                    .and_then(|der| Ok((pki::identity_from_der(der)?, Arc::new(der.to_vec()))));
                 match identity {
-                    Ok(identity) => {
+                    Ok((identity, cert_der)) => {
                         tracing::debug!(%remote, peer = %identity, "mutual TLS established");
-                        let stream = AuthenticatedStream { inner: tls, peer: PeerInfo { identity, remote } };
+                        let peer = PeerInfo { identity, remote, cert_der };
+                        let stream = AuthenticatedStream { inner: tls, peer };
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Err(e) => tracing::warn!(%remote, "refused connection: {e}"),

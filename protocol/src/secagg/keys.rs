@@ -24,7 +24,8 @@ pub struct RoundKeys {
 }
 
 impl RoundKeys {
-    fn message(&self) -> Vec<u8> {
+    /// The bytes the node signs: a domain tag, the plan, the node, the round and both keys.
+    pub fn signed_message(&self) -> Vec<u8> {
         let mut m = b"sanctum secagg round keys v1\0".to_vec();
         for field in [self.plan_id.as_bytes(), self.node.as_bytes()] {
             m.extend_from_slice(&(field.len() as u64).to_le_bytes());
@@ -50,22 +51,37 @@ pub enum KeySignatureError {
 
 /// Signs `keys` with the node's certificate key (PEM, PKCS#8).
 pub fn sign(keys: &RoundKeys, key_pem: &str) -> Result<Vec<u8>, KeySignatureError> {
+    sign_message(&keys.signed_message(), key_pem)
+}
+
+/// Signs any secure-aggregation message with the node's certificate key (PEM, PKCS#8).
+pub fn sign_message(message: &[u8], key_pem: &str) -> Result<Vec<u8>, KeySignatureError> {
     let der =
         PrivatePkcs8KeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| KeySignatureError::Key(e.to_string()))?;
+    sign_message_pkcs8(message, der.secret_pkcs8_der())
+}
+
+/// Signs a message with a PKCS#8 (DER) ECDSA P-256 key.
+pub fn sign_message_pkcs8(message: &[u8], pkcs8_der: &[u8]) -> Result<Vec<u8>, KeySignatureError> {
     let rng = SystemRandom::new();
-    let pair = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, der.secret_pkcs8_der(), &rng)
+    let pair = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8_der, &rng)
         .map_err(|e| KeySignatureError::Key(e.to_string()))?;
-    pair.sign(&rng, &keys.message()).map(|s| s.as_ref().to_vec()).map_err(|e| KeySignatureError::Key(e.to_string()))
+    pair.sign(&rng, message).map(|s| s.as_ref().to_vec()).map_err(|e| KeySignatureError::Key(e.to_string()))
 }
 
 /// Checks a signature on `keys` against the node's certificate (PEM or DER, already validated
 /// against the consortium CA by TLS).
 pub fn verify(keys: &RoundKeys, signature_bytes: &[u8], cert_der: &[u8]) -> Result<(), KeySignatureError> {
+    verify_message(&keys.signed_message(), signature_bytes, cert_der)
+}
+
+/// Checks a signature on any message against the key a certificate (DER) certifies.
+pub fn verify_message(message: &[u8], signature_bytes: &[u8], cert_der: &[u8]) -> Result<(), KeySignatureError> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| KeySignatureError::Certificate(e.to_string()))?;
     let spki = cert.public_key().subject_public_key.data.to_vec();
     UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, spki)
-        .verify(&keys.message(), signature_bytes)
+        .verify(message, signature_bytes)
         .map_err(|_| KeySignatureError::BadSignature)
 }
 

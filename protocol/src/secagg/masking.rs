@@ -8,7 +8,7 @@
 //! survivors' self masks (bᵢ reconstructed from shares) and the masks towards dropped nodes
 //! (their X25519 secrets reconstructed from shares). The PRG is the ChaCha20 keystream.
 
-use rand::{RngCore, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use ring::hkdf;
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -39,30 +39,65 @@ pub fn pairwise_seed(mine: &StaticSecret, theirs: &PublicKey, round_context: &[u
 
 /// `len` words of the ChaCha20 keystream under `seed`.
 pub fn expand(seed: &Seed, len: usize) -> Vec<u32> {
-    let mut rng = ChaCha20Rng::from_seed(*seed);
-    (0..len).map(|_| rng.next_u32()).collect()
+    let mut out = vec![0u32; len];
+    apply(&mut out, &[(*seed, Sign::Add)]);
+    out
 }
 
-fn add_assign(acc: &mut [u32], mask: &[u32]) {
-    for (a, m) in acc.iter_mut().zip(mask) {
-        *a = a.wrapping_add(*m);
+/// Whether a mask is added to or subtracted from the accumulator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sign {
+    Add,
+    Sub,
+}
+
+/// Adds or subtracts PRG(seed) for every `(seed, sign)` in `terms` to `acc` (mod 2³²), on every
+/// core: each thread owns a slice of coordinates and jumps each keystream to its start, so the
+/// result is the same whatever the number of threads.
+pub fn apply(acc: &mut [u32], terms: &[(Seed, Sign)]) {
+    const PER_THREAD_MIN: usize = 1 << 16;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(acc.len() / PER_THREAD_MIN).max(1);
+    if threads == 1 {
+        apply_range(acc, 0, terms);
+        return;
+    }
+    let chunk = acc.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (i, part) in acc.chunks_mut(chunk).enumerate() {
+            scope.spawn(move || apply_range(part, (i * chunk) as u128, terms));
+        }
+    });
+}
+
+fn apply_range(acc: &mut [u32], start_word: u128, terms: &[(Seed, Sign)]) {
+    const BLOCK: usize = 4096;
+    let mut buf = [0u32; BLOCK];
+    for (seed, sign) in terms {
+        let mut rng = ChaCha20Rng::from_seed(*seed);
+        rng.set_word_pos(start_word);
+        for part in acc.chunks_mut(BLOCK) {
+            let words = &mut buf[..part.len()];
+            rng.fill(words);
+            match sign {
+                Sign::Add => part.iter_mut().zip(words.iter()).for_each(|(a, m)| *a = a.wrapping_add(*m)),
+                Sign::Sub => part.iter_mut().zip(words.iter()).for_each(|(a, m)| *a = a.wrapping_sub(*m)),
+            }
+        }
     }
 }
 
-fn sub_assign(acc: &mut [u32], mask: &[u32]) {
-    for (a, m) in acc.iter_mut().zip(mask) {
-        *a = a.wrapping_sub(*m);
-    }
+/// The sign with which node `me` adds its mask towards `peer`: + if `me < peer`, − otherwise.
+pub fn pair_sign(me: u32, peer: u32) -> Sign {
+    if me < peer { Sign::Add } else { Sign::Sub }
 }
 
 /// Node `me`'s masked input: x + PRG(b) + Σ_{j > me} PRG(s_j) − Σ_{j < me} PRG(s_j) (mod 2³²).
 pub fn mask(input: &[u32], me: u32, self_seed: &Seed, pairs: &[(u32, Seed)]) -> Vec<u32> {
     let mut y = input.to_vec();
-    add_assign(&mut y, &expand(self_seed, input.len()));
-    for (peer, seed) in pairs {
-        let m = expand(seed, input.len());
-        if me < *peer { add_assign(&mut y, &m) } else { sub_assign(&mut y, &m) }
-    }
+    let terms: Vec<(Seed, Sign)> = std::iter::once((*self_seed, Sign::Add))
+        .chain(pairs.iter().map(|(peer, seed)| (*seed, pair_sign(me, *peer))))
+        .collect();
+    apply(&mut y, &terms);
     y
 }
 
@@ -73,15 +108,15 @@ pub fn mask(input: &[u32], me: u32, self_seed: &Seed, pairs: &[(u32, Seed)]) -> 
 /// sᵢⱼ) for every survivor and dropped node, recomputed from the dropped node's reconstructed key.
 pub fn unmask(masked_sum: &[u32], survivor_self_seeds: &[(u32, Seed)], dropped_pairs: &[(u32, u32, Seed)]) -> Vec<u32> {
     let mut z = masked_sum.to_vec();
-    let len = z.len();
-    for (_, b) in survivor_self_seeds {
-        sub_assign(&mut z, &expand(b, len));
-    }
-    for (survivor, dropped, seed) in dropped_pairs {
-        let m = expand(seed, len);
-        // The survivor added +m if its id was smaller, −m otherwise: undo that.
-        if survivor < dropped { sub_assign(&mut z, &m) } else { add_assign(&mut z, &m) }
-    }
+    // The survivor added +m if its id was smaller, −m otherwise: undo that.
+    let terms: Vec<(Seed, Sign)> = survivor_self_seeds
+        .iter()
+        .map(|(_, b)| (*b, Sign::Sub))
+        .chain(dropped_pairs.iter().map(|(survivor, dropped, seed)| {
+            (*seed, if pair_sign(*survivor, *dropped) == Sign::Add { Sign::Sub } else { Sign::Add })
+        }))
+        .collect();
+    apply(&mut z, &terms);
     z
 }
 
@@ -101,6 +136,25 @@ mod tests {
 
     use super::super::shamir;
     use super::*;
+
+    fn add_assign(acc: &mut [u32], v: &[u32]) {
+        for (a, m) in acc.iter_mut().zip(v) {
+            *a = a.wrapping_add(*m);
+        }
+    }
+
+    #[test]
+    fn threaded_keystream_equals_the_sequential_one() {
+        // Long enough to be split across threads; the reference reads the stream word by word.
+        let seed = [7u8; 32];
+        let n = (1 << 18) + 12_345;
+        let mut rng = ChaCha20Rng::from_seed(seed);
+        let want: Vec<u32> = (0..n).map(|_| rng.next_u32()).collect();
+        assert_eq!(expand(&seed, n), want);
+        let mut acc = want.clone();
+        apply(&mut acc, &[(seed, Sign::Sub)]);
+        assert!(acc.iter().all(|&w| w == 0));
+    }
 
     struct Node {
         id: u32,
