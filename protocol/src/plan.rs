@@ -40,6 +40,13 @@ pub struct Plan {
     /// Differential privacy of what leaves each node; off unless the plan asks for it.
     #[serde(default)]
     pub privacy: PrivacySpec,
+    /// Secure aggregation (Bonawitz et al. 2017): the coordinator learns only the sum of each
+    /// round's updates, never one hospital's.
+    #[serde(default)]
+    pub secure_aggregation: bool,
+    /// Settings of secure aggregation; defaults apply when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secagg: Option<SecAggSettings>,
     /// Only for `sanctum-coordinator simulate`; never sent to nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simulation: Option<Simulation>,
@@ -217,6 +224,48 @@ impl Strategy {
     }
 }
 
+/// The `[secagg]` section.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecAggSettings {
+    /// The fewest nodes whose inputs may be summed (t of t-of-n). Default: a majority of the
+    /// round's participants, and never fewer than `min_nodes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<usize>,
+    /// L2 bound each node clips its update to before quantising (without client-level privacy;
+    /// with it, `privacy.clip_norm` is the bound).
+    #[serde(default = "default_secagg_clip")]
+    pub clip_norm: f64,
+    /// Aggregation weight under sample weighting: min(samples, max_samples) / max_samples, summed
+    /// masked like the update.
+    #[serde(default = "default_max_samples")]
+    pub max_samples: u64,
+    /// Seconds each step other than the masked input waits for nodes.
+    #[serde(default = "default_step_timeout")]
+    pub step_timeout_secs: u64,
+}
+
+impl Default for SecAggSettings {
+    fn default() -> Self {
+        Self {
+            threshold: None,
+            clip_norm: default_secagg_clip(),
+            max_samples: default_max_samples(),
+            step_timeout_secs: default_step_timeout(),
+        }
+    }
+}
+
+fn default_secagg_clip() -> f64 {
+    10.0
+}
+fn default_max_samples() -> u64 {
+    10_000
+}
+fn default_step_timeout() -> u64 {
+    60
+}
+
 /// Where `simulate` finds each hospital's data, and the published numbers to compare against.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -322,6 +371,7 @@ impl Plan {
             }
         }
         self.validate_privacy()?;
+        self.validate_secagg()?;
         if let Some(sim) = &self.simulation {
             let mut seen = BTreeSet::new();
             for h in &sim.hospitals {
@@ -407,6 +457,55 @@ impl Plan {
             }
         }
         Ok(())
+    }
+
+    fn validate_secagg(&self) -> Result<(), PlanError> {
+        if !self.secure_aggregation {
+            if self.secagg.is_some() {
+                return Err(invalid("secagg", "is set but secure_aggregation is not true"));
+            }
+            return Ok(());
+        }
+        let s = self.secagg_settings();
+        if self.min_nodes < 2 {
+            return Err(invalid(
+                "min_nodes",
+                "must be at least 2 with secure aggregation (a sum of one is that update)",
+            ));
+        }
+        if let Some(t) = s.threshold
+            && t < 2
+        {
+            return Err(invalid("secagg.threshold", "must be at least 2"));
+        }
+        if !(s.clip_norm.is_finite() && s.clip_norm > 0.0) {
+            return Err(invalid("secagg.clip_norm", "must be a positive number"));
+        }
+        if s.max_samples == 0 {
+            return Err(invalid("secagg.max_samples", "must be at least 1"));
+        }
+        if s.step_timeout_secs == 0 {
+            return Err(invalid("secagg.step_timeout_secs", "must be at least 1 second"));
+        }
+        if self.privacy.adaptive_clipping.is_some() {
+            return Err(invalid(
+                "privacy.adaptive_clipping",
+                "needs each hospital's own update norm, which secure aggregation hides; use a fixed clip_norm",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The secure-aggregation settings (defaults filled in).
+    pub fn secagg_settings(&self) -> SecAggSettings {
+        self.secagg.clone().unwrap_or_default()
+    }
+
+    /// The threshold t for a round with `participants` nodes: the plan's, or a majority, never
+    /// fewer than `min_nodes` nor 2.
+    pub fn secagg_threshold(&self, participants: usize) -> usize {
+        let s = self.secagg_settings();
+        s.threshold.unwrap_or(participants / 2 + 1).max(self.min_nodes).max(2)
     }
 
     /// The plan as sent to nodes: canonical TOML without the simulation section. Its SHA-256 is

@@ -12,6 +12,7 @@
 //! committed with their generator in `protocol/testdata/privacy/`.
 
 pub mod cli;
+pub mod distributed;
 pub mod noise;
 pub mod pld;
 pub mod rdp;
@@ -37,6 +38,8 @@ pub enum PrivacyError {
     NoiseMultiplier(f64),
     #[error("delta {0} is not in (0, 1)")]
     Delta(f64),
+    #[error("accounting failed: {0}")]
+    Accounting(String),
     #[error("target epsilon {0} is not a positive finite number")]
     Epsilon(f64),
     #[error(

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod crypto;
+pub mod encode;
 pub mod keys;
 pub mod masking;
 pub mod quantize;

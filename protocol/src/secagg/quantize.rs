@@ -42,6 +42,21 @@ impl Quantizer {
         Ok(Self { gamma: clip / room, bound: clip })
     }
 
+    /// The finest γ for which `nodes` inputs with every coordinate within ±`bound`, plus noise whose
+    /// sum never exceeds `noise_per_unit`·(bound/γ) in absolute value, sum without overflow:
+    /// n·(B/γ + 1) + noise_per_unit·B/γ ≤ 2³¹ − 1.
+    pub fn with_headroom(bound: f64, nodes: usize, noise_per_unit: f64) -> Result<Self, QuantizeError> {
+        if !(bound.is_finite() && bound > 0.0) || nodes == 0 || !(noise_per_unit.is_finite() && noise_per_unit >= 0.0) {
+            return Err(QuantizeError::Parameters(bound, nodes));
+        }
+        let n = nodes as f64;
+        let room = (f64::from(i32::MAX) - n) / (n + noise_per_unit);
+        if room <= 1.0 {
+            return Err(QuantizeError::Parameters(bound, nodes));
+        }
+        Ok(Self { gamma: bound / room, bound })
+    }
+
     /// The scale γ: one integer step.
     pub fn gamma(&self) -> f64 {
         self.gamma
