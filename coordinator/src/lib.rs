@@ -15,6 +15,7 @@ pub mod aggregate;
 pub mod config;
 pub mod pki;
 pub mod round;
+pub mod secure;
 pub mod service;
 pub mod simulate;
 pub mod store;

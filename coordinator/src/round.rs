@@ -59,7 +59,15 @@ pub enum Rejection {
 #[derive(Clone, Debug)]
 enum Phase {
     Recruiting { deadline: Instant },
-    Training { round: u32, participants: BTreeSet<NodeName>, reported: BTreeSet<NodeName>, deadline: Instant },
+    Training {
+        round: u32,
+        participants: BTreeSet<NodeName>,
+        reported: BTreeSet<NodeName>,
+        /// Participants that can no longer report this round (secure aggregation went on without
+        /// them); they are listed as dropped when it closes.
+        left: BTreeSet<NodeName>,
+        deadline: Instant,
+    },
     Aggregating { round: u32 },
     Evaluating { pending: BTreeSet<NodeName>, deadline: Instant },
     Finished,
@@ -139,9 +147,10 @@ impl PlanRun {
         let mut actions = vec![Action::Reoffer(node.to_string())];
         // A participant of the open round gets the round again: it may still report before the
         // deadline (a second upload is refused as a duplicate).
-        if let Phase::Training { round, participants, reported, deadline } = &self.phase
+        if let Phase::Training { round, participants, reported, left, deadline } = &self.phase
             && participants.contains(node)
             && !reported.contains(node)
+            && !left.contains(node)
             && now < *deadline
         {
             actions.push(Action::Rejoin { node: node.to_string(), round: *round, deadline: *deadline });
@@ -186,7 +195,7 @@ impl PlanRun {
     /// Asks whether an update may enter the round; on `Ok` the node counts as reported and the
     /// service must apply the update before anything else happens.
     pub fn admit_update(&mut self, node: &str, round: u32, now: Instant) -> Result<Vec<Action>, Rejection> {
-        let Phase::Training { round: open, participants, reported, deadline } = &mut self.phase else {
+        let Phase::Training { round: open, participants, reported, left, deadline } = &mut self.phase else {
             return Err(Rejection::NoOpenRound);
         };
         if round != *open {
@@ -195,7 +204,7 @@ impl PlanRun {
         if reported.contains(node) {
             return Err(Rejection::Duplicate(node.to_string()));
         }
-        if !participants.contains(node) {
+        if !participants.contains(node) || left.contains(node) {
             return Err(Rejection::NotParticipant(node.to_string()));
         }
         if now >= *deadline {
@@ -203,6 +212,18 @@ impl PlanRun {
         }
         reported.insert(node.to_string());
         Ok(self.advance(now))
+    }
+
+    /// A participant can no longer report in the open round (it missed a secure-aggregation step):
+    /// the round stops waiting for it.
+    pub fn leave_round(&mut self, node: &str, now: Instant) -> Vec<Action> {
+        if let Phase::Training { participants, reported, left, .. } = &mut self.phase
+            && participants.contains(node)
+            && !reported.contains(node)
+        {
+            left.insert(node.to_string());
+        }
+        self.advance(now)
     }
 
     /// The service finished aggregating `round`.
@@ -262,7 +283,13 @@ impl PlanRun {
             );
         }
         let deadline = now + self.cfg.round_deadline;
-        self.phase = Phase::Training { round, participants: participants.clone(), reported: BTreeSet::new(), deadline };
+        self.phase = Phase::Training {
+            round,
+            participants: participants.clone(),
+            reported: BTreeSet::new(),
+            left: BTreeSet::new(),
+            deadline,
+        };
         vec![Action::OpenRound { round, participants: participants.into_iter().collect(), deadline }]
     }
 
@@ -298,11 +325,11 @@ impl PlanRun {
                 }
                 vec![]
             }
-            Phase::Training { round, participants, reported, deadline } => {
-                // A participant that went away or left the plan no longer holds the round up.
-                let all_in = participants
-                    .iter()
-                    .all(|p| reported.contains(p) || !self.online.contains(p) || !self.accepted.contains(p));
+            Phase::Training { round, participants, reported, left, deadline } => {
+                // A participant that went away or left the plan or the round no longer holds it up.
+                let all_in = participants.iter().all(|p| {
+                    reported.contains(p) || !self.online.contains(p) || !self.accepted.contains(p) || left.contains(p)
+                });
                 if !all_in && now < *deadline {
                     return vec![];
                 }

@@ -21,9 +21,12 @@ use sanctum_protocol::privacy::noise::SecureGaussian;
 use sanctum_protocol::privacy::{self, Accountant, SampledGaussian};
 use sanctum_protocol::proto::{
     self, Ack, Directive, EvaluationReport, FetchModelRequest, ModelChunk, PlanEvent, PlanFinished, PlanResponse,
-    SubmitPlanRequest, SubmitPlanResponse, SubscribeRequest, UpdateChunk, UpdateReceipt, WatchPlanRequest, directive,
-    federation_server, lead_server, plan_event, update_chunk,
+    SecAggMessage, SubmitPlanRequest, SubmitPlanResponse, SubscribeRequest, UpdateChunk, UpdateReceipt,
+    WatchPlanRequest, directive, federation_server, lead_server, plan_event, sec_agg_message, sec_agg_step,
+    update_chunk,
 };
+use sanctum_protocol::secagg::server::{Outcome, ServerAction};
+use sanctum_protocol::secagg::wire;
 use sanctum_protocol::tls::{self, TlsMaterial};
 use sanctum_protocol::transfer::{self, CHUNK_BYTES};
 use tokio::net::TcpListener;
@@ -34,6 +37,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::aggregate::{Accumulator, ClientDp, ServerState};
 use crate::round::{Action, PlanRun, RunConfig};
+use crate::secure::{SecAggRound, SessionCertVerifier};
 use crate::store::{Store, write_atomic};
 
 /// Settings of a running coordinator.
@@ -79,6 +83,8 @@ struct RoundInfo {
     round: u32,
     model: ContentHash,
     num_params: usize,
+    /// Uploads are masked secure-aggregation inputs (num_params + 1 u32 words).
+    masked: bool,
 }
 
 /// A header that passed the handler's checks, and where its payload was spooled.
@@ -88,6 +94,7 @@ struct SpooledUpdate {
     base_model: String,
     sample_count: u64,
     metrics: Vec<proto::Metric>,
+    masked: bool,
     spool: tempfile::NamedTempFile,
 }
 
@@ -98,6 +105,7 @@ enum Event {
     Decision { node: String, response: PlanResponse },
     Update { node: String, update: SpooledUpdate, reply: oneshot::Sender<Result<(), String>> },
     Evaluation { node: String, report: EvaluationReport },
+    SecAgg { node: String, cert_der: Arc<Vec<u8>>, msg: SecAggMessage, reply: oneshot::Sender<Result<(), String>> },
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -351,15 +359,23 @@ impl federation_server::Federation for FederationApi {
                 info.model.short()
             ))));
         }
-        if header.num_params != info.num_params as u64 {
+        if header.masked != info.masked {
+            return Err(reject(Status::invalid_argument(if info.masked {
+                "this plan uses secure aggregation: send a masked input".to_string()
+            } else {
+                "this plan does not use secure aggregation: send the plain update".to_string()
+            })));
+        }
+        let words = info.num_params + usize::from(info.masked);
+        if header.num_params != words as u64 {
             return Err(reject(Status::invalid_argument(format!(
-                "update has {} parameters, the model has {}",
-                header.num_params, info.num_params
+                "update has {} values, the round expects {words}",
+                header.num_params
             ))));
         }
         let payload_hash = ContentHash::parse(&header.payload_sha256)
             .map_err(|e| reject(Status::invalid_argument(format!("payload_sha256: {e}"))))?;
-        let expected = info.num_params as u64 * 4;
+        let expected = words as u64 * 4;
         let mut spool = self.inner.store.spool().map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
         let mut hasher = Hasher::default();
         let mut received = 0u64;
@@ -379,8 +395,7 @@ impl federation_server::Federation for FederationApi {
             received += data.len() as u64;
             if received > expected {
                 return Err(reject(Status::invalid_argument(format!(
-                    "upload carries more than the {expected} bytes its {} parameters need",
-                    info.num_params
+                    "upload carries more than the {expected} bytes its {words} values need"
                 ))));
             }
             hasher.update(&data);
@@ -399,6 +414,7 @@ impl federation_server::Federation for FederationApi {
             base_model: header.base_model_sha256.clone(),
             sample_count: header.sample_count,
             metrics: header.metrics.clone(),
+            masked: header.masked,
             spool,
         };
         let (reply, rx) = oneshot::channel();
@@ -414,6 +430,20 @@ impl federation_server::Federation for FederationApi {
         let node = caller(&request)?;
         self.inner.send_event(Event::Evaluation { node, report: request.into_inner() });
         Ok(Response::new(Ack {}))
+    }
+
+    async fn sec_agg(&self, request: Request<SecAggMessage>) -> Result<Response<Ack>, Status> {
+        let peer = tls::peer(&request)?.clone();
+        let node = peer.identity.name.clone();
+        let msg = request.into_inner();
+        let (plan_id, round) = (msg.plan_id.clone(), msg.round);
+        let (reply, rx) = oneshot::channel();
+        self.inner.send_event(Event::SecAgg { node: node.clone(), cert_der: peer.cert_der, msg, reply });
+        match rx.await {
+            Ok(Ok(())) => Ok(Response::new(Ack {})),
+            Ok(Err(reason)) => Err(self.inner.reject(&node, &plan_id, round, Status::failed_precondition(reason))),
+            Err(_) => Err(Status::unavailable("coordinator is shutting down")),
+        }
     }
 }
 
@@ -476,6 +506,12 @@ struct ActiveRun {
     client_dp: Option<(ClientDp, ClientDpCost)>,
     /// Noise for DP-FedAvg: OS-seeded ChaCha20.
     secure: SecureGaussian,
+    /// The open round's secure aggregation, when the plan asks for it.
+    secagg: Option<SecAggRound>,
+    /// Client-level distributed DP under secure aggregation: the noise multiplier, and the zCDP ρ
+    /// of the rounds released so far.
+    secagg_noise: Option<f64>,
+    secagg_rho: f64,
 }
 
 /// What client-level DP guarantees each hospital for the whole plan.
@@ -528,8 +564,11 @@ impl Driver {
                     None => return,
                 },
                 _ = tick.tick() => {
-                    let actions = self.active.as_mut().map(|a| a.run.tick(Instant::now())).unwrap_or_default();
+                    let now = Instant::now();
+                    let actions = self.active.as_mut().map(|a| a.run.tick(now)).unwrap_or_default();
                     self.apply(actions);
+                    let sa = self.active.as_mut().and_then(|a| a.secagg.as_mut()).map(|r| r.server.tick(now));
+                    self.apply_secagg(sa.unwrap_or_default());
                 }
             }
         }
@@ -550,6 +589,8 @@ impl Driver {
                     tracing::info!(node, "node disconnected");
                     let actions = self.active.as_mut().map(|a| a.run.node_disconnected(&node, now)).unwrap_or_default();
                     self.apply(actions);
+                    let sa = self.active.as_mut().and_then(|a| a.secagg.as_mut()).map(|r| r.server.disconnected(&node, now));
+                    self.apply_secagg(sa.unwrap_or_default());
                 }
             }
             Event::Submit { plan, reply } => {
@@ -588,6 +629,19 @@ impl Driver {
                     let _ = reply.send(Err(reason));
                 }
             },
+            Event::SecAgg { node, cert_der, msg, reply } => {
+                let result = self.secagg_message(&node, &cert_der, msg, now);
+                match result {
+                    Ok(actions) => {
+                        let _ = reply.send(Ok(()));
+                        self.apply_secagg(actions);
+                    }
+                    Err(reason) => {
+                        tracing::warn!(node, "secure-aggregation message refused: {reason}");
+                        let _ = reply.send(Err(reason));
+                    }
+                }
+            }
             Event::Evaluation { node, report } => {
                 let Some(active) = self.active.as_mut() else {
                     return;
@@ -627,7 +681,16 @@ impl Driver {
             round_deadline: Duration::from_secs(plan.round_deadline_secs),
             evaluation_deadline: self.evaluation_deadline,
         };
-        let client_dp = client_dp_for(&plan).map_err(Status::invalid_argument)?;
+        // Under secure aggregation client-level noise is added by the nodes, not here.
+        let client_dp =
+            if plan.secure_aggregation { None } else { client_dp_for(&plan).map_err(Status::invalid_argument)? };
+        let secagg_noise = sanctum_protocol::secagg::encode::distributed_noise(&plan).map_err(Status::invalid_argument)?;
+        if let Some(sigma) = secagg_noise {
+            tracing::info!(
+                noise_multiplier = format!("{sigma:.3}"),
+                "client-level DP with distributed discrete Gaussian noise: each node adds its share under secure aggregation"
+            );
+        }
         if let Some((_, cost)) = &client_dp {
             tracing::info!(
                 noise_multiplier = format!("{:.3}", cost.noise_multiplier),
@@ -655,6 +718,9 @@ impl Driver {
             participants: vec![],
             client_dp,
             secure: SecureGaussian::from_os(),
+            secagg: None,
+            secagg_noise,
+            secagg_rho: 0.0,
         });
         self.apply(actions);
         Ok(plan_id)
@@ -666,6 +732,24 @@ impl Driver {
         if update.plan_id != active.plan_id || update.base_model != active.model.to_hex() {
             return Err("update is for another plan or model".into());
         }
+        let mut bytes = Vec::new();
+        let mut file = update.spool.reopen().map_err(|e| format!("spool: {e}"))?;
+        file.read_to_end(&mut bytes).map_err(|e| format!("spool: {e}"))?;
+        if let Some(sa) = active.secagg.as_mut() {
+            if !update.masked {
+                return Err("this round uses secure aggregation: only masked inputs are accepted".into());
+            }
+            let words = wire::words_from_le(&bytes).map_err(|e| e.to_string())?;
+            // The masked input joins the running sum only if the node may send one now.
+            let sa_actions = sa.server.masked_input(node, &words, now).map_err(|e| e.to_string())?;
+            let actions = active.run.admit_update(node, update.round, now).map_err(|e| e.to_string())?;
+            if let Some(m) = update.metrics.into_iter().next() {
+                active.round_metrics.insert(node.to_string(), m);
+            }
+            tracing::info!(node, round = update.round, "masked input accepted");
+            self.apply_secagg(sa_actions);
+            return Ok(actions);
+        }
         let weight = match active.plan.strategy.weighting() {
             Weighting::Samples if update.sample_count == 0 => {
                 return Err("sample_count is 0 but the plan weights updates by sample count".into());
@@ -673,9 +757,6 @@ impl Driver {
             Weighting::Samples => update.sample_count as f64,
             Weighting::Uniform => 1.0,
         };
-        let mut bytes = Vec::new();
-        let mut file = update.spool.reopen().map_err(|e| format!("spool: {e}"))?;
-        file.read_to_end(&mut bytes).map_err(|e| format!("spool: {e}"))?;
         let mut values = transfer::le_bytes_to_f32(&bytes)?;
         active.acc.check(&values).map_err(|e| e.to_string())?;
         let actions = active.run.admit_update(node, update.round, now).map_err(|e| e.to_string())?;
@@ -727,11 +808,41 @@ impl Driver {
                     active.acc = Accumulator::new(active.global.values().len());
                     active.round_metrics.clear();
                     active.participants = participants.clone();
+                    active.secagg = None;
+                    if active.plan.secure_aggregation {
+                        let num_params = active.global.values().len();
+                        let opened = SecAggRound::open(
+                            &active.plan,
+                            &plan_id,
+                            round,
+                            &participants,
+                            num_params,
+                            active.secagg_noise,
+                            deadline,
+                            Instant::now(),
+                        );
+                        match opened {
+                            Ok(sa) => {
+                                tracing::info!(
+                                    round,
+                                    threshold = sa.setup.threshold,
+                                    gamma = sa.encoding.gamma(),
+                                    "secure aggregation opened"
+                                );
+                                active.secagg = Some(sa);
+                            }
+                            Err(reason) => {
+                                queue.extend(active.run.aggregation_failed(&reason));
+                                continue;
+                            }
+                        }
+                    }
                     *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = Some(RoundInfo {
                         plan_id: plan_id.clone(),
                         round,
                         model: active.model,
                         num_params: active.global.values().len(),
+                        masked: active.secagg.is_some(),
                     });
                     let start = start_round(&plan_id, round, active, deadline);
                     tracing::info!(round, nodes = participants.len(), model = %active.model.short(), "round opened");
@@ -755,10 +866,27 @@ impl Driver {
                     });
                     self.send(&node, offer);
                 }
+                Action::Rejoin { node, .. } if active.secagg.is_some() => {
+                    // Its round keys and shares were lost with its process: it cannot rejoin this
+                    // secure-aggregation round, and the round stops waiting for it.
+                    tracing::info!(node, "participant reconnected; it rejoins at the next round (secure aggregation)");
+                    queue.extend(active.run.leave_round(&node, Instant::now()));
+                }
                 Action::Rejoin { node, round, deadline } => {
                     tracing::info!(node, round, "participant reconnected; sending the round again");
                     let start = start_round(&plan_id, round, active, deadline);
                     self.send(&node, start);
+                }
+                Action::CloseRound { round, .. } if active.secagg.is_some() => {
+                    // The masked inputs are in; the unmasking steps follow (see `apply_secagg`).
+                    *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = None;
+                    let now = Instant::now();
+                    let sa_actions = active.secagg.as_mut().map(|sa| {
+                        sa.closing = true;
+                        sa.server.end_inputs(now)
+                    });
+                    tracing::info!(round, "masked inputs collected; unmasking");
+                    self.apply_secagg(sa_actions.unwrap_or_default());
                 }
                 Action::CloseRound { round, reported, dropped } => {
                     *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = None;
@@ -813,6 +941,176 @@ impl Driver {
         }
     }
 
+    /// A node's secure-aggregation message, handed to the round's state machine.
+    fn secagg_message(
+        &mut self,
+        node: &str,
+        cert_der: &[u8],
+        msg: SecAggMessage,
+        now: Instant,
+    ) -> Result<Vec<ServerAction>, String> {
+        let active = self.active.as_mut().ok_or("no plan is running")?;
+        let sa = active.secagg.as_mut().ok_or("no secure-aggregation round is open")?;
+        let params = sa.server.params();
+        if msg.plan_id != params.plan_id || msg.round != params.round {
+            return Err(format!(
+                "message is for plan {} round {}, but round {} of plan {} is aggregating",
+                short(&msg.plan_id),
+                msg.round,
+                params.round,
+                short(&params.plan_id)
+            ));
+        }
+        let (plan_id, round) = (params.plan_id.clone(), params.round);
+        let step = msg.step.ok_or("the message carries no step")?;
+        let result = match step {
+            sec_agg_message::Step::Keys(mut k) => {
+                // The certificate relayed to peers is the one this TLS session verified.
+                k.certificate = cert_der.to_vec();
+                let ad = wire::keys_from_wire(&k, &plan_id, round).map_err(|e| e.to_string())?;
+                sa.server.advertise(node, ad, &SessionCertVerifier, now)
+            }
+            sec_agg_message::Step::Shares(list) => {
+                sa.server.shares(node, list.shares.iter().map(wire::share_from_wire).collect(), now)
+            }
+            sec_agg_message::Step::ConsistencySignature(sig) => sa.server.consistency(node, sig, now),
+            sec_agg_message::Step::Unmask(u) => {
+                let shares = u.shares.iter().map(wire::unmask_from_wire).collect::<Result<Vec<_>, _>>();
+                sa.server.unmask(node, shares.map_err(|e| e.to_string())?, now)
+            }
+        };
+        result.map_err(|e| e.to_string())
+    }
+
+    /// Carries out what the secure-aggregation state machine asks: relays, and the round's end.
+    fn apply_secagg(&mut self, actions: Vec<ServerAction>) {
+        for action in actions {
+            let Some(active) = self.active.as_mut() else {
+                return;
+            };
+            let Some(sa) = active.secagg.as_ref() else {
+                return;
+            };
+            let params = sa.server.params().clone();
+            let step = |step: sec_agg_step::Step| {
+                directive::Kind::Secagg(proto::SecAggStep {
+                    plan_id: params.plan_id.clone(),
+                    round: params.round,
+                    step: Some(step),
+                })
+            };
+            let name = |id: u32| params.name_of(id).unwrap_or_default().to_string();
+            match action {
+                ServerAction::SendPeers { to, keys } => {
+                    let msg = step(sec_agg_step::Step::Peers(proto::SecAggPeers {
+                        keys: keys.iter().map(wire::keys_to_wire).collect(),
+                    }));
+                    for id in to {
+                        self.send(&name(id), msg.clone());
+                    }
+                }
+                ServerAction::SendShares { u2, per_node } => {
+                    // Participants that did not share cannot send a masked input this round.
+                    let left: Vec<String> =
+                        params.participants.iter().filter(|p| params.id_of(p).is_some_and(|id| !u2.contains(&id))).cloned().collect();
+                    for id in &u2 {
+                        let shares = per_node.get(id).map(|v| v.iter().map(wire::share_to_wire).collect()).unwrap_or_default();
+                        let msg = step(sec_agg_step::Step::Shares(proto::SecAggShares {
+                            sharing: u2.iter().copied().collect(),
+                            shares,
+                        }));
+                        self.send(&name(*id), msg);
+                    }
+                    let now = Instant::now();
+                    let mut plan_actions = Vec::new();
+                    if let Some(active) = self.active.as_mut() {
+                        for node in left {
+                            tracing::warn!(node, "did not share its keys in time; left out of this round");
+                            plan_actions.extend(active.run.leave_round(&node, now));
+                        }
+                    }
+                    self.apply(plan_actions);
+                }
+                ServerAction::SendSurvivors { u3 } => {
+                    let msg = step(sec_agg_step::Step::Survivors(proto::SecAggSurvivors {
+                        survivors: u3.iter().copied().collect(),
+                    }));
+                    for id in u3 {
+                        self.send(&name(id), msg.clone());
+                    }
+                }
+                ServerAction::SendSignatures { to, signatures } => {
+                    let msg = step(sec_agg_step::Step::Signatures(proto::SecAggSignatures {
+                        signatures: signatures
+                            .into_iter()
+                            .map(|(id, signature)| proto::NodeSignature { id, signature })
+                            .collect(),
+                    }));
+                    for id in to {
+                        self.send(&name(id), msg.clone());
+                    }
+                }
+                ServerAction::Done(outcome) => {
+                    let next = match self.close_secagg_round(outcome) {
+                        Ok(actions) => actions,
+                        Err(reason) => {
+                            tracing::error!(round = params.round, "secure aggregation failed: {reason}");
+                            self.active.as_mut().map(|a| a.run.aggregation_failed(&reason)).unwrap_or_default()
+                        }
+                    };
+                    self.apply(next);
+                }
+                ServerAction::Failed(reason) => {
+                    tracing::error!(round = params.round, "secure aggregation failed: {reason}");
+                    *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = None;
+                    let reason = format!("round {}: {reason}", params.round);
+                    let next = self.active.as_mut().map(|a| a.run.aggregation_failed(&reason)).unwrap_or_default();
+                    self.apply(next);
+                }
+            }
+        }
+    }
+
+    /// The unmasked sum of a round: decode, apply the server step, publish, move on.
+    fn close_secagg_round(&mut self, outcome: Outcome) -> Result<Vec<Action>, String> {
+        let active = self.active.as_mut().ok_or("no plan is running")?;
+        let sa = active.secagg.take().ok_or("no secure-aggregation round is open")?;
+        let round = sa.server.params().round;
+        if !sa.closing {
+            // Every participant's input arrived before the plan round closed: close it now.
+            *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        let mean = sa.encoding.decode_mean(&outcome.sum, outcome.survivors.len()).map_err(|e| e.to_string())?;
+        let (update, _) = mean.split_at(active.global.values().len());
+        active.server.step(active.global.values_mut(), update).map_err(|e| e.to_string())?;
+        if let Some(dg) = sa.encoding.distributed_gaussian(update.len() + 1) {
+            active.secagg_rho += dg.rho_per_round().map_err(|e| e.to_string())?;
+        }
+        let bytes = active.global.to_safetensors().map_err(|e| e.to_string())?;
+        active.model = self.inner.store.put_model(&bytes).map_err(|e| format!("model store: {e}"))?;
+        active.model_bytes = bytes.len() as u64;
+        active.lineage.push(active.model);
+        let reported = sa.names(&outcome.survivors);
+        let dropped = sa.names(&outcome.dropped);
+        tracing::info!(round, survivors = reported.len(), model = %active.model.short(), "round aggregated securely");
+        let metrics = active
+            .round_metrics
+            .iter()
+            .map(|(node, m)| proto::NodeMetric { node: node.clone(), value: m.value, samples: m.samples })
+            .collect();
+        self.inner.publish(
+            &active.plan_id,
+            plan_event::Kind::RoundClosed(proto::RoundClosed {
+                round,
+                reported,
+                dropped,
+                metrics,
+                new_model_sha256: active.model.to_hex(),
+            }),
+        );
+        Ok(active.run.round_aggregated(round, Instant::now()))
+    }
+
     /// Applies the server step to the admitted updates and publishes the new global model.
     fn close_round(&mut self, round: u32) -> Result<(), String> {
         let active = self.active.as_mut().ok_or("no plan is running")?;
@@ -864,8 +1162,18 @@ impl Driver {
                 .map(|(node, m)| proto::NodeMetric { node: node.clone(), value: m.value, samples: m.samples })
                 .collect(),
             model_path,
-            client_epsilon: active.client_dp.as_ref().map(|(_, c)| c.epsilon).unwrap_or(0.0),
-            client_delta: active.client_dp.as_ref().map(|(_, c)| c.delta).unwrap_or(0.0),
+            client_epsilon: match (&active.client_dp, active.secagg_noise, active.plan.privacy.delta) {
+                (Some((_, c)), _, _) => c.epsilon,
+                (None, Some(_), Some(delta)) if active.secagg_rho > 0.0 => {
+                    privacy::distributed::epsilon_for_rho(active.secagg_rho, delta).unwrap_or(f64::INFINITY)
+                }
+                _ => 0.0,
+            },
+            client_delta: match (&active.client_dp, active.secagg_noise) {
+                (Some((_, c)), _) => c.delta,
+                (None, Some(_)) => active.plan.privacy.delta.unwrap_or(0.0),
+                _ => 0.0,
+            },
         };
         if success {
             tracing::info!(plan = active.plan.name, "plan finished: {reason}");
@@ -890,6 +1198,7 @@ fn start_round(plan_id: &str, round: u32, active: &ActiveRun, deadline: Instant)
         model_sha256: active.model.to_hex(),
         model_bytes: active.model_bytes,
         deadline_unix_ms: unix_ms(SystemTime::now() + deadline.saturating_duration_since(Instant::now())),
+        secure_aggregation: active.secagg.as_ref().map(|sa| sa.setup.clone()),
     })
 }
 

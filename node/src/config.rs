@@ -58,6 +58,10 @@ pub struct Policy {
     /// plan, at the plan's δ) is at most this are accepted; plans without DP are refused.
     #[serde(default)]
     pub max_epsilon: Option<f64>,
+    /// When set, only plans with secure aggregation are accepted, and only if no sum of fewer than
+    /// this many hospitals' updates can be released (the round's threshold t).
+    #[serde(default)]
+    pub min_cohort: Option<usize>,
 }
 
 fn yes() -> bool {
@@ -69,7 +73,13 @@ fn default_max_rounds() -> u32 {
 
 impl Default for Policy {
     fn default() -> Self {
-        Self { allowed_models: vec![], share_sample_counts: true, max_rounds: default_max_rounds(), max_epsilon: None }
+        Self {
+            allowed_models: vec![],
+            share_sample_counts: true,
+            max_rounds: default_max_rounds(),
+            max_epsilon: None,
+            min_cohort: None,
+        }
     }
 }
 

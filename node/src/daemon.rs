@@ -12,10 +12,13 @@ use sanctum_protocol::plan::{Plan, PrivacyMode};
 use sanctum_protocol::privacy::{self, Accountant, SampledGaussian};
 use sanctum_protocol::prost::{self, Message};
 use sanctum_protocol::proto::{
-    self, Directive, EvaluationReport, FetchModelRequest, PlanResponse, SubscribeRequest, UpdateChunk, UpdateHeader,
-    directive, federation_client::FederationClient, update_chunk,
+    self, Directive, EvaluationReport, FetchModelRequest, PlanResponse, SecAggMessage, SubscribeRequest, UpdateChunk,
+    UpdateHeader, directive, federation_client::FederationClient, sec_agg_message, sec_agg_step, update_chunk,
 };
-use sanctum_protocol::tls::{self, TlsMaterial};
+use sanctum_protocol::secagg::client::{Client as SecAggClient, RoundParams};
+use sanctum_protocol::secagg::encode::{Encoding, Weight, distributed_noise, encoding_for};
+use sanctum_protocol::secagg::wire;
+use sanctum_protocol::tls::{self, NodeCertVerifier, TlsMaterial};
 use sanctum_protocol::transfer;
 use tch::Device;
 use tonic::transport::Channel;
@@ -32,6 +35,30 @@ struct Accepted {
     data: Arc<LocalData>,
     /// DP-SGD settings derived from this node's own data, when the plan asks for privacy.
     dp: Option<DpPlan>,
+    /// Client-level DP by distributed noise under secure aggregation.
+    ddg: Option<DdgPlan>,
+}
+
+/// What client-level DP with distributed noise costs this node's dataset for a plan.
+#[derive(Clone, Copy, Debug)]
+struct DdgPlan {
+    noise_multiplier: f64,
+    delta: f64,
+    /// ε after every round of the plan (each round ρ = 1/(2σ²) with the discreteness margin).
+    epsilon: f64,
+}
+
+/// What a round of local training returns: the metric of the starting model and the update.
+type Trained = Result<((f64, u64), train::RoundResult), train::TrainError>;
+
+/// This node's part in the open secure-aggregation round.
+struct SecAggRound {
+    start: proto::StartRound,
+    client: SecAggClient,
+    encoding: Encoding,
+    /// The quantised (and, under client-level DP, noised) input, once training is done.
+    input: Option<Vec<u32>>,
+    metrics: Vec<proto::Metric>,
 }
 
 /// What example-level DP costs this node for a plan.
@@ -70,6 +97,17 @@ pub struct Node {
     plans: HashMap<String, Accepted>,
     /// The last global model fetched, to avoid fetching it twice.
     cached: Option<(ContentHash, Arc<Vec<u8>>)>,
+    /// Checks peers' certificates and signatures relayed by the coordinator.
+    verifier: NodeCertVerifier,
+    secagg: Option<SecAggRound>,
+    /// Local training of a secure-aggregation round, run while the directive stream is served.
+    training: Option<tokio::task::JoinHandle<Trained>>,
+}
+
+/// What the session loop woke up for.
+enum Wake {
+    Directive(Result<Option<Directive>, tonic::Status>),
+    Trained(Result<Trained, tokio::task::JoinError>),
 }
 
 /// What ends a session with the coordinator.
@@ -84,7 +122,20 @@ impl Node {
     pub fn new(cfg: NodeConfig, material: TlsMaterial, device: Device, exit_after_plan: bool) -> anyhow::Result<Self> {
         let egress = EgressLog::open(&cfg.state_dir)?;
         let ledger = Ledger::open(&cfg.state_dir)?;
-        Ok(Self { cfg, material, device, egress, ledger, exit_after_plan, plans: HashMap::new(), cached: None })
+        let verifier = material.node_cert_verifier()?;
+        Ok(Self {
+            cfg,
+            material,
+            device,
+            egress,
+            ledger,
+            exit_after_plan,
+            plans: HashMap::new(),
+            cached: None,
+            verifier,
+            secagg: None,
+            training: None,
+        })
     }
 
     /// Runs until the process is stopped (or, with `exit_after_plan`, the plan closes).
@@ -125,7 +176,25 @@ impl Node {
         };
         tracing::info!(coordinator = self.cfg.coordinator, "connected; waiting for plans");
         loop {
-            match stream.message().await {
+            let wake = match self.training.as_mut() {
+                Some(handle) => tokio::select! {
+                    joined = handle => Wake::Trained(joined),
+                    msg = stream.message() => Wake::Directive(msg),
+                },
+                None => Wake::Directive(stream.message().await),
+            };
+            let msg = match wake {
+                Wake::Trained(joined) => {
+                    self.training = None;
+                    if let Err(e) = self.secagg_trained(&mut client, joined).await {
+                        tracing::error!("secure-aggregation round not completed: {e:#}");
+                        self.secagg = None;
+                    }
+                    continue;
+                }
+                Wake::Directive(msg) => msg,
+            };
+            match msg {
                 Ok(Some(Directive { kind: Some(kind) })) => {
                     if let Some(end) = self.handle(&mut client, kind).await {
                         return end;
@@ -176,9 +245,21 @@ impl Node {
                     return Some(SessionEnd::Lost(format!("RespondToPlan: {}", s.message())));
                 }
             }
+            directive::Kind::StartRound(start) if start.secure_aggregation.is_some() => {
+                if let Err(e) = self.start_secagg_round(client, &start).await {
+                    tracing::error!(round = start.round, "not taking part in this secure-aggregation round: {e:#}");
+                    self.secagg = None;
+                }
+            }
             directive::Kind::StartRound(start) => {
                 if let Err(e) = self.run_round(client, &start).await {
                     tracing::error!(round = start.round, "round not completed: {e:#}");
+                }
+            }
+            directive::Kind::Secagg(step) => {
+                if let Err(e) = self.secagg_step(client, step).await {
+                    tracing::error!("secure-aggregation step refused: {e:#}");
+                    self.secagg = None;
                 }
             }
             directive::Kind::Evaluate(ev) => {
@@ -187,6 +268,12 @@ impl Node {
                 }
             }
             directive::Kind::PlanClosed(closed) => {
+                if self.secagg.as_ref().is_some_and(|r| r.start.plan_id == closed.plan_id) {
+                    self.secagg = None;
+                    if let Some(h) = self.training.take() {
+                        h.abort();
+                    }
+                }
                 let name = self.plans.remove(&closed.plan_id).map(|a| a.plan.name);
                 tracing::info!(
                     plan = name.as_deref().unwrap_or(&closed.plan_id),
@@ -226,7 +313,8 @@ impl Node {
             ));
         }
         let dp = self.privacy_for(&plan, &offer.plan_id, &data)?;
-        Ok(Accepted { plan, data: Arc::new(data), dp })
+        let ddg = self.distributed_privacy_for(&plan, &offer.plan_id)?;
+        Ok(Accepted { plan, data: Arc::new(data), dp, ddg })
     }
 
     /// Derives this node's DP-SGD settings for a plan and checks them against the policy's ε cap.
@@ -239,6 +327,7 @@ impl Node {
                     "plan has no differential privacy (privacy.mode = none); this hospital's policy requires ε ≤ {cap}"
                 ));
             }
+            (PrivacyMode::Client, Some(_)) if plan.secure_aggregation => return Ok(None),
             (PrivacyMode::Client, Some(cap)) => {
                 return Err(format!(
                     "plan's privacy is client-level, added by the coordinator, which this node cannot enforce; this hospital's policy requires example-level DP with ε ≤ {cap} (privacy.mode = \"example\")"
@@ -283,6 +372,32 @@ impl Node {
             "plan uses example-level DP"
         );
         Ok(Some(dp))
+    }
+
+    /// Client-level DP by distributed noise (secure aggregation): the node adds its own share of
+    /// the noise, so it can account and cap it like DP-SGD.
+    fn distributed_privacy_for(&self, plan: &Plan, plan_id: &str) -> Result<Option<DdgPlan>, String> {
+        let Some(sigma) = distributed_noise(plan)? else {
+            return Ok(None);
+        };
+        let delta = plan.privacy.delta.ok_or("plan's [privacy] section lacks delta")?;
+        let epsilon = ddg_epsilon(sigma, plan.rounds, delta)?;
+        let already = self.ledger.spent(&plan.data.schema, Some(plan_id));
+        if let Some(cap) = self.cfg.policy.max_epsilon
+            && already.epsilon + epsilon > cap
+        {
+            return Err(format!(
+                "plan would spend ε = {epsilon:.3} (client-level, δ = {delta:e}, {} rounds of distributed noise at σ = {sigma:.3}) on this hospital's data, which has already spent ε = {:.3}; policy.max_epsilon is {cap}",
+                plan.rounds, already.epsilon
+            ));
+        }
+        tracing::info!(
+            epsilon = format!("{epsilon:.3}"),
+            delta,
+            noise_multiplier = format!("{sigma:.3}"),
+            "plan uses client-level DP with distributed noise under secure aggregation"
+        );
+        Ok(Some(DdgPlan { noise_multiplier: sigma, delta, epsilon }))
     }
 
     async fn fetch(
@@ -359,16 +474,13 @@ impl Node {
         };
         let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
         let schema = accepted.plan.schema().map(|s| s.task.metric()).unwrap_or("metric");
-        let payload = transfer::f32_to_le_bytes(&result.delta);
-        let mut hasher = Hasher::default();
-        hasher.update(&payload);
         let header = UpdateHeader {
             plan_id: start.plan_id.clone(),
             round: start.round,
             base_model_sha256: start.model_sha256.clone(),
             num_params: result.delta.len() as u64,
             sample_count: if self.cfg.policy.share_sample_counts { accepted.data.train_len() as u64 } else { 0 },
-            payload_sha256: hasher.finish().to_hex(),
+            payload_sha256: String::new(),
             metrics: {
                 let mut m = vec![proto::Metric { name: schema.to_string(), value: metric.0, samples: metric.1 }];
                 if let Some((spent, steps)) = epsilon_spent {
@@ -376,29 +488,258 @@ impl Node {
                 }
                 m
             },
+            masked: false,
         };
-        let header = UpdateChunk { part: Some(update_chunk::Part::Header(header)) };
-        // Data chunks are made as they are sent, not all at once: the payload is held once.
-        let payload = Arc::new(payload);
-        let n_chunks = payload.len().div_ceil(transfer::CHUNK_BYTES);
-        let chunk_len = |i: usize| transfer::CHUNK_BYTES.min(payload.len() - i * transfer::CHUNK_BYTES);
-        let bytes_out =
-            header.encoded_len() + (0..n_chunks).map(|i| data_chunk_encoded_len(chunk_len(i))).sum::<usize>();
-        self.egress.record("SubmitUpdate", &start.plan_id, Some(start.round), bytes_out, Rule::ModelUpdate)?;
-        let data = {
-            let payload = Arc::clone(&payload);
-            (0..n_chunks).map(move |i| {
-                let start = i * transfer::CHUNK_BYTES;
-                let end = (start + transfer::CHUNK_BYTES).min(payload.len());
-                UpdateChunk { part: Some(update_chunk::Part::Data(payload[start..end].to_vec())) }
-            })
+        upload(&mut self.egress, client, header, transfer::f32_to_le_bytes(&result.delta)).await
+    }
+
+    /// Starts this node's part in a secure-aggregation round: checks the setup against the plan
+    /// and the policy, advertises signed round keys, then trains while the steps go on.
+    async fn start_secagg_round(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        start: &proto::StartRound,
+    ) -> anyhow::Result<()> {
+        let Some(setup) = start.secure_aggregation.clone() else {
+            anyhow::bail!("no secure-aggregation setup");
         };
-        let messages = std::iter::once(header).chain(data);
-        match client.submit_update(tokio_stream::iter(messages)).await {
-            Ok(_) => tracing::info!(round = start.round, "update accepted by the coordinator"),
-            Err(s) => tracing::warn!(round = start.round, "update refused by the coordinator: {}", s.message()),
+        let Some(accepted) = self.plans.get(&start.plan_id) else {
+            anyhow::bail!("round for plan {} which this node did not accept", start.plan_id);
+        };
+        let plan = accepted.plan.clone();
+        if !plan.secure_aggregation {
+            anyhow::bail!("the coordinator asks for secure aggregation, which the accepted plan does not use");
+        }
+        let me = self.material.identity().name.clone();
+        let n = setup.participants.len();
+        let t = setup.threshold as usize;
+        let wanted = plan.secagg_threshold(n);
+        if t < wanted {
+            anyhow::bail!("the coordinator set threshold {t} for {n} participants; the plan requires {wanted}");
+        }
+        if let Some(min) = self.cfg.policy.min_cohort
+            && t < min
+        {
+            anyhow::bail!("threshold {t} would release sums of fewer hospitals than policy.min_cohort = {min}");
+        }
+        let settings = plan.secagg_settings();
+        if setup.clip_norm != settings.clip_norm || setup.max_samples != settings.max_samples {
+            anyhow::bail!("the round's clip_norm or max_samples differ from the plan's");
+        }
+        let params = RoundParams {
+            plan_id: start.plan_id.clone(),
+            round: start.round,
+            participants: setup.participants.clone(),
+            threshold: t,
+        };
+        let encoding =
+            encoding_for(&plan, n, t, accepted.ddg.map(|d| d.noise_multiplier)).map_err(anyhow::Error::msg)?;
+        let (sa, keys) = SecAggClient::new(params, &me)?;
+        let signature = self.material.sign(&keys.signed_message())?;
+        let msg = SecAggMessage {
+            plan_id: start.plan_id.clone(),
+            round: start.round,
+            step: Some(sec_agg_message::Step::Keys(proto::SecAggKeys {
+                node: me,
+                share_key: keys.share_key.to_vec(),
+                mask_key: keys.mask_key.to_vec(),
+                signature,
+                certificate: vec![],
+            })),
+        };
+        send_secagg(&mut self.egress, client, msg).await?;
+        self.secagg = Some(SecAggRound { start: start.clone(), client: sa, encoding, input: None, metrics: vec![] });
+        // Train while the key steps go on.
+        let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed"))?;
+        let (data, dp) = (accepted.data.clone(), accepted.dp);
+        let bytes = self.fetch(client, &start.plan_id, &start.model_sha256, start.model_bytes).await?;
+        let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
+        let device = self.device;
+        let seed = plan.seed
+            ^ u64::from(start.round).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ name_seed(&self.material.identity().name);
+        self.training = Some(tokio::task::spawn_blocking(move || -> Trained {
+            let metric = train::evaluate(&plan.model, &global, &data, device)?;
+            let result = match &dp {
+                Some(dp) => train::train_round_dp(&plan, &global, &data, device, &dp.setup)?,
+                None => train::train_round(&plan, &global, &data, device, seed)?,
+            };
+            Ok((metric, result))
+        }));
+        Ok(())
+    }
+
+    /// Local training of the secure-aggregation round finished: charge, encode, and mask as soon
+    /// as the shares are in.
+    async fn secagg_trained(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        joined: Result<Trained, tokio::task::JoinError>,
+    ) -> anyhow::Result<()> {
+        let (metric, result) = joined??;
+        let Some(start) = self.secagg.as_ref().map(|r| r.start.clone()) else {
+            return Ok(());
+        };
+        let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
+        let (dp, ddg) = (accepted.dp, accepted.ddg);
+        tracing::info!(
+            round = start.round,
+            accuracy_before = format!("{:.4}", metric.0),
+            loss = format!("{:.4}", result.mean_loss),
+            seconds = format!("{:.2}", result.seconds),
+            "local training done"
+        );
+        // The privacy cost is charged, durably, before anything about this round leaves.
+        let spent = match (dp, ddg) {
+            (Some(dp), _) => Some(self.charge(&start.plan_id, start.round, &dp)?),
+            (None, Some(ddg)) => Some(self.charge_distributed(&start.plan_id, start.round, &ddg)?),
+            _ => None,
+        };
+        let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
+        let metric_name = accepted.plan.schema().map(|s| s.task.metric()).unwrap_or("metric");
+        let weight = match accepted.plan.strategy.weighting() {
+            sanctum_protocol::plan::Weighting::Samples => Weight::Samples(accepted.data.train_len() as u64),
+            sanctum_protocol::plan::Weighting::Uniform => Weight::Uniform,
+        };
+        let mut metrics = vec![proto::Metric { name: metric_name.to_string(), value: metric.0, samples: metric.1 }];
+        if let Some((eps, steps)) = spent {
+            metrics.push(proto::Metric { name: "epsilon_spent".into(), value: eps, samples: steps });
+        }
+        let Some(round) = self.secagg.as_mut() else {
+            return Ok(());
+        };
+        let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::from_os_rng();
+        let (words, norm) = round.encoding.encode(&result.delta, weight, &mut rng)?;
+        tracing::info!(round = start.round, update_norm = format!("{norm:.4}"), "update encoded for secure aggregation");
+        test_dump_input(&self.material.identity().name, start.round, &words);
+        round.input = Some(words);
+        round.metrics = metrics;
+        if round.client.ready_to_mask() {
+            self.send_masked(client).await?;
         }
         Ok(())
+    }
+
+    /// Masks the input and uploads it.
+    async fn send_masked(&mut self, client: &mut FederationClient<Channel>) -> anyhow::Result<()> {
+        let Some(round) = self.secagg.as_mut() else {
+            return Ok(());
+        };
+        let Some(words) = round.input.take() else {
+            return Ok(());
+        };
+        test_fault("before_input");
+        let masked = round.client.masked_input(&words)?;
+        let start = round.start.clone();
+        let header = UpdateHeader {
+            plan_id: start.plan_id.clone(),
+            round: start.round,
+            base_model_sha256: start.model_sha256.clone(),
+            num_params: masked.len() as u64,
+            sample_count: 0,
+            payload_sha256: String::new(),
+            metrics: std::mem::take(&mut round.metrics),
+            masked: true,
+        };
+        upload(&mut self.egress, client, header, wire::words_to_le(&masked)).await?;
+        test_fault("after_input");
+        Ok(())
+    }
+
+    /// One secure-aggregation step relayed by the coordinator.
+    async fn secagg_step(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        step: proto::SecAggStep,
+    ) -> anyhow::Result<()> {
+        let Some(round) = self.secagg.as_mut() else {
+            anyhow::bail!("no secure-aggregation round is open here (round {} step ignored)", step.round);
+        };
+        if step.plan_id != round.start.plan_id || step.round != round.start.round {
+            anyhow::bail!("step for round {} but this node is in round {}", step.round, round.start.round);
+        }
+        let reply =
+            |s: sec_agg_message::Step| SecAggMessage { plan_id: step.plan_id.clone(), round: step.round, step: Some(s) };
+        match step.step.clone().ok_or_else(|| anyhow::anyhow!("empty step"))? {
+            sec_agg_step::Step::Peers(p) => {
+                let ads = p
+                    .keys
+                    .iter()
+                    .map(|k| wire::keys_from_wire(k, &step.plan_id, step.round))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let shares = round.client.receive_peers(&ads, &self.verifier)?;
+                let msg = reply(sec_agg_message::Step::Shares(proto::SecAggShareList {
+                    shares: shares.iter().map(wire::share_to_wire).collect(),
+                }));
+                send_secagg(&mut self.egress, client, msg).await?;
+            }
+            sec_agg_step::Step::Shares(s) => {
+                let u2 = s.sharing.iter().copied().collect();
+                let shares: Vec<_> = s.shares.iter().map(wire::share_from_wire).collect();
+                round.client.receive_shares(&u2, &shares)?;
+                if round.input.is_some() {
+                    self.send_masked(client).await?;
+                }
+            }
+            sec_agg_step::Step::Survivors(s) => {
+                let u3 = s.survivors.iter().copied().collect();
+                let message = round.client.receive_survivors(&u3)?;
+                let signature = self.material.sign(&message)?;
+                let msg = reply(sec_agg_message::Step::ConsistencySignature(signature));
+                send_secagg(&mut self.egress, client, msg).await?;
+            }
+            sec_agg_step::Step::Signatures(s) => {
+                let sigs: Vec<(u32, Vec<u8>)> = s.signatures.into_iter().map(|n| (n.id, n.signature)).collect();
+                let shares = round.client.receive_consistency(&sigs, &self.verifier)?;
+                let msg = reply(sec_agg_message::Step::Unmask(proto::SecAggUnmask {
+                    shares: shares.iter().map(wire::unmask_to_wire).collect(),
+                }));
+                send_secagg(&mut self.egress, client, msg).await?;
+                tracing::info!(round = step.round, "secure-aggregation shares for unmasking sent");
+            }
+        }
+        Ok(())
+    }
+
+    /// Charges a round of client-level distributed noise to the ledger before the input leaves.
+    fn charge_distributed(&mut self, plan_id: &str, round: u32, ddg: &DdgPlan) -> anyhow::Result<(f64, u64)> {
+        let accepted = self.plans.get(plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
+        let dataset = accepted.plan.data.schema.clone();
+        let spent = ddg_epsilon(ddg.noise_multiplier, round, ddg.delta).map_err(anyhow::Error::msg)?;
+        let others = self.ledger.spent(&dataset, Some(plan_id));
+        if let Some(cap) = self.cfg.policy.max_epsilon
+            && others.epsilon + spent > cap
+        {
+            anyhow::bail!(
+                "round {round} would bring dataset '{dataset}' to ε = {:.3}, above policy.max_epsilon = {cap}; the input is not sent",
+                others.epsilon + spent
+            );
+        }
+        let charge = Charge {
+            dataset,
+            plan_id: plan_id.to_string(),
+            plan_name: accepted.plan.name.clone(),
+            round,
+            epsilon: spent,
+            delta: ddg.delta,
+            steps: u64::from(round),
+            sampling_rate: 1.0,
+            noise_multiplier: ddg.noise_multiplier,
+            accountant: "distributed discrete Gaussian, zCDP (opendp)".into(),
+            time_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        let fresh = self.ledger.charge(charge)?;
+        tracing::info!(
+            round,
+            epsilon_spent = format!("{spent:.3}"),
+            of = format!("{:.3}", ddg.epsilon),
+            charged = if fresh { "now" } else { "already (retry)" },
+            "client-level privacy charged to the ledger"
+        );
+        Ok((spent, u64::from(round)))
     }
 
     /// Charges this round's privacy cost to the ledger (fsync'd) before the update may leave;
@@ -472,6 +813,78 @@ impl Node {
         self.egress.record("ReportEvaluation", &ev.plan_id, None, report.encoded_len(), Rule::Evaluation)?;
         client.report_evaluation(report).await?;
         Ok(())
+    }
+}
+
+/// ε after `rounds` rounds of distributed noise with noise multiplier `sigma` (with the margin for
+/// discreteness that [`distributed::noise_for_epsilon`] uses).
+fn ddg_epsilon(sigma: f64, rounds: u32, delta: f64) -> Result<f64, String> {
+    let rho = f64::from(rounds.max(1)) * 1.01 / (2.0 * sigma * sigma);
+    privacy::distributed::epsilon_for_rho(rho, delta).map_err(|e| e.to_string())
+}
+
+/// Sends one secure-aggregation message, recorded in the egress log first.
+async fn send_secagg(
+    egress: &mut EgressLog,
+    client: &mut FederationClient<Channel>,
+    msg: SecAggMessage,
+) -> anyhow::Result<()> {
+    egress.record("SecAgg", &msg.plan_id, Some(msg.round), msg.encoded_len(), Rule::SecAgg)?;
+    client.sec_agg(msg).await.map_err(|s| anyhow::anyhow!("coordinator refused: {}", s.message()))?;
+    Ok(())
+}
+
+/// Uploads an update (one header, then chunks made as they are sent), recorded in the egress log
+/// first; fills in the payload hash.
+async fn upload(
+    egress: &mut EgressLog,
+    client: &mut FederationClient<Channel>,
+    mut header: UpdateHeader,
+    payload: Vec<u8>,
+) -> anyhow::Result<()> {
+    let (plan_id, round) = (header.plan_id.clone(), header.round);
+    let mut hasher = Hasher::default();
+    hasher.update(&payload);
+    header.payload_sha256 = hasher.finish().to_hex();
+    let header = UpdateChunk { part: Some(update_chunk::Part::Header(header)) };
+    let payload = Arc::new(payload);
+    let n_chunks = payload.len().div_ceil(transfer::CHUNK_BYTES);
+    let chunk_len = |i: usize| transfer::CHUNK_BYTES.min(payload.len() - i * transfer::CHUNK_BYTES);
+    let bytes_out = header.encoded_len() + (0..n_chunks).map(|i| data_chunk_encoded_len(chunk_len(i))).sum::<usize>();
+    egress.record("SubmitUpdate", &plan_id, Some(round), bytes_out, Rule::ModelUpdate)?;
+    let data = {
+        let payload = Arc::clone(&payload);
+        (0..n_chunks).map(move |i| {
+            let start = i * transfer::CHUNK_BYTES;
+            let end = (start + transfer::CHUNK_BYTES).min(payload.len());
+            UpdateChunk { part: Some(update_chunk::Part::Data(payload[start..end].to_vec())) }
+        })
+    };
+    let messages = std::iter::once(header).chain(data);
+    match client.submit_update(tokio_stream::iter(messages)).await {
+        Ok(_) => tracing::info!(round, "update accepted by the coordinator"),
+        Err(s) => tracing::warn!(round, "update refused by the coordinator: {}", s.message()),
+    }
+    Ok(())
+}
+
+/// Test hook for the secure-aggregation dropout tests (`SANCTUM_FAULT_SECAGG_EXIT` =
+/// `before_input` | `after_input`); never set in production.
+fn test_fault(at: &str) {
+    if std::env::var("SANCTUM_FAULT_SECAGG_EXIT").is_ok_and(|v| v == at) {
+        tracing::error!("SANCTUM_FAULT_SECAGG_EXIT={at}: exiting");
+        std::process::exit(71);
+    }
+}
+
+/// Test hook: with `SANCTUM_TEST_SECAGG_DUMP=DIR` the quantised input is also written to
+/// `DIR/NAME-round-R.u32` so a test can check the aggregate out of band; never set in production.
+fn test_dump_input(name: &str, round: u32, words: &[u32]) {
+    if let Some(dir) = std::env::var_os("SANCTUM_TEST_SECAGG_DUMP") {
+        let path = std::path::Path::new(&dir).join(format!("{name}-round-{round}.u32"));
+        if let Err(e) = std::fs::write(&path, wire::words_to_le(words)) {
+            tracing::warn!("test dump {}: {e}", path.display());
+        }
     }
 }
 

@@ -19,6 +19,9 @@ pub enum Rule {
     Evaluation,
     /// Asking for a global model by hash.
     ModelRequest,
+    /// Secure aggregation: signed round keys, encrypted shares, a consistency signature or
+    /// unmasking shares (never the update itself; that is the masked ModelUpdate).
+    SecAgg,
 }
 
 impl Rule {
@@ -29,6 +32,7 @@ impl Rule {
             Rule::ModelUpdate => "model update for an accepted plan (policy.allowed_models)",
             Rule::Evaluation => "aggregate test metric of a global model",
             Rule::ModelRequest => "model request by content hash",
+            Rule::SecAgg => "secure-aggregation keys, encrypted shares or signatures for an accepted plan",
         }
     }
 }

@@ -21,7 +21,23 @@ pub fn check<'a>(plan: &Plan, cfg: &'a NodeConfig) -> Result<&'a DatasetConfig, 
     if plan.rounds > cfg.policy.max_rounds {
         return Err(format!("plan asks for {} rounds; policy.max_rounds is {}", plan.rounds, cfg.policy.max_rounds));
     }
-    if plan.strategy.weighting() == Weighting::Samples && !cfg.policy.share_sample_counts {
+    if let Some(min) = cfg.policy.min_cohort {
+        if !plan.secure_aggregation {
+            return Err(format!(
+                "plan sends each hospital's update in the clear; this hospital's policy.min_cohort = {min} requires secure aggregation (secure_aggregation = true)"
+            ));
+        }
+        // The smallest threshold any round of the plan can have (a round with n participants uses
+        // at least this).
+        let least = plan.secagg_threshold(0);
+        if least < min {
+            return Err(format!(
+                "plan lets secure aggregation release the sum of as few as {least} hospitals' updates; this hospital's policy.min_cohort is {min} (raise secagg.threshold or min_nodes)"
+            ));
+        }
+    }
+    // Under secure aggregation the sample count only travels masked, inside the weight.
+    if plan.strategy.weighting() == Weighting::Samples && !cfg.policy.share_sample_counts && !plan.secure_aggregation {
         return Err("plan weights updates by sample count, which this hospital's policy withholds (policy.share_sample_counts = false)".into());
     }
     cfg.dataset(&plan.data.schema)

@@ -96,6 +96,51 @@ impl DistributedGaussian {
     }
 }
 
+/// (ε, δ) of a mechanism that is ρ-zCDP in total, by opendp's conversion.
+pub fn epsilon_for_rho(rho: f64, delta: f64) -> Result<f64, PrivacyError> {
+    if !(delta > 0.0 && delta < 1.0) {
+        return Err(PrivacyError::Delta(delta));
+    }
+    if !(rho.is_finite() && rho > 0.0) {
+        return Err(PrivacyError::Accounting(format!("ρ = {rho} is not a positive number")));
+    }
+    let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
+        VectorDomain::new(AtomDomain::<i64>::default()),
+        L2Distance::<f64>::default(),
+        (1.0 / (2.0 * rho)).sqrt(),
+        None,
+    )
+    .map_err(opendp_err)?;
+    let approx = make_fix_delta(&make_zCDP_to_approxDP(m).map_err(opendp_err)?, delta).map_err(opendp_err)?;
+    Ok(approx.map(&1.0).map_err(opendp_err)?.0)
+}
+
+/// Margin on ρ for the discreteness of the noise and of the rounding (the exact ρ of each round is
+/// computed and charged when the round runs; it stays below this for any model under 10⁸
+/// parameters and clip norms above γ·10⁴).
+const DISCRETE_MARGIN: f64 = 1.01;
+
+/// The smallest noise multiplier (to 0.1 %) whose `rounds` rounds of distributed noise stay within
+/// `target` ε at `delta`: each round ρ = 1/(2σ²), with a margin for discreteness.
+pub fn noise_for_epsilon(target: f64, rounds: u32, delta: f64) -> Result<f64, PrivacyError> {
+    if !(target.is_finite() && target > 0.0) {
+        return Err(PrivacyError::Epsilon(target));
+    }
+    let eps = |sigma: f64| epsilon_for_rho(f64::from(rounds.max(1)) * DISCRETE_MARGIN / (2.0 * sigma * sigma), delta);
+    let (mut lo, mut hi) = (1e-3, 1.0);
+    while eps(hi)? > target {
+        hi *= 2.0;
+        if hi > 1e6 {
+            return Err(PrivacyError::Unreachable { target, max: 1e6 });
+        }
+    }
+    while (hi - lo) / hi > 1e-3 {
+        let mid = 0.5 * (lo + hi);
+        if eps(mid)? > target { lo = mid } else { hi = mid }
+    }
+    Ok(hi)
+}
+
 /// Samples `len` integers from N_Z(0, `scale`²) with opendp's exact sampler.
 pub fn sample_discrete_gaussian(len: usize, scale: f64) -> Result<Vec<i64>, PrivacyError> {
     let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
@@ -171,6 +216,20 @@ mod tests {
                     report.pld_epsilon
                 );
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod inverse_tests {
+    use super::*;
+
+    #[test]
+    fn the_noise_found_for_a_target_meets_it_and_is_not_loose() {
+        for (target, rounds) in [(1.0, 15u32), (10.0, 15), (3.0, 100)] {
+            let sigma = noise_for_epsilon(target, rounds, 1e-5).unwrap();
+            let at = epsilon_for_rho(f64::from(rounds) * DISCRETE_MARGIN / (2.0 * sigma * sigma), 1e-5).unwrap();
+            assert!(at <= target && at > target * 0.99, "target {target}: σ {sigma} gives {at}");
         }
     }
 }

@@ -15,6 +15,7 @@ use rand::RngCore;
 
 use super::SecAggError;
 use super::quantize::Quantizer;
+use crate::plan::{Plan, PrivacyMode};
 use crate::privacy::distributed::{self, DistributedGaussian};
 
 /// Standard deviations of the summed noise the quantiser leaves room for.
@@ -135,6 +136,33 @@ impl Encoding {
         }
         Ok(values.iter().map(|v| v / total).collect())
     }
+}
+
+/// The noise multiplier of client-level distributed DP for a plan (from the plan, or the smallest
+/// that meets its target over all rounds); `None` without client-level privacy.
+pub fn distributed_noise(plan: &Plan) -> Result<Option<f64>, String> {
+    let p = &plan.privacy;
+    if !plan.secure_aggregation || p.mode != PrivacyMode::Client {
+        return Ok(None);
+    }
+    let delta = p.delta.ok_or("client-level privacy needs privacy.delta")?;
+    match (p.noise_multiplier, p.target_epsilon) {
+        (Some(s), _) => Ok(Some(s)),
+        (None, Some(target)) => {
+            distributed::noise_for_epsilon(target, plan.rounds, delta).map(Some).map_err(|e| e.to_string())
+        }
+        (None, None) => Err("client-level privacy needs noise_multiplier or target_epsilon".into()),
+    }
+}
+
+/// The encoding every party derives for a round with `participants` nodes and threshold `t`.
+pub fn encoding_for(plan: &Plan, participants: usize, t: usize, noise: Option<f64>) -> Result<Encoding, String> {
+    let s = plan.secagg_settings();
+    let clip = match (noise, plan.privacy.clip_norm) {
+        (Some(_), Some(c)) => c,
+        _ => s.clip_norm,
+    };
+    Encoding::new(clip, s.max_samples, participants, t, noise).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

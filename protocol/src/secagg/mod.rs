@@ -13,6 +13,7 @@ pub mod quantize;
 pub mod server;
 pub mod shamir;
 pub mod sim;
+pub mod wire;
 
 /// Which secret a share belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -240,6 +240,20 @@ impl Server {
         Ok(self.advance(now))
     }
 
+    /// The round's deadline for masked inputs is now (the plan's round closed): the step ends with
+    /// the inputs that arrived.
+    pub fn end_inputs(&mut self, now: Instant) -> Vec<ServerAction> {
+        if matches!(self.step, Step::Input) {
+            self.deadline = now;
+        }
+        self.advance(now)
+    }
+
+    /// The nodes of U2 (those that shared keys), once known.
+    pub fn sharing(&self) -> &BTreeSet<u32> {
+        &self.u2
+    }
+
     /// A node's connection went away: it is no longer waited for.
     pub fn disconnected(&mut self, node: &str, now: Instant) -> Vec<ServerAction> {
         if let Some(id) = self.params.id_of(node) {
