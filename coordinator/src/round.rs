@@ -58,7 +58,9 @@ pub enum Rejection {
 
 #[derive(Clone, Debug)]
 enum Phase {
-    Recruiting { deadline: Instant },
+    Recruiting {
+        deadline: Instant,
+    },
     Training {
         round: u32,
         participants: BTreeSet<NodeName>,
@@ -68,8 +70,13 @@ enum Phase {
         left: BTreeSet<NodeName>,
         deadline: Instant,
     },
-    Aggregating { round: u32 },
-    Evaluating { pending: BTreeSet<NodeName>, deadline: Instant },
+    Aggregating {
+        round: u32,
+    },
+    Evaluating {
+        pending: BTreeSet<NodeName>,
+        deadline: Instant,
+    },
     Finished,
 }
 

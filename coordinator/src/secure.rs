@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use sanctum_protocol::plan::Plan;
 use sanctum_protocol::proto;
 use sanctum_protocol::secagg::client::{PeerVerifier, RoundParams};
-use sanctum_protocol::secagg::encode::{Encoding, encoding_for};
+use sanctum_protocol::secagg::encode::{Encoding, distributed_noise, encoding_for};
 use sanctum_protocol::secagg::keys;
 use sanctum_protocol::secagg::server::Server;
 
@@ -38,7 +38,6 @@ impl SecAggRound {
         round: u32,
         participants: &[String],
         num_params: usize,
-        noise: Option<f64>,
         deadline: Instant,
         now: Instant,
     ) -> Result<Self, String> {
@@ -50,14 +49,15 @@ impl SecAggRound {
             ));
         }
         let settings = plan.secagg_settings();
-        let params = RoundParams { plan_id: plan_id.to_string(), round, participants: participants.to_vec(), threshold: t };
+        let noise = distributed_noise(plan)?;
+        let params =
+            RoundParams { plan_id: plan_id.to_string(), round, participants: participants.to_vec(), threshold: t };
         let encoding = encoding_for(plan, n, t, noise)?;
         let step_timeout = Duration::from_secs(settings.step_timeout_secs);
         // The plan round's own deadline ends the masked-input step (`Server::end_inputs` when the
         // round closes), so the plan and the protocol never disagree on who was in time.
         let inputs_until = deadline + Duration::from_secs(86_400);
-        let server =
-            Server::new(params, num_params + 1, step_timeout, inputs_until, now).map_err(|e| e.to_string())?;
+        let server = Server::new(params, num_params + 1, step_timeout, inputs_until, now).map_err(|e| e.to_string())?;
         let setup = proto::SecAggSetup {
             participants: participants.to_vec(),
             threshold: t as u32,

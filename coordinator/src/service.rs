@@ -368,10 +368,11 @@ impl federation_server::Federation for FederationApi {
         }
         let words = info.num_params + usize::from(info.masked);
         if header.num_params != words as u64 {
-            return Err(reject(Status::invalid_argument(format!(
-                "update has {} values, the round expects {words}",
-                header.num_params
-            ))));
+            return Err(reject(Status::invalid_argument(if info.masked {
+                format!("masked input has {} words, the round expects {words}", header.num_params)
+            } else {
+                format!("update has {} parameters, the model has {}", header.num_params, info.num_params)
+            })));
         }
         let payload_hash = ContentHash::parse(&header.payload_sha256)
             .map_err(|e| reject(Status::invalid_argument(format!("payload_sha256: {e}"))))?;
@@ -589,7 +590,8 @@ impl Driver {
                     tracing::info!(node, "node disconnected");
                     let actions = self.active.as_mut().map(|a| a.run.node_disconnected(&node, now)).unwrap_or_default();
                     self.apply(actions);
-                    let sa = self.active.as_mut().and_then(|a| a.secagg.as_mut()).map(|r| r.server.disconnected(&node, now));
+                    let sa =
+                        self.active.as_mut().and_then(|a| a.secagg.as_mut()).map(|r| r.server.disconnected(&node, now));
                     self.apply_secagg(sa.unwrap_or_default());
                 }
             }
@@ -684,7 +686,8 @@ impl Driver {
         // Under secure aggregation client-level noise is added by the nodes, not here.
         let client_dp =
             if plan.secure_aggregation { None } else { client_dp_for(&plan).map_err(Status::invalid_argument)? };
-        let secagg_noise = sanctum_protocol::secagg::encode::distributed_noise(&plan).map_err(Status::invalid_argument)?;
+        let secagg_noise =
+            sanctum_protocol::secagg::encode::distributed_noise(&plan).map_err(Status::invalid_argument)?;
         if let Some(sigma) = secagg_noise {
             tracing::info!(
                 noise_multiplier = format!("{sigma:.3}"),
@@ -817,7 +820,6 @@ impl Driver {
                             round,
                             &participants,
                             num_params,
-                            active.secagg_noise,
                             deadline,
                             Instant::now(),
                         );
@@ -1011,10 +1013,15 @@ impl Driver {
                 }
                 ServerAction::SendShares { u2, per_node } => {
                     // Participants that did not share cannot send a masked input this round.
-                    let left: Vec<String> =
-                        params.participants.iter().filter(|p| params.id_of(p).is_some_and(|id| !u2.contains(&id))).cloned().collect();
+                    let left: Vec<String> = params
+                        .participants
+                        .iter()
+                        .filter(|p| params.id_of(p).is_some_and(|id| !u2.contains(&id)))
+                        .cloned()
+                        .collect();
                     for id in &u2 {
-                        let shares = per_node.get(id).map(|v| v.iter().map(wire::share_to_wire).collect()).unwrap_or_default();
+                        let shares =
+                            per_node.get(id).map(|v| v.iter().map(wire::share_to_wire).collect()).unwrap_or_default();
                         let msg = step(sec_agg_step::Step::Shares(proto::SecAggShares {
                             sharing: u2.iter().copied().collect(),
                             shares,
@@ -1079,6 +1086,13 @@ impl Driver {
         if !sa.closing {
             // Every participant's input arrived before the plan round closed: close it now.
             *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = None;
+        }
+        // Test hook: the unmasked sum, for tests that check it out of band; never set in production.
+        if let Some(dir) = std::env::var_os("SANCTUM_TEST_SECAGG_DUMP") {
+            let path = std::path::Path::new(&dir).join(format!("sum-round-{round}.u32"));
+            if let Err(e) = std::fs::write(&path, wire::words_to_le(&outcome.sum)) {
+                tracing::warn!("test dump {}: {e}", path.display());
+            }
         }
         let mean = sa.encoding.decode_mean(&outcome.sum, outcome.survivors.len()).map_err(|e| e.to_string())?;
         let (update, _) = mean.split_at(active.global.values().len());

@@ -610,7 +610,11 @@ impl Node {
         };
         let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::from_os_rng();
         let (words, norm) = round.encoding.encode(&result.delta, weight, &mut rng)?;
-        tracing::info!(round = start.round, update_norm = format!("{norm:.4}"), "update encoded for secure aggregation");
+        tracing::info!(
+            round = start.round,
+            update_norm = format!("{norm:.4}"),
+            "update encoded for secure aggregation"
+        );
         test_dump_input(&self.material.identity().name, start.round, &words);
         round.input = Some(words);
         round.metrics = metrics;
@@ -658,8 +662,11 @@ impl Node {
         if step.plan_id != round.start.plan_id || step.round != round.start.round {
             anyhow::bail!("step for round {} but this node is in round {}", step.round, round.start.round);
         }
-        let reply =
-            |s: sec_agg_message::Step| SecAggMessage { plan_id: step.plan_id.clone(), round: step.round, step: Some(s) };
+        let reply = |s: sec_agg_message::Step| SecAggMessage {
+            plan_id: step.plan_id.clone(),
+            round: step.round,
+            step: Some(s),
+        };
         match step.step.clone().ok_or_else(|| anyhow::anyhow!("empty step"))? {
             sec_agg_step::Step::Peers(p) => {
                 let ads = p

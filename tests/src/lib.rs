@@ -99,6 +99,11 @@ pub struct CoordinatorProcess {
 impl CoordinatorProcess {
     /// Starts it on 127.0.0.1:0 and waits for the address it bound.
     pub fn start(c: &Consortium) -> Self {
+        Self::start_with(c, &[])
+    }
+
+    /// Like [`CoordinatorProcess::start`], with extra environment variables (test hooks).
+    pub fn start_with(c: &Consortium, env: &[(&str, &str)]) -> Self {
         let dir = c.dir.path().join("coordinator");
         std::fs::create_dir_all(&dir).expect("mkdir");
         let config = dir.join("coordinator.toml");
@@ -118,6 +123,7 @@ impl CoordinatorProcess {
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log"))
             .spawn()

@@ -59,7 +59,7 @@ pub fn unmask_from_wire(s: &proto::UnmaskingShare) -> Result<UnmaskShare, SecAgg
 
 /// Little-endian u32 words of a masked input.
 pub fn words_from_le(bytes: &[u8]) -> Result<Vec<u32>, SecAggError> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(SecAggError::Protocol(format!("masked input of {} bytes is not whole u32 words", bytes.len())));
     }
     Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
