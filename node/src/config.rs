@@ -62,6 +62,22 @@ pub struct Policy {
     /// this many hospitals' updates can be released (the round's threshold t).
     #[serde(default)]
     pub min_cohort: Option<usize>,
+    /// When set, δ summed over every plan a dataset took part in may not exceed this; plans
+    /// without DP are refused.
+    #[serde(default)]
+    pub max_delta: Option<f64>,
+}
+
+impl Policy {
+    /// The privacy caps in words, when any is set.
+    pub fn cap_text(&self) -> Option<String> {
+        match (self.max_epsilon, self.max_delta) {
+            (None, None) => None,
+            (Some(e), None) => Some(format!("ε ≤ {e}")),
+            (None, Some(d)) => Some(format!("δ ≤ {d:e}")),
+            (Some(e), Some(d)) => Some(format!("ε ≤ {e} and δ ≤ {d:e}")),
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -79,6 +95,7 @@ impl Default for Policy {
             max_rounds: default_max_rounds(),
             max_epsilon: None,
             min_cohort: None,
+            max_delta: None,
         }
     }
 }
@@ -123,6 +140,20 @@ impl NodeConfig {
         crate::train::parse_device(&self.device).map_err(|e| format!("device: {e}"))?;
         if self.threads == Some(0) {
             return Err("threads must be at least 1".into());
+        }
+        let p = &self.policy;
+        if let Some(e) = p.max_epsilon
+            && !(e.is_finite() && e > 0.0)
+        {
+            return Err(format!("policy.max_epsilon is {e}; it must be a positive number"));
+        }
+        if let Some(d) = p.max_delta
+            && !(d > 0.0 && d < 1.0)
+        {
+            return Err(format!("policy.max_delta is {d}; it must be in (0, 1)"));
+        }
+        if p.min_cohort.is_some_and(|m| m < 2) {
+            return Err("policy.min_cohort must be at least 2 (a sum of one hospital is its update)".into());
         }
         Ok(())
     }

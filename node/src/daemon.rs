@@ -319,18 +319,18 @@ impl Node {
 
     /// Derives this node's DP-SGD settings for a plan and checks them against the policy's ε cap.
     fn privacy_for(&self, plan: &Plan, plan_id: &str, data: &LocalData) -> Result<Option<DpPlan>, String> {
-        let cap = self.cfg.policy.max_epsilon;
+        let cap = self.cfg.policy.cap_text();
         let p = &plan.privacy;
         match (p.mode, cap) {
             (PrivacyMode::None, Some(cap)) => {
                 return Err(format!(
-                    "plan has no differential privacy (privacy.mode = none); this hospital's policy requires ε ≤ {cap}"
+                    "plan has no differential privacy (privacy.mode = none); this hospital's policy requires {cap}"
                 ));
             }
             (PrivacyMode::Client, Some(_)) if plan.secure_aggregation => return Ok(None),
             (PrivacyMode::Client, Some(cap)) => {
                 return Err(format!(
-                    "plan's privacy is client-level, added by the coordinator, which this node cannot enforce; this hospital's policy requires example-level DP with ε ≤ {cap} (privacy.mode = \"example\")"
+                    "plan's privacy is client-level, added by the coordinator, which this node cannot enforce; this hospital's policy requires example-level DP (privacy.mode = \"example\") or client-level DP under secure aggregation, with {cap}"
                 ));
             }
             (PrivacyMode::None | PrivacyMode::Client, None) => return Ok(None),
@@ -354,7 +354,7 @@ impl Node {
         dp.epsilon = dp.epsilon_after(steps);
         // Charges of this same plan (offered again after a restart) are part of its own ε.
         let already = self.ledger.spent(&plan.data.schema, Some(plan_id));
-        if let Some(cap) = cap
+        if let Some(cap) = self.cfg.policy.max_epsilon
             && already.epsilon + dp.epsilon > cap
         {
             return Err(format!(
@@ -362,6 +362,7 @@ impl Node {
                 dp.epsilon, already.epsilon
             ));
         }
+        self.check_delta(already.delta, delta)?;
         tracing::info!(
             epsilon = format!("{:.3}", dp.epsilon),
             delta,
@@ -391,6 +392,7 @@ impl Node {
                 plan.rounds, already.epsilon
             ));
         }
+        self.check_delta(already.delta, delta)?;
         tracing::info!(
             epsilon = format!("{epsilon:.3}"),
             delta,
@@ -398,6 +400,18 @@ impl Node {
             "plan uses client-level DP with distributed noise under secure aggregation"
         );
         Ok(Some(DdgPlan { noise_multiplier: sigma, delta, epsilon }))
+    }
+
+    /// Refuses when a plan's δ would take the dataset past `policy.max_delta` (δ adds up across
+    /// plans).
+    fn check_delta(&self, already: f64, delta: f64) -> Result<(), String> {
+        match self.cfg.policy.max_delta {
+            Some(cap) if already + delta > cap => Err(format!(
+                "plan's δ = {delta:e} would bring this hospital's data to δ = {:e}; policy.max_delta is {cap:e}",
+                already + delta
+            )),
+            _ => Ok(()),
+        }
     }
 
     async fn fetch(
@@ -722,6 +736,7 @@ impl Node {
                 others.epsilon + spent
             );
         }
+        self.check_delta(others.delta, ddg.delta).map_err(anyhow::Error::msg)?;
         let charge = Charge {
             dataset,
             plan_id: plan_id.to_string(),
@@ -765,6 +780,7 @@ impl Node {
                 others.epsilon + spent
             );
         }
+        self.check_delta(others.delta, dp.delta).map_err(anyhow::Error::msg)?;
         let charge = Charge {
             dataset,
             plan_id: plan_id.to_string(),

@@ -159,6 +159,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "delta_spent": spent.delta,
                     "epsilon_cap": cap,
                     "epsilon_remaining": cap.map(|c| (c - spent.epsilon).max(0.0)),
+                    "delta_cap": cfg.policy.max_delta,
+                    "delta_remaining": cfg.policy.max_delta.map(|c| (c - spent.delta).max(0.0)),
                     "accountant": "pld (connect-the-dots) within a plan; basic composition (sum) across plans",
                     "plans": plans,
                 }));
@@ -175,7 +177,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Some(c) => format!("of {c} (remaining {:.3})", (c - spent.epsilon).max(0.0)),
                     None => "(no cap: policy.max_epsilon is not set)".to_string(),
                 };
-                println!("dataset {name}: ε spent {:.3} {cap_text}, δ spent {:e}", spent.epsilon, spent.delta);
+                let delta_text = match cfg.policy.max_delta {
+                    Some(c) => format!("of {c:e} (remaining {:e})", (c - spent.delta).max(0.0)),
+                    None => "(no cap: policy.max_delta is not set)".to_string(),
+                };
+                println!("dataset {name}: ε spent {:.3} {cap_text}, δ spent {:e} {delta_text}", spent.epsilon, spent.delta);
                 for c in ledger.plans(name).values() {
                     println!(
                         "  plan {} ({}): {} round(s) charged, {} steps at q = {:.4}, σ = {:.3}: ε = {:.3}, δ = {:e}",

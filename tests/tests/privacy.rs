@@ -20,7 +20,10 @@ async fn a_plan_that_would_overspend_is_refused_and_the_others_train_privately()
     // ≈ 2.96 on Hungary's 172 (δ = 1e-5, `sanctum-node privacy epsilon`).
     let strict = NodeProcess::start_with_policy(&c, "cleveland", &addr, &heart_data("cleveland"), "max_epsilon = 2.0");
     let lenient = NodeProcess::start_with_policy(&c, "hungarian", &addr, &heart_data("hungarian"), "max_epsilon = 4.0");
-    coord.wait_for_nodes(2);
+    // A δ cap below the plan's δ: refused whatever ε.
+    let tight_delta =
+        NodeProcess::start_with_policy(&c, "va", &addr, &heart_data("va"), "max_epsilon = 10.0\nmax_delta = 1e-6");
+    coord.wait_for_nodes(3);
     let plan = "name = \"dp\"\nrounds = 2\nmin_nodes = 1\n\
                 [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
                 [local]\nsteps = 50\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n\
@@ -28,21 +31,25 @@ async fn a_plan_that_would_overspend_is_refused_and_the_others_train_privately()
     let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
     let plan_id = lead.submit_plan(SubmitPlanRequest { plan_toml: plan.into() }).await.unwrap().into_inner().plan_id;
     let mut events = lead.watch_plan(WatchPlanRequest { plan_id }).await.unwrap().into_inner();
-    let mut refusal = None;
+    let mut refusals = std::collections::BTreeMap::new();
     let mut cost = None;
     let finished = loop {
         let ev = next_event(&mut events, 120, "the plan stalled").await;
         match ev.kind {
-            Some(plan_event::Kind::NodeDecision(d)) if !d.accepted => refusal = Some((d.node, d.reason)),
+            Some(plan_event::Kind::NodeDecision(d)) if !d.accepted => {
+                refusals.insert(d.node, d.reason);
+            }
             Some(plan_event::Kind::NodeDecision(d)) => cost = d.privacy.map(|p| (d.node, p)),
             Some(plan_event::Kind::PlanFinished(f)) => break f,
             _ => {}
         }
     };
-    let (node, reason) = refusal.expect("cleveland must refuse");
-    println!("{node}: {reason}");
-    assert_eq!(node, "cleveland");
+    println!("{refusals:?}");
+    assert_eq!(refusals.keys().collect::<Vec<_>>(), ["cleveland", "va"]);
+    let reason = &refusals["cleveland"];
     assert!(reason.contains("plan would spend ε = 2.63") && reason.contains("policy.max_epsilon is 2"), "{reason}");
+    let reason = &refusals["va"];
+    assert!(reason.contains("δ = 1e-5") && reason.contains("policy.max_delta is 1e-6"), "{reason}");
     assert!(finished.success, "{}", finished.reason);
     assert_eq!(finished.final_metrics.iter().map(|m| m.node.as_str()).collect::<Vec<_>>(), ["hungarian"]);
     // Before training, the lead learned what the plan costs the hospital that accepted it.
@@ -52,7 +59,7 @@ async fn a_plan_that_would_overspend_is_refused_and_the_others_train_privately()
     let log = lenient.log_text();
     assert!(log.contains("plan uses example-level DP"), "{log}");
     assert!(log.contains("epsilon_spent=\"2.96"), "{log}");
-    drop(strict);
+    drop((strict, tight_delta));
 }
 
 #[tokio::test]
