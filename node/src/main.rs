@@ -181,7 +181,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Some(c) => format!("of {c:e} (remaining {:e})", (c - spent.delta).max(0.0)),
                     None => "(no cap: policy.max_delta is not set)".to_string(),
                 };
-                println!("dataset {name}: ε spent {:.3} {cap_text}, δ spent {:e} {delta_text}", spent.epsilon, spent.delta);
+                println!(
+                    "dataset {name}: ε spent {:.3} {cap_text}, δ spent {:e} {delta_text}",
+                    spent.epsilon, spent.delta
+                );
                 for c in ledger.plans(name).values() {
                     println!(
                         "  plan {} ({}): {} round(s) charged, {} steps at q = {:.4}, σ = {:.3}: ε = {:.3}, δ = {:e}",
