@@ -14,6 +14,7 @@
 //! - [`pki`]: the consortium CA, certificate requests, signing, and identity read from certificates.
 //! - [`tls`]: mutual TLS 1.3 (rustls + ring) for both ends of a tonic channel, and the role guard.
 
+pub mod audit;
 pub mod hash;
 pub mod model;
 pub mod pki;
