@@ -11,6 +11,7 @@ use sanctum_coordinator::config::{self, CoordinatorConfig, LeadConfig};
 use sanctum_coordinator::service::{Coordinator, CoordinatorOptions};
 use sanctum_coordinator::simulate::{SimulateOptions, simulate};
 use sanctum_coordinator::{pki, watch};
+use sanctum_protocol::audit::AuditCommand;
 use sanctum_protocol::pki::Role;
 use sanctum_protocol::plan::Plan;
 use sanctum_protocol::privacy::cli::PrivacyCommand;
@@ -44,6 +45,9 @@ enum Command {
     /// Privacy accounting: ε of a DP-SGD run, or the noise a target ε needs.
     #[command(subcommand)]
     Privacy(PrivacyCommand),
+    /// Audit logs, offline: verify a coordinator's or a node's log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Run a plan's [simulation] hospitals as real node processes over loopback mutual TLS.
     Simulate {
         #[arg(long)]
@@ -210,10 +214,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let cfg: CoordinatorConfig = config::load(&path)?;
             let material = TlsMaterial::load(&config::resolve_tls(&path, &cfg.tls))?;
             let base = path.parent().unwrap_or(std::path::Path::new("."));
-            let coordinator = Coordinator::start(CoordinatorOptions {
-                state_dir: config::resolve(base, &cfg.state_dir),
-                evaluation_deadline: Duration::from_secs(cfg.evaluation_deadline_secs),
-            })?;
+            let coordinator = Coordinator::start(
+                CoordinatorOptions {
+                    state_dir: config::resolve(base, &cfg.state_dir),
+                    evaluation_deadline: Duration::from_secs(cfg.evaluation_deadline_secs),
+                },
+                &material,
+            )?;
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
@@ -268,6 +275,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", sanctum_protocol::privacy::cli::run(&cmd)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Audit(cmd) => match sanctum_protocol::audit::run(&cmd) {
+            Ok(report) => {
+                println!("{report}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(reason) => {
+                eprintln!("{reason}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
         Command::Simulate { plan, seed, json, workdir, node_bin, device } => {
             let summary = simulate(&SimulateOptions { plan, seed, json, workdir, node_bin, device }).await?;
             Ok(if summary.finished.success { ExitCode::SUCCESS } else { ExitCode::FAILURE })

@@ -35,6 +35,9 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use sanctum_protocol::audit::{self, AuditLog};
+use serde_json::json;
+
 use crate::aggregate::{Accumulator, ClientDp, ServerState};
 use crate::round::{Action, PlanRun, RunConfig};
 use crate::secure::{SecAggRound, SessionCertVerifier};
@@ -69,11 +72,15 @@ struct Inner {
     history: Mutex<HashMap<String, Vec<PlanEvent>>>,
     store: Store,
     next_conn: AtomicU64,
+    /// The coordinator's signed, hash-chained audit log.
+    audit: Mutex<AuditLog>,
 }
 
 struct NodeConn {
     /// Distinguishes a reconnect from the stream it replaced.
     id: u64,
+    /// The node's certificate fingerprint, the actor of its audit records.
+    fingerprint: String,
     tx: mpsc::Sender<Result<Directive, Status>>,
 }
 
@@ -95,13 +102,15 @@ struct SpooledUpdate {
     sample_count: u64,
     metrics: Vec<proto::Metric>,
     masked: bool,
+    payload_sha256: String,
+    bytes: u64,
     spool: tempfile::NamedTempFile,
 }
 
 enum Event {
     Connected { node: String },
     Disconnected { node: String, conn: u64 },
-    Submit { plan: Box<Plan>, reply: oneshot::Sender<Result<String, Status>> },
+    Submit { plan: Box<Plan>, actor: String, reply: oneshot::Sender<Result<String, Status>> },
     Decision { node: String, response: PlanResponse },
     Update { node: String, update: SpooledUpdate, reply: oneshot::Sender<Result<(), String>> },
     Evaluation { node: String, report: EvaluationReport },
@@ -114,9 +123,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Coordinator {
-    /// Opens the state directory and starts the driver task.
-    pub fn start(options: CoordinatorOptions) -> std::io::Result<Self> {
+    /// Opens the state directory and the audit log (signed with a key bound to `material`'s
+    /// certificate) and starts the driver task.
+    pub fn start(options: CoordinatorOptions, material: &TlsMaterial) -> anyhow::Result<Self> {
         let store = Store::open(&options.state_dir)?;
+        let sign = |m: &[u8]| material.sign(m).map_err(|e| e.to_string());
+        let identity = material.identity();
+        let writer = audit::Writer {
+            name: &identity.name,
+            role: identity.role.as_str(),
+            cert_der: material.cert_der(),
+            sign_with_cert_key: &sign,
+        };
+        let audit = AuditLog::open(&options.state_dir.join("audit"), &writer)?;
         let (events, rx) = mpsc::unbounded_channel();
         let (plan_events, _) = broadcast::channel(1024);
         let inner = Arc::new(Inner {
@@ -127,6 +146,7 @@ impl Coordinator {
             history: Mutex::new(HashMap::new()),
             store,
             next_conn: AtomicU64::new(1),
+            audit: Mutex::new(audit),
         });
         let driver = Driver { inner: inner.clone(), active: None, evaluation_deadline: options.evaluation_deadline };
         tokio::spawn(driver.run(rx));
@@ -140,7 +160,15 @@ impl Coordinator {
         material: &TlsMaterial,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
-        let incoming = tls::mtls_incoming(listener, material.server_config()?);
+        let inner = self.inner.clone();
+        let on_refused: tls::RefusalHook = Arc::new(move |remote: &str, reason: &str| {
+            inner.audit(
+                "unauthenticated",
+                "authentication_failed",
+                [("remote", json!(remote)), ("reason", json!(reason))],
+            );
+        });
+        let incoming = tls::mtls_incoming(listener, material.server_config()?, Some(on_refused));
         let federation = federation_server::FederationServer::new(FederationApi { inner: self.inner.clone() })
             .max_decoding_message_size(2 * CHUNK_BYTES);
         let lead = lead_server::LeadServer::new(LeadApi { inner: self.inner.clone() });
@@ -159,9 +187,10 @@ impl Coordinator {
     /// Submits a plan as the lead would; returns its id.
     pub async fn submit(&self, plan: Plan) -> Result<String, Status> {
         let (reply, rx) = oneshot::channel();
+        let actor = lock(&self.inner.audit).own_fingerprint().to_string();
         self.inner
             .events
-            .send(Event::Submit { plan: Box::new(plan), reply })
+            .send(Event::Submit { plan: Box::new(plan), actor, reply })
             .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
         rx.await.map_err(|_| Status::unavailable("coordinator is shutting down"))?
     }
@@ -213,12 +242,79 @@ fn watch_stream(inner: &Arc<Inner>, plan_id: &str) -> impl Stream<Item = PlanEve
 }
 
 impl Inner {
+    /// Appends an audit record; a failure to write it is logged loudly (the record is lost, the
+    /// service goes on).
+    fn audit<const N: usize>(&self, actor: &str, event: &str, params: [(&str, serde_json::Value); N]) {
+        let params = params.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        if let Err(e) = lock(&self.audit).append(actor, event, params) {
+            tracing::error!("audit log: {e}");
+        }
+    }
+
+    /// The certificate fingerprint of a connected node (its audit actor).
+    fn fingerprint(&self, node: &str) -> String {
+        lock(&self.nodes).get(node).map(|c| c.fingerprint.clone()).unwrap_or_else(|| format!("node:{node}"))
+    }
+
     fn send_event(&self, ev: Event) {
         // Only fails when the driver is gone, i.e. during shutdown.
         let _ = self.events.send(ev);
     }
 
     fn publish(&self, plan_id: &str, kind: plan_event::Kind) {
+        // What the lead is told about rounds and the plan's end is also what the audit keeps.
+        let own = lock(&self.audit).own_fingerprint().to_string();
+        match &kind {
+            plan_event::Kind::RoundClosed(r) => {
+                self.audit(
+                    &own,
+                    "round_closed",
+                    [
+                        ("plan_id", json!(plan_id)),
+                        ("round", json!(r.round)),
+                        ("reported", json!(r.reported)),
+                        ("dropped", json!(r.dropped)),
+                    ],
+                );
+                self.audit(
+                    &own,
+                    "aggregate_released",
+                    [
+                        ("plan_id", json!(plan_id)),
+                        ("round", json!(r.round)),
+                        ("model_sha256", json!(r.new_model_sha256)),
+                        ("contributors", json!(r.reported.len())),
+                    ],
+                );
+            }
+            plan_event::Kind::PlanFinished(f) => {
+                if !f.model_path.is_empty() {
+                    self.audit(
+                        &own,
+                        "model_exported",
+                        [
+                            ("plan_id", json!(plan_id)),
+                            ("model_sha256", json!(f.final_model_sha256)),
+                            ("path", json!(f.model_path)),
+                        ],
+                    );
+                }
+                self.audit(
+                    &own,
+                    "plan_finished",
+                    [
+                        ("plan_id", json!(plan_id)),
+                        ("success", json!(f.success)),
+                        ("reason", json!(f.reason)),
+                        ("rounds_completed", json!(f.rounds_completed)),
+                        ("final_model_sha256", json!(f.final_model_sha256)),
+                        ("client_epsilon", json!(f.client_epsilon)),
+                        ("client_delta", json!(f.client_delta)),
+                    ],
+                );
+            }
+            _ => {}
+        }
         let ev = PlanEvent { kind: Some(kind) };
         let mut history = lock(&self.history);
         history.entry(plan_id.to_string()).or_default().push(ev.clone());
@@ -228,6 +324,16 @@ impl Inner {
     /// Logs and publishes a refused update, and returns the status for the node.
     fn reject(&self, node: &str, plan_id: &str, round: u32, status: Status) -> Status {
         tracing::warn!(node, round, "rejected update: {}", status.message());
+        self.audit(
+            &self.fingerprint(node),
+            "update_rejected",
+            [
+                ("node", json!(node)),
+                ("plan_id", json!(plan_id)),
+                ("round", json!(round)),
+                ("reason", json!(status.message())),
+            ],
+        );
         // An upload that never named its plan has no watcher to tell.
         if plan_id.is_empty() {
             return status;
@@ -280,11 +386,17 @@ impl federation_server::Federation for FederationApi {
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let node = caller(&request)?;
+        let fingerprint = tls::peer(&request)?.identity.fingerprint.to_hex();
         let hello = request.into_inner();
         let (tx, rx) = mpsc::channel(32);
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
-        lock(&self.inner.nodes).insert(node.clone(), NodeConn { id: conn, tx });
+        lock(&self.inner.nodes).insert(node.clone(), NodeConn { id: conn, fingerprint: fingerprint.clone(), tx });
         tracing::info!(node, device = hello.device, version = hello.software_version, "node connected");
+        self.inner.audit(
+            &fingerprint,
+            "node_connected",
+            [("node", json!(node)), ("device", json!(hello.device)), ("version", json!(hello.software_version))],
+        );
         self.inner.send_event(Event::Connected { node: node.clone() });
         let stream = DirectiveStream { inner: ReceiverStream::new(rx), node, conn, events: self.inner.events.clone() };
         Ok(Response::new(Box::pin(stream)))
@@ -416,6 +528,8 @@ impl federation_server::Federation for FederationApi {
             sample_count: header.sample_count,
             metrics: header.metrics.clone(),
             masked: header.masked,
+            payload_sha256: header.payload_sha256.clone(),
+            bytes: received,
             spool,
         };
         let (reply, rx) = oneshot::channel();
@@ -458,10 +572,17 @@ impl lead_server::Lead for LeadApi {
 
     async fn submit_plan(&self, request: Request<SubmitPlanRequest>) -> Result<Response<SubmitPlanResponse>, Status> {
         let lead = caller(&request)?;
-        let plan = Plan::parse(&request.get_ref().plan_toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let actor = tls::peer(&request)?.identity.fingerprint.to_hex();
+        let plan = match Plan::parse(&request.get_ref().plan_toml) {
+            Ok(plan) => plan,
+            Err(e) => {
+                self.inner.audit(&actor, "plan_rejected", [("lead", json!(lead)), ("reason", json!(e.to_string()))]);
+                return Err(Status::invalid_argument(e.to_string()));
+            }
+        };
         tracing::info!(lead, plan = plan.name, "plan submitted");
         let (reply, rx) = oneshot::channel();
-        self.inner.send_event(Event::Submit { plan: Box::new(plan), reply });
+        self.inner.send_event(Event::Submit { plan: Box::new(plan), actor, reply });
         let plan_id = rx.await.map_err(|_| Status::unavailable("coordinator is shutting down"))??;
         Ok(Response::new(SubmitPlanResponse { plan_id }))
     }
@@ -585,9 +706,10 @@ impl Driver {
             Event::Disconnected { node, conn } => {
                 let mut nodes = lock(&self.inner.nodes);
                 if nodes.get(&node).is_some_and(|c| c.id == conn) {
-                    nodes.remove(&node);
+                    let fingerprint = nodes.remove(&node).map(|c| c.fingerprint).unwrap_or_default();
                     drop(nodes);
                     tracing::info!(node, "node disconnected");
+                    self.inner.audit(&fingerprint, "node_disconnected", [("node", json!(node))]);
                     let actions = self.active.as_mut().map(|a| a.run.node_disconnected(&node, now)).unwrap_or_default();
                     self.apply(actions);
                     let sa =
@@ -595,8 +717,16 @@ impl Driver {
                     self.apply_secagg(sa.unwrap_or_default());
                 }
             }
-            Event::Submit { plan, reply } => {
-                let result = self.submit(*plan, now);
+            Event::Submit { plan, actor, reply } => {
+                let name = plan.name.clone();
+                let result = self.submit(*plan, &actor, now);
+                if let Err(status) = &result {
+                    self.inner.audit(
+                        &actor,
+                        "plan_rejected",
+                        [("name", json!(name)), ("reason", json!(status.message()))],
+                    );
+                }
                 let _ = reply.send(result);
             }
             Event::Decision { node, response } => {
@@ -609,6 +739,17 @@ impl Driver {
                 } else {
                     tracing::warn!(node, reason = response.reason, "refused the plan");
                 }
+                self.inner.audit(
+                    &self.inner.fingerprint(&node),
+                    if response.accept { "plan_accepted" } else { "plan_refused" },
+                    [
+                        ("node", json!(node)),
+                        ("plan_id", json!(response.plan_id)),
+                        ("reason", json!(response.reason)),
+                        ("epsilon", json!(response.privacy.as_ref().map(|p| p.epsilon))),
+                        ("delta", json!(response.privacy.as_ref().map(|p| p.delta))),
+                    ],
+                );
                 let plan_id = active.plan_id.clone();
                 let actions = active.run.decision(&node, response.accept, &response.reason, now);
                 self.inner.publish(
@@ -661,7 +802,7 @@ impl Driver {
         }
     }
 
-    fn submit(&mut self, plan: Plan, now: Instant) -> Result<String, Status> {
+    fn submit(&mut self, plan: Plan, actor: &str, now: Instant) -> Result<String, Status> {
         if let Some(active) = &self.active {
             return Err(Status::failed_precondition(format!(
                 "plan '{}' ({}) is still running; wait for it to finish",
@@ -705,6 +846,23 @@ impl Driver {
         let connected: Vec<String> = lock(&self.inner.nodes).keys().cloned().collect();
         let (run, actions) = PlanRun::start(cfg, connected, now);
         tracing::info!(plan = plan.name, id = short(&plan_id), model = %model.short(), "plan started");
+        self.inner.audit(
+            actor,
+            "plan_submitted",
+            [
+                ("plan_id", json!(plan_id)),
+                ("name", json!(plan.name)),
+                ("plan_sha256", json!(plan_id)),
+                ("rounds", json!(plan.rounds)),
+                ("strategy", json!(plan.strategy.name())),
+                ("privacy", json!(plan.privacy.mode)),
+                ("noise_multiplier", json!(plan.privacy.noise_multiplier)),
+                ("target_epsilon", json!(plan.privacy.target_epsilon)),
+                ("delta", json!(plan.privacy.delta)),
+                ("secure_aggregation", json!(plan.secure_aggregation)),
+                ("initial_model", json!(model.to_hex())),
+            ],
+        );
         self.active = Some(ActiveRun {
             plan_id: plan_id.clone(),
             server: ServerState::new(plan.strategy.clone(), num_params),
@@ -731,6 +889,20 @@ impl Driver {
 
     /// Checks a spooled update against the plan and folds it in; the round goes on either way.
     fn admit(&mut self, node: &str, update: SpooledUpdate, now: Instant) -> Result<Vec<Action>, String> {
+        let received = [
+            ("node", json!(node)),
+            ("plan_id", json!(update.plan_id)),
+            ("round", json!(update.round)),
+            ("payload_sha256", json!(update.payload_sha256)),
+            ("bytes", json!(update.bytes)),
+            ("masked", json!(update.masked)),
+        ];
+        let actions = self.admit_checked(node, update, now)?;
+        self.inner.audit(&self.inner.fingerprint(node), "update_received", received);
+        Ok(actions)
+    }
+
+    fn admit_checked(&mut self, node: &str, update: SpooledUpdate, now: Instant) -> Result<Vec<Action>, String> {
         let active = self.active.as_mut().ok_or("no plan is running")?;
         if update.plan_id != active.plan_id || update.base_model != active.model.to_hex() {
             return Err("update is for another plan or model".into());
@@ -848,6 +1020,19 @@ impl Driver {
                     });
                     let start = start_round(&plan_id, round, active, deadline);
                     tracing::info!(round, nodes = participants.len(), model = %active.model.short(), "round opened");
+                    let own = lock(&self.inner.audit).own_fingerprint().to_string();
+                    self.inner.audit(
+                        &own,
+                        "round_opened",
+                        [
+                            ("plan_id", json!(plan_id)),
+                            ("round", json!(round)),
+                            ("participants", json!(participants)),
+                            ("model_sha256", json!(active.model.to_hex())),
+                            ("secure_aggregation", json!(active.secagg.as_ref().map(|sa| &sa.setup.participants))),
+                            ("threshold", json!(active.secagg.as_ref().map(|sa| sa.setup.threshold))),
+                        ],
+                    );
                     self.inner.publish(
                         &plan_id,
                         plan_event::Kind::RoundOpened(proto::RoundOpened {

@@ -107,10 +107,13 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
     let material = TlsMaterial::from_pem(&ca.cert_pem, &coord.cert_pem, &coord.key_pem)?;
 
     let state_dir = work.join("coordinator");
-    let coordinator = Coordinator::start(CoordinatorOptions {
-        state_dir: state_dir.clone(),
-        evaluation_deadline: Duration::from_secs(plan.round_deadline_secs),
-    })?;
+    let coordinator = Coordinator::start(
+        CoordinatorOptions {
+            state_dir: state_dir.clone(),
+            evaluation_deadline: Duration::from_secs(plan.round_deadline_secs),
+        },
+        &material,
+    )?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

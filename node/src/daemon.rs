@@ -23,6 +23,9 @@ use sanctum_protocol::transfer;
 use tch::Device;
 use tonic::transport::Channel;
 
+use sanctum_protocol::audit::{self, AuditLog};
+use serde_json::json;
+
 use crate::config::NodeConfig;
 use crate::data::{self, LocalData};
 use crate::egress::{EgressLog, Rule};
@@ -102,6 +105,8 @@ pub struct Node {
     secagg: Option<SecAggRound>,
     /// Local training of a secure-aggregation round, run while the directive stream is served.
     training: Option<tokio::task::JoinHandle<Trained>>,
+    /// This node's signed, hash-chained audit log.
+    audit: AuditLog,
 }
 
 /// What the session loop woke up for.
@@ -123,6 +128,15 @@ impl Node {
         let egress = EgressLog::open(&cfg.state_dir)?;
         let ledger = Ledger::open(&cfg.state_dir)?;
         let verifier = material.node_cert_verifier()?;
+        let sign = |m: &[u8]| material.sign(m).map_err(|e| e.to_string());
+        let identity = material.identity();
+        let writer = audit::Writer {
+            name: &identity.name,
+            role: identity.role.as_str(),
+            cert_der: material.cert_der(),
+            sign_with_cert_key: &sign,
+        };
+        let audit = AuditLog::open(&cfg.state_dir.join("audit"), &writer)?;
         Ok(Self {
             cfg,
             material,
@@ -135,6 +149,7 @@ impl Node {
             verifier,
             secagg: None,
             training: None,
+            audit,
         })
     }
 
@@ -162,6 +177,14 @@ impl Node {
         }
     }
 
+    /// Appends to the audit log; this node's own action, so its own certificate is the actor.
+    fn audit<const N: usize>(&mut self, event: &str, params: [(&str, serde_json::Value); N]) -> anyhow::Result<()> {
+        let params = params.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let own = self.audit.own_fingerprint().to_string();
+        self.audit.append(&own, event, params)?;
+        Ok(())
+    }
+
     async fn session(&mut self, mut client: FederationClient<Channel>) -> SessionEnd {
         let hello = SubscribeRequest {
             software_version: sanctum_protocol::VERSION.to_string(),
@@ -175,6 +198,9 @@ impl Node {
             Err(s) => return SessionEnd::Lost(format!("{}: {}", s.code(), s.message())),
         };
         tracing::info!(coordinator = self.cfg.coordinator, "connected; waiting for plans");
+        if let Err(e) = self.audit("connected", [("coordinator", json!(self.cfg.coordinator))]) {
+            return SessionEnd::Lost(format!("audit log: {e}"));
+        }
         loop {
             let wake = match self.training.as_mut() {
                 Some(handle) => tokio::select! {
@@ -235,6 +261,17 @@ impl Node {
                         sampling_rate: if share { dp.setup.sampling_rate } else { 0.0 },
                         noise_multiplier: if share { dp.setup.noise_multiplier } else { 0.0 },
                     });
+                if let Err(e) = self.audit(
+                    if accept { "plan_accepted" } else { "plan_refused" },
+                    [
+                        ("plan_id", json!(offer.plan_id)),
+                        ("reason", json!(reason)),
+                        ("epsilon", json!(privacy.as_ref().map(|p| p.epsilon))),
+                        ("delta", json!(privacy.as_ref().map(|p| p.delta))),
+                    ],
+                ) {
+                    return Some(SessionEnd::Lost(format!("audit log: {e}")));
+                }
                 let msg = PlanResponse { plan_id: offer.plan_id.clone(), accept, reason, privacy };
                 if let Err(e) =
                     self.egress.record("RespondToPlan", &offer.plan_id, None, msg.encoded_len(), Rule::PlanDecision)
@@ -275,6 +312,16 @@ impl Node {
                     }
                 }
                 let name = self.plans.remove(&closed.plan_id).map(|a| a.plan.name);
+                if let Err(e) = self.audit(
+                    "plan_closed",
+                    [
+                        ("plan_id", json!(closed.plan_id)),
+                        ("success", json!(closed.success)),
+                        ("reason", json!(closed.reason)),
+                    ],
+                ) {
+                    return Some(SessionEnd::Lost(format!("audit log: {e}")));
+                }
                 tracing::info!(
                     plan = name.as_deref().unwrap_or(&closed.plan_id),
                     success = closed.success,
@@ -504,7 +551,19 @@ impl Node {
             },
             masked: false,
         };
-        upload(&mut self.egress, client, header, transfer::f32_to_le_bytes(&result.delta)).await
+        let (plan_id, round) = (header.plan_id.clone(), header.round);
+        let payload = transfer::f32_to_le_bytes(&result.delta);
+        let (hash, bytes) = upload(&mut self.egress, client, header, payload).await?;
+        self.audit(
+            "update_sent",
+            [
+                ("plan_id", json!(plan_id)),
+                ("round", json!(round)),
+                ("payload_sha256", json!(hash)),
+                ("bytes", json!(bytes)),
+                ("masked", json!(false)),
+            ],
+        )
     }
 
     /// Starts this node's part in a secure-aggregation round: checks the setup against the plan
@@ -659,7 +718,18 @@ impl Node {
             metrics: std::mem::take(&mut round.metrics),
             masked: true,
         };
-        upload(&mut self.egress, client, header, wire::words_to_le(&masked)).await?;
+        let (plan_id, round_no) = (header.plan_id.clone(), header.round);
+        let (hash, bytes) = upload(&mut self.egress, client, header, wire::words_to_le(&masked)).await?;
+        self.audit(
+            "update_sent",
+            [
+                ("plan_id", json!(plan_id)),
+                ("round", json!(round_no)),
+                ("payload_sha256", json!(hash)),
+                ("bytes", json!(bytes)),
+                ("masked", json!(true)),
+            ],
+        )?;
         test_fault("after_input");
         Ok(())
     }
@@ -754,6 +824,18 @@ impl Node {
                 .unwrap_or(0),
         };
         let fresh = self.ledger.charge(charge)?;
+        if fresh {
+            self.audit(
+                "epsilon_charged",
+                [
+                    ("plan_id", json!(plan_id)),
+                    ("round", json!(round)),
+                    ("epsilon", json!(spent)),
+                    ("delta", json!(ddg.delta)),
+                    ("accountant", json!("distributed discrete Gaussian, zCDP (opendp)")),
+                ],
+            )?;
+        }
         tracing::info!(
             round,
             epsilon_spent = format!("{spent:.3}"),
@@ -798,6 +880,18 @@ impl Node {
                 .unwrap_or(0),
         };
         let fresh = self.ledger.charge(charge)?;
+        if fresh {
+            self.audit(
+                "epsilon_charged",
+                [
+                    ("plan_id", json!(plan_id)),
+                    ("round", json!(round)),
+                    ("epsilon", json!(spent)),
+                    ("delta", json!(dp.delta)),
+                    ("accountant", json!("pld")),
+                ],
+            )?;
+        }
         tracing::info!(
             round,
             epsilon_spent = format!("{spent:.3}"),
@@ -834,6 +928,15 @@ impl Node {
             metrics: vec![proto::Metric { name: metric_name, value, samples }],
         };
         self.egress.record("ReportEvaluation", &ev.plan_id, None, report.encoded_len(), Rule::Evaluation)?;
+        self.audit(
+            "evaluation_sent",
+            [
+                ("plan_id", json!(ev.plan_id)),
+                ("model_sha256", json!(ev.model_sha256)),
+                ("value", json!(value)),
+                ("samples", json!(samples)),
+            ],
+        )?;
         client.report_evaluation(report).await?;
         Ok(())
     }
@@ -864,11 +967,13 @@ async fn upload(
     client: &mut FederationClient<Channel>,
     mut header: UpdateHeader,
     payload: Vec<u8>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(String, usize)> {
     let (plan_id, round) = (header.plan_id.clone(), header.round);
     let mut hasher = Hasher::default();
     hasher.update(&payload);
     header.payload_sha256 = hasher.finish().to_hex();
+    let payload_sha256 = header.payload_sha256.clone();
+    let payload_len = payload.len();
     let header = UpdateChunk { part: Some(update_chunk::Part::Header(header)) };
     let payload = Arc::new(payload);
     let n_chunks = payload.len().div_ceil(transfer::CHUNK_BYTES);
@@ -888,7 +993,7 @@ async fn upload(
         Ok(_) => tracing::info!(round, "update accepted by the coordinator"),
         Err(s) => tracing::warn!(round, "update refused by the coordinator: {}", s.message()),
     }
-    Ok(())
+    Ok((payload_sha256, payload_len))
 }
 
 /// Test hook for the secure-aggregation dropout tests (`SANCTUM_FAULT_SECAGG_EXIT` =

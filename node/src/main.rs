@@ -10,6 +10,7 @@ use sanctum_node::config::NodeConfig;
 use sanctum_node::daemon::Node;
 use sanctum_node::ledger::Ledger;
 use sanctum_node::{data, train};
+use sanctum_protocol::audit::AuditCommand;
 use sanctum_protocol::pki;
 use sanctum_protocol::privacy::cli::PrivacyCommand;
 use sanctum_protocol::tls::TlsMaterial;
@@ -48,6 +49,9 @@ enum Command {
     /// Privacy accounting: ε of a DP-SGD run, or the noise a target ε needs.
     #[command(subcommand)]
     Privacy(PrivacyCommand),
+    /// Audit logs, offline: verify this node's (or any) log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Identity: create this hospital's private key and a CSR for the lead to sign.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -205,6 +209,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", sanctum_protocol::privacy::cli::run(&cmd)?);
             Ok(())
         }
+        Command::Audit(cmd) => match sanctum_protocol::audit::run(&cmd) {
+            Ok(report) => {
+                println!("{report}");
+                Ok(())
+            }
+            Err(reason) => {
+                eprintln!("{reason}");
+                std::process::exit(1);
+            }
+        },
         Command::Pki(PkiCommand::Request { name, out_dir }) => {
             let (key, csr) = pki::request(&name)?;
             std::fs::create_dir_all(&out_dir)?;

@@ -129,12 +129,18 @@ pub fn now_rfc3339() -> String {
     )
 }
 
+/// Signs with a certificate's private key (for the audit key's binding).
+pub type CertSigner<'a> = &'a dyn Fn(&[u8]) -> Result<Vec<u8>, String>;
+
+/// Accepts or refuses a writer's certificate (DER), e.g. against the consortium CA.
+pub type CertCheck<'a> = &'a dyn Fn(&[u8]) -> Result<(), String>;
+
 /// Who writes a log: its certificate, and a signer for the binding (the certificate's key).
 pub struct Writer<'a> {
     pub name: &'a str,
     pub role: &'a str,
     pub cert_der: &'a [u8],
-    pub sign_with_cert_key: &'a dyn Fn(&[u8]) -> Result<Vec<u8>, String>,
+    pub sign_with_cert_key: CertSigner<'a>,
 }
 
 /// An open, append-only audit log.
@@ -313,11 +319,7 @@ pub enum VerifyError {
 /// Checks a log offline: binding, canonical form, sequence, chain, signatures, signed head.
 /// `head` is the content of `LOG.head` (`None` if it is missing, which is itself an error).
 /// `cert_check`, when given, is asked to accept the writer's certificate (e.g. against a CA).
-pub fn verify(
-    log: &[u8],
-    head: Option<&[u8]>,
-    cert_check: Option<&dyn Fn(&[u8]) -> Result<(), String>>,
-) -> Result<Verified, VerifyError> {
+pub fn verify(log: &[u8], head: Option<&[u8]>, cert_check: Option<CertCheck<'_>>) -> Result<Verified, VerifyError> {
     let text = std::str::from_utf8(log).map_err(|e| {
         // Name the record holding the first invalid byte.
         let seq = log[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() as u64;
@@ -334,7 +336,13 @@ pub fn verify(
     let bad = |seq: u64, reason: &str| VerifyError::Record { seq, reason: reason.to_string() };
     let mut key: Option<Vec<u8>> = None;
     let mut prev = GENESIS_PREV.to_string();
-    let mut found = Verified { records: 0, writer: String::new(), role: String::new(), fingerprint: String::new(), head_behind: false };
+    let mut found = Verified {
+        records: 0,
+        writer: String::new(),
+        role: String::new(),
+        fingerprint: String::new(),
+        head_behind: false,
+    };
     for (i, line) in lines.iter().enumerate() {
         let seq = i as u64;
         if i == lines.len() - 1 && !complete {
@@ -347,11 +355,17 @@ pub fn verify(
         if record.seq != seq {
             return Err(bad(
                 seq,
-                &format!("carries sequence number {} at position {seq}: records were removed, inserted or reordered", record.seq),
+                &format!(
+                    "carries sequence number {} at position {seq}: records were removed, inserted or reordered",
+                    record.seq
+                ),
             ));
         }
         if record.prev != prev {
-            return Err(bad(seq, "does not chain to the record before it: records were removed, inserted, reordered or altered"));
+            return Err(bad(
+                seq,
+                "does not chain to the record before it: records were removed, inserted, reordered or altered",
+            ));
         }
         if seq == 0 {
             let get = |k: &str| record.params.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
@@ -377,7 +391,8 @@ pub fn verify(
         }
         let sig = hex::decode(&record.sig).map_err(|_| bad(seq, "signature is not hex"))?;
         let pk = UnparsedPublicKey::new(&signature::ED25519, key.clone().unwrap_or_default());
-        pk.verify(&record.signed_bytes(), &sig).map_err(|_| bad(seq, "signature does not verify: the record was altered"))?;
+        pk.verify(&record.signed_bytes(), &sig)
+            .map_err(|_| bad(seq, "signature does not verify: the record was altered"))?;
         prev = ContentHash::of(line.as_bytes()).to_hex();
         found.records = seq + 1;
     }
@@ -406,7 +421,7 @@ pub fn verify(
 }
 
 /// Verifies `path` and `path.head` from disk.
-pub fn verify_file(path: &Path, cert_check: Option<&dyn Fn(&[u8]) -> Result<(), String>>) -> Result<Verified, String> {
+pub fn verify_file(path: &Path, cert_check: Option<CertCheck<'_>>) -> Result<Verified, String> {
     let log = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let head = std::fs::read(head_path(path)).ok();
     verify(&log, head.as_deref(), cert_check).map_err(|e| e.to_string())
@@ -416,6 +431,63 @@ pub fn verify_file(path: &Path, cert_check: Option<&dyn Fn(&[u8]) -> Result<(), 
 pub fn read_records(path: &Path) -> Result<Vec<Record>, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     text.lines().map(|l| serde_json::from_str(l).map_err(|e| format!("{}: {e}", path.display()))).collect()
+}
+
+/// `audit` subcommands shared by both binaries (offline; no network).
+#[derive(Debug, clap::Subcommand)]
+pub enum AuditCommand {
+    /// Verify an audit log offline: key binding, every record's signature, the hash chain, the
+    /// sequence and the signed head (LOG.head beside it). Names the first bad record; exits 1.
+    Verify {
+        /// The log (`audit.jsonl`).
+        log: PathBuf,
+        /// The consortium CA certificate: also check that the writer's certificate was issued by it.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+}
+
+/// Checks that `cert_der` was signed by the CA in `ca_pem` (validity dates are not checked: an old
+/// log stays verifiable after its writer's certificate expired).
+pub fn issued_by(ca_pem: &str, cert_der: &[u8]) -> Result<(), String> {
+    use x509_parser::prelude::*;
+    let ca_der = crate::secagg::keys::cert_der_from_pem(ca_pem).map_err(|e| e.to_string())?;
+    let (_, ca) = X509Certificate::from_der(&ca_der).map_err(|e| format!("CA certificate: {e}"))?;
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| format!("certificate: {e}"))?;
+    if cert.issuer() != ca.subject() {
+        return Err(format!("issued by '{}', not by the CA '{}'", cert.issuer(), ca.subject()));
+    }
+    cert.verify_signature(Some(ca.public_key())).map_err(|_| "its signature does not verify against the CA".to_string())
+}
+
+/// Runs `audit verify`: the report on success, the reason on failure.
+pub fn run(cmd: &AuditCommand) -> Result<String, String> {
+    match cmd {
+        AuditCommand::Verify { log, ca } => {
+            let ca_pem = match ca {
+                Some(p) => Some(std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?),
+                None => None,
+            };
+            let check = |der: &[u8]| match &ca_pem {
+                Some(pem) => issued_by(pem, der),
+                None => Ok(()),
+            };
+            let v = verify_file(log, Some(&check)).map_err(|e| format!("{}: FAILED: {e}", log.display()))?;
+            let mut out = format!(
+                "{}: OK, {} records written by {} ({}), certificate {}",
+                log.display(),
+                v.records,
+                v.writer,
+                v.role,
+                &v.fingerprint[..16.min(v.fingerprint.len())]
+            );
+            out.push_str(if ca.is_some() { ", issued by the given CA" } else { "" });
+            if v.head_behind {
+                out.push_str("; the signed head is one record behind (the writer stopped between the two writes)");
+            }
+            Ok(out)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -433,8 +505,12 @@ mod tests {
 
     fn build(records: usize) -> Fixture {
         let ca = pki::init_ca("t", 1).unwrap();
-        let me = pki::issue(&ca.cert_pem, &ca.key_pem, &SignSpec { name: "coordinator", role: Role::Node, days: 1, hosts: &[] })
-            .unwrap();
+        let me = pki::issue(
+            &ca.cert_pem,
+            &ca.key_pem,
+            &SignSpec { name: "coordinator", role: Role::Node, days: 1, hosts: &[] },
+        )
+        .unwrap();
         let der = crate::secagg::keys::cert_der_from_pem(&me.cert_pem).unwrap();
         let key_pem = me.key_pem.clone();
         let sign = move |m: &[u8]| crate::secagg::keys::sign_message(m, &key_pem).map_err(|e| e.to_string());
@@ -527,7 +603,8 @@ mod tests {
     #[test]
     fn a_torn_tail_is_cut_on_reopen_and_the_recovery_recorded() {
         let ca = pki::init_ca("t", 1).unwrap();
-        let me = pki::issue(&ca.cert_pem, &ca.key_pem, &SignSpec { name: "n", role: Role::Node, days: 1, hosts: &[] }).unwrap();
+        let me = pki::issue(&ca.cert_pem, &ca.key_pem, &SignSpec { name: "n", role: Role::Node, days: 1, hosts: &[] })
+            .unwrap();
         let der = crate::secagg::keys::cert_der_from_pem(&me.cert_pem).unwrap();
         let key_pem = me.key_pem.clone();
         let sign = move |m: &[u8]| crate::secagg::keys::sign_message(m, &key_pem).map_err(|e| e.to_string());

@@ -254,11 +254,16 @@ impl tonic::transport::server::Connected for AuthenticatedStream {
     }
 }
 
+/// Told of every refused connection (remote address, reason), e.g. to audit it.
+pub type RefusalHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
 /// Accepts connections on `listener`, completes the mutual TLS handshake and yields only
-/// verified, identified streams. Failed handshakes are logged and dropped; the listener goes on.
+/// verified, identified streams. Failed handshakes are logged (and passed to `on_refused`) and
+/// dropped; the listener goes on.
 pub fn mtls_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    on_refused: Option<RefusalHook>,
 ) -> ReceiverStream<Result<AuthenticatedStream, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
@@ -277,15 +282,23 @@ pub fn mtls_incoming(
             };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let on_refused = on_refused.clone();
+            let refused = move |reason: String| {
+                if let Some(hook) = &on_refused {
+                    hook(&remote.to_string(), &reason);
+                }
+            };
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::warn!(%remote, "refused connection: TLS handshake failed: {e}");
+                        refused(format!("TLS handshake failed: {e}"));
                         return;
                     }
                     Err(_) => {
                         tracing::warn!(%remote, "refused connection: TLS handshake timed out");
+                        refused("TLS handshake timed out".into());
                         return;
                     }
                 };
@@ -303,7 +316,10 @@ pub fn mtls_incoming(
                         let stream = AuthenticatedStream { inner: tls, peer };
                         let _ = tx.send(Ok(stream)).await;
                     }
-                    Err(e) => tracing::warn!(%remote, "refused connection: {e}"),
+                    Err(e) => {
+                        tracing::warn!(%remote, "refused connection: {e}");
+                        refused(e.to_string());
+                    }
                 }
             });
         }
