@@ -19,6 +19,10 @@ pub struct CoordinatorConfig {
     /// Seconds nodes get to evaluate the final model.
     #[serde(default = "default_eval")]
     pub evaluation_deadline_secs: u64,
+    /// The consortium's revocation list (`pki/revoked.json` from `pki revoke`); re-read every
+    /// 200 ms, so a revocation takes effect without a restart.
+    #[serde(default)]
+    pub revocation_list: Option<PathBuf>,
 }
 
 fn default_eval() -> u64 {

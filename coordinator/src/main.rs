@@ -15,8 +15,11 @@ use sanctum_protocol::audit::AuditCommand;
 use sanctum_protocol::pki::Role;
 use sanctum_protocol::plan::Plan;
 use sanctum_protocol::privacy::cli::PrivacyCommand;
-use sanctum_protocol::proto::{SubmitPlanRequest, WatchPlanRequest, lead_client::LeadClient};
+use sanctum_protocol::proto::{
+    self, SubmitPlanRequest, WatchPlanRequest, audit_client::AuditClient, lead_client::LeadClient,
+};
 use sanctum_protocol::tls::{self, TlsMaterial};
+use sanctum_protocol::transfer::CHUNK_BYTES;
 use tokio_stream::StreamExt;
 
 /// Exit code for unusable configuration or arguments (EX_USAGE).
@@ -45,9 +48,9 @@ enum Command {
     /// Privacy accounting: ε of a DP-SGD run, or the noise a target ε needs.
     #[command(subcommand)]
     Privacy(PrivacyCommand),
-    /// Audit logs, offline: verify a coordinator's or a node's log.
+    /// Audit logs: verify any log offline; fetch the coordinator's and list plans as an auditor.
     #[command(subcommand)]
-    Audit(AuditCommand),
+    Audit(AuditCli),
     /// Run a plan's [simulation] hospitals as real node processes over loopback mutual TLS.
     Simulate {
         #[arg(long)]
@@ -100,6 +103,54 @@ enum PkiCommand {
         /// Where to write the certificate (default: DIR/issued/NAME.pem).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Every certificate the CA issued: name, role, expiry and status (valid, expired, revoked).
+    List {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke every certificate of a member; a coordinator following DIR/revoked.json refuses it
+    /// within a second, without a restart.
+    Revoke {
+        #[arg(long)]
+        dir: PathBuf,
+        name: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Issue a member a fresh certificate for the same key (its private key never moves).
+    Renew {
+        #[arg(long)]
+        dir: PathBuf,
+        name: String,
+        #[arg(long, default_value_t = 90)]
+        days: i64,
+    },
+}
+
+/// `audit` subcommands: offline verification, and the auditor's read-only calls.
+#[derive(Subcommand)]
+enum AuditCli {
+    #[command(flatten)]
+    Offline(AuditCommand),
+    /// Download the coordinator's audit log and its signed head (auditor or lead certificate),
+    /// then verify them offline.
+    Fetch {
+        /// auditor.toml: coordinator address and the auditor's certificate.
+        #[arg(long)]
+        config: PathBuf,
+        /// Directory to write coordinator-audit.jsonl and its head into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List the plans the coordinator ran and their rounds (auditor or lead certificate).
+    Plans {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -218,6 +269,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 CoordinatorOptions {
                     state_dir: config::resolve(base, &cfg.state_dir),
                     evaluation_deadline: Duration::from_secs(cfg.evaluation_deadline_secs),
+                    revocation_list: cfg.revocation_list.as_ref().map(|p| config::resolve(base, p)),
                 },
                 &material,
             )?;
@@ -244,6 +296,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pki(PkiCommand::Sign { dir, csr, name, role, days, out }) => {
             let role: Role = role.parse()?;
             let pem = pki::sign(&dir, &csr, &name, role, days)?;
+            // The CA keeps what it issued (for `pki list`, `renew` and `revoke`), wherever the copy
+            // for the member goes.
+            pki::keep_issued(&dir, &name, &pem)?;
             let out = out.unwrap_or_else(|| dir.join("issued").join(format!("{name}.pem")));
             if let Some(parent) = out.parent() {
                 std::fs::create_dir_all(parent)?;
@@ -251,6 +306,44 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             pki::write_public(&out, &pem)?;
             println!("signed {name} as {role} for {days} days: {}", out.display());
             println!("next: send {} and ca.pem back to {name}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pki(PkiCommand::List { dir, json }) => {
+            let certs = pki::list(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&certs)?);
+            } else {
+                println!("{:<16} {:<12} {:<10} {:<28} fingerprint", "name", "role", "status", "expires");
+                for c in &certs {
+                    println!(
+                        "{:<16} {:<12} {:<10} {:<28} {}",
+                        c.name,
+                        c.role,
+                        c.status,
+                        c.not_after,
+                        &c.fingerprint[..16]
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pki(PkiCommand::Revoke { dir, name, reason }) => {
+            for r in pki::revoke(&dir, &name, &reason)? {
+                println!("revoked {} (certificate {}) at {}", r.name, &r.fingerprint[..16], r.revoked_at);
+            }
+            println!(
+                "a coordinator with revocation_list = \"{}\" refuses it within a second",
+                dir.join("revoked.json").display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pki(PkiCommand::Renew { dir, name, days }) => {
+            let (_, path) = pki::renew(&dir, &name, days)?;
+            println!("renewed {name} for {days} days: {}", path.display());
+            println!(
+                "next: send {} to {name}; it replaces its certificate file and restarts its node (same key)",
+                path.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Plan(PlanCommand::Submit { config: path, plan }) => {
@@ -275,7 +368,76 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", sanctum_protocol::privacy::cli::run(&cmd)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit(cmd) => match sanctum_protocol::audit::run(&cmd) {
+        Command::Audit(AuditCli::Fetch { config: path, out }) => {
+            let cfg: LeadConfig = config::load(&path)?;
+            let material = TlsMaterial::load(&config::resolve_tls(&path, &cfg.tls))?;
+            let channel = tls::connect(&cfg.coordinator, &material).await?;
+            let mut client = AuditClient::new(channel).max_decoding_message_size(2 * CHUNK_BYTES);
+            let mut stream = client.stream_audit_log(proto::AuditLogRequest {}).await?.into_inner();
+            let (mut log, mut head) = (Vec::new(), Vec::new());
+            while let Some(chunk) = stream.message().await? {
+                log.extend_from_slice(&chunk.log);
+                if !chunk.head.is_empty() {
+                    head = chunk.head;
+                }
+            }
+            std::fs::create_dir_all(&out)?;
+            let file = out.join("coordinator-audit.jsonl");
+            std::fs::write(&file, &log)?;
+            std::fs::write(sanctum_protocol::audit::head_path(&file), &head)?;
+            println!("fetched {} bytes to {}", log.len(), file.display());
+            let verify = AuditCommand::Verify { log: file, ca: Some(config::resolve_tls(&path, &cfg.tls).ca) };
+            match sanctum_protocol::audit::run(&verify) {
+                Ok(report) => {
+                    println!("{report}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(reason) => {
+                    eprintln!("{reason}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Audit(AuditCli::Plans { config: path, json }) => {
+            let cfg: LeadConfig = config::load(&path)?;
+            let material = TlsMaterial::load(&config::resolve_tls(&path, &cfg.tls))?;
+            let mut client = AuditClient::new(tls::connect(&cfg.coordinator, &material).await?);
+            let plans = client.list_plans(proto::ListPlansRequest {}).await?.into_inner().plans;
+            if json {
+                let v: Vec<serde_json::Value> = plans
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "plan_id": p.plan_id, "name": p.name, "status": p.status,
+                            "rounds_planned": p.rounds_planned, "rounds_completed": p.rounds_completed,
+                            "final_model_sha256": p.final_model_sha256, "reason": p.reason,
+                            "rounds": p.rounds.iter().map(|r| serde_json::json!({
+                                "round": r.round, "reported": r.reported, "dropped": r.dropped, "model_sha256": r.new_model_sha256,
+                            })).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for p in &plans {
+                    println!(
+                        "{} {} ({}): {}, {}/{} rounds, final model {}",
+                        &p.plan_id[..p.plan_id.len().min(12)],
+                        p.name,
+                        p.reason,
+                        p.status,
+                        p.rounds_completed,
+                        p.rounds_planned,
+                        &p.final_model_sha256[..p.final_model_sha256.len().min(12)]
+                    );
+                    for r in &p.rounds {
+                        println!("  round {}: {} reported, dropped {:?}", r.round, r.reported.len(), r.dropped);
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(AuditCli::Offline(cmd)) => match sanctum_protocol::audit::run(&cmd) {
             Ok(report) => {
                 println!("{report}");
                 Ok(ExitCode::SUCCESS)

@@ -22,8 +22,8 @@ use sanctum_protocol::privacy::{self, Accountant, SampledGaussian};
 use sanctum_protocol::proto::{
     self, Ack, Directive, EvaluationReport, FetchModelRequest, ModelChunk, PlanEvent, PlanFinished, PlanResponse,
     SecAggMessage, SubmitPlanRequest, SubmitPlanResponse, SubscribeRequest, UpdateChunk, UpdateReceipt,
-    WatchPlanRequest, directive, federation_server, lead_server, plan_event, sec_agg_message, sec_agg_step,
-    update_chunk,
+    WatchPlanRequest, audit_server, directive, federation_server, lead_server, plan_event, sec_agg_message,
+    sec_agg_step, update_chunk,
 };
 use sanctum_protocol::secagg::server::{Outcome, ServerAction};
 use sanctum_protocol::secagg::wire;
@@ -50,6 +50,8 @@ pub struct CoordinatorOptions {
     pub state_dir: PathBuf,
     /// How long the final evaluation waits for nodes.
     pub evaluation_deadline: Duration,
+    /// The revocation list to follow (`pki/revoked.json`), if any.
+    pub revocation_list: Option<PathBuf>,
 }
 
 /// A handle on a running coordinator; cheap to clone.
@@ -74,6 +76,10 @@ struct Inner {
     next_conn: AtomicU64,
     /// The coordinator's signed, hash-chained audit log.
     audit: Mutex<AuditLog>,
+    /// Revoked certificates, refused at the handshake and on every call.
+    revoked: Arc<tls::Revocations>,
+    /// Every plan run since start, for auditors.
+    plans: Mutex<Vec<proto::PlanSummary>>,
 }
 
 struct NodeConn {
@@ -147,7 +153,17 @@ impl Coordinator {
             store,
             next_conn: AtomicU64::new(1),
             audit: Mutex::new(audit),
+            revoked: Arc::new(tls::Revocations::default()),
+            plans: Mutex::new(Vec::new()),
         });
+        if let Some(path) = options.revocation_list.clone() {
+            // Read once now (a bad list stops the start), then follow it.
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "[]".into());
+            let list: Vec<tls::RevokedCert> = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("revocation list {} is not valid JSON: {e}", path.display()))?;
+            inner.apply_revocations(list);
+            tokio::spawn(follow_revocations(inner.clone(), path, text));
+        }
         let driver = Driver { inner: inner.clone(), active: None, evaluation_deadline: options.evaluation_deadline };
         tokio::spawn(driver.run(rx));
         Ok(Self { inner })
@@ -168,7 +184,9 @@ impl Coordinator {
                 [("remote", json!(remote)), ("reason", json!(reason))],
             );
         });
-        let incoming = tls::mtls_incoming(listener, material.server_config()?, Some(on_refused));
+        let revoked = Arc::clone(&self.inner.revoked);
+        let incoming = tls::mtls_incoming(listener, material.server_config()?, Some(on_refused), revoked.clone());
+        let audit = audit_server::AuditServer::new(AuditApi { inner: self.inner.clone() });
         let federation = federation_server::FederationServer::new(FederationApi { inner: self.inner.clone() })
             .max_decoding_message_size(2 * CHUNK_BYTES);
         let lead = lead_server::LeadServer::new(LeadApi { inner: self.inner.clone() });
@@ -176,9 +194,16 @@ impl Coordinator {
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 federation,
-                tls::role_guard(&[Role::Node]),
+                tls::role_guard(&[Role::Node], revoked.clone()),
             ))
-            .add_service(tonic::service::interceptor::InterceptedService::new(lead, tls::role_guard(&[Role::Lead])))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                lead,
+                tls::role_guard(&[Role::Lead], revoked.clone()),
+            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                audit,
+                tls::role_guard(&[Role::Auditor, Role::Lead], revoked),
+            ))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;
         Ok(())
@@ -251,6 +276,25 @@ impl Inner {
         }
     }
 
+    /// Takes a new revocation list: audits each new entry and cuts the directive stream of any
+    /// connected node it names, so the node's next call (its reconnect) is refused.
+    fn apply_revocations(&self, list: Vec<tls::RevokedCert>) {
+        let fresh = self.revoked.replace(list);
+        for r in fresh {
+            tracing::warn!(node = r.name, fingerprint = r.fingerprint, "certificate revoked; refusing it from now on");
+            let own = lock(&self.audit).own_fingerprint().to_string();
+            self.audit(
+                &own,
+                "certificate_revocation_applied",
+                [("name", json!(r.name)), ("fingerprint", json!(r.fingerprint)), ("revoked_at", json!(r.revoked_at))],
+            );
+            let mut nodes = lock(&self.nodes);
+            if nodes.get(&r.name).is_some_and(|c| c.fingerprint == r.fingerprint) {
+                nodes.remove(&r.name);
+            }
+        }
+    }
+
     /// The certificate fingerprint of a connected node (its audit actor).
     fn fingerprint(&self, node: &str) -> String {
         lock(&self.nodes).get(node).map(|c| c.fingerprint.clone()).unwrap_or_else(|| format!("node:{node}"))
@@ -266,6 +310,10 @@ impl Inner {
         let own = lock(&self.audit).own_fingerprint().to_string();
         match &kind {
             plan_event::Kind::RoundClosed(r) => {
+                if let Some(p) = lock(&self.plans).iter_mut().find(|p| p.plan_id == plan_id) {
+                    p.rounds_completed = r.round;
+                    p.rounds.push(r.clone());
+                }
                 self.audit(
                     &own,
                     "round_closed",
@@ -288,6 +336,12 @@ impl Inner {
                 );
             }
             plan_event::Kind::PlanFinished(f) => {
+                if let Some(p) = lock(&self.plans).iter_mut().find(|p| p.plan_id == plan_id) {
+                    p.status = if f.success { "succeeded" } else { "failed" }.into();
+                    p.rounds_completed = f.rounds_completed;
+                    p.final_model_sha256 = f.final_model_sha256.clone();
+                    p.reason = f.reason.clone();
+                }
                 if !f.model_path.is_empty() {
                     self.audit(
                         &own,
@@ -373,6 +427,81 @@ impl Drop for DirectiveStream {
 
 struct FederationApi {
     inner: Arc<Inner>,
+}
+
+/// Re-reads the revocation list every 200 ms; a list that cannot be read keeps the last good one
+/// (and says so once), never an empty one.
+async fn follow_revocations(inner: Arc<Inner>, path: PathBuf, mut last: String) {
+    let mut warned = false;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        if text == last {
+            continue;
+        }
+        match serde_json::from_str::<Vec<tls::RevokedCert>>(&text) {
+            Ok(list) => {
+                inner.apply_revocations(list);
+                last = text;
+                warned = false;
+            }
+            Err(e) if !warned => {
+                tracing::error!("revocation list {} is not valid ({e}); keeping the previous one", path.display());
+                warned = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// The auditor's read-only service.
+struct AuditApi {
+    inner: Arc<Inner>,
+}
+
+#[tonic::async_trait]
+impl audit_server::Audit for AuditApi {
+    type StreamAuditLogStream = ReceiverStream<Result<proto::AuditLogChunk, Status>>;
+
+    async fn stream_audit_log(
+        &self,
+        request: Request<proto::AuditLogRequest>,
+    ) -> Result<Response<Self::StreamAuditLogStream>, Status> {
+        let who = tls::peer(&request)?.identity.clone();
+        // Read under the lock so the log and its head match.
+        let (log, head) = {
+            let audit = lock(&self.inner.audit);
+            let log = std::fs::read(audit.path()).map_err(|e| Status::internal(format!("audit log: {e}")))?;
+            let head = std::fs::read(audit::head_path(audit.path()))
+                .map_err(|e| Status::internal(format!("audit head: {e}")))?;
+            (log, head)
+        };
+        self.inner.audit(
+            &who.fingerprint.to_hex(),
+            "audit_log_read",
+            [("reader", json!(who.name)), ("role", json!(who.role.as_str())), ("bytes", json!(log.len()))],
+        );
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let chunks: Vec<&[u8]> = log.chunks(CHUNK_BYTES).collect();
+            let n = chunks.len();
+            for (i, c) in chunks.into_iter().enumerate() {
+                let last = i + 1 == n;
+                let chunk = proto::AuditLogChunk { log: c.to_vec(), head: if last { head.clone() } else { vec![] } };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn list_plans(
+        &self,
+        _request: Request<proto::ListPlansRequest>,
+    ) -> Result<Response<proto::ListPlansResponse>, Status> {
+        Ok(Response::new(proto::ListPlansResponse { plans: lock(&self.inner.plans).clone() }))
+    }
 }
 
 fn caller<T>(request: &Request<T>) -> Result<String, Status> {
@@ -846,6 +975,13 @@ impl Driver {
         let connected: Vec<String> = lock(&self.inner.nodes).keys().cloned().collect();
         let (run, actions) = PlanRun::start(cfg, connected, now);
         tracing::info!(plan = plan.name, id = short(&plan_id), model = %model.short(), "plan started");
+        lock(&self.inner.plans).push(proto::PlanSummary {
+            plan_id: plan_id.clone(),
+            name: plan.name.clone(),
+            status: "running".into(),
+            rounds_planned: plan.rounds,
+            ..Default::default()
+        });
         self.inner.audit(
             actor,
             "plan_submitted",

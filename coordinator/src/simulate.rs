@@ -111,6 +111,7 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
         CoordinatorOptions {
             state_dir: state_dir.clone(),
             evaluation_deadline: Duration::from_secs(plan.round_deadline_secs),
+            revocation_list: None,
         },
         &material,
     )?;

@@ -170,6 +170,12 @@ impl Node {
                         }
                     }
                 }
+                Err(e) if e.to_string().contains("Expired") => tracing::error!(
+                    "{e}: the coordinator refused this node's certificate as expired; ask the consortium lead to renew it (`sanctum-coordinator pki renew --dir PKI {}`) and replace {}; retrying in {:.1} s",
+                    self.material.identity().name,
+                    self.cfg.tls.cert.display(),
+                    backoff.as_secs_f64()
+                ),
                 Err(e) => tracing::warn!("{e}; retrying in {:.1} s", backoff.as_secs_f64()),
             }
             tokio::time::sleep(backoff).await;

@@ -94,6 +94,21 @@ async fn main() -> ExitCode {
     }
 }
 
+/// A node whose certificate expired is refused by the coordinator; say so, and how to renew,
+/// before trying.
+fn check_not_expired(cfg: &NodeConfig, material: &TlsMaterial) -> anyhow::Result<()> {
+    let not_after = sanctum_protocol::pki::not_after(material.cert_der())?;
+    if not_after < time::OffsetDateTime::now_utc() {
+        let name = &material.identity().name;
+        anyhow::bail!(
+            "this node's certificate ({}) expired at {not_after}: the coordinator refuses expired certificates. Ask the consortium lead to renew it (`sanctum-coordinator pki renew --dir PKI {name}`; your private key stays here), put the new certificate at {}, and start the node again",
+            material.identity(),
+            cfg.tls.cert.display()
+        );
+    }
+    Ok(())
+}
+
 fn load(config: &std::path::Path) -> anyhow::Result<(NodeConfig, TlsMaterial, tch::Device)> {
     let cfg = NodeConfig::load(config)?;
     let material = TlsMaterial::load(&cfg.tls)?;
@@ -110,6 +125,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, exit_after_plan } => {
             let (cfg, material, device) = load(&config)?;
+            check_not_expired(&cfg, &material)?;
             let why = match (cfg.device.as_str(), device) {
                 ("auto", tch::Device::Cpu) => " (auto: no CUDA device found)",
                 ("auto", _) => " (auto: CUDA device found)",

@@ -215,6 +215,13 @@ pub fn write_private_key(path: &std::path::Path, pem: &str) -> std::io::Result<(
     f.sync_all()
 }
 
+/// When a certificate (DER) stops being valid.
+pub fn not_after(der: &[u8]) -> Result<time::OffsetDateTime, PkiError> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    Ok(cert.validity().not_after.to_datetime())
+}
+
 /// Reads the Sanctum identity out of a certificate (already verified by TLS).
 pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
     use x509_parser::prelude::*;

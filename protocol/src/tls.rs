@@ -254,6 +254,60 @@ impl tonic::transport::server::Connected for AuthenticatedStream {
     }
 }
 
+/// Revoked certificates by fingerprint (hex SHA-256 of the DER), shared between the accept loop
+/// and the per-call guard and replaced whole when the revocation list changes.
+#[derive(Debug, Default)]
+pub struct Revocations {
+    revoked: std::sync::RwLock<std::collections::BTreeMap<String, RevokedCert>>,
+}
+
+/// One entry of the consortium's revocation list (`pki/revoked.json`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RevokedCert {
+    pub name: String,
+    pub fingerprint: String,
+    /// UTC, RFC 3339.
+    pub revoked_at: String,
+    #[serde(default)]
+    pub reason: String,
+}
+
+impl Revocations {
+    /// The entry for a certificate fingerprint, if it is revoked.
+    pub fn get(&self, fingerprint: &str) -> Option<RevokedCert> {
+        self.revoked.read().unwrap_or_else(|p| p.into_inner()).get(fingerprint).cloned()
+    }
+
+    /// Replaces the whole list; returns the entries that were not in it before.
+    pub fn replace(&self, entries: Vec<RevokedCert>) -> Vec<RevokedCert> {
+        let mut map = self.revoked.write().unwrap_or_else(|p| p.into_inner());
+        let fresh = entries.iter().filter(|e| !map.contains_key(&e.fingerprint)).cloned().collect();
+        *map = entries.into_iter().map(|e| (e.fingerprint.clone(), e)).collect();
+        fresh
+    }
+
+    /// How many certificates are revoked.
+    pub fn len(&self) -> usize {
+        self.revoked.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn refusal(&self, identity: &Identity) -> Option<String> {
+        self.get(&identity.fingerprint.to_hex()).map(|r| {
+            format!(
+                "the certificate of '{}' was revoked at {}{}; ask the consortium lead for a new one",
+                identity.name,
+                r.revoked_at,
+                if r.reason.is_empty() { String::new() } else { format!(" ({})", r.reason) }
+            )
+        })
+    }
+}
+
 /// Told of every refused connection (remote address, reason), e.g. to audit it.
 pub type RefusalHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
@@ -264,6 +318,7 @@ pub fn mtls_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     on_refused: Option<RefusalHook>,
+    revoked: Arc<Revocations>,
 ) -> ReceiverStream<Result<AuthenticatedStream, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
@@ -283,6 +338,7 @@ pub fn mtls_incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let on_refused = on_refused.clone();
+            let revoked = Arc::clone(&revoked);
             let refused = move |reason: String| {
                 if let Some(hook) = &on_refused {
                     hook(&remote.to_string(), &reason);
@@ -310,6 +366,11 @@ pub fn mtls_incoming(
                     .ok_or(PkiError::NoIdentity)
                     .and_then(|der| Ok((pki::identity_from_der(der)?, Arc::new(der.to_vec()))));
                 match identity {
+                    Ok((identity, _)) if revoked.refusal(&identity).is_some() => {
+                        let why = revoked.refusal(&identity).unwrap_or_default();
+                        tracing::warn!(%remote, "refused connection: {why}");
+                        refused(why);
+                    }
                     Ok((identity, cert_der)) => {
                         tracing::debug!(%remote, peer = %identity, "mutual TLS established");
                         let peer = PeerInfo { identity, remote, cert_der };
@@ -338,9 +399,14 @@ pub fn peer<T>(request: &Request<T>) -> Result<&PeerInfo, Status> {
 /// An interceptor that lets through only callers whose certificate has one of `allowed` roles.
 pub fn role_guard(
     allowed: &'static [Role],
+    revoked: Arc<Revocations>,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
     move |request: Request<()>| {
         let peer = peer(&request)?;
+        // A certificate revoked while its connection is open is refused on its next call.
+        if let Some(why) = revoked.refusal(&peer.identity) {
+            return Err(Status::unauthenticated(why));
+        }
         if allowed.contains(&peer.identity.role) {
             Ok(request)
         } else {

@@ -111,7 +111,8 @@ impl CoordinatorProcess {
         std::fs::write(
             &config,
             format!(
-                "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\nevaluation_deadline_secs = 30\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\nevaluation_deadline_secs = 30\nrevocation_list = {:?}\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                pki.join("revoked.json"),
                 pki.join("ca.pem"),
                 pki.join("coordinator.pem"),
                 pki.join("coordinator.key")
