@@ -14,6 +14,7 @@
 pub mod aggregate;
 pub mod config;
 pub mod pki;
+pub mod report;
 pub mod round;
 pub mod secure;
 pub mod service;

@@ -69,6 +69,9 @@ enum Command {
         /// Device for the nodes: auto, cpu or cuda.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Give every simulated hospital this ε cap (policy.max_epsilon).
+        #[arg(long)]
+        max_epsilon: Option<f64>,
     },
 }
 
@@ -142,6 +145,22 @@ enum AuditCli {
         #[arg(long)]
         config: PathBuf,
         /// Directory to write coordinator-audit.jsonl and its head into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Write a self-contained HTML report (and a Markdown variant) from verified audit logs: per
+    /// plan and per hospital, with ε against each hospital's cap plotted.
+    Report {
+        /// The coordinator's audit log (e.g. from `audit fetch`).
+        #[arg(long)]
+        log: PathBuf,
+        /// A hospital's audit log (repeatable).
+        #[arg(long = "node-log")]
+        node_logs: Vec<PathBuf>,
+        /// The consortium CA certificate, to check every writer's certificate.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Directory for report.html and report.md.
         #[arg(long)]
         out: PathBuf,
     },
@@ -398,6 +417,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Audit(AuditCli::Report { log, node_logs, ca, out }) => {
+            let (html, md) = sanctum_coordinator::report::write(&log, &node_logs, ca.as_deref(), &out)?;
+            println!(
+                "report: {}
+markdown: {}",
+                html.display(),
+                md.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit(AuditCli::Plans { config: path, json }) => {
             let cfg: LeadConfig = config::load(&path)?;
             let material = TlsMaterial::load(&config::resolve_tls(&path, &cfg.tls))?;
@@ -447,8 +476,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
-        Command::Simulate { plan, seed, json, workdir, node_bin, device } => {
-            let summary = simulate(&SimulateOptions { plan, seed, json, workdir, node_bin, device }).await?;
+        Command::Simulate { plan, seed, json, workdir, node_bin, device, max_epsilon } => {
+            let summary =
+                simulate(&SimulateOptions { plan, seed, json, workdir, node_bin, device, max_epsilon }).await?;
             Ok(if summary.finished.success { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }

@@ -36,6 +36,8 @@ pub struct SimulateOptions {
     pub node_bin: Option<PathBuf>,
     /// The nodes' `device` setting (`auto`, `cpu`, `cuda`).
     pub device: String,
+    /// Every hospital's `policy.max_epsilon`, if set.
+    pub max_epsilon: Option<f64>,
 }
 
 /// The outcome, as written to the JSON summary.
@@ -148,8 +150,9 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
         let data = resolve(&plan_dir, &h.data);
         let data = std::fs::canonicalize(&data).unwrap_or(data);
         let config = format!(
-            "coordinator = \"localhost:{port}\"\ndevice = {device}\nthreads = 1\nstate_dir = \"state\"\n\n[tls]\nca = \"ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\n\n[[datasets]]\nschema = {schema}\npath = {path}\n\n[policy]\nallowed_models = [\"logistic_regression\", \"mlp\"]\n",
+            "coordinator = \"localhost:{port}\"\ndevice = {device}\nthreads = 1\nstate_dir = \"state\"\n\n[tls]\nca = \"ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\n\n[[datasets]]\nschema = {schema}\npath = {path}\n\n[policy]\nallowed_models = [\"logistic_regression\", \"mlp\"]\n{cap}",
             device = toml_str(&opts.device),
+            cap = opts.max_epsilon.map(|e| format!("max_epsilon = {e:?}\n")).unwrap_or_default(),
             schema = toml_str(&plan.data.schema),
             path = toml_str(&data.display().to_string()),
         );

@@ -259,14 +259,24 @@ impl Node {
                     }
                 };
                 let share = self.cfg.policy.share_sample_counts;
-                let privacy =
-                    self.plans.get(&offer.plan_id).and_then(|a| a.dp).filter(|_| accept).map(|dp| proto::PrivacyCost {
-                        epsilon: dp.epsilon,
-                        delta: dp.delta,
-                        steps: dp.steps,
-                        sampling_rate: if share { dp.setup.sampling_rate } else { 0.0 },
-                        noise_multiplier: if share { dp.setup.noise_multiplier } else { 0.0 },
-                    });
+                let accepted = self.plans.get(&offer.plan_id).filter(|_| accept);
+                let privacy = accepted.and_then(|a| a.dp).map(|dp| proto::PrivacyCost {
+                    epsilon: dp.epsilon,
+                    delta: dp.delta,
+                    steps: dp.steps,
+                    sampling_rate: if share { dp.setup.sampling_rate } else { 0.0 },
+                    noise_multiplier: if share { dp.setup.noise_multiplier } else { 0.0 },
+                });
+                // Client-level DP by distributed noise: one release per round, no sampling.
+                let privacy = privacy.or_else(|| {
+                    accepted.and_then(|a| a.ddg.map(|d| (d, a.plan.rounds))).map(|(d, rounds)| proto::PrivacyCost {
+                        epsilon: d.epsilon,
+                        delta: d.delta,
+                        steps: u64::from(rounds),
+                        sampling_rate: 1.0,
+                        noise_multiplier: d.noise_multiplier,
+                    })
+                });
                 if let Err(e) = self.audit(
                     if accept { "plan_accepted" } else { "plan_refused" },
                     [
@@ -839,6 +849,7 @@ impl Node {
                     ("epsilon", json!(spent)),
                     ("delta", json!(ddg.delta)),
                     ("accountant", json!("distributed discrete Gaussian, zCDP (opendp)")),
+                    ("epsilon_cap", json!(self.cfg.policy.max_epsilon)),
                 ],
             )?;
         }
@@ -895,6 +906,7 @@ impl Node {
                     ("epsilon", json!(spent)),
                     ("delta", json!(dp.delta)),
                     ("accountant", json!("pld")),
+                    ("epsilon_cap", json!(self.cfg.policy.max_epsilon)),
                 ],
             )?;
         }

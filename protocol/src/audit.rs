@@ -560,6 +560,27 @@ mod tests {
     }
 
     proptest! {
+        /// Any finite f64 in a record's parameters survives the write → read → canonical-form
+        /// round trip exactly (serde_json's float_roundtrip), so a verifier never mistakes a
+        /// number for an altered line.
+        #[test]
+        fn numbers_keep_their_canonical_form(x in proptest::num::f64::NORMAL | proptest::num::f64::SUBNORMAL | proptest::num::f64::ZERO) {
+            let r = Record {
+                seq: 1,
+                time: now_rfc3339(),
+                actor: "a".into(),
+                event: "e".into(),
+                params: BTreeMap::from([("x".to_string(), Value::from(x))]),
+                prev: GENESIS_PREV.into(),
+                sig: "00".into(),
+            };
+            let line = r.line();
+            let back: Record = serde_json::from_str(&line).unwrap();
+            prop_assert_eq!(back.line(), line);
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         /// In a log of 300 records, any single changed byte is caught at the record holding it.
         #[test]

@@ -1,5 +1,7 @@
-//! Audit logs after the heart-disease demo: the coordinator's and every node's log verify offline
-//! (also against the consortium CA), hold the events an auditor needs, and any tampering with a
+//! Audit logs after the heart-disease demo (client-level DP by distributed noise under secure
+//! aggregation, every hospital capped at ε = 12): the coordinator's and every node's log verify
+//! offline (also against the consortium CA) and hold the events an auditor needs; the report built
+//! from them renders in headless Chromium (the screenshot's path is printed); any tampering with a
 //! copy is caught by `audit verify`, which names the first bad record and exits non-zero.
 
 #![allow(clippy::unwrap_used)] // a test helper: a failed read is a failed test
@@ -24,10 +26,10 @@ fn events(log: &Path) -> Vec<String> {
 #[test]
 fn every_log_of_the_demo_verifies_and_tampering_is_caught() {
     let work = tempfile::tempdir().unwrap();
-    let plan = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/heart_disease/fedavg_secagg.toml");
+    let plan = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/heart_disease/fedavg_client_dp_secagg.toml");
     run_ok(
         Command::new(bin("sanctum-coordinator"))
-            .args(["simulate", "--plan"])
+            .args(["simulate", "--max-epsilon", "12", "--plan"])
             .arg(&plan)
             .arg("--workdir")
             .arg(work.path()),
@@ -61,7 +63,35 @@ fn every_log_of_the_demo_verifies_and_tampering_is_caught() {
         let ev = events(&log);
         assert_eq!(ev.iter().filter(|e| *e == "update_sent").count(), 15, "{h}: {ev:?}");
         assert!(ev.iter().any(|e| e == "plan_accepted") && ev.iter().any(|e| e == "evaluation_sent"));
+        assert_eq!(ev.iter().filter(|e| *e == "epsilon_charged").count(), 15, "{h}: {ev:?}");
     }
+
+    // The report, from the verified logs, rendered by a real browser.
+    let report = work.path().join("report");
+    let mut cmd = Command::new(bin("sanctum-coordinator"));
+    cmd.args(["audit", "report", "--log"]).arg(&coordinator_log).arg("--ca").arg(&ca).arg("--out").arg(&report);
+    for h in ["cleveland", "hungarian", "switzerland", "va"] {
+        cmd.arg("--node-log").arg(work.path().join(format!("nodes/{h}/state/audit/audit.jsonl")));
+    }
+    run_ok(&mut cmd);
+    let html = std::fs::read_to_string(report.join("report.html")).unwrap();
+    assert_eq!(html.matches("class=\"ok\">OK (").count(), 5, "every log verified");
+    assert!(html.contains("t = 4") && html.contains("policy.max_epsilon = 12") && html.contains("<svg"));
+    assert!(html.contains("client-level ε = 9.93"), "the plan's client-level ε is reported");
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert!(md.contains("## Hospital va") && md.contains("| 15 | 9.99"), "{md}");
+    let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("audit-report.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,2400"])
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", report.join("report.html").display()))
+        .output()
+        .expect("chromium must be installed (scripts/test installs Debian's chromium)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let png = std::fs::read(&shot).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 50_000, "screenshot of {} bytes", png.len());
+    println!("report rendered by Chromium: screenshot {} ({} bytes)", shot.display(), png.len());
 
     // A copy with one changed digit in record 7: caught there, exit status 1.
     let copy = work.path().join("tampered.jsonl");

@@ -1,0 +1,461 @@
+//! `audit report`: a self-contained HTML report (inline CSS and SVG plots, no scripts, nothing
+//! fetched) and a Markdown variant, built only from verified audit logs: the coordinator's and
+//! any hospitals'. Per plan: parameters, participants and refusals, the round timeline with
+//! secure-aggregation cohorts, the model lineage (hash chain), failures. Per hospital: what left
+//! it, and ε spent against its cap, plotted.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use sanctum_protocol::audit::{self, Record};
+use serde_json::Value;
+
+/// One input log, verified.
+struct Log {
+    path: PathBuf,
+    verdict: Result<audit::Verified, String>,
+    records: Vec<Record>,
+}
+
+impl Log {
+    fn load(path: &Path, ca: Option<&str>) -> Self {
+        let check = |der: &[u8]| match ca {
+            Some(pem) => audit::issued_by(pem, der),
+            None => Ok(()),
+        };
+        let verdict = audit::verify_file(path, Some(&check));
+        let records = audit::read_records(path).unwrap_or_default();
+        Self { path: path.to_path_buf(), verdict, records }
+    }
+
+    fn writer(&self) -> String {
+        match &self.verdict {
+            Ok(v) => v.writer.clone(),
+            Err(_) => self
+                .records
+                .first()
+                .and_then(|r| r.params.get("writer"))
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_string(),
+        }
+    }
+}
+
+fn s(r: &Record, k: &str) -> String {
+    match r.params.get(k) {
+        Some(Value::String(v)) => v.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(v) => v.to_string(),
+    }
+}
+
+fn f(r: &Record, k: &str) -> Option<f64> {
+    r.params.get(k).and_then(Value::as_f64)
+}
+
+fn list(r: &Record, k: &str) -> Vec<String> {
+    r.params
+        .get(k)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect())
+        .unwrap_or_default()
+}
+
+fn esc(t: &str) -> String {
+    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+fn short(h: &str) -> &str {
+    &h[..h.len().min(12)]
+}
+
+/// What the report says of one plan.
+struct PlanView {
+    id: String,
+    name: String,
+    submitted: Option<Record>,
+    decisions: Vec<Record>,
+    rounds: Vec<(Option<Record>, Option<Record>, Option<Record>)>,
+    rejected: Vec<Record>,
+    finished: Option<Record>,
+    exported: Option<Record>,
+}
+
+fn plans(coord: &Log) -> Vec<PlanView> {
+    let mut out: Vec<PlanView> = Vec::new();
+    for r in &coord.records {
+        let id = s(r, "plan_id");
+        if r.event == "plan_submitted" {
+            out.push(PlanView {
+                id: id.clone(),
+                name: s(r, "name"),
+                submitted: Some(r.clone()),
+                decisions: vec![],
+                rounds: vec![],
+                rejected: vec![],
+                finished: None,
+                exported: None,
+            });
+            continue;
+        }
+        let Some(p) = out.iter_mut().rev().find(|p| p.id == id) else { continue };
+        let round = r.params.get("round").and_then(Value::as_u64).unwrap_or(0) as usize;
+        let slot = |p: &mut PlanView| {
+            if p.rounds.len() < round {
+                p.rounds.resize(round, (None, None, None));
+            }
+        };
+        match r.event.as_str() {
+            "plan_accepted" | "plan_refused" => p.decisions.push(r.clone()),
+            "round_opened" if round > 0 => {
+                slot(p);
+                p.rounds[round - 1].0 = Some(r.clone());
+            }
+            "round_closed" if round > 0 => {
+                slot(p);
+                p.rounds[round - 1].1 = Some(r.clone());
+            }
+            "aggregate_released" if round > 0 => {
+                slot(p);
+                p.rounds[round - 1].2 = Some(r.clone());
+            }
+            "update_rejected" => p.rejected.push(r.clone()),
+            "plan_finished" => p.finished = Some(r.clone()),
+            "model_exported" => p.exported = Some(r.clone()),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// ε charged by a hospital, per plan in round order: (round, ε spent so far, the cap).
+type Charges = BTreeMap<String, Vec<(u64, f64, Option<f64>)>>;
+
+fn charges(node: &Log) -> Charges {
+    let mut out = Charges::new();
+    for r in node.records.iter().filter(|r| r.event == "epsilon_charged") {
+        let round = r.params.get("round").and_then(Value::as_u64).unwrap_or(0);
+        out.entry(s(r, "plan_id")).or_default().push((round, f(r, "epsilon").unwrap_or(0.0), f(r, "epsilon_cap")));
+    }
+    out
+}
+
+/// An SVG plot of ε against rounds for each plan, with the cap as a dashed line.
+fn epsilon_plot(title: &str, series: &Charges) -> String {
+    let mut svg = String::new();
+    let rounds = series.values().flatten().map(|c| c.0).max().unwrap_or(1).max(1);
+    let cap = series.values().flatten().filter_map(|c| c.2).fold(0.0f64, f64::max);
+    let top = series.values().flatten().map(|c| c.1).fold(cap, f64::max).max(1e-3) * 1.15;
+    {
+        let root = SVGBackend::with_string(&mut svg, (640, 300)).into_drawing_area();
+        let draw = || -> Result<(), Box<dyn std::error::Error + '_>> {
+            root.fill(&WHITE)?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption(title, ("sans-serif", 16))
+                .margin(12)
+                .x_label_area_size(32)
+                .y_label_area_size(48)
+                .build_cartesian_2d(0u64..rounds, 0f64..top)?;
+            chart.configure_mesh().x_desc("round").y_desc("ε spent").draw()?;
+            let palette = [BLUE, RED, GREEN, MAGENTA, CYAN];
+            for (i, (plan, points)) in series.iter().enumerate() {
+                let color = palette[i % palette.len()];
+                let pts: Vec<(u64, f64)> = std::iter::once((0, 0.0)).chain(points.iter().map(|c| (c.0, c.1))).collect();
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                    .label(format!("plan {}", short(plan)))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+                chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+            }
+            if cap > 0.0 {
+                chart
+                    .draw_series(DashedLineSeries::new(vec![(0, cap), (rounds, cap)], 6, 4, BLACK.stroke_width(1)))?
+                    .label(format!("policy.max_epsilon = {cap}"))
+                    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK));
+            }
+            chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+            root.present()?;
+            Ok(())
+        };
+        if let Err(e) = draw() {
+            return format!("<p>plot unavailable: {}</p>", esc(&e.to_string()));
+        }
+    }
+    svg
+}
+
+const CSS: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}\
+h1{border-bottom:2px solid #345}h2{margin-top:2em;border-bottom:1px solid #ccc}\
+table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:3px 8px;font-size:.9em;text-align:left}\
+th{background:#eef}.ok{color:#070;font-weight:bold}.bad{color:#b00;font-weight:bold}code{font-size:.85em}";
+
+/// Writes `report.html` and `report.md` into `out`; returns their paths.
+pub fn write(
+    coordinator_log: &Path,
+    node_logs: &[PathBuf],
+    ca: Option<&Path>,
+    out: &Path,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let ca_pem = match ca {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?),
+        None => None,
+    };
+    let coord = Log::load(coordinator_log, ca_pem.as_deref());
+    let nodes: Vec<Log> = node_logs.iter().map(|p| Log::load(p, ca_pem.as_deref())).collect();
+    let plans = plans(&coord);
+    let (mut h, mut m) = (String::new(), String::new());
+    let now = audit::now_rfc3339();
+    let _ = write!(
+        h,
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>Sanctum audit report</title><style>{CSS}</style></head><body>\
+         <h1>Sanctum audit report</h1><p>Generated {now} from {} audit log(s), each verified offline (signatures, hash chain, sequence, signed head{}).</p>",
+        1 + nodes.len(),
+        if ca.is_some() { ", writer certificate against the consortium CA" } else { "" }
+    );
+    let _ = writeln!(
+        m,
+        "# Sanctum audit report\n\nGenerated {now} from {} audit log(s), each verified offline.\n",
+        1 + nodes.len()
+    );
+    // Verification verdicts.
+    h.push_str(
+        "<h2 id=\"logs\">Logs</h2><table><tr><th>writer</th><th>log</th><th>records</th><th>verification</th></tr>",
+    );
+    m.push_str("## Logs\n\n| writer | log | records | verification |\n|---|---|---|---|\n");
+    for log in std::iter::once(&coord).chain(nodes.iter()) {
+        let (class, verdict) = match &log.verdict {
+            Ok(v) => ("ok", format!("OK ({} records, certificate {})", v.records, short(&v.fingerprint))),
+            Err(e) => ("bad", format!("FAILED: {e}")),
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td class=\"{class}\">{}</td></tr>",
+            esc(&log.writer()),
+            esc(&log.path.display().to_string()),
+            log.records.len(),
+            esc(&verdict)
+        );
+        let _ = writeln!(m, "| {} | `{}` | {} | {} |", log.writer(), log.path.display(), log.records.len(), verdict);
+    }
+    h.push_str("</table>");
+    m.push('\n');
+
+    for p in &plans {
+        let sub = p.submitted.as_ref();
+        let get = |k: &str| sub.map(|r| s(r, k)).unwrap_or_default();
+        let _ = write!(h, "<h2 id=\"plan-{}\">Plan {} <code>{}</code></h2>", short(&p.id), esc(&p.name), short(&p.id));
+        let _ = writeln!(m, "## Plan {} `{}`\n", p.name, short(&p.id));
+        let params = [
+            ("submitted", sub.map(|r| r.time.clone()).unwrap_or_default()),
+            ("submitted by (certificate)", short(&sub.map(|r| r.actor.clone()).unwrap_or_default()).to_string()),
+            ("rounds", get("rounds")),
+            ("strategy", get("strategy")),
+            ("differential privacy", get("privacy")),
+            ("noise multiplier", get("noise_multiplier")),
+            ("target ε", get("target_epsilon")),
+            ("δ", get("delta")),
+            ("secure aggregation", get("secure_aggregation")),
+            ("initial model", short(&get("initial_model")).to_string()),
+        ];
+        h.push_str("<table>");
+        m.push_str("| parameter | value |\n|---|---|\n");
+        for (k, v) in &params {
+            let v = if v.is_empty() || v == "null" { "—" } else { v };
+            let _ = write!(h, "<tr><th>{k}</th><td>{}</td></tr>", esc(v));
+            let _ = writeln!(m, "| {k} | {v} |");
+        }
+        h.push_str("</table>");
+        m.push('\n');
+        // Participants.
+        h.push_str("<h3>Participants</h3><table><tr><th>hospital</th><th>decision</th><th>reason</th><th>ε it would spend</th></tr>");
+        m.push_str("### Participants\n\n| hospital | decision | reason | ε |\n|---|---|---|---|\n");
+        for d in &p.decisions {
+            let decision = if d.event == "plan_accepted" { "accepted" } else { "refused" };
+            let eps = f(d, "epsilon").map(|e| format!("{e:.3}")).unwrap_or_else(|| "—".into());
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td class=\"{}\">{decision}</td><td>{}</td><td>{eps}</td></tr>",
+                esc(&s(d, "node")),
+                if decision == "accepted" { "ok" } else { "bad" },
+                esc(&s(d, "reason"))
+            );
+            let _ = writeln!(m, "| {} | {decision} | {} | {eps} |", s(d, "node"), s(d, "reason"));
+        }
+        h.push_str("</table>");
+        m.push('\n');
+        // Rounds and lineage.
+        h.push_str("<h3>Rounds and model lineage</h3><table><tr><th>round</th><th>opened</th><th>participants</th><th>secure aggregation (t)</th><th>reported</th><th>dropped</th><th>starting model</th><th>released model</th></tr>");
+        m.push_str("### Rounds and model lineage\n\n| round | opened | participants | SA threshold | reported | dropped | starting model | released model |\n|---|---|---|---|---|---|---|---|\n");
+        for (i, (open, close, agg)) in p.rounds.iter().enumerate() {
+            let o = |k: &str| open.as_ref().map(|r| s(r, k)).unwrap_or_default();
+            let c = |k: &str| close.as_ref().map(|r| list(r, k).join(", ")).unwrap_or_default();
+            let t = o("threshold");
+            let t = if t.is_empty() || t == "null" { "off".to_string() } else { format!("t = {t}") };
+            let released = agg.as_ref().map(|r| s(r, "model_sha256")).unwrap_or_default();
+            let row = [
+                (i + 1).to_string(),
+                open.as_ref().map(|r| r.time.clone()).unwrap_or_default(),
+                open.as_ref().map(|r| list(r, "participants").join(", ")).unwrap_or_default(),
+                t,
+                c("reported"),
+                c("dropped"),
+                short(&o("model_sha256")).to_string(),
+                short(&released).to_string(),
+            ];
+            h.push_str("<tr>");
+            for cell in &row {
+                let _ = write!(h, "<td>{}</td>", esc(cell));
+            }
+            h.push_str("</tr>");
+            let _ = writeln!(m, "| {} |", row.join(" | "));
+        }
+        h.push_str("</table>");
+        m.push('\n');
+        let chain: Vec<String> = std::iter::once(get("initial_model"))
+            .chain(p.rounds.iter().filter_map(|(_, _, a)| a.as_ref().map(|r| s(r, "model_sha256"))))
+            .map(|x| short(&x).to_string())
+            .collect();
+        let _ = write!(h, "<p>Hash chain: <code>{}</code></p>", esc(&chain.join(" → ")));
+        let _ = writeln!(m, "Hash chain: `{}`\n", chain.join(" → "));
+        if let Some(e) = &p.exported {
+            let _ = write!(
+                h,
+                "<p>Exported: <code>{}</code> (model {})</p>",
+                esc(&s(e, "path")),
+                short(&s(e, "model_sha256"))
+            );
+            let _ = writeln!(m, "Exported: `{}` (model {})\n", s(e, "path"), short(&s(e, "model_sha256")));
+        }
+        // Failures and the outcome.
+        h.push_str("<h3>Failures and outcome</h3><ul>");
+        m.push_str("### Failures and outcome\n\n");
+        for r in &p.rejected {
+            let _ = write!(
+                h,
+                "<li>{} round {}: update from {} rejected: {}</li>",
+                esc(&r.time),
+                s(r, "round"),
+                esc(&s(r, "node")),
+                esc(&s(r, "reason"))
+            );
+            let _ = writeln!(
+                m,
+                "- {} round {}: update from {} rejected: {}",
+                r.time,
+                s(r, "round"),
+                s(r, "node"),
+                s(r, "reason")
+            );
+        }
+        for (i, (_, close, _)) in p.rounds.iter().enumerate() {
+            if let Some(c) = close
+                && !list(c, "dropped").is_empty()
+            {
+                let _ = write!(h, "<li>round {}: dropped {}</li>", i + 1, esc(&list(c, "dropped").join(", ")));
+                let _ = writeln!(m, "- round {}: dropped {}", i + 1, list(c, "dropped").join(", "));
+            }
+        }
+        match &p.finished {
+            Some(r) => {
+                let ok = s(r, "success") == "true";
+                let eps = f(r, "client_epsilon")
+                    .filter(|e| *e > 0.0)
+                    .map(|e| format!("; client-level ε = {e:.3}, δ = {}", s(r, "client_delta")))
+                    .unwrap_or_default();
+                let _ = write!(
+                    h,
+                    "<li class=\"{}\">{}: {} after {} round(s), final model {}{}</li>",
+                    if ok { "ok" } else { "bad" },
+                    if ok { "succeeded" } else { "failed" },
+                    esc(&s(r, "reason")),
+                    s(r, "rounds_completed"),
+                    short(&s(r, "final_model_sha256")),
+                    esc(&eps)
+                );
+                let _ = writeln!(
+                    m,
+                    "- {}: {} after {} round(s), final model {}{eps}",
+                    if ok { "succeeded" } else { "failed" },
+                    s(r, "reason"),
+                    s(r, "rounds_completed"),
+                    short(&s(r, "final_model_sha256"))
+                );
+            }
+            None => {
+                h.push_str("<li>still running when the log was read</li>");
+                m.push_str("- still running when the log was read\n");
+            }
+        }
+        h.push_str("</ul>");
+        m.push('\n');
+    }
+    let auth: Vec<&Record> = coord.records.iter().filter(|r| r.event == "authentication_failed").collect();
+    if !auth.is_empty() {
+        h.push_str("<h2 id=\"auth\">Authentication failures</h2><ul>");
+        m.push_str("## Authentication failures\n\n");
+        for r in auth {
+            let _ = write!(h, "<li>{} from {}: {}</li>", esc(&r.time), esc(&s(r, "remote")), esc(&s(r, "reason")));
+            let _ = writeln!(m, "- {} from {}: {}", r.time, s(r, "remote"), s(r, "reason"));
+        }
+        h.push_str("</ul>");
+        m.push('\n');
+    }
+    for node in &nodes {
+        let name = node.writer();
+        let _ = write!(h, "<h2 id=\"hospital-{}\">Hospital {}</h2>", esc(&name), esc(&name));
+        let _ = writeln!(m, "## Hospital {name}\n");
+        let sent: Vec<&Record> = node.records.iter().filter(|r| r.event == "update_sent").collect();
+        let bytes: u64 = sent.iter().filter_map(|r| r.params.get("bytes").and_then(Value::as_u64)).sum();
+        let masked = sent.iter().filter(|r| s(r, "masked") == "true").count();
+        let decisions: Vec<String> = node
+            .records
+            .iter()
+            .filter(|r| r.event == "plan_accepted" || r.event == "plan_refused")
+            .map(|r| {
+                format!(
+                    "{} {}{}",
+                    if r.event == "plan_accepted" { "accepted" } else { "refused" },
+                    short(&s(r, "plan_id")),
+                    if s(r, "reason").is_empty() { String::new() } else { format!(" ({})", s(r, "reason")) }
+                )
+            })
+            .collect();
+        let _ = write!(
+            h,
+            "<p>Plans: {}. Updates that left: {} ({} masked under secure aggregation), {} bytes; each one's SHA-256 is in the log.</p>",
+            esc(&decisions.join("; ")),
+            sent.len(),
+            masked,
+            bytes
+        );
+        let _ = writeln!(
+            m,
+            "Plans: {}. Updates that left: {} ({masked} masked), {bytes} bytes.\n",
+            decisions.join("; "),
+            sent.len()
+        );
+        let series = charges(node);
+        if series.is_empty() {
+            h.push_str("<p>No differential-privacy charges.</p>");
+            m.push_str("No differential-privacy charges.\n\n");
+        } else {
+            h.push_str(&epsilon_plot(&format!("{name}: ε spent against the cap"), &series));
+            m.push_str("| plan | rounds charged | ε spent | cap |\n|---|---|---|---|\n");
+            for (plan, pts) in &series {
+                let last = pts.last().map(|c| c.1).unwrap_or(0.0);
+                let cap = pts.last().and_then(|c| c.2).map(|c| c.to_string()).unwrap_or_else(|| "none".into());
+                let _ = writeln!(m, "| {} | {} | {last:.3} | {cap} |", short(plan), pts.len());
+            }
+            m.push('\n');
+        }
+    }
+    h.push_str("</body></html>\n");
+    std::fs::create_dir_all(out)?;
+    let (html, md) = (out.join("report.html"), out.join("report.md"));
+    std::fs::write(&html, h)?;
+    std::fs::write(&md, m)?;
+    Ok((html, md))
+}
