@@ -82,6 +82,8 @@ struct PlanView {
     rejected: Vec<Record>,
     finished: Option<Record>,
     exported: Option<Record>,
+    /// Countersignatures per round: (agreeing, disputing with reasons).
+    receipts: BTreeMap<u64, (usize, Vec<String>)>,
 }
 
 fn plans(coord: &Log) -> Vec<PlanView> {
@@ -98,6 +100,7 @@ fn plans(coord: &Log) -> Vec<PlanView> {
                 rejected: vec![],
                 finished: None,
                 exported: None,
+                receipts: BTreeMap::new(),
             });
             continue;
         }
@@ -124,6 +127,14 @@ fn plans(coord: &Log) -> Vec<PlanView> {
             }
             "update_rejected" => p.rejected.push(r.clone()),
             "plan_finished" => p.finished = Some(r.clone()),
+            "receipt" => {
+                let e = p.receipts.entry(round as u64).or_default();
+                if s(r, "agrees") == "true" {
+                    e.0 += 1;
+                } else {
+                    e.1.push(format!("{}: {}", s(r, "node"), s(r, "reason")));
+                }
+            }
             "model_exported" => p.exported = Some(r.clone()),
             _ => {}
         }
@@ -287,8 +298,8 @@ pub fn write(
         h.push_str("</table>");
         m.push('\n');
         // Rounds and lineage.
-        h.push_str("<h3>Rounds and model lineage</h3><table><tr><th>round</th><th>opened</th><th>participants</th><th>secure aggregation (t)</th><th>reported</th><th>dropped</th><th>starting model</th><th>released model</th></tr>");
-        m.push_str("### Rounds and model lineage\n\n| round | opened | participants | SA threshold | reported | dropped | starting model | released model |\n|---|---|---|---|---|---|---|---|\n");
+        h.push_str("<h3>Rounds and model lineage</h3><table><tr><th>round</th><th>opened</th><th>participants</th><th>secure aggregation (t)</th><th>reported</th><th>dropped</th><th>starting model</th><th>released model</th><th>receipts</th></tr>");
+        m.push_str("### Rounds and model lineage\n\n| round | opened | participants | SA threshold | reported | dropped | starting model | released model | receipts |\n|---|---|---|---|---|---|---|---|---|\n");
         for (i, (open, close, agg)) in p.rounds.iter().enumerate() {
             let o = |k: &str| open.as_ref().map(|r| s(r, k)).unwrap_or_default();
             let c = |k: &str| close.as_ref().map(|r| list(r, k).join(", ")).unwrap_or_default();
@@ -304,6 +315,11 @@ pub fn write(
                 c("dropped"),
                 short(&o("model_sha256")).to_string(),
                 short(&released).to_string(),
+                match p.receipts.get(&(i as u64 + 1)) {
+                    Some((ok, disputes)) if disputes.is_empty() => format!("{ok} countersigned"),
+                    Some((ok, disputes)) => format!("{ok} countersigned; DISPUTED by {}", disputes.join("; ")),
+                    None => "none".into(),
+                },
             ];
             h.push_str("<tr>");
             for cell in &row {

@@ -80,6 +80,8 @@ struct Inner {
     revoked: Arc<tls::Revocations>,
     /// Every plan run since start, for auditors.
     plans: Mutex<Vec<proto::PlanSummary>>,
+    /// Round records sent to nodes for countersigning, by (plan, round): the exact audit line.
+    receipts: Mutex<HashMap<(String, u32), String>>,
 }
 
 struct NodeConn {
@@ -155,6 +157,7 @@ impl Coordinator {
             audit: Mutex::new(audit),
             revoked: Arc::new(tls::Revocations::default()),
             plans: Mutex::new(Vec::new()),
+            receipts: Mutex::new(HashMap::new()),
         });
         if let Some(path) = options.revocation_list.clone() {
             // Read once now (a bad list stops the start), then follow it.
@@ -676,6 +679,40 @@ impl federation_server::Federation for FederationApi {
         Ok(Response::new(Ack {}))
     }
 
+    async fn countersign(&self, request: Request<proto::Countersignature>) -> Result<Response<Ack>, Status> {
+        let peer = tls::peer(&request)?.clone();
+        let c = request.into_inner();
+        let line = lock(&self.inner.receipts).get(&(c.plan_id.clone(), c.round)).cloned().ok_or_else(|| {
+            Status::not_found(format!(
+                "no round record for plan {} round {} awaits a receipt",
+                short(&c.plan_id),
+                c.round
+            ))
+        })?;
+        if ContentHash::of(line.as_bytes()).to_hex() != c.record_sha256 {
+            return Err(Status::invalid_argument("record_sha256 is not the hash of the round record that was sent"));
+        }
+        sanctum_protocol::secagg::keys::verify_message(line.as_bytes(), &c.signature, &peer.cert_der)
+            .map_err(|e| Status::invalid_argument(format!("countersignature: {e}")))?;
+        if !c.agrees {
+            tracing::error!(node = peer.identity.name, round = c.round, "node disputes the round record: {}", c.reason);
+        }
+        self.inner.audit(
+            &peer.identity.fingerprint.to_hex(),
+            "receipt",
+            [
+                ("node", json!(peer.identity.name)),
+                ("plan_id", json!(c.plan_id)),
+                ("round", json!(c.round)),
+                ("record_sha256", json!(c.record_sha256)),
+                ("signature", json!(hex::encode(&c.signature))),
+                ("agrees", json!(c.agrees)),
+                ("reason", json!(c.reason)),
+            ],
+        );
+        Ok(Response::new(Ack {}))
+    }
+
     async fn sec_agg(&self, request: Request<SecAggMessage>) -> Result<Response<Ack>, Status> {
         let peer = tls::peer(&request)?.clone();
         let node = peer.identity.name.clone();
@@ -763,6 +800,8 @@ struct ActiveRun {
     /// of the rounds released so far.
     secagg_noise: Option<f64>,
     secagg_rho: f64,
+    /// The open round's accepted updates (node, payload hash, bytes), for its receipt.
+    round_updates: Vec<serde_json::Value>,
 }
 
 /// What client-level DP guarantees each hospital for the whole plan.
@@ -1018,6 +1057,7 @@ impl Driver {
             secagg: None,
             secagg_noise,
             secagg_rho: 0.0,
+            round_updates: Vec::new(),
         });
         self.apply(actions);
         Ok(plan_id)
@@ -1033,7 +1073,11 @@ impl Driver {
             ("bytes", json!(update.bytes)),
             ("masked", json!(update.masked)),
         ];
+        let entry = json!({"node": node, "payload_sha256": update.payload_sha256, "bytes": update.bytes});
         let actions = self.admit_checked(node, update, now)?;
+        if let Some(active) = self.active.as_mut() {
+            active.round_updates.push(entry);
+        }
         self.inner.audit(&self.inner.fingerprint(node), "update_received", received);
         Ok(actions)
     }
@@ -1118,6 +1162,7 @@ impl Driver {
                 Action::OpenRound { round, participants, deadline } => {
                     active.acc = Accumulator::new(active.global.values().len());
                     active.round_metrics.clear();
+                    active.round_updates.clear();
                     active.participants = participants.clone();
                     active.secagg = None;
                     if active.plan.secure_aggregation {
@@ -1231,12 +1276,16 @@ impl Driver {
                                 &plan_id,
                                 plan_event::Kind::RoundClosed(proto::RoundClosed {
                                     round,
-                                    reported,
-                                    dropped,
+                                    reported: reported.clone(),
+                                    dropped: dropped.clone(),
                                     metrics,
                                     new_model_sha256: active.model.to_hex(),
                                 }),
                             );
+                            self.send_receipts(round, &reported, &dropped);
+                            let Some(active) = self.active.as_mut() else {
+                                return;
+                            };
                             active.run.round_aggregated(round, Instant::now())
                         }
                         Err(reason) => {
@@ -1261,6 +1310,38 @@ impl Driver {
                     return;
                 }
             }
+        }
+    }
+
+    /// Records the closed round (model, every accepted update's hash and size, who reported and
+    /// who dropped) and sends that exact record to each node that reported, to countersign.
+    fn send_receipts(&mut self, round: u32, reported: &[String], dropped: &[String]) {
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        let params = [
+            ("plan_id", json!(active.plan_id)),
+            ("round", json!(round)),
+            ("model_sha256", json!(active.model.to_hex())),
+            ("updates", json!(active.round_updates)),
+            ("reported", json!(reported)),
+            ("dropped", json!(dropped)),
+        ];
+        let plan_id = active.plan_id.clone();
+        let line = {
+            let mut log = lock(&self.inner.audit);
+            let own = log.own_fingerprint().to_string();
+            log.append_line(&own, "round_record", params.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+        };
+        match line {
+            Ok((_, line)) => {
+                lock(&self.inner.receipts).insert((plan_id.clone(), round), line.clone());
+                let receipt = directive::Kind::RoundReceipt(proto::RoundReceipt { plan_id, round, record: line });
+                for n in reported {
+                    self.send(n, receipt.clone());
+                }
+            }
+            Err(e) => tracing::error!("audit log: {e}"),
         }
     }
 
@@ -1437,12 +1518,14 @@ impl Driver {
             &active.plan_id,
             plan_event::Kind::RoundClosed(proto::RoundClosed {
                 round,
-                reported,
-                dropped,
+                reported: reported.clone(),
+                dropped: dropped.clone(),
                 metrics,
                 new_model_sha256: active.model.to_hex(),
             }),
         );
+        self.send_receipts(round, &reported, &dropped);
+        let active = self.active.as_mut().ok_or("no plan is running")?;
         Ok(active.run.round_aggregated(round, Instant::now()))
     }
 

@@ -107,6 +107,8 @@ pub struct Node {
     training: Option<tokio::task::JoinHandle<Trained>>,
     /// This node's signed, hash-chained audit log.
     audit: AuditLog,
+    /// What this node sent per (plan, round): payload hash and size, to check round records.
+    sent: HashMap<(String, u32), (String, usize)>,
 }
 
 /// What the session loop woke up for.
@@ -150,6 +152,7 @@ impl Node {
             secagg: None,
             training: None,
             audit,
+            sent: HashMap::new(),
         })
     }
 
@@ -307,6 +310,11 @@ impl Node {
             directive::Kind::StartRound(start) => {
                 if let Err(e) = self.run_round(client, &start).await {
                     tracing::error!(round = start.round, "round not completed: {e:#}");
+                }
+            }
+            directive::Kind::RoundReceipt(receipt) => {
+                if let Err(e) = self.countersign(client, &receipt).await {
+                    tracing::error!(round = receipt.round, "round record not countersigned: {e:#}");
                 }
             }
             directive::Kind::Secagg(step) => {
@@ -570,6 +578,7 @@ impl Node {
         let (plan_id, round) = (header.plan_id.clone(), header.round);
         let payload = transfer::f32_to_le_bytes(&result.delta);
         let (hash, bytes) = upload(&mut self.egress, client, header, payload).await?;
+        self.sent.insert((plan_id.clone(), round), (hash.clone(), bytes));
         self.audit(
             "update_sent",
             [
@@ -736,6 +745,7 @@ impl Node {
         };
         let (plan_id, round_no) = (header.plan_id.clone(), header.round);
         let (hash, bytes) = upload(&mut self.egress, client, header, wire::words_to_le(&masked)).await?;
+        self.sent.insert((plan_id.clone(), round_no), (hash.clone(), bytes));
         self.audit(
             "update_sent",
             [
@@ -805,6 +815,75 @@ impl Node {
                 tracing::info!(round = step.round, "secure-aggregation shares for unmasking sent");
             }
         }
+        Ok(())
+    }
+
+    /// Checks the coordinator's record of a closed round against what this node sent, and
+    /// countersigns it (agreeing or, with the reason, disputing).
+    async fn countersign(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        receipt: &proto::RoundReceipt,
+    ) -> anyhow::Result<()> {
+        let record: audit::Record = serde_json::from_str(&receipt.record)?;
+        let get = |k: &str| record.params.get(k).cloned().unwrap_or_default();
+        let me = self.material.identity().name.clone();
+        let mut problems = Vec::new();
+        if record.event != "round_record"
+            || get("plan_id").as_str() != Some(receipt.plan_id.as_str())
+            || get("round").as_u64() != Some(u64::from(receipt.round))
+        {
+            problems.push("the record is not this round's record".to_string());
+        }
+        let listed: Vec<(String, u64)> = get("updates")
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|u| u["node"].as_str() == Some(me.as_str()))
+                    .map(|u| {
+                        (u["payload_sha256"].as_str().unwrap_or_default().to_string(), u["bytes"].as_u64().unwrap_or(0))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        match (self.sent.get(&(receipt.plan_id.clone(), receipt.round)), listed.as_slice()) {
+            (Some((hash, bytes)), [(h, b)]) if h == hash && *b == *bytes as u64 => {}
+            (Some((hash, bytes)), _) => {
+                problems.push(format!("this node sent {bytes} bytes with SHA-256 {hash}, the record lists {listed:?}"))
+            }
+            (None, []) => {}
+            (None, _) => problems.push("the record lists an update this node never sent".to_string()),
+        }
+        let agrees = problems.is_empty();
+        let reason = problems.join("; ");
+        let record_sha256 = ContentHash::of(receipt.record.as_bytes()).to_hex();
+        let signature = self.material.sign(receipt.record.as_bytes())?;
+        self.audit(
+            "receipt_signed",
+            [
+                ("plan_id", json!(receipt.plan_id)),
+                ("round", json!(receipt.round)),
+                ("record_sha256", json!(record_sha256)),
+                ("agrees", json!(agrees)),
+                ("reason", json!(reason)),
+            ],
+        )?;
+        if !agrees {
+            tracing::error!(
+                round = receipt.round,
+                "the coordinator's round record does not match what this node sent: {reason}"
+            );
+        }
+        let msg = proto::Countersignature {
+            plan_id: receipt.plan_id.clone(),
+            round: receipt.round,
+            record_sha256,
+            signature,
+            agrees,
+            reason,
+        };
+        self.egress.record("Countersign", &receipt.plan_id, Some(receipt.round), msg.encoded_len(), Rule::Receipt)?;
+        client.countersign(msg).await?;
         Ok(())
     }
 

@@ -22,6 +22,8 @@ pub enum Rule {
     /// Secure aggregation: signed round keys, encrypted shares, a consistency signature or
     /// unmasking shares (never the update itself; that is the masked ModelUpdate).
     SecAgg,
+    /// A countersignature of the coordinator's record of a round.
+    Receipt,
 }
 
 impl Rule {
@@ -32,6 +34,7 @@ impl Rule {
             Rule::ModelUpdate => "model update for an accepted plan (policy.allowed_models)",
             Rule::Evaluation => "aggregate test metric of a global model",
             Rule::ModelRequest => "model request by content hash",
+            Rule::Receipt => "countersignature of a round record (hashes only)",
             Rule::SecAgg => "secure-aggregation keys, encrypted shares or signatures for an accepted plan",
         }
     }

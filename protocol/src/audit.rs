@@ -250,6 +250,16 @@ impl AuditLog {
 
     /// Appends one record (fsync'd), then the signed head. Returns its sequence number.
     pub fn append(&mut self, actor: &str, event: &str, params: BTreeMap<String, Value>) -> Result<u64, AuditError> {
+        self.append_line(actor, event, params).map(|(seq, _)| seq)
+    }
+
+    /// Like [`AuditLog::append`], also returning the record's exact line.
+    pub fn append_line(
+        &mut self,
+        actor: &str,
+        event: &str,
+        params: BTreeMap<String, Value>,
+    ) -> Result<(u64, String), AuditError> {
         let io = |source| AuditError::Io { path: self.path.clone(), source };
         let mut record = Record {
             seq: self.next_seq,
@@ -276,7 +286,7 @@ impl AuditLog {
         std::fs::rename(&tmp, &self.head_path).map_err(io)?;
         self.prev = hash;
         self.next_seq += 1;
-        Ok(record.seq)
+        Ok((record.seq, line))
     }
 }
 

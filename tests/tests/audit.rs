@@ -55,6 +55,15 @@ fn every_log_of_the_demo_verifies_and_tampering_is_caught() {
         assert!(ev.iter().any(|e| e == want), "coordinator log lacks {want}: {ev:?}");
     }
     assert_eq!(ev.iter().filter(|e| *e == "round_closed").count(), 15);
+    // Receipts: each hospital checked every round record against what it sent, and countersigned.
+    let text = std::fs::read_to_string(&coordinator_log).unwrap();
+    let receipts: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"] == "receipt")
+        .collect();
+    assert_eq!(receipts.len(), 60, "15 rounds × 4 hospitals");
+    assert!(receipts.iter().all(|r| r["params"]["agrees"] == true), "{receipts:?}");
     for h in ["cleveland", "hungarian", "switzerland", "va"] {
         let log = work.path().join(format!("nodes/{h}/state/audit/audit.jsonl"));
         let out = verify("sanctum-node", &log, &ca);
@@ -64,6 +73,7 @@ fn every_log_of_the_demo_verifies_and_tampering_is_caught() {
         assert_eq!(ev.iter().filter(|e| *e == "update_sent").count(), 15, "{h}: {ev:?}");
         assert!(ev.iter().any(|e| e == "plan_accepted") && ev.iter().any(|e| e == "evaluation_sent"));
         assert_eq!(ev.iter().filter(|e| *e == "epsilon_charged").count(), 15, "{h}: {ev:?}");
+        assert_eq!(ev.iter().filter(|e| *e == "receipt_signed").count(), 15, "{h}: {ev:?}");
     }
 
     // The report, from the verified logs, rendered by a real browser.
