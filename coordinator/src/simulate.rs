@@ -226,6 +226,16 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
     let _ = stop_tx.send(());
     let _ = server.await;
 
+    // With a kept work directory, the auditor's view of the run: every log verified, one report.
+    if opts.workdir.is_some() {
+        let node_logs: Vec<PathBuf> =
+            children.iter().map(|(name, _, _)| work.join("nodes").join(name).join("state/audit/audit.jsonl")).collect();
+        let ca = work.join("nodes").join(&sim.hospitals[0].name).join("ca.pem");
+        match crate::report::write(&state_dir.join("audit/audit.jsonl"), &node_logs, Some(&ca), &work.join("report")) {
+            Ok((html, _)) => println!("audit report: {}", html.display()),
+            Err(e) => eprintln!("audit report not written: {e:#}"),
+        }
+    }
     let per_node: BTreeMap<String, (f64, u64)> =
         finished.final_metrics.iter().map(|m| (m.node.clone(), (m.value, m.samples))).collect();
     let mean_metric = watch::mean(per_node.values().map(|(v, _)| *v));
