@@ -278,6 +278,20 @@ async fn follow_remote(
     Ok(if finished.success { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// Runs `audit verify`: the report on stdout and success, or the first bad record on stderr and 1.
+fn audit_verdict(cmd: &AuditCommand) -> ExitCode {
+    match sanctum_protocol::audit::run(cmd) {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(reason) => {
+            eprintln!("{reason}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve { config: path } => {
@@ -406,16 +420,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             std::fs::write(sanctum_protocol::audit::head_path(&file), &head)?;
             println!("fetched {} bytes to {}", log.len(), file.display());
             let verify = AuditCommand::Verify { log: file, ca: Some(config::resolve_tls(&path, &cfg.tls).ca) };
-            match sanctum_protocol::audit::run(&verify) {
-                Ok(report) => {
-                    println!("{report}");
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(reason) => {
-                    eprintln!("{reason}");
-                    Ok(ExitCode::FAILURE)
-                }
-            }
+            Ok(audit_verdict(&verify))
         }
         Command::Audit(AuditCli::Report { log, node_logs, ca, out }) => {
             let (html, md) = sanctum_coordinator::report::write(&log, &node_logs, ca.as_deref(), &out)?;
@@ -466,16 +471,7 @@ markdown: {}",
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit(AuditCli::Offline(cmd)) => match sanctum_protocol::audit::run(&cmd) {
-            Ok(report) => {
-                println!("{report}");
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(reason) => {
-                eprintln!("{reason}");
-                Ok(ExitCode::FAILURE)
-            }
-        },
+        Command::Audit(AuditCli::Offline(cmd)) => Ok(audit_verdict(&cmd)),
         Command::Simulate { plan, seed, json, workdir, node_bin, device, max_epsilon } => {
             let summary =
                 simulate(&SimulateOptions { plan, seed, json, workdir, node_bin, device, max_epsilon }).await?;

@@ -135,15 +135,7 @@ impl Coordinator {
     /// certificate) and starts the driver task.
     pub fn start(options: CoordinatorOptions, material: &TlsMaterial) -> anyhow::Result<Self> {
         let store = Store::open(&options.state_dir)?;
-        let sign = |m: &[u8]| material.sign(m).map_err(|e| e.to_string());
-        let identity = material.identity();
-        let writer = audit::Writer {
-            name: &identity.name,
-            role: identity.role.as_str(),
-            cert_der: material.cert_der(),
-            sign_with_cert_key: &sign,
-        };
-        let audit = AuditLog::open(&options.state_dir.join("audit"), &writer)?;
+        let audit = AuditLog::open_for(&options.state_dir.join("audit"), material)?;
         let (events, rx) = mpsc::unbounded_channel();
         let (plan_events, _) = broadcast::channel(1024);
         let inner = Arc::new(Inner {

@@ -51,6 +51,19 @@ struct DdgPlan {
     epsilon: f64,
 }
 
+/// One round's privacy cost, as the ledger records it.
+struct Cost<'a> {
+    /// ε of the plan after this round.
+    epsilon: f64,
+    delta: f64,
+    steps: u64,
+    sampling_rate: f64,
+    noise_multiplier: f64,
+    accountant: &'a str,
+    /// ε of the whole plan, for the log line.
+    plan_epsilon: f64,
+}
+
 /// What a round of local training returns: the metric of the starting model and the update.
 type Trained = Result<((f64, u64), train::RoundResult), train::TrainError>;
 
@@ -130,15 +143,7 @@ impl Node {
         let egress = EgressLog::open(&cfg.state_dir)?;
         let ledger = Ledger::open(&cfg.state_dir)?;
         let verifier = material.node_cert_verifier()?;
-        let sign = |m: &[u8]| material.sign(m).map_err(|e| e.to_string());
-        let identity = material.identity();
-        let writer = audit::Writer {
-            name: &identity.name,
-            role: identity.role.as_str(),
-            cert_der: material.cert_der(),
-            sign_with_cert_key: &sign,
-        };
-        let audit = AuditLog::open(&cfg.state_dir.join("audit"), &writer)?;
+        let audit = AuditLog::open_for(&cfg.state_dir.join("audit"), &material)?;
         Ok(Self {
             cfg,
             material,
@@ -889,30 +894,46 @@ impl Node {
 
     /// Charges a round of client-level distributed noise to the ledger before the input leaves.
     fn charge_distributed(&mut self, plan_id: &str, round: u32, ddg: &DdgPlan) -> anyhow::Result<(f64, u64)> {
-        let accepted = self.plans.get(plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
-        let dataset = accepted.plan.data.schema.clone();
         let spent = ddg_epsilon(ddg.noise_multiplier, round, ddg.delta).map_err(anyhow::Error::msg)?;
-        let others = self.ledger.spent(&dataset, Some(plan_id));
-        if let Some(cap) = self.cfg.policy.max_epsilon
-            && others.epsilon + spent > cap
-        {
-            anyhow::bail!(
-                "round {round} would bring dataset '{dataset}' to ε = {:.3}, above policy.max_epsilon = {cap}; the input is not sent",
-                others.epsilon + spent
-            );
-        }
-        self.check_delta(others.delta, ddg.delta).map_err(anyhow::Error::msg)?;
-        let charge = Charge {
-            dataset,
-            plan_id: plan_id.to_string(),
-            plan_name: accepted.plan.name.clone(),
-            round,
+        let cost = Cost {
             epsilon: spent,
             delta: ddg.delta,
             steps: u64::from(round),
             sampling_rate: 1.0,
             noise_multiplier: ddg.noise_multiplier,
-            accountant: "distributed discrete Gaussian, zCDP (opendp)".into(),
+            accountant: "distributed discrete Gaussian, zCDP (opendp)",
+            plan_epsilon: ddg.epsilon,
+        };
+        self.charge_cost(plan_id, round, &cost)?;
+        Ok((spent, u64::from(round)))
+    }
+
+    /// Checks a round's cost against the caps and appends it to the ledger (fsync'd) and the audit
+    /// log, at most once per (plan, round); the caller sends nothing if this fails.
+    fn charge_cost(&mut self, plan_id: &str, round: u32, cost: &Cost<'_>) -> anyhow::Result<()> {
+        let accepted = self.plans.get(plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
+        let dataset = accepted.plan.data.schema.clone();
+        let others = self.ledger.spent(&dataset, Some(plan_id));
+        if let Some(cap) = self.cfg.policy.max_epsilon
+            && others.epsilon + cost.epsilon > cap
+        {
+            anyhow::bail!(
+                "round {round} would bring dataset '{dataset}' to ε = {:.3}, above policy.max_epsilon = {cap}; nothing is sent",
+                others.epsilon + cost.epsilon
+            );
+        }
+        self.check_delta(others.delta, cost.delta).map_err(anyhow::Error::msg)?;
+        let charge = Charge {
+            dataset,
+            plan_id: plan_id.to_string(),
+            plan_name: accepted.plan.name.clone(),
+            round,
+            epsilon: cost.epsilon,
+            delta: cost.delta,
+            steps: cost.steps,
+            sampling_rate: cost.sampling_rate,
+            noise_multiplier: cost.noise_multiplier,
+            accountant: cost.accountant.into(),
             time_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -925,77 +946,40 @@ impl Node {
                 [
                     ("plan_id", json!(plan_id)),
                     ("round", json!(round)),
-                    ("epsilon", json!(spent)),
-                    ("delta", json!(ddg.delta)),
-                    ("accountant", json!("distributed discrete Gaussian, zCDP (opendp)")),
+                    ("epsilon", json!(cost.epsilon)),
+                    ("delta", json!(cost.delta)),
+                    ("accountant", json!(cost.accountant)),
                     ("epsilon_cap", json!(self.cfg.policy.max_epsilon)),
                 ],
             )?;
         }
         tracing::info!(
             round,
-            epsilon_spent = format!("{spent:.3}"),
-            of = format!("{:.3}", ddg.epsilon),
+            epsilon_spent = format!("{:.3}", cost.epsilon),
+            of = format!("{:.3}", cost.plan_epsilon),
+            accountant = cost.accountant,
             charged = if fresh { "now" } else { "already (retry)" },
-            "client-level privacy charged to the ledger"
+            "privacy charged to the ledger"
         );
-        Ok((spent, u64::from(round)))
+        Ok(())
     }
 
     /// Charges this round's privacy cost to the ledger (fsync'd) before the update may leave;
     /// refuses if the dataset's cap would be exceeded. Returns (ε spent by the plan, steps).
     fn charge(&mut self, plan_id: &str, round: u32, dp: &DpPlan) -> anyhow::Result<(f64, u64)> {
         let accepted = self.plans.get(plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
-        let dataset = accepted.plan.data.schema.clone();
         let steps = u64::from(round) * u64::from(accepted.plan.local.steps);
         let spent = dp.epsilon_after(steps);
-        let others = self.ledger.spent(&dataset, Some(plan_id));
-        if let Some(cap) = self.cfg.policy.max_epsilon
-            && others.epsilon + spent > cap
-        {
-            anyhow::bail!(
-                "round {round} would bring dataset '{dataset}' to ε = {:.3}, above policy.max_epsilon = {cap}; the update is not sent",
-                others.epsilon + spent
-            );
-        }
-        self.check_delta(others.delta, dp.delta).map_err(anyhow::Error::msg)?;
-        let charge = Charge {
-            dataset,
-            plan_id: plan_id.to_string(),
-            plan_name: accepted.plan.name.clone(),
-            round,
+        let cost = Cost {
             epsilon: spent,
             delta: dp.delta,
             steps,
             sampling_rate: dp.setup.sampling_rate,
             noise_multiplier: dp.setup.noise_multiplier,
-            accountant: "pld".into(),
-            time_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            accountant: "pld",
+            plan_epsilon: dp.epsilon,
         };
-        let fresh = self.ledger.charge(charge)?;
-        if fresh {
-            self.audit(
-                "epsilon_charged",
-                [
-                    ("plan_id", json!(plan_id)),
-                    ("round", json!(round)),
-                    ("epsilon", json!(spent)),
-                    ("delta", json!(dp.delta)),
-                    ("accountant", json!("pld")),
-                    ("epsilon_cap", json!(self.cfg.policy.max_epsilon)),
-                ],
-            )?;
-        }
-        tracing::info!(
-            round,
-            epsilon_spent = format!("{spent:.3}"),
-            of = format!("{:.3}", dp.epsilon),
-            charged = if fresh { "now" } else { "already (retry)" },
-            "privacy charged to the ledger"
-        );
+        self.charge_cost(plan_id, round, &cost)?;
         // Test hook for the crash-between-charge-and-send fault test; never set in production.
         if std::env::var_os("SANCTUM_FAULT_CRASH_AFTER_CHARGE").is_some() {
             tracing::error!("SANCTUM_FAULT_CRASH_AFTER_CHARGE is set: exiting before the update is sent");

@@ -238,6 +238,19 @@ impl AuditLog {
         Ok(log)
     }
 
+    /// Opens `dir`'s log as the holder of `material` (its certificate, and its key for the binding).
+    pub fn open_for(dir: &Path, material: &crate::tls::TlsMaterial) -> Result<Self, AuditError> {
+        let sign = |m: &[u8]| material.sign(m).map_err(|e| e.to_string());
+        let identity = material.identity();
+        let writer = Writer {
+            name: &identity.name,
+            role: identity.role.as_str(),
+            cert_der: material.cert_der(),
+            sign_with_cert_key: &sign,
+        };
+        Self::open(dir, &writer)
+    }
+
     /// The log's path.
     pub fn path(&self) -> &Path {
         &self.path
