@@ -179,25 +179,24 @@ impl Coordinator {
                 [("remote", json!(remote)), ("reason", json!(reason))],
             );
         });
+        let inner = self.inner.clone();
+        let on_denied: tls::RefusalHook = Arc::new(move |remote: &str, reason: &str| {
+            inner.audit("unauthorised", "call_refused", [("remote", json!(remote)), ("reason", json!(reason))]);
+        });
         let revoked = Arc::clone(&self.inner.revoked);
         let incoming = tls::mtls_incoming(listener, material.server_config()?, Some(on_refused), revoked.clone());
+        let guard = |roles: &'static [Role]| tls::role_guard(roles, revoked.clone(), Some(on_denied.clone()));
         let audit = audit_server::AuditServer::new(AuditApi { inner: self.inner.clone() });
         let federation = federation_server::FederationServer::new(FederationApi { inner: self.inner.clone() })
             .max_decoding_message_size(2 * CHUNK_BYTES);
         let lead = lead_server::LeadServer::new(LeadApi { inner: self.inner.clone() });
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                federation,
-                tls::role_guard(&[Role::Node], revoked.clone()),
-            ))
-            .add_service(tonic::service::interceptor::InterceptedService::new(
-                lead,
-                tls::role_guard(&[Role::Lead], revoked.clone()),
-            ))
+            .add_service(tonic::service::interceptor::InterceptedService::new(federation, guard(&[Role::Node])))
+            .add_service(tonic::service::interceptor::InterceptedService::new(lead, guard(&[Role::Lead])))
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 audit,
-                tls::role_guard(&[Role::Auditor, Role::Lead], revoked),
+                guard(&[Role::Auditor, Role::Lead]),
             ))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await?;

@@ -536,20 +536,8 @@ impl Node {
         let dp = accepted.dp;
         let bytes = self.fetch(client, &start.plan_id, &start.model_sha256, start.model_bytes).await?;
         let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
-        let device = self.device;
-        // Each node and round gets its own batch order, reproducible from the plan's seed.
-        let seed = plan.seed
-            ^ u64::from(start.round).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ name_seed(&self.material.identity().name);
-        let (metric, result) = tokio::task::spawn_blocking(move || -> Result<_, train::TrainError> {
-            let metric = train::evaluate(&plan.model, &global, &data, device)?;
-            let result = match &dp {
-                Some(dp) => train::train_round_dp(&plan, &global, &data, device, &dp.setup)?,
-                None => train::train_round(&plan, &global, &data, device, seed)?,
-            };
-            Ok((metric, result))
-        })
-        .await??;
+        let job = self.training_job(plan, global, data, dp, start.round);
+        let (metric, result) = tokio::task::spawn_blocking(job).await??;
         tracing::info!(
             round = start.round,
             accuracy_before = format!("{:.4}", metric.0),
@@ -594,6 +582,31 @@ impl Node {
                 ("masked", json!(false)),
             ],
         )
+    }
+
+    /// One round's work for a blocking thread: evaluate the starting model, then train (DP-SGD
+    /// when the plan asks for example-level privacy).
+    fn training_job(
+        &self,
+        plan: Plan,
+        global: Weights,
+        data: Arc<LocalData>,
+        dp: Option<DpPlan>,
+        round: u32,
+    ) -> impl FnOnce() -> Trained + Send + 'static {
+        let device = self.device;
+        // Each node and round gets its own batch order, reproducible from the plan's seed.
+        let seed = plan.seed
+            ^ u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ name_seed(&self.material.identity().name);
+        move || {
+            let metric = train::evaluate(&plan.model, &global, &data, device)?;
+            let result = match &dp {
+                Some(dp) => train::train_round_dp(&plan, &global, &data, device, &dp.setup)?,
+                None => train::train_round(&plan, &global, &data, device, seed)?,
+            };
+            Ok((metric, result))
+        }
     }
 
     /// Starts this node's part in a secure-aggregation round: checks the setup against the plan
@@ -657,18 +670,8 @@ impl Node {
         let (data, dp) = (accepted.data.clone(), accepted.dp);
         let bytes = self.fetch(client, &start.plan_id, &start.model_sha256, start.model_bytes).await?;
         let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
-        let device = self.device;
-        let seed = plan.seed
-            ^ u64::from(start.round).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ name_seed(&self.material.identity().name);
-        self.training = Some(tokio::task::spawn_blocking(move || -> Trained {
-            let metric = train::evaluate(&plan.model, &global, &data, device)?;
-            let result = match &dp {
-                Some(dp) => train::train_round_dp(&plan, &global, &data, device, &dp.setup)?,
-                None => train::train_round(&plan, &global, &data, device, seed)?,
-            };
-            Ok((metric, result))
-        }));
+        let job = self.training_job(plan, global, data, dp, start.round);
+        self.training = Some(tokio::task::spawn_blocking(job));
         Ok(())
     }
 

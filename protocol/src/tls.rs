@@ -400,18 +400,25 @@ pub fn peer<T>(request: &Request<T>) -> Result<&PeerInfo, Status> {
 pub fn role_guard(
     allowed: &'static [Role],
     revoked: Arc<Revocations>,
+    on_refused: Option<RefusalHook>,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
     move |request: Request<()>| {
         let peer = peer(&request)?;
+        let refuse = |status: Status| {
+            if let Some(hook) = &on_refused {
+                hook(&peer.remote.to_string(), &format!("{}: {}", peer.identity, status.message()));
+            }
+            Err(status)
+        };
         // A certificate revoked while its connection is open is refused on its next call.
         if let Some(why) = revoked.refusal(&peer.identity) {
-            return Err(Status::unauthenticated(why));
+            return refuse(Status::unauthenticated(why));
         }
         if allowed.contains(&peer.identity.role) {
             Ok(request)
         } else {
             let need: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
-            Err(Status::permission_denied(format!(
+            refuse(Status::permission_denied(format!(
                 "'{}' holds a {} certificate; this call needs role {}",
                 peer.identity.name,
                 peer.identity.role,

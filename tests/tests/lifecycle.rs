@@ -61,7 +61,9 @@ async fn a_revoked_node_is_refused_on_its_next_call_within_a_second() {
     assert!(std::fs::read_to_string(&ca_log).unwrap().contains("certificate_revoked"));
     run_ok(Command::new(bin("sanctum-coordinator")).args(["audit", "verify"]).arg(&ca_log));
     let coord_log = c.dir.path().join("coordinator/state/audit/audit.jsonl");
-    assert!(std::fs::read_to_string(&coord_log).unwrap().contains("certificate_revocation_applied"));
+    let text = std::fs::read_to_string(&coord_log).unwrap();
+    assert!(text.contains("certificate_revocation_applied"));
+    assert!(text.contains("\"event\":\"call_refused\""), "the revoked call is audited");
 }
 
 #[tokio::test]
@@ -106,6 +108,10 @@ async fn an_auditor_reads_but_cannot_launch() {
     // The log recorded the refused launch and the read.
     let log = std::fs::read_to_string(c.dir.path().join("fetched/coordinator-audit.jsonl")).unwrap();
     assert!(log.contains("\"event\":\"log_opened\""));
+    assert!(
+        log.contains("\"event\":\"call_refused\"") && log.contains("needs role lead"),
+        "the refused launch is audited"
+    );
     // A node certificate may not read the audit log.
     let node = c.member("cleveland", "node");
     let err = AuditClient::new(channel(&addr, &node).await.unwrap()).list_plans(ListPlansRequest {}).await.unwrap_err();
