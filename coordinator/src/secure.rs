@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use sanctum_protocol::plan::Plan;
 use sanctum_protocol::proto;
 use sanctum_protocol::secagg::client::{PeerVerifier, RoundParams};
-use sanctum_protocol::secagg::encode::{Encoding, distributed_noise, encoding_for};
+use sanctum_protocol::secagg::encode::{Encoding, encoding_for};
 use sanctum_protocol::secagg::keys;
 use sanctum_protocol::secagg::server::Server;
 
@@ -32,15 +32,18 @@ pub struct SecAggRound {
 
 impl SecAggRound {
     /// Opens secure aggregation for a round among `participants` (sorted).
+    /// `noise` is the plan's distributed-noise multiplier (computed once per plan); the masked
+    /// inputs are due by `deadline`.
     pub fn open(
         plan: &Plan,
         plan_id: &str,
         round: u32,
         participants: &[String],
         num_params: usize,
+        noise: Option<f64>,
         deadline: Instant,
-        now: Instant,
     ) -> Result<Self, String> {
+        let now = Instant::now();
         let n = participants.len();
         let t = plan.secagg_threshold(n);
         if t > n {
@@ -49,7 +52,6 @@ impl SecAggRound {
             ));
         }
         let settings = plan.secagg_settings();
-        let noise = distributed_noise(plan)?;
         let params =
             RoundParams { plan_id: plan_id.to_string(), round, participants: participants.to_vec(), threshold: t };
         let encoding = encoding_for(plan, n, t, noise)?;

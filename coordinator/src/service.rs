@@ -1164,8 +1164,8 @@ impl Driver {
                             round,
                             &participants,
                             num_params,
+                            active.secagg_noise,
                             deadline,
-                            Instant::now(),
                         );
                         match opened {
                             Ok(sa) => {

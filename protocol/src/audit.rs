@@ -194,23 +194,18 @@ impl AuditLog {
         };
         let key = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|e| invalid(format!("audit key: {e}")))?;
         let own = ContentHash::of(writer.cert_der).to_hex();
-        // Read what is there: the last complete line gives the next seq and prev.
-        let mut text = String::new();
-        if !fresh {
-            File::open(&path).map_err(io)?.read_to_string(&mut text).map_err(io)?;
-        }
-        let mut torn = None;
-        if !text.is_empty() && !text.ends_with('\n') {
-            let cut = text.rfind('\n').map_or(0, |i| i + 1);
-            torn = Some(text.len() - cut);
-            text.truncate(cut);
+        // Only the tail is read: the last complete line gives the next seq and prev, and anything
+        // after it is a torn write to cut off.
+        let Tail { last, torn } = if fresh { Tail { last: None, torn: None } } else { read_tail(&path).map_err(io)? };
+        if let Some((cut, _)) = torn {
             let f = OpenOptions::new().write(true).open(&path).map_err(io)?;
-            f.set_len(cut as u64).map_err(io)?;
+            f.set_len(cut).map_err(io)?;
             f.sync_all().map_err(io)?;
         }
-        let (next_seq, prev) = match text.lines().last() {
+        let torn = torn.map(|(_, bytes)| bytes);
+        let (next_seq, prev) = match last {
             Some(last) => {
-                let r: Record = serde_json::from_str(last).map_err(|e| invalid(format!("last record: {e}")))?;
+                let r: Record = serde_json::from_str(&last).map_err(|e| invalid(format!("last record: {e}")))?;
                 (r.seq + 1, ContentHash::of(last.as_bytes()).to_hex())
             }
             None => (0, GENESIS_PREV.to_string()),
@@ -300,6 +295,47 @@ impl AuditLog {
         self.prev = hash;
         self.next_seq += 1;
         Ok((record.seq, line))
+    }
+}
+
+/// What the end of a log holds: its last complete line, and where a torn tail after it starts and
+/// how long it is.
+struct Tail {
+    last: Option<String>,
+    torn: Option<(u64, usize)>,
+}
+
+/// Reads only as much of a log's end as it takes to find its last complete line.
+fn read_tail(path: &Path) -> std::io::Result<Tail> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut window: u64 = 64 * 1024;
+    loop {
+        let start = len.saturating_sub(window);
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        let end = buf.iter().rposition(|&b| b == b'\n');
+        let torn = match end {
+            Some(i) if i + 1 < buf.len() => Some((start + i as u64 + 1, buf.len() - i - 1)),
+            None if start == 0 && !buf.is_empty() => Some((0, buf.len())),
+            _ => None,
+        };
+        let Some(end) = end else {
+            if start == 0 {
+                return Ok(Tail { last: None, torn });
+            }
+            window *= 4;
+            continue;
+        };
+        match buf[..end].iter().rposition(|&b| b == b'\n') {
+            Some(i) => return Ok(Tail { last: Some(String::from_utf8_lossy(&buf[i + 1..end]).into_owned()), torn }),
+            None if start == 0 => {
+                return Ok(Tail { last: Some(String::from_utf8_lossy(&buf[..end]).into_owned()), torn });
+            }
+            None => window *= 4,
+        }
     }
 }
 
@@ -642,6 +678,29 @@ mod tests {
     fn fixture() -> &'static Fixture {
         static F: std::sync::OnceLock<Fixture> = std::sync::OnceLock::new();
         F.get_or_init(|| build(300))
+    }
+
+    #[test]
+    fn reopening_reads_only_the_tail_and_continues_the_chain_even_after_a_long_record() {
+        let ca = pki::init_ca("t", 1).unwrap();
+        let me = pki::issue(&ca.cert_pem, &ca.key_pem, &SignSpec { name: "n", role: Role::Node, days: 1, hosts: &[] })
+            .unwrap();
+        let der = crate::secagg::keys::cert_der_from_pem(&me.cert_pem).unwrap();
+        let key_pem = me.key_pem.clone();
+        let sign = move |m: &[u8]| crate::secagg::keys::sign_message(m, &key_pem).map_err(|e| e.to_string());
+        let writer = Writer { name: "n", role: "node", cert_der: &der, sign_with_cert_key: &sign };
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = AuditLog::open(dir.path(), &writer).unwrap();
+        for i in 0..200u64 {
+            log.append("x", "e", BTreeMap::from([("i".to_string(), Value::from(i))])).unwrap();
+        }
+        // A record longer than the first tail window read on reopen.
+        log.append("x", "long", BTreeMap::from([("reason".to_string(), Value::from("r".repeat(200_000)))])).unwrap();
+        drop(log);
+        let mut log = AuditLog::open(dir.path(), &writer).unwrap();
+        log.append("x", "after", BTreeMap::new()).unwrap();
+        let v = verify_file(&dir.path().join("audit.jsonl"), None).unwrap();
+        assert_eq!(v.records, 203);
     }
 
     #[test]
