@@ -568,20 +568,7 @@ impl Node {
             },
             masked: false,
         };
-        let (plan_id, round) = (header.plan_id.clone(), header.round);
-        let payload = transfer::f32_to_le_bytes(&result.delta);
-        let (hash, bytes) = upload(&mut self.egress, client, header, payload).await?;
-        self.sent.insert((plan_id.clone(), round), (hash.clone(), bytes));
-        self.audit(
-            "update_sent",
-            [
-                ("plan_id", json!(plan_id)),
-                ("round", json!(round)),
-                ("payload_sha256", json!(hash)),
-                ("bytes", json!(bytes)),
-                ("masked", json!(false)),
-            ],
-        )
+        self.send_update(client, header, transfer::f32_to_le_bytes(&result.delta)).await
     }
 
     /// One round's work for a blocking thread: evaluate the starting model, then train (DP-SGD
@@ -751,19 +738,7 @@ impl Node {
             metrics: std::mem::take(&mut round.metrics),
             masked: true,
         };
-        let (plan_id, round_no) = (header.plan_id.clone(), header.round);
-        let (hash, bytes) = upload(&mut self.egress, client, header, wire::words_to_le(&masked)).await?;
-        self.sent.insert((plan_id.clone(), round_no), (hash.clone(), bytes));
-        self.audit(
-            "update_sent",
-            [
-                ("plan_id", json!(plan_id)),
-                ("round", json!(round_no)),
-                ("payload_sha256", json!(hash)),
-                ("bytes", json!(bytes)),
-                ("masked", json!(true)),
-            ],
-        )?;
+        self.send_update(client, header, wire::words_to_le(&masked)).await?;
         test_fault("after_input");
         Ok(())
     }
@@ -824,6 +799,28 @@ impl Node {
             }
         }
         Ok(())
+    }
+
+    /// Uploads an update (plain or masked), then remembers and audits what left: its hash and size.
+    async fn send_update(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        header: UpdateHeader,
+        payload: Vec<u8>,
+    ) -> anyhow::Result<()> {
+        let (plan_id, round, masked) = (header.plan_id.clone(), header.round, header.masked);
+        let (hash, bytes) = upload(&mut self.egress, client, header, payload).await?;
+        self.sent.insert((plan_id.clone(), round), (hash.clone(), bytes));
+        self.audit(
+            "update_sent",
+            [
+                ("plan_id", json!(plan_id)),
+                ("round", json!(round)),
+                ("payload_sha256", json!(hash)),
+                ("bytes", json!(bytes)),
+                ("masked", json!(masked)),
+            ],
+        )
     }
 
     /// Checks the coordinator's record of a closed round against what this node sent, and

@@ -562,17 +562,17 @@ mod tests {
         head: Vec<u8>,
     }
 
-    fn build(records: usize) -> Fixture {
+    /// A certificate (DER) and its key (PEM) from a fresh CA.
+    fn member(name: &str) -> (Vec<u8>, String) {
         let ca = pki::init_ca("t", 1).unwrap();
-        let me = pki::issue(
-            &ca.cert_pem,
-            &ca.key_pem,
-            &SignSpec { name: "coordinator", role: Role::Node, days: 1, hosts: &[] },
-        )
-        .unwrap();
-        let der = crate::secagg::keys::cert_der_from_pem(&me.cert_pem).unwrap();
-        let key_pem = me.key_pem.clone();
-        let sign = move |m: &[u8]| crate::secagg::keys::sign_message(m, &key_pem).map_err(|e| e.to_string());
+        let me =
+            pki::issue(&ca.cert_pem, &ca.key_pem, &SignSpec { name, role: Role::Node, days: 1, hosts: &[] }).unwrap();
+        (crate::secagg::keys::cert_der_from_pem(&me.cert_pem).unwrap(), me.key_pem)
+    }
+
+    fn build(records: usize) -> Fixture {
+        let (der, key_pem) = member("coordinator");
+        let sign = |m: &[u8]| crate::secagg::keys::sign_message(m, &key_pem).map_err(|e| e.to_string());
         let dir = tempfile::tempdir().unwrap();
         let writer = Writer { name: "coordinator", role: "coordinator", cert_der: &der, sign_with_cert_key: &sign };
         let mut log = AuditLog::open(dir.path(), &writer).unwrap();
@@ -682,12 +682,8 @@ mod tests {
 
     #[test]
     fn reopening_reads_only_the_tail_and_continues_the_chain_even_after_a_long_record() {
-        let ca = pki::init_ca("t", 1).unwrap();
-        let me = pki::issue(&ca.cert_pem, &ca.key_pem, &SignSpec { name: "n", role: Role::Node, days: 1, hosts: &[] })
-            .unwrap();
-        let der = crate::secagg::keys::cert_der_from_pem(&me.cert_pem).unwrap();
-        let key_pem = me.key_pem.clone();
-        let sign = move |m: &[u8]| crate::secagg::keys::sign_message(m, &key_pem).map_err(|e| e.to_string());
+        let (der, key_pem) = member("n");
+        let sign = |m: &[u8]| crate::secagg::keys::sign_message(m, &key_pem).map_err(|e| e.to_string());
         let writer = Writer { name: "n", role: "node", cert_der: &der, sign_with_cert_key: &sign };
         let dir = tempfile::tempdir().unwrap();
         let mut log = AuditLog::open(dir.path(), &writer).unwrap();
@@ -705,12 +701,8 @@ mod tests {
 
     #[test]
     fn a_torn_tail_is_cut_on_reopen_and_the_recovery_recorded() {
-        let ca = pki::init_ca("t", 1).unwrap();
-        let me = pki::issue(&ca.cert_pem, &ca.key_pem, &SignSpec { name: "n", role: Role::Node, days: 1, hosts: &[] })
-            .unwrap();
-        let der = crate::secagg::keys::cert_der_from_pem(&me.cert_pem).unwrap();
-        let key_pem = me.key_pem.clone();
-        let sign = move |m: &[u8]| crate::secagg::keys::sign_message(m, &key_pem).map_err(|e| e.to_string());
+        let (der, key_pem) = member("n");
+        let sign = |m: &[u8]| crate::secagg::keys::sign_message(m, &key_pem).map_err(|e| e.to_string());
         let writer = Writer { name: "n", role: "node", cert_der: &der, sign_with_cert_key: &sign };
         let dir = tempfile::tempdir().unwrap();
         let mut log = AuditLog::open(dir.path(), &writer).unwrap();
