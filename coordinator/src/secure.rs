@@ -26,8 +26,6 @@ pub struct SecAggRound {
     pub server: Server,
     pub encoding: Encoding,
     pub setup: proto::SecAggSetup,
-    /// Set once the plan's round has closed: the driver then waits for the unmasked sum.
-    pub closing: bool,
 }
 
 impl SecAggRound {
@@ -67,7 +65,7 @@ impl SecAggRound {
             max_samples: settings.max_samples,
             step_timeout_secs: settings.step_timeout_secs,
         };
-        Ok(Self { server, encoding, setup, closing: false })
+        Ok(Self { server, encoding, setup })
     }
 
     /// Names of the ids in `ids`.

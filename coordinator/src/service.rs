@@ -1237,13 +1237,12 @@ impl Driver {
                     self.send(&node, start);
                 }
                 Action::CloseRound { round, .. } if active.secagg.is_some() => {
-                    // The masked inputs are in; the unmasking steps follow (see `apply_secagg`).
+                    // The masked inputs are in; the unmasking steps follow (see `apply_secagg`). The
+                    // protocol's input step ends only here or when every input is in, so the sum
+                    // is never ready before the plan round closes.
                     *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = None;
                     let now = Instant::now();
-                    let sa_actions = active.secagg.as_mut().map(|sa| {
-                        sa.closing = true;
-                        sa.server.end_inputs(now)
-                    });
+                    let sa_actions = active.secagg.as_mut().map(|sa| sa.server.end_inputs(now));
                     tracing::info!(round, "masked inputs collected; unmasking");
                     self.apply_secagg(sa_actions.unwrap_or_default());
                 }
@@ -1476,10 +1475,6 @@ impl Driver {
         let active = self.active.as_mut().ok_or("no plan is running")?;
         let sa = active.secagg.take().ok_or("no secure-aggregation round is open")?;
         let round = sa.server.params().round;
-        if !sa.closing {
-            // Every participant's input arrived before the plan round closed: close it now.
-            *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = None;
-        }
         // Test hook: the unmasked sum, for tests that check it out of band; never set in production.
         if let Some(dir) = std::env::var_os("SANCTUM_TEST_SECAGG_DUMP") {
             let path = std::path::Path::new(&dir).join(format!("sum-round-{round}.u32"));
