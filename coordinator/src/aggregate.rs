@@ -77,21 +77,41 @@ impl Accumulator {
 }
 
 /// Client-level DP at the coordinator (DP-FedAvg, McMahan et al. 2018), with fixed or adaptive
-/// clipping (Andrew et al. 2021).
+/// clipping (Andrew et al., "Differentially Private Learning with Adaptive Clipping", NeurIPS 2021).
 ///
 /// Each admitted update is scaled to norm at most C; at the end of the round the sum gets
 /// N(0, (σ_Δ·C)²) noise on every coordinate and is divided by the number of participants the
-/// round opened with (public, unlike the number that reported). With adaptive clipping the count
-/// of updates that needed no clipping is released with N(0, σ_b²) noise and moves C towards the
-/// target quantile: C ← C·exp(−η·(b̃ − γ)); the update noise is σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2), so
-/// the pair is exactly as private as one Gaussian release with the plan's σ.
+/// round opened with (public, unlike the number that reported).
+///
+/// With adaptive clipping each update also contributes bᵢ − ½ to a count, where bᵢ = 1 when its
+/// norm was at most C (TF Privacy's `QuantileEstimatorQuery`: "below" is `record <= estimate`,
+/// shifted by −0.5). The centred sum Σ(bᵢ − ½) gets N(0, σ_b²) noise and is read as the
+/// unclipped fraction b̃ = (Σ(bᵢ − ½) + noise)/n + ½, clamped to [0, 1]; then
+/// C ← C·exp(−η·(b̃ − γ)) (geometric update). σ_b is the plan's `count_noise_multiplier`, a
+/// standard deviation in counts, as TF Privacy's `clipped_count_stddev`.
+///
+/// **Why centred, not sensitivity 1.** Adding or removing one hospital changes Σ(bᵢ − ½) by
+/// exactly ½, whether its update was clipped or not; the plain count Σbᵢ would move by 1 (or 0).
+/// Centring halves the count's sensitivity at no cost: the shift by ½ per participant is undone
+/// with the public n, so the estimate is the same when every participant reports. The split of
+/// the plan's σ between the two queries, σ_Δ = (σ⁻² − (2σ_b)⁻²)^(−1/2) (Andrew et al., and TFF's
+/// `DifferentiallyPrivateFactory.gaussian_adaptive`), is right *only* for sensitivity ½: the
+/// pair (sum/(σ_Δ·C), count/σ_b) has L2 sensitivity √(σ_Δ⁻² + (½/σ_b)²) = 1/σ, one Gaussian
+/// release with the plan's σ, which is what the accountant charged. With the uncentred count
+/// the same split gives √(σ_Δ⁻² + σ_b⁻²) > 1/σ: less privacy than charged. (Using sensitivity 1
+/// in the split instead would also be sound, but it needs twice the count noise for the same
+/// update noise.) With r of the n participants reporting, U of them unclipped,
+/// b̃ = U/n + (n − r)/(2n) before noise: a participant that never reported counts as half an
+/// unclipped update, as in TF Privacy with `expected_num_records`.
 #[derive(Debug)]
 pub struct ClientDp {
     clip: f64,
     update_sigma: f64,
     adaptive: Option<AdaptiveClipping>,
-    /// Updates this round whose norm was at most the clip norm.
+    /// Updates this round whose norm was at most the clip norm (bᵢ = 1).
     unclipped: u64,
+    /// Updates this round that had to be clipped (bᵢ = 0).
+    clipped: u64,
 }
 
 impl ClientDp {
@@ -100,6 +120,7 @@ impl ClientDp {
         let update_sigma = match &adaptive {
             None => sigma,
             Some(a) => {
+                // The count query's noise multiplier is σ_b / (sensitivity ½) = 2σ_b.
                 let rest = sigma.powi(-2) - (2.0 * a.count_noise_multiplier).powi(-2);
                 if rest <= 0.0 {
                     return Err(format!(
@@ -110,7 +131,7 @@ impl ClientDp {
                 rest.powf(-0.5)
             }
         };
-        Ok(Self { clip, update_sigma, adaptive, unclipped: 0 })
+        Ok(Self { clip, update_sigma, adaptive, unclipped: 0, clipped: 0 })
     }
 
     /// The clip norm this round uses.
@@ -129,6 +150,7 @@ impl ClientDp {
         if norm <= self.clip {
             self.unclipped += 1;
         } else {
+            self.clipped += 1;
             let scale = self.clip / norm;
             for v in update.iter_mut() {
                 *v = (f64::from(*v) * scale) as f32;
@@ -137,17 +159,22 @@ impl ClientDp {
         norm
     }
 
-    /// The noised mean of the round's clipped updates; `gaussian(std)` draws N(0, std²).
-    /// Adapts the clip norm for the next round.
+    /// The noised mean of the round's clipped updates; `gaussian(std)` draws N(0, std²), first
+    /// once per coordinate of the sum, then once for the centred count. Adapts the clip norm for
+    /// the next round.
     pub fn release(&mut self, sum: &[f64], participants: usize, gaussian: &mut dyn FnMut(f64) -> f64) -> Vec<f64> {
         let n = participants.max(1) as f64;
         let std = self.update_sigma * self.clip;
         let mean = sum.iter().map(|s| (s + gaussian(std)) / n).collect();
         if let Some(a) = &self.adaptive {
+            // Σ(bᵢ − ½), exact: both counts are integers far below 2⁵³.
+            let centred = (self.unclipped as f64 - self.clipped as f64) * 0.5;
+            let _ = centred;
             let b = (self.unclipped as f64 + gaussian(a.count_noise_multiplier)) / n;
             self.clip *= (-a.learning_rate * (b - a.target_quantile)).exp();
         }
         self.unclipped = 0;
+        self.clipped = 0;
         mean
     }
 }
@@ -280,6 +307,107 @@ mod tests {
         dp.release(&[0.0, 0.0], 4, &mut |_| 0.0);
         assert!((dp.clip_norm() - (-0.2f64 * 0.5).exp()).abs() < 1e-12, "{}", dp.clip_norm());
         assert!(ClientDp::new(1.0, 1.0, Some(AdaptiveClipping { count_noise_multiplier: 0.4, ..adaptive })).is_err());
+    }
+
+    /// One round of adaptive DP-FedAvg on updates of the given norms (a one-coordinate model), with
+    /// chosen noise draws: `sum_noise` and `count_noise` say how many of their standard deviations
+    /// the sum's and the count's draws are. Returns the released mean, the norm the largest update
+    /// was clipped to, and the unclipped fraction b̃ the coordinator read, recovered from the
+    /// clip-norm step C' = C·exp(−η(b̃ − γ)).
+    fn adaptive_round(
+        sigma: f64,
+        count_sigma: f64,
+        norms: &[f32],
+        participants: usize,
+        sum_noise: f64,
+        count_noise: f64,
+    ) -> (f64, f64, f64) {
+        let a = AdaptiveClipping { target_quantile: 0.5, learning_rate: 0.2, count_noise_multiplier: count_sigma };
+        let mut dp = ClientDp::new(sigma, 1.0, Some(a.clone())).unwrap();
+        let c = dp.clip_norm();
+        let (mut sum, mut largest) = (0.0, 0.0f64);
+        for &norm in norms {
+            let mut u = [norm];
+            dp.clip(&mut u);
+            largest = largest.max(f64::from(u[0]).abs());
+            sum += f64::from(u[0]);
+        }
+        let mut draws = 0;
+        let mean = dp.release(&[sum], participants, &mut |std| {
+            draws += 1;
+            std * if draws == 1 { sum_noise } else { count_noise }
+        })[0];
+        assert_eq!(draws, 2, "one draw for the sum's coordinate, one for the count");
+        let b = a.target_quantile - (dp.clip_norm() / c).ln() / a.learning_rate;
+        (mean, largest, b)
+    }
+
+    /// The round releases M(D) = (S + Z₁, Q + Z₂): S = Σ clip_C(xᵢ) with Z₁ ~ N(0, s²I), s = σ_Δ·C,
+    /// and the count statistic Q with Z₂ ~ N(0, q²); the mean, the shift, the clamp and the clip
+    /// step are post-processing. Dividing each part by its noise's standard deviation is a
+    /// bijection, so M is as private as M' = (S/s, Q/q) + N(0, I). For neighbours D, D ∪ {x} the
+    /// mean of M' moves by v = (clip(x)/s, ΔQ/q), with ‖v‖² ≤ (C/s)² + (Δ_Q/q)², where C bounds
+    /// ‖clip(x)‖ and Δ_Q bounds |ΔQ|. An isotropic Gaussian whose mean moves by at most Δ is, in
+    /// every divergence the accountants use, the scalar Gaussian mechanism with sensitivity Δ
+    /// and unit noise (rotate v onto one axis; the other axes are identical under both), i.e.
+    /// sensitivity 1 and noise multiplier 1/Δ. So the pair's effective noise multiplier is
+    ///   σ_eff = ((C/s)² + (Δ_Q/q)²)^(−1/2) = (σ_Δ⁻² + (q/Δ_Q)⁻²)^(−1/2),
+    /// and the plan's accountant (which charged one Gaussian with the plan's σ per round) is right
+    /// only if σ_eff ≥ σ. Every quantity is measured from the behaviour, not read from the code:
+    /// s and C from the released mean and a clipped update, Δ_Q and q from b̃ (in units of b̃ the
+    /// count moves by Δ_Q/n between neighbours and its noise has standard deviation q/n).
+    /// The centred count has Δ_Q = ½ and σ_eff = σ; the plain count Σbᵢ (Δ_Q = 1) gives σ_eff < σ.
+    #[test]
+    fn adaptive_clipping_releases_are_as_noisy_as_the_plans_noise_multiplier() {
+        let n = 10;
+        for (sigma, count_sigma) in [(1.0, 0.6), (1.0, 5.0), (0.8, 0.5), (3.0, 2.0), (2.0, 50.0)] {
+            let base = [0.5f32, 2.0, 0.25, 4.0];
+            let (m0, _, b0) = adaptive_round(sigma, count_sigma, &base, n, 0.0, 0.0);
+            // Sum: its sensitivity is the norm a large update is clipped to; s from one std of noise.
+            let (m1, _, _) = adaptive_round(sigma, count_sigma, &base, n, 1.0, 0.0);
+            let s = (m1 - m0) * n as f64;
+            let (_, c, _) = adaptive_round(sigma, count_sigma, &[1e6], n, 0.0, 0.0);
+            // Count: q/n is how far one std of its noise moves b̃ (measured on a hundredth of one,
+            // so b̃ stays inside [0, 1]); Δ_Q/n is the most a neighbour moves it.
+            let (_, _, b1) = adaptive_round(sigma, count_sigma, &base, n, 0.0, 0.01);
+            let q_over_n = (b1 - b0) / 0.01;
+            let neighbour = |extra: f32| {
+                let mut d = base.to_vec();
+                d.push(extra);
+                (adaptive_round(sigma, count_sigma, &d, n, 0.0, 0.0).2 - b0).abs()
+            };
+            let dq_over_n = neighbour(0.1).max(neighbour(100.0));
+            for b in [b0, b1] {
+                assert!(b > 0.0 && b < 1.0, "b̃ = {b} would be clamped; pick other updates");
+            }
+            let sigma_eff = ((c / s).powi(2) + (dq_over_n / q_over_n).powi(2)).powf(-0.5);
+            assert!(
+                sigma_eff >= sigma * (1.0 - 1e-9),
+                "σ = {sigma}, σ_b = {count_sigma}: the sum (σ_Δ = {}) and the count (Δ_Q/q = {}) together are only σ_eff = {sigma_eff}",
+                s / c,
+                dq_over_n / q_over_n
+            );
+            assert!(sigma_eff <= sigma * (1.0 + 1e-9), "σ_eff = {sigma_eff} wastes noise against σ = {sigma}");
+        }
+    }
+
+    #[test]
+    fn the_unclipped_fraction_is_read_from_the_centred_count() {
+        // Every participant reports: b̃ is the plain fraction U/n.
+        for (unclipped, clipped) in [(0usize, 4usize), (1, 3), (3, 1), (4, 0)] {
+            let norms: Vec<f32> = (0..unclipped).map(|_| 0.5).chain((0..clipped).map(|_| 5.0)).collect();
+            let (_, _, b) = adaptive_round(1.0, 10.0, &norms, 4, 0.0, 0.0);
+            assert!((b - unclipped as f64 / 4.0).abs() < 1e-12, "{unclipped} of 4 unclipped: b̃ = {b}");
+        }
+        // Two of four reported, both unclipped: U/n + (n − r)/(2n) = 0.5 + 0.25.
+        let (_, _, b) = adaptive_round(1.0, 10.0, &[0.5, 0.5], 4, 0.0, 0.0);
+        assert!((b - 0.75).abs() < 1e-12, "b̃ = {b}");
+        // A count noised out of [0, 1] is clamped, as TF Privacy does: C moves by at most exp(±η·γ).
+        let a = AdaptiveClipping { target_quantile: 0.5, learning_rate: 0.2, count_noise_multiplier: 10.0 };
+        let mut dp = ClientDp::new(1.0, 1.0, Some(a)).unwrap();
+        dp.clip(&mut [0.5f32]);
+        dp.release(&[0.0], 4, &mut |std| std * 100.0);
+        assert!((dp.clip_norm() - (-0.2f64 * 0.5).exp()).abs() < 1e-12, "{}", dp.clip_norm());
     }
 
     proptest! {
