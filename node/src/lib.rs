@@ -9,6 +9,7 @@
 //! - [`train`]: the model zoo on tch, local training and evaluation.
 //! - [`dpsgd`]: DP-SGD's per-example clipping by ghost norms (no loop over examples).
 //! - [`ledger`]: the privacy ledger, charged and fsync'd before an update leaves.
+//! - [`state_lock`]: the state directory's lock, one node process per state directory.
 //! - [`egress`]: the append-only record of everything the node sent and the rule that allowed it.
 //! - [`daemon`]: the gRPC client loop that ties them together.
 
@@ -19,4 +20,5 @@ pub mod dpsgd;
 pub mod egress;
 pub mod ledger;
 pub mod policy;
+pub mod state_lock;
 pub mod train;
