@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sanctum_node::config::NodeConfig;
 use sanctum_node::daemon::Node;
-use sanctum_node::ledger::Ledger;
+use sanctum_node::ledger::Charges;
 use sanctum_node::{data, train};
 use sanctum_protocol::audit::AuditCommand;
 use sanctum_protocol::pki;
@@ -39,7 +39,7 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// What each dataset has spent from its privacy budget, per plan, from the ledger.
+    /// What each dataset has spent from its privacy budget, per plan run, from the ledger.
     Budget {
         #[arg(long)]
         config: PathBuf,
@@ -163,7 +163,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Budget { config, json } => {
             let cfg = NodeConfig::load(&config)?;
-            let ledger = Ledger::open(&cfg.state_dir)?;
+            // Read only: the node may be running and holds the state directory.
+            let ledger = Charges::read(&cfg.state_dir)?;
             let cap = cfg.policy.max_epsilon;
             let mut names: Vec<String> = cfg.datasets.iter().map(|d| d.schema.clone()).collect();
             names.extend(ledger.datasets());
@@ -172,7 +173,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut out = Vec::new();
             for name in &names {
                 let spent = ledger.spent(name, None);
-                let plans: Vec<_> = ledger.plans(name).into_values().collect();
+                let mut runs = Vec::new();
+                for ((plan_id, run), c) in ledger.runs(name) {
+                    let mut v = serde_json::to_value(&c)?;
+                    v["releases"] = ledger.releases(&plan_id, &run).into();
+                    runs.push(v);
+                }
                 out.push(serde_json::json!({
                     "dataset": name,
                     "epsilon_spent": spent.epsilon,
@@ -181,8 +187,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "epsilon_remaining": cap.map(|c| (c - spent.epsilon).max(0.0)),
                     "delta_cap": cfg.policy.max_delta,
                     "delta_remaining": cfg.policy.max_delta.map(|c| (c - spent.delta).max(0.0)),
-                    "accountant": "pld (connect-the-dots) within a plan; basic composition (sum) across plans",
-                    "plans": plans,
+                    "accountant": "pld (connect-the-dots) or zCDP within a plan run; basic composition (sum) across runs",
+                    "runs": runs,
                 }));
             }
             if json {
@@ -190,7 +196,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!("privacy ledger: {}", ledger.path().display());
-            println!("accountant: PLD (connect-the-dots) within a plan; ε and δ add up across plans");
+            println!("accountant: PLD (connect-the-dots) or zCDP within a plan run; ε and δ add up across runs");
             for name in &names {
                 let spent = ledger.spent(name, None);
                 let cap_text = match cap {
@@ -205,17 +211,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "dataset {name}: ε spent {:.3} {cap_text}, δ spent {:e} {delta_text}",
                     spent.epsilon, spent.delta
                 );
-                for c in ledger.plans(name).values() {
+                for ((plan_id, run), c) in ledger.runs(name) {
+                    let run_text = if run.is_empty() { "(before runs were recorded)".to_string() } else { run.clone() };
                     println!(
-                        "  plan {} ({}): {} round(s) charged, {} steps at q = {:.4}, σ = {:.3}: ε = {:.3}, δ = {:e}",
+                        "  plan {} ({}) run {run_text}: {} release(s), {} steps at q = {:.4}, σ = {:.3}: ε = {:.3}, δ = {:e}",
                         c.plan_name,
-                        &c.plan_id[..c.plan_id.len().min(12)],
-                        c.round,
+                        &plan_id[..plan_id.len().min(12)],
+                        ledger.releases(&plan_id, &run),
                         c.steps,
                         c.sampling_rate,
                         c.noise_multiplier,
                         c.epsilon,
-                        c.delta
+                        ledger.run_spent(&plan_id, &run).delta
                     );
                 }
             }
