@@ -73,3 +73,56 @@ impl SecAggRound {
         ids.iter().filter_map(|&id| self.server.params().name_of(id).map(str::to_string)).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(threshold: Option<usize>, min_nodes: usize) -> Plan {
+        let secagg = threshold.map_or(String::new(), |t| format!("threshold = {t}\n"));
+        Plan::parse(&format!(
+            r#"
+name = "t"
+rounds = 1
+min_nodes = {min_nodes}
+secure_aggregation = true
+[secagg]
+{secagg}
+[model]
+kind = "logistic_regression"
+inputs = 13
+[data]
+schema = "heart_disease"
+[local]
+steps = 1
+batch_size = 4
+learning_rate = 0.01
+[strategy]
+kind = "fedavg"
+"#
+        ))
+        .unwrap()
+    }
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("node-{i:03}")).collect()
+    }
+
+    #[test]
+    fn the_coordinator_raises_a_plan_threshold_with_2t_le_n_to_a_strict_majority() {
+        // A plan asking for t = 2 opens 5-participant rounds at t = 3, which every node accepts
+        // (t = 2 would be refused by each node's Client::new); larger floors are kept.
+        for (threshold, min_nodes, n, want) in
+            [(Some(2), 2, 5, 3), (Some(2), 2, 4, 3), (None, 2, 5, 3), (Some(4), 2, 5, 4), (None, 4, 4, 4), (None, 2, 2, 2)]
+        {
+            let round = SecAggRound::open(&plan(threshold, min_nodes), "p", 1, &names(n), 14, None, Instant::now())
+                .unwrap();
+            assert_eq!(round.setup.threshold as usize, want, "threshold {threshold:?} of {n}");
+            assert_eq!(round.server.params().threshold, want);
+            assert!(2 * want > n);
+        }
+        // A floor above the round's participants cannot run, and says so.
+        let e = SecAggRound::open(&plan(Some(4), 2), "p", 1, &names(3), 14, None, Instant::now()).err().unwrap();
+        assert!(e.contains("3 participant(s), the threshold is 4"), "{e}");
+    }
+}

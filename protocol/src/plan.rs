@@ -228,8 +228,11 @@ impl Strategy {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecAggSettings {
-    /// The fewest nodes whose inputs may be summed (t of t-of-n). Default: a majority of the
-    /// round's participants, and never fewer than `min_nodes`.
+    /// The fewest nodes whose inputs may be summed (t of t-of-n), as a floor: a round with n
+    /// participants uses the largest of this, a strict majority (⌊n/2⌋ + 1), `min_nodes` and 2
+    /// ([`Plan::secagg_threshold`]). A strict majority is never given up: with 2t ≤ n the
+    /// coordinator could show two disjoint groups two survivor lists and learn both secrets of
+    /// one hospital, and every node refuses such a round.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold: Option<usize>,
     /// L2 bound each node clips its update to before quantising (without client-level privacy;
@@ -501,11 +504,18 @@ impl Plan {
         self.secagg.clone().unwrap_or_default()
     }
 
-    /// The threshold t for a round with `participants` nodes: the plan's, or a majority, never
-    /// fewer than `min_nodes` nor 2.
+    /// The threshold t for a round with `participants` nodes: a strict majority (2t > n), raised
+    /// to the plan's `secagg.threshold` and to `min_nodes`, never below 2. The coordinator sets
+    /// this and every node requires at least this.
+    ///
+    /// The plan's threshold is a floor rather than a value checked at [`Plan::parse`] because n,
+    /// the hospitals that accepted and are connected when a round opens, is known only then: any
+    /// fixed t gives 2t ≤ n for some consortium, so parse could only refuse every explicit
+    /// threshold. Raising t to a majority costs dropout tolerance (fewer may leave), never privacy.
     pub fn secagg_threshold(&self, participants: usize) -> usize {
         let s = self.secagg_settings();
-        s.threshold.unwrap_or(participants / 2 + 1).max(self.min_nodes).max(2)
+        let majority = participants / 2 + 1;
+        s.threshold.unwrap_or(0).max(majority).max(self.min_nodes).max(2)
     }
 
     /// The plan as sent to nodes: canonical TOML without the simulation section. Its SHA-256 is
@@ -578,5 +588,29 @@ server_learning_rate = 0.01
         assert!(e.contains("privacy.delta"), "{e}");
         let ok = dp("target_epsilon = 3.0\nclip_norm = 1.0\ndelta = 1e-5").unwrap();
         assert_eq!(Plan::parse(&ok.to_wire_toml().unwrap()).unwrap(), ok);
+    }
+
+    #[test]
+    fn the_secagg_threshold_is_a_strict_majority_whatever_the_plan_asks() {
+        let secagg = |threshold: &str, min_nodes: usize| {
+            let text = PLAN.replace("min_nodes = 1", &format!("min_nodes = {min_nodes}"));
+            Plan::parse(&format!("secure_aggregation = true\n{text}[secagg]\n{threshold}\n")).unwrap()
+        };
+        // A plan asking for t = 2 gets 3 of 5 (2·2 ≤ 5 would let two survivor lists each gather
+        // t signatures); a floor above the majority is kept; so is min_nodes.
+        assert_eq!(secagg("threshold = 2", 2).secagg_threshold(5), 3);
+        assert_eq!(secagg("threshold = 2", 2).secagg_threshold(4), 3);
+        assert_eq!(secagg("threshold = 4", 2).secagg_threshold(5), 4);
+        assert_eq!(secagg("", 4).secagg_threshold(5), 4);
+        for plan in [secagg("threshold = 2", 2), secagg("", 2), secagg("threshold = 3", 3)] {
+            for n in 2..=200 {
+                let t = plan.secagg_threshold(n);
+                assert!(2 * t > n && t >= 2, "t = {t} of n = {n}");
+            }
+        }
+        let e = Plan::parse(&format!("secure_aggregation = true\n{}[secagg]\nthreshold = 1\n", PLAN.replace("min_nodes = 1", "min_nodes = 2")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("secagg.threshold"), "{e}");
     }
 }
