@@ -39,8 +39,26 @@ pub struct RoundParams {
 }
 
 impl RoundParams {
-    /// Checks the parameters every party must agree on.
+    /// Checks the parameters every party must agree on, including the majority rule 2t > n.
+    ///
+    /// Why a strict majority: an honest node signs one survivor list per round and answers only
+    /// after t signatures on the list it signed, so every list the coordinator gets answers for
+    /// was signed by t nodes of its own. With 2t ≤ n two disjoint groups of t can each be shown a
+    /// different list: one answers with the self-mask seed b of a node, the other (told that node
+    /// dropped) with its mask secret, and with both the coordinator strips every mask from that
+    /// node's input. With 2t > n two groups of t signers always share a node, which signed only
+    /// one of the lists.
     pub fn validate(&self) -> Result<(), SecAggError> {
+        self.validate_shape()?;
+        let (n, t) = (self.participants.len(), self.threshold);
+        if 2 * t <= n {
+            return Err(SecAggError::ThresholdNotMajority { t, n, least: n / 2 + 1 });
+        }
+        Ok(())
+    }
+
+    /// Sorted, distinct participants and 2 ≤ t ≤ n: everything but the majority rule.
+    fn validate_shape(&self) -> Result<(), SecAggError> {
         let n = self.participants.len();
         let sorted = self.participants.windows(2).all(|w| w[0] < w[1]);
         if !sorted {
@@ -156,9 +174,22 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// Starts a round as `me`: fresh keys and self-mask seed from the OS. Returns the keys to sign
-    /// with the certificate key and advertise.
+    /// with the certificate key and advertise. Refuses parameters that break [`RoundParams::validate`],
+    /// a threshold with 2t ≤ n among them ([`SecAggError::ThresholdNotMajority`]).
     pub fn new(params: RoundParams, me: &str) -> Result<(Self, RoundKeys), SecAggError> {
         params.validate()?;
+        Self::start(params, me)
+    }
+
+    /// [`Client::new`] without the majority rule: only for the test that shows what the rule
+    /// prevents (the split-survivor-list attack in `sim`).
+    #[cfg(test)]
+    pub(crate) fn new_without_majority_rule(params: RoundParams, me: &str) -> Result<(Self, RoundKeys), SecAggError> {
+        params.validate_shape()?;
+        Self::start(params, me)
+    }
+
+    fn start(params: RoundParams, me: &str) -> Result<(Self, RoundKeys), SecAggError> {
         let my_id = params.id_of(me).ok_or_else(|| SecAggError::Protocol(format!("'{me}' is not a participant")))?;
         let mut rng = ChaCha20Rng::from_os_rng();
         let (share_secret, share_public) = crypto::key_pair(&mut rng);

@@ -44,4 +44,11 @@ pub enum SecAggError {
     TooFew { step: &'static str, got: usize, t: usize },
     #[error("secure aggregation: {0}")]
     Shamir(#[from] shamir::ShamirError),
+    /// The rule 2t > n ([`client::RoundParams::validate`]): with 2t ≤ n a coordinator could show
+    /// two disjoint groups of t survivors two different survivor lists and learn both secrets of
+    /// one node.
+    #[error(
+        "secure aggregation: threshold {t} of {n} participants breaks the rule 2t > n (two disjoint survivor lists could each gather t signatures and reveal both secrets of one node); refusing the round: the coordinator must set the threshold to at least {least}"
+    )]
+    ThresholdNotMajority { t: usize, n: usize, least: usize },
 }

@@ -234,8 +234,10 @@ mod tests {
     use rand::{RngCore, SeedableRng};
     use rand_chacha::ChaCha20Rng;
 
-    use super::super::ShareKind;
-    use super::super::masking::{self, Sign};
+    use x25519_dalek::{PublicKey, StaticSecret};
+
+    use super::super::masking::{self, Seed, Sign};
+    use super::super::{ShareKind, shamir};
     use super::*;
 
     fn inputs(seed: u64, len: usize) -> impl Fn(u32) -> Vec<u32> {
@@ -435,5 +437,185 @@ mod tests {
             matches!(&actions[..], [ServerAction::Failed(r)] if r.contains("1 of 3 node(s) advertised keys")),
             "{actions:?}"
         );
+    }
+
+    /// How a node starts its round: [`Client::new`], or the test-only constructor that skips the
+    /// majority rule (the code before it).
+    type Start = fn(RoundParams, &str) -> Result<(Client, RoundKeys), SecAggError>;
+
+    /// What a coordinator that split the survivor list got out of the nodes.
+    #[derive(Debug, Default)]
+    struct SplitAttack {
+        /// Nodes whose self-mask seed b and mask secret it both rebuilt (the secret checked
+        /// against the node's advertised mask key).
+        both_secrets: BTreeSet<u32>,
+        /// Updates it read in the clear from the masked inputs, by node.
+        read: BTreeMap<u32, Vec<u32>>,
+        /// Why nodes refused the survivor list or the signatures, by node.
+        refused: BTreeMap<u32, SecAggError>,
+    }
+
+    /// A malicious coordinator. Keys, shares and masked inputs travel honestly among all the
+    /// nodes (U1 = U2 = everyone). Then for each `(told, list)` of `split` it tells the nodes
+    /// `told` that the survivors are `list`, gathers their signatures on that list, relays exactly
+    /// those to them and keeps every unmasking share they reveal. Last, for every node it tries to
+    /// rebuild both b and the mask secret from t shares each, and where it can, strips the self
+    /// mask and every pairwise mask from that node's masked input.
+    fn split_survivor_attack(
+        start: Start,
+        members: &Members,
+        params: &RoundParams,
+        split: &[(BTreeSet<u32>, BTreeSet<u32>)],
+        input: &dyn Fn(u32) -> Vec<u32>,
+    ) -> Result<SplitAttack, SecAggError> {
+        let t = params.threshold;
+        let mut clients: BTreeMap<u32, Client> = BTreeMap::new();
+        let mut advertised = Vec::new();
+        for name in &members.names {
+            let (client, keys) = start(params.clone(), name)?;
+            let signature = members.sign(name, &keys.signed_message());
+            advertised.push(AdvertisedKeys { keys, signature, cert_der: members.certs[name].clone() });
+            clients.insert(client.id(), client);
+        }
+        let mut shares = Vec::new();
+        for c in clients.values_mut() {
+            shares.extend(c.receive_peers(&advertised, members)?);
+        }
+        let u2: BTreeSet<u32> = clients.keys().copied().collect();
+        let mut masked = BTreeMap::new();
+        for (&id, c) in &mut clients {
+            let mine: Vec<EncryptedShare> = shares.iter().filter(|s| s.to == id).cloned().collect();
+            c.receive_shares(&u2, &mine)?;
+            masked.insert(id, c.masked_input(&input(id))?);
+        }
+        let mut attack = SplitAttack::default();
+        let mut revealed: Vec<UnmaskShare> = Vec::new();
+        for (told, list) in split {
+            let mut signatures = Vec::new();
+            for &id in told {
+                let (Some(c), Some(name)) = (clients.get_mut(&id), params.name_of(id)) else { continue };
+                match c.receive_survivors(list) {
+                    Ok(message) => signatures.push((id, members.sign(name, &message))),
+                    Err(e) => {
+                        attack.refused.insert(id, e);
+                    }
+                }
+            }
+            for &(id, _) in &signatures {
+                let Some(c) = clients.get_mut(&id) else { continue };
+                match c.receive_consistency(&signatures, members) {
+                    Ok(s) => revealed.extend(s),
+                    Err(e) => {
+                        attack.refused.insert(id, e);
+                    }
+                }
+            }
+        }
+        // Node v's keys are the v-th advertised (ids are positions in the sorted names).
+        let mask_key = |v: u32| PublicKey::from(advertised[v as usize - 1].keys.mask_key);
+        let context = params.context();
+        for &v in &u2 {
+            let of = |kind: ShareKind| -> Vec<shamir::Share> {
+                revealed.iter().filter(|s| s.of == v && s.kind == kind).map(|s| s.share.clone()).collect()
+            };
+            let (b_shares, s_shares) = (of(ShareKind::SelfSeed), of(ShareKind::MaskKey));
+            if b_shares.len() < t || s_shares.len() < t {
+                continue;
+            }
+            let b = shamir::reconstruct(&b_shares, t)?;
+            let secret = StaticSecret::from(shamir::reconstruct(&s_shares, t)?);
+            if PublicKey::from(&secret) != mask_key(v) {
+                continue;
+            }
+            attack.both_secrets.insert(v);
+            let pairs: Vec<(u32, u32, Seed)> = u2
+                .iter()
+                .filter(|&&j| j != v)
+                .map(|&j| (v, j, masking::pairwise_seed(&secret, &mask_key(j), &context)))
+                .collect();
+            attack.read.insert(v, masking::unmask(&masked[&v], &[(v, b)], &pairs));
+        }
+        Ok(attack)
+    }
+
+    /// {1, 2} are told the survivors are {1, 2}; {3, 4} that they are {3, 4}; node 5 hears
+    /// nothing. Each half signs its own list, so with t = 2 each half has its t signatures.
+    fn two_halves() -> Vec<(BTreeSet<u32>, BTreeSet<u32>)> {
+        vec![([1, 2].into(), [1, 2].into()), ([3, 4].into(), [3, 4].into())]
+    }
+
+    #[test]
+    fn without_the_majority_rule_a_split_survivor_list_reads_hospitals_updates() {
+        // The attack harness itself, against nodes that accept t = 2 of 5 (the code before the
+        // rule): {1, 2} answer with b of 1 and 2 and the mask secrets of 3, 4 and 5, which they
+        // were told dropped; {3, 4} with b of 3 and 4 and the mask secrets of 1, 2 and 5.
+        let members = Members::new(5).unwrap();
+        let params = RoundParams { plan_id: "p".into(), round: 1, participants: members.names.clone(), threshold: 2 };
+        let len = 257;
+        let input = inputs(11, len);
+        let attack =
+            split_survivor_attack(Client::new_without_majority_rule, &members, &params, &two_halves(), &input).unwrap();
+        assert!(attack.refused.is_empty(), "{:?}", attack.refused);
+        assert_eq!(attack.both_secrets, [1, 2, 3, 4].into());
+        for v in 1..=4 {
+            assert_eq!(attack.read[&v], input(v), "node {v}'s update is read in the clear");
+        }
+    }
+
+    #[test]
+    fn with_the_majority_rule_nodes_refuse_t_2_of_5_and_a_split_survivor_list_gets_nothing() {
+        let members = Members::new(5).unwrap();
+        let params = RoundParams { plan_id: "p".into(), round: 1, participants: members.names.clone(), threshold: 2 };
+        let len = 16;
+        let input = inputs(11, len);
+        // Every honest node refuses to start the round, naming the rule and what t must be.
+        let err = split_survivor_attack(Client::new, &members, &params, &two_halves(), &input).unwrap_err();
+        assert_eq!(err, SecAggError::ThresholdNotMajority { t: 2, n: 5, least: 3 });
+        let message = err.to_string();
+        assert!(message.contains("2t > n") && message.contains("at least 3"), "{message}");
+        for name in &members.names {
+            assert!(matches!(Client::new(params.clone(), name), Err(SecAggError::ThresholdNotMajority { .. })));
+        }
+        // Nor does the coordinator's own state machine open such a round.
+        let (result, _, _) = run_round(&members, &params, len, &input, &[DropAt::Never; 5], false);
+        assert!(matches!(result, Err(SecAggError::ThresholdNotMajority { .. })), "{result:?}");
+        // At t = 3 the same split, and the nearest one that could work (three signers on one
+        // list, the other list short of node 3, which signed the first), end in refusals.
+        let majority = RoundParams { threshold: 3, ..params };
+        let near = vec![([1, 2, 3].into(), [1, 2, 3].into()), ([4, 5].into(), [3, 4, 5].into())];
+        for split in [two_halves(), near] {
+            let attack = split_survivor_attack(Client::new, &members, &majority, &split, &input).unwrap();
+            assert!(attack.both_secrets.is_empty() && attack.read.is_empty(), "{split:?}: {attack:?}");
+            assert!(attack.refused.values().all(|e| matches!(e, SecAggError::TooFew { .. })), "{attack:?}");
+            assert!(!attack.refused.is_empty());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        /// Whichever survivor lists the coordinator shows to whichever nodes, with t a strict
+        /// majority it never rebuilds both secrets of any node. Two lists suffice: groups of t
+        /// signers on different lists are disjoint, and three would need 3t ≤ n.
+        #[test]
+        fn no_split_of_the_survivor_list_reveals_both_secrets_of_a_node_under_a_majority(
+            n in 3usize..7,
+            group in proptest::collection::vec(0usize..3, 7),
+            extra in proptest::collection::vec(proptest::collection::btree_set(1u32..7, 0..4), 2),
+        ) {
+            let members = Members::new(n).unwrap();
+            let params = RoundParams { plan_id: "p".into(), round: 1, participants: members.names.clone(), threshold: n / 2 + 1 };
+            // Group 0 and group 1 each hear their own list (its members and perhaps others); the
+            // rest hear nothing.
+            let split: Vec<(BTreeSet<u32>, BTreeSet<u32>)> = (0..2)
+                .map(|g| {
+                    let told: BTreeSet<u32> = (1..=n as u32).filter(|&id| group[id as usize - 1] == g).collect();
+                    let list = told.iter().copied().chain(extra[g].iter().copied().filter(|&id| id <= n as u32)).collect();
+                    (told, list)
+                })
+                .collect();
+            let attack = split_survivor_attack(Client::new, &members, &params, &split, &inputs(3, 8)).unwrap();
+            prop_assert!(attack.both_secrets.is_empty(), "{split:?}: both secrets of {:?}", attack.both_secrets);
+            prop_assert!(attack.read.is_empty());
+        }
     }
 }
