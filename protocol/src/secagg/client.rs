@@ -73,6 +73,25 @@ impl RoundParams {
         Ok(())
     }
 
+    /// SHA-256 of the sorted participant list (each name length-prefixed, so no two lists share
+    /// an encoding) and t. It enters the round context (so the HKDF salt of every pairwise mask
+    /// and share-encryption key, the shares' AAD and the consistency message) and the signed
+    /// round-key message: keys, shares and signatures made for a round announced with one list or
+    /// threshold are useless in a round announced with another.
+    pub fn roster_digest(&self) -> [u8; 32] {
+        let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+        h.update(b"sanctum secagg roster v1\0");
+        h.update(&(self.participants.len() as u64).to_le_bytes());
+        for p in &self.participants {
+            h.update(&(p.len() as u64).to_le_bytes());
+            h.update(p.as_bytes());
+        }
+        h.update(&(self.threshold as u64).to_le_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(h.finish().as_ref());
+        out
+    }
+
     /// A participant's id (position + 1).
     pub fn id_of(&self, name: &str) -> Option<u32> {
         self.participants.binary_search_by(|p| p.as_str().cmp(name)).ok().map(|i| i as u32 + 1)
@@ -83,13 +102,28 @@ impl RoundParams {
         self.participants.get((id as usize).checked_sub(1)?).map(String::as_str)
     }
 
-    /// The bytes that bind keys, masks and shares to this plan and round.
+    /// The bytes that bind keys, masks and shares to this plan, round, participant list and
+    /// threshold ([`RoundParams::roster_digest`]).
     pub fn context(&self) -> Vec<u8> {
-        let mut c = b"sanctum secagg v1\0".to_vec();
+        let mut c = b"sanctum secagg v2\0".to_vec();
         c.extend_from_slice(&(self.plan_id.len() as u64).to_le_bytes());
         c.extend_from_slice(self.plan_id.as_bytes());
         c.extend_from_slice(&self.round.to_le_bytes());
+        c.extend_from_slice(&self.roster_digest());
         c
+    }
+
+    /// The round-key message `keys` must carry a signature over in this round: built from this
+    /// round's plan, round and roster digest, never from what was relayed, so keys signed for
+    /// another participant list or threshold do not verify.
+    pub fn keys_message(&self, keys: &RoundKeys) -> Vec<u8> {
+        RoundKeys {
+            plan_id: self.plan_id.clone(),
+            round: self.round,
+            roster: self.roster_digest(),
+            ..keys.clone()
+        }
+        .signed_message()
     }
 
     /// What every node of U3 signs in the consistency check: the round and the survivor list.
@@ -199,6 +233,7 @@ impl Client {
         let keys = RoundKeys {
             plan_id: params.plan_id.clone(),
             round: params.round,
+            roster: params.roster_digest(),
             node: me.to_string(),
             share_key: share_public.to_bytes(),
             mask_key: mask_public.to_bytes(),
@@ -259,7 +294,10 @@ impl Client {
             if a.keys.plan_id != self.params.plan_id || a.keys.round != self.params.round {
                 return self.abort(SecAggError::Peer(a.keys.node.clone(), "keys are for another plan or round".into()));
             }
-            if let Err(why) = verifier.verify(&a.keys.node, &a.cert_der, &a.keys.signed_message(), &a.signature) {
+            // Checked under this node's own roster: keys a peer signed for a round announced to it
+            // with another participant list or threshold fail here.
+            let message = self.params.keys_message(&a.keys);
+            if let Err(why) = verifier.verify(&a.keys.node, &a.cert_der, &message, &a.signature) {
                 return self.abort(SecAggError::Peer(a.keys.node.clone(), why));
             }
             if a.keys.share_key == a.keys.mask_key {

@@ -3,8 +3,9 @@
 //! Bonawitz et al. sign each node's advertised X25519 public keys with a long-term signing key;
 //! here that key is the one the node's certificate certifies (ECDSA P-256 from `sanctum-node pki
 //! request`), so a round key is bound to the same identity mutual TLS authenticates, with no second
-//! key to distribute. The signature covers the plan, the round and the node's name, so a key
-//! advertised for one round cannot be replayed in another.
+//! key to distribute. The signature covers the plan, the round, the round's roster (a digest of
+//! its sorted participant list and threshold) and the node's name, so a key advertised for one
+//! round cannot be replayed in another, nor in the same round announced with another list or t.
 
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, UnparsedPublicKey};
@@ -16,6 +17,12 @@ use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 pub struct RoundKeys {
     pub plan_id: String,
     pub round: u32,
+    /// The digest of the participant list and threshold the keys were made for
+    /// ([`super::client::RoundParams::roster_digest`]). Not sent on the wire: whoever checks the
+    /// signature builds the message with its own round's digest
+    /// ([`super::client::RoundParams::keys_message`]), so [`super::wire::keys_from_wire`] leaves it
+    /// zero.
+    pub roster: [u8; 32],
     pub node: String,
     /// X25519 key for encrypting shares to this node.
     pub share_key: [u8; 32],
@@ -24,14 +31,16 @@ pub struct RoundKeys {
 }
 
 impl RoundKeys {
-    /// The bytes the node signs: a domain tag, the plan, the node, the round and both keys.
+    /// The bytes the node signs: a domain tag, the plan, the node, the round, the roster digest
+    /// and both keys.
     pub fn signed_message(&self) -> Vec<u8> {
-        let mut m = b"sanctum secagg round keys v1\0".to_vec();
+        let mut m = b"sanctum secagg round keys v2\0".to_vec();
         for field in [self.plan_id.as_bytes(), self.node.as_bytes()] {
             m.extend_from_slice(&(field.len() as u64).to_le_bytes());
             m.extend_from_slice(field);
         }
         m.extend_from_slice(&self.round.to_le_bytes());
+        m.extend_from_slice(&self.roster);
         m.extend_from_slice(&self.share_key);
         m.extend_from_slice(&self.mask_key);
         m
@@ -108,6 +117,7 @@ mod tests {
         let keys = RoundKeys {
             plan_id: "p".into(),
             round: 3,
+            roster: [5; 32],
             node: "cleveland".into(),
             share_key: [1; 32],
             mask_key: [2; 32],
@@ -124,6 +134,11 @@ mod tests {
         );
         assert_eq!(
             verify(&RoundKeys { round: 4, ..keys.clone() }, &sig, &cert_a),
+            Err(KeySignatureError::BadSignature)
+        );
+        // The same round announced with another participant list or threshold.
+        assert_eq!(
+            verify(&RoundKeys { roster: [6; 32], ..keys.clone() }, &sig, &cert_a),
             Err(KeySignatureError::BadSignature)
         );
         assert_eq!(verify(&keys, &sig, &cert_b), Err(KeySignatureError::BadSignature));

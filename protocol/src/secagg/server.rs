@@ -149,8 +149,9 @@ impl Server {
         if keys.keys.node != node || keys.keys.plan_id != self.params.plan_id || keys.keys.round != self.params.round {
             return Err(SecAggError::Peer(node.into(), "keys name another node, plan or round".into()));
         }
+        // Under this round's own roster digest, not one relayed with the keys.
         verifier
-            .verify(node, &keys.cert_der, &keys.keys.signed_message(), &keys.signature)
+            .verify(node, &keys.cert_der, &self.params.keys_message(&keys.keys), &keys.signature)
             .map_err(|why| SecAggError::Peer(node.into(), why))?;
         if self.keys.contains_key(&id) {
             return Err(SecAggError::Peer(node.into(), "keys were already advertised".into()));

@@ -237,7 +237,7 @@ mod tests {
     use x25519_dalek::{PublicKey, StaticSecret};
 
     use super::super::masking::{self, Seed, Sign};
-    use super::super::{ShareKind, shamir};
+    use super::super::{ShareKind, crypto, shamir};
     use super::*;
 
     fn inputs(seed: u64, len: usize) -> impl Fn(u32) -> Vec<u32> {
@@ -617,5 +617,61 @@ mod tests {
             prop_assert!(attack.both_secrets.is_empty(), "{split:?}: both secrets of {:?}", attack.both_secrets);
             prop_assert!(attack.read.is_empty());
         }
+    }
+
+    #[test]
+    fn keys_shares_and_masks_made_under_one_participant_list_or_threshold_fail_under_another() {
+        let members = Members::new(5).unwrap();
+        let base = RoundParams { plan_id: "p".into(), round: 1, participants: members.names.clone(), threshold: 3 };
+        let other_t = RoundParams { threshold: 4, ..base.clone() };
+        let other_list = RoundParams { participants: members.names[..4].to_vec(), ..base.clone() };
+        let now = Instant::now();
+        for announced in [&other_t, &other_list] {
+            // The coordinator announced `announced` to node-000 and `base` to the others: same plan,
+            // round and (for the first four) ids, but neither side accepts the other's keys.
+            let mut clients = Vec::new();
+            let mut ads = Vec::new();
+            for (i, name) in members.names.iter().enumerate() {
+                let params = if i == 0 { announced } else { &base };
+                let Ok((c, keys)) = Client::new(params.clone(), name) else { continue };
+                let signature = members.sign(name, &keys.signed_message());
+                ads.push(AdvertisedKeys { keys, signature, cert_der: members.certs[name].clone() });
+                clients.push(c);
+            }
+            let mut odd = clients.remove(0);
+            match odd.receive_peers(&ads, &members) {
+                Err(SecAggError::Peer(who, why)) => {
+                    assert_eq!(who, members.names[1]);
+                    assert!(why.contains("does not verify"), "{why}");
+                }
+                other => panic!("node-000 accepted keys made under another roster: {other:?}"),
+            }
+            for c in &mut clients {
+                match c.receive_peers(&ads, &members) {
+                    Err(SecAggError::Peer(who, why)) => {
+                        assert_eq!(who, members.names[0]);
+                        assert!(why.contains("does not verify"), "{why}");
+                    }
+                    other => panic!("node {} accepted node-000's keys: {other:?}", c.id()),
+                }
+            }
+            // The coordinator, opening the round as `base`, refuses them too.
+            let mut server = Server::new(base.clone(), 4, Duration::from_secs(5), now + Duration::from_secs(60), now).unwrap();
+            assert!(matches!(server.advertise(&members.names[0], ads[0].clone(), &members, now), Err(SecAggError::Peer(..))));
+            assert!(server.advertise(&members.names[1], ads[1].clone(), &members, now).is_ok());
+
+            // A share sealed under one roster does not open under the other; the pairwise seeds
+            // differ (masks would not cancel); the survivor lists signed differ.
+            let ((a, pa), (b, pb)) = (masking::key_pair(), masking::key_pair());
+            let sealed = crypto::seal(&a, &pb, &base.context(), 1, 2, b"a share pair").unwrap();
+            assert_eq!(crypto::open(&b, &pa, &base.context(), 1, 2, &sealed).unwrap(), b"a share pair");
+            assert!(crypto::open(&b, &pa, &announced.context(), 1, 2, &sealed).is_err());
+            assert_ne!(masking::pairwise_seed(&a, &pb, &base.context()), masking::pairwise_seed(&a, &pb, &announced.context()));
+            let u3: BTreeSet<u32> = [1, 2, 3].into();
+            assert_ne!(base.consistency_message(&u3), announced.consistency_message(&u3));
+        }
+        // Names are length-prefixed: ["ab", "c"] and ["a", "bc"] are different rosters.
+        let named = |p: &[&str]| RoundParams { participants: p.iter().map(|s| s.to_string()).collect(), threshold: 2, ..base.clone() };
+        assert_ne!(named(&["ab", "c"]).roster_digest(), named(&["a", "bc"]).roster_digest());
     }
 }

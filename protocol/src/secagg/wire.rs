@@ -22,12 +22,15 @@ pub fn keys_to_wire(a: &AdvertisedKeys) -> proto::SecAggKeys {
     }
 }
 
-/// Advertised keys as received, bound to the round they are for.
+/// Advertised keys as received, for the plan and round they are relayed in. The roster digest is
+/// not on the wire and is left zero: the state machine that checks the signature uses its own
+/// round's ([`super::client::RoundParams::keys_message`]).
 pub fn keys_from_wire(k: &proto::SecAggKeys, plan_id: &str, round: u32) -> Result<AdvertisedKeys, SecAggError> {
     Ok(AdvertisedKeys {
         keys: RoundKeys {
             plan_id: plan_id.to_string(),
             round,
+            roster: [0; 32],
             node: k.node.clone(),
             share_key: key32(&k.share_key, "share_key", &k.node)?,
             mask_key: key32(&k.mask_key, "mask_key", &k.node)?,
