@@ -55,7 +55,7 @@ impl SecureGaussian {
         let (b0, b1) = self.standard_pair();
         let (c0, c1) = self.standard_pair();
         let (d0, d1) = self.standard_pair();
-        ((a0 + a1 + b0 + b1) * 0.5, (c0 + c1 + d0 + d1) * 0.5)
+        ((a0 + b0 + c0 + d0) * 0.5, (a1 + b1 + c1 + d1) * 0.5)
     }
 
     /// One N(0, `std`²) sample: four draws from four different pairs, summed and halved.
