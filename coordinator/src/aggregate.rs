@@ -169,8 +169,7 @@ impl ClientDp {
         if let Some(a) = &self.adaptive {
             // Σ(bᵢ − ½), exact: both counts are integers far below 2⁵³.
             let centred = (self.unclipped as f64 - self.clipped as f64) * 0.5;
-            let _ = centred;
-            let b = (self.unclipped as f64 + gaussian(a.count_noise_multiplier)) / n;
+            let b = ((centred + gaussian(a.count_noise_multiplier)) / n + 0.5).clamp(0.0, 1.0);
             self.clip *= (-a.learning_rate * (b - a.target_quantile)).exp();
         }
         self.unclipped = 0;
