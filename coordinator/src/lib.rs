@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`round`]: the plan/round state machine (sans-IO; time is an argument).
 //! - [`aggregate`]: the streaming weighted sum and the server optimizers (plain arithmetic).
+//! - [`runs`]: runs of plans (a plan that runs again is a new run) and their registry file.
 //! - [`store`]: content-addressed models, the upload spool and exports, written atomically.
 //! - [`service`]: the gRPC services and the driver task that applies the state machine's actions.
 //! - [`watch`]: the lead's live view of a plan (progress bar and per-round lines).
@@ -16,6 +17,7 @@ pub mod config;
 pub mod pki;
 pub mod report;
 pub mod round;
+pub mod runs;
 pub mod secure;
 pub mod service;
 pub mod simulate;

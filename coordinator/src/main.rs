@@ -72,6 +72,10 @@ enum Command {
         /// Give every simulated hospital this ε cap (policy.max_epsilon).
         #[arg(long)]
         max_epsilon: Option<f64>,
+        /// Every simulated hospital's policy.test_metrics: `exact` (default: a simulation is run on
+        /// data whose owner wants to see the accuracy), `auto` (none under DP) or `none`.
+        #[arg(long, default_value = "exact", value_parser = ["exact", "auto", "none"])]
+        test_metrics: String,
     },
 }
 
@@ -182,6 +186,10 @@ enum PlanCommand {
         config: PathBuf,
         #[arg(long)]
         plan: PathBuf,
+        /// Run a plan that already ran again, as a new run: every hospital accounts it in full
+        /// against its privacy budget. Without it such a plan is refused.
+        #[arg(long)]
+        again: bool,
     },
     /// Follow a running plan.
     Watch {
@@ -189,6 +197,9 @@ enum PlanCommand {
         config: PathBuf,
         #[arg(long)]
         plan_id: String,
+        /// The run to follow (as `plan submit` printed it); default: the plan's latest run.
+        #[arg(long, default_value = "")]
+        run: String,
     },
 }
 
@@ -251,9 +262,14 @@ async fn lead_client(config_path: &std::path::Path) -> anyhow::Result<LeadClient
 async fn follow_remote(
     client: &mut LeadClient<tonic::transport::Channel>,
     plan_id: &str,
+    run: &str,
     rounds: u32,
 ) -> anyhow::Result<ExitCode> {
-    let stream = client.watch_plan(WatchPlanRequest { plan_id: plan_id.to_string() }).await?.into_inner();
+    let stream = client
+        .watch_plan(WatchPlanRequest { plan_id: plan_id.to_string(), run: run.to_string() })
+        .await
+        .map_err(|s| anyhow::anyhow!("cannot watch the plan: {}", s.message()))?
+        .into_inner();
     let events = stream.filter_map(|e| e.ok());
     let finished = watch::follow(events, rounds, "metric").await.context("the coordinator closed the watch stream")?;
     println!(
@@ -379,23 +395,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plan(PlanCommand::Submit { config: path, plan }) => {
+        Command::Plan(PlanCommand::Submit { config: path, plan, again }) => {
             let text =
                 std::fs::read_to_string(&plan).with_context(|| format!("cannot read plan {}", plan.display()))?;
             let parsed = Plan::parse(&text).with_context(|| format!("plan {}", plan.display()))?;
             let mut client = lead_client(&path).await?;
-            let id = client
-                .submit_plan(SubmitPlanRequest { plan_toml: text })
+            let submitted = client
+                .submit_plan(SubmitPlanRequest { plan_toml: text, again })
                 .await
                 .map_err(|s| anyhow::anyhow!("the coordinator refused the plan: {}", s.message()))?
-                .into_inner()
-                .plan_id;
-            println!("plan '{}' submitted: {id}", parsed.name);
-            follow_remote(&mut client, &id, parsed.rounds).await
+                .into_inner();
+            println!(
+                "plan '{}' submitted: {} (run {}, {})",
+                parsed.name, submitted.plan_id, submitted.run_number, submitted.run
+            );
+            // Only this run's events: a plan that ran before has its own history.
+            follow_remote(&mut client, &submitted.plan_id, &submitted.run, parsed.rounds).await
         }
-        Command::Plan(PlanCommand::Watch { config: path, plan_id }) => {
+        Command::Plan(PlanCommand::Watch { config: path, plan_id, run }) => {
             let mut client = lead_client(&path).await?;
-            follow_remote(&mut client, &plan_id, 0).await
+            follow_remote(&mut client, &plan_id, &run, 0).await
         }
         Command::Privacy(cmd) => {
             println!("{}", sanctum_protocol::privacy::cli::run(&cmd)?);
@@ -472,9 +491,10 @@ markdown: {}",
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(AuditCli::Offline(cmd)) => Ok(audit_verdict(&cmd)),
-        Command::Simulate { plan, seed, json, workdir, node_bin, device, max_epsilon } => {
+        Command::Simulate { plan, seed, json, workdir, node_bin, device, max_epsilon, test_metrics } => {
             let summary =
-                simulate(&SimulateOptions { plan, seed, json, workdir, node_bin, device, max_epsilon }).await?;
+                simulate(&SimulateOptions { plan, seed, json, workdir, node_bin, device, max_epsilon, test_metrics })
+                    .await?;
             Ok(if summary.finished.success { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }

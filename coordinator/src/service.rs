@@ -40,6 +40,7 @@ use serde_json::json;
 
 use crate::aggregate::{Accumulator, ClientDp, ServerState};
 use crate::round::{Action, PlanRun, RunConfig};
+use crate::runs::{RunFile, RunRegistry, fresh_run_id};
 use crate::secure::{SecAggRound, SessionCertVerifier};
 use crate::store::{Store, write_atomic};
 
@@ -66,12 +67,16 @@ struct Inner {
     nodes: Mutex<HashMap<String, NodeConn>>,
     /// What the open round accepts, so uploads are refused before they are spooled.
     round: RwLock<Option<RoundInfo>>,
-    /// Everything that happens to plans, for `WatchPlan` and the simulator.
+    /// Everything that happens to plans, keyed by run id, for `WatchPlan` and the simulator.
     plan_events: broadcast::Sender<(String, PlanEvent)>,
-    /// Every event of every plan this process started, in order: a watcher that subscribes late
-    /// (or right after submitting) first gets what it missed. Publishing appends here and
-    /// broadcasts under the same lock, so a watcher sees each event exactly once.
+    /// Every event of every run this process started, by run id, in order: a watcher that
+    /// subscribes late (or right after submitting) first gets what it missed, and only its own
+    /// run's. Publishing appends here and broadcasts under the same lock, so a watcher sees each
+    /// event exactly once.
     history: Mutex<HashMap<String, Vec<PlanEvent>>>,
+    /// Every run of every plan, kept in `state/runs.json` across restarts.
+    runs: Mutex<RunRegistry>,
+    runs_file: RunFile,
     store: Store,
     next_conn: AtomicU64,
     /// The coordinator's signed, hash-chained audit log.
@@ -118,7 +123,7 @@ struct SpooledUpdate {
 enum Event {
     Connected { node: String },
     Disconnected { node: String, conn: u64 },
-    Submit { plan: Box<Plan>, actor: String, reply: oneshot::Sender<Result<String, Status>> },
+    Submit { plan: Box<Plan>, again: bool, actor: String, reply: oneshot::Sender<Result<Submitted, Status>> },
     Decision { node: String, response: PlanResponse },
     Update { node: String, update: SpooledUpdate, reply: oneshot::Sender<Result<(), String>> },
     Evaluation { node: String, report: EvaluationReport },
@@ -138,12 +143,16 @@ impl Coordinator {
         let audit = AuditLog::open_for(&options.state_dir.join("audit"), material)?;
         let (events, rx) = mpsc::unbounded_channel();
         let (plan_events, _) = broadcast::channel(1024);
+        let runs_file = RunFile::new(&options.state_dir);
+        let runs = runs_file.load()?;
         let inner = Arc::new(Inner {
             events,
             nodes: Mutex::new(HashMap::new()),
             round: RwLock::new(None),
             plan_events,
             history: Mutex::new(HashMap::new()),
+            runs: Mutex::new(runs),
+            runs_file,
             store,
             next_conn: AtomicU64::new(1),
             audit: Mutex::new(audit),
@@ -203,20 +212,21 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Submits a plan as the lead would; returns its id.
-    pub async fn submit(&self, plan: Plan) -> Result<String, Status> {
+    /// Submits a plan as the lead would (`again`: run a plan that already ran as a new run);
+    /// returns the new run.
+    pub async fn submit(&self, plan: Plan, again: bool) -> Result<Submitted, Status> {
         let (reply, rx) = oneshot::channel();
         let actor = lock(&self.inner.audit).own_fingerprint().to_string();
         self.inner
             .events
-            .send(Event::Submit { plan: Box::new(plan), actor, reply })
+            .send(Event::Submit { plan: Box::new(plan), again, actor, reply })
             .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
         rx.await.map_err(|_| Status::unavailable("coordinator is shutting down"))?
     }
 
-    /// Follows a plan's events until it finishes.
-    pub fn watch(&self, plan_id: &str) -> impl Stream<Item = PlanEvent> + Send + 'static {
-        watch_stream(&self.inner, plan_id)
+    /// Follows one run's events until it finishes.
+    pub fn watch(&self, run: &str) -> impl Stream<Item = PlanEvent> + Send + 'static {
+        watch_stream(&self.inner, run)
     }
 
     /// Names of the nodes connected now.
@@ -227,12 +237,21 @@ impl Coordinator {
     }
 }
 
-fn watch_stream(inner: &Arc<Inner>, plan_id: &str) -> impl Stream<Item = PlanEvent> + Send + 'static {
+/// A submission that started a run.
+#[derive(Clone, Debug)]
+pub struct Submitted {
+    pub plan_id: String,
+    pub run: String,
+    /// The run's number among the plan's runs (1 for the first).
+    pub run_number: u32,
+}
+
+fn watch_stream(inner: &Arc<Inner>, run: &str) -> impl Stream<Item = PlanEvent> + Send + 'static {
     let (past, mut rx) = {
         let history = lock(&inner.history);
-        (history.get(plan_id).cloned().unwrap_or_default(), inner.plan_events.subscribe())
+        (history.get(run).cloned().unwrap_or_default(), inner.plan_events.subscribe())
     };
-    let plan_id = plan_id.to_string();
+    let plan_id = run.to_string();
     let (tx, out) = mpsc::channel(256);
     tokio::spawn(async move {
         for ev in past {
@@ -300,11 +319,15 @@ impl Inner {
     }
 
     fn publish(&self, plan_id: &str, kind: plan_event::Kind) {
+        // One plan runs at a time, so a plan's events belong to its latest run.
+        let Some(run) = lock(&self.runs).latest(plan_id).map(str::to_string) else {
+            return;
+        };
         // What the lead is told about rounds and the plan's end is also what the audit keeps.
         let own = lock(&self.audit).own_fingerprint().to_string();
         match &kind {
             plan_event::Kind::RoundClosed(r) => {
-                if let Some(p) = lock(&self.plans).iter_mut().find(|p| p.plan_id == plan_id) {
+                if let Some(p) = lock(&self.plans).iter_mut().find(|p| p.run == run) {
                     p.rounds_completed = r.round;
                     p.rounds.push(r.clone());
                 }
@@ -313,6 +336,7 @@ impl Inner {
                     "round_closed",
                     [
                         ("plan_id", json!(plan_id)),
+                        ("run", json!(run)),
                         ("round", json!(r.round)),
                         ("reported", json!(r.reported)),
                         ("dropped", json!(r.dropped)),
@@ -330,7 +354,7 @@ impl Inner {
                 );
             }
             plan_event::Kind::PlanFinished(f) => {
-                if let Some(p) = lock(&self.plans).iter_mut().find(|p| p.plan_id == plan_id) {
+                if let Some(p) = lock(&self.plans).iter_mut().find(|p| p.run == run) {
                     p.status = if f.success { "succeeded" } else { "failed" }.into();
                     p.rounds_completed = f.rounds_completed;
                     p.final_model_sha256 = f.final_model_sha256.clone();
@@ -352,6 +376,7 @@ impl Inner {
                     "plan_finished",
                     [
                         ("plan_id", json!(plan_id)),
+                        ("run", json!(run)),
                         ("success", json!(f.success)),
                         ("reason", json!(f.reason)),
                         ("rounds_completed", json!(f.rounds_completed)),
@@ -365,8 +390,8 @@ impl Inner {
         }
         let ev = PlanEvent { kind: Some(kind) };
         let mut history = lock(&self.history);
-        history.entry(plan_id.to_string()).or_default().push(ev.clone());
-        let _ = self.plan_events.send((plan_id.to_string(), ev));
+        history.entry(run.clone()).or_default().push(ev.clone());
+        let _ = self.plan_events.send((run, ev));
     }
 
     /// Logs and publishes a refused update, and returns the status for the node.
@@ -739,18 +764,26 @@ impl lead_server::Lead for LeadApi {
         };
         tracing::info!(lead, plan = plan.name, "plan submitted");
         let (reply, rx) = oneshot::channel();
-        self.inner.send_event(Event::Submit { plan: Box::new(plan), actor, reply });
-        let plan_id = rx.await.map_err(|_| Status::unavailable("coordinator is shutting down"))??;
-        Ok(Response::new(SubmitPlanResponse { plan_id }))
+        let again = request.get_ref().again;
+        self.inner.send_event(Event::Submit { plan: Box::new(plan), again, actor, reply });
+        let s = rx.await.map_err(|_| Status::unavailable("coordinator is shutting down"))??;
+        Ok(Response::new(SubmitPlanResponse { plan_id: s.plan_id, run: s.run, run_number: s.run_number }))
     }
 
     async fn watch_plan(&self, request: Request<WatchPlanRequest>) -> Result<Response<Self::WatchPlanStream>, Status> {
         use tokio_stream::StreamExt;
-        let plan_id = &request.get_ref().plan_id;
-        if !lock(&self.inner.history).contains_key(plan_id) {
-            return Err(Status::not_found(format!("no plan with id '{plan_id}' was submitted to this coordinator")));
-        }
-        let stream = watch_stream(&self.inner, plan_id).map(Ok);
+        let WatchPlanRequest { plan_id, run } = request.get_ref();
+        let run = if run.is_empty() {
+            lock(&self.inner.runs).latest(plan_id).map(str::to_string)
+        } else {
+            Some(run.clone()).filter(|r| lock(&self.inner.runs).has(plan_id, r))
+        };
+        let Some(run) = run.filter(|r| lock(&self.inner.history).contains_key(r)) else {
+            return Err(Status::not_found(format!(
+                "no run of plan '{plan_id}' was started by this coordinator since it started; check the plan id (and run) that `plan submit` printed"
+            )));
+        };
+        let stream = watch_stream(&self.inner, &run).map(Ok);
         Ok(Response::new(Box::pin(stream)))
     }
 }
@@ -766,6 +799,8 @@ fn unix_ms(t: SystemTime) -> u64 {
 /// The plan being run and everything the driver keeps for it.
 struct ActiveRun {
     plan_id: String,
+    /// This run's id (`OfferPlan.run`), unique per submission.
+    run_id: String,
     plan: Plan,
     wire_toml: String,
     run: PlanRun,
@@ -876,9 +911,9 @@ impl Driver {
                     self.apply_secagg(sa.unwrap_or_default());
                 }
             }
-            Event::Submit { plan, actor, reply } => {
+            Event::Submit { plan, again, actor, reply } => {
                 let name = plan.name.clone();
-                let result = self.submit(*plan, &actor, now);
+                let result = self.submit(*plan, again, &actor, now);
                 if let Err(status) = &result {
                     self.inner.audit(
                         &actor,
@@ -889,8 +924,15 @@ impl Driver {
                 let _ = reply.send(result);
             }
             Event::Decision { node, response } => {
-                let Some(active) = self.active.as_mut().filter(|a| a.plan_id == response.plan_id) else {
-                    tracing::warn!(node, plan = response.plan_id, "decision for a plan that is not running");
+                let Some(active) =
+                    self.active.as_mut().filter(|a| a.plan_id == response.plan_id && a.run_id == response.run)
+                else {
+                    tracing::warn!(
+                        node,
+                        plan = response.plan_id,
+                        run = response.run,
+                        "decision for a run that is not running"
+                    );
                     return;
                 };
                 if response.accept {
@@ -961,7 +1003,7 @@ impl Driver {
         }
     }
 
-    fn submit(&mut self, plan: Plan, actor: &str, now: Instant) -> Result<String, Status> {
+    fn submit(&mut self, plan: Plan, again: bool, actor: &str, now: Instant) -> Result<Submitted, Status> {
         if let Some(active) = &self.active {
             return Err(Status::failed_precondition(format!(
                 "plan '{}' ({}) is still running; wait for it to finish",
@@ -971,7 +1013,23 @@ impl Driver {
         }
         let wire_toml = plan.to_wire_toml().map_err(|e| Status::invalid_argument(e.to_string()))?;
         let plan_id = Plan::id_of(&wire_toml).to_hex();
-        lock(&self.inner.history).entry(plan_id.clone()).or_default();
+        // Validate everything that can refuse the plan before a run is recorded.
+        let client_dp =
+            if plan.secure_aggregation { None } else { client_dp_for(&plan).map_err(Status::invalid_argument)? };
+        let secagg_noise =
+            sanctum_protocol::secagg::encode::distributed_noise(&plan).map_err(Status::invalid_argument)?;
+        let new_run = {
+            let mut runs = lock(&self.inner.runs);
+            let mut next = runs.clone();
+            let new_run = next
+                .admit(&plan_id, &plan.name, again, fresh_run_id())
+                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+            // Durable before any hospital hears of the run, so its id is never given out twice.
+            self.inner.runs_file.save(&next).map_err(|e| Status::internal(format!("{e}; the plan was not started")))?;
+            *runs = next;
+            new_run
+        };
+        lock(&self.inner.history).entry(new_run.id.clone()).or_default();
         let global = plan.model.init(plan.seed);
         let bytes = global.to_safetensors().map_err(|e| Status::internal(e.to_string()))?;
         let model = self.inner.store.put_model(&bytes).map_err(|e| Status::internal(format!("model store: {e}")))?;
@@ -984,10 +1042,6 @@ impl Driver {
             evaluation_deadline: self.evaluation_deadline,
         };
         // Under secure aggregation client-level noise is added by the nodes, not here.
-        let client_dp =
-            if plan.secure_aggregation { None } else { client_dp_for(&plan).map_err(Status::invalid_argument)? };
-        let secagg_noise =
-            sanctum_protocol::secagg::encode::distributed_noise(&plan).map_err(Status::invalid_argument)?;
         if let Some(sigma) = secagg_noise {
             tracing::info!(
                 noise_multiplier = format!("{sigma:.3}"),
@@ -1004,9 +1058,11 @@ impl Driver {
         }
         let connected: Vec<String> = lock(&self.inner.nodes).keys().cloned().collect();
         let (run, actions) = PlanRun::start(cfg, connected, now);
-        tracing::info!(plan = plan.name, id = short(&plan_id), model = %model.short(), "plan started");
+        tracing::info!(plan = plan.name, id = short(&plan_id), run = new_run.number, model = %model.short(), "plan started");
         lock(&self.inner.plans).push(proto::PlanSummary {
             plan_id: plan_id.clone(),
+            run: new_run.id.clone(),
+            run_number: new_run.number,
             name: plan.name.clone(),
             status: "running".into(),
             rounds_planned: plan.rounds,
@@ -1017,6 +1073,8 @@ impl Driver {
             "plan_submitted",
             [
                 ("plan_id", json!(plan_id)),
+                ("run", json!(new_run.id)),
+                ("run_number", json!(new_run.number)),
                 ("name", json!(plan.name)),
                 ("plan_sha256", json!(plan_id)),
                 ("rounds", json!(plan.rounds)),
@@ -1031,6 +1089,7 @@ impl Driver {
         );
         self.active = Some(ActiveRun {
             plan_id: plan_id.clone(),
+            run_id: new_run.id.clone(),
             server: ServerState::new(plan.strategy.clone(), num_params),
             acc: Accumulator::new(num_params),
             plan,
@@ -1051,7 +1110,7 @@ impl Driver {
             round_updates: Vec::new(),
         });
         self.apply(actions);
-        Ok(plan_id)
+        Ok(Submitted { plan_id, run: new_run.id, run_number: new_run.number })
     }
 
     /// Checks a spooled update against the plan and folds it in; the round goes on either way.
@@ -1145,6 +1204,7 @@ impl Driver {
                     let offer = directive::Kind::OfferPlan(proto::OfferPlan {
                         plan_id: plan_id.clone(),
                         plan_toml: active.wire_toml.clone(),
+                        run: active.run_id.clone(),
                     });
                     for n in nodes {
                         self.send(&n, offer.clone());
@@ -1222,6 +1282,7 @@ impl Driver {
                     let offer = directive::Kind::OfferPlan(proto::OfferPlan {
                         plan_id: plan_id.clone(),
                         plan_toml: active.wire_toml.clone(),
+                        run: active.run_id.clone(),
                     });
                     self.send(&node, offer);
                 }
@@ -1290,6 +1351,7 @@ impl Driver {
                         plan_id: plan_id.clone(),
                         model_sha256: active.model.to_hex(),
                         model_bytes: active.model_bytes,
+                        run: active.run_id.clone(),
                     });
                     for n in nodes {
                         self.send(&n, ev.clone());
@@ -1485,8 +1547,9 @@ impl Driver {
         let mean = sa.encoding.decode_mean(&outcome.sum, outcome.survivors.len()).map_err(|e| e.to_string())?;
         let (update, _) = mean.split_at(active.global.values().len());
         active.server.step(active.global.values_mut(), update).map_err(|e| e.to_string())?;
-        if let Some(dg) = sa.encoding.distributed_gaussian(update.len() + 1) {
-            active.secagg_rho += dg.rho_per_round().map_err(|e| e.to_string())?;
+        // The same per-round ρ the nodes charge (`encode::round_rho`, a function of the plan alone).
+        if let Some(rho) = sa.encoding.round_rho(update.len() + 1).map_err(|e| e.to_string())? {
+            active.secagg_rho += rho;
         }
         let bytes = active.global.to_safetensors().map_err(|e| e.to_string())?;
         active.model = self.inner.store.put_model(&bytes).map_err(|e| format!("model store: {e}"))?;
@@ -1585,8 +1648,12 @@ impl Driver {
             tracing::error!(plan = active.plan.name, "plan failed: {reason}");
         }
         self.inner.publish(&active.plan_id, plan_event::Kind::PlanFinished(finished));
-        let closed =
-            directive::Kind::PlanClosed(proto::PlanClosed { plan_id: active.plan_id.clone(), success, reason });
+        let closed = directive::Kind::PlanClosed(proto::PlanClosed {
+            plan_id: active.plan_id.clone(),
+            success,
+            reason,
+            run: active.run_id.clone(),
+        });
         let nodes: Vec<String> = lock(&self.inner.nodes).keys().cloned().collect();
         for n in nodes {
             self.send(&n, closed.clone());
@@ -1603,6 +1670,7 @@ fn start_round(plan_id: &str, round: u32, active: &ActiveRun, deadline: Instant)
         model_bytes: active.model_bytes,
         deadline_unix_ms: unix_ms(SystemTime::now() + deadline.saturating_duration_since(Instant::now())),
         secure_aggregation: active.secagg.as_ref().map(|sa| sa.setup.clone()),
+        run: active.run_id.clone(),
     })
 }
 
@@ -1614,6 +1682,7 @@ fn export(store: &Store, active: &ActiveRun) -> anyhow::Result<PathBuf> {
     let manifest = serde_json::json!({
         "plan_name": active.plan.name,
         "plan_id": active.plan_id,
+        "run": active.run_id,
         "strategy": active.plan.strategy.name(),
         "model": active.plan.model.name(),
         "rounds_completed": active.run.rounds_completed(),

@@ -38,6 +38,8 @@ pub struct SimulateOptions {
     pub device: String,
     /// Every hospital's `policy.max_epsilon`, if set.
     pub max_epsilon: Option<f64>,
+    /// Every hospital's `policy.test_metrics` (`exact`, `auto` or `none`).
+    pub test_metrics: String,
 }
 
 /// The outcome, as written to the JSON summary.
@@ -150,7 +152,8 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
         let data = resolve(&plan_dir, &h.data);
         let data = std::fs::canonicalize(&data).unwrap_or(data);
         let config = format!(
-            "coordinator = \"localhost:{port}\"\ndevice = {device}\nthreads = 1\nstate_dir = \"state\"\n\n[tls]\nca = \"ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\n\n[[datasets]]\nschema = {schema}\npath = {path}\n\n[policy]\nallowed_models = [\"logistic_regression\", \"mlp\"]\n{cap}",
+            "coordinator = \"localhost:{port}\"\ndevice = {device}\nthreads = 1\nstate_dir = \"state\"\n\n[tls]\nca = \"ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\n\n[[datasets]]\nschema = {schema}\npath = {path}\n\n[policy]\nallowed_models = [\"logistic_regression\", \"mlp\"]\ntest_metrics = {metrics}\n{cap}",
+            metrics = toml_str(&opts.test_metrics),
             device = toml_str(&opts.device),
             cap = opts.max_epsilon.map(|e| format!("max_epsilon = {e:?}\n")).unwrap_or_default(),
             schema = toml_str(&plan.data.schema),
@@ -204,9 +207,9 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
     );
 
     let metric = plan.schema().map(|s| s.task.metric()).unwrap_or("metric");
-    let plan_id =
-        coordinator.submit(plan.clone()).await.map_err(|s| anyhow::anyhow!("plan refused: {}", s.message()))?;
-    let finished = watch::follow(coordinator.watch(&plan_id), plan.rounds, metric)
+    let submitted =
+        coordinator.submit(plan.clone(), false).await.map_err(|s| anyhow::anyhow!("plan refused: {}", s.message()))?;
+    let finished = watch::follow(coordinator.watch(&submitted.run), plan.rounds, metric)
         .await
         .context("the coordinator stopped before the plan finished")?;
 
