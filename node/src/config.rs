@@ -66,6 +66,43 @@ pub struct Policy {
     /// without DP are refused.
     #[serde(default)]
     pub max_delta: Option<f64>,
+    /// What the node may tell the coordinator about a model's performance on its test split
+    /// (the metric measured before each round, and the final evaluation). Test patients are
+    /// patients too: under DP the default is to send none.
+    #[serde(default)]
+    pub test_metrics: TestMetrics,
+    /// With `test_metrics = "noised"`: the standard deviation of the Gaussian noise added to the
+    /// count of correct predictions and to the count of test examples (see `metrics`).
+    #[serde(default)]
+    pub test_metric_noise: Option<f64>,
+}
+
+/// Whether test-split metrics leave the hospital.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TestMetrics {
+    /// `none` under a plan with DP (the metric is not covered by the plan's ε), `exact` without.
+    #[default]
+    Auto,
+    /// Never: evaluation requests are answered without a value.
+    None,
+    /// The exact metric (a release that no ε accounts for: choose it only for data the hospital
+    /// would publish aggregate accuracy on anyway).
+    Exact,
+    /// Noised by the Gaussian mechanism (`test_metric_noise`) and charged to the ledger before
+    /// it leaves, at the plan's δ; plans without a δ get no metric.
+    Noised,
+}
+
+impl TestMetrics {
+    /// Whether a metric may leave for a plan with (`dp`) or without differential privacy.
+    pub fn allows(self, dp: bool) -> bool {
+        match self {
+            TestMetrics::Auto => !dp,
+            TestMetrics::None => false,
+            TestMetrics::Exact | TestMetrics::Noised => true,
+        }
+    }
 }
 
 impl Policy {
@@ -96,6 +133,8 @@ impl Default for Policy {
             max_epsilon: None,
             min_cohort: None,
             max_delta: None,
+            test_metrics: TestMetrics::Auto,
+            test_metric_noise: None,
         }
     }
 }
@@ -151,6 +190,18 @@ impl NodeConfig {
             && !(d > 0.0 && d < 1.0)
         {
             return Err(format!("policy.max_delta is {d}; it must be in (0, 1)"));
+        }
+        match (p.test_metrics, p.test_metric_noise) {
+            (TestMetrics::Noised, None) => {
+                return Err("policy.test_metrics = \"noised\" needs policy.test_metric_noise (the noise's standard deviation per count, e.g. 5.0)".into());
+            }
+            (TestMetrics::Noised, Some(s)) if !(s.is_finite() && s > 0.0) => {
+                return Err(format!("policy.test_metric_noise is {s}; it must be a positive number"));
+            }
+            (TestMetrics::Noised, Some(_)) | (_, None) => {}
+            (_, Some(_)) => {
+                return Err("policy.test_metric_noise is set but policy.test_metrics is not \"noised\"".into());
+            }
         }
         if p.min_cohort.is_some_and(|m| m < 2) {
             return Err("policy.min_cohort must be at least 2 (a sum of one hospital is its update)".into());

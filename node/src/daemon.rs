@@ -9,6 +9,7 @@ use std::time::Duration;
 use sanctum_protocol::hash::{ContentHash, Hasher};
 use sanctum_protocol::model::Weights;
 use sanctum_protocol::plan::{Plan, PrivacyMode};
+use sanctum_protocol::privacy::noise::SecureGaussian;
 use sanctum_protocol::privacy::{self, Accountant, SampledGaussian};
 use sanctum_protocol::prost::{self, Message};
 use sanctum_protocol::proto::{
@@ -26,15 +27,21 @@ use tonic::transport::Channel;
 use sanctum_protocol::audit::{self, AuditLog};
 use serde_json::json;
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, TestMetrics};
 use crate::data::{self, LocalData};
 use crate::egress::{EgressLog, Rule};
 use crate::ledger::{Charge, Ledger};
+use crate::release::{ReleaseStore, Released};
+use crate::rounds::{self, Lineage, RoundDecision, RoundState, RunView, Stored};
 use crate::{policy, train};
 
-/// A plan this node accepted, with its validated data.
+/// A run of a plan this node accepted, with its validated data.
 struct Accepted {
     plan: Plan,
+    /// The coordinator's id of this run (`OfferPlan.run`); every release is charged to it.
+    run: String,
+    /// Models of this run the node may evaluate, and what it evaluated.
+    lineage: Lineage,
     data: Arc<LocalData>,
     /// DP-SGD settings derived from this node's own data, when the plan asks for privacy.
     dp: Option<DpPlan>,
@@ -47,7 +54,7 @@ struct Accepted {
 struct DdgPlan {
     noise_multiplier: f64,
     delta: f64,
-    /// ε after every round of the plan (each round ρ = 1/(2σ²) with the discreteness margin).
+    /// ε after every round of the plan (each round the ρ of `encode::round_rho`).
     epsilon: f64,
 }
 
@@ -108,6 +115,8 @@ pub struct Node {
     egress: EgressLog,
     /// What each dataset has spent; charged before an update leaves.
     ledger: Ledger,
+    /// Each open run's latest release, so a repeated round re-sends the same bytes.
+    releases: ReleaseStore,
     /// Exit once the plan offered to this node is closed (simulations and tests).
     exit_after_plan: bool,
     plans: HashMap<String, Accepted>,
@@ -140,8 +149,11 @@ enum SessionEnd {
 
 impl Node {
     pub fn new(cfg: NodeConfig, material: TlsMaterial, device: Device, exit_after_plan: bool) -> anyhow::Result<Self> {
+        // First of all: one node process per state directory (two would share one budget).
+        let lock = crate::state_lock::StateLock::acquire(&cfg.state_dir)?;
         let egress = EgressLog::open(&cfg.state_dir)?;
-        let ledger = Ledger::open(&cfg.state_dir)?;
+        let ledger = Ledger::open(lock)?;
+        let releases = ReleaseStore::open(&cfg.state_dir)?;
         let verifier = material.node_cert_verifier()?;
         let audit = AuditLog::open_for(&cfg.state_dir.join("audit"), &material)?;
         Ok(Self {
@@ -150,6 +162,7 @@ impl Node {
             device,
             egress,
             ledger,
+            releases,
             exit_after_plan,
             plans: HashMap::new(),
             cached: None,
@@ -251,13 +264,21 @@ impl Node {
         match kind {
             directive::Kind::OfferPlan(offer) => {
                 let (accept, reason) = match self.consider(&offer) {
-                    Ok(accepted) => {
+                    Ok(mut accepted) => {
                         tracing::info!(
                             plan = accepted.plan.name,
+                            run = accepted.run,
                             train = accepted.data.train_len(),
                             test = accepted.data.test_len(),
                             "accepting plan"
                         );
+                        // The same run offered again (a reconnect) keeps what the node saw of it.
+                        if let Some(prev) = self.plans.get(&offer.plan_id).filter(|p| p.run == offer.run) {
+                            accepted.lineage.models.extend(prev.lineage.models.iter().cloned());
+                            accepted.lineage.evaluated.clone_from(&prev.lineage.evaluated);
+                            accepted.lineage.saw_last_round |= prev.lineage.saw_last_round;
+                            accepted.lineage.final_model.clone_from(&prev.lineage.final_model);
+                        }
                         self.plans.insert(offer.plan_id.clone(), accepted);
                         (true, String::new())
                     }
@@ -268,13 +289,19 @@ impl Node {
                 };
                 let share = self.cfg.policy.share_sample_counts;
                 let accepted = self.plans.get(&offer.plan_id).filter(|_| accept);
-                let privacy = accepted.and_then(|a| a.dp).map(|dp| proto::PrivacyCost {
-                    epsilon: dp.epsilon,
-                    delta: dp.delta,
-                    steps: dp.steps,
-                    sampling_rate: if share { dp.setup.sampling_rate } else { 0.0 },
-                    noise_multiplier: if share { dp.setup.noise_multiplier } else { 0.0 },
-                });
+                // ε at a given σ reveals q = batch / n, hence the dataset's size: when the policy
+                // withholds sizes, only the plan's own target (a public number the node keeps
+                // below) is reported.
+                let privacy =
+                    accepted.and_then(|a| a.dp.map(|dp| (dp, a.plan.privacy.target_epsilon))).map(|(dp, target)| {
+                        proto::PrivacyCost {
+                            epsilon: if share { dp.epsilon } else { target.unwrap_or(0.0) },
+                            delta: dp.delta,
+                            steps: dp.steps,
+                            sampling_rate: if share { dp.setup.sampling_rate } else { 0.0 },
+                            noise_multiplier: if share { dp.setup.noise_multiplier } else { 0.0 },
+                        }
+                    });
                 // Client-level DP by distributed noise: one release per round, no sampling.
                 let privacy = privacy.or_else(|| {
                     accepted.and_then(|a| a.ddg.map(|d| (d, a.plan.rounds))).map(|(d, rounds)| proto::PrivacyCost {
@@ -289,6 +316,7 @@ impl Node {
                     if accept { "plan_accepted" } else { "plan_refused" },
                     [
                         ("plan_id", json!(offer.plan_id)),
+                        ("run", json!(offer.run)),
                         ("reason", json!(reason)),
                         ("epsilon", json!(privacy.as_ref().map(|p| p.epsilon))),
                         ("delta", json!(privacy.as_ref().map(|p| p.delta))),
@@ -296,7 +324,8 @@ impl Node {
                 ) {
                     return Some(SessionEnd::Lost(format!("audit log: {e}")));
                 }
-                let msg = PlanResponse { plan_id: offer.plan_id.clone(), accept, reason, privacy };
+                let msg =
+                    PlanResponse { plan_id: offer.plan_id.clone(), accept, reason, privacy, run: offer.run.clone() };
                 if let Err(e) =
                     self.egress.record("RespondToPlan", &offer.plan_id, None, msg.encoded_len(), Rule::PlanDecision)
                 {
@@ -334,17 +363,23 @@ impl Node {
                 }
             }
             directive::Kind::PlanClosed(closed) => {
-                if self.secagg.as_ref().is_some_and(|r| r.start.plan_id == closed.plan_id) {
+                let ours = self.plans.get(&closed.plan_id).is_some_and(|a| a.run == closed.run);
+                if ours && self.secagg.as_ref().is_some_and(|r| r.start.plan_id == closed.plan_id) {
                     self.secagg = None;
                     if let Some(h) = self.training.take() {
                         h.abort();
                     }
                 }
-                let name = self.plans.remove(&closed.plan_id).map(|a| a.plan.name);
+                let name = if ours { self.plans.remove(&closed.plan_id).map(|a| a.plan.name) } else { None };
+                // The run is over for this node: its kept releases go, and it is never run again.
+                if let Err(e) = self.releases.close(&closed.plan_id, &closed.run) {
+                    tracing::error!("{e}");
+                }
                 if let Err(e) = self.audit(
                     "plan_closed",
                     [
                         ("plan_id", json!(closed.plan_id)),
+                        ("run", json!(closed.run)),
                         ("success", json!(closed.success)),
                         ("reason", json!(closed.reason)),
                     ],
@@ -371,15 +406,28 @@ impl Node {
         if Plan::id_of(&offer.plan_toml).to_hex() != offer.plan_id {
             return Err("plan_id does not match the SHA-256 of the plan".into());
         }
+        if offer.run.is_empty() || offer.run.len() > 128 {
+            return Err(
+                "the offer has no valid run id (1 to 128 characters); this node takes part only in identified runs"
+                    .into(),
+            );
+        }
+        if self.releases.is_closed(&offer.plan_id, &offer.run) {
+            return Err(format!(
+                "run {:?} of this plan already ended here; a plan that runs again must be a new run",
+                offer.run
+            ));
+        }
         let plan = Plan::parse(&offer.plan_toml).map_err(|e| format!("plan is not valid: {e}"))?;
         let dataset = policy::check(&plan, &self.cfg)?;
         let schema = plan.schema().ok_or("plan names an unknown schema")?;
-        let data = data::load(&dataset.path, schema).map_err(|e| {
-            // The full path stays in the local log; the coordinator only learns the file name.
-            let full = e.to_string();
-            tracing::warn!("dataset {}: {full}", dataset.path.display());
-            let shown = dataset.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-            full.replace(&dataset.path.display().to_string(), &shown)
+        // Under DP only the schema's public statistics may standardise (and the privacy unit must fit).
+        let standardize = data::admit(schema, plan.privacy.mode).map_err(|e| e.to_string())?;
+        let data = data::load(&dataset.path, schema, standardize).map_err(|e| {
+            // The full detail (path, values, headers) stays in the local log; the coordinator
+            // learns only the rule, the file name, the line and the schema's column.
+            tracing::warn!("dataset {}: {e}", dataset.path.display());
+            e.public_reason()
         })?;
         if data.features != plan.model.inputs() {
             return Err(format!(
@@ -388,13 +436,18 @@ impl Node {
                 plan.model.inputs()
             ));
         }
-        let dp = self.privacy_for(&plan, &offer.plan_id, &data)?;
-        let ddg = self.distributed_privacy_for(&plan, &offer.plan_id)?;
-        Ok(Accepted { plan, data: Arc::new(data), dp, ddg })
+        let dp = self.privacy_for(&plan, &offer.plan_id, &offer.run, &data)?;
+        let ddg = self.distributed_privacy_for(&plan, &offer.plan_id, &offer.run)?;
+        let mut lineage = Lineage::default();
+        // The initial model is the plan's own (its seed), so the node knows its hash itself.
+        if let Ok(bytes) = plan.model.init(plan.seed).to_safetensors() {
+            lineage.models.insert(ContentHash::of(&bytes).to_hex());
+        }
+        Ok(Accepted { plan, run: offer.run.clone(), lineage, data: Arc::new(data), dp, ddg })
     }
 
     /// Derives this node's DP-SGD settings for a plan and checks them against the policy's ε cap.
-    fn privacy_for(&self, plan: &Plan, plan_id: &str, data: &LocalData) -> Result<Option<DpPlan>, String> {
+    fn privacy_for(&self, plan: &Plan, plan_id: &str, run: &str, data: &LocalData) -> Result<Option<DpPlan>, String> {
         let cap = self.cfg.policy.cap_text();
         let p = &plan.privacy;
         match (p.mode, cap) {
@@ -428,14 +481,23 @@ impl Node {
         let setup = train::DpSetup { sampling_rate, noise_multiplier, clip_norm };
         let mut dp = DpPlan { setup, delta, steps, epsilon: 0.0 };
         dp.epsilon = dp.epsilon_after(steps);
-        // Charges of this same plan (offered again after a restart) are part of its own ε.
-        let already = self.ledger.spent(&plan.data.schema, Some(plan_id));
+        // Charges of this same run (offered again after a reconnect) are part of its own ε; every
+        // other run, of this plan or another, adds to what the dataset already spent.
+        let already = self.ledger.spent(&plan.data.schema, Some((plan_id, run)));
         if let Some(cap) = self.cfg.policy.max_epsilon
             && already.epsilon + dp.epsilon > cap
         {
-            return Err(format!(
+            let full = format!(
                 "plan would spend ε = {:.3} (δ = {delta:e}, {steps} DP-SGD steps at q = {sampling_rate:.4}, σ = {noise_multiplier:.3}) on this hospital's data, which has already spent ε = {:.3}; policy.max_epsilon is {cap}",
                 dp.epsilon, already.epsilon
+            );
+            if self.cfg.policy.share_sample_counts {
+                return Err(full);
+            }
+            // ε and q at the plan's σ would give the dataset's size away: the figures stay here.
+            tracing::warn!("refusing plan: {full}");
+            return Err(format!(
+                "plan would take this hospital's data past policy.max_epsilon = {cap} (the figures stay at the hospital: policy.share_sample_counts = false)"
             ));
         }
         self.check_delta(already.delta, delta)?;
@@ -453,13 +515,13 @@ impl Node {
 
     /// Client-level DP by distributed noise (secure aggregation): the node adds its own share of
     /// the noise, so it can account and cap it like DP-SGD.
-    fn distributed_privacy_for(&self, plan: &Plan, plan_id: &str) -> Result<Option<DdgPlan>, String> {
+    fn distributed_privacy_for(&self, plan: &Plan, plan_id: &str, run: &str) -> Result<Option<DdgPlan>, String> {
         let Some(sigma) = distributed_noise(plan)? else {
             return Ok(None);
         };
         let delta = plan.privacy.delta.ok_or("plan's [privacy] section lacks delta")?;
-        let epsilon = ddg_epsilon(sigma, plan.rounds, delta)?;
-        let already = self.ledger.spent(&plan.data.schema, Some(plan_id));
+        let epsilon = ddg_epsilon(plan, sigma, plan.rounds, delta)?;
+        let already = self.ledger.spent(&plan.data.schema, Some((plan_id, run)));
         if let Some(cap) = self.cfg.policy.max_epsilon
             && already.epsilon + epsilon > cap
         {
@@ -523,10 +585,119 @@ impl Node {
         Ok(bytes)
     }
 
+    /// What this node's own state says about a `StartRound` (see [`rounds::start_round`]).
+    fn round_decision(&self, start: &proto::StartRound) -> anyhow::Result<RoundDecision> {
+        let Some(accepted) = self.plans.get(&start.plan_id) else {
+            return Ok(RoundDecision::Refuse(format!(
+                "round for plan {} which this node did not accept",
+                start.plan_id
+            )));
+        };
+        let view = RunView {
+            run: &accepted.run,
+            rounds: accepted.plan.rounds,
+            secure_aggregation: accepted.plan.secure_aggregation,
+        };
+        let with_setup = start.secure_aggregation.is_some();
+        if start.run != accepted.run {
+            return Ok(rounds::start_round(&view, &start.run, start.round, with_setup, RoundState::default()));
+        }
+        let stored = match self.releases.get(&start.plan_id, &accepted.run, start.round)? {
+            Some(Released::Update { .. }) => Some(Stored::Update),
+            Some(Released::Masked) => Some(Stored::Masked),
+            None => None,
+        };
+        let released = self.releases.released_rounds(&start.plan_id, &accepted.run)?;
+        let charged = self.ledger.is_charged(&start.plan_id, &accepted.run, start.round);
+        let state = RoundState {
+            stored,
+            charged,
+            released_ever: released.contains(&start.round),
+            released_before: self.releases_before(&start.plan_id, &accepted.run, start.round)?,
+        };
+        Ok(rounds::start_round(&view, &start.run, start.round, with_setup, state))
+    }
+
+    /// Rounds of the run released before `round` (by the release store or the ledger, whichever
+    /// counts more: the cost of the next release is never understated).
+    fn releases_before(&self, plan_id: &str, run: &str, round: u32) -> anyhow::Result<u32> {
+        let released = self.releases.released_rounds(plan_id, run)?;
+        let by_store = released.iter().filter(|&&r| r != round).count() as u32;
+        let charged = self.ledger.releases(plan_id, run);
+        let by_ledger = charged.saturating_sub(u32::from(self.ledger.is_charged(plan_id, run, round)));
+        Ok(by_store.max(by_ledger))
+    }
+
+    /// Refuses a directive: logged and audited here, nothing sent.
+    fn refuse_directive(&mut self, what: &str, plan_id: &str, round: u32, reason: &str) -> anyhow::Result<()> {
+        tracing::warn!(plan = plan_id, round, "{what} refused: {reason}");
+        self.audit(
+            "directive_refused",
+            [
+                ("directive", json!(what)),
+                ("plan_id", json!(plan_id)),
+                ("round", json!(round)),
+                ("reason", json!(reason)),
+            ],
+        )
+    }
+
+    /// Records a round directive that passed in the run's lineage.
+    fn note_round(&mut self, start: &proto::StartRound) {
+        if let Some(a) = self.plans.get_mut(&start.plan_id) {
+            a.lineage.models.insert(start.model_sha256.clone());
+            a.lineage.saw_last_round |= start.round == a.plan.rounds;
+        }
+    }
+
     async fn run_round(
         &mut self,
         client: &mut FederationClient<Channel>,
         start: &proto::StartRound,
+    ) -> anyhow::Result<()> {
+        let decision = self.round_decision(start)?;
+        if let RoundDecision::Refuse(reason) = &decision {
+            self.refuse_directive("StartRound", &start.plan_id, start.round, reason)?;
+            anyhow::bail!("{reason}");
+        }
+        self.note_round(start);
+        let Some(accepted) = self.plans.get(&start.plan_id) else {
+            anyhow::bail!("round for plan {} which this node did not accept", start.plan_id);
+        };
+        let run = accepted.run.clone();
+        match decision {
+            RoundDecision::Resend | RoundDecision::ChargeAndSend => {
+                let Some(Released::Update { header, payload }) =
+                    self.releases.get(&start.plan_id, &run, start.round)?
+                else {
+                    anyhow::bail!("round {}'s stored release disappeared", start.round);
+                };
+                let header = UpdateHeader::decode(header.as_slice())
+                    .map_err(|e| anyhow::anyhow!("round {}'s stored release is damaged: {e}", start.round))?;
+                if decision == RoundDecision::ChargeAndSend {
+                    if let Some(cost) = self.round_cost(&start.plan_id, start.round)? {
+                        self.charge_cost(&start.plan_id, start.round, &cost)?;
+                    }
+                    tracing::info!(round = start.round, "sending the stored update, charged now (it never left)");
+                    return self.send_update(client, header, payload, Rule::ModelUpdate).await;
+                }
+                tracing::info!(
+                    round = start.round,
+                    "round asked for again: re-sending the same bytes (no new release)"
+                );
+                self.send_update(client, header, payload, Rule::ModelUpdateResend).await
+            }
+            RoundDecision::Train => self.train_and_send(client, start, &run).await,
+            RoundDecision::Refuse(_) => Ok(()),
+        }
+    }
+
+    /// Trains a round, then stores, charges and sends its update, in that order.
+    async fn train_and_send(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        start: &proto::StartRound,
+        run: &str,
     ) -> anyhow::Result<()> {
         let Some(accepted) = self.plans.get(&start.plan_id) else {
             anyhow::bail!("round for plan {} which this node did not accept", start.plan_id);
@@ -545,30 +716,86 @@ impl Node {
             seconds = format!("{:.2}", result.seconds),
             "local training done"
         );
-        // The privacy cost is charged, durably, before anything about this round leaves.
-        let epsilon_spent = match dp {
-            Some(dp) => Some(self.charge(&start.plan_id, start.round, &dp)?),
-            None => None,
-        };
-        let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
-        let schema = accepted.plan.schema().map(|s| s.task.metric()).unwrap_or("metric");
+        let cost = self.round_cost(&start.plan_id, start.round)?;
         let header = UpdateHeader {
             plan_id: start.plan_id.clone(),
             round: start.round,
             base_model_sha256: start.model_sha256.clone(),
             num_params: result.delta.len() as u64,
-            sample_count: if self.cfg.policy.share_sample_counts { accepted.data.train_len() as u64 } else { 0 },
-            payload_sha256: String::new(),
-            metrics: {
-                let mut m = vec![proto::Metric { name: schema.to_string(), value: metric.0, samples: metric.1 }];
-                if let Some((spent, steps)) = epsilon_spent {
-                    m.push(proto::Metric { name: "epsilon_spent".into(), value: spent, samples: steps });
-                }
-                m
+            sample_count: if self.cfg.policy.share_sample_counts {
+                self.plans.get(&start.plan_id).map_or(0, |a| a.data.train_len() as u64)
+            } else {
+                0
             },
+            payload_sha256: String::new(),
+            metrics: self.round_metrics(&start.plan_id, metric, cost.as_ref())?,
             masked: false,
         };
-        self.send_update(client, header, transfer::f32_to_le_bytes(&result.delta)).await
+        let payload = transfer::f32_to_le_bytes(&result.delta);
+        // Stored first, so a repeated round gets these bytes back; then charged, durably, before
+        // anything about this round leaves.
+        self.releases.put(
+            &start.plan_id,
+            run,
+            start.round,
+            &Released::Update { header: header.encode_to_vec(), payload: payload.clone() },
+        )?;
+        if let Some(cost) = &cost {
+            self.charge_cost(&start.plan_id, start.round, cost)?;
+            crash_after_charge();
+        }
+        self.send_update(client, header, payload, Rule::ModelUpdate).await
+    }
+
+    /// The metrics that may go with a round's update: the starting model's test metric only as
+    /// `policy.test_metrics` allows, ε spent only when it reveals nothing of the data's size.
+    fn round_metrics(
+        &mut self,
+        plan_id: &str,
+        metric: (f64, u64),
+        cost: Option<&Cost<'_>>,
+    ) -> anyhow::Result<Vec<proto::Metric>> {
+        let mut m: Vec<proto::Metric> = self.release_metric(plan_id, metric)?.into_iter().collect();
+        if let Some(cost) = cost.filter(|_| self.cfg.policy.share_sample_counts) {
+            m.push(proto::Metric { name: "epsilon_spent".into(), value: cost.epsilon, samples: cost.steps });
+        }
+        Ok(m)
+    }
+
+    /// A test-split metric as `policy.test_metrics` lets it leave: not at all, exact, or noised
+    /// and charged to the ledger first (see [`crate::metrics`]).
+    fn release_metric(&mut self, plan_id: &str, (value, samples): (f64, u64)) -> anyhow::Result<Option<proto::Metric>> {
+        let Some(accepted) = self.plans.get(plan_id) else {
+            return Ok(None);
+        };
+        let policy = &self.cfg.policy;
+        if !policy.test_metrics.allows(accepted.plan.privacy.mode != PrivacyMode::None) {
+            return Ok(None);
+        }
+        let name = accepted.plan.schema().map(|s| s.task.metric()).unwrap_or("metric").to_string();
+        let share = policy.share_sample_counts;
+        let (TestMetrics::Noised, Some(noise)) = (policy.test_metrics, policy.test_metric_noise) else {
+            return Ok(Some(proto::Metric { name, value, samples: if share { samples } else { 0 } }));
+        };
+        let Some(delta) = accepted.plan.privacy.delta else {
+            tracing::info!("no test metric sent: the plan has no δ to account a noised metric at");
+            return Ok(None);
+        };
+        let key = format!("{}/metrics", accepted.run);
+        let releases = self.ledger.releases(plan_id, &key) + 1;
+        let epsilon = crate::metrics::epsilon_of_releases(noise, u64::from(releases), delta)?;
+        let cost = Cost {
+            epsilon,
+            delta,
+            steps: u64::from(releases),
+            sampling_rate: 1.0,
+            noise_multiplier: noise / std::f64::consts::SQRT_2,
+            accountant: "pld, noised test metric",
+            plan_epsilon: epsilon,
+        };
+        self.charge_to(plan_id, &key, releases, &cost)?;
+        let noised = crate::metrics::noised_accuracy(value, samples, noise, &mut SecureGaussian::from_os());
+        Ok(Some(proto::Metric { name, value: noised.value, samples: if share { noised.samples } else { 0 } }))
     }
 
     /// One round's work for a blocking thread: evaluate the starting model, then train (DP-SGD
@@ -606,6 +833,19 @@ impl Node {
         let Some(setup) = start.secure_aggregation.clone() else {
             anyhow::bail!("no secure-aggregation setup");
         };
+        // A masked input is made once per (run, round) and never re-sent.
+        match self.round_decision(start)? {
+            RoundDecision::Train => {}
+            RoundDecision::Refuse(reason) => {
+                self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
+                anyhow::bail!("{reason}");
+            }
+            RoundDecision::Resend | RoundDecision::ChargeAndSend => {
+                let reason = format!("round {}'s input was already made; it is not masked again", start.round);
+                self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
+                anyhow::bail!("{reason}");
+            }
+        }
         let Some(accepted) = self.plans.get(&start.plan_id) else {
             anyhow::bail!("round for plan {} which this node did not accept", start.plan_id);
         };
@@ -674,7 +914,7 @@ impl Node {
             return Ok(());
         };
         let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
-        let (dp, ddg) = (accepted.dp, accepted.ddg);
+        let run = accepted.run.clone();
         tracing::info!(
             round = start.round,
             accuracy_before = format!("{:.4}", metric.0),
@@ -682,22 +922,20 @@ impl Node {
             seconds = format!("{:.2}", result.seconds),
             "local training done"
         );
-        // The privacy cost is charged, durably, before anything about this round leaves.
-        let spent = match (dp, ddg) {
-            (Some(dp), _) => Some(self.charge(&start.plan_id, start.round, &dp)?),
-            (None, Some(ddg)) => Some(self.charge_distributed(&start.plan_id, start.round, &ddg)?),
-            _ => None,
-        };
+        // The round is marked released (its masked input is never made again), then its privacy
+        // cost is charged, durably, before anything about it leaves.
+        let cost = self.round_cost(&start.plan_id, start.round)?;
+        self.releases.put(&start.plan_id, &run, start.round, &Released::Masked)?;
+        if let Some(cost) = &cost {
+            self.charge_cost(&start.plan_id, start.round, cost)?;
+            crash_after_charge();
+        }
+        let metrics = self.round_metrics(&start.plan_id, metric, cost.as_ref())?;
         let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
-        let metric_name = accepted.plan.schema().map(|s| s.task.metric()).unwrap_or("metric");
         let weight = match accepted.plan.strategy.weighting() {
             sanctum_protocol::plan::Weighting::Samples => Weight::Samples(accepted.data.train_len() as u64),
             sanctum_protocol::plan::Weighting::Uniform => Weight::Uniform,
         };
-        let mut metrics = vec![proto::Metric { name: metric_name.to_string(), value: metric.0, samples: metric.1 }];
-        if let Some((eps, steps)) = spent {
-            metrics.push(proto::Metric { name: "epsilon_spent".into(), value: eps, samples: steps });
-        }
         let Some(round) = self.secagg.as_mut() else {
             return Ok(());
         };
@@ -725,7 +963,7 @@ impl Node {
         let Some(words) = round.input.take() else {
             return Ok(());
         };
-        test_fault("before_input");
+        test_fault("before_input", round.start.round);
         let masked = round.client.masked_input(&words)?;
         let start = round.start.clone();
         let header = UpdateHeader {
@@ -738,8 +976,8 @@ impl Node {
             metrics: std::mem::take(&mut round.metrics),
             masked: true,
         };
-        self.send_update(client, header, wire::words_to_le(&masked)).await?;
-        test_fault("after_input");
+        self.send_update(client, header, wire::words_to_le(&masked), Rule::ModelUpdate).await?;
+        test_fault("after_input", start.round);
         Ok(())
     }
 
@@ -807,9 +1045,10 @@ impl Node {
         client: &mut FederationClient<Channel>,
         header: UpdateHeader,
         payload: Vec<u8>,
+        rule: Rule,
     ) -> anyhow::Result<()> {
         let (plan_id, round, masked) = (header.plan_id.clone(), header.round, header.masked);
-        let (hash, bytes) = upload(&mut self.egress, client, header, payload).await?;
+        let (hash, bytes) = upload(&mut self.egress, client, header, payload, rule).await?;
         self.sent.insert((plan_id.clone(), round), (hash.clone(), bytes));
         self.audit(
             "update_sent",
@@ -819,6 +1058,7 @@ impl Node {
                 ("payload_sha256", json!(hash)),
                 ("bytes", json!(bytes)),
                 ("masked", json!(masked)),
+                ("resend", json!(matches!(rule, Rule::ModelUpdateResend))),
             ],
         )
     }
@@ -892,28 +1132,54 @@ impl Node {
         Ok(())
     }
 
-    /// Charges a round of client-level distributed noise to the ledger before the input leaves.
-    fn charge_distributed(&mut self, plan_id: &str, round: u32, ddg: &DdgPlan) -> anyhow::Result<(f64, u64)> {
-        let spent = ddg_epsilon(ddg.noise_multiplier, round, ddg.delta).map_err(anyhow::Error::msg)?;
-        let cost = Cost {
-            epsilon: spent,
-            delta: ddg.delta,
-            steps: u64::from(round),
-            sampling_rate: 1.0,
-            noise_multiplier: ddg.noise_multiplier,
-            accountant: "distributed discrete Gaussian, zCDP (opendp)",
-            plan_epsilon: ddg.epsilon,
-        };
-        self.charge_cost(plan_id, round, &cost)?;
-        Ok((spent, u64::from(round)))
+    /// What releasing `round` now costs the run under DP: the run's cumulative ε after one more
+    /// release than it already made (every step actually taken counts, whatever round numbers
+    /// the coordinator uses). `None` without DP.
+    fn round_cost(&self, plan_id: &str, round: u32) -> anyhow::Result<Option<Cost<'static>>> {
+        let accepted = self.plans.get(plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
+        let releases = u64::from(self.releases_before(plan_id, &accepted.run, round)?) + 1;
+        if let Some(dp) = accepted.dp {
+            let steps = releases * u64::from(accepted.plan.local.steps);
+            return Ok(Some(Cost {
+                epsilon: dp.epsilon_after(steps),
+                delta: dp.delta,
+                steps,
+                sampling_rate: dp.setup.sampling_rate,
+                noise_multiplier: dp.setup.noise_multiplier,
+                accountant: "pld",
+                plan_epsilon: dp.epsilon,
+            }));
+        }
+        if let Some(ddg) = accepted.ddg {
+            let rounds = u32::try_from(releases).unwrap_or(u32::MAX);
+            let spent =
+                ddg_epsilon(&accepted.plan, ddg.noise_multiplier, rounds, ddg.delta).map_err(anyhow::Error::msg)?;
+            return Ok(Some(Cost {
+                epsilon: spent,
+                delta: ddg.delta,
+                steps: releases,
+                sampling_rate: 1.0,
+                noise_multiplier: ddg.noise_multiplier,
+                accountant: "distributed discrete Gaussian, zCDP (opendp)",
+                plan_epsilon: ddg.epsilon,
+            }));
+        }
+        Ok(None)
     }
 
-    /// Checks a round's cost against the caps and appends it to the ledger (fsync'd) and the audit
-    /// log, at most once per (plan, round); the caller sends nothing if this fails.
+    /// Checks a release's cost against the caps and appends it to the ledger (fsync'd) and the
+    /// audit log, at most once per (plan, run, round); the caller sends nothing if this fails.
     fn charge_cost(&mut self, plan_id: &str, round: u32, cost: &Cost<'_>) -> anyhow::Result<()> {
+        let run = self.plans.get(plan_id).map(|a| a.run.clone()).unwrap_or_default();
+        self.charge_to(plan_id, &run, round, cost)
+    }
+
+    /// [`Node::charge_cost`] under a ledger run key of its own (`RUN/metrics` for noised metrics).
+    fn charge_to(&mut self, plan_id: &str, run: &str, round: u32, cost: &Cost<'_>) -> anyhow::Result<()> {
         let accepted = self.plans.get(plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
         let dataset = accepted.plan.data.schema.clone();
-        let others = self.ledger.spent(&dataset, Some(plan_id));
+        let run = run.to_string();
+        let others = self.ledger.spent(&dataset, Some((plan_id, &run)));
         if let Some(cap) = self.cfg.policy.max_epsilon
             && others.epsilon + cost.epsilon > cap
         {
@@ -926,6 +1192,7 @@ impl Node {
         let charge = Charge {
             dataset,
             plan_id: plan_id.to_string(),
+            run: run.clone(),
             plan_name: accepted.plan.name.clone(),
             round,
             epsilon: cost.epsilon,
@@ -945,6 +1212,7 @@ impl Node {
                 "epsilon_charged",
                 [
                     ("plan_id", json!(plan_id)),
+                    ("run", json!(run)),
                     ("round", json!(round)),
                     ("epsilon", json!(cost.epsilon)),
                     ("delta", json!(cost.delta)),
@@ -964,58 +1232,56 @@ impl Node {
         Ok(())
     }
 
-    /// Charges this round's privacy cost to the ledger (fsync'd) before the update may leave;
-    /// refuses if the dataset's cap would be exceeded. Returns (ε spent by the plan, steps).
-    fn charge(&mut self, plan_id: &str, round: u32, dp: &DpPlan) -> anyhow::Result<(f64, u64)> {
-        let accepted = self.plans.get(plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
-        let steps = u64::from(round) * u64::from(accepted.plan.local.steps);
-        let spent = dp.epsilon_after(steps);
-        let cost = Cost {
-            epsilon: spent,
-            delta: dp.delta,
-            steps,
-            sampling_rate: dp.setup.sampling_rate,
-            noise_multiplier: dp.setup.noise_multiplier,
-            accountant: "pld",
-            plan_epsilon: dp.epsilon,
-        };
-        self.charge_cost(plan_id, round, &cost)?;
-        // Test hook for the crash-between-charge-and-send fault test; never set in production.
-        if std::env::var_os("SANCTUM_FAULT_CRASH_AFTER_CHARGE").is_some() {
-            tracing::error!("SANCTUM_FAULT_CRASH_AFTER_CHARGE is set: exiting before the update is sent");
-            std::process::exit(70);
-        }
-        Ok((spent, steps))
-    }
-
+    /// Evaluates a model of an accepted run's lineage on the test split, and reports the metric
+    /// only as `policy.test_metrics` allows.
     async fn evaluate(&mut self, client: &mut FederationClient<Channel>, ev: &proto::Evaluate) -> anyhow::Result<()> {
         let Some(accepted) = self.plans.get(&ev.plan_id) else {
-            anyhow::bail!("evaluation for plan {} which this node did not accept", ev.plan_id);
+            let reason = format!("evaluation for plan {} which this node did not accept", ev.plan_id);
+            self.refuse_directive("Evaluate", &ev.plan_id, 0, &reason)?;
+            anyhow::bail!("{reason}");
         };
+        let view = RunView {
+            run: &accepted.run,
+            rounds: accepted.plan.rounds,
+            secure_aggregation: accepted.plan.secure_aggregation,
+        };
+        if let Err(reason) = accepted.lineage.evaluate(&view, &ev.run, &ev.model_sha256) {
+            self.refuse_directive("Evaluate", &ev.plan_id, 0, &reason)?;
+            anyhow::bail!("{reason}");
+        }
+        let allowed = self.cfg.policy.test_metrics.allows(accepted.plan.privacy.mode != PrivacyMode::None);
         let layout = accepted.plan.model.layout();
-        let accepted_model = accepted.plan.model.clone();
-        let metric_name = accepted.plan.schema().map(|s| s.task.metric()).unwrap_or("metric").to_string();
+        let model = accepted.plan.model.clone();
         let data = accepted.data.clone();
-        let bytes = self.fetch(client, &ev.plan_id, &ev.model_sha256, ev.model_bytes).await?;
-        let weights = Weights::from_safetensors(&bytes, &layout)?;
-        let device = self.device;
-        let model = accepted_model;
-        let (value, samples) =
-            tokio::task::spawn_blocking(move || train::evaluate(&model, &weights, &data, device)).await??;
-        tracing::info!(metric = metric_name, value = format!("{value:.4}"), samples, "final model evaluated");
-        let report = EvaluationReport {
-            plan_id: ev.plan_id.clone(),
-            model_sha256: ev.model_sha256.clone(),
-            metrics: vec![proto::Metric { name: metric_name, value, samples }],
+        if let Some(a) = self.plans.get_mut(&ev.plan_id) {
+            a.lineage.record_evaluation(&ev.model_sha256);
+        }
+        let metrics = if allowed {
+            let bytes = self.fetch(client, &ev.plan_id, &ev.model_sha256, ev.model_bytes).await?;
+            let weights = Weights::from_safetensors(&bytes, &layout)?;
+            let device = self.device;
+            let (value, samples) =
+                tokio::task::spawn_blocking(move || train::evaluate(&model, &weights, &data, device)).await??;
+            tracing::info!(value = format!("{value:.4}"), samples, "final model evaluated");
+            self.release_metric(&ev.plan_id, (value, samples))?.into_iter().collect()
+        } else {
+            tracing::info!(
+                "final model not evaluated for the coordinator: policy.test_metrics keeps test metrics here"
+            );
+            vec![]
         };
+        // An answer without a value tells the coordinator not to wait for this node.
+        let report = EvaluationReport { plan_id: ev.plan_id.clone(), model_sha256: ev.model_sha256.clone(), metrics };
         self.egress.record("ReportEvaluation", &ev.plan_id, None, report.encoded_len(), Rule::Evaluation)?;
+        let first = report.metrics.first();
         self.audit(
             "evaluation_sent",
             [
                 ("plan_id", json!(ev.plan_id)),
+                ("run", json!(ev.run)),
                 ("model_sha256", json!(ev.model_sha256)),
-                ("value", json!(value)),
-                ("samples", json!(samples)),
+                ("value", json!(first.map(|m| m.value))),
+                ("samples", json!(first.map(|m| m.samples))),
             ],
         )?;
         client.report_evaluation(report).await?;
@@ -1023,11 +1289,20 @@ impl Node {
     }
 }
 
-/// ε after `rounds` rounds of distributed noise with noise multiplier `sigma` (with the margin for
-/// discreteness that [`distributed::noise_for_epsilon`] uses).
-fn ddg_epsilon(sigma: f64, rounds: u32, delta: f64) -> Result<f64, String> {
-    let rho = f64::from(rounds.max(1)) * 1.01 / (2.0 * sigma * sigma);
-    privacy::distributed::epsilon_for_rho(rho, delta).map_err(|e| e.to_string())
+/// ε after `rounds` rounds of distributed noise with noise multiplier `sigma`: each round the ρ
+/// of `encode::round_rho`, the same function the coordinator's reported ε comes from; an error
+/// (the plan or round is refused) where Kairouz et al.'s theorem does not apply.
+fn ddg_epsilon(plan: &Plan, sigma: f64, rounds: u32, delta: f64) -> Result<f64, String> {
+    sanctum_protocol::secagg::encode::distributed_epsilon(plan, sigma, rounds, delta)
+}
+
+/// Test hook for the crash-between-charge-and-send fault test
+/// (`SANCTUM_FAULT_CRASH_AFTER_CHARGE`); never set in production.
+fn crash_after_charge() {
+    if std::env::var_os("SANCTUM_FAULT_CRASH_AFTER_CHARGE").is_some() {
+        tracing::error!("SANCTUM_FAULT_CRASH_AFTER_CHARGE is set: exiting before the update is sent");
+        std::process::exit(70);
+    }
 }
 
 /// Sends one secure-aggregation message, recorded in the egress log first.
@@ -1048,6 +1323,7 @@ async fn upload(
     client: &mut FederationClient<Channel>,
     mut header: UpdateHeader,
     payload: Vec<u8>,
+    rule: Rule,
 ) -> anyhow::Result<(String, usize)> {
     let (plan_id, round) = (header.plan_id.clone(), header.round);
     let mut hasher = Hasher::default();
@@ -1060,7 +1336,7 @@ async fn upload(
     let n_chunks = payload.len().div_ceil(transfer::CHUNK_BYTES);
     let chunk_len = |i: usize| transfer::CHUNK_BYTES.min(payload.len() - i * transfer::CHUNK_BYTES);
     let bytes_out = header.encoded_len() + (0..n_chunks).map(|i| data_chunk_encoded_len(chunk_len(i))).sum::<usize>();
-    egress.record("SubmitUpdate", &plan_id, Some(round), bytes_out, Rule::ModelUpdate)?;
+    egress.record("SubmitUpdate", &plan_id, Some(round), bytes_out, rule)?;
     let data = {
         let payload = Arc::clone(&payload);
         (0..n_chunks).map(move |i| {
@@ -1078,10 +1354,13 @@ async fn upload(
 }
 
 /// Test hook for the secure-aggregation dropout tests (`SANCTUM_FAULT_SECAGG_EXIT` =
-/// `before_input` | `after_input`); never set in production.
-fn test_fault(at: &str) {
-    if std::env::var("SANCTUM_FAULT_SECAGG_EXIT").is_ok_and(|v| v == at) {
-        tracing::error!("SANCTUM_FAULT_SECAGG_EXIT={at}: exiting");
+/// `before_input` | `after_input`, in the first round that gets there or, with
+/// `SANCTUM_FAULT_SECAGG_ROUND=R`, only in round R, so one test can drop nodes in different rounds
+/// of one plan); never set in production.
+fn test_fault(at: &str, round: u32) {
+    let in_round = std::env::var("SANCTUM_FAULT_SECAGG_ROUND").ok().is_none_or(|r| r == round.to_string());
+    if in_round && std::env::var("SANCTUM_FAULT_SECAGG_EXIT").is_ok_and(|v| v == at) {
+        tracing::error!("SANCTUM_FAULT_SECAGG_EXIT={at} in round {round}: exiting");
         std::process::exit(71);
     }
 }

@@ -13,8 +13,11 @@ pub enum Rule {
     Subscribe,
     /// Accepting or refusing a plan, with the reason.
     PlanDecision,
-    /// A model update for a plan the policy accepted.
+    /// A model update for a plan the policy accepted: a new release (charged first under DP).
     ModelUpdate,
+    /// The same bytes as an earlier `ModelUpdate` of the same run and round, sent again: no new
+    /// release, nothing new charged.
+    ModelUpdateResend,
     /// Metrics of a global model on the local test split.
     Evaluation,
     /// Asking for a global model by hash.
@@ -32,6 +35,7 @@ impl Rule {
             Rule::Subscribe => "subscribe: version and device only",
             Rule::PlanDecision => "plan decision under local policy",
             Rule::ModelUpdate => "model update for an accepted plan (policy.allowed_models)",
+            Rule::ModelUpdateResend => "re-send of this round's stored update: no new release, no new charge",
             Rule::Evaluation => "aggregate test metric of a global model",
             Rule::ModelRequest => "model request by content hash",
             Rule::Receipt => "countersignature of a round record (hashes only)",

@@ -10,6 +10,9 @@
 //! - [`dpsgd`]: DP-SGD's per-example clipping by ghost norms (no loop over examples).
 //! - [`ledger`]: the privacy ledger, charged and fsync'd before an update leaves.
 //! - [`state_lock`]: the state directory's lock, one node process per state directory.
+//! - [`release`]: each open run's latest release, kept so a repeated round re-sends the same bytes.
+//! - [`rounds`]: which round and evaluation directives the node obeys (pure decisions).
+//! - [`metrics`]: test-split metrics as a noised, charged release (`policy.test_metrics = "noised"`).
 //! - [`egress`]: the append-only record of everything the node sent and the rule that allowed it.
 //! - [`daemon`]: the gRPC client loop that ties them together.
 
@@ -19,6 +22,9 @@ pub mod data;
 pub mod dpsgd;
 pub mod egress;
 pub mod ledger;
+pub mod metrics;
 pub mod policy;
+pub mod release;
+pub mod rounds;
 pub mod state_lock;
 pub mod train;
