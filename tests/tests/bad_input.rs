@@ -119,10 +119,11 @@ async fn bad_updates_are_rejected_logged_and_the_round_goes_on() {
     let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
 
     // A plan that is not TOML is refused with the reason, and nothing starts.
-    let s = lead.submit_plan(SubmitPlanRequest { plan_toml: "rounds = [".into() }).await.unwrap_err();
+    let s =
+        lead.submit_plan(SubmitPlanRequest { plan_toml: "rounds = [".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("not valid TOML"), "{}", s.message());
-    let s = lead.watch_plan(WatchPlanRequest { plan_id: "f00d".into() }).await.unwrap_err();
+    let s = lead.watch_plan(WatchPlanRequest { plan_id: "f00d".into(), ..Default::default() }).await.unwrap_err();
     assert_eq!(s.code(), Code::NotFound, "{s:?}");
 
     let honest: Vec<NodeProcess> =
@@ -132,8 +133,17 @@ async fn bad_updates_are_rejected_logged_and_the_round_goes_on() {
     let mut directives = rogue.subscribe(SubscribeRequest::default()).await.unwrap().into_inner();
     coord.wait_for_nodes(3);
 
-    let plan_id = lead.submit_plan(SubmitPlanRequest { plan_toml: plan(2, 2, "") }).await.unwrap().into_inner().plan_id;
-    let mut events = lead.watch_plan(WatchPlanRequest { plan_id: plan_id.clone() }).await.unwrap().into_inner();
+    let plan_id = lead
+        .submit_plan(SubmitPlanRequest { plan_toml: plan(2, 2, ""), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan_id;
+    let mut events = lead
+        .watch_plan(WatchPlanRequest { plan_id: plan_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
 
     // The rogue accepts, then sends garbage in round 1.
     let mut rejections = Vec::new();
@@ -146,6 +156,7 @@ async fn bad_updates_are_rejected_logged_and_the_round_goes_on() {
                         accept: true,
                         reason: String::new(),
                         privacy: None,
+                        run: o.run,
                     })
                     .await
                     .unwrap();

@@ -21,8 +21,13 @@ async fn a_killed_node_is_dropped_and_the_plan_completes_with_the_others() {
     let plan = "name = \"faults\"\nrounds = 4\nmin_nodes = 2\nround_deadline_secs = 600\n\
                 [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
                 [local]\nsteps = 20\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n";
-    let plan_id = lead.submit_plan(SubmitPlanRequest { plan_toml: plan.into() }).await.unwrap().into_inner().plan_id;
-    let mut events = lead.watch_plan(WatchPlanRequest { plan_id }).await.unwrap().into_inner();
+    let plan_id = lead
+        .submit_plan(SubmitPlanRequest { plan_toml: plan.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan_id;
+    let mut events = lead.watch_plan(WatchPlanRequest { plan_id, ..Default::default() }).await.unwrap().into_inner();
 
     let mut killed = false;
     let mut va_left_out = false;
@@ -69,8 +74,13 @@ async fn a_restarted_node_rejoins_the_running_plan() {
     let plan = "name = \"restart\"\nrounds = 40\nmin_nodes = 1\nround_deadline_secs = 600\n\
                 [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
                 [local]\nsteps = 2000\nbatch_size = 4\nlearning_rate = 0.001\n[strategy]\nkind = \"fedavg\"\n";
-    let plan_id = lead.submit_plan(SubmitPlanRequest { plan_toml: plan.into() }).await.unwrap().into_inner().plan_id;
-    let mut events = lead.watch_plan(WatchPlanRequest { plan_id }).await.unwrap().into_inner();
+    let plan_id = lead
+        .submit_plan(SubmitPlanRequest { plan_toml: plan.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan_id;
+    let mut events = lead.watch_plan(WatchPlanRequest { plan_id, ..Default::default() }).await.unwrap().into_inner();
     let mut restarted = false;
     let mut reported_after_restart = false;
     let finished = loop {

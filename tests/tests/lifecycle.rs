@@ -28,7 +28,13 @@ async fn a_revoked_node_is_refused_on_its_next_call_within_a_second() {
     let addr = coord.address();
     let va = c.member("va", "node");
     let mut node = FederationClient::new(channel(&addr, &va).await.unwrap());
-    let call = || PlanResponse { plan_id: "none".into(), accept: false, reason: "probe".into(), privacy: None };
+    let call = || PlanResponse {
+        plan_id: "none".into(),
+        accept: false,
+        reason: "probe".into(),
+        privacy: None,
+        run: String::new(),
+    };
     node.respond_to_plan(call()).await.unwrap();
 
     pki_cmd(&c, &["revoke", "va", "--reason", "left the consortium"]);
@@ -74,7 +80,7 @@ async fn an_auditor_reads_but_cannot_launch() {
     let auditor = c.member("inspector", "auditor");
     let mut lead = LeadClient::new(channel(&addr, &auditor).await.unwrap());
     let plan = std::fs::read_to_string(heart_data("cleveland").parent().unwrap().join("../fedavg.toml")).unwrap();
-    let err = lead.submit_plan(SubmitPlanRequest { plan_toml: plan }).await.unwrap_err();
+    let err = lead.submit_plan(SubmitPlanRequest { plan_toml: plan, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     assert!(err.message().contains("auditor") && err.message().contains("needs role lead"), "{}", err.message());
     // Reading is allowed: the plan list (none ran) and the audit log, which verifies.

@@ -60,7 +60,7 @@ async fn foreign_ca_plaintext_and_wrong_roles_are_refused() {
     // A node certificate cannot call the lead's calls...
     let ch = channel(&addr, &node).await.expect("node channel");
     let s = LeadClient::new(ch)
-        .submit_plan(SubmitPlanRequest { plan_toml: String::new() })
+        .submit_plan(SubmitPlanRequest { plan_toml: String::new(), ..Default::default() })
         .await
         .expect_err("a node must not submit plans");
     assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
@@ -69,7 +69,7 @@ async fn foreign_ca_plaintext_and_wrong_roles_are_refused() {
     // ...an auditor cannot either, and the lead cannot pose as a node.
     let auditor = c.member("auditor-1", "auditor");
     let s = LeadClient::new(channel(&addr, &auditor).await.expect("auditor channel"))
-        .submit_plan(SubmitPlanRequest { plan_toml: String::new() })
+        .submit_plan(SubmitPlanRequest { plan_toml: String::new(), ..Default::default() })
         .await
         .expect_err("an auditor must not submit plans");
     assert_eq!(s.code(), Code::PermissionDenied);
