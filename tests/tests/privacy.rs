@@ -19,7 +19,14 @@ async fn a_plan_that_would_overspend_is_refused_and_the_others_train_privately()
     // 2 rounds × 50 steps at σ = 0.8 with batch 4: ε ≈ 2.63 on Cleveland's 199 training rows and
     // ≈ 2.96 on Hungary's 172 (δ = 1e-5, `sanctum-node privacy epsilon`).
     let strict = NodeProcess::start_with_policy(&c, "cleveland", &addr, &heart_data("cleveland"), "max_epsilon = 2.0");
-    let lenient = NodeProcess::start_with_policy(&c, "hungarian", &addr, &heart_data("hungarian"), "max_epsilon = 4.0");
+    let lenient = NodeProcess::start_with_policy(
+        &c,
+        "hungarian",
+        &addr,
+        &heart_data("hungarian"),
+        // Its owner chose to share the exact test accuracy even under DP (the default is none).
+        "max_epsilon = 4.0\ntest_metrics = \"exact\"",
+    );
     // A δ cap below the plan's δ: refused whatever ε.
     let tight_delta =
         NodeProcess::start_with_policy(&c, "va", &addr, &heart_data("va"), "max_epsilon = 10.0\nmax_delta = 1e-6");
@@ -29,8 +36,13 @@ async fn a_plan_that_would_overspend_is_refused_and_the_others_train_privately()
                 [local]\nsteps = 50\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n\
                 [privacy]\nmode = \"example\"\nnoise_multiplier = 0.8\nclip_norm = 1.0\ndelta = 1e-5\n";
     let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
-    let plan_id = lead.submit_plan(SubmitPlanRequest { plan_toml: plan.into() }).await.unwrap().into_inner().plan_id;
-    let mut events = lead.watch_plan(WatchPlanRequest { plan_id }).await.unwrap().into_inner();
+    let plan_id = lead
+        .submit_plan(SubmitPlanRequest { plan_toml: plan.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan_id;
+    let mut events = lead.watch_plan(WatchPlanRequest { plan_id, ..Default::default() }).await.unwrap().into_inner();
     let mut refusals = std::collections::BTreeMap::new();
     let mut cost = None;
     let finished = loop {
@@ -82,8 +94,17 @@ async fn a_crash_between_charge_and_send_leaves_the_charge_once_and_never_less()
                 [local]\nsteps = 10\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n\
                 [privacy]\nmode = \"example\"\nnoise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 1e-5\n";
     let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
-    let plan_id = lead.submit_plan(SubmitPlanRequest { plan_toml: plan.into() }).await.unwrap().into_inner().plan_id;
-    let mut events = lead.watch_plan(WatchPlanRequest { plan_id: plan_id.clone() }).await.unwrap().into_inner();
+    let plan_id = lead
+        .submit_plan(SubmitPlanRequest { plan_toml: plan.into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .plan_id;
+    let mut events = lead
+        .watch_plan(WatchPlanRequest { plan_id: plan_id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     let finished = loop {
         let ev = next_event(&mut events, 120, "the plan stalled").await;
         if let Some(plan_event::Kind::PlanFinished(f)) = ev.kind {
@@ -111,7 +132,7 @@ async fn a_crash_between_charge_and_send_leaves_the_charge_once_and_never_less()
     let check = |b: &serde_json::Value| {
         let d = &b[0];
         assert_eq!(d["dataset"], "heart_disease");
-        let plans = d["plans"].as_array().unwrap();
+        let plans = d["runs"].as_array().unwrap();
         assert_eq!(plans.len(), 1, "{b}");
         assert_eq!(plans[0]["plan_id"], plan_id.as_str());
         assert_eq!(plans[0]["round"], 1);
