@@ -123,3 +123,41 @@ fn privacy_commands_answer_the_public_check_from_both_binaries() {
     assert_ne!(code, 0);
     assert!(text.contains("sampling rate 2 is not in (0, 1]"), "{text}");
 }
+
+#[test]
+fn a_second_node_on_the_same_state_directory_refuses_to_start() {
+    let c = Consortium::new();
+    // No coordinator is needed: the first node holds its state directory while it retries.
+    let first = sanctum_tests::NodeProcess::start_serving(
+        &c,
+        "cleveland",
+        "localhost:1",
+        &sanctum_tests::heart_data("cleveland"),
+        "",
+    );
+    assert!(
+        sanctum_tests::wait_until(std::time::Duration::from_secs(30), || first.state_dir().join("LOCK").exists()),
+        "the first node never locked its state directory:\n{}",
+        first.log_text()
+    );
+    let log = first.config.with_file_name("second.log");
+    let mut second = Command::new(bin("sanctum-node"))
+        .args(["run", "--config"])
+        .arg(&first.config)
+        .env_remove("LD_LIBRARY_PATH")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Without the lock the second node would share the ledger and run on: it must stop at once.
+    let stopped =
+        sanctum_tests::wait_until(std::time::Duration::from_secs(20), || matches!(second.try_wait(), Ok(Some(_))));
+    let _ = second.kill();
+    let status = second.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(stopped && !status.success(), "the second node did not refuse to start ({status}):\n{text}");
+    assert!(text.contains("in use by another sanctum-node process"), "{text}");
+    // The ledger it would have shared is untouched and the first node is still running.
+    assert!(first.ledger().is_empty());
+    let log = first.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+}
