@@ -150,7 +150,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("device:   {}", train::device_name(device));
             for d in &cfg.datasets {
                 let schema = sanctum_protocol::schema::lookup(&d.schema).context("unknown schema")?;
-                let data = data::load(&d.path, schema)?;
+                let data =
+                    data::load(&d.path, schema, data::admit(schema, sanctum_protocol::plan::PrivacyMode::None)?)?;
                 println!(
                     "dataset {} ({}): {} train rows, {} test rows",
                     d.schema,
@@ -158,6 +159,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     data.train_len(),
                     data.test_len()
                 );
+                match data::admit(schema, sanctum_protocol::plan::PrivacyMode::Example) {
+                    Ok(s) => println!("  under DP: standardised with {s}"),
+                    Err(e) => println!("  under DP: refused, {e}"),
+                }
             }
             Ok(())
         }

@@ -78,14 +78,16 @@ fn nodes_refuse_what_their_data_cannot_serve_and_the_lead_sees_why() {
     assert!(out.status.success(), "the plan goes on with the nodes that accepted");
     assert!(
         stdout.contains("malformed REFUSED the plan:")
-            && stdout.contains("line 3, column 4 (chol): 'abc' is not a number"),
+            && stdout.contains("rule value-numeric: 'malformed.csv' line 3, column 4 (chol): value is not a number"),
         "malformed row not named"
     );
     assert!(
         stdout.contains("schema-mismatch REFUSED the plan:")
-            && stdout.contains("column 'chol' required by schema 'heart_disease' is missing")
+            && stdout.contains("has no column 'chol', which schema 'heart_disease' requires")
     );
-    assert!(stdout.contains("missing REFUSED the plan: cannot read data file") && stdout.contains("nowhere.csv"));
+    assert!(
+        stdout.contains("missing REFUSED the plan: rule data-file-readable: data file 'nowhere.csv' cannot be read")
+    );
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(summary["rounds_completed"], 2);
     let per_node = summary["per_node"].as_object().unwrap();
