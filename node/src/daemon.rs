@@ -427,7 +427,7 @@ impl Node {
             // The full detail (path, values, headers) stays in the local log; the coordinator
             // learns only the rule, the file name, the line and the schema's column.
             tracing::warn!("dataset {}: {e}", dataset.path.display());
-            e.public_reason()
+            e.public_reason(self.cfg.policy.share_sample_counts)
         })?;
         if data.features != plan.model.inputs() {
             return Err(format!(

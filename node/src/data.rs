@@ -112,16 +112,20 @@ pub enum CellProblem {
 }
 
 impl CellProblem {
-    /// The rule broken, and what is wrong in words that hold no value from the file.
-    fn public(&self) -> (&'static str, String) {
+    /// The rule broken, and what is wrong in words that hold no value from the file (nor a line
+    /// number unless `lines`).
+    fn public(&self, lines: bool) -> (&'static str, String) {
         match self {
             CellProblem::Missing => ("value-present", "value is missing".into()),
             CellProblem::NotANumber(_) => ("value-numeric", "value is not a number".into()),
             CellProblem::NotFinite(_) => ("value-finite", "value is not a finite number".into()),
             CellProblem::LabelNotBinary(_) => ("label-binary", "label is not 0 or 1".into()),
             CellProblem::UnknownSplit(_) => ("split-train-or-test", "value is neither 'train' nor 'test'".into()),
-            CellProblem::DuplicatePatient { first_line, .. } => {
+            CellProblem::DuplicatePatient { first_line, .. } if lines => {
                 ("one-row-per-patient", format!("the patient id already appears on line {first_line}"))
+            }
+            CellProblem::DuplicatePatient { .. } => {
+                ("one-row-per-patient", "the patient id already appears on an earlier row".into())
             }
         }
     }
@@ -202,9 +206,12 @@ pub enum DataError {
 impl DataError {
     /// The refusal reason for the lead: the rule broken, the file's name (not its path), the line
     /// and the schema's column name. Never a cell value nor a header the schema does not name:
-    /// those can be patient data, and the full message is in the node's log.
-    pub fn public_reason(&self) -> String {
+    /// those can be patient data, and the full message is in the node's log. With `lines` false
+    /// (the policy withholds dataset sizes) not the line either: a line number is a lower bound
+    /// on the number of rows.
+    pub fn public_reason(&self, lines: bool) -> String {
         const SEE_LOG: &str = "the hospital's node log has the detail";
+        let at = |line: &u64| if lines { format!("line {line}") } else { "a row".to_string() };
         match self {
             DataError::Read { path, source } => format!(
                 "rule data-file-readable: data file '{}' cannot be read ({}); the hospital should check datasets.path in its node config",
@@ -216,12 +223,12 @@ impl DataError {
                 file_name(path)
             ),
             DataError::Cell { path, line, column, name, problem } => {
-                let (rule, what) = problem.public();
-                format!("rule {rule}: '{}' line {line}, column {column} ({name}): {what}; {SEE_LOG}", file_name(path))
+                let (rule, what) = problem.public(lines);
+                format!("rule {rule}: '{}' {}, column {column} ({name}): {what}; {SEE_LOG}", file_name(path), at(line))
             }
             DataError::Row { path, line, problem } => {
                 let (rule, what) = problem.public();
-                format!("rule {rule}: '{}' line {line}: {what}; {SEE_LOG}", file_name(path))
+                format!("rule {rule}: '{}' {}: {what}; {SEE_LOG}", file_name(path), at(line))
             }
             DataError::EmptySplit { path, split, column } => {
                 format!("rule splits-non-empty: '{}' has no row with {column} = {split}; {SEE_LOG}", file_name(path))
@@ -670,8 +677,11 @@ mod tests {
             }
             let e = load(&path, &ONE_ROW_WITH_IDS, Standardize::PerNode).unwrap_err();
             seen.insert(variant(&e));
-            let public = e.public_reason();
+            let public = e.public_reason(true);
             assert!(public.starts_with(rule) && public.contains(column), "{rule}: {public}");
+            // Without sizes, no line number either (a lower bound on the rows).
+            let sizeless = e.public_reason(false);
+            assert!(!sizeless.contains("line ") || rule == "rule csv-header", "{rule}: {sizeless}");
             assert!(public.contains("heart.csv"), "{rule}: {public}");
             for secret in [VALUE, HEADER_TEXT, DIR] {
                 assert!(!public.contains(secret), "{rule} leaks {secret}: {public}");
