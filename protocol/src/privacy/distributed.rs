@@ -1,20 +1,27 @@
-//! Accounting for client-level DP with distributed discrete Gaussian noise under secure
-//! aggregation (Kairouz, Liu and Steinke, "The Distributed Discrete Gaussian Mechanism for
-//! Federated Learning with Secure Aggregation", ICML 2021).
+//! Client-level DP by distributed discrete Gaussian noise under secure aggregation (Kairouz,
+//! Liu and Steinke, "The Distributed Discrete Gaussian Mechanism for Federated Learning with
+//! Secure Aggregation", ICML 2021): the accounting every party uses.
 //!
 //! Every node adds N_Z(0, σ_node²) to each integer coordinate of its quantised, clipped update, so
-//! the sum over any t survivors carries at least t·σ_node² of noise. A sum of discrete Gaussians is
-//! not itself discrete Gaussian; Kairouz et al. (Theorem 1) bound it: with Δ the L2 sensitivity in
-//! integer units, d the dimension and τ = 10·Σ_{k=1}^{t−1} exp(−2π²σ_node²·k/(k+1)), one round is
-//! ½ε²-zCDP with ε = min(√(Δ²/(tσ_node²) + τd/2), Δ/(√t·σ_node) + τ√d).
+//! a released sum carries the shares of every honest survivor. A sum of discrete Gaussians is not
+//! itself discrete Gaussian; Kairouz et al. (Theorem 1) bound it: for σ_node ≥ ½, n ≥ 1 summands,
+//! any Δ ∈ ℤᵈ (the difference between neighbouring sums) and
+//! τ = 10·Σ_{k=1}^{n−1} exp(−2π²σ_node²·k/(k+1)), the sum Z satisfies
+//! D_α(Z ‖ Z + Δ) ≤ α·ε²/2 for all α ≥ 1, i.e. ½ε²-zCDP, with
+//! ε = min(√(‖Δ‖₂²/(nσ_node²) + ½τd), ‖Δ‖₂/(√n·σ_node) + τ√d).
+//! (Google's `distributed_dp/accounting_utils.py` uses the same τ and, per Rényi order, the
+//! refinement of Proposition 14, whose third term is the second branch here.)
 //!
-//! opendp does the rest: the discrete Gaussian's own zCDP (`make_gaussian` on integer vectors,
-//! ρ = Δ²/(2·scale²), Canonne, Kamath and Steinke 2020), the composition over rounds
-//! (`make_composition`) and the conversion of zCDP to (ε, δ) (`make_zCDP_to_approxDP`,
-//! `make_fix_delta`). The nodes' noise itself is sampled by opendp's exact discrete Gaussian
-//! sampler through the same measurement.
+//! [`DistributedGaussian::rho`] is that bound with its preconditions checked;
+//! [`crate::secagg::encode::round_rho`] applies it to a plan's encoding and is the one place both
+//! the node's ledger charge and the coordinator's reported ε come from. Rounds compose by adding
+//! ρ (Bun and Steinke 2016, Lemma 2.3), which [`rho_after_rounds`] does in the order a running
+//! total adds them, so every party gets the same bits. opendp gives the discrete Gaussian's own
+//! ρ = Δ²/(2·scale²) (`make_gaussian` on integer vectors, Canonne, Kamath and Steinke 2020) and
+//! converts zCDP to (ε, δ) (`make_zCDP_to_approxDP`, `make_fix_delta`). The noise itself is
+//! drawn by [`super::discrete`].
 
-use opendp::combinators::{make_composition, make_fix_delta, make_zCDP_to_approxDP};
+use opendp::combinators::{make_fix_delta, make_zCDP_to_approxDP};
 use opendp::domains::{AtomDomain, VectorDomain};
 use opendp::measurements::make_gaussian;
 use opendp::measures::ZeroConcentratedDivergence;
@@ -22,16 +29,16 @@ use opendp::metrics::L2Distance;
 
 use super::PrivacyError;
 
-/// One round of distributed discrete Gaussian noise, in integer units.
+/// One round of distributed discrete Gaussian noise, in integer units, as Theorem 1 sees it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DistributedGaussian {
-    /// L2 sensitivity of one node's quantised input (integer units).
-    pub sensitivity: f64,
-    /// Each node's discrete Gaussian scale σ_node (integer units).
+    /// ‖Δ‖₂: the L2 sensitivity of one node's quantised input, rounding included (integer units).
+    pub l2_sensitivity: f64,
+    /// σ_node: the discrete Gaussian scale each of the summands adds (integer units).
     pub node_scale: f64,
-    /// The fewest nodes whose noise is in a released sum (t).
-    pub min_survivors: usize,
-    /// Coordinates per input.
+    /// n: how many nodes' noise the released sum is assumed to carry (honest survivors).
+    pub summands: usize,
+    /// d: coordinates per input (every one carries noise).
     pub dimension: usize,
 }
 
@@ -39,26 +46,48 @@ fn opendp_err(e: impl std::fmt::Display) -> PrivacyError {
     PrivacyError::Accounting(e.to_string())
 }
 
+/// opendp's Gaussian measurement on integer vectors, under zCDP.
+type IntegerGaussian =
+    opendp::core::Measurement<VectorDomain<AtomDomain<i64>>, L2Distance<f64>, ZeroConcentratedDivergence, Vec<i64>>;
+
+/// opendp's Gaussian measurement on integer vectors with this scale.
+fn integer_gaussian(scale: f64) -> Result<IntegerGaussian, PrivacyError> {
+    make_gaussian::<_, _, ZeroConcentratedDivergence>(
+        VectorDomain::new(AtomDomain::<i64>::default()),
+        L2Distance::<f64>::default(),
+        scale,
+        None,
+    )
+    .map_err(opendp_err)
+}
+
 impl DistributedGaussian {
-    /// ρ of one round (zCDP), with Kairouz et al.'s correction for summing discrete Gaussians.
-    pub fn rho_per_round(&self) -> Result<f64, PrivacyError> {
-        let t = self.min_survivors as f64;
-        if !(self.node_scale.is_finite() && self.node_scale > 0.0) || self.min_survivors == 0 {
-            return Err(PrivacyError::NoiseMultiplier(self.node_scale));
+    /// ρ (zCDP) of one round by Theorem 1, or why the theorem does not apply.
+    pub fn rho(&self) -> Result<f64, PrivacyError> {
+        let refuse = |why: String| Err(PrivacyError::Theorem(why));
+        if self.summands == 0 {
+            return refuse("the sum carries no node's noise (n = 0)".into());
         }
-        // ρ of one discrete Gaussian with the survivors' total scale, from opendp.
-        let total_scale = self.node_scale * t.sqrt();
-        let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
-            VectorDomain::new(AtomDomain::<i64>::default()),
-            L2Distance::<f64>::default(),
-            total_scale,
-            None,
-        )
-        .map_err(opendp_err)?;
-        let rho_dg = m.map(&self.sensitivity).map_err(opendp_err)?;
+        if self.dimension == 0 {
+            return refuse("the input has no coordinates (d = 0)".into());
+        }
+        if !(self.l2_sensitivity.is_finite() && self.l2_sensitivity > 0.0) {
+            return refuse(format!("the sensitivity {} is not a positive number", self.l2_sensitivity));
+        }
+        // Theorem 1 assumes σ ≥ ½ (the τ bound on how far a sum of discrete Gaussians is from
+        // one needs it); below that the bound says nothing.
+        if !(self.node_scale.is_finite() && self.node_scale >= 0.5) {
+            return refuse(format!(
+                "each node's noise scale {} is below ½ of an integer step; raise the noise multiplier or the clip norm",
+                self.node_scale
+            ));
+        }
+        let n = self.summands as f64;
+        // ‖Δ‖₂²/(2nσ²): the discrete Gaussian with the summands' total scale σ·√n, by opendp.
+        let rho_dg = integer_gaussian(self.node_scale * n.sqrt())?.map(&self.l2_sensitivity).map_err(opendp_err)?;
         let sigma2 = self.node_scale * self.node_scale;
-        let tau: f64 = 10.0
-            * (1..self.min_survivors)
+        let tau = 10.0
+            * (1..self.summands)
                 .map(|k| {
                     let k = k as f64;
                     (-2.0 * std::f64::consts::PI.powi(2) * sigma2 * k / (k + 1.0)).exp()
@@ -68,32 +97,19 @@ impl DistributedGaussian {
         let eps_a = (2.0 * rho_dg + 0.5 * tau * d).sqrt();
         let eps_b = (2.0 * rho_dg).sqrt() + tau * d.sqrt();
         let eps = eps_a.min(eps_b);
-        Ok(0.5 * eps * eps)
-    }
-
-    /// (ε, δ) after `rounds` rounds: zCDP composed by opendp, converted at `delta` by opendp.
-    pub fn epsilon(&self, rounds: u32, delta: f64) -> Result<f64, PrivacyError> {
-        if !(delta > 0.0 && delta < 1.0) {
-            return Err(PrivacyError::Delta(delta));
+        let rho = 0.5 * eps * eps;
+        if !(rho.is_finite() && rho > 0.0) {
+            return refuse(format!("the bound is not a finite positive number (ρ = {rho})"));
         }
-        let rho = self.rho_per_round()?;
-        // A Gaussian measurement with sensitivity 1 and ρ = 1/(2·scale²) stands for each round.
-        let scale = (1.0 / (2.0 * rho)).sqrt();
-        let round = || {
-            make_gaussian::<_, _, ZeroConcentratedDivergence>(
-                VectorDomain::new(AtomDomain::<i64>::default()),
-                L2Distance::<f64>::default(),
-                scale,
-                None,
-            )
-        };
-        let rounds: Vec<_> = (0..rounds.max(1)).map(|_| round()).collect::<Result<_, _>>().map_err(opendp_err)?;
-        let composed = make_composition(rounds).map_err(opendp_err)?;
-        let approx =
-            make_fix_delta(&make_zCDP_to_approxDP(composed).map_err(opendp_err)?, delta).map_err(opendp_err)?;
-        let (eps, _) = approx.map(&1.0).map_err(opendp_err)?;
-        Ok(eps)
+        Ok(rho)
     }
+}
+
+/// ρ after `rounds` rounds of `rho_per_round` each, summed one round at a time from zero: the
+/// same f64 additions as a running total (`total += rho` per released round), so a party that
+/// counts rounds and one that accumulates them agree to the bit.
+pub fn rho_after_rounds(rho_per_round: f64, rounds: u32) -> f64 {
+    (0..rounds).fold(0.0, |total, _| total + rho_per_round)
 }
 
 /// (ε, δ) of a mechanism that is ρ-zCDP in total, by opendp's conversion.
@@ -104,34 +120,45 @@ pub fn epsilon_for_rho(rho: f64, delta: f64) -> Result<f64, PrivacyError> {
     if !(rho.is_finite() && rho > 0.0) {
         return Err(PrivacyError::Accounting(format!("ρ = {rho} is not a positive number")));
     }
-    let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
-        VectorDomain::new(AtomDomain::<i64>::default()),
-        L2Distance::<f64>::default(),
-        (1.0 / (2.0 * rho)).sqrt(),
-        None,
-    )
-    .map_err(opendp_err)?;
+    // A Gaussian measurement with sensitivity 1 and scale 1/√(2ρ) is ρ-zCDP: it stands for the
+    // whole mechanism in opendp's conversion.
+    let m = integer_gaussian((1.0 / (2.0 * rho)).sqrt())?;
     let approx = make_fix_delta(&make_zCDP_to_approxDP(m).map_err(opendp_err)?, delta).map_err(opendp_err)?;
     Ok(approx.map(&1.0).map_err(opendp_err)?.0)
 }
 
-/// Margin on ρ for the discreteness of the noise and of the rounding (the exact ρ of each round is
-/// computed and charged when the round runs; it stays below this for any model under 10⁸
-/// parameters and clip norms above γ·10⁴).
-const DISCRETE_MARGIN: f64 = 1.01;
+/// ε at `delta` after `rounds` rounds of `rho_per_round` (at least one round).
+pub fn epsilon_after_rounds(rho_per_round: f64, rounds: u32, delta: f64) -> Result<f64, PrivacyError> {
+    epsilon_for_rho(rho_after_rounds(rho_per_round, rounds.max(1)), delta)
+}
 
-/// The smallest noise multiplier (to 0.1 %) whose `rounds` rounds of distributed noise stay within
-/// `target` ε at `delta`: each round ρ = 1/(2σ²), with a margin for discreteness.
-pub fn noise_for_epsilon(target: f64, rounds: u32, delta: f64) -> Result<f64, PrivacyError> {
+/// The smallest noise multiplier (to 0.1 %) whose `rounds` rounds stay within `target` ε at
+/// `delta`, where `rho_of(σ)` is one round's ρ at noise multiplier σ (non-increasing in σ). A σ
+/// for which `rho_of` refuses (the theorem does not apply) counts as too little noise, so the
+/// answer always has a ρ and meets the target.
+pub fn noise_for_epsilon(
+    target: f64,
+    rounds: u32,
+    delta: f64,
+    rho_of: impl Fn(f64) -> Result<f64, PrivacyError>,
+) -> Result<f64, PrivacyError> {
     if !(target.is_finite() && target > 0.0) {
         return Err(PrivacyError::Epsilon(target));
     }
-    let eps = |sigma: f64| epsilon_for_rho(f64::from(rounds.max(1)) * DISCRETE_MARGIN / (2.0 * sigma * sigma), delta);
+    if !(delta > 0.0 && delta < 1.0) {
+        return Err(PrivacyError::Delta(delta));
+    }
+    const MAX: f64 = 1e6;
+    let eps = |sigma: f64| match rho_of(sigma) {
+        Ok(rho) => epsilon_after_rounds(rho, rounds, delta),
+        Err(PrivacyError::Theorem(_)) => Ok(f64::INFINITY),
+        Err(e) => Err(e),
+    };
     let (mut lo, mut hi) = (1e-3, 1.0);
     while eps(hi)? > target {
         hi *= 2.0;
-        if hi > 1e6 {
-            return Err(PrivacyError::Unreachable { target, max: 1e6 });
+        if hi > MAX {
+            return Err(PrivacyError::Unreachable { target, max: MAX });
         }
     }
     while (hi - lo) / hi > 1e-3 {
@@ -141,22 +168,11 @@ pub fn noise_for_epsilon(target: f64, rounds: u32, delta: f64) -> Result<f64, Pr
     Ok(hi)
 }
 
-/// Samples `len` integers from N_Z(0, `scale`²) with opendp's exact sampler.
-pub fn sample_discrete_gaussian(len: usize, scale: f64) -> Result<Vec<i64>, PrivacyError> {
-    let m = make_gaussian::<_, _, ZeroConcentratedDivergence>(
-        VectorDomain::new(AtomDomain::<i64>::default()),
-        L2Distance::<f64>::default(),
-        scale,
-        None,
-    )
-    .map_err(opendp_err)?;
-    m.invoke(&vec![0i64; len]).map_err(opendp_err)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::privacy::{self, SampledGaussian, rdp};
+    use opendp::combinators::make_composition;
 
     /// ε of `steps` compositions of the Gaussian mechanism (sensitivity 1, std σ), by opendp alone.
     fn opendp_epsilon(sigma: f64, steps: u32, delta: f64) -> f64 {
@@ -221,15 +237,69 @@ mod tests {
 }
 
 #[cfg(test)]
-mod inverse_tests {
+mod theorem_tests {
     use super::*;
+    use opendp::combinators::make_composition;
+
+    fn dg(l2: f64, scale: f64, n: usize, d: usize) -> DistributedGaussian {
+        DistributedGaussian { l2_sensitivity: l2, node_scale: scale, summands: n, dimension: d }
+    }
+
+    #[test]
+    fn the_theorem_is_refused_outside_its_preconditions() {
+        for bad in [dg(10.0, 0.49, 5, 10), dg(10.0, f64::NAN, 5, 10), dg(10.0, 1.0, 0, 10), dg(10.0, 1.0, 5, 0)]
+            .into_iter()
+            .chain([dg(0.0, 1.0, 5, 10), dg(f64::INFINITY, 1.0, 5, 10)])
+        {
+            assert!(matches!(bad.rho(), Err(PrivacyError::Theorem(_))), "{bad:?} gave {:?}", bad.rho());
+        }
+        assert!(dg(10.0, 0.5, 5, 10).rho().is_ok(), "σ = ½ is inside the theorem");
+    }
+
+    /// Theorem 1 by hand: with a large σ the τ terms vanish and ρ is the continuous Gaussian's
+    /// ‖Δ‖²/(2nσ²); with σ = ½ they dominate and the smaller branch is taken.
+    #[test]
+    fn rho_is_the_theorem_written_out() {
+        let want = 1e4f64.powi(2) / (2.0 * 51.0 * 2e5f64.powi(2));
+        let got = dg(1e4, 2e5, 51, 1000).rho().unwrap();
+        assert!((got / want - 1.0).abs() < 1e-12, "{got} vs {want}");
+        let (l2, s, n, d) = (3.0f64, 0.5f64, 4usize, 20usize);
+        let tau: f64 = 10.0
+            * (1..n)
+                .map(|k| (-2.0 * std::f64::consts::PI.powi(2) * s * s * k as f64 / (k as f64 + 1.0)).exp())
+                .sum::<f64>();
+        let base = l2 * l2 / (n as f64 * s * s);
+        let eps = (base + 0.5 * tau * d as f64).sqrt().min(base.sqrt() + tau * (d as f64).sqrt());
+        let got = dg(l2, s, n, d).rho().unwrap();
+        assert!((got / (0.5 * eps * eps) - 1.0).abs() < 1e-9 && got > 0.5 * base, "{got} vs {}", 0.5 * eps * eps);
+    }
+
+    #[test]
+    fn rounds_add_up_like_a_running_total_and_like_opendp() {
+        let rho = 0.123_456_789_f64;
+        let mut running = 0.0;
+        for r in 1..=50u32 {
+            running += rho;
+            assert_eq!(rho_after_rounds(rho, r).to_bits(), running.to_bits(), "round {r}");
+        }
+        // opendp's composition of the same rounds, converted by the same map.
+        let scale = (1.0 / (2.0 * rho)).sqrt();
+        let composed = make_composition((0..50).map(|_| integer_gaussian(scale).unwrap()).collect()).unwrap();
+        let theirs = make_fix_delta(&make_zCDP_to_approxDP(composed).unwrap(), 1e-5).unwrap().map(&1.0).unwrap().0;
+        let ours = epsilon_after_rounds(rho, 50, 1e-5).unwrap();
+        assert!((ours / theirs - 1.0).abs() < 1e-9, "{ours} vs opendp {theirs}");
+    }
 
     #[test]
     fn the_noise_found_for_a_target_meets_it_and_is_not_loose() {
+        let rho_of = |s: f64| dg(1e6 * 1.001, 1e6 * s / 10.0, 100, 10_000).rho();
         for (target, rounds) in [(1.0, 15u32), (10.0, 15), (3.0, 100)] {
-            let sigma = noise_for_epsilon(target, rounds, 1e-5).unwrap();
-            let at = epsilon_for_rho(f64::from(rounds) * DISCRETE_MARGIN / (2.0 * sigma * sigma), 1e-5).unwrap();
+            let sigma = noise_for_epsilon(target, rounds, 1e-5, rho_of).unwrap();
+            let at = epsilon_after_rounds(rho_of(sigma).unwrap(), rounds, 1e-5).unwrap();
             assert!(at <= target && at > target * 0.99, "target {target}: σ {sigma} gives {at}");
         }
+        // Where the theorem refuses small σ, the search steps over them.
+        let picky = |s: f64| if s < 2.0 { Err(PrivacyError::Theorem("σ".into())) } else { rho_of(s) };
+        assert!(noise_for_epsilon(1000.0, 1, 1e-5, picky).unwrap() >= 2.0);
     }
 }

@@ -7,11 +7,16 @@
 //!
 //! - [`noise`]: Gaussian noise from an OS-seeded CSPRNG, hardened against floating-point
 //!   attacks, for DP-SGD at the nodes and DP-FedAvg at the coordinator.
+//! - [`distributed`]: client-level DP by distributed discrete Gaussian noise under secure
+//!   aggregation (Kairouz, Liu and Steinke 2021): the one function every party charges a round by.
+//! - [`discrete`]: an exact discrete Gaussian sampler (Canonne, Kamath and Steinke 2020) on the
+//!   caller's CSPRNG, for each node's share of that noise.
 //!
 //! Both accountants are checked against reference values computed once with Opacus and dp_accounting and
 //! committed with their generator in `protocol/testdata/privacy/`.
 
 pub mod cli;
+pub mod discrete;
 pub mod distributed;
 pub mod noise;
 pub mod pld;
@@ -46,6 +51,10 @@ pub enum PrivacyError {
         "no noise multiplier up to {max} reaches ε = {target} with these parameters; sample less or take fewer steps"
     )]
     Unreachable { target: f64, max: f64 },
+    #[error("the distributed discrete Gaussian bound (Kairouz, Liu and Steinke 2021, Theorem 1) does not apply: {0}")]
+    Theorem(String),
+    #[error("discrete Gaussian sampler: {0}")]
+    Sampler(String),
 }
 
 impl SampledGaussian {
