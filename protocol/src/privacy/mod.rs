@@ -8,7 +8,8 @@
 //! - [`noise`]: Gaussian noise from an OS-seeded CSPRNG, hardened against floating-point
 //!   attacks, for DP-SGD at the nodes and DP-FedAvg at the coordinator.
 //! - [`distributed`]: client-level DP by distributed discrete Gaussian noise under secure
-//!   aggregation (Kairouz, Liu and Steinke 2021): the one function every party charges a round by.
+//!   aggregation (Kairouz, Liu and Steinke 2021): the bound behind `secagg::encode::round_rho`,
+//!   the one function every party charges a round by.
 //! - [`discrete`]: an exact discrete Gaussian sampler (Canonne, Kamath and Steinke 2020) on the
 //!   caller's CSPRNG, for each node's share of that noise.
 //!
