@@ -112,11 +112,16 @@ kind = "fedavg"
     fn the_coordinator_raises_a_plan_threshold_with_2t_le_n_to_a_strict_majority() {
         // A plan asking for t = 2 opens 5-participant rounds at t = 3, which every node accepts
         // (t = 2 would be refused by each node's Client::new); larger floors are kept.
-        for (threshold, min_nodes, n, want) in
-            [(Some(2), 2, 5, 3), (Some(2), 2, 4, 3), (None, 2, 5, 3), (Some(4), 2, 5, 4), (None, 4, 4, 4), (None, 2, 2, 2)]
-        {
-            let round = SecAggRound::open(&plan(threshold, min_nodes), "p", 1, &names(n), 14, None, Instant::now())
-                .unwrap();
+        for (threshold, min_nodes, n, want) in [
+            (Some(2), 2, 5, 3),
+            (Some(2), 2, 4, 3),
+            (None, 2, 5, 3),
+            (Some(4), 2, 5, 4),
+            (None, 4, 4, 4),
+            (None, 2, 2, 2),
+        ] {
+            let round =
+                SecAggRound::open(&plan(threshold, min_nodes), "p", 1, &names(n), 14, None, Instant::now()).unwrap();
             assert_eq!(round.setup.threshold as usize, want, "threshold {threshold:?} of {n}");
             assert_eq!(round.server.params().threshold, want);
             assert!(2 * want > n);

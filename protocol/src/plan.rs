@@ -608,9 +608,12 @@ server_learning_rate = 0.01
                 assert!(2 * t > n && t >= 2, "t = {t} of n = {n}");
             }
         }
-        let e = Plan::parse(&format!("secure_aggregation = true\n{}[secagg]\nthreshold = 1\n", PLAN.replace("min_nodes = 1", "min_nodes = 2")))
-            .unwrap_err()
-            .to_string();
+        let e = Plan::parse(&format!(
+            "secure_aggregation = true\n{}[secagg]\nthreshold = 1\n",
+            PLAN.replace("min_nodes = 1", "min_nodes = 2")
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("secagg.threshold"), "{e}");
     }
 }

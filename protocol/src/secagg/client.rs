@@ -117,13 +117,8 @@ impl RoundParams {
     /// round's plan, round and roster digest, never from what was relayed, so keys signed for
     /// another participant list or threshold do not verify.
     pub fn keys_message(&self, keys: &RoundKeys) -> Vec<u8> {
-        RoundKeys {
-            plan_id: self.plan_id.clone(),
-            round: self.round,
-            roster: self.roster_digest(),
-            ..keys.clone()
-        }
-        .signed_message()
+        RoundKeys { plan_id: self.plan_id.clone(), round: self.round, roster: self.roster_digest(), ..keys.clone() }
+            .signed_message()
     }
 
     /// What every node of U3 signs in the consistency check: the round and the survivor list.

@@ -656,8 +656,12 @@ mod tests {
                 }
             }
             // The coordinator, opening the round as `base`, refuses them too.
-            let mut server = Server::new(base.clone(), 4, Duration::from_secs(5), now + Duration::from_secs(60), now).unwrap();
-            assert!(matches!(server.advertise(&members.names[0], ads[0].clone(), &members, now), Err(SecAggError::Peer(..))));
+            let mut server =
+                Server::new(base.clone(), 4, Duration::from_secs(5), now + Duration::from_secs(60), now).unwrap();
+            assert!(matches!(
+                server.advertise(&members.names[0], ads[0].clone(), &members, now),
+                Err(SecAggError::Peer(..))
+            ));
             assert!(server.advertise(&members.names[1], ads[1].clone(), &members, now).is_ok());
 
             // A share sealed under one roster does not open under the other; the pairwise seeds
@@ -666,12 +670,19 @@ mod tests {
             let sealed = crypto::seal(&a, &pb, &base.context(), 1, 2, b"a share pair").unwrap();
             assert_eq!(crypto::open(&b, &pa, &base.context(), 1, 2, &sealed).unwrap(), b"a share pair");
             assert!(crypto::open(&b, &pa, &announced.context(), 1, 2, &sealed).is_err());
-            assert_ne!(masking::pairwise_seed(&a, &pb, &base.context()), masking::pairwise_seed(&a, &pb, &announced.context()));
+            assert_ne!(
+                masking::pairwise_seed(&a, &pb, &base.context()),
+                masking::pairwise_seed(&a, &pb, &announced.context())
+            );
             let u3: BTreeSet<u32> = [1, 2, 3].into();
             assert_ne!(base.consistency_message(&u3), announced.consistency_message(&u3));
         }
         // Names are length-prefixed: ["ab", "c"] and ["a", "bc"] are different rosters.
-        let named = |p: &[&str]| RoundParams { participants: p.iter().map(|s| s.to_string()).collect(), threshold: 2, ..base.clone() };
+        let named = |p: &[&str]| RoundParams {
+            participants: p.iter().map(|s| s.to_string()).collect(),
+            threshold: 2,
+            ..base.clone()
+        };
         assert_ne!(named(&["ab", "c"]).roster_digest(), named(&["a", "bc"]).roster_digest());
     }
 }
