@@ -422,7 +422,7 @@ impl Node {
         let dataset = policy::check(&plan, &self.cfg)?;
         let schema = plan.schema().ok_or("plan names an unknown schema")?;
         // Under DP only the schema's public statistics may standardise (and the privacy unit must fit).
-        let standardize = data::admit(schema, plan.privacy.mode).map_err(|e| e.to_string())?;
+        let standardize = data::admit_plan(schema, &plan).map_err(|e| e.to_string())?;
         let data = data::load(&dataset.path, schema, standardize).map_err(|e| {
             // The full detail (path, values, headers) stays in the local log; the coordinator
             // learns only the rule, the file name, the line and the schema's column.

@@ -96,6 +96,20 @@ pub fn admit(schema: &Schema, privacy: PrivacyMode) -> Result<Standardize, RuleB
     }
 }
 
+/// [`admit`] with the plan's own choice of statistics (`[data] standardize`): `declared` uses the
+/// schema's public statistics also without DP; `per_node` is refused under DP.
+pub fn admit_plan(schema: &Schema, plan: &sanctum_protocol::plan::Plan) -> Result<Standardize, RuleBroken> {
+    use sanctum_protocol::plan::StandardizeWith;
+    let default = admit(schema, plan.privacy.mode)?;
+    match (plan.data.standardize, plan.privacy.mode, schema.standardization) {
+        (None, ..) => Ok(default),
+        (Some(StandardizeWith::Declared), _, Standardization::Declared(stats)) => Ok(Standardize::Declared(stats)),
+        (Some(StandardizeWith::Declared), ..) => Err(RuleBroken::NoDeclaredStatistics { schema: schema.name }),
+        (Some(StandardizeWith::PerNode), PrivacyMode::None, _) => Ok(default),
+        (Some(StandardizeWith::PerNode), ..) => Err(RuleBroken::NoDeclaredStatistics { schema: schema.name }),
+    }
+}
+
 /// What is wrong with one cell. `Display` shows the value (local log only).
 #[derive(Debug, Clone, PartialEq)]
 pub enum CellProblem {
@@ -489,6 +503,29 @@ mod tests {
         // age 60 under the pooled statistics, not the node's own +0.7071.
         assert!((d.train_x[0] - ((60.0 - 52.952674897119344) / 9.625772056075995) as f32).abs() < 1e-7);
         assert_ne!(d.train_x, per_node(f.path()).unwrap().train_x);
+    }
+
+    #[test]
+    fn a_plan_may_ask_for_declared_statistics_but_never_for_per_node_ones_under_dp() {
+        use sanctum_protocol::plan::{Plan, StandardizeWith};
+        let base = "name = \"p\"\nrounds = 1\nmin_nodes = 1\n[model]\nkind = \"logistic_regression\"\ninputs = 13\n\
+                    [local]\nsteps = 1\nbatch_size = 4\nlearning_rate = 0.1\n[strategy]\nkind = \"fedavg\"\n";
+        let dp = "[privacy]\nmode = \"example\"\nnoise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 1e-5\n";
+        let plan = |standardize: &str, privacy: &str| {
+            Plan::parse(&format!("{base}[data]\nschema = \"heart_disease\"\n{standardize}{privacy}")).unwrap()
+        };
+        let declared = || match admit(&HEART_DISEASE, PrivacyMode::Example) {
+            Ok(d @ Standardize::Declared(_)) => d,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(admit_plan(&HEART_DISEASE, &plan("", "")), Ok(Standardize::PerNode));
+        assert_eq!(admit_plan(&HEART_DISEASE, &plan("standardize = \"declared\"\n", "")), Ok(declared()));
+        assert_eq!(admit_plan(&HEART_DISEASE, &plan("standardize = \"per_node\"\n", "")), Ok(Standardize::PerNode));
+        assert_eq!(admit_plan(&HEART_DISEASE, &plan("", dp)), Ok(declared()));
+        assert_eq!(admit_plan(&HEART_DISEASE, &plan("standardize = \"declared\"\n", dp)), Ok(declared()));
+        let refused = admit_plan(&HEART_DISEASE, &plan("standardize = \"per_node\"\n", dp)).unwrap_err().to_string();
+        assert!(refused.contains("rule dp-public-standardization"), "{refused}");
+        assert_eq!(plan("standardize = \"declared\"\n", "").data.standardize, Some(StandardizeWith::Declared));
     }
 
     proptest! {

@@ -65,6 +65,21 @@ fn default_recruit_deadline() -> u64 {
 pub struct DataSpec {
     /// A built-in schema name (see [`crate::schema`]).
     pub schema: String,
+    /// Which statistics standardise the features; absent: the schema's declared public ones
+    /// under DP, each node's own train split without (FLamby's per-center normalisation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standardize: Option<StandardizeWith>,
+}
+
+/// A plan's choice of standardisation statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StandardizeWith {
+    /// The public statistics the schema declares (also without DP, for one scale everywhere).
+    Declared,
+    /// Each node's own train-split mean and standard deviation: refused under DP, where they
+    /// would leave in the model uncharged.
+    PerNode,
 }
 
 /// What each node does locally in a round.
