@@ -75,6 +75,12 @@ pub struct Policy {
     /// count of correct predictions and to the count of test examples (see `metrics`).
     #[serde(default)]
     pub test_metric_noise: Option<f64>,
+    /// With `share_sample_counts = false`: a number of training rows the hospital is willing to
+    /// publish as a lower bound on its own. ε is then accounted (and σ chosen for a target) at
+    /// q = batch / this bound rather than at the real q, so no decision, charge or noise scale
+    /// depends on the real size. Without it, q = 1: safe, but far noisier.
+    #[serde(default)]
+    pub public_min_train_rows: Option<u64>,
 }
 
 /// Whether test-split metrics leave the hospital.
@@ -95,10 +101,12 @@ pub enum TestMetrics {
 }
 
 impl TestMetrics {
-    /// Whether a metric may leave for a plan with (`dp`) or without differential privacy.
-    pub fn allows(self, dp: bool) -> bool {
+    /// Whether a metric may leave for a plan with (`dp`) or without differential privacy, when
+    /// the policy shares dataset sizes (`share`) or not: an exact accuracy is a fraction whose
+    /// denominator is the test split's size, so `auto` sends none when sizes are withheld.
+    pub fn allows(self, dp: bool, share: bool) -> bool {
         match self {
-            TestMetrics::Auto => !dp,
+            TestMetrics::Auto => !dp && share,
             TestMetrics::None => false,
             TestMetrics::Exact | TestMetrics::Noised => true,
         }
@@ -135,6 +143,7 @@ impl Default for Policy {
             max_delta: None,
             test_metrics: TestMetrics::Auto,
             test_metric_noise: None,
+            public_min_train_rows: None,
         }
     }
 }
@@ -202,6 +211,15 @@ impl NodeConfig {
             (_, Some(_)) => {
                 return Err("policy.test_metric_noise is set but policy.test_metrics is not \"noised\"".into());
             }
+        }
+        if p.test_metrics == TestMetrics::Exact && !p.share_sample_counts {
+            return Err("policy.test_metrics = \"exact\" with share_sample_counts = false: an exact accuracy is a fraction whose denominator is the test split's size; use \"noised\" or \"none\"".into());
+        }
+        if p.public_min_train_rows == Some(0) {
+            return Err("policy.public_min_train_rows must be at least 1".into());
+        }
+        if p.public_min_train_rows.is_some() && p.share_sample_counts {
+            return Err("policy.public_min_train_rows applies only with share_sample_counts = false".into());
         }
         if p.min_cohort.is_some_and(|m| m < 2) {
             return Err("policy.min_cohort must be at least 2 (a sum of one hospital is its update)".into());

@@ -88,6 +88,10 @@ struct SecAggRound {
 #[derive(Clone, Copy, Debug)]
 struct DpPlan {
     setup: train::DpSetup,
+    /// The sampling rate ε is accounted at: the real q, or, when the policy withholds dataset
+    /// sizes, q at the hospital's public lower bound on its rows (≥ the real q, so an upper bound
+    /// on ε that no decision or charge can give the real size away by).
+    accounted_rate: f64,
     delta: f64,
     /// DP-SGD steps over the whole plan.
     steps: u64,
@@ -99,7 +103,7 @@ impl DpPlan {
     /// ε after `steps` steps (PLD accountant).
     fn epsilon_after(&self, steps: u64) -> f64 {
         let run = SampledGaussian {
-            sampling_rate: self.setup.sampling_rate,
+            sampling_rate: self.accounted_rate,
             noise_multiplier: self.setup.noise_multiplier,
             steps,
         };
@@ -287,21 +291,16 @@ impl Node {
                         (false, reason)
                     }
                 };
-                let share = self.cfg.policy.share_sample_counts;
                 let accepted = self.plans.get(&offer.plan_id).filter(|_| accept);
-                // ε at a given σ reveals q = batch / n, hence the dataset's size: when the policy
-                // withholds sizes, only the plan's own target (a public number the node keeps
-                // below) is reported.
-                let privacy =
-                    accepted.and_then(|a| a.dp.map(|dp| (dp, a.plan.privacy.target_epsilon))).map(|(dp, target)| {
-                        proto::PrivacyCost {
-                            epsilon: if share { dp.epsilon } else { target.unwrap_or(0.0) },
-                            delta: dp.delta,
-                            steps: dp.steps,
-                            sampling_rate: if share { dp.setup.sampling_rate } else { 0.0 },
-                            noise_multiplier: if share { dp.setup.noise_multiplier } else { 0.0 },
-                        }
-                    });
+                // When the policy withholds dataset sizes every figure here is accounted at the
+                // public lower bound on the rows (`DpPlan::accounted_rate`), so none reveals n.
+                let privacy = accepted.and_then(|a| a.dp).map(|dp| proto::PrivacyCost {
+                    epsilon: dp.epsilon,
+                    delta: dp.delta,
+                    steps: dp.steps,
+                    sampling_rate: dp.accounted_rate,
+                    noise_multiplier: dp.setup.noise_multiplier,
+                });
                 // Client-level DP by distributed noise: one release per round, no sampling.
                 let privacy = privacy.or_else(|| {
                     accepted.and_then(|a| a.ddg.map(|d| (d, a.plan.rounds))).map(|(d, rounds)| proto::PrivacyCost {
@@ -338,7 +337,10 @@ impl Node {
             directive::Kind::StartRound(start) if start.secure_aggregation.is_some() => {
                 if let Err(e) = self.start_secagg_round(client, &start).await {
                     tracing::error!(round = start.round, "not taking part in this secure-aggregation round: {e:#}");
-                    self.secagg = None;
+                    // A refused directive never ends another round this node is in.
+                    if self.secagg_is(&start.plan_id, start.round) {
+                        self.secagg = None;
+                    }
                 }
             }
             directive::Kind::StartRound(start) => {
@@ -352,9 +354,12 @@ impl Node {
                 }
             }
             directive::Kind::Secagg(step) => {
+                let (plan_id, round) = (step.plan_id.clone(), step.round);
                 if let Err(e) = self.secagg_step(client, step).await {
                     tracing::error!("secure-aggregation step refused: {e:#}");
-                    self.secagg = None;
+                    if self.secagg_is(&plan_id, round) {
+                        self.secagg = None;
+                    }
                 }
             }
             directive::Kind::Evaluate(ev) => {
@@ -372,7 +377,10 @@ impl Node {
                 }
                 let name = if ours { self.plans.remove(&closed.plan_id).map(|a| a.plan.name) } else { None };
                 // The run is over for this node: its kept releases go, and it is never run again.
-                if let Err(e) = self.releases.close(&closed.plan_id, &closed.run) {
+                // Runs it never heard of leave nothing on disk.
+                if (ours || self.releases.knows(&closed.plan_id, &closed.run))
+                    && let Err(e) = self.releases.close(&closed.plan_id, &closed.run)
+                {
                     tracing::error!("{e}");
                 }
                 if let Err(e) = self.audit(
@@ -406,11 +414,8 @@ impl Node {
         if Plan::id_of(&offer.plan_toml).to_hex() != offer.plan_id {
             return Err("plan_id does not match the SHA-256 of the plan".into());
         }
-        if offer.run.is_empty() || offer.run.len() > 128 {
-            return Err(
-                "the offer has no valid run id (1 to 128 characters); this node takes part only in identified runs"
-                    .into(),
-            );
+        if !valid_run_id(&offer.run) {
+            return Err("the offer has no valid run id (1 to 128 of A-Z, a-z, 0-9, '_' and '-'); this node takes part only in identified runs".into());
         }
         if self.releases.is_closed(&offer.plan_id, &offer.run) {
             return Err(format!(
@@ -468,18 +473,36 @@ impl Node {
         let (Some(delta), Some(clip_norm)) = (p.delta, p.clip_norm) else {
             return Err("plan's [privacy] section lacks delta or clip_norm".into());
         };
-        let sampling_rate = (f64::from(plan.local.batch_size) / data.train_len() as f64).min(1.0);
+        let batch = f64::from(plan.local.batch_size);
+        let sampling_rate = (batch / data.train_len() as f64).min(1.0);
+        let accounted_rate = if self.cfg.policy.share_sample_counts {
+            sampling_rate
+        } else {
+            // Only public numbers decide: the declared lower bound on the rows, or none (q = 1).
+            let bound = self.cfg.policy.public_min_train_rows.unwrap_or(1);
+            if bound > data.train_len() as u64 {
+                tracing::error!(
+                    train_rows = data.train_len(),
+                    bound,
+                    "policy.public_min_train_rows is more than the training rows this dataset has"
+                );
+                return Err("policy.public_min_train_rows does not hold for this hospital's data; the hospital's node log has the detail".into());
+            }
+            (batch / bound as f64).min(1.0)
+        };
         let steps = u64::from(plan.rounds) * u64::from(plan.local.steps);
         let noise_multiplier = match (p.noise_multiplier, p.target_epsilon) {
             (Some(sigma), _) => sigma,
-            (None, Some(target)) => privacy::noise_for_epsilon(Accountant::Pld, target, sampling_rate, steps, delta)
-                .map_err(|e| format!("cannot meet target_epsilon {target} on this hospital's data: {e}"))?,
+            (None, Some(target)) => {
+                privacy::noise_for_epsilon(Accountant::Pld, target, accounted_rate, steps, delta)
+                    .map_err(|e| format!("cannot meet target_epsilon {target} on this hospital's data: {e}"))?
+            }
             (None, None) => {
                 return Err("plan's [privacy] section has neither noise_multiplier nor target_epsilon".into());
             }
         };
         let setup = train::DpSetup { sampling_rate, noise_multiplier, clip_norm };
-        let mut dp = DpPlan { setup, delta, steps, epsilon: 0.0 };
+        let mut dp = DpPlan { setup, accounted_rate, delta, steps, epsilon: 0.0 };
         dp.epsilon = dp.epsilon_after(steps);
         // Charges of this same run (offered again after a reconnect) are part of its own ε; every
         // other run, of this plan or another, adds to what the dataset already spent.
@@ -487,17 +510,10 @@ impl Node {
         if let Some(cap) = self.cfg.policy.max_epsilon
             && already.epsilon + dp.epsilon > cap
         {
-            let full = format!(
-                "plan would spend ε = {:.3} (δ = {delta:e}, {steps} DP-SGD steps at q = {sampling_rate:.4}, σ = {noise_multiplier:.3}) on this hospital's data, which has already spent ε = {:.3}; policy.max_epsilon is {cap}",
-                dp.epsilon, already.epsilon
-            );
-            if self.cfg.policy.share_sample_counts {
-                return Err(full);
-            }
-            // ε and q at the plan's σ would give the dataset's size away: the figures stay here.
-            tracing::warn!("refusing plan: {full}");
+            // With sizes withheld, q here is the public bound's, so the figures reveal nothing.
             return Err(format!(
-                "plan would take this hospital's data past policy.max_epsilon = {cap} (the figures stay at the hospital: policy.share_sample_counts = false)"
+                "plan would spend ε = {:.3} (δ = {delta:e}, {steps} DP-SGD steps at q = {accounted_rate:.4}, σ = {noise_multiplier:.3}) on this hospital's data, which has already spent ε = {:.3}; policy.max_epsilon is {cap}",
+                dp.epsilon, already.epsilon
             ));
         }
         self.check_delta(already.delta, delta)?;
@@ -570,7 +586,8 @@ impl Node {
         let req = FetchModelRequest { sha256: hash_hex.to_string() };
         self.egress.record("FetchModel", plan_id, None, req.encoded_len(), Rule::ModelRequest)?;
         let mut stream = client.fetch_model(req).await?.into_inner();
-        let mut bytes = Vec::with_capacity(size.min(1 << 32) as usize);
+        // The announced size is the coordinator's word: reserve at most 64 MiB up front.
+        let mut bytes = Vec::with_capacity(size.min(64 << 20) as usize);
         while let Some(chunk) = stream.message().await? {
             if chunk.offset != bytes.len() as u64 || bytes.len() as u64 + chunk.data.len() as u64 > size {
                 anyhow::bail!("model stream out of order or larger than announced ({size} bytes)");
@@ -642,9 +659,16 @@ impl Node {
         )
     }
 
-    /// Records a round directive that passed in the run's lineage.
+    /// Whether the open secure-aggregation round is (plan, round).
+    fn secagg_is(&self, plan_id: &str, round: u32) -> bool {
+        self.secagg.as_ref().is_some_and(|r| r.start.plan_id == plan_id && r.start.round == round)
+    }
+
+    /// Records, once a round's release has left, the model it was trained on in the run's
+    /// lineage (and whether it was the plan's last round). Only models the node really trained
+    /// on, and only after it released something for them, enter the lineage.
     fn note_round(&mut self, start: &proto::StartRound) {
-        if let Some(a) = self.plans.get_mut(&start.plan_id) {
+        if let Some(a) = self.plans.get_mut(&start.plan_id).filter(|a| a.run == start.run) {
             a.lineage.models.insert(start.model_sha256.clone());
             a.lineage.saw_last_round |= start.round == a.plan.rounds;
         }
@@ -660,7 +684,6 @@ impl Node {
             self.refuse_directive("StartRound", &start.plan_id, start.round, reason)?;
             anyhow::bail!("{reason}");
         }
-        self.note_round(start);
         let Some(accepted) = self.plans.get(&start.plan_id) else {
             anyhow::bail!("round for plan {} which this node did not accept", start.plan_id);
         };
@@ -674,20 +697,39 @@ impl Node {
                 };
                 let header = UpdateHeader::decode(header.as_slice())
                     .map_err(|e| anyhow::anyhow!("round {}'s stored release is damaged: {e}", start.round))?;
+                // The same round asked for again must name the model it was trained on.
+                if header.base_model_sha256 != start.model_sha256 {
+                    let reason = format!(
+                        "round {} was trained on model {}, not {}; it is re-sent only as it was",
+                        start.round,
+                        short(&header.base_model_sha256),
+                        short(&start.model_sha256)
+                    );
+                    self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
+                    anyhow::bail!("{reason}");
+                }
                 if decision == RoundDecision::ChargeAndSend {
                     if let Some(cost) = self.round_cost(&start.plan_id, start.round)? {
                         self.charge_cost(&start.plan_id, start.round, &cost)?;
                     }
                     tracing::info!(round = start.round, "sending the stored update, charged now (it never left)");
-                    return self.send_update(client, header, payload, Rule::ModelUpdate).await;
+                    self.send_update(client, header, payload, Rule::ModelUpdate).await?;
+                    self.note_round(start);
+                    return Ok(());
                 }
                 tracing::info!(
                     round = start.round,
                     "round asked for again: re-sending the same bytes (no new release)"
                 );
-                self.send_update(client, header, payload, Rule::ModelUpdateResend).await
+                self.send_update(client, header, payload, Rule::ModelUpdateResend).await?;
+                self.note_round(start);
+                Ok(())
             }
-            RoundDecision::Train => self.train_and_send(client, start, &run).await,
+            RoundDecision::Train => {
+                self.train_and_send(client, start, &run).await?;
+                self.note_round(start);
+                Ok(())
+            }
             RoundDecision::Refuse(_) => Ok(()),
         }
     }
@@ -756,7 +798,8 @@ impl Node {
         cost: Option<&Cost<'_>>,
     ) -> anyhow::Result<Vec<proto::Metric>> {
         let mut m: Vec<proto::Metric> = self.release_metric(plan_id, metric)?.into_iter().collect();
-        if let Some(cost) = cost.filter(|_| self.cfg.policy.share_sample_counts) {
+        // With sizes withheld, the cost is accounted at the public bound: it reveals nothing.
+        if let Some(cost) = cost {
             m.push(proto::Metric { name: "epsilon_spent".into(), value: cost.epsilon, samples: cost.steps });
         }
         Ok(m)
@@ -769,7 +812,7 @@ impl Node {
             return Ok(None);
         };
         let policy = &self.cfg.policy;
-        if !policy.test_metrics.allows(accepted.plan.privacy.mode != PrivacyMode::None) {
+        if !policy.test_metrics.allows(accepted.plan.privacy.mode != PrivacyMode::None, policy.share_sample_counts) {
             return Ok(None);
         }
         let name = accepted.plan.schema().map(|s| s.task.metric()).unwrap_or("metric").to_string();
@@ -914,6 +957,13 @@ impl Node {
             return Ok(());
         };
         let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
+        if accepted.run != start.run {
+            anyhow::bail!(
+                "run {:?} was replaced by run {:?} during training; nothing is sent",
+                start.run,
+                accepted.run
+            );
+        }
         let run = accepted.run.clone();
         tracing::info!(
             round = start.round,
@@ -977,6 +1027,7 @@ impl Node {
             masked: true,
         };
         self.send_update(client, header, wire::words_to_le(&masked), Rule::ModelUpdate).await?;
+        self.note_round(&start);
         test_fault("after_input", start.round);
         Ok(())
     }
@@ -1144,7 +1195,7 @@ impl Node {
                 epsilon: dp.epsilon_after(steps),
                 delta: dp.delta,
                 steps,
-                sampling_rate: dp.setup.sampling_rate,
+                sampling_rate: dp.accounted_rate,
                 noise_multiplier: dp.setup.noise_multiplier,
                 accountant: "pld",
                 plan_epsilon: dp.epsilon,
@@ -1232,13 +1283,28 @@ impl Node {
         Ok(())
     }
 
+    /// Refuses an evaluation (audited, logged) and answers it without a value, so an honest
+    /// coordinator does not wait for this node; the refusal is returned as the error.
+    async fn decline_evaluation(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        ev: &proto::Evaluate,
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        self.refuse_directive("Evaluate", &ev.plan_id, 0, reason)?;
+        let report =
+            EvaluationReport { plan_id: ev.plan_id.clone(), model_sha256: ev.model_sha256.clone(), metrics: vec![] };
+        self.egress.record("ReportEvaluation", &ev.plan_id, None, report.encoded_len(), Rule::Evaluation)?;
+        client.report_evaluation(report).await?;
+        anyhow::bail!("{reason}")
+    }
+
     /// Evaluates a model of an accepted run's lineage on the test split, and reports the metric
     /// only as `policy.test_metrics` allows.
     async fn evaluate(&mut self, client: &mut FederationClient<Channel>, ev: &proto::Evaluate) -> anyhow::Result<()> {
         let Some(accepted) = self.plans.get(&ev.plan_id) else {
             let reason = format!("evaluation for plan {} which this node did not accept", ev.plan_id);
-            self.refuse_directive("Evaluate", &ev.plan_id, 0, &reason)?;
-            anyhow::bail!("{reason}");
+            return self.decline_evaluation(client, ev, &reason).await;
         };
         let view = RunView {
             run: &accepted.run,
@@ -1246,10 +1312,13 @@ impl Node {
             secure_aggregation: accepted.plan.secure_aggregation,
         };
         if let Err(reason) = accepted.lineage.evaluate(&view, &ev.run, &ev.model_sha256) {
-            self.refuse_directive("Evaluate", &ev.plan_id, 0, &reason)?;
-            anyhow::bail!("{reason}");
+            return self.decline_evaluation(client, ev, &reason).await;
         }
-        let allowed = self.cfg.policy.test_metrics.allows(accepted.plan.privacy.mode != PrivacyMode::None);
+        let allowed = self
+            .cfg
+            .policy
+            .test_metrics
+            .allows(accepted.plan.privacy.mode != PrivacyMode::None, self.cfg.policy.share_sample_counts);
         let layout = accepted.plan.model.layout();
         let model = accepted.plan.model.clone();
         let data = accepted.data.clone();
@@ -1380,6 +1449,17 @@ fn test_dump_input(name: &str, round: u32, words: &[u32]) {
 /// egress log can count an upload without building all its messages at once.
 fn data_chunk_encoded_len(len: usize) -> usize {
     1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+/// The first 12 hex digits of a hash, for messages.
+fn short(hex: &str) -> &str {
+    hex.get(..12).unwrap_or(hex)
+}
+
+/// Whether a coordinator-chosen run id is one this node takes: 1 to 128 of `[A-Za-z0-9_-]`, so it
+/// can neither collide with the ledger's `RUN/metrics` keys nor forge lines in logs.
+fn valid_run_id(run: &str) -> bool {
+    (1..=128).contains(&run.len()) && run.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn name_seed(name: &str) -> u64 {

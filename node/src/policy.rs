@@ -36,8 +36,9 @@ pub fn check<'a>(plan: &Plan, cfg: &'a NodeConfig) -> Result<&'a DatasetConfig, 
             ));
         }
     }
-    // Under secure aggregation the sample count only travels masked, inside the weight.
-    if plan.strategy.weighting() == Weighting::Samples && !cfg.policy.share_sample_counts && !plan.secure_aggregation {
+    // Even masked, sample weights leak: the decoded sum holds Σ n / max_samples over each round's
+    // survivors, and a coordinator choosing the participants can solve for every hospital's n.
+    if plan.strategy.weighting() == Weighting::Samples && !cfg.policy.share_sample_counts {
         return Err("plan weights updates by sample count, which this hospital's policy withholds (policy.share_sample_counts = false)".into());
     }
     cfg.dataset(&plan.data.schema)

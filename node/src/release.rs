@@ -59,6 +59,11 @@ impl ReleaseStore {
         self.dir.join(&key[..32])
     }
 
+    /// Whether this node ever stored anything for the run.
+    pub fn knows(&self, plan_id: &str, run: &str) -> bool {
+        self.run_dir(plan_id, run).exists()
+    }
+
     /// Whether the run was closed (its plan ended); nothing of it is started again.
     pub fn is_closed(&self, plan_id: &str, run: &str) -> bool {
         self.run_dir(plan_id, run).join("closed").exists()

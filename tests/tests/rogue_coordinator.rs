@@ -395,8 +395,9 @@ async fn an_evaluation_of_a_model_outside_the_plans_lineage_is_refused() {
         reports.iter().any(|r| r.model_sha256 == model.sha256 && !r.metrics.is_empty()),
         "the evaluation of the round's own model (of the lineage, policy.test_metrics = exact) was not answered",
     );
+    // A refused evaluation is answered without a value (so an honest coordinator does not wait).
     for (what, m) in [("a model that was never a round's model", &probe), ("an unknown hash", &nothing)] {
-        let sent: Vec<_> = reports.iter().filter(|r| r.model_sha256 == m.sha256).collect();
+        let sent: Vec<_> = reports.iter().filter(|r| r.model_sha256 == m.sha256 && !r.metrics.is_empty()).collect();
         f.check(sent.is_empty(), format!("evaluation of {what} ({}) was answered: {sent:?}", &m.sha256[..12]));
     }
     let logged = s.node(CLEVELAND).egress().iter().filter(|e| e.call == "ReportEvaluation").count();
@@ -519,5 +520,254 @@ async fn refusal_reasons_name_the_rule_file_and_column_but_no_cell_value_or_head
         f.check(s.node(node).log_text().contains(secret), format!("{node}'s own log does not name {secret}"));
         s.check_releases_match_charges(&mut f, node);
     }
+    f.finish(|| s.context());
+}
+
+// ---- Review of issue 9's changes (attacks found after the first set) ----
+
+/// A plan in the shape of [`dp_plan`] with the given `[privacy]` body, uniform weighting (so a
+/// node that withholds sample counts can take it) and batch size `batch`.
+fn plan_with(name: &str, rounds: u32, steps: u32, batch: u32, privacy: &str) -> String {
+    format!(
+        "name = \"{name}\"\nseed = 0\nrounds = {rounds}\nmin_nodes = 1\nround_deadline_secs = 300\nrecruit_deadline_secs = 60\n\
+         [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+         [local]\nsteps = {steps}\nbatch_size = {batch}\noptimizer = \"sgd\"\nlearning_rate = 0.01\n\
+         [strategy]\nkind = \"fedavg\"\nweighting = \"uniform\"\n\
+         [privacy]\n{privacy}"
+    )
+}
+
+/// The evaluation reports `node` sent that carry a value, by model hash.
+fn answered_evaluations(s: &Scene, node: &str) -> Vec<proto::EvaluationReport> {
+    s.rogue
+        .from(node)
+        .into_iter()
+        .filter_map(|m| match m {
+            Sent::Evaluation(e) if !e.metrics.is_empty() => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_named_only_in_a_repeated_start_round_is_not_evaluated() {
+    let mut s = Scene::new().await;
+    s.add(CLEVELAND, &heart_data(CLEVELAND), "max_epsilon = 10.0\ntest_metrics = \"exact\"", false).await;
+    let plan = dp_plan("rogue-resend-lineage", 2, 5, 1.0);
+    let id = d::plan_id(&plan);
+    s.accept(CLEVELAND, &plan, "run-1").await;
+    let model = s.rogue.register_initial_model(&plan, 0);
+    let mark = s.rogue.mark();
+    s.rogue.send(CLEVELAND, d::start_round(&id, "run-1", 1, &model));
+    s.rogue.wait_upload(CLEVELAND, &id, 1, mark, WAIT).await.unwrap_or_else(|e| panic!("{e}\n{}", s.context()));
+    // Round 1 asked for again, each time naming another model of the coordinator's choice. The
+    // node re-sends its stored bytes without fetching or training on any of them, so none is of
+    // the run's lineage; a coordinator that could evaluate them would have an unbounded supply
+    // of exact test-split queries on models it picked.
+    let probes: Vec<Model> = (0..3).map(|i| s.rogue.register_initial_model(&plan, 555_000 + i)).collect();
+    for p in &probes {
+        s.rogue.send(CLEVELAND, d::start_round(&id, "run-1", 1, p));
+    }
+    s.barrier(CLEVELAND).await;
+    for p in &probes {
+        s.rogue.send(CLEVELAND, d::evaluate(&id, "run-1", p));
+    }
+    s.rogue.send(CLEVELAND, d::evaluate(&id, "run-1", &model));
+    s.barrier(CLEVELAND).await;
+    s.close_and_wait_exit(CLEVELAND, &id, "run-1").await;
+
+    let mut f = Findings::default();
+    let reports = answered_evaluations(&s, CLEVELAND);
+    f.check(
+        reports.iter().any(|r| r.model_sha256 == model.sha256),
+        "the evaluation of the round's own model (of the lineage, policy.test_metrics = exact) was not answered",
+    );
+    for p in &probes {
+        let sent: Vec<_> = reports.iter().filter(|r| r.model_sha256 == p.sha256).collect();
+        f.check(
+            sent.is_empty(),
+            format!("a model named only in a repeated StartRound ({}) was evaluated: {sent:?}", &p.sha256[..12]),
+        );
+    }
+    s.check_releases_match_charges(&mut f, CLEVELAND);
+    f.finish(|| s.context());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_model_is_evaluated_only_after_the_node_released_the_last_round() {
+    let mut s = Scene::new().await;
+    s.add(CLEVELAND, &heart_data(CLEVELAND), "max_epsilon = 10.0\ntest_metrics = \"exact\"", false).await;
+    let rounds = 2;
+    let plan = dp_plan("rogue-free-final", rounds, 5, 1.0);
+    let id = d::plan_id(&plan);
+    // A fresh run (offers cost nothing) whose last round names a model the node cannot fetch:
+    // nothing is trained, released or charged, but the round directive was seen.
+    s.accept(CLEVELAND, &plan, "run-1").await;
+    let nothing = Model { sha256: ContentHash::of(b"no model has these bytes").to_hex(), bytes: 1000 };
+    s.rogue.send(CLEVELAND, d::start_round(&id, "run-1", rounds, &nothing));
+    s.barrier(CLEVELAND).await;
+    // Then "the final model": any model the coordinator likes.
+    let probe = s.rogue.register_initial_model(&plan, 424_242);
+    s.rogue.send(CLEVELAND, d::evaluate(&id, "run-1", &probe));
+    s.barrier(CLEVELAND).await;
+    s.close_and_wait_exit(CLEVELAND, &id, "run-1").await;
+
+    let mut f = Findings::default();
+    let uploads = s.rogue.uploads(CLEVELAND).len();
+    f.check(uploads == 0, format!("fixture: the unfetchable round released {uploads} update(s)"));
+    let sent: Vec<_> =
+        answered_evaluations(&s, CLEVELAND).into_iter().filter(|r| r.model_sha256 == probe.sha256).collect();
+    f.check(
+        sent.is_empty(),
+        format!(
+            "a model of the coordinator's choice was evaluated as the run's final model although the node released no round of the run: {sent:?}"
+        ),
+    );
+    s.check_releases_match_charges(&mut f, CLEVELAND);
+    f.finish(|| s.context());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_charges_and_update_charges_never_share_a_ledger_run_whatever_the_run_ids() {
+    let mut s = Scene::new().await;
+    s.add(
+        CLEVELAND,
+        &heart_data(CLEVELAND),
+        "max_epsilon = 100.0\ntest_metrics = \"noised\"\ntest_metric_noise = 2.0",
+        false,
+    )
+    .await;
+    let plan = dp_plan("rogue-metrics-key", 2, 5, 1.0);
+    let id = d::plan_id(&plan);
+    // Run "a/metrics" is the ledger key the node uses for run "a"'s noised test metrics. Its
+    // DP-SGD charges and run "a"'s metric charges would then be one ledger "run", counted by its
+    // largest ε instead of the sum of two different mechanisms' ε.
+    let colliding = s.offer(CLEVELAND, &plan, "a/metrics").await;
+    println!("run \"a/metrics\": accept={} reason={:?}", colliding.accept, colliding.reason);
+    if colliding.accept {
+        for round in 1..=2 {
+            let model = s.rogue.register_initial_model(&plan, u64::from(round));
+            let mark = s.rogue.mark();
+            s.rogue.send(CLEVELAND, d::start_round(&id, "a/metrics", round, &model));
+            s.rogue
+                .wait_upload(CLEVELAND, &id, round, mark, WAIT)
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", s.context()));
+        }
+    }
+    s.accept(CLEVELAND, &plan, "a").await;
+    let model = s.rogue.register_initial_model(&plan, 3);
+    let mark = s.rogue.mark();
+    s.rogue.send(CLEVELAND, d::start_round(&id, "a", 1, &model));
+    s.rogue.wait_upload(CLEVELAND, &id, 1, mark, WAIT).await.unwrap_or_else(|e| panic!("{e}\n{}", s.context()));
+    s.barrier(CLEVELAND).await;
+    s.close_and_wait_exit(CLEVELAND, &id, "a").await;
+
+    let mut f = Findings::default();
+    let ledger = s.node(CLEVELAND).ledger();
+    let accountant = |c: &sanctum_tests::LedgerCharge| {
+        c.raw.get("accountant").and_then(|v| v.as_str()).unwrap_or_default().to_string()
+    };
+    let mut mechanisms: std::collections::BTreeMap<(String, Option<String>), std::collections::BTreeSet<String>> =
+        Default::default();
+    let mut by_mechanism: std::collections::BTreeMap<(String, Option<String>, String), f64> = Default::default();
+    for c in &ledger {
+        mechanisms.entry((c.plan_id.clone(), c.run.clone())).or_default().insert(accountant(c));
+        let e = by_mechanism.entry((c.plan_id.clone(), c.run.clone(), accountant(c))).or_insert(0.0);
+        *e = e.max(c.epsilon);
+    }
+    for ((_, run), kinds) in &mechanisms {
+        f.check(
+            kinds.len() == 1,
+            format!("ledger run {run:?} holds charges of {} mechanisms ({kinds:?}): counted by its largest ε, not their sum", kinds.len()),
+        );
+    }
+    let counted: f64 = epsilon_by_run(&ledger).values().sum();
+    let spent: f64 = by_mechanism.values().sum();
+    println!("ε the ledger counts: {counted:.3}; ε of its mechanisms added up: {spent:.3}");
+    f.check(
+        counted >= spent - 1e-9,
+        format!("the ledger counts ε = {counted:.3} while its releases add up to ε = {spent:.3}"),
+    );
+    f.finish(|| s.context());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sample_counts_withheld_plan_decisions_do_not_depend_on_the_dataset_size() {
+    // 199 and 30 training rows; the same policy. Whether a node accepts a plan with a fixed σ
+    // depends on ε(q = batch / n), so a coordinator (or a lead) that sweeps the batch size and
+    // watches accept / refuse reads n off the threshold, for free: offers are never charged.
+    const SMALL: &str = "switzerland";
+    // Both publish the same lower bound on their rows, so decisions are made on public numbers.
+    let policy = "share_sample_counts = false\nmax_epsilon = 2.0\npublic_min_train_rows = 25";
+    let mut s = Scene::new().await;
+    s.add(CLEVELAND, &heart_data(CLEVELAND), policy, true).await;
+    s.add(SMALL, &heart_data(SMALL), policy, true).await;
+    let mut f = Findings::default();
+    let mut decisions = Vec::new();
+    for batch in [1, 2, 3, 4, 6, 8, 12, 16, 24, 32] {
+        let plan = plan_with(
+            &format!("rogue-size-oracle-{batch}"),
+            1,
+            10,
+            batch,
+            "mode = \"example\"\nnoise_multiplier = 1.0\ndelta = 1e-5\nclip_norm = 1.0\n",
+        );
+        let big = s.offer(CLEVELAND, &plan, "run-1").await;
+        let small = s.offer(SMALL, &plan, "run-1").await;
+        decisions.push((batch, big.accept, small.accept));
+        f.check(
+            big.accept == small.accept,
+            format!(
+                "batch {batch}: {CLEVELAND} (199 rows) accept={}, {SMALL} (30 rows) accept={}: the decision depends on n",
+                big.accept, small.accept
+            ),
+        );
+    }
+    println!("(batch, {CLEVELAND} accepts, {SMALL} accepts): {decisions:?}");
+    f.check(decisions.iter().any(|d| d.1) && decisions.iter().any(|d| !d.1), "the sweep crosses the cap");
+    f.finish(|| s.context());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sample_counts_withheld_exact_test_metrics_do_not_reveal_the_test_split_size() {
+    // A plan without DP: test_metrics = auto sends the exact accuracy c / n_test, an exact
+    // fraction in f64 whose denominator is a divisor of n_test; a few models' accuracies give
+    // n_test itself (their least common denominator), and n_test is about a third of the data.
+    let mut s = Scene::new().await;
+    s.add(CLEVELAND, &heart_data(CLEVELAND), "share_sample_counts = false", false).await;
+    let n_test =
+        std::fs::read_to_string(heart_data(CLEVELAND)).unwrap().lines().filter(|l| l.ends_with(",test")).count() as u64;
+    let rounds = 5;
+    let plan = plan_with("rogue-test-size", rounds, 2, 8, "mode = \"none\"\n");
+    let id = d::plan_id(&plan);
+    s.accept(CLEVELAND, &plan, "run-1").await;
+    for round in 1..=rounds {
+        let model = s.rogue.register_initial_model(&plan, 7_000 + u64::from(round));
+        let mark = s.rogue.mark();
+        s.rogue.send(CLEVELAND, d::start_round(&id, "run-1", round, &model));
+        s.rogue.wait_upload(CLEVELAND, &id, round, mark, WAIT).await.unwrap_or_else(|e| panic!("{e}\n{}", s.context()));
+    }
+    s.close_and_wait_exit(CLEVELAND, &id, "run-1").await;
+
+    // The smallest q with round(v·q) / q == v exactly: the reduced denominator of v.
+    let denominator = |v: f64| (1..=100_000u64).find(|&q| ((v * q as f64).round() / q as f64) == v);
+    let gcd = |mut a: u64, mut b: u64| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let values: Vec<f64> =
+        s.rogue.uploads(CLEVELAND).iter().flat_map(|u| u.header.metrics.iter().map(|m| m.value)).collect();
+    let lcm = values.iter().filter_map(|&v| denominator(v)).fold(1u64, |l, q| l / gcd(l, q) * q);
+    println!("test split: {n_test} rows; metrics sent: {values:?}; their least common denominator: {lcm}");
+    let mut f = Findings::default();
+    f.check(
+        lcm != n_test,
+        format!(
+            "share_sample_counts = false, yet the exact accuracies sent ({values:?}) have least common denominator {lcm}, the test split's size"
+        ),
+    );
     f.finish(|| s.context());
 }
