@@ -11,14 +11,15 @@ pub fn mean(values: impl IntoIterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| sum / n as f64)
 }
 
-/// "; DP-SGD will spend ε = … (δ = …) over N steps (σ = …, q = …)" for a node's decision line.
+/// ": the plan will spend ε = … (δ = …) over N steps (σ = …, q = …)" for a node's decision line
+/// (DP-SGD steps, or rounds of distributed noise).
 fn describe_cost(p: &sanctum_protocol::proto::PrivacyCost) -> String {
     let detail = if p.sampling_rate > 0.0 {
         format!(", σ = {:.3}, q = {:.4}", p.noise_multiplier, p.sampling_rate)
     } else {
         String::new()
     };
-    format!(": DP-SGD will spend ε = {:.3} (δ = {:e}) over {} steps{detail}", p.epsilon, p.delta, p.steps)
+    format!(": the plan will spend ε = {:.3} (δ = {:e}) over {} steps{detail}", p.epsilon, p.delta, p.steps)
 }
 
 /// Prints a plan's events as they come and returns its outcome (`None` if the stream ended first).

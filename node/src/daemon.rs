@@ -1211,7 +1211,7 @@ impl Node {
                 steps: releases,
                 sampling_rate: 1.0,
                 noise_multiplier: ddg.noise_multiplier,
-                accountant: "distributed discrete Gaussian, zCDP (opendp)",
+                accountant: "distributed discrete Gaussian, zCDP (Kairouz et al.; opendp's conversion)",
                 plan_epsilon: ddg.epsilon,
             }));
         }
