@@ -411,6 +411,12 @@ pub fn verify(log: &[u8], head: Option<&[u8]>, cert_check: Option<CertCheck<'_>>
         if record.line() != *line {
             return Err(bad(seq, "not in canonical form: the line was altered"));
         }
+        // Hex decodes either case, so only lowercase is canonical: an upper-cased digit of the
+        // signature would otherwise verify here and be caught only by the next record's chain.
+        let lower_hex = |h: &str| h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !lower_hex(&record.sig) || !lower_hex(&record.prev) {
+            return Err(bad(seq, "not in canonical form: a hash or signature is not lowercase hex (altered)"));
+        }
         if record.seq != seq {
             return Err(bad(
                 seq,
@@ -649,6 +655,9 @@ mod tests {
             let pos = ((log.len() - 1) as f64 * pos_frac) as usize;
             log[pos] = log[pos].wrapping_add(delta);
             let at = record_at(&f.log, pos);
+            if first_bad(&log, &f.head) != Some(at) {
+                eprintln!("DEBUG orig {:?} new {:?} ctx {:?} err {:?}", f.log[pos], log[pos], String::from_utf8_lossy(&f.log[pos.saturating_sub(60)..pos+20]), verify(&log, Some(&f.head), None).err().map(|e| e.to_string()));
+            }
             prop_assert_eq!(first_bad(&log, &f.head), Some(at), "byte {} of the log", pos);
         }
 
