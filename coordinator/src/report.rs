@@ -142,14 +142,18 @@ fn plans(coord: &Log) -> Vec<PlanView> {
     out
 }
 
-/// ε charged by a hospital, per plan in round order: (round, ε spent so far, the cap).
+/// ε charged by a hospital, per plan run (the short plan id, and the run when the log names one)
+/// in round order: (round, ε spent so far, the cap). Two runs of one plan are two series.
 type Charges = BTreeMap<String, Vec<(u64, f64, Option<f64>)>>;
 
 fn charges(node: &Log) -> Charges {
     let mut out = Charges::new();
     for r in node.records.iter().filter(|r| r.event == "epsilon_charged") {
         let round = r.params.get("round").and_then(Value::as_u64).unwrap_or(0);
-        out.entry(s(r, "plan_id")).or_default().push((round, f(r, "epsilon").unwrap_or(0.0), f(r, "epsilon_cap")));
+        let (plan, run) = (s(r, "plan_id"), s(r, "run"));
+        let key =
+            if run.is_empty() { short(&plan).to_string() } else { format!("{} run {}", short(&plan), short(&run)) };
+        out.entry(key).or_default().push((round, f(r, "epsilon").unwrap_or(0.0), f(r, "epsilon_cap")));
     }
     out
 }
@@ -177,7 +181,7 @@ fn epsilon_plot(title: &str, series: &Charges) -> String {
                 let pts: Vec<(u64, f64)> = std::iter::once((0, 0.0)).chain(points.iter().map(|c| (c.0, c.1))).collect();
                 chart
                     .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-                    .label(format!("plan {}", short(plan)))
+                    .label(format!("plan {plan}"))
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
                 chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
             }
@@ -262,6 +266,10 @@ pub fn write(
         let params = [
             ("submitted", sub.map(|r| r.time.clone()).unwrap_or_default()),
             ("submitted by (certificate)", short(&sub.map(|r| r.actor.clone()).unwrap_or_default()).to_string()),
+            ("run", {
+                let (run, n) = (get("run"), get("run_number"));
+                if run.is_empty() { "—".to_string() } else { format!("{n} ({})", short(&run)) }
+            }),
             ("rounds", get("rounds")),
             ("strategy", get("strategy")),
             ("differential privacy", get("privacy")),
@@ -463,7 +471,7 @@ pub fn write(
             for (plan, pts) in &series {
                 let last = pts.last().map(|c| c.1).unwrap_or(0.0);
                 let cap = pts.last().and_then(|c| c.2).map(|c| c.to_string()).unwrap_or_else(|| "none".into());
-                let _ = writeln!(m, "| {} | {} | {last:.3} | {cap} |", short(plan), pts.len());
+                let _ = writeln!(m, "| {plan} | {} | {last:.3} | {cap} |", pts.len());
             }
             m.push('\n');
         }

@@ -68,4 +68,26 @@ fn a_plan_runs_again_only_with_again_and_every_run_is_charged_in_full() {
         let sum: f64 = runs.values().sum();
         assert!((spent - sum).abs() < 1e-9 && spent > 1.5 * runs.values().next().copied().unwrap(), "{budget}");
     }
+
+    // The auditor's report shows the two runs apart: two plan sections, and per hospital one ε
+    // series per run.
+    let report = c.dir.path().join("report");
+    let mut cmd = Command::new(bin("sanctum-coordinator"));
+    cmd.args(["audit", "report", "--log"])
+        .arg(c.dir.path().join("coordinator/state/audit/audit.jsonl"))
+        .arg("--ca")
+        .arg(c.pki().join("ca.pem"))
+        .arg("--out")
+        .arg(&report);
+    for node in &nodes {
+        cmd.arg("--node-log").arg(node.state_dir().join("audit/audit.jsonl"));
+    }
+    run_ok(&mut cmd);
+    let md = std::fs::read_to_string(report.join("report.md")).unwrap();
+    assert_eq!(md.matches("## Plan rerun").count(), 2, "{md}");
+    for n in ["cleveland", "hungarian"] {
+        let section = md.split(&format!("## Hospital {n}")).nth(1).unwrap_or_default();
+        let section = section.split("## Hospital").next().unwrap_or_default();
+        assert_eq!(section.matches(" run ").count(), 2, "{n}: one ε series per run\n{md}");
+    }
 }
