@@ -431,6 +431,26 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// Submits `plan` as the lead and watches the run it started (that run's events only); returns
+/// the plan id and the event stream.
+pub async fn submit_and_watch(
+    lead: &mut sanctum_protocol::proto::lead_client::LeadClient<Channel>,
+    plan: impl Into<String>,
+) -> (String, tonic::Streaming<sanctum_protocol::proto::PlanEvent>) {
+    use sanctum_protocol::proto::{SubmitPlanRequest, WatchPlanRequest};
+    let submitted = lead
+        .submit_plan(SubmitPlanRequest { plan_toml: plan.into(), again: false })
+        .await
+        .expect("the coordinator accepts the plan")
+        .into_inner();
+    let events = lead
+        .watch_plan(WatchPlanRequest { plan_id: submitted.plan_id.clone(), run: submitted.run })
+        .await
+        .expect("the run can be watched")
+        .into_inner();
+    (submitted.plan_id, events)
+}
+
 /// The next event of a watched plan; panics with `stalled` if none comes within `secs`.
 pub async fn next_event(
     events: &mut tonic::Streaming<sanctum_protocol::proto::PlanEvent>,

@@ -3,8 +3,8 @@
 //! offered the plan again and takes part in the rounds that follow.
 
 use sanctum_protocol::proto::lead_client::LeadClient;
-use sanctum_protocol::proto::{SubmitPlanRequest, WatchPlanRequest, plan_event};
-use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, channel, heart_data, next_event};
+use sanctum_protocol::proto::plan_event;
+use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, channel, heart_data, next_event, submit_and_watch};
 
 #[tokio::test]
 async fn a_killed_node_is_dropped_and_the_plan_completes_with_the_others() {
@@ -21,13 +21,7 @@ async fn a_killed_node_is_dropped_and_the_plan_completes_with_the_others() {
     let plan = "name = \"faults\"\nrounds = 4\nmin_nodes = 2\nround_deadline_secs = 600\n\
                 [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
                 [local]\nsteps = 20\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n";
-    let plan_id = lead
-        .submit_plan(SubmitPlanRequest { plan_toml: plan.into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .plan_id;
-    let mut events = lead.watch_plan(WatchPlanRequest { plan_id, ..Default::default() }).await.unwrap().into_inner();
+    let (_plan_id, mut events) = submit_and_watch(&mut lead, plan).await;
 
     let mut killed = false;
     let mut va_left_out = false;
@@ -74,13 +68,7 @@ async fn a_restarted_node_rejoins_the_running_plan() {
     let plan = "name = \"restart\"\nrounds = 40\nmin_nodes = 1\nround_deadline_secs = 600\n\
                 [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
                 [local]\nsteps = 2000\nbatch_size = 4\nlearning_rate = 0.001\n[strategy]\nkind = \"fedavg\"\n";
-    let plan_id = lead
-        .submit_plan(SubmitPlanRequest { plan_toml: plan.into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .plan_id;
-    let mut events = lead.watch_plan(WatchPlanRequest { plan_id, ..Default::default() }).await.unwrap().into_inner();
+    let (_plan_id, mut events) = submit_and_watch(&mut lead, plan).await;
     let mut restarted = false;
     let mut reported_after_restart = false;
     let finished = loop {

@@ -6,9 +6,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use sanctum_protocol::proto::lead_client::LeadClient;
-use sanctum_protocol::proto::{SubmitPlanRequest, WatchPlanRequest, plan_event};
+use sanctum_protocol::proto::plan_event;
 use sanctum_tests::{
-    Consortium, CoordinatorProcess, NodeProcess, bin, channel, heart_data, next_event, run_ok, wait_until,
+    Consortium, CoordinatorProcess, NodeProcess, bin, channel, heart_data, next_event, run_ok, submit_and_watch,
+    wait_until,
 };
 
 #[tokio::test]
@@ -36,13 +37,7 @@ async fn a_plan_that_would_overspend_is_refused_and_the_others_train_privately()
                 [local]\nsteps = 50\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n\
                 [privacy]\nmode = \"example\"\nnoise_multiplier = 0.8\nclip_norm = 1.0\ndelta = 1e-5\n";
     let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
-    let plan_id = lead
-        .submit_plan(SubmitPlanRequest { plan_toml: plan.into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .plan_id;
-    let mut events = lead.watch_plan(WatchPlanRequest { plan_id, ..Default::default() }).await.unwrap().into_inner();
+    let (_plan_id, mut events) = submit_and_watch(&mut lead, plan).await;
     let mut refusals = std::collections::BTreeMap::new();
     let mut cost = None;
     let finished = loop {
@@ -94,17 +89,7 @@ async fn a_crash_between_charge_and_send_leaves_the_charge_once_and_never_less()
                 [local]\nsteps = 10\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n\
                 [privacy]\nmode = \"example\"\nnoise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 1e-5\n";
     let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
-    let plan_id = lead
-        .submit_plan(SubmitPlanRequest { plan_toml: plan.into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .plan_id;
-    let mut events = lead
-        .watch_plan(WatchPlanRequest { plan_id: plan_id.clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let (plan_id, mut events) = submit_and_watch(&mut lead, plan).await;
     let finished = loop {
         let ev = next_event(&mut events, 120, "the plan stalled").await;
         if let Some(plan_event::Kind::PlanFinished(f)) = ev.kind {

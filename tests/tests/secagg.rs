@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use sanctum_protocol::proto::federation_client::FederationClient;
 use sanctum_protocol::proto::lead_client::LeadClient;
-use sanctum_protocol::proto::{SecAggMessage, SubmitPlanRequest, WatchPlanRequest, plan_event, sec_agg_message};
-use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, channel, heart_data, next_event};
+use sanctum_protocol::proto::{SecAggMessage, plan_event, sec_agg_message};
+use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, channel, heart_data, next_event, submit_and_watch};
 
 /// The exit status of the `SANCTUM_FAULT_SECAGG_EXIT` hook (node/src/daemon.rs `test_fault`).
 const FAULT_EXIT: i32 = 71;
@@ -77,17 +77,7 @@ async fn a_round_survives_dropouts_before_and_after_the_masked_input() {
                 secure_aggregation = true\n[secagg]\nthreshold = 2\nstep_timeout_secs = 120\n\
                 [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
                 [local]\nsteps = 20\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n";
-    let plan_id = lead
-        .submit_plan(SubmitPlanRequest { plan_toml: plan.into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .plan_id;
-    let mut events = lead
-        .watch_plan(WatchPlanRequest { plan_id: plan_id.clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
+    let (plan_id, mut events) = submit_and_watch(&mut lead, plan).await;
     let (mut opened, mut closed) = (Vec::new(), Vec::new());
     let finished = loop {
         let ev = next_event(&mut events, 240, "the secure-aggregation plan stalled").await;
