@@ -49,6 +49,13 @@ struct Accepted {
     ddg: Option<DdgPlan>,
 }
 
+impl Accepted {
+    /// What the directive decisions need to know of this run.
+    fn view(&self) -> RunView<'_> {
+        RunView { run: &self.run, rounds: self.plan.rounds, secure_aggregation: self.plan.secure_aggregation }
+    }
+}
+
 /// What client-level DP with distributed noise costs this node's dataset for a plan.
 #[derive(Clone, Copy, Debug)]
 struct DdgPlan {
@@ -610,27 +617,22 @@ impl Node {
                 start.plan_id
             )));
         };
-        let view = RunView {
-            run: &accepted.run,
-            rounds: accepted.plan.rounds,
-            secure_aggregation: accepted.plan.secure_aggregation,
-        };
+        let view = accepted.view();
         let with_setup = start.secure_aggregation.is_some();
         if start.run != accepted.run {
             return Ok(rounds::start_round(&view, &start.run, start.round, with_setup, RoundState::default()));
         }
-        let stored = match self.releases.get(&start.plan_id, &accepted.run, start.round)? {
-            Some(Released::Update { .. }) => Some(Stored::Update),
-            Some(Released::Masked) => Some(Stored::Masked),
-            None => None,
-        };
+        // Only whether a release is stored, not its bytes (an update can be hundreds of MB).
+        let stored = self
+            .releases
+            .stored(&start.plan_id, &accepted.run, start.round)
+            .map(|masked| if masked { Stored::Masked } else { Stored::Update });
         let released = self.releases.released_rounds(&start.plan_id, &accepted.run)?;
-        let charged = self.ledger.is_charged(&start.plan_id, &accepted.run, start.round);
         let state = RoundState {
             stored,
-            charged,
+            charged: self.ledger.is_charged(&start.plan_id, &accepted.run, start.round),
             released_ever: released.contains(&start.round),
-            released_before: self.releases_before(&start.plan_id, &accepted.run, start.round)?,
+            released_before: self.count_before(&released, &start.plan_id, &accepted.run, start.round),
         };
         Ok(rounds::start_round(&view, &start.run, start.round, with_setup, state))
     }
@@ -639,10 +641,15 @@ impl Node {
     /// counts more: the cost of the next release is never understated).
     fn releases_before(&self, plan_id: &str, run: &str, round: u32) -> anyhow::Result<u32> {
         let released = self.releases.released_rounds(plan_id, run)?;
+        Ok(self.count_before(&released, plan_id, run, round))
+    }
+
+    /// [`Node::releases_before`] with the run's released rounds already read.
+    fn count_before(&self, released: &std::collections::BTreeSet<u32>, plan_id: &str, run: &str, round: u32) -> u32 {
         let by_store = released.iter().filter(|&&r| r != round).count() as u32;
         let charged = self.ledger.releases(plan_id, run);
         let by_ledger = charged.saturating_sub(u32::from(self.ledger.is_charged(plan_id, run, round)));
-        Ok(by_store.max(by_ledger))
+        by_store.max(by_ledger)
     }
 
     /// Refuses a directive: logged and audited here, nothing sent.
@@ -1306,11 +1313,7 @@ impl Node {
             let reason = format!("evaluation for plan {} which this node did not accept", ev.plan_id);
             return self.decline_evaluation(client, ev, &reason).await;
         };
-        let view = RunView {
-            run: &accepted.run,
-            rounds: accepted.plan.rounds,
-            secure_aggregation: accepted.plan.secure_aggregation,
-        };
+        let view = accepted.view();
         if let Err(reason) = accepted.lineage.evaluate(&view, &ev.run, &ev.model_sha256) {
             return self.decline_evaluation(client, ev, &reason).await;
         }

@@ -69,6 +69,19 @@ impl ReleaseStore {
         self.run_dir(plan_id, run).join("closed").exists()
     }
 
+    /// Whether `round`'s release is stored, without reading it: `Some(true)` for a masked input's
+    /// marker, `Some(false)` for a plain update.
+    pub fn stored(&self, plan_id: &str, run: &str, round: u32) -> Option<bool> {
+        let dir = self.run_dir(plan_id, run);
+        if dir.join(format!("round-{round}.masked")).exists() {
+            Some(true)
+        } else if dir.join(format!("round-{round}.release")).exists() {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
     /// The stored release of `round`, if it is this run's latest.
     pub fn get(&self, plan_id: &str, run: &str, round: u32) -> Result<Option<Released>, ReleaseError> {
         let dir = self.run_dir(plan_id, run);
@@ -193,6 +206,7 @@ mod tests {
         s.put("p", "r", 1, &update(1)).unwrap();
         let s = ReleaseStore::open(dir.path()).unwrap();
         assert_eq!(s.get("p", "r", 1).unwrap(), Some(update(1)));
+        assert_eq!(s.stored("p", "r", 1), Some(false));
         assert_eq!(s.get("p", "other-run", 1).unwrap(), None, "runs are kept apart");
         s.put("p", "r", 2, &Released::Masked).unwrap();
         assert_eq!(s.get("p", "r", 2).unwrap(), Some(Released::Masked));
