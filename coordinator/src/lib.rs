@@ -6,7 +6,8 @@
 //! - [`aggregate`]: the streaming weighted sum and the server optimizers (plain arithmetic).
 //! - [`runs`]: runs of plans (a plan that runs again is a new run) and their registry file.
 //! - [`store`]: content-addressed models, the upload spool and exports, written atomically.
-//! - [`service`]: the gRPC services and the driver task that applies the state machine's actions.
+//! - [`service`]: the gRPC services (one file each), the transport, the revocation follower and the
+//!   driver task that applies the state machine's actions.
 //! - [`watch`]: the lead's live view of a plan (progress bar and per-round lines).
 //! - [`config`]: the coordinator's and the lead's config files.
 //! - [`pki`]: `pki init` and `pki sign`, the consortium CA's file handling.
