@@ -23,6 +23,88 @@ pub struct CoordinatorConfig {
     /// 200 ms, so a revocation takes effect without a restart.
     #[serde(default)]
     pub revocation_list: Option<PathBuf>,
+    /// What one peer may cost the coordinator: connections, handshakes, streams, uploads.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[limits]` in `coordinator.toml`: bounds on what anyone who reaches the port, or any one
+/// node, can make the coordinator hold. Every field has a default sized for a consortium of up
+/// to a few hundred hospitals on one machine.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// TLS handshakes in progress at once; a connection beyond it waits in the kernel's backlog.
+    pub max_handshakes_in_flight: usize,
+    /// Connections open at once (authenticated or not); a connection beyond it is closed at once
+    /// and counted as refused.
+    pub max_connections: usize,
+    /// Seconds a client gets to complete the TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Refused connections are counted, and the counts written to the audit log at most once per
+    /// this many seconds (one record per period, never one per refusal).
+    pub refusal_report_secs: u64,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Requests one connection may have in its handler at once.
+    pub concurrency_per_connection: usize,
+    /// Seconds a call may take in its handler (a whole upload, for `SubmitUpdate`).
+    pub request_timeout_secs: u64,
+    /// Seconds between the server's HTTP/2 keep-alive pings, and how long it waits for the answer.
+    pub keepalive_interval_secs: u64,
+    pub keepalive_timeout_secs: u64,
+    /// Seconds an upload may go without a chunk before it is dropped and its spool freed.
+    pub upload_idle_timeout_secs: u64,
+    /// `FetchModel` streams one node may have open at once.
+    pub fetch_streams_per_node: usize,
+    /// Events kept per run for late watchers, and runs whose events are kept in memory.
+    pub events_per_run: usize,
+    pub runs_in_memory: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_handshakes_in_flight: 64,
+            max_connections: 1024,
+            handshake_timeout_secs: 10,
+            refusal_report_secs: 60,
+            max_concurrent_streams: 64,
+            concurrency_per_connection: 32,
+            request_timeout_secs: 3600,
+            keepalive_interval_secs: 20,
+            keepalive_timeout_secs: 20,
+            upload_idle_timeout_secs: 60,
+            fetch_streams_per_node: 4,
+            events_per_run: 10_000,
+            runs_in_memory: 64,
+        }
+    }
+}
+
+impl Limits {
+    /// Refuses a zero where zero would stop the service, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        let nonzero = [
+            ("max_handshakes_in_flight", self.max_handshakes_in_flight as u64),
+            ("max_connections", self.max_connections as u64),
+            ("handshake_timeout_secs", self.handshake_timeout_secs),
+            ("refusal_report_secs", self.refusal_report_secs),
+            ("max_concurrent_streams", u64::from(self.max_concurrent_streams)),
+            ("concurrency_per_connection", self.concurrency_per_connection as u64),
+            ("request_timeout_secs", self.request_timeout_secs),
+            ("keepalive_interval_secs", self.keepalive_interval_secs),
+            ("keepalive_timeout_secs", self.keepalive_timeout_secs),
+            ("upload_idle_timeout_secs", self.upload_idle_timeout_secs),
+            ("fetch_streams_per_node", self.fetch_streams_per_node as u64),
+            ("events_per_run", self.events_per_run as u64),
+            ("runs_in_memory", self.runs_in_memory as u64),
+        ];
+        match nonzero.iter().find(|(_, v)| *v == 0) {
+            Some((name, _)) => Err(format!("limits.{name} must be at least 1")),
+            None => Ok(()),
+        }
+    }
 }
 
 fn default_eval() -> u64 {
@@ -51,6 +133,13 @@ pub fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigErro
     let err = |reason: String| ConfigError { path: path.to_path_buf(), reason };
     let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
     toml::from_str(&text).map_err(|e| err(e.to_string()))
+}
+
+/// Reads `coordinator.toml` and checks what serde cannot (limits of zero).
+pub fn load_coordinator(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
+    let cfg: CoordinatorConfig = load(path)?;
+    cfg.limits.validate().map_err(|reason| ConfigError { path: path.to_path_buf(), reason })?;
+    Ok(cfg)
 }
 
 /// Resolves `p` against `base` unless it is absolute.

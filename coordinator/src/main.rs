@@ -311,7 +311,7 @@ fn audit_verdict(cmd: &AuditCommand) -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve { config: path } => {
-            let cfg: CoordinatorConfig = config::load(&path)?;
+            let cfg: CoordinatorConfig = config::load_coordinator(&path)?;
             let material = TlsMaterial::load(&config::resolve_tls(&path, &cfg.tls))?;
             let base = path.parent().unwrap_or(std::path::Path::new("."));
             let coordinator = Coordinator::start(
@@ -319,6 +319,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     state_dir: config::resolve(base, &cfg.state_dir),
                     evaluation_deadline: Duration::from_secs(cfg.evaluation_deadline_secs),
                     revocation_list: cfg.revocation_list.as_ref().map(|p| config::resolve(base, p)),
+                    limits: cfg.limits.clone(),
                 },
                 &material,
             )?;

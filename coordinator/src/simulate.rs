@@ -116,6 +116,7 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
             state_dir: state_dir.clone(),
             evaluation_deadline: Duration::from_secs(plan.round_deadline_secs),
             revocation_list: None,
+            limits: crate::config::Limits::default(),
         },
         &material,
     )?;

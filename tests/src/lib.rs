@@ -10,9 +10,12 @@
 //!   directory (egress log, privacy ledger, audit log) for checks after the fact;
 //! - [`rogue`]: a rogue coordinator holding the real coordinator certificate, which sends a
 //!   real node any directive a test scripts and records everything the node sends.
+//! - [`peer`]: rogue peers of the coordinator: a client with a node certificate, one with the
+//!   lead's, and a raw TCP client with none.
 
 #![allow(clippy::expect_used, clippy::panic)]
 
+pub mod peer;
 pub mod rogue;
 
 use std::io::{BufRead, BufReader};
@@ -102,6 +105,7 @@ pub struct CoordinatorProcess {
     child: Child,
     pub addr: SocketAddr,
     pub log: PathBuf,
+    dir: PathBuf,
 }
 
 impl CoordinatorProcess {
@@ -112,6 +116,21 @@ impl CoordinatorProcess {
 
     /// Like [`CoordinatorProcess::start`], with extra environment variables (test hooks).
     pub fn start_with(c: &Consortium, env: &[(&str, &str)]) -> Self {
+        Self::start_configured(c, "", env)
+    }
+
+    /// Like [`CoordinatorProcess::start_with`], with `extra` appended to `coordinator.toml` after
+    /// its `[tls]` table (so it starts with a table of its own, e.g. `[limits]`).
+    pub fn start_configured(c: &Consortium, extra: &str, env: &[(&str, &str)]) -> Self {
+        match Self::try_start_configured(c, extra, env) {
+            Ok(p) => p,
+            Err(log) => panic!("coordinator did not start; log:\n{log}"),
+        }
+    }
+
+    /// Starts the coordinator; when it does not print its address, the log of why (for tests of
+    /// configurations it must refuse).
+    pub fn try_start_configured(c: &Consortium, extra: &str, env: &[(&str, &str)]) -> Result<Self, String> {
         let dir = c.dir.path().join("coordinator");
         std::fs::create_dir_all(&dir).expect("mkdir");
         let config = dir.join("coordinator.toml");
@@ -124,7 +143,7 @@ impl CoordinatorProcess {
                 pki.join("ca.pem"),
                 pki.join("coordinator.pem"),
                 pki.join("coordinator.key")
-            ),
+            ) + extra,
         )
         .expect("write config");
         let log = dir.join("coordinator.log");
@@ -140,10 +159,42 @@ impl CoordinatorProcess {
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("read");
-        let addr = line.trim().strip_prefix("listening on ").and_then(|a| a.parse().ok()).unwrap_or_else(|| {
-            panic!("coordinator did not start: {line:?}; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
-        });
-        Self { child, addr, log }
+        let Some(addr) = line.trim().strip_prefix("listening on ").and_then(|a| a.parse().ok()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("stdout {line:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
+        };
+        Ok(Self { child, addr, log, dir })
+    }
+
+    /// The process id, e.g. to read its memory from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its resident set size in KiB (`VmRSS` in `/proc/PID/status`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Its state directory (`state/` beside its config).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// The records of its audit log, as written so far.
+    pub fn audit_records(&self) -> Vec<sanctum_protocol::audit::Record> {
+        read_audit_records(&self.state_dir().join("audit"))
+    }
+
+    /// Files in its upload spool now.
+    pub fn spool_files(&self) -> usize {
+        std::fs::read_dir(self.state_dir().join("spool")).map(|d| d.count()).unwrap_or(0)
     }
 
     /// `localhost:PORT`, the name in the coordinator's certificate.
@@ -301,12 +352,17 @@ impl NodeProcess {
 
     /// The node's audit log records, in order (empty when there is none yet).
     pub fn audit_records(&self) -> Vec<sanctum_protocol::audit::Record> {
-        let path = self.state_dir().join("audit").join("audit.jsonl");
-        if !path.exists() {
-            return Vec::new();
-        }
-        sanctum_protocol::audit::read_records(&path).unwrap_or_else(|e| panic!("audit log: {e}"))
+        read_audit_records(&self.state_dir().join("audit"))
     }
+}
+
+/// The records of the audit log in `dir` (`audit.jsonl`), in order; empty when there is none yet.
+pub fn read_audit_records(dir: &Path) -> Vec<sanctum_protocol::audit::Record> {
+    let path = dir.join("audit.jsonl");
+    if !path.exists() {
+        return Vec::new();
+    }
+    sanctum_protocol::audit::read_records(&path).unwrap_or_else(|e| panic!("audit log: {e}"))
 }
 
 /// Parses a JSON Lines file; a missing file is empty, a line that does not parse fails the test.

@@ -30,6 +30,7 @@ use tonic::{Request, Status};
 use sanctum_protocol::audit::AuditLog;
 use serde_json::json;
 
+use crate::config::Limits;
 use crate::runs::{RunFile, RunRegistry};
 use crate::store::Store;
 
@@ -55,6 +56,8 @@ pub struct CoordinatorOptions {
     pub evaluation_deadline: Duration,
     /// The revocation list to follow (`pki/revoked.json`), if any.
     pub revocation_list: Option<PathBuf>,
+    /// Bounds on what one peer can make the coordinator hold (`[limits]` in its config).
+    pub limits: Limits,
 }
 
 /// A handle on a running coordinator; cheap to clone.
@@ -64,6 +67,8 @@ pub struct Coordinator {
 }
 
 struct Inner {
+    /// The `[limits]` this coordinator was started with.
+    limits: Limits,
     events: mpsc::UnboundedSender<Event>,
     /// Open directive streams, one per connected node (a reconnect replaces the old one).
     nodes: Mutex<HashMap<String, NodeConn>>,
@@ -148,6 +153,7 @@ impl Coordinator {
         let runs_file = RunFile::new(&options.state_dir);
         let runs = runs_file.load()?;
         let inner = Arc::new(Inner {
+            limits: options.limits.clone(),
             events,
             nodes: Mutex::new(HashMap::new()),
             round: RwLock::new(None),

@@ -41,7 +41,7 @@ impl Coordinator {
             .max_decoding_message_size(2 * CHUNK_BYTES);
         let lead = lead_server::LeadServer::new(LeadApi { inner: self.inner.clone() });
         tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_interval(Some(Duration::from_secs(self.inner.limits.keepalive_interval_secs)))
             .add_service(tonic::service::interceptor::InterceptedService::new(federation, guard(&[Role::Node])))
             .add_service(tonic::service::interceptor::InterceptedService::new(lead, guard(&[Role::Lead])))
             .add_service(tonic::service::interceptor::InterceptedService::new(
