@@ -132,6 +132,41 @@ impl ModelSpec {
             .collect()
     }
 
+    /// Total number of scalars, in checked arithmetic: `None` when a product of the dimensions
+    /// overflows a `u64`. [`crate::plan::Plan::validate`] bounds this before anything else reads
+    /// the layout, whose own arithmetic (here and in [`ModelSpec::inputs`]) is unchecked.
+    pub fn checked_num_params(&self) -> Option<u64> {
+        let u = |v: usize| u64::try_from(v).ok();
+        // (fan_in, fan_out) per layer, as `linear_layers` has them; a layer holds
+        // fan_in·fan_out weights and fan_out biases.
+        let mut layers: Vec<(u64, u64)> = Vec::new();
+        match self {
+            ModelSpec::LogisticRegression { inputs } => layers.push((u(*inputs)?, 1)),
+            ModelSpec::Mlp { inputs, hidden } => {
+                let mut fan_in = u(*inputs)?;
+                for &h in hidden {
+                    layers.push((fan_in, u(h)?));
+                    fan_in = u(h)?;
+                }
+                layers.push((fan_in, 1));
+            }
+            ModelSpec::Cnn { channels, height, width, filters, kernel_size } => {
+                let k2 = u(*kernel_size)?.checked_mul(u(*kernel_size)?)?;
+                let mut c = u(*channels)?;
+                for &f in filters {
+                    layers.push((c.checked_mul(k2)?, u(f)?));
+                    c = u(f)?;
+                }
+                layers.push((c.checked_mul(u(*height)?)?.checked_mul(u(*width)?)?, 1));
+                // `inputs()` multiplies these three too.
+                u(*channels)?.checked_mul(u(*height)?)?.checked_mul(u(*width)?)?;
+            }
+        }
+        layers.into_iter().try_fold(0u64, |total, (fan_in, fan_out)| {
+            total.checked_add(fan_in.checked_mul(fan_out)?.checked_add(fan_out)?)
+        })
+    }
+
     /// Total number of scalars.
     pub fn num_params(&self) -> usize {
         self.layout().iter().map(TensorSpec::numel).sum()
@@ -280,6 +315,29 @@ mod tests {
         assert!(
             ModelSpec::Cnn { channels: 1, height: 2, width: 2, filters: vec![1], kernel_size: 2 }.validate().is_err()
         );
+    }
+
+    #[test]
+    fn the_checked_parameter_count_is_the_layouts_and_overflow_is_none() {
+        let zoo = [
+            ModelSpec::LogisticRegression { inputs: 13 },
+            ModelSpec::Mlp { inputs: 13, hidden: vec![16, 8] },
+            ModelSpec::Mlp { inputs: 13, hidden: vec![11200, 11200] },
+            ModelSpec::Cnn { channels: 1, height: 13, width: 1, filters: vec![4, 2], kernel_size: 3 },
+            ModelSpec::Cnn { channels: 3, height: 8, width: 8, filters: vec![5], kernel_size: 5 },
+        ];
+        for spec in zoo {
+            assert_eq!(spec.checked_num_params(), Some(spec.num_params() as u64), "{spec:?}");
+        }
+        let huge = usize::MAX / 2;
+        for spec in [
+            ModelSpec::LogisticRegression { inputs: usize::MAX },
+            ModelSpec::Mlp { inputs: 13, hidden: vec![huge, huge] },
+            ModelSpec::Cnn { channels: huge, height: 2, width: 2, filters: vec![1], kernel_size: 3 },
+            ModelSpec::Cnn { channels: 1, height: huge, width: huge, filters: vec![1], kernel_size: 1 },
+        ] {
+            assert_eq!(spec.checked_num_params(), None, "{spec:?}");
+        }
     }
 
     #[test]

@@ -255,7 +255,10 @@ pub struct SecAggSettings {
     #[serde(default = "default_secagg_clip")]
     pub clip_norm: f64,
     /// Aggregation weight under sample weighting: min(samples, max_samples) / max_samples, summed
-    /// masked like the update.
+    /// masked like the update. The cap also applies without secure aggregation: the coordinator
+    /// weighs a plain update by min(samples, max_samples) (this section's default, since
+    /// `[secagg]` is only accepted with `secure_aggregation = true`), so no node's claimed sample
+    /// count can outweigh the others'.
     #[serde(default = "default_max_samples")]
     pub max_samples: u64,
     /// Seconds each step other than the masked input waits for nodes.
@@ -326,6 +329,75 @@ fn invalid(field: &'static str, problem: impl Into<String>) -> PlanError {
     PlanError::Invalid { field, problem: problem.into() }
 }
 
+/// Bounds on a plan's numbers, checked by [`Plan::validate`]. Both sides parse every plan, so
+/// neither the coordinator nor a node ever does arithmetic on a number outside them: every
+/// deadline fits an `Instant` or a `SystemTime` with room to spare, rounds × steps fits a `u64`
+/// many times over, and the model's size is known to fit memory before anything is allocated.
+/// A node's policy may set lower caps of its own (`policy.max_model_parameters`,
+/// `policy.max_local_steps`).
+pub mod limits {
+    /// Longest any deadline of a plan may be (recruitment, a round, a secure-aggregation step):
+    /// 30 days. A round that waits longer for hospitals is better run again.
+    pub const MAX_DEADLINE_SECS: u64 = 30 * 24 * 3600;
+    /// Most rounds one plan may ask for.
+    pub const MAX_ROUNDS: u32 = 10_000;
+    /// Most nodes `min_nodes` or `secagg.threshold` may ask for.
+    pub const MAX_NODES: usize = 10_000;
+    /// Most parameters a plan's model may have: 2²⁸, 1 GiB as `f32` (the coordinator holds a
+    /// few copies of it, each node one model and its update).
+    pub const MAX_MODEL_PARAMETERS: u64 = 1 << 28;
+    /// Most hidden layers (MLP) or convolutions (CNN).
+    pub const MAX_MODEL_LAYERS: usize = 64;
+    /// Most local optimizer steps per round.
+    pub const MAX_LOCAL_STEPS: u32 = 100_000;
+    /// Largest mini-batch.
+    pub const MAX_BATCH_SIZE: u32 = 1 << 20;
+    /// Longest plan name, in characters (ASCII only, see [`super::validate_plan_name`]).
+    pub const MAX_NAME_CHARS: usize = 64;
+}
+
+/// The rule plan names follow, as the error states it.
+pub const PLAN_NAME_RULE: &str = "must match [A-Za-z0-9][A-Za-z0-9._-]{0,63} (letters, digits, '.', '_' and '-', starting with a letter or digit, no '..'): it names the exported model's files";
+
+/// Checks a plan name against [`PLAN_NAME_RULE`]. The name becomes a file name under
+/// `state/exports`, so it can hold no path separator, no `..`, and no leading dot.
+pub fn validate_plan_name(name: &str) -> Result<(), PlanError> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !first_ok || !rest_ok || name.len() > limits::MAX_NAME_CHARS || name.contains("..") {
+        return Err(invalid("name", format!("{:?} {PLAN_NAME_RULE}", shorten(name, limits::MAX_NAME_CHARS))));
+    }
+    Ok(())
+}
+
+/// At most `max` characters of `text` (never cut inside a character), with `…` when cut.
+fn shorten(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
+/// A whole number of seconds in `1 ..= limits::MAX_DEADLINE_SECS`.
+fn check_deadline(field: &'static str, secs: u64) -> Result<(), PlanError> {
+    if !(1..=limits::MAX_DEADLINE_SECS).contains(&secs) {
+        return Err(invalid(
+            field,
+            format!("is {secs}; it must be 1 to {} seconds (30 days)", limits::MAX_DEADLINE_SECS),
+        ));
+    }
+    Ok(())
+}
+
+/// A count in `1 ..= max`.
+fn check_count(field: &'static str, value: u64, max: u64) -> Result<(), PlanError> {
+    if !(1..=max).contains(&value) {
+        return Err(invalid(field, format!("is {value}; it must be 1 to {max}")));
+    }
+    Ok(())
+}
+
 impl Plan {
     /// Parses and validates a plan; the error names the line or the field at fault.
     pub fn parse(text: &str) -> Result<Self, PlanError> {
@@ -336,18 +408,13 @@ impl Plan {
 
     /// Cross-field rules that types alone do not hold.
     pub fn validate(&self) -> Result<(), PlanError> {
-        if self.name.trim().is_empty() {
-            return Err(invalid("name", "is empty"));
-        }
-        if self.rounds == 0 {
-            return Err(invalid("rounds", "must be at least 1"));
-        }
-        if self.min_nodes == 0 {
-            return Err(invalid("min_nodes", "must be at least 1"));
-        }
-        if self.round_deadline_secs == 0 || self.recruit_deadline_secs == 0 {
-            return Err(invalid("round_deadline_secs", "deadlines must be at least 1 second"));
-        }
+        validate_plan_name(&self.name)?;
+        check_count("rounds", u64::from(self.rounds), u64::from(limits::MAX_ROUNDS))?;
+        check_count("min_nodes", self.min_nodes as u64, limits::MAX_NODES as u64)?;
+        check_deadline("round_deadline_secs", self.round_deadline_secs)?;
+        check_deadline("recruit_deadline_secs", self.recruit_deadline_secs)?;
+        // The size first: `inputs()` and the layout multiply the model's dimensions unchecked.
+        self.validate_model_size()?;
         let schema = schema::lookup(&self.data.schema).ok_or_else(|| {
             invalid(
                 "data.schema",
@@ -366,12 +433,8 @@ impl Plan {
                 ),
             ));
         }
-        if self.local.steps == 0 {
-            return Err(invalid("local.steps", "must be at least 1"));
-        }
-        if self.local.batch_size == 0 {
-            return Err(invalid("local.batch_size", "must be at least 1"));
-        }
+        check_count("local.steps", u64::from(self.local.steps), u64::from(limits::MAX_LOCAL_STEPS))?;
+        check_count("local.batch_size", u64::from(self.local.batch_size), u64::from(limits::MAX_BATCH_SIZE))?;
         if !(self.local.learning_rate.is_finite() && self.local.learning_rate > 0.0) {
             return Err(invalid("local.learning_rate", "must be a positive number"));
         }
@@ -406,6 +469,38 @@ impl Plan {
             }
         }
         Ok(())
+    }
+
+    /// The model's depth and parameter count within [`limits`], computed without overflow.
+    fn validate_model_size(&self) -> Result<(), PlanError> {
+        let layers = match &self.model {
+            ModelSpec::LogisticRegression { .. } => 0,
+            ModelSpec::Mlp { hidden, .. } => hidden.len(),
+            ModelSpec::Cnn { filters, .. } => filters.len(),
+        };
+        if layers > limits::MAX_MODEL_LAYERS {
+            return Err(invalid(
+                "model",
+                format!("has {layers} layers; a plan's model may have at most {}", limits::MAX_MODEL_LAYERS),
+            ));
+        }
+        match self.model.checked_num_params() {
+            Some(n) if n <= limits::MAX_MODEL_PARAMETERS => Ok(()),
+            n => Err(invalid(
+                "model",
+                format!(
+                    "has {} parameters; a plan's model may have at most {} (2^28)",
+                    n.map_or_else(|| "more than 2^64".to_string(), |n| n.to_string()),
+                    limits::MAX_MODEL_PARAMETERS
+                ),
+            )),
+        }
+    }
+
+    /// The model's parameter count, which [`Plan::validate`] has bounded by
+    /// [`limits::MAX_MODEL_PARAMETERS`] (so it fits a `u64` and a `usize`).
+    pub fn model_parameters(&self) -> u64 {
+        self.model.checked_num_params().unwrap_or(u64::MAX)
     }
 
     fn validate_privacy(&self) -> Result<(), PlanError> {
@@ -499,12 +594,15 @@ impl Plan {
         if !(s.clip_norm.is_finite() && s.clip_norm > 0.0) {
             return Err(invalid("secagg.clip_norm", "must be a positive number"));
         }
+        if let Some(t) = s.threshold
+            && t > limits::MAX_NODES
+        {
+            return Err(invalid("secagg.threshold", format!("is {t}; it must be 2 to {}", limits::MAX_NODES)));
+        }
         if s.max_samples == 0 {
             return Err(invalid("secagg.max_samples", "must be at least 1"));
         }
-        if s.step_timeout_secs == 0 {
-            return Err(invalid("secagg.step_timeout_secs", "must be at least 1 second"));
-        }
+        check_deadline("secagg.step_timeout_secs", s.step_timeout_secs)?;
         if self.privacy.adaptive_clipping.is_some() {
             return Err(invalid(
                 "privacy.adaptive_clipping",
@@ -603,6 +701,111 @@ server_learning_rate = 0.01
         assert!(e.contains("privacy.delta"), "{e}");
         let ok = dp("target_epsilon = 3.0\nclip_norm = 1.0\ndelta = 1e-5").unwrap();
         assert_eq!(Plan::parse(&ok.to_wire_toml().unwrap()).unwrap(), ok);
+    }
+
+    #[test]
+    fn plan_names_are_file_names_and_nothing_else() {
+        let named = |name: &str| Plan::parse(&PLAN.replace("name = \"t\"", &format!("name = {name:?}")));
+        for ok in ["t", "heart-disease-fedavg", "A.b_c-9", "x".repeat(64).as_str(), "v1.2"] {
+            assert!(named(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "/tmp/evil",
+            "../../evil",
+            "a/../../b",
+            "a..b",
+            "..",
+            ".hidden",
+            "-flag",
+            "",
+            " ",
+            "a b",
+            "a\\b",
+            "C:evil",
+            "Hôpital",
+            "病院",
+            "x\ty",
+            &"x".repeat(65),
+        ] {
+            let e = named(bad).unwrap_err().to_string();
+            assert!(e.contains("`name`") && e.contains(PLAN_NAME_RULE), "{bad:?}: {e}");
+        }
+        // A long non-ASCII name is shortened by characters in the error, never cut inside one.
+        let e = named(&"é".repeat(100)).unwrap_err().to_string();
+        assert!(e.contains(&format!("{}…", "é".repeat(64))), "{e}");
+    }
+
+    #[test]
+    fn numbers_outside_the_limits_are_refused_with_the_field_and_the_bound() {
+        let with = |from: &str, to: &str| {
+            assert!(PLAN.contains(from), "{from}");
+            Plan::parse(&PLAN.replace(from, to)).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let head = |extra: &str| with("min_nodes = 1", &format!("min_nodes = 1\n{extra}"));
+        let max_i64 = i64::MAX.to_string();
+        let cases: Vec<(Result<(), String>, &str)> = vec![
+            (head(&format!("round_deadline_secs = {max_i64}")), "round_deadline_secs"),
+            (head(&format!("recruit_deadline_secs = {max_i64}")), "recruit_deadline_secs"),
+            (head("round_deadline_secs = 2592001"), "2592000"),
+            (head("recruit_deadline_secs = 0"), "recruit_deadline_secs"),
+            // Beyond TOML's i64, but the `toml` crate reads it into a u64 field.
+            (head("round_deadline_secs = 9223372036854775808"), "round_deadline_secs"),
+            (head("recruit_deadline_secs = 18446744073709551615"), "recruit_deadline_secs"),
+            (head("round_deadline_secs = -1"), "line"),
+            (with("rounds = 2", "rounds = 10001"), "rounds"),
+            (with("rounds = 2", "rounds = 4294967295"), "rounds"),
+            (with("min_nodes = 1", "min_nodes = 10001"), "min_nodes"),
+            (with("steps = 3", "steps = 100001"), "local.steps"),
+            (with("steps = 3", "steps = 4294967295"), "local.steps"),
+            (with("batch_size = 4", "batch_size = 1048577"), "local.batch_size"),
+            (with("inputs = 13", "inputs = 9223372036854775807"), "9223372036854775808 parameters"),
+            (
+                with(
+                    "kind = \"logistic_regression\"\ninputs = 13",
+                    "kind = \"mlp\"\ninputs = 13\nhidden = [4294967296, 4294967296]",
+                ),
+                "more than 2^64",
+            ),
+            (
+                with(
+                    "kind = \"logistic_regression\"\ninputs = 13",
+                    "kind = \"mlp\"\ninputs = 13\nhidden = [16385, 16385]",
+                ),
+                "268435456",
+            ),
+            (
+                with(
+                    "kind = \"logistic_regression\"\ninputs = 13",
+                    &format!("kind = \"mlp\"\ninputs = 13\nhidden = [{}]", ["1"; 65].join(", ")),
+                ),
+                "65 layers",
+            ),
+            (
+                with(
+                    "kind = \"logistic_regression\"\ninputs = 13",
+                    "kind = \"cnn\"\nchannels = 4611686018427387904\nheight = 4\nwidth = 4\nfilters = [1]\nkernel_size = 3",
+                ),
+                "model",
+            ),
+        ];
+        for (result, needle) in cases {
+            let e = result.expect_err(needle);
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        let secagg = |extra: &str| {
+            let text = PLAN.replace("min_nodes = 1", "min_nodes = 2");
+            Plan::parse(&format!("secure_aggregation = true\n{text}[secagg]\n{extra}\n")).map_err(|e| e.to_string())
+        };
+        assert!(secagg(&format!("step_timeout_secs = {max_i64}")).unwrap_err().contains("secagg.step_timeout_secs"));
+        assert!(secagg("threshold = 10001").unwrap_err().contains("secagg.threshold"));
+        // The bounds themselves are accepted.
+        assert!(head("round_deadline_secs = 2592000\nrecruit_deadline_secs = 2592000").is_ok());
+        assert!(with("rounds = 2", "rounds = 10000").is_ok());
+        assert!(with("steps = 3", "steps = 100000").is_ok());
+        assert!(secagg("step_timeout_secs = 2592000").is_ok());
+        let big =
+            with("kind = \"logistic_regression\"\ninputs = 13", "kind = \"mlp\"\ninputs = 13\nhidden = [11200, 11200]");
+        assert!(big.is_ok(), "{big:?}");
     }
 
     #[test]
