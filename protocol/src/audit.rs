@@ -356,6 +356,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Verified {
     pub records: u64,
+    /// The writer's name and role, read from its certificate (never from the log's own fields).
     pub writer: String,
     pub role: String,
     /// The writer's certificate fingerprint.
@@ -449,8 +450,21 @@ pub fn verify(log: &[u8], head: Option<&[u8]>, cert_check: Option<CertCheck<'_>>
             if let Some(check) = cert_check {
                 check(&cert).map_err(|e| bad(0, &format!("the writer's certificate is not accepted: {e}")))?;
             }
-            found.writer = get("writer");
-            found.role = get("role");
+            // Who wrote the log is what its certificate says; the log's own fields only have to
+            // agree with it (a log naming another writer is refused, not believed).
+            let (writer, role) = writer_of(&cert).map_err(|e| bad(0, &e))?;
+            if get("writer") != writer || get("role") != role {
+                return Err(bad(
+                    0,
+                    &format!(
+                        "the log says it was written by '{}' ({}), but its certificate is '{writer}' ({role})",
+                        get("writer"),
+                        get("role")
+                    ),
+                ));
+            }
+            found.writer = writer;
+            found.role = role;
             found.fingerprint = ContentHash::of(&cert).to_hex();
             key = Some(audit_key);
         }
@@ -483,6 +497,24 @@ pub fn verify(log: &[u8], head: Option<&[u8]>, cert_check: Option<CertCheck<'_>>
         return Ok(found);
     }
     Err(bad(head.seq, "does not match the signed head"))
+}
+
+/// The writer's name and role, from its certificate: a member's Sanctum identity, or `ca` for the
+/// consortium CA's own log (its certificate is a CA certificate and names no member).
+pub fn writer_of(cert_der: &[u8]) -> Result<(String, String), String> {
+    use x509_parser::prelude::*;
+    match crate::pki::identity_from_der(cert_der) {
+        Ok(id) => Ok((id.name, id.role.as_str().to_string())),
+        Err(crate::pki::PkiError::NoIdentity) => {
+            let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| format!("certificate: {e}"))?;
+            if cert.is_ca() {
+                Ok(("ca".to_string(), "ca".to_string()))
+            } else {
+                Err("the writer's certificate names no Sanctum member (no urn:sanctum: identity)".to_string())
+            }
+        }
+        Err(e) => Err(format!("the writer's certificate: {e}")),
+    }
 }
 
 /// Verifies `path` and `path.head` from disk.
@@ -568,16 +600,19 @@ mod tests {
         head: Vec<u8>,
     }
 
-    /// A certificate (DER) and its key (PEM) from a fresh CA.
+    /// A node certificate (DER) and its key (PEM) from a fresh CA.
     fn member(name: &str) -> (Vec<u8>, String) {
+        member_as(name, Role::Node)
+    }
+
+    fn member_as(name: &str, role: Role) -> (Vec<u8>, String) {
         let ca = pki::init_ca("t", 1).unwrap();
-        let me =
-            pki::issue(&ca.cert_pem, &ca.key_pem, &SignSpec { name, role: Role::Node, days: 1, hosts: &[] }).unwrap();
+        let me = pki::issue(&ca.cert_pem, &ca.key_pem, &SignSpec { name, role, days: 1, hosts: &[] }).unwrap();
         (crate::secagg::keys::cert_der_from_pem(&me.cert_pem).unwrap(), me.key_pem)
     }
 
     fn build(records: usize) -> Fixture {
-        let (der, key_pem) = member("coordinator");
+        let (der, key_pem) = member_as("coordinator", Role::Coordinator);
         let sign = |m: &[u8]| crate::secagg::keys::sign_message(m, &key_pem).map_err(|e| e.to_string());
         let dir = tempfile::tempdir().unwrap();
         let writer = Writer { name: "coordinator", role: "coordinator", cert_der: &der, sign_with_cert_key: &sign };
@@ -687,6 +722,35 @@ mod tests {
     fn fixture() -> &'static Fixture {
         static F: std::sync::OnceLock<Fixture> = std::sync::OnceLock::new();
         F.get_or_init(|| build(300))
+    }
+
+    /// A log that names another writer or role than its certificate is refused at its first
+    /// record; an honest one reports the certificate's identity, and the CA's own log is `ca`.
+    #[test]
+    fn a_logs_writer_and_role_come_from_its_certificate() {
+        let verify_as = |der: &[u8], key_pem: &str, name: &str, role: &str| {
+            let sign = |m: &[u8]| crate::secagg::keys::sign_message(m, key_pem).map_err(|e| e.to_string());
+            let dir = tempfile::tempdir().unwrap();
+            let writer = Writer { name, role, cert_der: der, sign_with_cert_key: &sign };
+            let mut log = AuditLog::open(dir.path(), &writer).unwrap();
+            log.append("x", "e", BTreeMap::new()).unwrap();
+            verify_file(&dir.path().join("audit.jsonl"), None)
+        };
+        let (der, key) = member("cleveland");
+        let v = verify_as(&der, &key, "cleveland", "node").unwrap();
+        assert_eq!((v.writer.as_str(), v.role.as_str()), ("cleveland", "node"));
+        for (name, role) in [("coordinator", "node"), ("cleveland", "coordinator"), ("hungarian", "lead")] {
+            let err = verify_as(&der, &key, name, role).unwrap_err();
+            assert!(
+                err.starts_with("record 0:") && err.contains("but its certificate is 'cleveland' (node)"),
+                "{name} ({role}): {err}"
+            );
+        }
+        let ca = pki::init_ca("t", 1).unwrap();
+        let ca_der = crate::secagg::keys::cert_der_from_pem(&ca.cert_pem).unwrap();
+        let v = verify_as(&ca_der, &ca.key_pem, "ca", "ca").unwrap();
+        assert_eq!((v.writer.as_str(), v.role.as_str()), ("ca", "ca"));
+        assert!(verify_as(&ca_der, &ca.key_pem, "coordinator", "coordinator").is_err());
     }
 
     #[test]

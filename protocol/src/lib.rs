@@ -11,6 +11,8 @@
 //! - [`secagg`]: secure-aggregation primitives (Shamir sharing, pairwise masks), no I/O.
 //! - [`hash`]: SHA-256 content addresses for models, plans and updates.
 //! - [`transfer`]: chunking rules shared by uploads and downloads (no message-size ceiling).
+//! - [`receipt`]: the message a hospital signs to countersign a round record (record hash, verdict,
+//!   reason), and its check.
 //! - [`pki`]: the consortium CA, certificate requests, signing, and identity read from certificates.
 //! - [`tls`]: mutual TLS 1.3 (rustls + ring) for both ends of a tonic channel, and the role guard.
 
@@ -20,6 +22,7 @@ pub mod model;
 pub mod pki;
 pub mod plan;
 pub mod privacy;
+pub mod receipt;
 pub mod schema;
 pub mod secagg;
 pub mod tls;
