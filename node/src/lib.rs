@@ -13,6 +13,8 @@
 //! - [`release`]: each open run's latest release, kept so a repeated round re-sends the same bytes.
 //! - [`rounds`]: which round and evaluation directives the node obeys (pure decisions).
 //! - [`metrics`]: test-split metrics as a noised, charged release (`policy.test_metrics = "noised"`).
+//! - [`receipt`]: whether a round record lists exactly what the node sent, and the statement it
+//!   signs to countersign it (verdict and reason included; pure).
 //! - [`egress`]: the append-only record of everything the node sent and the rule that allowed it.
 //! - [`daemon`]: the gRPC client loop that ties them together.
 
@@ -24,6 +26,7 @@ pub mod egress;
 pub mod ledger;
 pub mod metrics;
 pub mod policy;
+pub mod receipt;
 pub mod release;
 pub mod rounds;
 pub mod state_lock;

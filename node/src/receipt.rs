@@ -1,0 +1,171 @@
+//! Countersigning a round record (pure): does the coordinator's record of a closed round list
+//! exactly what this node sent, and what the node signs to say so (agreeing, or disputing with
+//! the reason). The signed statement covers the verdict and the reason, not only the record, so
+//! the coordinator cannot write a dispute down as agreement ([`sanctum_protocol::receipt`]).
+
+use sanctum_protocol::audit::Record;
+use sanctum_protocol::hash::ContentHash;
+use sanctum_protocol::receipt::{MAX_REASON_BYTES, Statement};
+
+/// What this node sent in a round: the payload's SHA-256 (hex) and its size in bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Sent<'a> {
+    pub payload_sha256: &'a str,
+    pub bytes: u64,
+}
+
+/// The node's verdict on one round record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// SHA-256 of the record's exact line, as received.
+    pub record_sha256: ContentHash,
+    pub agrees: bool,
+    /// Every mismatch found, joined; empty when it agrees; at most `MAX_REASON_BYTES`.
+    pub reason: String,
+}
+
+impl Verdict {
+    /// The statement the node signs with its certificate key.
+    pub fn statement<'a>(&'a self, plan_id: &'a str, round: u32) -> Statement<'a> {
+        Statement { plan_id, round, record_sha256: self.record_sha256, agrees: self.agrees, reason: &self.reason }
+    }
+}
+
+/// Lowercase hex, as audit records write signatures.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary (a reason is text, never sliced
+/// inside a character).
+fn clip(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let end = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+        text.truncate(end);
+    }
+    text
+}
+
+/// Checks the record the coordinator sent for `plan_id` round `round` against what node `me`
+/// sent in it (`None`: nothing). The record must be that round's `round_record` and list this
+/// node's update exactly once with the same hash and size, or not at all when nothing was sent.
+pub fn judge(record_line: &str, plan_id: &str, round: u32, me: &str, sent: Option<Sent<'_>>) -> Verdict {
+    let record_sha256 = ContentHash::of(record_line.as_bytes());
+    let mut problems = Vec::new();
+    match serde_json::from_str::<Record>(record_line) {
+        Err(e) => problems.push(format!("the record is not an audit record ({e})")),
+        Ok(record) => {
+            let get = |k: &str| record.params.get(k).cloned().unwrap_or_default();
+            if record.event != "round_record"
+                || get("plan_id").as_str() != Some(plan_id)
+                || get("round").as_u64() != Some(u64::from(round))
+            {
+                problems.push("the record is not this round's record".to_string());
+            }
+            let listed: Vec<(String, u64)> = get("updates")
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|u| u["node"].as_str() == Some(me))
+                        .map(|u| {
+                            let hash = u["payload_sha256"].as_str().unwrap_or_default().to_string();
+                            (hash, u["bytes"].as_u64().unwrap_or(0))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            match (sent, listed.as_slice()) {
+                (Some(s), [(h, b)]) if h == s.payload_sha256 && *b == s.bytes => {}
+                (Some(s), _) => problems.push(format!(
+                    "this node sent {} bytes with SHA-256 {}, the record lists {listed:?}",
+                    s.bytes, s.payload_sha256
+                )),
+                (None, []) => {}
+                (None, _) => problems.push("the record lists an update this node never sent".to_string()),
+            }
+        }
+    }
+    let reason = clip(problems.join("; "), MAX_REASON_BYTES);
+    Verdict { record_sha256, agrees: problems.is_empty(), reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use sanctum_protocol::audit::GENESIS_PREV;
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    fn record(event: &str, plan: &str, round: u32, updates: Value) -> String {
+        let params = BTreeMap::from([
+            ("plan_id".to_string(), json!(plan)),
+            ("round".to_string(), json!(round)),
+            ("updates".to_string(), updates),
+        ]);
+        Record {
+            seq: 1,
+            time: "t".into(),
+            actor: "c".into(),
+            event: event.into(),
+            params,
+            prev: GENESIS_PREV.into(),
+            sig: "00".into(),
+        }
+        .line()
+    }
+
+    const H: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const OTHER: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    #[test]
+    fn a_record_is_agreed_to_only_when_it_lists_exactly_what_was_sent() {
+        let mine = |h: &str, b: u64| json!({"node": "cleveland", "payload_sha256": h, "bytes": b});
+        let theirs = json!({"node": "hungarian", "payload_sha256": OTHER, "bytes": 8});
+        let sent = Some(Sent { payload_sha256: H, bytes: 56 });
+        // (what, record line, what was sent, agrees, a phrase of the reason)
+        let cases: Vec<(&str, String, Option<Sent<'_>>, bool, &str)> = vec![
+            ("exactly what was sent", record("round_record", "p", 2, json!([mine(H, 56), theirs])), sent, true, ""),
+            ("nothing sent, nothing listed", record("round_record", "p", 2, json!([theirs])), None, true, ""),
+            ("another hash", record("round_record", "p", 2, json!([mine(OTHER, 56)])), sent, false, "the record lists"),
+            ("another size", record("round_record", "p", 2, json!([mine(H, 57)])), sent, false, "sent 56 bytes"),
+            ("listed twice", record("round_record", "p", 2, json!([mine(H, 56), mine(H, 56)])), sent, false, "lists"),
+            ("left out", record("round_record", "p", 2, json!([theirs])), sent, false, "the record lists []"),
+            ("never sent", record("round_record", "p", 2, json!([mine(H, 56)])), None, false, "never sent"),
+            ("another event", record("round_closed", "p", 2, json!([mine(H, 56)])), sent, false, "not this round's"),
+            ("another plan", record("round_record", "q", 2, json!([mine(H, 56)])), sent, false, "not this round's"),
+            ("another round", record("round_record", "p", 3, json!([mine(H, 56)])), sent, false, "not this round's"),
+            ("not a record", "{\"seq\":".to_string(), None, false, "not an audit record"),
+        ];
+        for (what, line, sent, agrees, phrase) in cases {
+            let v = judge(&line, "p", 2, "cleveland", sent);
+            assert_eq!(v.agrees, agrees, "{what}: {}", v.reason);
+            assert!(v.reason.contains(phrase) && (agrees == v.reason.is_empty()), "{what}: {}", v.reason);
+            assert_eq!(v.record_sha256, ContentHash::of(line.as_bytes()), "{what}: the hash of the line as received");
+        }
+    }
+
+    #[test]
+    fn a_long_reason_is_cut_on_a_character_boundary() {
+        let listed: Vec<Value> =
+            (0..200).map(|_| json!({"node": "zürich-é", "payload_sha256": "é".repeat(20), "bytes": 1})).collect();
+        let v = judge(
+            &record("round_record", "p", 1, json!(listed)),
+            "p",
+            1,
+            "zürich-é",
+            Some(Sent { payload_sha256: H, bytes: 2 }),
+        );
+        assert!(!v.agrees && v.reason.len() <= MAX_REASON_BYTES && v.reason.len() > MAX_REASON_BYTES - 4);
+        assert_eq!(clip("aé".to_string(), 2), "a", "never inside a character");
+    }
+
+    #[test]
+    fn the_statement_signed_carries_the_verdict_and_reason() {
+        let v = judge("not json", "p", 1, "n", None);
+        let s = v.statement("p", 1);
+        assert_eq!((s.agrees, s.reason, s.record_sha256), (false, v.reason.as_str(), ContentHash::of(b"not json")));
+        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
+    }
+}
