@@ -80,6 +80,20 @@ enum Phase {
     Finished,
 }
 
+/// `now + wait`, or the latest `Instant` this platform can hold short of that: `Instant + Duration`
+/// panics on overflow, and a panic here would end the driver task. Plans bound their deadlines
+/// (`plan::limits::MAX_DEADLINE_SECS`, 30 days), so the fallback only serves a caller that built
+/// a [`RunConfig`] by hand; it halves the wait until it fits, at worst down to `now`.
+fn later(now: Instant, wait: Duration) -> Instant {
+    let mut wait = wait;
+    loop {
+        if let Some(t) = now.checked_add(wait) {
+            return t;
+        }
+        wait /= 2;
+    }
+}
+
 /// One plan's progress.
 #[derive(Debug)]
 pub struct PlanRun {
@@ -101,7 +115,7 @@ impl PlanRun {
     pub fn start(cfg: RunConfig, connected: impl IntoIterator<Item = NodeName>, now: Instant) -> (Self, Vec<Action>) {
         let offered: BTreeSet<NodeName> = connected.into_iter().collect();
         let run = Self {
-            phase: Phase::Recruiting { deadline: now + cfg.recruit_deadline },
+            phase: Phase::Recruiting { deadline: later(now, cfg.recruit_deadline) },
             cfg,
             offered: offered.clone(),
             accepted: BTreeSet::new(),
@@ -243,7 +257,8 @@ impl PlanRun {
             self.open_round_now(round + 1, now)
         } else {
             let pending: BTreeSet<NodeName> = self.accepted.intersection(&self.online).cloned().collect();
-            self.phase = Phase::Evaluating { pending: pending.clone(), deadline: now + self.cfg.evaluation_deadline };
+            self.phase =
+                Phase::Evaluating { pending: pending.clone(), deadline: later(now, self.cfg.evaluation_deadline) };
             let mut actions = vec![Action::Evaluate(pending.into_iter().collect())];
             actions.extend(self.advance(now));
             actions
@@ -289,7 +304,7 @@ impl PlanRun {
                 ),
             );
         }
-        let deadline = now + self.cfg.round_deadline;
+        let deadline = later(now, self.cfg.round_deadline);
         self.phase = Phase::Training {
             round,
             participants: participants.clone(),
@@ -418,6 +433,27 @@ mod tests {
         let a = run.evaluated("b", t0);
         assert_eq!(a, vec![Action::Finish { success: true, reason: "completed".into() }]);
         assert_eq!(run.rounds_completed(), 2);
+    }
+
+    #[test]
+    fn deadlines_no_clock_can_hold_do_not_panic_and_the_run_goes_on() {
+        // 2⁶³ seconds (what a plan could ask before plan limits) and the largest Duration.
+        for wait in [Duration::from_secs(1 << 63), Duration::from_secs(u64::MAX), Duration::MAX] {
+            let t0 = Instant::now();
+            let long =
+                RunConfig { recruit_deadline: wait, round_deadline: wait, evaluation_deadline: wait, ..cfg(1, 1) };
+            let (mut run, a) = PlanRun::start(long, names(&["a"]), t0);
+            assert_eq!(a, vec![Action::Offer(names(&["a"]))]);
+            let a = run.decision("a", true, "", t0);
+            let Some(Action::OpenRound { deadline, .. }) = a.first() else {
+                panic!("the round opens: {a:?}");
+            };
+            assert!(*deadline > t0 + Duration::from_secs(100 * 365 * 86_400), "as far ahead as an Instant goes");
+            assert!(run.tick(t0 + Duration::from_secs(86_400)).is_empty(), "still waiting a day later");
+            assert!(matches!(&run.admit_update("a", 1, t0).unwrap()[..], [Action::CloseRound { round: 1, .. }]));
+            assert_eq!(run.round_aggregated(1, t0), vec![Action::Evaluate(names(&["a"]))]);
+            assert!(matches!(&run.evaluated("a", t0)[..], [Action::Finish { success: true, .. }]));
+        }
     }
 
     #[test]

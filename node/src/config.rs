@@ -54,6 +54,13 @@ pub struct Policy {
     /// Most rounds a single plan may ask for.
     #[serde(default = "default_max_rounds")]
     pub max_rounds: u32,
+    /// Largest model (number of parameters) this node will download and train: memory, disk
+    /// and time are the hospital's. Plans are bounded at 2²⁸ anyway (`plan::limits`).
+    #[serde(default = "default_max_model_parameters")]
+    pub max_model_parameters: u64,
+    /// Most local optimizer steps a plan may ask for per round (`local.steps`).
+    #[serde(default = "default_max_local_steps")]
+    pub max_local_steps: u32,
     /// When set, only plans with example-level DP whose ε on this hospital's data (for the whole
     /// plan, at the plan's δ) is at most this are accepted; plans without DP are refused.
     #[serde(default)]
@@ -131,6 +138,15 @@ fn yes() -> bool {
 fn default_max_rounds() -> u32 {
     1000
 }
+/// 2²⁷ parameters, 512 MiB as f32: room for the largest model the tests train (125.6 M), half
+/// of what a plan may carry.
+fn default_max_model_parameters() -> u64 {
+    1 << 27
+}
+/// A hundred times the examples' 100 steps per round.
+fn default_max_local_steps() -> u32 {
+    10_000
+}
 
 impl Default for Policy {
     fn default() -> Self {
@@ -138,6 +154,8 @@ impl Default for Policy {
             allowed_models: vec![],
             share_sample_counts: true,
             max_rounds: default_max_rounds(),
+            max_model_parameters: default_max_model_parameters(),
+            max_local_steps: default_max_local_steps(),
             max_epsilon: None,
             min_cohort: None,
             max_delta: None,
@@ -175,7 +193,7 @@ impl NodeConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         for d in &self.datasets {
             if sanctum_protocol::schema::lookup(&d.schema).is_none() {
                 return Err(format!(
@@ -220,6 +238,12 @@ impl NodeConfig {
         }
         if p.public_min_train_rows.is_some() && p.share_sample_counts {
             return Err("policy.public_min_train_rows applies only with share_sample_counts = false".into());
+        }
+        if p.max_model_parameters == 0 {
+            return Err("policy.max_model_parameters must be at least 1".into());
+        }
+        if p.max_local_steps == 0 {
+            return Err("policy.max_local_steps must be at least 1".into());
         }
         if p.min_cohort.is_some_and(|m| m < 2) {
             return Err("policy.min_cohort must be at least 2 (a sum of one hospital is its update)".into());

@@ -221,7 +221,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!(
                         "  plan {} ({}) run {run_text}: {} release(s), {} steps at q = {:.4}, σ = {:.3}: ε = {:.3}, δ = {:e}",
                         c.plan_name,
-                        &plan_id[..plan_id.len().min(12)],
+                        // Characters, not bytes: a byte slice panics inside a character.
+                        plan_id.char_indices().nth(12).map_or(plan_id.as_str(), |(i, _)| &plan_id[..i]),
                         ledger.releases(&plan_id, &run),
                         c.steps,
                         c.sampling_rate,

@@ -21,6 +21,20 @@ pub fn check<'a>(plan: &Plan, cfg: &'a NodeConfig) -> Result<&'a DatasetConfig, 
     if plan.rounds > cfg.policy.max_rounds {
         return Err(format!("plan asks for {} rounds; policy.max_rounds is {}", plan.rounds, cfg.policy.max_rounds));
     }
+    // Both figures are the plan's and the policy's own: nothing of the data.
+    let parameters = plan.model_parameters();
+    if parameters > cfg.policy.max_model_parameters {
+        return Err(format!(
+            "plan's model has {parameters} parameters; this hospital's policy.max_model_parameters is {}",
+            cfg.policy.max_model_parameters
+        ));
+    }
+    if plan.local.steps > cfg.policy.max_local_steps {
+        return Err(format!(
+            "plan asks for {} local steps per round; this hospital's policy.max_local_steps is {}",
+            plan.local.steps, cfg.policy.max_local_steps
+        ));
+    }
     if let Some(min) = cfg.policy.min_cohort {
         if !plan.secure_aggregation {
             return Err(format!(
@@ -43,4 +57,81 @@ pub fn check<'a>(plan: &Plan, cfg: &'a NodeConfig) -> Result<&'a DatasetConfig, 
     }
     cfg.dataset(&plan.data.schema)
         .ok_or_else(|| format!("this hospital has no dataset with schema '{}'", plan.data.schema))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(policy: &str) -> NodeConfig {
+        let text = format!(
+            "coordinator = \"localhost:1\"\nstate_dir = \"state\"\n[tls]\nca = \"ca.pem\"\ncert = \"n.pem\"\nkey = \"n.key\"\n\
+             [[datasets]]\nschema = \"heart_disease\"\npath = \"heart.csv\"\n\
+             [policy]\nallowed_models = [\"logistic_regression\", \"mlp\"]\n{policy}\n"
+        );
+        toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    fn plan(model: &str, steps: u32) -> Plan {
+        let text = format!(
+            "name = \"p\"\nrounds = 3\nmin_nodes = 1\n[model]\n{model}\n[data]\nschema = \"heart_disease\"\n\
+             [local]\nsteps = {steps}\nbatch_size = 4\nlearning_rate = 0.1\n[strategy]\nkind = \"fedavg\"\n"
+        );
+        Plan::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
+    const LOGREG: &str = "kind = \"logistic_regression\"\ninputs = 13";
+    // 13·11200 + 11200 + 11200² + 11200 + 11200 + 1 = 125,619,201 parameters.
+    const BIG_MLP: &str = "kind = \"mlp\"\ninputs = 13\nhidden = [11200, 11200]";
+
+    #[test]
+    fn a_plan_over_the_policys_model_size_or_local_steps_is_refused_naming_the_cap() {
+        // (policy lines, model, local steps, None = accepted or the words of the refusal)
+        let cases: &[(&str, &str, u32, Option<&str>)] = &[
+            ("", LOGREG, 100, None),
+            ("", LOGREG, 10_000, None),
+            (
+                "",
+                LOGREG,
+                10_001,
+                Some("plan asks for 10001 local steps per round; this hospital's policy.max_local_steps is 10000"),
+            ),
+            ("", BIG_MLP, 1, None),
+            ("max_local_steps = 5", LOGREG, 5, None),
+            ("max_local_steps = 5", LOGREG, 6, Some("policy.max_local_steps is 5")),
+            ("max_model_parameters = 14", LOGREG, 1, None),
+            (
+                "max_model_parameters = 13",
+                LOGREG,
+                1,
+                Some("plan's model has 14 parameters; this hospital's policy.max_model_parameters is 13"),
+            ),
+            ("max_model_parameters = 1000000", BIG_MLP, 1, Some("plan's model has 125619201 parameters")),
+            ("max_model_parameters = 1000000\nmax_local_steps = 1", BIG_MLP, 2, Some("policy.max_model_parameters")),
+        ];
+        for (policy, model, steps, want) in cases {
+            let got = check(&plan(model, *steps), &config(policy)).map(|d| d.schema.clone());
+            match (want, got) {
+                (None, Ok(schema)) => assert_eq!(schema, "heart_disease"),
+                (Some(words), Err(reason)) => {
+                    assert!(reason.contains(words), "{policy:?} {model:?} {steps}: {reason}");
+                    // The reason leaves the hospital: it names the plan's figures and the policy's
+                    // cap, never the dataset.
+                    assert!(!reason.contains("heart.csv"), "{reason}");
+                }
+                (want, got) => panic!("{policy:?} {model:?} {steps}: wanted {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_caps_have_defaults_and_a_cap_of_zero_is_refused() {
+        let cfg = config("");
+        assert_eq!((cfg.policy.max_model_parameters, cfg.policy.max_local_steps), (1 << 27, 10_000));
+        assert!(cfg.validate().is_ok());
+        let e = config("max_model_parameters = 0").validate().unwrap_err();
+        assert!(e.contains("policy.max_model_parameters"), "{e}");
+        let e = config("max_local_steps = 0").validate().unwrap_err();
+        assert!(e.contains("policy.max_local_steps"), "{e}");
+    }
 }
