@@ -235,6 +235,26 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The first `n` characters of `s`: a hash, or whatever a peer sent in its place, never cut
+/// inside a character (a byte slice of "a東京" at 2 panics).
+fn head(s: &str, n: usize) -> &str {
+    s.char_indices().nth(n).map_or(s, |(i, _)| &s[..i])
+}
+
+/// One plan of `audit plans`, as text: every field the coordinator sent is shown as text.
+fn plan_line(p: &sanctum_protocol::proto::PlanSummary) -> String {
+    format!(
+        "{} {} ({}): {}, {}/{} rounds, final model {}",
+        head(&p.plan_id, 12),
+        p.name,
+        p.reason,
+        p.status,
+        p.rounds_completed,
+        p.rounds_planned,
+        head(&p.final_model_sha256, 12)
+    )
+}
+
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -371,7 +391,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         c.role,
                         c.status,
                         c.not_after,
-                        &c.fingerprint[..16]
+                        head(&c.fingerprint, 16)
                     );
                 }
             }
@@ -379,7 +399,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Pki(PkiCommand::Revoke { dir, name, reason }) => {
             for r in pki::revoke(&dir, &name, &reason)? {
-                println!("revoked {} (certificate {}) at {}", r.name, &r.fingerprint[..16], r.revoked_at);
+                println!("revoked {} (certificate {}) at {}", r.name, head(&r.fingerprint, 16), r.revoked_at);
             }
             println!(
                 "a coordinator with revocation_list = \"{}\" refuses it within a second",
@@ -474,16 +494,7 @@ markdown: {}",
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for p in &plans {
-                    println!(
-                        "{} {} ({}): {}, {}/{} rounds, final model {}",
-                        &p.plan_id[..p.plan_id.len().min(12)],
-                        p.name,
-                        p.reason,
-                        p.status,
-                        p.rounds_completed,
-                        p.rounds_planned,
-                        &p.final_model_sha256[..p.final_model_sha256.len().min(12)]
-                    );
+                    println!("{}", plan_line(p));
                     for r in &p.rounds {
                         println!("  round {}: {} reported, dropped {:?}", r.round, r.reported.len(), r.dropped);
                     }
@@ -498,5 +509,34 @@ markdown: {}",
                     .await?;
             Ok(if summary.finished.success { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_reasons_in_any_script_are_shown_as_text() {
+        assert_eq!(head("a東京大学病院", 3), "a東京");
+        assert_eq!(head("Hôpital-Universitaire-Genève", 12), "Hôpital-Univ");
+        assert_eq!(head("abc", 12), "abc");
+        assert_eq!(head("", 12), "");
+        // Byte 12 of each falls inside a character: slicing bytes panicked here.
+        let p = sanctum_protocol::proto::PlanSummary {
+            plan_id: "a東京大学病院-フェデレーテッド".into(),
+            name: "Hôpital-Universitaire-Genève".into(),
+            reason: "病院の方針により拒否されました".into(),
+            status: "failed".into(),
+            final_model_sha256: format!("a{}", "é".repeat(12)),
+            rounds_planned: 3,
+            rounds_completed: 1,
+            ..Default::default()
+        };
+        assert!(!p.plan_id.is_char_boundary(12) && !p.final_model_sha256.is_char_boundary(12));
+        assert_eq!(
+            plan_line(&p),
+            "a東京大学病院-フェデレ Hôpital-Universitaire-Genève (病院の方針により拒否されました): failed, 1/3 rounds, final model aééééééééééé"
+        );
     }
 }
