@@ -68,6 +68,8 @@ pub fn sign(dir: &Path, csr: &Path, name: &str, role: Role, days: i64) -> anyhow
     let ca_key = std::fs::read_to_string(dir.join("ca.key"))
         .with_context(|| format!("cannot read the CA key in {}", dir.display()))?;
     let csr_pem = std::fs::read_to_string(csr).with_context(|| format!("cannot read CSR {}", csr.display()))?;
+    pki::validate_name(name)?;
+    refuse_name_held_by_another_key(dir, name, role, &csr_pem)?;
     let pem = pki::sign(&ca_cert, &ca_key, &csr_pem, &SignSpec { name, role, days, hosts: &[] })?;
     // The request is kept so the member can be renewed without a new one (its key is unchanged).
     let requests = dir.join("requests");
@@ -78,6 +80,41 @@ pub fn sign(dir: &Path, csr: &Path, name: &str, role: Role, days: i64) -> anyhow
     }
     record(dir, "certificate_issued", &pem, &[("days", json!(days))])?;
     Ok(pem)
+}
+
+/// Refuses to sign `name` for a key other than the one its unrevoked certificates hold: a name
+/// is a member's identity (the coordinator's node map, audit records, receipts and budgets are
+/// keyed by it), so two keys under one name would let one hospital act as, or shadow, another.
+/// The same key may be signed again (that is what `pki renew` does); a revoked certificate no
+/// longer holds its name. The refusal is recorded in the CA's audit log.
+fn refuse_name_held_by_another_key(dir: &Path, name: &str, role: Role, csr_pem: &str) -> anyhow::Result<()> {
+    let key = pki::request_public_key(csr_pem)?;
+    for held in list(dir)?.into_iter().filter(|c| c.name == name && c.status != "revoked") {
+        let pem =
+            std::fs::read_to_string(&held.file).with_context(|| format!("cannot read {}", held.file.display()))?;
+        let der = sanctum_protocol::secagg::keys::cert_der_from_pem(&pem)?;
+        if pki::certificate_public_key(&der)? == key {
+            continue;
+        }
+        let reason = format!("'{name}' is already issued to a different key");
+        record(
+            dir,
+            "certificate_refused",
+            &pem,
+            &[
+                ("reason", json!(reason)),
+                ("requested_role", json!(role.as_str())),
+                ("requested_key_sha256", json!(sanctum_protocol::hash::ContentHash::of(&key).to_hex())),
+            ],
+        )?;
+        bail!(
+            "{reason} (certificate {}, {}, fingerprint {}): revoke it first with `sanctum-coordinator pki revoke {name}` if this request replaces it, or sign this request under another name",
+            held.file.display(),
+            held.status,
+            held.fingerprint.get(..16).unwrap_or(&held.fingerprint),
+        );
+    }
+    Ok(())
 }
 
 /// Stores an issued certificate as `DIR/issued/NAME.pem`; a previous one for the same name is kept
@@ -148,9 +185,9 @@ pub struct Listed {
 pub fn revoked(dir: &Path) -> anyhow::Result<Vec<RevokedCert>> {
     let path = dir.join("revoked.json");
     match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            serde_json::from_str(&text).with_context(|| format!("{} is not a valid revocation list", path.display()))
-        }
+        Ok(text) => pki::parse_revocation_list(&text).with_context(|| {
+            format!("{} is not a valid revocation list: fix it, or restore it from a backup", path.display())
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
     }

@@ -96,6 +96,8 @@ pub enum PkiError {
     NoIdentity,
     #[error("key or certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("revocation list is not valid: {0}")]
+    BadRevocationList(String),
 }
 
 const URI_PREFIX: &str = "urn:sanctum:";
@@ -222,6 +224,59 @@ pub fn not_after(der: &[u8]) -> Result<time::OffsetDateTime, PkiError> {
     Ok(cert.validity().not_after.to_datetime())
 }
 
+/// The public key (DER SubjectPublicKeyInfo) a CSR asks a certificate for.
+pub fn request_public_key(csr_pem: &str) -> Result<Vec<u8>, PkiError> {
+    use rustls_pki_types::{CertificateSigningRequestDer, pem::PemObject};
+    use x509_parser::prelude::*;
+    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes()).map_err(|e| {
+        PkiError::BadRequest(format!("{e}; expected a PEM 'CERTIFICATE REQUEST' from `sanctum-node pki request`"))
+    })?;
+    let (_, csr) = X509CertificationRequest::from_der(der.as_ref())
+        .map_err(|e| PkiError::BadRequest(format!("cannot parse: {e}")))?;
+    Ok(csr.certification_request_info.subject_pki.raw.to_vec())
+}
+
+/// The public key (DER SubjectPublicKeyInfo) a certificate (DER) is issued for.
+pub fn certificate_public_key(der: &[u8]) -> Result<Vec<u8>, PkiError> {
+    use x509_parser::prelude::*;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| PkiError::BadCertificate(format!("cannot parse: {e}")))?;
+    Ok(cert.public_key().raw.to_vec())
+}
+
+/// Parses the consortium's revocation list (`pki/revoked.json`, written by `pki revoke`): a JSON
+/// array of entries, each naming a member and the certificate it revokes by fingerprint (the
+/// SHA-256 of the certificate's DER, 64 hex digits).
+///
+/// Anything else is an error, never an empty list: a list that does not say what it revokes
+/// must not be read as revoking nothing. Fingerprints come back in lowercase, the spelling
+/// connections are matched in, so a hand-edited uppercase entry still revokes.
+pub fn parse_revocation_list(text: &str) -> Result<Vec<crate::tls::RevokedCert>, PkiError> {
+    let entries: Vec<crate::tls::RevokedCert> = serde_json::from_str(text).map_err(|e| {
+        PkiError::BadRevocationList(format!(
+            "{e}; expected a JSON array of {{\"name\", \"fingerprint\", \"revoked_at\", \"reason\"}} entries"
+        ))
+    })?;
+    entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut entry)| {
+            let n = i + 1;
+            if entry.fingerprint.len() != 64 || !entry.fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
+                // Shown as text, never sliced by bytes: the file may hold anything.
+                let shown: String = entry.fingerprint.chars().take(70).collect();
+                return Err(PkiError::BadRevocationList(format!(
+                    "entry {n} ('{}'): fingerprint {shown:?} is not 64 hex digits (the SHA-256 of the certificate, as `pki list --json` shows it)",
+                    entry.name.chars().take(70).collect::<String>()
+                )));
+            }
+            validate_name(&entry.name).map_err(|e| PkiError::BadRevocationList(format!("entry {n}: {e}")))?;
+            entry.fingerprint.make_ascii_lowercase();
+            Ok(entry)
+        })
+        .collect()
+}
+
 /// Reads the Sanctum identity out of a certificate (already verified by TLS).
 pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
     use x509_parser::prelude::*;
@@ -282,6 +337,51 @@ mod tests {
         assert!(matches!(err, Err(PkiError::BadRequest(_))));
         // A CA certificate is not a member certificate.
         assert!(matches!(identity_from_pem(&ca.cert_pem), Err(PkiError::NoIdentity)));
+        Ok(())
+    }
+
+    #[test]
+    fn a_certificate_carries_the_key_of_its_request_and_no_other() -> Result<(), PkiError> {
+        let ca = init_ca("test", 30)?;
+        let (_key, csr) = request("cleveland")?;
+        let (_other_key, other_csr) = request("cleveland")?;
+        let spec = SignSpec { name: "cleveland", role: Role::Node, days: 90, hosts: &[] };
+        let cert = sign(&ca.cert_pem, &ca.key_pem, &csr, &spec)?;
+        use rustls_pki_types::{CertificateDer, pem::PemObject};
+        let der =
+            CertificateDer::from_pem_slice(cert.as_bytes()).map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+        assert_eq!(request_public_key(&csr)?, certificate_public_key(&der)?);
+        assert_ne!(request_public_key(&other_csr)?, certificate_public_key(&der)?);
+        assert!(matches!(request_public_key("not a csr"), Err(PkiError::BadRequest(_))));
+        Ok(())
+    }
+
+    #[test]
+    fn a_revocation_list_that_does_not_say_what_it_revokes_is_refused() -> Result<(), PkiError> {
+        let fp = "AB".repeat(32);
+        let good = format!(r#"[{{"name": "va", "fingerprint": "{fp}", "revoked_at": "2026-01-01T00:00:00Z"}}]"#);
+        let list = parse_revocation_list(&good)?;
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0].fingerprint, "ab".repeat(32), "fingerprints are matched in lowercase");
+        assert!(parse_revocation_list("[]")?.is_empty());
+        let entry = |name: &str, fingerprint: &str| {
+            format!(r#"[{{"name": "{name}", "fingerprint": "{fingerprint}", "revoked_at": "x"}}]"#)
+        };
+        for bad in [
+            String::new(),
+            "not json".into(),
+            "{}".into(),
+            r#"{"revoked": []}"#.into(),
+            r#"[{"name": "va"}]"#.into(),
+            r#"["ab"]"#.into(),
+            entry("va", "abc"),
+            entry("va", &"g".repeat(64)),
+            entry("va", &"a".repeat(65)),
+            entry("va", &"é".repeat(32)),
+            entry("Not A Name", &"a".repeat(64)),
+        ] {
+            assert!(matches!(parse_revocation_list(&bad), Err(PkiError::BadRevocationList(_))), "{bad:?} accepted");
+        }
         Ok(())
     }
 }
