@@ -51,6 +51,8 @@ pub struct Limits {
     /// Seconds a call may take in its handler (a whole upload, for `SubmitUpdate`).
     pub request_timeout_secs: u64,
     /// Seconds between the server's HTTP/2 keep-alive pings, and how long it waits for the answer.
+    /// The interval is also the idle time before TCP keep-alive probes on an accepted socket.
+    /// Clients' pings are always answered, however often (no "too many pings").
     pub keepalive_interval_secs: u64,
     pub keepalive_timeout_secs: u64,
     /// Seconds an upload may go without a chunk before it is dropped and its spool freed.

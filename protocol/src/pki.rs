@@ -69,6 +69,9 @@ pub struct Identity {
     pub role: Role,
     /// SHA-256 of the certificate's DER, for logs and audit records.
     pub fingerprint: ContentHash,
+    /// When the certificate stops being valid: TLS checks it at the handshake, the role guard on
+    /// every call of a connection that outlives it.
+    pub not_after: OffsetDateTime,
 }
 
 impl fmt::Display for Identity {
@@ -292,7 +295,12 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, PkiError> {
         {
             let (role, member) = rest.split_once(':').ok_or(PkiError::NoIdentity)?;
             validate_name(member)?;
-            return Ok(Identity { name: member.to_string(), role: role.parse()?, fingerprint: ContentHash::of(der) });
+            return Ok(Identity {
+                name: member.to_string(),
+                role: role.parse()?,
+                fingerprint: ContentHash::of(der),
+                not_after: cert.validity().not_after.to_datetime(),
+            });
         }
     }
     Err(PkiError::NoIdentity)

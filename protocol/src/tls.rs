@@ -5,12 +5,18 @@
 //! interceptor sees who called in `request.extensions()`, and nothing in a message can change it.
 //! Plaintext clients, clients without a certificate and clients whose certificate comes from
 //! another CA never reach a handler.
+//!
+//! What a peer that never authenticates can cost is bounded: handshakes in flight (the accept
+//! loop waits while they are all taken, so the rest wait in the kernel's backlog), connections
+//! open (beyond the limit one is closed at once), the time a handshake may take; and refusals
+//! are counted in [`refusals`], never written one by one.
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,16 +27,19 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
 
 use crate::pki::{self, Identity, PkiError, Role};
 
-/// How long a peer may take to finish the handshake before it is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub mod refusals;
+
+pub use refusals::{RefusalClass, RefusalReport, Refusals};
 
 /// Paths to the three PEM files every party holds.
 #[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
@@ -217,6 +226,26 @@ pub struct PeerInfo {
 pub struct AuthenticatedStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: PeerInfo,
+    /// Counts this connection as open until the server drops it.
+    _slot: ConnectionSlot,
+}
+
+/// One of `max_connections`, held from accept until the connection is dropped.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    /// A slot if fewer than `max` are taken.
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Self(Arc::clone(open)))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl AsyncRead for AuthenticatedStream {
@@ -308,53 +337,106 @@ impl Revocations {
     }
 }
 
-/// Told of every refused connection (remote address, reason), e.g. to audit it.
+/// Told of a refused call that is audited on its own (remote address, reason).
 pub type RefusalHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
+/// What [`mtls_incoming`] allows a peer, and where it counts refusals.
+#[derive(Clone, Debug)]
+pub struct IncomingOptions {
+    /// TLS handshakes in progress at once; while all are taken the listener is not polled, so
+    /// further connections wait in the kernel's backlog.
+    pub max_handshakes_in_flight: usize,
+    /// Connections open at once, in handshake or served; one beyond it is closed at once and
+    /// counted as refused.
+    pub max_connections: usize,
+    /// Time a peer gets to finish the handshake.
+    pub handshake_timeout: Duration,
+    /// Idle time before TCP keep-alive probes start on an accepted socket (`None`: the system's
+    /// default, normally off).
+    pub tcp_keepalive: Option<Duration>,
+    /// Certificates refused at the end of the handshake.
+    pub revoked: Arc<Revocations>,
+    /// Where refused connections are counted (and their log lines rate-limited).
+    pub refusals: Arc<Refusals>,
+}
+
+impl Default for IncomingOptions {
+    /// The defaults of the coordinator's `[limits]`, nothing revoked.
+    fn default() -> Self {
+        Self {
+            max_handshakes_in_flight: 64,
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            tcp_keepalive: Some(Duration::from_secs(20)),
+            revoked: Arc::default(),
+            refusals: Arc::default(),
+        }
+    }
+}
+
 /// Accepts connections on `listener`, completes the mutual TLS handshake and yields only
-/// verified, identified streams. Failed handshakes are logged (and passed to `on_refused`) and
+/// verified, identified streams. Refused connections are counted in `options.refusals` and
 /// dropped; the listener goes on.
 pub fn mtls_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
-    on_refused: Option<RefusalHook>,
-    revoked: Arc<Revocations>,
+    options: IncomingOptions,
 ) -> ReceiverStream<Result<AuthenticatedStream, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let handshakes = Arc::new(Semaphore::new(options.max_handshakes_in_flight.max(1)));
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut incoming = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(options.tcp_keepalive);
     tokio::spawn(async move {
         loop {
-            let (tcp, remote) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
+            // A handshake slot first: while none is free nothing is accepted.
+            let permit = tokio::select! {
+                permit = Arc::clone(&handshakes).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                () = tx.closed() => break,
+            };
+            let tcp = tokio::select! {
+                accepted = incoming.next() => match accepted {
+                    Some(Ok(tcp)) => tcp,
+                    Some(Err(e)) => {
                         tracing::warn!("accept failed: {e}");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
+                    None => break,
                 },
                 () = tx.closed() => break,
             };
+            let Ok(remote) = tcp.peer_addr() else {
+                // Gone already.
+                continue;
+            };
+            let refusals = Arc::clone(&options.refusals);
+            let Some(slot) = ConnectionSlot::take(&open, options.max_connections) else {
+                drop(tcp);
+                let why = format!("{} connections are open (limits.max_connections)", options.max_connections);
+                refusals.refuse(RefusalClass::ConnectionLimit, remote, &why);
+                continue;
+            };
             let acceptor = acceptor.clone();
             let tx = tx.clone();
-            let on_refused = on_refused.clone();
-            let revoked = Arc::clone(&revoked);
-            let refused = move |reason: String| {
-                if let Some(hook) = &on_refused {
-                    hook(&remote.to_string(), &reason);
-                }
-            };
+            let revoked = Arc::clone(&options.revoked);
+            let timeout = options.handshake_timeout;
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+                drop(permit);
+                let tls = match handshake {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
-                        tracing::warn!(%remote, "refused connection: TLS handshake failed: {e}");
-                        refused(format!("TLS handshake failed: {e}"));
+                        let why = format!("TLS handshake failed: {e}");
+                        refusals.refuse(RefusalClass::HandshakeFailed, remote, &why);
                         return;
                     }
                     Err(_) => {
-                        tracing::warn!(%remote, "refused connection: TLS handshake timed out");
-                        refused("TLS handshake timed out".into());
+                        let why = format!("TLS handshake timed out after {} s", timeout.as_secs());
+                        refusals.refuse(RefusalClass::HandshakeTimedOut, remote, &why);
                         return;
                     }
                 };
@@ -366,20 +448,18 @@ pub fn mtls_incoming(
                     .ok_or(PkiError::NoIdentity)
                     .and_then(|der| Ok((pki::identity_from_der(der)?, Arc::new(der.to_vec()))));
                 match identity {
-                    Ok((identity, _)) if revoked.refusal(&identity).is_some() => {
-                        let why = revoked.refusal(&identity).unwrap_or_default();
-                        tracing::warn!(%remote, "refused connection: {why}");
-                        refused(why);
-                    }
                     Ok((identity, cert_der)) => {
+                        if let Some(why) = revoked.refusal(&identity) {
+                            refusals.refuse(RefusalClass::Revoked, remote, &why);
+                            return;
+                        }
                         tracing::debug!(%remote, peer = %identity, "mutual TLS established");
                         let peer = PeerInfo { identity, remote, cert_der };
-                        let stream = AuthenticatedStream { inner: tls, peer };
+                        let stream = AuthenticatedStream { inner: tls, peer, _slot: slot };
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Err(e) => {
-                        tracing::warn!(%remote, "refused connection: {e}");
-                        refused(e.to_string());
+                        refusals.refuse(RefusalClass::NoIdentity, remote, &e.to_string());
                     }
                 }
             });
@@ -396,22 +476,54 @@ pub fn peer<T>(request: &Request<T>) -> Result<&PeerInfo, Status> {
         .ok_or_else(|| Status::unauthenticated("no verified client certificate on this connection"))
 }
 
-/// An interceptor that lets through only callers whose certificate has one of `allowed` roles.
+/// What every role guard shares: the revocation list, the refusal counter and who audits the
+/// refused calls that are itemised.
+#[derive(Clone, Default)]
+pub struct CallGuard {
+    pub revoked: Arc<Revocations>,
+    pub refusals: Arc<Refusals>,
+    /// Told of a refused call within the period's allowance
+    /// ([`refusals::CALLS_ITEMISED_PER_PERIOD`]); the rest are only counted.
+    pub on_itemised: Option<RefusalHook>,
+}
+
+/// Why a certificate that was valid at the handshake is refused now, if it has expired since.
+fn expiry_refusal(identity: &Identity, now: time::OffsetDateTime) -> Option<String> {
+    (identity.not_after <= now).then(|| {
+        let at = identity
+            .not_after
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| identity.not_after.to_string());
+        format!(
+            "the certificate of '{}' expired at {at}; ask the consortium lead to renew it (`sanctum-coordinator pki renew {}`; the private key stays where it is), install the new certificate and reconnect",
+            identity.name, identity.name
+        )
+    })
+}
+
+/// An interceptor that lets through only callers whose certificate has one of `allowed` roles
+/// and is, at the time of the call, neither revoked nor expired (a connection may outlive both).
 pub fn role_guard(
     allowed: &'static [Role],
-    revoked: Arc<Revocations>,
-    on_refused: Option<RefusalHook>,
+    guard: CallGuard,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
     move |request: Request<()>| {
         let peer = peer(&request)?;
         let refuse = |status: Status| {
-            if let Some(hook) = &on_refused {
-                hook(&peer.remote.to_string(), &format!("{}: {}", peer.identity, status.message()));
+            let reason = format!("{}: {}", peer.identity, status.message());
+            if guard.refusals.refuse(RefusalClass::CallRefused, peer.remote, &reason)
+                && let Some(hook) = &guard.on_itemised
+            {
+                hook(&peer.remote.to_string(), &reason);
             }
             Err(status)
         };
         // A certificate revoked while its connection is open is refused on its next call.
-        if let Some(why) = revoked.refusal(&peer.identity) {
+        if let Some(why) = guard.revoked.refusal(&peer.identity) {
+            return refuse(Status::unauthenticated(why));
+        }
+        // So is one that expired: TLS checked its validity only at the handshake.
+        if let Some(why) = expiry_refusal(&peer.identity, time::OffsetDateTime::now_utc()) {
             return refuse(Status::unauthenticated(why));
         }
         if allowed.contains(&peer.identity.role) {
@@ -484,6 +596,65 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hash::ContentHash;
+
+    fn identity(role: Role, not_after: time::OffsetDateTime) -> Identity {
+        Identity { name: "cleveland".into(), role, fingerprint: ContentHash::of(b"cert"), not_after }
+    }
+
+    fn call_from(identity: Identity) -> Request<()> {
+        let mut request = Request::new(());
+        let remote = SocketAddr::from(([127, 0, 0, 1], 4000));
+        request.extensions_mut().insert(PeerInfo { identity, remote, cert_der: Arc::new(Vec::new()) });
+        request
+    }
+
+    #[test]
+    fn a_certificate_that_expired_on_an_open_connection_is_refused_on_its_next_call_with_how_to_renew() {
+        let audited = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = Arc::clone(&audited);
+        let hook: RefusalHook = Arc::new(move |_remote: &str, reason: &str| {
+            seen.lock().unwrap_or_else(|p| p.into_inner()).push(reason.to_string());
+        });
+        let guard = CallGuard { on_itemised: Some(hook), ..CallGuard::default() };
+        let mut check = role_guard(&[Role::Node], guard);
+        let now = time::OffsetDateTime::now_utc();
+        // Valid until tomorrow: served.
+        assert!(check(call_from(identity(Role::Node, now + time::Duration::days(1)))).is_ok());
+        // It expired a second ago, after its handshake: refused, saying how to renew.
+        let Err(status) = check(call_from(identity(Role::Node, now - time::Duration::seconds(1)))) else {
+            panic!("an expired certificate was let through");
+        };
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert!(status.message().contains("expired at"), "{}", status.message());
+        assert!(status.message().contains("sanctum-coordinator pki renew cleveland"), "{}", status.message());
+        // The refusal is audited (the first of its period is itemised).
+        let audited = audited.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(audited.len(), 1);
+        assert!(audited[0].starts_with("cleveland (node): the certificate of 'cleveland' expired"), "{audited:?}");
+    }
+
+    #[test]
+    fn expiry_is_checked_to_the_second() {
+        let now = time::OffsetDateTime::now_utc();
+        assert!(expiry_refusal(&identity(Role::Node, now), now).is_some(), "not_after is the last valid instant");
+        assert!(expiry_refusal(&identity(Role::Node, now + time::Duration::seconds(1)), now).is_none());
+    }
+
+    #[test]
+    fn a_member_with_the_wrong_role_is_refused_and_counted() {
+        let guard = CallGuard::default();
+        let refusals = Arc::clone(&guard.refusals);
+        let mut check = role_guard(&[Role::Lead], guard);
+        let later = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+        for _ in 0..(refusals::CALLS_ITEMISED_PER_PERIOD + 5) {
+            let status = check(call_from(identity(Role::Node, later))).err().map(|s| s.code());
+            assert_eq!(status, Some(tonic::Code::PermissionDenied));
+        }
+        // The first of the period are itemised; the 5 beyond the allowance are counted.
+        let report = refusals.take().map(|r| r.by_reason);
+        assert_eq!(report, Some(vec![(RefusalClass::CallRefused, 5)]));
+    }
 
     #[test]
     fn addresses() {

@@ -4,8 +4,12 @@
 //! `tests/tests/rogue_peer_*.rs` use these against a real `sanctum-coordinator` process and
 //! check what it holds (memory, spool, audit records) while they attack.
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
+use sanctum_protocol::audit::Record;
 use sanctum_protocol::proto::federation_client::FederationClient;
 use sanctum_protocol::proto::lead_client::LeadClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,7 +35,12 @@ pub async fn lead_client(c: &Consortium, coordinator: &CoordinatorProcess) -> Le
 /// TLS ClientHello, read until the server closes. Returns whether the server closed within
 /// `timeout` (it must not keep a refused connection open).
 pub async fn failed_handshake(coordinator: &CoordinatorProcess, timeout: Duration) -> bool {
-    let Ok(mut tcp) = TcpStream::connect(coordinator.addr).await else {
+    failed_handshake_at(coordinator.addr, timeout).await
+}
+
+/// [`failed_handshake`] against an address (for tasks that outlive a borrow of the process).
+pub async fn failed_handshake_at(addr: SocketAddr, timeout: Duration) -> bool {
+    let Ok(mut tcp) = TcpStream::connect(addr).await else {
         return false;
     };
     let _ = tcp.write_all(b"GET / HTTP/1.1\r\nHost: sanctum\r\n\r\n").await;
@@ -52,4 +61,58 @@ pub async fn failed_handshake(coordinator: &CoordinatorProcess, timeout: Duratio
 /// timeout closes it.
 pub async fn silent_connection(coordinator: &CoordinatorProcess) -> Option<TcpStream> {
     TcpStream::connect(coordinator.addr).await.ok()
+}
+
+/// `total` failed handshakes against `addr`, `concurrency` at a time; returns how many the server
+/// closed within `timeout` each, and how long they all took.
+pub async fn failed_handshakes(addr: SocketAddr, total: usize, concurrency: usize, timeout: Duration) -> (usize, Duration) {
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (next, closed) = (Arc::clone(&next), Arc::clone(&closed));
+            tokio::spawn(async move {
+                while next.fetch_add(1, Ordering::Relaxed) < total {
+                    if failed_handshake_at(addr, timeout).await {
+                        closed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.expect("a handshake worker");
+    }
+    (closed.load(Ordering::Relaxed), started.elapsed())
+}
+
+/// What the coordinator's periodic refusal records (`authentication_failed`) add up to.
+#[derive(Debug, Default)]
+pub struct RefusalTotals {
+    /// Periodic records seen.
+    pub records: usize,
+    /// Their `refused` counts, summed.
+    pub refused: u64,
+    /// Their `by_reason` counts, summed per reason.
+    pub by_reason: std::collections::BTreeMap<String, u64>,
+    /// The largest record, in bytes of its line's JSON.
+    pub largest_record_bytes: usize,
+}
+
+/// Sums the periodic refusal records among `records`.
+pub fn refusal_totals(records: &[Record]) -> RefusalTotals {
+    let mut t = RefusalTotals::default();
+    for r in records.iter().filter(|r| r.event == "authentication_failed") {
+        t.records += 1;
+        t.refused += r.params.get("refused").and_then(|v| v.as_u64()).unwrap_or(0);
+        if let Some(by) = r.params.get("by_reason").and_then(|v| v.as_object()) {
+            for (k, v) in by {
+                *t.by_reason.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
+            }
+        }
+        let bytes = serde_json::to_string(&r.params).map(|s| s.len()).unwrap_or(0);
+        t.largest_record_bytes = t.largest_record_bytes.max(bytes);
+    }
+    t
 }

@@ -199,8 +199,7 @@ impl RogueCoordinator {
         let incoming = tls::mtls_incoming(
             listener,
             material.server_config().expect("server TLS config"),
-            None,
-            Arc::new(tls::Revocations::default()),
+            tls::IncomingOptions::default(),
         );
         let api = federation_server::FederationServer::new(RogueApi { shared: Arc::clone(&shared) })
             .max_decoding_message_size(2 * transfer::CHUNK_BYTES);

@@ -1,4 +1,12 @@
-//! The listener and the gRPC server: mutual TLS on every connection, role guards on every call.
+//! The listener and the gRPC server: mutual TLS on every connection, role guards on every call,
+//! and the bounds of `[limits]` on what a peer can hold.
+//!
+//! Refused peers cost a counter, not a record: the accept loop and the role guards count them in
+//! one [`tls::Refusals`], and a reporter task here writes what was counted to the audit log at
+//! most once per `limits.refusal_report_secs` (one `authentication_failed` record with counts by
+//! reason, distinct addresses and a few samples), and once more at shutdown if anything is
+//! pending. The first refused calls of a period from a verified member are still audited one by
+//! one (`call_refused`, with who called).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +21,30 @@ use serde_json::json;
 
 use super::*;
 
+/// Writes one periodic refusal record (bounded: see [`tls::RefusalReport`]).
+fn audit_refusals(inner: &Inner, report: &tls::RefusalReport) {
+    let by_reason: serde_json::Map<String, serde_json::Value> =
+        report.by_reason.iter().map(|(class, n)| (class.key().to_string(), json!(n))).collect();
+    let samples: Vec<String> = report.sample_remotes.iter().map(|ip| ip.to_string()).collect();
+    tracing::warn!("refused peers: {} (from {})", report.summary(), report.remotes_summary());
+    inner.audit(
+        "unauthenticated",
+        "authentication_failed",
+        [
+            // `remote` and `reason` as one line each, as a single refusal's record had them.
+            ("remote", json!(report.remotes_summary())),
+            ("reason", json!(report.summary())),
+            ("refused", json!(report.refused)),
+            ("by_reason", serde_json::Value::Object(by_reason)),
+            ("distinct_remotes", json!(report.distinct_remotes)),
+            ("distinct_remotes_capped", json!(report.distinct_remotes_capped)),
+            ("sample_remotes", json!(samples)),
+            ("sample_reasons", json!(report.sample_reasons)),
+            ("over_secs", json!(report.over_secs)),
+        ],
+    );
+}
+
 impl Coordinator {
     /// Serves both gRPC services on `listener` over mutual TLS until `shutdown` completes.
     pub async fn serve(
@@ -21,35 +53,81 @@ impl Coordinator {
         material: &TlsMaterial,
         shutdown: impl std::future::Future<Output = ()> + Send,
     ) -> anyhow::Result<()> {
+        let limits = &self.inner.limits;
+        let period = Duration::from_secs(limits.refusal_report_secs);
+        let refusals = Arc::new(tls::Refusals::new(period));
         let inner = self.inner.clone();
-        let on_refused: tls::RefusalHook = Arc::new(move |remote: &str, reason: &str| {
-            inner.audit(
-                "unauthenticated",
-                "authentication_failed",
-                [("remote", json!(remote)), ("reason", json!(reason))],
-            );
-        });
-        let inner = self.inner.clone();
-        let on_denied: tls::RefusalHook = Arc::new(move |remote: &str, reason: &str| {
+        let on_itemised: tls::RefusalHook = Arc::new(move |remote: &str, reason: &str| {
             inner.audit("unauthorised", "call_refused", [("remote", json!(remote)), ("reason", json!(reason))]);
         });
         let revoked = Arc::clone(&self.inner.revoked);
-        let incoming = tls::mtls_incoming(listener, material.server_config()?, Some(on_refused), revoked.clone());
-        let guard = |roles: &'static [Role]| tls::role_guard(roles, revoked.clone(), Some(on_denied.clone()));
+        let options = tls::IncomingOptions {
+            max_handshakes_in_flight: limits.max_handshakes_in_flight,
+            max_connections: limits.max_connections,
+            handshake_timeout: Duration::from_secs(limits.handshake_timeout_secs),
+            // Only for sockets whose peer vanished mid-handshake or before HTTP/2 pings start:
+            // the handshake timeout and HTTP/2 keep-alive below cover the rest.
+            tcp_keepalive: Some(Duration::from_secs(limits.keepalive_interval_secs)),
+            revoked: Arc::clone(&revoked),
+            refusals: Arc::clone(&refusals),
+        };
+        let incoming = tls::mtls_incoming(listener, material.server_config()?, options);
+        let call_guard = tls::CallGuard { revoked, refusals: Arc::clone(&refusals), on_itemised: Some(on_itemised) };
+        let guard = |roles: &'static [Role]| tls::role_guard(roles, call_guard.clone());
+        // A record per period at most: the sleep between two takes is a whole period.
+        let reporter = {
+            let (inner, refusals) = (self.inner.clone(), Arc::clone(&refusals));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(period).await;
+                    if let Some(report) = refusals.take_due() {
+                        audit_refusals(&inner, &report);
+                    }
+                }
+            })
+        };
         let audit = audit_server::AuditServer::new(AuditApi { inner: self.inner.clone() });
         let federation = federation_server::FederationServer::new(FederationApi { inner: self.inner.clone() })
             .max_decoding_message_size(2 * CHUNK_BYTES);
         let lead = lead_server::LeadServer::new(LeadApi { inner: self.inner.clone() });
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(self.inner.limits.keepalive_interval_secs)))
+        // Keep-alive: the node's client (`tls::connect`) pings every 20 s even while idle. This
+        // server is hyper's HTTP/2, which answers every PING and has no ping-strike policy, so it
+        // never answers a client's keep-alive with GOAWAY "too_many_pings" (the gRPC-core server
+        // default, at most one ping per 5 minutes without data, that Flower's users hit); its own
+        // pings, every `keepalive_interval_secs`, drop a peer that stopped answering for
+        // `keepalive_timeout_secs`.
+        //
+        // `timeout` bounds a handler's future, not a response stream: `Subscribe`, `FetchModel`,
+        // `WatchPlan` and `StreamAuditLog` return their stream at once, while `SubmitUpdate` reads
+        // the whole upload in its handler, hence a generous default (an idle upload is cut much
+        // sooner by `upload_idle_timeout_secs`).
+        //
+        // Flow control stays at hyper's fixed windows (1 MiB per stream and per connection) and
+        // 16 KiB frames: an adaptive window would let a peer grow what it may have in flight.
+        let server = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .concurrency_limit_per_connection(limits.concurrency_per_connection)
+            .timeout(Duration::from_secs(limits.request_timeout_secs))
+            .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_secs)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_secs)))
+            .http2_adaptive_window(Some(false))
+            .http2_max_header_list_size(16 * 1024)
+            .http2_max_pending_accept_reset_streams(Some(20))
             .add_service(tonic::service::interceptor::InterceptedService::new(federation, guard(&[Role::Node])))
             .add_service(tonic::service::interceptor::InterceptedService::new(lead, guard(&[Role::Lead])))
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 audit,
                 guard(&[Role::Auditor, Role::Lead]),
             ))
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await?;
-        Ok(())
+            .serve_with_incoming_shutdown(incoming, shutdown);
+        // A driver that ended would leave a server that answers but never moves a plan: stop
+        // with its reason instead (without draining: node streams never end on their own).
+        let result = server.await.map_err(anyhow::Error::from);
+        // What was counted since the last report is not lost at shutdown.
+        reporter.abort();
+        if let Some(report) = refusals.take() {
+            audit_refusals(&self.inner, &report);
+        }
+        result
     }
 }
