@@ -153,7 +153,9 @@ enum AuditCli {
         out: PathBuf,
     },
     /// Write a self-contained HTML report (and a Markdown variant) from verified audit logs: per
-    /// plan and per hospital, with ε against each hospital's cap plotted.
+    /// plan and per hospital, with ε against each hospital's cap plotted, and every
+    /// countersignature re-verified (and cross-checked against the hospitals' logs given). A log
+    /// that fails verification refuses the report (exit 1) unless --allow-unverified.
     Report {
         /// The coordinator's audit log (e.g. from `audit fetch`).
         #[arg(long)]
@@ -167,6 +169,10 @@ enum AuditCli {
         /// Directory for report.html and report.md.
         #[arg(long)]
         out: PathBuf,
+        /// Write the report even when a log fails verification: that log is a red row and none of
+        /// its records are used.
+        #[arg(long)]
+        allow_unverified: bool,
     },
     /// List the plans the coordinator ran and their rounds (auditor or lead certificate).
     Plans {
@@ -462,13 +468,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let verify = AuditCommand::Verify { log: file, ca: Some(config::resolve_tls(&path, &cfg.tls).ca) };
             Ok(audit_verdict(&verify))
         }
-        Command::Audit(AuditCli::Report { log, node_logs, ca, out }) => {
-            let (html, md) = sanctum_coordinator::report::write(&log, &node_logs, ca.as_deref(), &out)?;
+        Command::Audit(AuditCli::Report { log, node_logs, ca, out, allow_unverified }) => {
+            let written =
+                match sanctum_coordinator::report::write(&log, &node_logs, ca.as_deref(), &out, allow_unverified) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        eprintln!("audit report: {e}");
+                        return Ok(ExitCode::FAILURE);
+                    }
+                };
+            let f = &written.findings;
+            println!("report: {}\nmarkdown: {}", written.html.display(), written.md.display());
             println!(
-                "report: {}
-markdown: {}",
-                html.display(),
-                md.display()
+                "countersignatures: {} verified of {}, {} mismatch(es) with the hospitals' logs{}",
+                f.countersignatures_verified,
+                f.countersignatures,
+                f.mismatches,
+                if f.unverified_logs > 0 {
+                    format!("; {} UNVERIFIED log(s), shown in red", f.unverified_logs)
+                } else {
+                    String::new()
+                }
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -1,8 +1,13 @@
 //! `audit report`: a self-contained HTML report (inline CSS and SVG plots, no scripts, nothing
 //! fetched) and a Markdown variant, built only from verified audit logs: the coordinator's and
 //! any hospitals'. Per plan: parameters, participants and refusals, the round timeline with
-//! secure-aggregation cohorts, the model lineage (hash chain), failures. Per hospital: what left
-//! it, and ε spent against its cap, plotted.
+//! secure-aggregation cohorts, the model lineage (hash chain), every countersignature
+//! re-verified and cross-checked against the hospital's own log, failures. Per hospital: what
+//! left it, and ε spent against its cap, plotted.
+//!
+//! A log that fails verification is not used: the report is refused unless the caller allows
+//! unverified logs, and then such a log is a red row whose records feed no table. Who wrote a
+//! log is read from the certificate bound in its first record, never from its own fields.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -10,7 +15,10 @@ use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 use sanctum_protocol::audit::{self, Record};
+use sanctum_protocol::hash::ContentHash;
 use serde_json::Value;
+
+use crate::receipts::{self, Checked};
 
 /// One input log, verified.
 struct Log {
@@ -30,17 +38,21 @@ impl Log {
         Self { path: path.to_path_buf(), verdict, records }
     }
 
+    /// Who wrote the log, from its verified certificate; a log that failed verification names
+    /// no one (what it claims is shown as a claim).
     fn writer(&self) -> String {
         match &self.verdict {
             Ok(v) => v.writer.clone(),
-            Err(_) => self
-                .records
-                .first()
-                .and_then(|r| r.params.get("writer"))
-                .and_then(Value::as_str)
-                .unwrap_or("?")
-                .to_string(),
+            Err(_) => {
+                let claim = self.records.first().map(|r| s(r, "writer")).unwrap_or_default();
+                if claim.is_empty() { "unverified".into() } else { format!("unverified (claims '{claim}')") }
+            }
         }
+    }
+
+    /// The records a report may use: none from a log that failed verification.
+    fn trusted(&self) -> &[Record] {
+        if self.verdict.is_ok() { &self.records } else { &[] }
     }
 }
 
@@ -68,8 +80,10 @@ fn esc(t: &str) -> String {
     t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// The first 12 characters (never a byte slice: a name or reason may be any text).
 fn short(h: &str) -> &str {
-    &h[..h.len().min(12)]
+    let end = h.char_indices().nth(12).map_or(h.len(), |(i, _)| i);
+    &h[..end]
 }
 
 /// What the report says of one plan.
@@ -82,13 +96,37 @@ struct PlanView {
     rejected: Vec<Record>,
     finished: Option<Record>,
     exported: Option<Record>,
-    /// Countersignatures per round: (agreeing, disputing with reasons).
-    receipts: BTreeMap<u64, (usize, Vec<String>)>,
+    /// SHA-256 of each round's `round_record` line as this log holds it (the latest per round).
+    round_records: BTreeMap<u64, String>,
+    /// Every countersignature, re-verified, with the hospital's side where its log was given.
+    countersignatures: Vec<Countersigned>,
 }
 
-fn plans(coord: &Log) -> Vec<PlanView> {
+/// One countersignature as the report shows it.
+struct Countersigned {
+    /// From the coordinator's `receipt` record, re-verified; `None` when only the hospital's log
+    /// holds it (the coordinator's log does not).
+    coordinator: Option<Checked>,
+    /// The hospital's own `receipt_signed` record, when its log was given.
+    hospital: Option<Record>,
+    /// The hospital's name and the round, for rows with no coordinator side.
+    node: String,
+    round: u64,
+    /// What differs between the two logs; empty when they agree or only one log was given.
+    differences: Vec<String>,
+    /// The hospital's log was given (so a missing side is a finding, not an absence).
+    cross_checked: bool,
+}
+
+impl Countersigned {
+    fn failed(&self) -> bool {
+        self.coordinator.as_ref().is_none_or(|c| !c.stands()) || !self.differences.is_empty()
+    }
+}
+
+fn plans(coord: &Log, ca: Option<audit::CertCheck<'_>>) -> Vec<PlanView> {
     let mut out: Vec<PlanView> = Vec::new();
-    for r in &coord.records {
+    for r in coord.trusted() {
         let id = s(r, "plan_id");
         if r.event == "plan_submitted" {
             out.push(PlanView {
@@ -100,7 +138,8 @@ fn plans(coord: &Log) -> Vec<PlanView> {
                 rejected: vec![],
                 finished: None,
                 exported: None,
-                receipts: BTreeMap::new(),
+                round_records: BTreeMap::new(),
+                countersignatures: Vec::new(),
             });
             continue;
         }
@@ -127,13 +166,20 @@ fn plans(coord: &Log) -> Vec<PlanView> {
             }
             "update_rejected" => p.rejected.push(r.clone()),
             "plan_finished" => p.finished = Some(r.clone()),
+            "round_record" => {
+                p.round_records.insert(round as u64, ContentHash::of(r.line().as_bytes()).to_hex());
+            }
             "receipt" => {
-                let e = p.receipts.entry(round as u64).or_default();
-                if s(r, "agrees") == "true" {
-                    e.0 += 1;
-                } else {
-                    e.1.push(format!("{}: {}", s(r, "node"), s(r, "reason")));
-                }
+                let held = p.round_records.get(&(round as u64)).map(String::as_str);
+                let checked = receipts::check_record(r, held, ca);
+                p.countersignatures.push(Countersigned {
+                    node: checked.node.clone(),
+                    round: checked.round,
+                    coordinator: Some(checked),
+                    hospital: None,
+                    differences: Vec::new(),
+                    cross_checked: false,
+                });
             }
             "model_exported" => p.exported = Some(r.clone()),
             _ => {}
@@ -142,13 +188,82 @@ fn plans(coord: &Log) -> Vec<PlanView> {
     out
 }
 
+/// Matches each countersignature with the hospital's own record of it, for every hospital whose
+/// log was given and verified: what differs, a receipt the hospital's log does not hold, and one
+/// it holds that the coordinator's log does not.
+fn cross_check(plans: &mut [PlanView], nodes: &[Log]) {
+    for node in nodes {
+        let Ok(v) = &node.verdict else { continue };
+        let mut theirs: Vec<&Record> = node.trusted().iter().filter(|r| r.event == "receipt_signed").collect();
+        for p in plans.iter_mut() {
+            for c in &mut p.countersignatures {
+                let Some(coord) = c.coordinator.as_ref().filter(|c| c.actor == v.fingerprint) else { continue };
+                c.cross_checked = true;
+                let same = |r: &&Record| {
+                    s(r, "plan_id") == coord.plan_id
+                        && r.params.get("round").and_then(Value::as_u64) == Some(coord.round)
+                };
+                // The record with the same hash, else the hospital's last one for that round.
+                let pos = theirs
+                    .iter()
+                    .position(|r| same(r) && s(r, "record_sha256") == coord.record_sha256)
+                    .or_else(|| theirs.iter().rposition(same));
+                match pos {
+                    Some(i) => {
+                        let r = theirs.remove(i);
+                        c.differences = receipts::differences(coord, r);
+                        c.hospital = Some(r.clone());
+                    }
+                    None => c.differences = vec!["the hospital's log holds no receipt for this round record".into()],
+                }
+            }
+        }
+        // What is left the hospital signed, and the coordinator's log does not hold.
+        for r in theirs {
+            let hash = s(r, "record_sha256");
+            let round = r.params.get("round").and_then(Value::as_u64).unwrap_or(0);
+            let plan =
+                plans.iter_mut().rev().find(|p| p.id == s(r, "plan_id") && p.round_records.get(&round) == Some(&hash));
+            let Some(p) = plan else { continue };
+            p.countersignatures.push(Countersigned {
+                coordinator: None,
+                hospital: Some(r.clone()),
+                node: v.writer.clone(),
+                round,
+                differences: vec!["the coordinator's log holds no receipt for this countersignature".into()],
+                cross_checked: true,
+            });
+        }
+    }
+}
+
+/// What `audit report` found, for its summary line and exit status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Findings {
+    /// Logs that failed verification (only when allowed; otherwise the report is refused).
+    pub unverified_logs: usize,
+    /// Countersignatures in the coordinator's log, and how many of them stand.
+    pub countersignatures: usize,
+    pub countersignatures_verified: usize,
+    /// Countersignatures whose two logs differ (or one lacks it), over the hospital logs given.
+    pub mismatches: usize,
+}
+
+/// The report's files and what it found.
+#[derive(Debug)]
+pub struct Written {
+    pub html: PathBuf,
+    pub md: PathBuf,
+    pub findings: Findings,
+}
+
 /// ε charged by a hospital, per plan run (the short plan id, and the run when the log names one)
 /// in round order: (round, ε spent so far, the cap). Two runs of one plan are two series.
 type Charges = BTreeMap<String, Vec<(u64, f64, Option<f64>)>>;
 
 fn charges(node: &Log) -> Charges {
     let mut out = Charges::new();
-    for r in node.records.iter().filter(|r| r.event == "epsilon_charged") {
+    for r in node.trusted().iter().filter(|r| r.event == "epsilon_charged") {
         let round = r.params.get("round").and_then(Value::as_u64).unwrap_or(0);
         let (plan, run) = (s(r, "plan_id"), s(r, "run"));
         let key =
@@ -205,22 +320,57 @@ fn epsilon_plot(title: &str, series: &Charges) -> String {
 const CSS: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}\
 h1{border-bottom:2px solid #345}h2{margin-top:2em;border-bottom:1px solid #ccc}\
 table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:3px 8px;font-size:.9em;text-align:left}\
-th{background:#eef}.ok{color:#070;font-weight:bold}.bad{color:#b00;font-weight:bold}code{font-size:.85em}";
+th{background:#eef}.ok{color:#070;font-weight:bold}.bad{color:#b00;font-weight:bold}code{font-size:.85em}\
+tr.bad td{background:#fdd}.banner{background:#b00;color:#fff;padding:.6em 1em;font-weight:bold}";
 
-/// Writes `report.html` and `report.md` into `out`; returns their paths.
+/// Why no report was written.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error(
+        "refused: {0} failed verification, so nothing it says can be reported; fix or replace it, or pass --allow-unverified to write a report that marks it in red and uses none of its records"
+    )]
+    Unverified(String),
+    #[error("cannot write the report: {0}")]
+    Write(#[from] std::io::Error),
+}
+
+/// Writes `report.html` and `report.md` into `out`. Any log that fails verification refuses the
+/// report, unless `allow_unverified`: then it is a red row and none of its records are used.
 pub fn write(
     coordinator_log: &Path,
     node_logs: &[PathBuf],
     ca: Option<&Path>,
     out: &Path,
-) -> anyhow::Result<(PathBuf, PathBuf)> {
+    allow_unverified: bool,
+) -> Result<Written, ReportError> {
     let ca_pem = match ca {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?),
+        Some(p) => Some(std::fs::read_to_string(p).map_err(|source| ReportError::Read { path: p.into(), source })?),
         None => None,
     };
     let coord = Log::load(coordinator_log, ca_pem.as_deref());
     let nodes: Vec<Log> = node_logs.iter().map(|p| Log::load(p, ca_pem.as_deref())).collect();
-    let plans = plans(&coord);
+    let failed: Vec<String> = std::iter::once(&coord)
+        .chain(nodes.iter())
+        .filter_map(|l| l.verdict.as_ref().err().map(|e| format!("{} ({e})", l.path.display())))
+        .collect();
+    if !failed.is_empty() && !allow_unverified {
+        return Err(ReportError::Unverified(failed.join("; ")));
+    }
+    let ca_check = |der: &[u8]| match &ca_pem {
+        Some(pem) => audit::issued_by(pem, der),
+        None => Ok(()),
+    };
+    let mut plans = plans(&coord, ca_pem.as_ref().map(|_| &ca_check as audit::CertCheck<'_>));
+    cross_check(&mut plans, &nodes);
+    let all = || plans.iter().flat_map(|p| p.countersignatures.iter());
+    let findings = Findings {
+        unverified_logs: failed.len(),
+        countersignatures: all().filter(|c| c.coordinator.is_some()).count(),
+        countersignatures_verified: all().filter(|c| c.coordinator.as_ref().is_some_and(Checked::stands)).count(),
+        mismatches: all().filter(|c| !c.differences.is_empty()).count(),
+    };
     let (mut h, mut m) = (String::new(), String::new());
     let now = audit::now_rfc3339();
     let _ = write!(
@@ -235,6 +385,23 @@ pub fn write(
         "# Sanctum audit report\n\nGenerated {now} from {} audit log(s), each verified offline.\n",
         1 + nodes.len()
     );
+    if !failed.is_empty() {
+        let text = format!(
+            "UNVERIFIED: {} log(s) failed verification; none of their records are used below: {}",
+            failed.len(),
+            failed.join("; ")
+        );
+        let _ = write!(h, "<p class=\"banner\">{}</p>", esc(&text));
+        let _ = writeln!(m, "> **{text}**\n");
+    }
+    let bad = findings.countersignatures - findings.countersignatures_verified;
+    let summary = format!(
+        "Countersignatures: {} in the coordinator's log, {} verified, {bad} FAILED; {} mismatch(es) with the hospitals' own logs.",
+        findings.countersignatures, findings.countersignatures_verified, findings.mismatches
+    );
+    let _ =
+        write!(h, "<p class=\"{}\">{}</p>", if bad + findings.mismatches > 0 { "bad" } else { "ok" }, esc(&summary));
+    let _ = writeln!(m, "{}\n", if bad + findings.mismatches > 0 { format!("**{summary}**") } else { summary.clone() });
     // Verification verdicts.
     h.push_str(
         "<h2 id=\"logs\">Logs</h2><table><tr><th>writer</th><th>log</th><th>records</th><th>verification</th></tr>",
@@ -247,13 +414,21 @@ pub fn write(
         };
         let _ = write!(
             h,
-            "<tr><td>{}</td><td><code>{}</code></td><td>{}</td><td class=\"{class}\">{}</td></tr>",
+            "<tr class=\"{class}\"><td>{}</td><td><code>{}</code></td><td>{}</td><td class=\"{class}\">{}</td></tr>",
             esc(&log.writer()),
             esc(&log.path.display().to_string()),
             log.records.len(),
             esc(&verdict)
         );
-        let _ = writeln!(m, "| {} | `{}` | {} | {} |", log.writer(), log.path.display(), log.records.len(), verdict);
+        let mark = if log.verdict.is_ok() { "" } else { "**" };
+        let _ = writeln!(
+            m,
+            "| {} | `{}` | {} | {mark}{}{mark} |",
+            log.writer(),
+            log.path.display(),
+            log.records.len(),
+            verdict
+        );
     }
     h.push_str("</table>");
     m.push('\n');
@@ -323,11 +498,7 @@ pub fn write(
                 c("dropped"),
                 short(&o("model_sha256")).to_string(),
                 short(&released).to_string(),
-                match p.receipts.get(&(i as u64 + 1)) {
-                    Some((ok, disputes)) if disputes.is_empty() => format!("{ok} countersigned"),
-                    Some((ok, disputes)) => format!("{ok} countersigned; DISPUTED by {}", disputes.join("; ")),
-                    None => "none".into(),
-                },
+                receipts_cell(p, i as u64 + 1),
             ];
             h.push_str("<tr>");
             for cell in &row {
@@ -338,6 +509,7 @@ pub fn write(
         }
         h.push_str("</table>");
         m.push('\n');
+        countersignature_table(p, &mut h, &mut m);
         let chain: Vec<String> = std::iter::once(get("initial_model"))
             .chain(p.rounds.iter().filter_map(|(_, _, a)| a.as_ref().map(|r| s(r, "model_sha256"))))
             .map(|x| short(&x).to_string())
@@ -416,7 +588,7 @@ pub fn write(
         h.push_str("</ul>");
         m.push('\n');
     }
-    let auth: Vec<&Record> = coord.records.iter().filter(|r| r.event == "authentication_failed").collect();
+    let auth: Vec<&Record> = coord.trusted().iter().filter(|r| r.event == "authentication_failed").collect();
     if !auth.is_empty() {
         h.push_str("<h2 id=\"auth\">Authentication failures</h2><ul>");
         m.push_str("## Authentication failures\n\n");
@@ -427,15 +599,15 @@ pub fn write(
         h.push_str("</ul>");
         m.push('\n');
     }
-    for node in &nodes {
+    for node in nodes.iter().filter(|n| n.verdict.is_ok()) {
         let name = node.writer();
         let _ = write!(h, "<h2 id=\"hospital-{}\">Hospital {}</h2>", esc(&name), esc(&name));
         let _ = writeln!(m, "## Hospital {name}\n");
-        let sent: Vec<&Record> = node.records.iter().filter(|r| r.event == "update_sent").collect();
+        let sent: Vec<&Record> = node.trusted().iter().filter(|r| r.event == "update_sent").collect();
         let bytes: u64 = sent.iter().filter_map(|r| r.params.get("bytes").and_then(Value::as_u64)).sum();
         let masked = sent.iter().filter(|r| s(r, "masked") == "true").count();
         let decisions: Vec<String> = node
-            .records
+            .trusted()
             .iter()
             .filter(|r| r.event == "plan_accepted" || r.event == "plan_refused")
             .map(|r| {
@@ -481,5 +653,85 @@ pub fn write(
     let (html, md) = (out.join("report.html"), out.join("report.md"));
     std::fs::write(&html, h)?;
     std::fs::write(&md, m)?;
-    Ok((html, md))
+    Ok(Written { html, md, findings })
+}
+
+/// The round table's receipts cell: only countersignatures that verify count as agreement or
+/// dispute; the rest are counted as failed.
+fn receipts_cell(p: &PlanView, round: u64) -> String {
+    let of_round: Vec<&Checked> =
+        p.countersignatures.iter().filter_map(|c| c.coordinator.as_ref()).filter(|c| c.round == round).collect();
+    if of_round.is_empty() {
+        return "none".into();
+    }
+    let ok = of_round.iter().filter(|c| c.stands() && c.agrees).count();
+    let disputes: Vec<String> =
+        of_round.iter().filter(|c| c.stands() && !c.agrees).map(|c| format!("{}: {}", c.node, c.reason)).collect();
+    let failed: Vec<&str> = of_round.iter().filter(|c| !c.stands()).map(|c| c.node.as_str()).collect();
+    let mut cell = format!("{ok} countersigned");
+    if !disputes.is_empty() {
+        let _ = write!(cell, "; DISPUTED by {}", disputes.join("; "));
+    }
+    if !failed.is_empty() {
+        let _ = write!(cell, "; {} FAILED verification ({})", failed.len(), failed.join(", "));
+    }
+    cell
+}
+
+/// Every countersignature of a plan: its verdict, whether it verifies, and whether the
+/// hospital's own log says the same. A failed one is a red row (HTML) and **FAILED** /
+/// **MISMATCH** (Markdown), with what is wrong.
+fn countersignature_table(p: &PlanView, h: &mut String, m: &mut String) {
+    if p.countersignatures.is_empty() {
+        return;
+    }
+    h.push_str("<h3>Countersignatures</h3><table><tr><th>round</th><th>hospital</th><th>verdict</th><th>reason</th><th>signature</th><th>hospital's own log</th></tr>");
+    m.push_str("### Countersignatures\n\n| round | hospital | verdict | reason | signature | hospital's own log |\n|---|---|---|---|---|---|\n");
+    let mut rows: Vec<&Countersigned> = p.countersignatures.iter().collect();
+    rows.sort_by_key(|c| c.round);
+    for c in rows {
+        let (verdict, reason) = match (&c.coordinator, &c.hospital) {
+            (Some(k), _) => (if k.agrees { "agrees" } else { "disputes" }, k.reason.clone()),
+            (None, Some(r)) => (if s(r, "agrees") == "true" { "agrees" } else { "disputes" }, s(r, "reason")),
+            (None, None) => ("—", String::new()),
+        };
+        let signature = match &c.coordinator {
+            Some(k) if k.stands() => "verified".to_string(),
+            Some(k) => format!("FAILED: {}", k.problems.join("; ")),
+            None => "FAILED: not in the coordinator's log".to_string(),
+        };
+        let hospital = if !c.differences.is_empty() {
+            format!("MISMATCH: {}", c.differences.join("; "))
+        } else if c.cross_checked {
+            "matches".to_string()
+        } else {
+            "not given".to_string()
+        };
+        let class = if c.failed() { "bad" } else { "ok" };
+        let _ = write!(
+            h,
+            "<tr class=\"{class}\"><td>{}</td><td>{}</td><td>{verdict}</td><td>{}</td><td class=\"{}\">{}</td><td class=\"{}\">{}</td></tr>",
+            c.round,
+            esc(&c.node),
+            esc(&reason),
+            if signature == "verified" { "ok" } else { "bad" },
+            esc(&signature),
+            if c.differences.is_empty() { "ok" } else { "bad" },
+            esc(&hospital)
+        );
+        let md = |t: &str| t.replace('|', "\\|").replace('\n', " ");
+        let strong =
+            |t: String| if t.starts_with("FAILED") || t.starts_with("MISMATCH") { format!("**{t}**") } else { t };
+        let _ = writeln!(
+            m,
+            "| {} | {} | {verdict} | {} | {} | {} |",
+            c.round,
+            md(&c.node),
+            md(&reason),
+            strong(md(&signature)),
+            strong(md(&hospital))
+        );
+    }
+    h.push_str("</table>");
+    m.push('\n');
 }

@@ -64,6 +64,10 @@ fn every_log_of_the_demo_verifies_and_tampering_is_caught() {
         .collect();
     assert_eq!(receipts.len(), 60, "15 rounds × 4 hospitals");
     assert!(receipts.iter().all(|r| r["params"]["agrees"] == true), "{receipts:?}");
+    assert!(
+        receipts.iter().all(|r| r["params"]["certificate"].as_str().is_some_and(|c| c.len() > 100)),
+        "re-verifiable"
+    );
     for h in ["cleveland", "hungarian", "switzerland", "va"] {
         let log = work.path().join(format!("nodes/{h}/state/audit/audit.jsonl"));
         let out = verify("sanctum-node", &log, &ca);
@@ -83,7 +87,12 @@ fn every_log_of_the_demo_verifies_and_tampering_is_caught() {
     for h in ["cleveland", "hungarian", "switzerland", "va"] {
         cmd.arg("--node-log").arg(work.path().join(format!("nodes/{h}/state/audit/audit.jsonl")));
     }
-    run_ok(&mut cmd);
+    let out = run_ok(&mut cmd);
+    // Every countersignature re-verified (certificate, signature over the verdict, the round
+    // record's hash) and matched with the hospital's own record of it.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(stdout.contains("countersignatures: 60 verified of 60, 0 mismatch(es)"), "{stdout}");
     let html = std::fs::read_to_string(report.join("report.html")).unwrap();
     assert_eq!(html.matches("class=\"ok\">OK (").count(), 5, "every log verified");
     assert!(html.contains("t = 4") && html.contains("policy.max_epsilon = 12") && html.contains("<svg"));

@@ -1,0 +1,561 @@
+//! Receipts: the coordinator's side of a hospital countersigning a round record, with no I/O.
+//!
+//! - [`Awaiting`] holds each round record sent out for countersigning and decides whether a
+//!   countersignature is taken: the record is the one sent, the signer was sent it, the reason
+//!   is within bounds, the signature covers the verdict and reason ([`receipt::Statement`]), and
+//!   it is the signer's first for that record (one per node and round).
+//! - [`check_record`] re-verifies a `receipt` record offline, from what the record carries (the
+//!   node's certificate, the signature, the verdict, the reason and the record hash), against the
+//!   round record the log actually holds; `audit report` runs it on every receipt.
+//! - [`differences`] compares a receipt in the coordinator's log with the hospital's own
+//!   `receipt_signed` record of it.
+
+use std::collections::{HashMap, HashSet};
+
+use sanctum_protocol::audit::{CertCheck, Record};
+use sanctum_protocol::hash::ContentHash;
+use sanctum_protocol::pki;
+use sanctum_protocol::receipt::{MAX_REASON_BYTES, Statement};
+use serde_json::{Value, json};
+
+/// A round record sent to nodes, waiting for their countersignatures.
+#[derive(Debug)]
+struct Pending {
+    /// The record's exact line in the audit log: what was sent and what is countersigned.
+    hash: ContentHash,
+    /// The nodes the record was sent to (its `reported` list): only they countersign it.
+    recipients: HashSet<String>,
+    /// Certificate fingerprints that have countersigned this record; a second is refused.
+    signed: HashSet<String>,
+}
+
+/// The round records awaiting receipts, by (plan, round). A later record for the same plan and
+/// round (the plan's next run) replaces the earlier one, and with it who has signed.
+#[derive(Debug, Default)]
+pub struct Awaiting {
+    records: HashMap<(String, u32), Pending>,
+}
+
+/// Who countersigns: read from the verified TLS client certificate.
+#[derive(Clone, Copy, Debug)]
+pub struct Signer<'a> {
+    pub name: &'a str,
+    /// SHA-256 (hex) of the certificate: the actor of the `receipt` record.
+    pub fingerprint: &'a str,
+    pub cert_der: &'a [u8],
+}
+
+/// A countersignature as it arrives (the wire type's fields, converted at the edge).
+#[derive(Clone, Copy, Debug)]
+pub struct Countersignature<'a> {
+    pub plan_id: &'a str,
+    pub round: u32,
+    pub record_sha256: &'a str,
+    pub signature: &'a [u8],
+    pub agrees: bool,
+    pub reason: &'a str,
+}
+
+/// Why a countersignature is not taken; nothing is written for it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("no round record for plan {plan} round {round} awaits a receipt")]
+    NotAwaited { plan: String, round: u32 },
+    #[error("record_sha256 is not the hash of the round record that was sent: countersign the record as received")]
+    WrongRecord,
+    #[error("the round record was not sent to {node}: only the nodes that reported countersign it")]
+    NotARecipient { node: String },
+    #[error("the reason is {bytes} bytes, more than the {max} a receipt may carry: shorten it")]
+    ReasonTooLong { bytes: usize, max: usize },
+    #[error("countersignature: {0}")]
+    BadSignature(String),
+    #[error("{node} already countersigned the record of plan {plan} round {round}: one receipt per node and round")]
+    AlreadyCountersigned { node: String, plan: String, round: u32 },
+}
+
+/// A countersignature taken: what the `receipt` record holds, enough to re-verify it offline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Accepted {
+    pub node: String,
+    pub plan_id: String,
+    pub round: u32,
+    pub record_sha256: String,
+    pub signature: Vec<u8>,
+    pub agrees: bool,
+    pub reason: String,
+    pub cert_der: Vec<u8>,
+}
+
+impl Accepted {
+    /// The `receipt` record's parameters.
+    pub fn params(&self) -> [(&'static str, Value); 8] {
+        [
+            ("node", json!(self.node)),
+            ("plan_id", json!(self.plan_id)),
+            ("round", json!(self.round)),
+            ("record_sha256", json!(self.record_sha256)),
+            ("signature", json!(hex::encode(&self.signature))),
+            ("agrees", json!(self.agrees)),
+            ("reason", json!(self.reason)),
+            ("certificate", json!(hex::encode(&self.cert_der))),
+        ]
+    }
+}
+
+fn short(hex: &str) -> String {
+    hex.chars().take(12).collect()
+}
+
+impl Awaiting {
+    /// Registers the exact line of a round record sent for countersigning (same shape as
+    /// `HashMap::insert`: it returns the line it replaced, if any, by its hash).
+    pub fn insert(&mut self, key: (String, u32), line: String) -> Option<ContentHash> {
+        let recipients = serde_json::from_str::<Record>(&line)
+            .ok()
+            .and_then(|r| r.params.get("reported").and_then(Value::as_array).cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        let pending = Pending { hash: ContentHash::of(line.as_bytes()), recipients, signed: HashSet::new() };
+        self.records.insert(key, pending).map(|p| p.hash)
+    }
+
+    /// Decides on one countersignature, and on success marks the signer as having signed (so the
+    /// check and the mark are one step under the caller's lock).
+    pub fn accept(&mut self, signer: Signer<'_>, c: Countersignature<'_>) -> Result<Accepted, Refusal> {
+        let key = (c.plan_id.to_string(), c.round);
+        let pending =
+            self.records.get_mut(&key).ok_or_else(|| Refusal::NotAwaited { plan: short(c.plan_id), round: c.round })?;
+        if pending.hash.to_hex() != c.record_sha256 {
+            return Err(Refusal::WrongRecord);
+        }
+        if !pending.recipients.contains(signer.name) {
+            return Err(Refusal::NotARecipient { node: signer.name.to_string() });
+        }
+        if c.reason.len() > MAX_REASON_BYTES {
+            return Err(Refusal::ReasonTooLong { bytes: c.reason.len(), max: MAX_REASON_BYTES });
+        }
+        let statement = Statement {
+            plan_id: c.plan_id,
+            round: c.round,
+            record_sha256: pending.hash,
+            agrees: c.agrees,
+            reason: c.reason,
+        };
+        statement.verify(c.signature, signer.cert_der).map_err(|e| Refusal::BadSignature(e.to_string()))?;
+        if !pending.signed.insert(signer.fingerprint.to_string()) {
+            return Err(Refusal::AlreadyCountersigned {
+                node: signer.name.to_string(),
+                plan: short(c.plan_id),
+                round: c.round,
+            });
+        }
+        Ok(Accepted {
+            node: signer.name.to_string(),
+            plan_id: c.plan_id.to_string(),
+            round: c.round,
+            record_sha256: c.record_sha256.to_string(),
+            signature: c.signature.to_vec(),
+            agrees: c.agrees,
+            reason: c.reason.to_string(),
+            cert_der: signer.cert_der.to_vec(),
+        })
+    }
+}
+
+fn text(r: &Record, k: &str) -> String {
+    r.params.get(k).and_then(Value::as_str).unwrap_or_default().to_string()
+}
+
+/// A `receipt` record re-verified offline.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checked {
+    /// The signer's name from its certificate; the record's own `node` field when the
+    /// certificate cannot be read.
+    pub node: String,
+    pub plan_id: String,
+    pub round: u64,
+    pub record_sha256: String,
+    pub agrees: bool,
+    pub reason: String,
+    /// Hex, as recorded.
+    pub signature: String,
+    /// The record's actor: the signer's certificate fingerprint.
+    pub actor: String,
+    /// Everything wrong with it; empty when the countersignature stands.
+    pub problems: Vec<String>,
+}
+
+impl Checked {
+    /// The countersignature stands: the node's certificate signed this verdict and reason over
+    /// the round record the log holds.
+    pub fn stands(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Re-verifies a `receipt` record: its certificate (issued by the CA when `ca` is given; its
+/// fingerprint is the record's actor; it names the record's node), the signature over the
+/// statement rebuilt from the record's verdict, reason and record hash, and that record hash
+/// against `held`, the hash of the round record the log holds for that plan and round.
+pub fn check_record(r: &Record, held: Option<&str>, ca: Option<CertCheck<'_>>) -> Checked {
+    let mut problems = Vec::new();
+    let round = r.params.get("round").and_then(Value::as_u64).unwrap_or(0);
+    let (plan_id, record_sha256, reason) = (text(r, "plan_id"), text(r, "record_sha256"), text(r, "reason"));
+    let agrees = r.params.get("agrees").and_then(Value::as_bool);
+    if agrees.is_none() {
+        problems.push("carries no verdict (agrees is not true or false)".to_string());
+    }
+    let agrees = agrees.unwrap_or(false);
+    let mut node = text(r, "node");
+    let cert = match r.params.get("certificate").and_then(Value::as_str) {
+        None | Some("") => {
+            problems.push(
+                "carries no certificate, so its signature cannot be checked (a receipt from before verdicts were signed, or one stripped)"
+                    .to_string(),
+            );
+            None
+        }
+        Some(h) => match hex::decode(h) {
+            Ok(der) => Some(der),
+            Err(_) => {
+                problems.push("its certificate is not hex".to_string());
+                None
+            }
+        },
+    };
+    if let Some(der) = &cert {
+        if let Some(check) = ca
+            && let Err(e) = check(der)
+        {
+            problems.push(format!("its certificate was not issued by the consortium CA: {e}"));
+        }
+        let fp = ContentHash::of(der).to_hex();
+        if fp != r.actor {
+            problems.push(format!("its certificate ({}) is not the record's actor ({})", short(&fp), short(&r.actor)));
+        }
+        match pki::identity_from_der(der) {
+            Ok(id) => {
+                if id.name != node {
+                    problems.push(format!("it names node '{node}', but its certificate is '{}'", id.name));
+                }
+                if id.role != pki::Role::Node {
+                    problems.push(format!("its certificate is a {} certificate, not a node's", id.role));
+                }
+                node = id.name;
+            }
+            Err(e) => problems.push(format!("its certificate: {e}")),
+        }
+    }
+    let hash = ContentHash::parse(&record_sha256);
+    match (held, &hash) {
+        (_, Err(_)) => problems.push("record_sha256 is not a SHA-256".to_string()),
+        (None, _) => problems.push(format!("the log holds no round record for plan {} round {round}", short(&plan_id))),
+        (Some(h), _) if h != record_sha256 => problems.push(format!(
+            "record_sha256 {} is not the hash of the round record the log holds for plan {} round {round} ({})",
+            short(&record_sha256),
+            short(&plan_id),
+            short(h)
+        )),
+        _ => {}
+    }
+    let signature = text(r, "signature");
+    if let (Some(der), Ok(hash), Ok(round32)) = (&cert, hash, u32::try_from(round)) {
+        match hex::decode(&signature) {
+            Err(_) => problems.push("its signature is not hex".to_string()),
+            Ok(sig) => {
+                let statement =
+                    Statement { plan_id: &plan_id, round: round32, record_sha256: hash, agrees, reason: &reason };
+                if let Err(e) = statement.verify(&sig, der) {
+                    problems.push(e.to_string());
+                }
+            }
+        }
+    }
+    Checked { node, plan_id, round, record_sha256, agrees, reason, signature, actor: r.actor.clone(), problems }
+}
+
+fn verdict(agrees: bool) -> &'static str {
+    if agrees { "agrees" } else { "disputes" }
+}
+
+/// What differs between a receipt in the coordinator's log and the hospital's own
+/// `receipt_signed` record of it (same plan and round); empty when they agree.
+pub fn differences(coordinator: &Checked, hospital: &Record) -> Vec<String> {
+    let mut out = Vec::new();
+    let their_hash = text(hospital, "record_sha256");
+    if their_hash != coordinator.record_sha256 {
+        out.push(format!(
+            "record hash: the coordinator's log has {}, the hospital's log {}",
+            short(&coordinator.record_sha256),
+            short(&their_hash)
+        ));
+    }
+    let theirs = hospital.params.get("agrees").and_then(Value::as_bool);
+    if theirs != Some(coordinator.agrees) {
+        out.push(format!(
+            "verdict: the coordinator's log says the hospital {}, the hospital's log says it {}",
+            verdict(coordinator.agrees),
+            theirs.map_or("gave no verdict", verdict)
+        ));
+    }
+    let their_reason = text(hospital, "reason");
+    if their_reason != coordinator.reason {
+        out.push(format!(
+            "reason: the coordinator's log has {:?}, the hospital's log {:?}",
+            coordinator.reason, their_reason
+        ));
+    }
+    // Older node logs did not keep the signature; where they do, it must be the one recorded.
+    let their_sig = text(hospital, "signature");
+    if !their_sig.is_empty() && their_sig != coordinator.signature {
+        out.push("signature: the coordinator's log holds another signature than the one the hospital made".into());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use sanctum_protocol::audit::GENESIS_PREV;
+    use sanctum_protocol::pki::{Role, SignSpec};
+    use sanctum_protocol::secagg::keys;
+
+    use super::*;
+
+    struct Member {
+        name: &'static str,
+        der: Vec<u8>,
+        key_pem: String,
+        fp: String,
+    }
+
+    fn consortium() -> (pki::Issued, Vec<Member>) {
+        let ca = pki::init_ca("t", 1).unwrap();
+        let members = ["cleveland", "hungarian", "lead"]
+            .into_iter()
+            .map(|name| {
+                let role = if name == "lead" { Role::Lead } else { Role::Node };
+                let me = pki::issue(&ca.cert_pem, &ca.key_pem, &SignSpec { name, role, days: 1, hosts: &[] }).unwrap();
+                let der = keys::cert_der_from_pem(&me.cert_pem).unwrap();
+                let fp = ContentHash::of(&der).to_hex();
+                Member { name, der, key_pem: me.key_pem, fp }
+            })
+            .collect();
+        (ca, members)
+    }
+
+    fn round_record(reported: &[&str]) -> String {
+        let params = BTreeMap::from([
+            ("plan_id".to_string(), json!("p")),
+            ("round".to_string(), json!(1)),
+            ("reported".to_string(), json!(reported)),
+        ]);
+        Record {
+            seq: 5,
+            time: "t".into(),
+            actor: "c".into(),
+            event: "round_record".into(),
+            params,
+            prev: GENESIS_PREV.into(),
+            sig: "00".into(),
+        }
+        .line()
+    }
+
+    fn signed(m: &Member, line: &str, agrees: bool, reason: &str) -> (String, Vec<u8>) {
+        let hash = ContentHash::of(line.as_bytes());
+        let s = Statement { plan_id: "p", round: 1, record_sha256: hash, agrees, reason };
+        (hash.to_hex(), s.sign(|b| keys::sign_message(b, &m.key_pem)).unwrap())
+    }
+
+    fn cs<'a>(hash: &'a str, signature: &'a [u8], agrees: bool, reason: &'a str) -> Countersignature<'a> {
+        Countersignature { plan_id: "p", round: 1, record_sha256: hash, signature, agrees, reason }
+    }
+
+    fn signer(m: &Member) -> Signer<'_> {
+        Signer { name: m.name, fingerprint: &m.fp, cert_der: &m.der }
+    }
+
+    /// One table: each countersignature, in order against one awaited record, and what happens.
+    #[test]
+    fn a_countersignature_is_taken_once_per_node_and_round_and_only_when_it_is_sound() {
+        let (_, ms) = consortium();
+        let (cle, hun, lead) = (&ms[0], &ms[1], &ms[2]);
+        let line = round_record(&["cleveland", "hungarian"]);
+        let mut awaiting = Awaiting::default();
+        assert_eq!(awaiting.insert(("p".into(), 1), line.clone()), None);
+        let (hash, good) = signed(cle, &line, true, "");
+        let (_, disputing) = signed(hun, &line, false, "the record lists an update this node never sent");
+        let (_, by_lead) = signed(lead, &line, true, "");
+        let (_, agreeing_again) = signed(hun, &line, true, "");
+        let long = "x".repeat(MAX_REASON_BYTES + 1);
+        let bad_sig = Err(Refusal::BadSignature(
+            "the signature does not verify over the recorded verdict, reason and record hash: the receipt was altered or forged"
+                .into(),
+        ));
+        let never_sent = "the record lists an update this node never sent";
+        let elsewhere = "ab".repeat(32);
+        let cases: Vec<(&str, Signer<'_>, Countersignature<'_>, Result<(), Refusal>)> = vec![
+            (
+                "no record awaited",
+                signer(cle),
+                Countersignature { round: 2, ..cs(&hash, &good, true, "") },
+                Err(Refusal::NotAwaited { plan: "p".into(), round: 2 }),
+            ),
+            ("another record's hash", signer(cle), cs(&elsewhere, &good, true, ""), Err(Refusal::WrongRecord)),
+            (
+                "a node the record was not sent to",
+                signer(lead),
+                cs(&hash, &by_lead, true, ""),
+                Err(Refusal::NotARecipient { node: "lead".into() }),
+            ),
+            (
+                "a reason beyond the bound",
+                signer(cle),
+                cs(&hash, &good, true, &long),
+                Err(Refusal::ReasonTooLong { bytes: MAX_REASON_BYTES + 1, max: MAX_REASON_BYTES }),
+            ),
+            ("the verdict flipped after signing", signer(cle), cs(&hash, &good, false, ""), bad_sig.clone()),
+            ("another node's signature", signer(cle), cs(&hash, &disputing, false, never_sent), bad_sig.clone()),
+            ("sound", signer(cle), cs(&hash, &good, true, ""), Ok(())),
+            (
+                "the same node again",
+                signer(cle),
+                cs(&hash, &good, true, ""),
+                Err(Refusal::AlreadyCountersigned { node: "cleveland".into(), plan: "p".into(), round: 1 }),
+            ),
+            ("a dispute from the other node", signer(hun), cs(&hash, &disputing, false, never_sent), Ok(())),
+            (
+                "the other node again, now agreeing",
+                signer(hun),
+                cs(&hash, &agreeing_again, true, ""),
+                Err(Refusal::AlreadyCountersigned { node: "hungarian".into(), plan: "p".into(), round: 1 }),
+            ),
+        ];
+        for (what, who, c, want) in cases {
+            let got = awaiting.accept(who, c);
+            assert_eq!(got.as_ref().map(|_| ()).map_err(Clone::clone), want, "{what}");
+            if let Ok(a) = got {
+                assert_eq!((a.node.as_str(), a.agrees, a.cert_der.as_slice()), (who.name, c.agrees, who.cert_der));
+            }
+        }
+        // The plan's next run records round 1 again: a new record, and a new receipt is taken.
+        let rerun = round_record(&["cleveland"]).replace("\"seq\":5", "\"seq\":9");
+        assert_eq!(awaiting.insert(("p".into(), 1), rerun.clone()).map(|h| h.to_hex()), Some(hash.clone()));
+        let (hash2, sig2) = signed(cle, &rerun, true, "");
+        assert!(awaiting.accept(signer(cle), cs(&hash2, &sig2, true, "")).is_ok());
+    }
+
+    fn receipt_record(a: &Accepted, actor: &str) -> Record {
+        Record {
+            seq: 6,
+            time: "t".into(),
+            actor: actor.into(),
+            event: "receipt".into(),
+            params: a.params().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            prev: GENESIS_PREV.into(),
+            sig: "00".into(),
+        }
+    }
+
+    /// A receipt record re-verified offline: sound as written, and each alteration a dishonest
+    /// log writer could make is named.
+    #[test]
+    fn a_receipt_record_is_reverified_offline_and_every_alteration_is_named() {
+        let (ca, ms) = consortium();
+        let (cle, hun) = (&ms[0], &ms[1]);
+        let line = round_record(&["cleveland", "hungarian"]);
+        let mut awaiting = Awaiting::default();
+        awaiting.insert(("p".into(), 1), line.clone());
+        let (hash, sig) = signed(cle, &line, true, "");
+        let accepted = awaiting.accept(signer(cle), cs(&hash, &sig, true, "")).unwrap();
+        let ca_check = |der: &[u8]| sanctum_protocol::audit::issued_by(&ca.cert_pem, der);
+        let good = receipt_record(&accepted, &cle.fp);
+        let checked = check_record(&good, Some(&hash), Some(&ca_check));
+        assert!(checked.stands(), "{:?}", checked.problems);
+        assert_eq!((checked.node.as_str(), checked.agrees), ("cleveland", true));
+
+        let other_ca = pki::init_ca("other", 1).unwrap();
+        let other_check = |der: &[u8]| sanctum_protocol::audit::issued_by(&other_ca.cert_pem, der);
+        let with = |k: &str, v: Value| {
+            let mut r = good.clone();
+            r.params.insert(k.into(), v);
+            r
+        };
+        let elsewhere = "ab".repeat(32);
+        // (what, the record, the round record's hash held, the CA check, a phrase of the finding)
+        type Case<'a> = (&'a str, Record, Option<&'a str>, Option<CertCheck<'a>>, &'a str);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "verdict flipped",
+                with("agrees", json!(false)),
+                Some(&hash),
+                None,
+                "does not verify over the recorded verdict",
+            ),
+            ("reason added", with("reason", json!("forged")), Some(&hash), None, "does not verify"),
+            ("no certificate", with("certificate", json!("")), Some(&hash), None, "carries no certificate"),
+            (
+                "another node's certificate",
+                with("certificate", json!(hex::encode(&hun.der))),
+                Some(&hash),
+                None,
+                "is not the record's actor",
+            ),
+            ("node renamed", with("node", json!("hungarian")), Some(&hash), None, "names node 'hungarian'"),
+            ("another consortium", good.clone(), Some(&hash), Some(&other_check), "not issued by the consortium CA"),
+            ("the round record is not in the log", good.clone(), None, None, "holds no round record"),
+            ("another round record", good.clone(), Some(&elsewhere), None, "is not the hash of the round record"),
+        ];
+        for (what, r, held, check, want) in cases {
+            let c = check_record(&r, held, check);
+            assert!(!c.stands() && c.problems.iter().any(|p| p.contains(want)), "{what}: {:?}", c.problems);
+        }
+    }
+
+    #[test]
+    fn a_receipt_is_compared_with_the_hospitals_own_record() {
+        let hospital = |agrees: bool, reason: &str, hash: &str, sig: &str| Record {
+            seq: 3,
+            time: "t".into(),
+            actor: "h".into(),
+            event: "receipt_signed".into(),
+            params: BTreeMap::from([
+                ("plan_id".to_string(), json!("p")),
+                ("round".to_string(), json!(1)),
+                ("record_sha256".to_string(), json!(hash)),
+                ("agrees".to_string(), json!(agrees)),
+                ("reason".to_string(), json!(reason)),
+                ("signature".to_string(), json!(sig)),
+            ]),
+            prev: GENESIS_PREV.into(),
+            sig: "00".into(),
+        };
+        let coord = Checked {
+            node: "cleveland".into(),
+            plan_id: "p".into(),
+            round: 1,
+            record_sha256: "aa".into(),
+            agrees: false,
+            reason: "forged".into(),
+            signature: "0102".into(),
+            actor: "h".into(),
+            problems: vec![],
+        };
+        assert!(
+            differences(
+                &Checked { agrees: true, reason: String::new(), ..coord.clone() },
+                &hospital(true, "", "aa", "0102")
+            )
+            .is_empty()
+        );
+        let d = differences(&coord, &hospital(true, "", "bb", "0304"));
+        assert_eq!(d.len(), 4, "{d:?}");
+        assert!(d[1].contains("says the hospital disputes, the hospital's log says it agrees"), "{d:?}");
+        // A node log that did not keep the signature is compared on the rest.
+        assert_eq!(differences(&coord, &hospital(false, "forged", "aa", "")), Vec::<String>::new());
+    }
+}
