@@ -108,6 +108,10 @@ async fn a_revocation_list_broken_while_running_keeps_the_last_good_one_and_says
     let addr = coord.address();
     let va = c.member("va", "node");
     let probe = || PlanResponse { plan_id: "0".repeat(64), ..Default::default() };
+    // A connection opened while va was a member; its calls are answered (the plan is unknown).
+    let mut open = FederationClient::new(channel(&addr, &va).await.unwrap());
+    let answered = open.respond_to_plan(probe()).await;
+    assert!(!matches!(&answered, Err(e) if e.code() == tonic::Code::Unauthenticated), "{answered:?}");
     pki_cmd(&c, &["revoke", "va", "--reason", "left"]);
     assert!(wait_until(Duration::from_secs(5), || coord.log_text().contains("certificate revoked")));
     let good = std::fs::read_to_string(c.pki().join("revoked.json")).unwrap();
@@ -122,14 +126,20 @@ async fn a_revocation_list_broken_while_running_keeps_the_last_good_one_and_says
     );
     let logged = coord.log_text().matches("keeping the last good list").count();
     println!("{logged} error lines in {:?} while the list was broken", broke.elapsed());
+    // A broken list must not un-revoke anyone: not on the open connection, not on a new one.
+    let on_open = open.respond_to_plan(probe()).await;
+    assert!(
+        matches!(&on_open, Err(e) if e.code() == tonic::Code::Unauthenticated && e.message().contains("revoked")),
+        "{on_open:?}"
+    );
     let refused = match channel(&addr, &va).await {
         Err(_) => true,
-        Ok(ch) => matches!(
-            FederationClient::new(ch).respond_to_plan(probe()).await,
-            Err(e) if e.code() == tonic::Code::Unauthenticated && e.message().contains("revoked")
-        ),
+        Ok(ch) => match FederationClient::new(ch).respond_to_plan(probe()).await {
+            Err(e) => e.code() != answered.as_ref().err().map_or(tonic::Code::Ok, tonic::Status::code),
+            Ok(_) => false,
+        },
     };
-    assert!(refused, "a broken list must not un-revoke anyone");
+    assert!(refused, "a new connection of a revoked certificate was answered while the list was broken");
 
     // Fixed again: one record when it broke, one when it was fixed.
     std::fs::write(c.pki().join("revoked.json"), &good).unwrap();
