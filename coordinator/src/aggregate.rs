@@ -4,6 +4,10 @@
 //! O(model size) whatever the number of nodes. The server optimizer then moves the global model
 //! by the weighted mean update (FedAvg) or uses it as a pseudo-gradient for FedAdam, FedYogi or
 //! FedAdagrad (Reddi et al., "Adaptive Federated Optimization", ICLR 2021).
+//!
+//! Two bounds hold whatever a node sends: an update's weight under sample weighting is at most
+//! the plan's `max_samples` ([`sample_weight`]), and a server step that would leave a non-finite
+//! global model is refused and changes nothing ([`ServerState::step`]).
 
 use sanctum_protocol::plan::{AdaptiveClipping, ServerOptimizer, Strategy};
 
@@ -16,6 +20,18 @@ pub enum AggregateError {
     NonFinite { index: usize },
     #[error("aggregation weight {0} is not a positive finite number")]
     Weight(f64),
+    #[error(
+        "the new global model would have a non-finite value (NaN or infinity) at parameter {index}; it was not stored or published (an update far too large for the server step)"
+    )]
+    NonFiniteModel { index: usize },
+}
+
+/// An update's aggregation weight under sample weighting: the node's sample count, at most
+/// `max_samples` (the plan's `[secagg] max_samples`, which bounds it with or without secure
+/// aggregation). A count of 0 is refused before this.
+pub fn sample_weight(sample_count: u64, max_samples: u64) -> f64 {
+    // Both ≤ 2⁶⁴; an f64 keeps every count a consortium has exactly (up to 2⁵³).
+    sample_count.min(max_samples) as f64
 }
 
 /// A running weighted sum of updates, in f64 so the order of arrival barely matters.
@@ -199,42 +215,48 @@ impl ServerState {
     }
 
     /// Moves the global model by one server step, given the mean update Δ (local − global).
+    ///
+    /// Refused, with nothing changed (model and moments), when any new weight would not be a
+    /// finite f32: the step is computed twice, once to check and once to write, so a refusal
+    /// costs no copy of the model (which can be hundreds of MB).
     pub fn step(&mut self, global: &mut [f32], delta: &[f64]) -> Result<(), AggregateError> {
         if delta.len() != global.len() {
             return Err(AggregateError::Shape { got: delta.len(), want: global.len() });
         }
-        let (m, v) = (&mut self.m, &mut self.v);
-        match &self.strategy {
-            Strategy::Fedavg { .. } => {
-                for (w, d) in global.iter_mut().zip(delta) {
-                    *w = (f64::from(*w) + d) as f32;
-                }
+        let strategy = self.strategy.clone();
+        for i in 0..global.len() {
+            let (w, _, _) = self.coordinate(&strategy, i, global[i], delta[i]);
+            if !w.is_finite() {
+                return Err(AggregateError::NonFiniteModel { index: i });
             }
-            Strategy::Fedadam(o) => adaptive(global, delta, m, v, o, |v, d2, b2| b2 * v + (1.0 - b2) * d2),
-            Strategy::Fedyogi(o) => {
-                adaptive(global, delta, m, v, o, |v, d2, b2| v - (1.0 - b2) * d2 * (v - d2).signum())
+        }
+        for i in 0..global.len() {
+            let (w, m, v) = self.coordinate(&strategy, i, global[i], delta[i]);
+            global[i] = w;
+            if let (Some(mi), Some(vi)) = (self.m.get_mut(i), self.v.get_mut(i)) {
+                (*mi, *vi) = (m, v);
             }
-            Strategy::Fedadagrad(o) => adaptive(global, delta, m, v, o, |v, d2, _| v + d2),
         }
         Ok(())
     }
-}
 
-/// One adaptive server step: m ← β1·m + (1−β1)·Δ, v ← f(v, Δ²), w ← w + η·m/(√v + τ).
-fn adaptive(
-    global: &mut [f32],
-    delta: &[f64],
-    m: &mut [f64],
-    v: &mut [f64],
-    o: &ServerOptimizer,
-    second_moment: impl Fn(f64, f64, f64) -> f64,
-) {
-    for i in 0..global.len() {
-        let d = delta[i];
-        m[i] = o.beta1 * m[i] + (1.0 - o.beta1) * d;
-        v[i] = second_moment(v[i], d * d, o.beta2);
-        let step = o.server_learning_rate * m[i] / (v[i].sqrt() + o.tau);
-        global[i] = (f64::from(global[i]) + step) as f32;
+    /// One coordinate's new weight and moments, without writing them. Adaptive strategies:
+    /// m ← β1·m + (1−β1)·Δ, v ← f(v, Δ²), w ← w + η·m/(√v + τ); FedAvg: w ← w + Δ.
+    fn coordinate(&self, strategy: &Strategy, i: usize, w: f32, d: f64) -> (f32, f64, f64) {
+        let adaptive = |o: &ServerOptimizer, second_moment: &dyn Fn(f64, f64, f64) -> f64| {
+            let (m, v) = (self.m[i], self.v[i]);
+            let m = o.beta1 * m + (1.0 - o.beta1) * d;
+            let v = second_moment(v, d * d, o.beta2);
+            let step = o.server_learning_rate * m / (v.sqrt() + o.tau);
+            ((f64::from(w) + step) as f32, m, v)
+        };
+        match strategy {
+            // f64 → f32 overflows to ±infinity, which the check above refuses.
+            Strategy::Fedavg { .. } => ((f64::from(w) + d) as f32, 0.0, 0.0),
+            Strategy::Fedadam(o) => adaptive(o, &|v, d2, b2| b2 * v + (1.0 - b2) * d2),
+            Strategy::Fedyogi(o) => adaptive(o, &|v, d2, b2| v - (1.0 - b2) * d2 * (v - d2).signum()),
+            Strategy::Fedadagrad(o) => adaptive(o, &|v, d2, _| v + d2),
+        }
     }
 }
 
@@ -260,6 +282,45 @@ mod tests {
         assert_eq!(acc.count(), 2);
         assert_eq!(acc.mean().unwrap(), vec![3.0, 4.0]);
         assert!(Accumulator::new(1).mean().is_none());
+    }
+
+    #[test]
+    fn a_step_to_a_non_finite_model_is_refused_and_changes_nothing() {
+        // FedAvg: finite f32 weights and a finite mean whose sum leaves f32's range.
+        let mut s = ServerState::new(Strategy::Fedavg { weighting: Weighting::Samples }, 3);
+        let mut w = [1.0f32, f32::MAX, -2.0];
+        let e = s.step(&mut w, &[0.5, f64::from(f32::MAX), 0.0]).unwrap_err();
+        assert_eq!(e, AggregateError::NonFiniteModel { index: 1 });
+        assert!(e.to_string().contains("not stored or published"), "{e}");
+        assert_eq!(w, [1.0, f32::MAX, -2.0], "a refused step leaves every weight as it was");
+        // FedAdam: a NaN in the mean (an overflowed sum upstream) poisons m and v; refused, and
+        // the moments stay as they were, so the same state still takes a good step.
+        let mut s = ServerState::new(Strategy::Fedadam(opt()), 2);
+        let mut w = [0.0f32, 0.0];
+        assert_eq!(s.step(&mut w, &[0.5, f64::NAN]), Err(AggregateError::NonFiniteModel { index: 1 }));
+        assert_eq!(w, [0.0, 0.0]);
+        assert_eq!((s.m.as_slice(), s.v.as_slice()), (&[0.0, 0.0][..], &[1e-6, 1e-6][..]));
+        s.step(&mut w, &[0.5, 0.5]).unwrap();
+        let mut fresh = ServerState::new(Strategy::Fedadam(opt()), 2);
+        let mut w2 = [0.0f32, 0.0];
+        fresh.step(&mut w2, &[0.5, 0.5]).unwrap();
+        assert_eq!(w, w2, "the refused step left no trace in the optimizer's state");
+        // Infinity in Δ for an adaptive step: m/√v is NaN.
+        let mut s = ServerState::new(Strategy::Fedyogi(opt()), 1);
+        assert!(matches!(s.step(&mut [0.0], &[f64::INFINITY]), Err(AggregateError::NonFiniteModel { .. })));
+    }
+
+    #[test]
+    fn sample_weights_are_capped_at_max_samples() {
+        assert_eq!(sample_weight(u64::MAX, 10_000), 10_000.0);
+        assert_eq!(sample_weight(303, 10_000), 303.0);
+        assert_eq!(sample_weight(10_000, 10_000), 10_000.0);
+        // One node claiming u64::MAX no longer dominates: with an honest node of max_samples, the
+        // mean is halfway between them.
+        let mut acc = Accumulator::new(1);
+        acc.add(&[1.0], sample_weight(u64::MAX, 10_000)).unwrap();
+        acc.add(&[0.0], sample_weight(10_000, 10_000)).unwrap();
+        assert_eq!(acc.mean().unwrap(), vec![0.5]);
     }
 
     #[test]

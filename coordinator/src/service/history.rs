@@ -1,0 +1,164 @@
+//! The event history a late watcher replays (`WatchPlan` right after `SubmitPlan`, or an hour into
+//! the run), bounded in both directions: at most `limits.events_per_run` events per run and
+//! `limits.runs_in_memory` runs.
+//!
+//! A run's history drops its oldest events first, so the newest (and the run's end, always its
+//! last event) are what a late watcher gets; a watcher that was subscribed all along sees every
+//! event from the broadcast. Runs beyond the bound go oldest-finished first; the running run is
+//! never dropped, so its watchers always find it. Events for a run that is not kept create
+//! nothing: only a run the driver started ([`History::start`]) has a history.
+
+use std::collections::{HashMap, VecDeque};
+
+use sanctum_protocol::proto::{PlanEvent, plan_event};
+
+/// One run's kept events.
+#[derive(Debug, Default)]
+struct RunEvents {
+    events: VecDeque<PlanEvent>,
+    /// Whether its `PlanFinished` was published (only finished runs are ever dropped).
+    finished: bool,
+    /// Events dropped to stay within the bound (said once in the log, counted here).
+    dropped: u64,
+}
+
+/// Every kept run's events, in order, with the order runs started in.
+#[derive(Debug)]
+pub(super) struct History {
+    per_run: usize,
+    max_runs: usize,
+    runs: HashMap<String, RunEvents>,
+    /// Run ids, oldest first; the same keys as `runs`.
+    order: VecDeque<String>,
+}
+
+impl History {
+    /// An empty history keeping `per_run` events of at most `max_runs` runs (both at least 1).
+    pub(super) fn new(per_run: usize, max_runs: usize) -> Self {
+        Self { per_run: per_run.max(1), max_runs: max_runs.max(1), runs: HashMap::new(), order: VecDeque::new() }
+    }
+
+    /// A run started: from now on its events are kept. Drops the oldest finished runs beyond the
+    /// bound (never a running one).
+    pub(super) fn start(&mut self, run: &str) {
+        if self.runs.contains_key(run) {
+            return;
+        }
+        self.runs.insert(run.to_string(), RunEvents::default());
+        self.order.push_back(run.to_string());
+        while self.runs.len() > self.max_runs {
+            let Some(pos) = self.order.iter().position(|r| self.runs.get(r).is_some_and(|e| e.finished)) else {
+                // Every kept run is still running (one at a time today): keep them all.
+                break;
+            };
+            if let Some(old) = self.order.remove(pos) {
+                self.runs.remove(&old);
+            }
+        }
+    }
+
+    /// Appends an event of a kept run; an event of any other run is dropped.
+    pub(super) fn push(&mut self, run: &str, ev: PlanEvent) {
+        let Some(kept) = self.runs.get_mut(run) else {
+            return;
+        };
+        if matches!(ev.kind, Some(plan_event::Kind::PlanFinished(_))) {
+            kept.finished = true;
+        }
+        if kept.events.len() >= self.per_run {
+            kept.events.pop_front();
+            kept.dropped += 1;
+            if kept.dropped == 1 {
+                tracing::warn!(
+                    run,
+                    limit = self.per_run,
+                    "run has more events than limits.events_per_run; late watchers get the newest"
+                );
+            }
+        }
+        kept.events.push_back(ev);
+    }
+
+    /// A kept run's events, oldest first (empty for a run not kept).
+    pub(super) fn events(&self, run: &str) -> Vec<PlanEvent> {
+        self.runs.get(run).map(|r| r.events.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Whether a run's events are kept (the name `WatchPlan` uses, as on the map it replaced).
+    pub(super) fn contains_key(&self, run: &str) -> bool {
+        self.runs.contains_key(run)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sanctum_protocol::proto::{PlanFinished, RoundOpened, UpdateRejected};
+
+    use super::*;
+
+    fn opened(round: u32) -> PlanEvent {
+        PlanEvent { kind: Some(plan_event::Kind::RoundOpened(RoundOpened { round, ..Default::default() })) }
+    }
+
+    fn finished() -> PlanEvent {
+        PlanEvent { kind: Some(plan_event::Kind::PlanFinished(PlanFinished::default())) }
+    }
+
+    fn rounds(h: &History, run: &str) -> Vec<u32> {
+        h.events(run)
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                Some(plan_event::Kind::RoundOpened(r)) => Some(r.round),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_run_keeps_its_newest_events_and_its_end() {
+        let mut h = History::new(3, 4);
+        h.start("r");
+        for round in 1..=10 {
+            h.push("r", opened(round));
+        }
+        assert_eq!(rounds(&h, "r"), [8, 9, 10]);
+        h.push("r", finished());
+        let ev = h.events("r");
+        assert_eq!(ev.len(), 3);
+        assert!(matches!(ev[2].kind, Some(plan_event::Kind::PlanFinished(_))), "the run's end is never lost");
+    }
+
+    #[test]
+    fn events_of_runs_that_were_never_started_create_nothing() {
+        let mut h = History::new(10, 2);
+        for i in 0..1000 {
+            let rejected = UpdateRejected { round: 1, node: "rogue".into(), reason: "x".repeat(100) };
+            h.push(&format!("made-up-{i}"), PlanEvent { kind: Some(plan_event::Kind::UpdateRejected(rejected)) });
+        }
+        assert!(h.runs.is_empty() && h.order.is_empty());
+        assert!(!h.contains_key("made-up-1"));
+        assert!(h.events("made-up-1").is_empty());
+    }
+
+    #[test]
+    fn the_oldest_finished_runs_go_first_and_the_running_one_never() {
+        let mut h = History::new(10, 2);
+        h.start("a");
+        h.push("a", finished());
+        h.start("b");
+        // "b" is still running when "c" starts: "a" (finished) goes, "b" stays.
+        h.start("c");
+        assert!(!h.contains_key("a") && h.contains_key("b") && h.contains_key("c"));
+        // Nothing finished to drop: the bound waits rather than drop a running run.
+        h.start("d");
+        assert!(h.contains_key("b") && h.contains_key("c") && h.contains_key("d"));
+        h.push("b", finished());
+        h.push("c", finished());
+        h.start("e");
+        assert_eq!(h.order, ["d", "e"], "both finished runs made room, oldest first");
+        assert_eq!(h.runs.len(), 2);
+        // Starting a kept run again changes nothing.
+        h.start("e");
+        assert_eq!(h.order, ["d", "e"]);
+    }
+}
