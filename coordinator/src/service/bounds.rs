@@ -50,9 +50,10 @@ pub(super) fn sha256_field(field: &str, value: &str) -> Result<(), Status> {
     )))
 }
 
-/// Refuses a run id that is not `[A-Za-z0-9_-]{1,128}`, naming the field and the limit.
+/// Refuses a `run` field that is neither empty (protobuf's "not set", which names no run) nor a
+/// run id (`[A-Za-z0-9_-]{1,128}`), naming the field and the limit.
 pub(super) fn run_field(value: &str) -> Result<(), Status> {
-    if is_run_id(value) {
+    if value.is_empty() || is_run_id(value) {
         return Ok(());
     }
     Err(Status::invalid_argument(format!(
@@ -151,6 +152,7 @@ mod tests {
         }
         assert!(!is_run_id(&"r".repeat(129)));
         assert!(run_field(&"x".repeat(4096)).unwrap_err().message().contains("run must be 1 to 128"));
+        assert!(run_field("").is_ok(), "an unset run is well-formed: it names no run");
     }
 
     #[test]
