@@ -24,7 +24,7 @@ use sanctum_protocol::transfer;
 use tch::Device;
 use tonic::transport::Channel;
 
-use sanctum_protocol::audit::{self, AuditLog};
+use sanctum_protocol::audit::AuditLog;
 use serde_json::json;
 
 use crate::config::{NodeConfig, TestMetrics};
@@ -1122,68 +1122,43 @@ impl Node {
     }
 
     /// Checks the coordinator's record of a closed round against what this node sent, and
-    /// countersigns it (agreeing or, with the reason, disputing).
+    /// countersigns it (agreeing or, with the reason, disputing): the decision and the signed
+    /// statement are `receipt`'s; this sends it and keeps it in the node's own audit log.
     async fn countersign(
         &mut self,
         client: &mut FederationClient<Channel>,
         receipt: &proto::RoundReceipt,
     ) -> anyhow::Result<()> {
-        let record: audit::Record = serde_json::from_str(&receipt.record)?;
-        let get = |k: &str| record.params.get(k).cloned().unwrap_or_default();
         let me = self.material.identity().name.clone();
-        let mut problems = Vec::new();
-        if record.event != "round_record"
-            || get("plan_id").as_str() != Some(receipt.plan_id.as_str())
-            || get("round").as_u64() != Some(u64::from(receipt.round))
-        {
-            problems.push("the record is not this round's record".to_string());
-        }
-        let listed: Vec<(String, u64)> = get("updates")
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter(|u| u["node"].as_str() == Some(me.as_str()))
-                    .map(|u| {
-                        (u["payload_sha256"].as_str().unwrap_or_default().to_string(), u["bytes"].as_u64().unwrap_or(0))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        match (self.sent.get(&(receipt.plan_id.clone(), receipt.round)), listed.as_slice()) {
-            (Some((hash, bytes)), [(h, b)]) if h == hash && *b == *bytes as u64 => {}
-            (Some((hash, bytes)), _) => {
-                problems.push(format!("this node sent {bytes} bytes with SHA-256 {hash}, the record lists {listed:?}"))
-            }
-            (None, []) => {}
-            (None, _) => problems.push("the record lists an update this node never sent".to_string()),
-        }
-        let agrees = problems.is_empty();
-        let reason = problems.join("; ");
-        let record_sha256 = ContentHash::of(receipt.record.as_bytes()).to_hex();
-        let signature = self.material.sign(receipt.record.as_bytes())?;
+        let sent = self.sent.get(&(receipt.plan_id.clone(), receipt.round));
+        let sent = sent.map(|(hash, bytes)| crate::receipt::Sent { payload_sha256: hash, bytes: *bytes as u64 });
+        let verdict = crate::receipt::judge(&receipt.record, &receipt.plan_id, receipt.round, &me, sent);
+        let signature = verdict.statement(&receipt.plan_id, receipt.round).sign(|m| self.material.sign(m))?;
         self.audit(
             "receipt_signed",
             [
                 ("plan_id", json!(receipt.plan_id)),
                 ("round", json!(receipt.round)),
-                ("record_sha256", json!(record_sha256)),
-                ("agrees", json!(agrees)),
-                ("reason", json!(reason)),
+                ("record_sha256", json!(verdict.record_sha256.to_hex())),
+                ("agrees", json!(verdict.agrees)),
+                ("reason", json!(verdict.reason)),
+                ("signature", json!(crate::receipt::hex(&signature))),
             ],
         )?;
-        if !agrees {
+        if !verdict.agrees {
             tracing::error!(
                 round = receipt.round,
-                "the coordinator's round record does not match what this node sent: {reason}"
+                "the coordinator's round record does not match what this node sent: {}",
+                verdict.reason
             );
         }
         let msg = proto::Countersignature {
             plan_id: receipt.plan_id.clone(),
             round: receipt.round,
-            record_sha256,
+            record_sha256: verdict.record_sha256.to_hex(),
             signature,
-            agrees,
-            reason,
+            agrees: verdict.agrees,
+            reason: verdict.reason,
         };
         self.egress.record("Countersign", &receipt.plan_id, Some(receipt.round), msg.encoded_len(), Rule::Receipt)?;
         client.countersign(msg).await?;
