@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sanctum_coordinator::config::{self, CoordinatorConfig, LeadConfig};
-use sanctum_coordinator::service::{Coordinator, CoordinatorOptions};
+use sanctum_coordinator::service::{Coordinator, CoordinatorOptions, RevocationListError};
 use sanctum_coordinator::simulate::{SimulateOptions, simulate};
 use sanctum_coordinator::{pki, watch};
 use sanctum_protocol::audit::AuditCommand;
@@ -232,7 +232,10 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<config::ConfigError>().is_some() || e.downcast_ref::<tls::TlsError>().is_some() {
+            if e.downcast_ref::<config::ConfigError>().is_some()
+                || e.downcast_ref::<tls::TlsError>().is_some()
+                || e.downcast_ref::<RevocationListError>().is_some()
+            {
                 ExitCode::from(EXIT_CONFIG)
             } else {
                 ExitCode::FAILURE

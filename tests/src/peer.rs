@@ -65,7 +65,12 @@ pub async fn silent_connection(coordinator: &CoordinatorProcess) -> Option<TcpSt
 
 /// `total` failed handshakes against `addr`, `concurrency` at a time; returns how many the server
 /// closed within `timeout` each, and how long they all took.
-pub async fn failed_handshakes(addr: SocketAddr, total: usize, concurrency: usize, timeout: Duration) -> (usize, Duration) {
+pub async fn failed_handshakes(
+    addr: SocketAddr,
+    total: usize,
+    concurrency: usize,
+    timeout: Duration,
+) -> (usize, Duration) {
     let started = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
     let closed = Arc::new(AtomicUsize::new(0));

@@ -29,7 +29,8 @@ async fn a_revoked_node_is_refused_on_its_next_call_within_a_second() {
     let va = c.member("va", "node");
     let mut node = FederationClient::new(channel(&addr, &va).await.unwrap());
     let call = || PlanResponse {
-        plan_id: "none".into(),
+        // A well-formed id of no plan: the call answers, and creates nothing.
+        plan_id: "0".repeat(64),
         accept: false,
         reason: "probe".into(),
         privacy: None,
@@ -175,7 +176,7 @@ async fn an_expired_certificate_is_refused_with_how_to_renew_and_a_renewed_one_w
     assert_ne!(before, renewed);
     std::fs::write(&hungarian.cert, &renewed).unwrap();
     let mut node = FederationClient::new(channel(&addr, &hungarian).await.unwrap());
-    node.respond_to_plan(PlanResponse { plan_id: "none".into(), ..Default::default() }).await.unwrap();
+    node.respond_to_plan(PlanResponse { plan_id: "0".repeat(64), ..Default::default() }).await.unwrap();
     let list = pki_cmd(&c, &["list"]);
     assert_eq!(list.lines().filter(|l| l.starts_with("hungarian ")).count(), 2, "{list}");
     assert!(std::fs::read_to_string(c.pki().join("audit/audit.jsonl")).unwrap().contains("certificate_renewed"));

@@ -22,7 +22,11 @@ fn no_such_model() -> FetchModelRequest {
 }
 
 /// Waits (without blocking the runtime) until the periodic refusal records satisfy `done`.
-async fn refusals_until(coord: &CoordinatorProcess, timeout: Duration, done: impl Fn(&RefusalTotals) -> bool) -> RefusalTotals {
+async fn refusals_until(
+    coord: &CoordinatorProcess,
+    timeout: Duration,
+    done: impl Fn(&RefusalTotals) -> bool,
+) -> RefusalTotals {
     let end = Instant::now() + timeout;
     loop {
         let t = peer::refusal_totals(&coord.audit_records());
@@ -34,7 +38,8 @@ async fn refusals_until(coord: &CoordinatorProcess, timeout: Duration, done: imp
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ten_thousand_failed_handshakes_cost_a_bounded_number_of_audit_records_and_a_node_still_answers_within_a_second() {
+async fn ten_thousand_failed_handshakes_cost_a_bounded_number_of_audit_records_and_a_node_still_answers_within_a_second()
+ {
     const HANDSHAKES: usize = 10_000;
     const PERIOD_SECS: u64 = 1;
     let c = Consortium::new();
@@ -76,14 +81,17 @@ async fn ten_thousand_failed_handshakes_cost_a_bounded_number_of_audit_records_a
         "{HANDSHAKES} failed handshakes (64 at a time) in {flood_took:?} ({:.0}/s); the server closed {closed} of them",
         HANDSHAKES as f64 / flood_took.as_secs_f64()
     );
-    println!("node: {calls} calls during the flood, slowest {slowest:?}; a fresh node connected and answered in {fresh_connect:?}");
+    println!(
+        "node: {calls} calls during the flood, slowest {slowest:?}; a fresh node connected and answered in {fresh_connect:?}"
+    );
     assert_eq!(closed, HANDSHAKES, "every refused connection is closed by the server");
     assert!(slowest < Duration::from_secs(1), "a node's call took {slowest:?} during the flood");
     let fresh = fresh_connect.expect("a fresh node connected during the flood");
     assert!(fresh < Duration::from_secs(5), "a fresh node took {fresh:?} to connect during the flood");
 
     // The counts reach the audit log within a period or two of the flood's end.
-    let totals = refusals_until(&coord, Duration::from_secs(3 * PERIOD_SECS + 5), |t| t.refused >= HANDSHAKES as u64).await;
+    let totals =
+        refusals_until(&coord, Duration::from_secs(3 * PERIOD_SECS + 5), |t| t.refused >= HANDSHAKES as u64).await;
     let elapsed = started.elapsed();
     let added = coord.audit_records().len() - records_before;
     // One periodic record per period at most, plus slack for the partial periods at either end
@@ -142,7 +150,10 @@ async fn connections_beyond_the_limit_are_closed_at_once_and_counted_and_a_node_
             held.push(tcp);
         }
     }
-    println!("{SILENT} silent connections with max_connections = {LIMIT}: {closed_at_once} closed at once, {} held", held.len());
+    println!(
+        "{SILENT} silent connections with max_connections = {LIMIT}: {closed_at_once} closed at once, {} held",
+        held.len()
+    );
     assert_eq!(closed_at_once, SILENT - LIMIT, "connections beyond the limit are closed at once");
 
     // The handshake timeout frees the held slots; then a node connects and is served.

@@ -23,7 +23,7 @@ use tonic::Status;
 
 use serde_json::json;
 
-use crate::aggregate::{Accumulator, ClientDp, ServerState};
+use crate::aggregate::{Accumulator, ClientDp, ServerState, sample_weight};
 use crate::round::{Action, PlanRun, RunConfig};
 use crate::runs::fresh_run_id;
 use crate::secure::{SecAggRound, SessionCertVerifier};
@@ -109,7 +109,7 @@ impl Driver {
         Self { inner, active: None, evaluation_deadline }
     }
 
-    pub(super) async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event>) {
+    pub(super) async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -166,10 +166,11 @@ impl Driver {
                 let Some(active) =
                     self.active.as_mut().filter(|a| a.plan_id == response.plan_id && a.run_id == response.run)
                 else {
+                    // The handler let only a started run's (bounded) ids through; still shown short.
                     tracing::warn!(
                         node,
-                        plan = response.plan_id,
-                        run = response.run,
+                        plan = short(&response.plan_id),
+                        run = short(&response.run),
                         "decision for a run that is not running"
                     );
                     return;
@@ -250,6 +251,9 @@ impl Driver {
                 short(&active.plan_id)
             )));
         }
+        // The lead's handler parsed it, but `Coordinator::submit` takes a `Plan` from any caller:
+        // every number the run computes with must be within the plan limits.
+        plan.validate().map_err(|e| Status::invalid_argument(e.to_string()))?;
         let wire_toml = plan.to_wire_toml().map_err(|e| Status::invalid_argument(e.to_string()))?;
         let plan_id = Plan::id_of(&wire_toml).to_hex();
         // Validate everything that can refuse the plan before a run is recorded.
@@ -268,7 +272,7 @@ impl Driver {
             *runs = next;
             new_run
         };
-        lock(&self.inner.history).entry(new_run.id.clone()).or_default();
+        lock(&self.inner.history).start(&new_run.id);
         let global = plan.model.init(plan.seed);
         let bytes = global.to_safetensors().map_err(|e| Status::internal(e.to_string()))?;
         let model = self.inner.store.put_model(&bytes).map_err(|e| Status::internal(format!("model store: {e}")))?;
@@ -363,7 +367,14 @@ impl Driver {
             ("masked", json!(update.masked)),
         ];
         let entry = json!({"node": node, "payload_sha256": update.payload_sha256, "bytes": update.bytes});
+        let round = update.round;
         let actions = self.admit_checked(node, update, now)?;
+        // No further upload of this node is spooled this round (the handlers' pre-spool check).
+        if let Some(info) = self.inner.round.read().unwrap_or_else(|p| p.into_inner()).as_ref()
+            && info.round == round
+        {
+            info.admitted(node);
+        }
         if let Some(active) = self.active.as_mut() {
             active.round_updates.push(entry);
         }
@@ -398,7 +409,9 @@ impl Driver {
             Weighting::Samples if update.sample_count == 0 => {
                 return Err("sample_count is 0 but the plan weights updates by sample count".into());
             }
-            Weighting::Samples => update.sample_count as f64,
+            // The node's own word, capped as under secure aggregation: one hospital claiming
+            // u64::MAX samples weighs as much as one with `max_samples`, not 10¹⁵ times more.
+            Weighting::Samples => sample_weight(update.sample_count, active.plan.secagg_settings().max_samples),
             Weighting::Uniform => 1.0,
         };
         let mut values = transfer::le_bytes_to_f32(&bytes)?;
@@ -482,13 +495,14 @@ impl Driver {
                             }
                         }
                     }
-                    *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = Some(RoundInfo {
-                        plan_id: plan_id.clone(),
+                    *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = Some(RoundInfo::new(
+                        plan_id.clone(),
                         round,
-                        model: active.model,
-                        num_params: active.global.values().len(),
-                        masked: active.secagg.is_some(),
-                    });
+                        active.model,
+                        active.global.values().len(),
+                        active.secagg.is_some(),
+                        &participants,
+                    ));
                     let start = start_round(&plan_id, round, active, deadline);
                     tracing::info!(round, nodes = participants.len(), model = %active.model.short(), "round opened");
                     let own = lock(&self.inner.audit).own_fingerprint().to_string();
@@ -784,8 +798,14 @@ impl Driver {
             }
         }
         let mean = sa.encoding.decode_mean(&outcome.sum, outcome.survivors.len()).map_err(|e| e.to_string())?;
-        let (update, _) = mean.split_at(active.global.values().len());
-        active.server.step(active.global.values_mut(), update).map_err(|e| e.to_string())?;
+        // The sum has num_params + 1 words (the update, then the weight); checked all the same,
+        // since a panic here would end the driver.
+        let update = mean
+            .get(..active.global.values().len())
+            .ok_or("the unmasked sum is shorter than the model; the round is not applied")?;
+        // A step that would leave a non-finite model changes nothing and fails the round: the
+        // model is neither stored nor published.
+        active.server.step(active.global.values_mut(), update).map_err(|e| format!("round {round}: {e}"))?;
         // The same per-round ρ the nodes charge (`encode::round_rho`, a function of the plan alone).
         if let Some(rho) = sa.encoding.round_rho(update.len() + 1).map_err(|e| e.to_string())? {
             active.secagg_rho += rho;
@@ -830,7 +850,10 @@ impl Driver {
             }
             None => active.acc.mean().ok_or("no update was admitted")?,
         };
-        active.server.step(active.global.values_mut(), &mean).map_err(|e| e.to_string())?;
+        // A step that would leave a non-finite model (NaN or infinity: FedAdam or FedAvg pushed
+        // past f32's range) changes nothing and fails the round with the reason; the model is
+        // neither stored nor published.
+        active.server.step(active.global.values_mut(), &mean).map_err(|e| format!("round {round}: {e}"))?;
         let bytes = active.global.to_safetensors().map_err(|e| e.to_string())?;
         active.model = self.inner.store.put_model(&bytes).map_err(|e| format!("model store: {e}"))?;
         active.model_bytes = bytes.len() as u64;
@@ -907,7 +930,11 @@ fn start_round(plan_id: &str, round: u32, active: &ActiveRun, deadline: Instant)
         round,
         model_sha256: active.model.to_hex(),
         model_bytes: active.model_bytes,
-        deadline_unix_ms: unix_ms(SystemTime::now() + deadline.saturating_duration_since(Instant::now())),
+        // Checked: `SystemTime + Duration` panics past the platform's range (plans bound their
+        // deadlines to 30 days, so the fallback is for a deadline that was never validated).
+        deadline_unix_ms: SystemTime::now()
+            .checked_add(deadline.saturating_duration_since(Instant::now()))
+            .map_or(u64::MAX, unix_ms),
         secure_aggregation: active.secagg.as_ref().map(|sa| sa.setup.clone()),
         run: active.run_id.clone(),
     })
@@ -915,8 +942,11 @@ fn start_round(plan_id: &str, round: u32, active: &ActiveRun, deadline: Instant)
 
 /// Writes the final model (safetensors) and its manifest: plan, lineage hash chain, metrics.
 fn export(store: &Store, active: &ActiveRun) -> anyhow::Result<PathBuf> {
+    // The name is checked at `Plan::parse`; `export_path` keeps every file inside the exports
+    // directory even so.
     let stem = format!("{}-{}", active.plan.name, active.model.short());
-    let model_path = store.exports_dir().join(format!("{stem}.safetensors"));
+    let model_path = store.export_path(&stem, ".safetensors")?;
+    let manifest_path = store.export_path(&stem, ".manifest.json")?;
     write_atomic(&model_path, &store.read_model(&active.model)?)?;
     let manifest = serde_json::json!({
         "plan_name": active.plan.name,
@@ -931,9 +961,6 @@ fn export(store: &Store, active: &ActiveRun) -> anyhow::Result<PathBuf> {
         "exported_unix_ms": unix_ms(SystemTime::now()),
         "plan_toml": active.wire_toml,
     });
-    write_atomic(
-        &store.exports_dir().join(format!("{stem}.manifest.json")),
-        serde_json::to_string_pretty(&manifest)?.as_bytes(),
-    )?;
+    write_atomic(&manifest_path, serde_json::to_string_pretty(&manifest)?.as_bytes())?;
     Ok(model_path)
 }

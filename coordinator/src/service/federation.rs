@@ -1,19 +1,22 @@
 //! The node-facing service (`Federation`): subscribe, plan decisions, model downloads, uploads,
 //! evaluations, receipts and secure-aggregation messages.
 
-use std::io::Write;
+use std::future::Future;
+use std::io::{Read, Write};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use sanctum_protocol::hash::{ContentHash, Hasher};
+use sanctum_protocol::pki::Identity;
 use sanctum_protocol::proto::{
     self, Ack, Directive, EvaluationReport, FetchModelRequest, ModelChunk, PlanResponse, SecAggMessage,
     SubscribeRequest, UpdateChunk, UpdateReceipt, federation_server, update_chunk,
 };
 use sanctum_protocol::tls;
-use sanctum_protocol::transfer::{self, CHUNK_BYTES};
+use sanctum_protocol::transfer::CHUNK_BYTES;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,13 +25,15 @@ use tonic::{Request, Response, Status, Streaming};
 use serde_json::json;
 
 use super::*;
+use crate::receipts;
 
-/// Sends `UnboundedSender`-side notice when a node's directive stream is dropped.
+/// A node's directive stream; tells the driver when it is dropped (the node went away, or a
+/// reconnect replaced it), whatever ended it.
 struct DirectiveStream {
     inner: ReceiverStream<Result<Directive, Status>>,
     node: String,
     conn: u64,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::Sender<Event>,
 }
 
 impl Stream for DirectiveStream {
@@ -40,7 +45,127 @@ impl Stream for DirectiveStream {
 
 impl Drop for DirectiveStream {
     fn drop(&mut self) {
-        let _ = self.events.send(Event::Disconnected { node: self.node.clone(), conn: self.conn });
+        // A drop cannot await the bounded queue: see `notify_disconnected` for why none is lost.
+        Inner::notify_disconnected(&self.events, std::mem::take(&mut self.node), self.conn);
+    }
+}
+
+/// One of a node's open `FetchModel` streams, counted against `limits.fetch_streams_per_node`
+/// until it is dropped (read to the end, cancelled, or its connection gone).
+struct FetchPermit {
+    inner: Arc<Inner>,
+    node: String,
+}
+
+impl FetchPermit {
+    /// Counts a new stream for `node`, or refuses it when the node has its limit open.
+    fn take(inner: &Arc<Inner>, node: &str) -> Result<Self, Status> {
+        let limit = inner.limits.fetch_streams_per_node;
+        let mut open = lock(&inner.fetch_streams);
+        let n = open.entry(node.to_string()).or_insert(0);
+        if *n >= limit {
+            return Err(Status::resource_exhausted(format!(
+                "'{node}' already has {n} model downloads open, the most limits.fetch_streams_per_node = {limit} allows; \
+                 read one to the end or cancel it first"
+            )));
+        }
+        *n += 1;
+        Ok(Self { inner: Arc::clone(inner), node: node.to_string() })
+    }
+}
+
+impl Drop for FetchPermit {
+    fn drop(&mut self) {
+        let mut open = lock(&self.inner.fetch_streams);
+        if let Some(n) = open.get_mut(&self.node) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.node);
+            }
+        }
+    }
+}
+
+type ChunkRead = tokio::task::JoinHandle<std::io::Result<(std::fs::File, Vec<u8>)>>;
+
+/// The size of a model download's chunks (the wire allows up to [`CHUNK_BYTES`]). A stream whose
+/// client stops reading holds about one chunk in the HTTP/2 send buffer once its flow-control
+/// window is spent, so this is what an unread stream costs: 1 MiB chunks measured ~1.7 MiB per
+/// unread stream, 64 KiB ones a few hundred KiB. Nothing is lost on the wire: HTTP/2 frames are
+/// at most 16 KiB whatever the message size.
+const MODEL_CHUNK_BYTES: usize = 64 << 10;
+
+/// A stored model streamed from its file: one chunk is read (on the blocking pool) only when the
+/// client has taken the previous one, so an open stream holds at most one chunk however large the
+/// model and however slowly (or never) the client reads.
+struct ModelFileStream {
+    /// The file, while no read is in flight.
+    file: Option<std::fs::File>,
+    reading: Option<ChunkRead>,
+    offset: u64,
+    total: u64,
+    _permit: FetchPermit,
+    /// Who downloads: a certificate revoked since the download began gets no further chunk.
+    caller: Identity,
+    inner: Arc<Inner>,
+}
+
+impl ModelFileStream {
+    /// Reads up to one chunk (fewer only at the end of the model).
+    fn read_chunk(mut file: std::fs::File, left: u64) -> std::io::Result<(std::fs::File, Vec<u8>)> {
+        let want = usize::try_from(left).unwrap_or(MODEL_CHUNK_BYTES).min(MODEL_CHUNK_BYTES);
+        let mut buf = vec![0u8; want];
+        let mut filled = 0;
+        while filled < want {
+            match file.read(&mut buf[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        buf.truncate(filled);
+        Ok((file, buf))
+    }
+}
+
+impl Stream for ModelFileStream {
+    type Item = Result<ModelChunk, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.reading.is_none() {
+            if let Err(revoked) = this.inner.still_trusted(&this.caller) {
+                this.file = None;
+                return Poll::Ready(Some(Err(revoked)));
+            }
+            let Some(file) = this.file.take().filter(|_| this.offset < this.total) else {
+                return Poll::Ready(None);
+            };
+            let left = this.total - this.offset;
+            this.reading = Some(tokio::task::spawn_blocking(move || Self::read_chunk(file, left)));
+        }
+        let Some(reading) = this.reading.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let result = match Pin::new(reading).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(r) => r,
+        };
+        this.reading = None;
+        let (file, data) = match result {
+            Ok(Ok((_, data))) if data.is_empty() => {
+                return Poll::Ready(Some(Err(Status::internal(format!(
+                    "model file ended after {} of {} bytes",
+                    this.offset, this.total
+                )))));
+            }
+            Ok(Ok(read)) => read,
+            Ok(Err(e)) => return Poll::Ready(Some(Err(Status::internal(format!("cannot read the model: {e}"))))),
+            Err(e) => return Poll::Ready(Some(Err(Status::internal(format!("cannot read the model: {e}"))))),
+        };
+        let msg = ModelChunk { offset: this.offset, total_bytes: this.total, data };
+        this.offset += msg.data.len() as u64;
+        this.file = Some(file);
+        Poll::Ready(Some(Ok(msg)))
     }
 }
 
@@ -48,34 +173,60 @@ pub(super) struct FederationApi {
     pub(super) inner: Arc<Inner>,
 }
 
-/// Re-reads the revocation list every 200 ms; a list that cannot be read keeps the last good one
+/// Waits for the next message of an upload, at most `idle`; `None` when the time ran out.
+async fn next_chunk(
+    stream: &mut Streaming<UpdateChunk>,
+    idle: Duration,
+) -> Option<Result<Option<UpdateChunk>, Status>> {
+    tokio::time::timeout(idle, stream.message()).await.ok()
+}
 
 #[tonic::async_trait]
 impl federation_server::Federation for FederationApi {
     type SubscribeStream = Pin<Box<dyn Stream<Item = Result<Directive, Status>> + Send + 'static>>;
-    type FetchModelStream = ReceiverStream<Result<ModelChunk, Status>>;
+    type FetchModelStream = Pin<Box<dyn Stream<Item = Result<ModelChunk, Status>> + Send + 'static>>;
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let node = caller(&request)?;
         let fingerprint = tls::peer(&request)?.identity.fingerprint.to_hex();
         let hello = request.into_inner();
+        // Shown to the lead and kept in the audit log: bounded, never refused (see `bounds`).
+        let (device, version) = (bounds::label(&hello.device), bounds::label(&hello.software_version));
         let (tx, rx) = mpsc::channel(32);
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         lock(&self.inner.nodes).insert(node.clone(), NodeConn { id: conn, fingerprint: fingerprint.clone(), tx });
-        tracing::info!(node, device = hello.device, version = hello.software_version, "node connected");
+        // Made before the wait below: if this call is cancelled while it waits, dropping the
+        // stream still tells the driver, and the node does not stay "connected".
+        let stream = DirectiveStream {
+            inner: ReceiverStream::new(rx),
+            node: node.clone(),
+            conn,
+            events: self.inner.events.clone(),
+        };
+        tracing::info!(node, device, version, "node connected");
         self.inner.audit(
             &fingerprint,
             "node_connected",
-            [("node", json!(node)), ("device", json!(hello.device)), ("version", json!(hello.software_version))],
+            [("node", json!(node)), ("device", json!(device)), ("version", json!(version))],
         );
-        self.inner.send_event(Event::Connected { node: node.clone() });
-        let stream = DirectiveStream { inner: ReceiverStream::new(rx), node, conn, events: self.inner.events.clone() };
+        self.inner.send_event(Event::Connected { node }).await?;
         Ok(Response::new(Box::pin(stream)))
     }
 
     async fn respond_to_plan(&self, request: Request<PlanResponse>) -> Result<Response<Ack>, Status> {
         let node = caller(&request)?;
-        self.inner.send_event(Event::Decision { node, response: request.into_inner() });
+        let mut response = request.into_inner();
+        bounds::sha256_field("plan_id", &response.plan_id)?;
+        bounds::run_field(&response.run)?;
+        // Only a run this coordinator started reaches the driver (and its log lines). A
+        // well-formed answer about any other run is acknowledged and dropped: it creates nothing,
+        // and a node answering an offer as its run ends is not told to reconnect.
+        if !lock(&self.inner.runs).has(&response.plan_id, &response.run) {
+            return Ok(Response::new(Ack {}));
+        }
+        // A long reason is cut, not refused: the refusal itself must count.
+        response.reason = bounds::reason(response.reason);
+        self.inner.send_event(Event::Decision { node, response }).await?;
         Ok(Response::new(Ack {}))
     }
 
@@ -83,33 +234,40 @@ impl federation_server::Federation for FederationApi {
         &self,
         request: Request<FetchModelRequest>,
     ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let node = caller(&request)?;
+        bounds::sha256_field("sha256", &request.get_ref().sha256)?;
         let hash = ContentHash::parse(&request.get_ref().sha256).map_err(Status::invalid_argument)?;
-        let bytes = match self.inner.store.read_model(&hash) {
-            Ok(b) => Arc::new(b),
+        let permit = FetchPermit::take(&self.inner, &node)?;
+        let (file, total) = match self.inner.store.open_model(&hash) {
+            Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Status::not_found(format!("no model with hash {hash}")));
             }
             Err(e) => return Err(Status::internal(format!("cannot read model {hash}: {e}"))),
         };
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            let total = bytes.len() as u64;
-            for (offset, chunk) in transfer::chunks(&bytes) {
-                let msg = ModelChunk { offset, data: chunk.to_vec(), total_bytes: total };
-                if tx.send(Ok(msg)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let caller = tls::peer(&request)?.identity.clone();
+        let inner = Arc::clone(&self.inner);
+        let stream =
+            ModelFileStream { file: Some(file), reading: None, offset: 0, total, _permit: permit, caller, inner };
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn submit_update(&self, request: Request<Streaming<UpdateChunk>>) -> Result<Response<UpdateReceipt>, Status> {
         let node = caller(&request)?;
+        let identity = tls::peer(&request)?.identity.clone();
+        let idle_secs = self.inner.limits.upload_idle_timeout_secs;
+        let idle = Duration::from_secs(idle_secs);
+        let stalled = || {
+            Status::deadline_exceeded(format!(
+                "upload sent nothing for {idle_secs} s (limits.upload_idle_timeout_secs); it was dropped and its spool freed"
+            ))
+        };
         let mut stream = request.into_inner();
-        let header = match stream.message().await? {
-            Some(UpdateChunk { part: Some(update_chunk::Part::Header(h)) }) => h,
-            _ => {
+        let mut header = match next_chunk(&mut stream, idle).await {
+            None => return Err(self.inner.reject(&node, "", 0, stalled())),
+            Some(Ok(Some(UpdateChunk { part: Some(update_chunk::Part::Header(h)) }))) => h,
+            Some(Err(e)) => return Err(e),
+            Some(Ok(_)) => {
                 return Err(self.inner.reject(
                     &node,
                     "",
@@ -118,7 +276,13 @@ impl federation_server::Federation for FederationApi {
                 ));
             }
         };
+        let metrics = bounds::metrics(std::mem::take(&mut header.metrics));
+        // Every check that needs no payload comes first: nothing is spooled for an upload that
+        // names no plan, the wrong round, a node that is not a participant, or a duplicate.
         let reject = |status: Status| self.inner.reject(&node, &header.plan_id, header.round, status);
+        bounds::sha256_field("plan_id", &header.plan_id).map_err(reject)?;
+        bounds::sha256_field("base_model_sha256", &header.base_model_sha256).map_err(reject)?;
+        bounds::sha256_field("payload_sha256", &header.payload_sha256).map_err(reject)?;
         let info = self
             .inner
             .round
@@ -159,11 +323,22 @@ impl federation_server::Federation for FederationApi {
         }
         let payload_hash = ContentHash::parse(&header.payload_sha256)
             .map_err(|e| reject(Status::invalid_argument(format!("payload_sha256: {e}"))))?;
+        // Held until this call returns: one upload per participant is spooled at a time.
+        let _slot = info.claim(&node).map_err(reject)?;
         let expected = words as u64 * 4;
         let mut spool = self.inner.store.spool().map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
         let mut hasher = Hasher::default();
         let mut received = 0u64;
-        while let Some(msg) = stream.message().await? {
+        // Returning drops `spool` (its file is removed) and the slot, however the upload ends.
+        loop {
+            let msg = match next_chunk(&mut stream, idle).await {
+                None => return Err(reject(stalled())),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(None)) => break,
+                Some(Ok(Some(msg))) => msg,
+            };
+            // An upload from a certificate revoked since it began ends at its next chunk.
+            self.inner.still_trusted(&identity).map_err(reject)?;
             let data = match msg.part {
                 Some(update_chunk::Part::Data(d)) => d,
                 _ => {
@@ -197,14 +372,14 @@ impl federation_server::Federation for FederationApi {
             plan_id: header.plan_id.clone(),
             base_model: header.base_model_sha256.clone(),
             sample_count: header.sample_count,
-            metrics: header.metrics.clone(),
+            metrics,
             masked: header.masked,
             payload_sha256: header.payload_sha256.clone(),
             bytes: received,
             spool,
         };
         let (reply, rx) = oneshot::channel();
-        self.inner.send_event(Event::Update { node: node.clone(), update, reply });
+        self.inner.send_event(Event::Update { node: node.clone(), update, reply }).await?;
         match rx.await {
             Ok(Ok(())) => Ok(Response::new(UpdateReceipt { accepted: true, reason: String::new() })),
             Ok(Err(reason)) => Err(reject(Status::failed_precondition(reason))),
@@ -214,41 +389,51 @@ impl federation_server::Federation for FederationApi {
 
     async fn report_evaluation(&self, request: Request<EvaluationReport>) -> Result<Response<Ack>, Status> {
         let node = caller(&request)?;
-        self.inner.send_event(Event::Evaluation { node, report: request.into_inner() });
+        let mut report = request.into_inner();
+        bounds::sha256_field("plan_id", &report.plan_id)?;
+        bounds::sha256_field("model_sha256", &report.model_sha256)?;
+        // An evaluation of a plan this coordinator never ran is acknowledged and dropped.
+        if lock(&self.inner.runs).latest(&report.plan_id).is_none() {
+            return Ok(Response::new(Ack {}));
+        }
+        report.metrics = bounds::metrics(report.metrics);
+        self.inner.send_event(Event::Evaluation { node, report }).await?;
         Ok(Response::new(Ack {}))
     }
 
     async fn countersign(&self, request: Request<proto::Countersignature>) -> Result<Response<Ack>, Status> {
         let peer = tls::peer(&request)?.clone();
         let c = request.into_inner();
-        let line = lock(&self.inner.receipts).get(&(c.plan_id.clone(), c.round)).cloned().ok_or_else(|| {
-            Status::not_found(format!(
-                "no round record for plan {} round {} awaits a receipt",
-                short(&c.plan_id),
-                c.round
-            ))
+        let fingerprint = peer.identity.fingerprint.to_hex();
+        let signer =
+            receipts::Signer { name: &peer.identity.name, fingerprint: &fingerprint, cert_der: &peer.cert_der };
+        let wire = receipts::Countersignature {
+            plan_id: &c.plan_id,
+            round: c.round,
+            record_sha256: &c.record_sha256,
+            signature: &c.signature,
+            agrees: c.agrees,
+            reason: &c.reason,
+        };
+        // Decided and marked under one lock, so two racing copies cannot both be written.
+        let accepted = lock(&self.inner.receipts).accept(signer, wire).map_err(|r| {
+            let code = match r {
+                receipts::Refusal::NotAwaited { .. } => tonic::Code::NotFound,
+                receipts::Refusal::NotARecipient { .. } => tonic::Code::PermissionDenied,
+                receipts::Refusal::AlreadyCountersigned { .. } => tonic::Code::AlreadyExists,
+                _ => tonic::Code::InvalidArgument,
+            };
+            Status::new(code, r.to_string())
         })?;
-        if ContentHash::of(line.as_bytes()).to_hex() != c.record_sha256 {
-            return Err(Status::invalid_argument("record_sha256 is not the hash of the round record that was sent"));
+        if !accepted.agrees {
+            tracing::error!(
+                node = accepted.node,
+                round = c.round,
+                "node disputes the round record: {}",
+                accepted.reason
+            );
         }
-        sanctum_protocol::secagg::keys::verify_message(line.as_bytes(), &c.signature, &peer.cert_der)
-            .map_err(|e| Status::invalid_argument(format!("countersignature: {e}")))?;
-        if !c.agrees {
-            tracing::error!(node = peer.identity.name, round = c.round, "node disputes the round record: {}", c.reason);
-        }
-        self.inner.audit(
-            &peer.identity.fingerprint.to_hex(),
-            "receipt",
-            [
-                ("node", json!(peer.identity.name)),
-                ("plan_id", json!(c.plan_id)),
-                ("round", json!(c.round)),
-                ("record_sha256", json!(c.record_sha256)),
-                ("signature", json!(hex::encode(&c.signature))),
-                ("agrees", json!(c.agrees)),
-                ("reason", json!(c.reason)),
-            ],
-        );
+        self.inner.audit(&fingerprint, "receipt", accepted.params());
         Ok(Response::new(Ack {}))
     }
 
@@ -256,9 +441,10 @@ impl federation_server::Federation for FederationApi {
         let peer = tls::peer(&request)?.clone();
         let node = peer.identity.name.clone();
         let msg = request.into_inner();
+        bounds::sha256_field("plan_id", &msg.plan_id)?;
         let (plan_id, round) = (msg.plan_id.clone(), msg.round);
         let (reply, rx) = oneshot::channel();
-        self.inner.send_event(Event::SecAgg { node: node.clone(), cert_der: peer.cert_der, msg, reply });
+        self.inner.send_event(Event::SecAgg { node: node.clone(), cert_der: peer.cert_der, msg, reply }).await?;
         match rx.await {
             Ok(Ok(())) => Ok(Response::new(Ack {})),
             Ok(Err(reason)) => Err(self.inner.reject(&node, &plan_id, round, Status::failed_precondition(reason))),

@@ -10,9 +10,10 @@
 //! - `transport`: the listener and the gRPC server's settings;
 //! - `federation`: the node-facing service; `lead`: the lead's; `audit_api`: the auditor's;
 //! - `revocation`: following the revocation list;
-//! - `driver`: the task that owns the running plan and applies the state machine's actions.
+//! - `driver`: the task that owns the running plan and applies the state machine's actions;
+//! - `bounds`: the bounds on strings a node chooses; `history`: the bounded event history.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
@@ -35,16 +36,21 @@ use crate::runs::{RunFile, RunRegistry};
 use crate::store::Store;
 
 mod audit_api;
+mod bounds;
 mod driver;
 mod federation;
+mod history;
 mod lead;
 mod revocation;
+mod supervise;
 mod transport;
 
 use audit_api::AuditApi;
 use driver::Driver;
 use federation::FederationApi;
+use history::History;
 use lead::LeadApi;
+pub use revocation::RevocationListError;
 use revocation::follow_revocations;
 
 /// Settings of a running coordinator.
@@ -64,23 +70,28 @@ pub struct CoordinatorOptions {
 #[derive(Clone)]
 pub struct Coordinator {
     inner: Arc<Inner>,
+    /// The driver task's supervisor: `serve` stops with its reason if the driver ends.
+    driver: supervise::DriverWatch,
 }
 
 struct Inner {
     /// The `[limits]` this coordinator was started with.
     limits: Limits,
-    events: mpsc::UnboundedSender<Event>,
+    /// Handlers → driver. Bounded ([`EVENTS_QUEUE`]): a handler awaits room, so a flood of calls
+    /// slows its callers instead of growing a queue (see [`Inner::notify_disconnected`] for the
+    /// one sender that cannot await).
+    events: mpsc::Sender<Event>,
     /// Open directive streams, one per connected node (a reconnect replaces the old one).
     nodes: Mutex<HashMap<String, NodeConn>>,
     /// What the open round accepts, so uploads are refused before they are spooled.
     round: RwLock<Option<RoundInfo>>,
     /// Everything that happens to plans, keyed by run id, for `WatchPlan` and the simulator.
     plan_events: broadcast::Sender<(String, PlanEvent)>,
-    /// Every event of every run this process started, by run id, in order: a watcher that
-    /// subscribes late (or right after submitting) first gets what it missed, and only its own
-    /// run's. Publishing appends here and broadcasts under the same lock, so a watcher sees each
-    /// event exactly once.
-    history: Mutex<HashMap<String, Vec<PlanEvent>>>,
+    /// The events of the runs this process started, by run id, in order, within
+    /// `limits.events_per_run` and `limits.runs_in_memory`: a watcher that subscribes late (or
+    /// right after submitting) first gets what it missed, and only its own run's. Publishing
+    /// appends here and broadcasts under the same lock, so a watcher sees each event exactly once.
+    history: Mutex<History>,
     /// Every run of every plan, kept in `state/runs.json` across restarts.
     runs: Mutex<RunRegistry>,
     runs_file: RunFile,
@@ -92,9 +103,17 @@ struct Inner {
     revoked: Arc<tls::Revocations>,
     /// Every plan run since start, for auditors.
     plans: Mutex<Vec<proto::PlanSummary>>,
-    /// Round records sent to nodes for countersigning, by (plan, round): the exact audit line.
-    receipts: Mutex<HashMap<(String, u32), String>>,
+    /// Round records sent to nodes for countersigning, by (plan, round), and who has signed each.
+    receipts: Mutex<crate::receipts::Awaiting>,
+    /// Open `FetchModel` streams per node, at most `limits.fetch_streams_per_node` each; a node
+    /// with none has no entry, so the map is bounded by the nodes streaming now.
+    fetch_streams: Mutex<HashMap<String, usize>>,
 }
+
+/// Room in the handlers → driver channel. The driver handles an event in microseconds (an
+/// update's admission reads its spool, a few ms): 1024 is far more than a consortium's calls in
+/// flight, and small enough that a flood waits in its handlers rather than in memory.
+const EVENTS_QUEUE: usize = 1024;
 
 struct NodeConn {
     /// Distinguishes a reconnect from the stream it replaced.
@@ -112,6 +131,88 @@ struct RoundInfo {
     num_params: usize,
     /// Uploads are masked secure-aggregation inputs (num_params + 1 u32 words).
     masked: bool,
+    /// The nodes the round opened with: only they may upload.
+    participants: Arc<BTreeSet<String>>,
+    /// Who is uploading now and whose update was admitted, shared by every handler of this round
+    /// (a clone of the `RoundInfo` holds the same slots); a new round gets fresh ones.
+    uploads: Arc<Mutex<RoundUploads>>,
+}
+
+/// The open round's upload slots: at most one upload per participant is spooled at a time, and
+/// none after its update was admitted. [`PlanRun::admit_update`](crate::round::PlanRun) stays the
+/// authority on admission; this is what lets a handler refuse before it spools a byte.
+#[derive(Debug, Default)]
+struct RoundUploads {
+    in_flight: HashSet<String>,
+    admitted: HashSet<String>,
+}
+
+impl RoundInfo {
+    /// The round a driver opened with these participants, with no upload yet.
+    fn new(
+        plan_id: String,
+        round: u32,
+        model: ContentHash,
+        num_params: usize,
+        masked: bool,
+        participants: &[String],
+    ) -> Self {
+        Self {
+            plan_id,
+            round,
+            model,
+            num_params,
+            masked,
+            participants: Arc::new(participants.iter().cloned().collect()),
+            uploads: Arc::default(),
+        }
+    }
+
+    /// Takes `node`'s upload slot, or says why it may not upload now: not a participant, its
+    /// update already admitted, or another of its uploads in flight.
+    fn claim(&self, node: &str) -> Result<UploadSlot, Status> {
+        if !self.participants.contains(node) {
+            return Err(Status::permission_denied(format!(
+                "'{node}' is not a participant of round {} (it opened with {} nodes)",
+                self.round,
+                self.participants.len()
+            )));
+        }
+        let mut uploads = lock(&self.uploads);
+        if uploads.admitted.contains(node) {
+            return Err(Status::already_exists(format!(
+                "'{node}' already had an update admitted in round {}",
+                self.round
+            )));
+        }
+        if !uploads.in_flight.insert(node.to_string()) {
+            return Err(Status::already_exists(format!(
+                "an upload from '{node}' for round {} is already in flight; wait for its receipt",
+                self.round
+            )));
+        }
+        Ok(UploadSlot { uploads: Arc::clone(&self.uploads), node: node.to_string() })
+    }
+
+    /// The driver admitted `node`'s update: no further upload of its is spooled this round. The
+    /// driver records it (not the handler), so an upload whose caller went away while its update
+    /// was being admitted still counts.
+    fn admitted(&self, node: &str) {
+        lock(&self.uploads).admitted.insert(node.to_string());
+    }
+}
+
+/// A participant's upload in progress; dropping it frees the slot, whether the upload failed,
+/// timed out, went away or was admitted (then [`RoundInfo::admitted`] keeps the node out).
+struct UploadSlot {
+    uploads: Arc<Mutex<RoundUploads>>,
+    node: String,
+}
+
+impl Drop for UploadSlot {
+    fn drop(&mut self) {
+        lock(&self.uploads).in_flight.remove(&self.node);
+    }
 }
 
 /// A header that passed the handler's checks, and where its payload was spooled.
@@ -146,9 +247,18 @@ impl Coordinator {
     /// Opens the state directory and the audit log (signed with a key bound to `material`'s
     /// certificate) and starts the driver task.
     pub fn start(options: CoordinatorOptions, material: &TlsMaterial) -> anyhow::Result<Self> {
+        // A configured revocation list that cannot be read or parsed stops the start, before
+        // anything is opened: running without it would admit every revoked certificate.
+        let revocations = match &options.revocation_list {
+            Some(path) => {
+                let (text, list) = revocation::load(path)?;
+                Some((path.clone(), text, list))
+            }
+            None => None,
+        };
         let store = Store::open(&options.state_dir)?;
         let audit = AuditLog::open_for(&options.state_dir.join("audit"), material)?;
-        let (events, rx) = mpsc::unbounded_channel();
+        let (events, rx) = mpsc::channel(EVENTS_QUEUE);
         let (plan_events, _) = broadcast::channel(1024);
         let runs_file = RunFile::new(&options.state_dir);
         let runs = runs_file.load()?;
@@ -158,7 +268,7 @@ impl Coordinator {
             nodes: Mutex::new(HashMap::new()),
             round: RwLock::new(None),
             plan_events,
-            history: Mutex::new(HashMap::new()),
+            history: Mutex::new(History::new(options.limits.events_per_run, options.limits.runs_in_memory)),
             runs: Mutex::new(runs),
             runs_file,
             store,
@@ -166,19 +276,16 @@ impl Coordinator {
             audit: Mutex::new(audit),
             revoked: Arc::new(tls::Revocations::default()),
             plans: Mutex::new(Vec::new()),
-            receipts: Mutex::new(HashMap::new()),
+            receipts: Mutex::new(crate::receipts::Awaiting::default()),
+            fetch_streams: Mutex::new(HashMap::new()),
         });
-        if let Some(path) = options.revocation_list.clone() {
-            // Read once now (a bad list stops the start), then follow it.
-            let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "[]".into());
-            let list: Vec<tls::RevokedCert> = serde_json::from_str(&text)
-                .map_err(|e| anyhow::anyhow!("revocation list {} is not valid JSON: {e}", path.display()))?;
+        if let Some((path, text, list)) = revocations {
             inner.apply_revocations(list);
             tokio::spawn(follow_revocations(inner.clone(), path, text));
         }
         let driver = Driver::new(inner.clone(), options.evaluation_deadline);
-        tokio::spawn(driver.run(rx));
-        Ok(Self { inner })
+        let driver = supervise::supervise(tokio::spawn(driver.run(rx)));
+        Ok(Self { inner, driver })
     }
 
     /// Submits a plan as the lead would (`again`: run a plan that already ran as a new run);
@@ -189,6 +296,7 @@ impl Coordinator {
         self.inner
             .events
             .send(Event::Submit { plan: Box::new(plan), again, actor, reply })
+            .await
             .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
         rx.await.map_err(|_| Status::unavailable("coordinator is shutting down"))?
     }
@@ -218,7 +326,7 @@ pub struct Submitted {
 fn watch_stream(inner: &Arc<Inner>, run: &str) -> impl Stream<Item = PlanEvent> + Send + 'static {
     let (past, mut rx) = {
         let history = lock(&inner.history);
-        (history.get(run).cloned().unwrap_or_default(), inner.plan_events.subscribe())
+        (history.events(run), inner.plan_events.subscribe())
     };
     let plan_id = run.to_string();
     let (tx, out) = mpsc::channel(256);
@@ -263,9 +371,33 @@ impl Inner {
         lock(&self.nodes).get(node).map(|c| c.fingerprint.clone()).unwrap_or_else(|| format!("node:{node}"))
     }
 
-    fn send_event(&self, ev: Event) {
-        // Only fails when the driver is gone, i.e. during shutdown.
-        let _ = self.events.send(ev);
+    /// Hands an event to the driver, waiting for room in its queue (backpressure on the caller);
+    /// fails only when the driver is gone, i.e. during shutdown.
+    async fn send_event(&self, ev: Event) -> Result<(), Status> {
+        self.events.send(ev).await.map_err(|_| Status::unavailable("coordinator is shutting down"))
+    }
+
+    /// Tells the driver a directive stream ended, from code that cannot await (a `Drop`). A
+    /// disconnect is never lost: when the queue is full, a task waits for room and sends it.
+    /// Those tasks are bounded too: each directive stream sends its disconnect once, and the
+    /// streams open at once are bounded by `limits.max_connections` × `max_concurrent_streams`
+    /// (and a node's reconnect ends its previous stream).
+    fn notify_disconnected(events: &mpsc::Sender<Event>, node: String, conn: u64) {
+        match events.try_send(Event::Disconnected { node, conn }) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(ev)) => {
+                let events = events.clone();
+                match tokio::runtime::Handle::try_current() {
+                    Ok(rt) => {
+                        rt.spawn(async move {
+                            let _ = events.send(ev).await;
+                        });
+                    }
+                    // No runtime: the process is shutting down and the driver with it.
+                    Err(_) => tracing::debug!("disconnect not delivered: no runtime (shutting down)"),
+                }
+            }
+        }
     }
 
     fn publish(&self, plan_id: &str, kind: plan_event::Kind) {
@@ -340,22 +472,21 @@ impl Inner {
         }
         let ev = PlanEvent { kind: Some(kind) };
         let mut history = lock(&self.history);
-        history.entry(run.clone()).or_default().push(ev.clone());
+        history.push(&run, ev.clone());
         let _ = self.plan_events.send((run, ev));
     }
 
-    /// Logs and publishes a refused update, and returns the status for the node.
+    /// Logs and publishes a refused update, and returns the status for the node. `plan_id` is a
+    /// plan id (64 hex) or empty: a header whose plan id is not one is rejected with "" so the
+    /// node's string never reaches the log; the reason is bounded ([`bounds::REASON_BYTES`]).
     fn reject(&self, node: &str, plan_id: &str, round: u32, status: Status) -> Status {
-        tracing::warn!(node, round, "rejected update: {}", status.message());
+        let plan_id = if bounds::is_sha256_hex(plan_id) { plan_id } else { "" };
+        let reason = bounds::clip_bytes(status.message(), bounds::REASON_BYTES);
+        tracing::warn!(node, round, plan = short(plan_id), "rejected update: {reason}");
         self.audit(
             &self.fingerprint(node),
             "update_rejected",
-            [
-                ("node", json!(node)),
-                ("plan_id", json!(plan_id)),
-                ("round", json!(round)),
-                ("reason", json!(status.message())),
-            ],
+            [("node", json!(node)), ("plan_id", json!(plan_id)), ("round", json!(round)), ("reason", json!(reason))],
         );
         // An upload that never named its plan has no watcher to tell.
         if plan_id.is_empty() {
@@ -366,7 +497,7 @@ impl Inner {
             plan_event::Kind::UpdateRejected(proto::UpdateRejected {
                 round,
                 node: node.to_string(),
-                reason: status.message().to_string(),
+                reason: reason.into_owned(),
             }),
         );
         status
@@ -377,10 +508,55 @@ fn caller<T>(request: &Request<T>) -> Result<String, Status> {
     Ok(tls::peer(request)?.identity.name.clone())
 }
 
+/// The first 12 characters of a hash for messages and logs; never more, whatever the input (a
+/// node's 2 MiB "plan id" shows as 12 characters).
 fn short(hex: &str) -> &str {
-    hex.get(..12).unwrap_or(hex)
+    let end = hex.char_indices().nth(12).map_or(hex.len(), |(i, _)| i);
+    &hex[..end]
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round() -> RoundInfo {
+        RoundInfo::new("ab".repeat(32), 3, ContentHash::of(b"model"), 14, false, &["a".into(), "b".into()])
+    }
+
+    #[test]
+    fn one_upload_per_participant_is_spooled_and_none_after_admission() {
+        let info = round();
+        let e = info.claim("rogue").err().map(|s| (s.code(), s.message().to_string()));
+        assert_eq!(e.as_ref().map(|e| e.0), Some(tonic::Code::PermissionDenied));
+        assert!(e.is_some_and(|e| e.1.contains("not a participant of round 3")));
+        let slot = info.claim("a");
+        assert!(slot.is_ok());
+        // A clone (what each handler holds) shares the slots.
+        let twin = info.clone();
+        let dup = twin.claim("a").err().map(|s| s.message().to_string()).unwrap_or_default();
+        assert!(dup.contains("already in flight"), "{dup}");
+        assert!(twin.claim("b").is_ok(), "another participant is not held up (its slot is freed at once here)");
+        drop(slot);
+        // The upload failed: the node may try again.
+        let slot = info.claim("a");
+        assert!(slot.is_ok());
+        info.admitted("a");
+        drop(slot);
+        let again = info.claim("a").err().map(|s| (s.code(), s.message().to_string()));
+        assert_eq!(again.as_ref().map(|e| e.0), Some(tonic::Code::AlreadyExists));
+        assert!(again.is_some_and(|e| e.1.contains("already had an update admitted")));
+        // The next round starts with fresh slots.
+        assert!(round().claim("a").is_ok());
+    }
+
+    #[test]
+    fn short_never_shows_more_than_twelve_characters() {
+        assert_eq!(short(&"ab".repeat(32)), "abababababab");
+        assert_eq!(short("abc"), "abc");
+        assert_eq!(short(&"é".repeat(1 << 20)).chars().count(), 12);
+    }
 }

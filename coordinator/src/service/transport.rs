@@ -122,7 +122,10 @@ impl Coordinator {
             .serve_with_incoming_shutdown(incoming, shutdown);
         // A driver that ended would leave a server that answers but never moves a plan: stop
         // with its reason instead (without draining: node streams never end on their own).
-        let result = server.await.map_err(anyhow::Error::from);
+        let result = tokio::select! {
+            served = server => served.map_err(anyhow::Error::from),
+            reason = self.driver.ended() => Err(anyhow::anyhow!("{reason}; the coordinator stopped serving")),
+        };
         // What was counted since the last report is not lost at shutdown.
         reporter.abort();
         if let Some(report) = refusals.take() {

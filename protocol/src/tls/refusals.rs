@@ -328,7 +328,11 @@ mod tests {
         assert_eq!((r.distinct_remotes, r.distinct_remotes_capped), (3, false));
         assert_eq!(r.sample_remotes, vec![ip(1), ip(2), ip(3)]);
         assert_eq!(r.over_secs, 5);
-        assert!(r.summary().starts_with("10101 refused over 5 s: 10000 TLS handshake failed, 100 TLS"), "{}", r.summary());
+        assert!(
+            r.summary().starts_with("10101 refused over 5 s: 10000 TLS handshake failed, 100 TLS"),
+            "{}",
+            r.summary()
+        );
         // Counted once: the next report has nothing to say.
         assert!(!c.pending());
         assert_eq!(c.take(t0 + Duration::from_secs(6)), None);
@@ -381,8 +385,7 @@ mod tests {
         let period = Duration::from_secs(1);
         let t0 = Instant::now();
         let mut c = RefusalCounter::new(period);
-        let ds: Vec<Disposition> =
-            (0..100).map(|_| c.record(RefusalClass::HandshakeFailed, ip(1), "x", t0)).collect();
+        let ds: Vec<Disposition> = (0..100).map(|_| c.record(RefusalClass::HandshakeFailed, ip(1), "x", t0)).collect();
         assert_eq!(ds.iter().filter(|d| d.log).count(), LOGGED_PER_PERIOD as usize);
         assert_eq!(ds.iter().filter(|d| d.log_silenced).count(), 1);
         assert!(ds.iter().all(|d| !d.itemise), "connection refusals are never itemised");
