@@ -354,6 +354,40 @@ pub mod limits {
     pub const MAX_BATCH_SIZE: u32 = 1 << 20;
     /// Longest plan name, in characters (ASCII only, see [`super::validate_plan_name`]).
     pub const MAX_NAME_CHARS: usize = 64;
+    /// Smallest noise multiplier σ (`privacy.noise_multiplier`, and the least any accountant
+    /// searches when it derives σ from `privacy.target_epsilon`). The PLD accountant's grid grows
+    /// as 1/σ²: at σ = 10⁻³ one step needs ~10¹⁰ points. Below 0.1 a single step already costs
+    /// ε in the hundreds, which is no privacy worth accounting.
+    pub const MIN_NOISE_MULTIPLIER: f64 = 0.1;
+    /// Largest noise multiplier: beyond 1000 the noise drowns any model (and ε is ~0).
+    pub const MAX_NOISE_MULTIPLIER: f64 = 1000.0;
+    /// Largest `privacy.target_epsilon`: ε beyond 100 is no guarantee (e¹⁰⁰ ≈ 10⁴³), and a
+    /// larger target only drives the noise search to the smallest σ.
+    pub const MAX_TARGET_EPSILON: f64 = 100.0;
+    /// Smallest `privacy.delta`: well above the PLD accountant's window tail (10⁻¹⁵), which it
+    /// adds to δ, so a reachable ε exists.
+    pub const MIN_DELTA: f64 = 1e-12;
+    /// `privacy.delta` must be below this: a δ of 10 % lets the mechanism leak a whole record
+    /// one time in ten.
+    pub const MAX_DELTA: f64 = 0.1;
+    /// Smallest clip norm (`privacy.clip_norm`, `secagg.clip_norm`).
+    pub const MIN_CLIP_NORM: f64 = 1e-6;
+    /// Largest clip norm: the secure-aggregation quantiser spreads 32 bits over ±clip_norm.
+    pub const MAX_CLIP_NORM: f64 = 1e6;
+    /// Largest `privacy.adaptive_clipping.learning_rate` (η_C; Andrew et al. use 0.2): the clip
+    /// norm moves by a factor of at most e^η a round.
+    pub const MAX_CLIP_LEARNING_RATE: f64 = 10.0;
+    /// Largest `secagg.max_samples`: the weight min(samples, max)/max is summed as a fraction,
+    /// and 10⁹ records per hospital is beyond any consortium.
+    pub const MAX_SAMPLES: u64 = 1_000_000_000;
+}
+
+/// A finite number in `min ..= max`, or the error naming `field` and the bounds.
+fn check_range(field: &'static str, value: f64, min: f64, max: f64) -> Result<(), PlanError> {
+    if !(value.is_finite() && (min..=max).contains(&value)) {
+        return Err(invalid(field, format!("is {value:?}; it must be a number from {min:?} to {max:?}")));
+    }
+    Ok(())
 }
 
 /// The rule plan names follow, as the error states it.
@@ -505,7 +539,6 @@ impl Plan {
 
     fn validate_privacy(&self) -> Result<(), PlanError> {
         let p = &self.privacy;
-        let positive = |v: Option<f64>| v.is_some_and(|v| v.is_finite() && v > 0.0);
         match p.mode {
             PrivacyMode::None => {
                 if p.noise_multiplier.is_some()
@@ -524,22 +557,40 @@ impl Plan {
                     (Some(_), Some(_)) | (None, None) => {
                         return Err(invalid("privacy", "needs exactly one of noise_multiplier or target_epsilon"));
                     }
-                    (Some(_), None) if !positive(p.noise_multiplier) => {
-                        return Err(invalid("privacy.noise_multiplier", "must be a positive number"));
+                    (Some(sigma), None) => check_range(
+                        "privacy.noise_multiplier",
+                        sigma,
+                        limits::MIN_NOISE_MULTIPLIER,
+                        limits::MAX_NOISE_MULTIPLIER,
+                    )?,
+                    (None, Some(eps)) => {
+                        if !(eps.is_finite() && eps > 0.0 && eps <= limits::MAX_TARGET_EPSILON) {
+                            return Err(invalid(
+                                "privacy.target_epsilon",
+                                format!("is {eps:?}; it must be above 0 and at most {:?}", limits::MAX_TARGET_EPSILON),
+                            ));
+                        }
                     }
-                    (None, Some(_)) if !positive(p.target_epsilon) => {
-                        return Err(invalid("privacy.target_epsilon", "must be a positive number"));
+                }
+                match p.clip_norm {
+                    None => {
+                        return Err(invalid("privacy.clip_norm", "is required with mode = \"example\" or \"client\""));
                     }
-                    _ => {}
+                    Some(c) => check_range("privacy.clip_norm", c, limits::MIN_CLIP_NORM, limits::MAX_CLIP_NORM)?,
                 }
-                if !positive(p.clip_norm) {
-                    return Err(invalid(
-                        "privacy.clip_norm",
-                        "is required with mode = \"example\" and must be positive",
-                    ));
-                }
-                if !p.delta.is_some_and(|d| d > 0.0 && d < 1.0) {
-                    return Err(invalid("privacy.delta", "is required with mode = \"example\" and must be in (0, 1)"));
+                match p.delta {
+                    Some(d) if (limits::MIN_DELTA..limits::MAX_DELTA).contains(&d) => {}
+                    d => {
+                        return Err(invalid(
+                            "privacy.delta",
+                            format!(
+                                "is {}; it is required with mode = \"example\" or \"client\" and must be at least {:?} and below {:?}",
+                                d.map_or_else(|| "missing".to_string(), |d| format!("{d:?}")),
+                                limits::MIN_DELTA,
+                                limits::MAX_DELTA
+                            ),
+                        ));
+                    }
                 }
                 if p.mode == PrivacyMode::Example && self.local.optimizer != LocalOptimizer::Sgd {
                     return Err(invalid("local.optimizer", "must be sgd with example-level privacy (DP-SGD)"));
@@ -557,15 +608,25 @@ impl Plan {
                     if !(a.target_quantile > 0.0 && a.target_quantile < 1.0) {
                         return Err(invalid("privacy.adaptive_clipping.target_quantile", "must be in (0, 1)"));
                     }
-                    if !(a.learning_rate.is_finite() && a.learning_rate > 0.0) {
-                        return Err(invalid("privacy.adaptive_clipping.learning_rate", "must be a positive number"));
-                    }
-                    if !(a.count_noise_multiplier.is_finite() && a.count_noise_multiplier > 0.0) {
+                    if !(a.learning_rate.is_finite()
+                        && a.learning_rate > 0.0
+                        && a.learning_rate <= limits::MAX_CLIP_LEARNING_RATE)
+                    {
                         return Err(invalid(
-                            "privacy.adaptive_clipping.count_noise_multiplier",
-                            "must be a positive number",
+                            "privacy.adaptive_clipping.learning_rate",
+                            format!(
+                                "is {:?}; it must be above 0 and at most {:?}",
+                                a.learning_rate,
+                                limits::MAX_CLIP_LEARNING_RATE
+                            ),
                         ));
                     }
+                    check_range(
+                        "privacy.adaptive_clipping.count_noise_multiplier",
+                        a.count_noise_multiplier,
+                        limits::MIN_NOISE_MULTIPLIER,
+                        limits::MAX_NOISE_MULTIPLIER,
+                    )?;
                 }
             }
         }
@@ -591,17 +652,13 @@ impl Plan {
         {
             return Err(invalid("secagg.threshold", "must be at least 2"));
         }
-        if !(s.clip_norm.is_finite() && s.clip_norm > 0.0) {
-            return Err(invalid("secagg.clip_norm", "must be a positive number"));
-        }
+        check_range("secagg.clip_norm", s.clip_norm, limits::MIN_CLIP_NORM, limits::MAX_CLIP_NORM)?;
         if let Some(t) = s.threshold
             && t > limits::MAX_NODES
         {
             return Err(invalid("secagg.threshold", format!("is {t}; it must be 2 to {}", limits::MAX_NODES)));
         }
-        if s.max_samples == 0 {
-            return Err(invalid("secagg.max_samples", "must be at least 1"));
-        }
+        check_count("secagg.max_samples", s.max_samples, limits::MAX_SAMPLES)?;
         check_deadline("secagg.step_timeout_secs", s.step_timeout_secs)?;
         if self.privacy.adaptive_clipping.is_some() {
             return Err(invalid(
@@ -806,6 +863,103 @@ server_learning_rate = 0.01
         let big =
             with("kind = \"logistic_regression\"\ninputs = 13", "kind = \"mlp\"\ninputs = 13\nhidden = [11200, 11200]");
         assert!(big.is_ok(), "{big:?}");
+    }
+
+    /// The review's plans: σ = 10⁻³ (a 10¹⁰-point PLD grid), σ = 10⁻³⁰⁰ (σ² underflows), ε = 10⁶
+    /// (a search down to σ ≈ 0.07), and every other float that feeds an accountant or the
+    /// secure-aggregation sizing, each refused with its field and its bound.
+    #[test]
+    fn privacy_and_secagg_numbers_outside_the_limits_are_refused_with_the_field_and_the_bound() {
+        let client = PLAN
+            .replace("kind = \"fedadam\"\nserver_learning_rate = 0.01", "kind = \"fedavg\"\nweighting = \"uniform\"");
+        let dp = |mode: &str, body: &str| {
+            Plan::parse(&format!("{client}[privacy]\nmode = \"{mode}\"\n{body}\n"))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let base = "clip_norm = 1.0\ndelta = 1e-5";
+        let adaptive = |a: &str| format!("noise_multiplier = 1.0\n{base}\nadaptive_clipping = {{ {a} }}");
+        let cases = [
+            ("example", format!("noise_multiplier = 1e-3\n{base}"), "privacy.noise_multiplier", "0.1"),
+            ("client", format!("noise_multiplier = 1e-3\n{base}"), "privacy.noise_multiplier", "0.1"),
+            ("example", format!("noise_multiplier = 1e-300\n{base}"), "privacy.noise_multiplier", "0.1"),
+            ("example", format!("noise_multiplier = 1001.0\n{base}"), "privacy.noise_multiplier", "1000.0"),
+            ("example", format!("noise_multiplier = nan\n{base}"), "privacy.noise_multiplier", "0.1"),
+            ("example", format!("noise_multiplier = inf\n{base}"), "privacy.noise_multiplier", "1000.0"),
+            ("example", format!("target_epsilon = 1e6\n{base}"), "privacy.target_epsilon", "100.0"),
+            ("client", format!("target_epsilon = 100.5\n{base}"), "privacy.target_epsilon", "100.0"),
+            ("example", format!("target_epsilon = 0.0\n{base}"), "privacy.target_epsilon", "above 0"),
+            ("example", "noise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 1e-13".into(), "privacy.delta", "1e-12"),
+            ("example", "noise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 0.1".into(), "privacy.delta", "0.1"),
+            ("example", "noise_multiplier = 1.0\nclip_norm = 1.0".into(), "privacy.delta", "missing"),
+            (
+                "example",
+                "noise_multiplier = 1.0\nclip_norm = 1e7\ndelta = 1e-5".into(),
+                "privacy.clip_norm",
+                "1000000.0",
+            ),
+            ("example", "noise_multiplier = 1.0\nclip_norm = 1e-7\ndelta = 1e-5".into(), "privacy.clip_norm", "1e-6"),
+            ("example", "noise_multiplier = 1.0\nclip_norm = inf\ndelta = 1e-5".into(), "privacy.clip_norm", "1e-6"),
+            ("client", adaptive("count_noise_multiplier = 1e-3"), "count_noise_multiplier", "0.1"),
+            ("client", adaptive("count_noise_multiplier = 1e9"), "count_noise_multiplier", "1000.0"),
+            (
+                "client",
+                adaptive("count_noise_multiplier = 10.0, learning_rate = 11.0"),
+                "adaptive_clipping.learning_rate",
+                "10.0",
+            ),
+            ("client", adaptive("count_noise_multiplier = 10.0, target_quantile = 1.0"), "target_quantile", "(0, 1)"),
+        ];
+        for (mode, body, field, bound) in &cases {
+            let e = dp(mode, body).expect_err(body);
+            assert!(e.contains(field) && e.contains(bound), "{body}: {e}");
+        }
+        // The bounds themselves are admitted.
+        for (mode, body) in [
+            ("example", format!("noise_multiplier = 0.1\n{base}")),
+            ("client", format!("noise_multiplier = 1000.0\n{base}")),
+            ("example", format!("target_epsilon = 100.0\n{base}")),
+            ("example", "noise_multiplier = 1.0\nclip_norm = 1e6\ndelta = 1e-12".into()),
+            ("example", "noise_multiplier = 1.0\nclip_norm = 1e-6\ndelta = 0.0999".into()),
+            ("client", adaptive("count_noise_multiplier = 0.6, learning_rate = 10.0")),
+        ] {
+            assert!(dp(mode, &body).is_ok(), "{body}: {:?}", dp(mode, &body));
+        }
+        let secagg = |extra: &str| {
+            let text = PLAN.replace("min_nodes = 1", "min_nodes = 2");
+            Plan::parse(&format!("secure_aggregation = true\n{text}[secagg]\n{extra}\n")).map_err(|e| e.to_string())
+        };
+        for (extra, field, bound) in [
+            ("clip_norm = 1e7", "secagg.clip_norm", "1000000.0"),
+            ("clip_norm = nan", "secagg.clip_norm", "1e-6"),
+            ("max_samples = 1000000001", "secagg.max_samples", "1000000000"),
+            ("max_samples = 18446744073709551615", "secagg.max_samples", "1000000000"),
+            ("max_samples = 0", "secagg.max_samples", "1000000000"),
+        ] {
+            let e = secagg(extra).expect_err(extra);
+            assert!(e.contains(field) && e.contains(bound), "{extra}: {e}");
+        }
+        assert!(secagg("clip_norm = 1e6\nmax_samples = 1000000000").is_ok());
+    }
+
+    /// Every plan shipped in `examples/` is within the limits.
+    #[test]
+    fn every_bundled_example_plan_is_within_the_limits() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let sub = entry.unwrap().path();
+            let Ok(files) = std::fs::read_dir(&sub) else { continue };
+            for file in files {
+                let path = file.unwrap().path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    Plan::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    seen += 1;
+                }
+            }
+        }
+        assert!(seen >= 10, "found {seen} example plans in {}", dir.display());
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub fn epsilon(run: &SampledGaussian, delta: f64) -> Result<EpsilonReport, Priva
     let orders = rdp::default_orders();
     let (rdp_epsilon, rdp_order) =
         rdp::epsilon(&orders, &rdp::rdp(run.sampling_rate, run.noise_multiplier, run.steps, &orders), delta);
-    let pld_epsilon = pld::epsilon(run, delta, &pld::Discretisation::default());
+    let pld_epsilon = pld::epsilon(run, delta, &pld::Discretisation::default())?;
     Ok(EpsilonReport {
         sampling_rate: run.sampling_rate,
         noise_multiplier: run.noise_multiplier,
@@ -127,12 +127,14 @@ pub fn epsilon_with(accountant: Accountant, run: &SampledGaussian, delta: f64) -
             let orders = rdp::default_orders();
             rdp::epsilon(&orders, &rdp::rdp(run.sampling_rate, run.noise_multiplier, run.steps, &orders), delta).0
         }
-        Accountant::Pld => pld::epsilon(run, delta, &pld::Discretisation::default()),
+        Accountant::Pld => pld::epsilon(run, delta, &pld::Discretisation::default())?,
     })
 }
 
 /// The smallest noise multiplier (to 0.1 % relative) whose ε does not exceed `target` under
-/// `accountant`. The answer is always on the safe side: its ε is at most the target.
+/// `accountant`. The answer is always on the safe side: its ε is at most the target. The search
+/// stays within the noise multipliers a plan may name ([`crate::plan::limits`]), so no accountant
+/// is ever asked about a σ whose grid or arithmetic a plan could not reach directly.
 pub fn noise_for_epsilon(
     accountant: Accountant,
     target: f64,
@@ -140,29 +142,63 @@ pub fn noise_for_epsilon(
     steps: u64,
     delta: f64,
 ) -> Result<f64, PrivacyError> {
+    use crate::plan::limits::{MAX_NOISE_MULTIPLIER as MAX, MIN_NOISE_MULTIPLIER as MIN};
     if !(target.is_finite() && target > 0.0) {
         return Err(PrivacyError::Epsilon(target));
     }
     check_delta(delta)?;
-    let eps = |sigma: f64| {
-        epsilon_with(accountant, &SampledGaussian { sampling_rate, noise_multiplier: sigma, steps }, delta)
+    // A σ the accountant cannot answer for (its grid would be too large, which happens only
+    // for too little noise) counts as missing the target: the answer always has an ε.
+    let misses = |sigma: f64| -> Result<Result<bool, PrivacyError>, PrivacyError> {
+        match epsilon_with(accountant, &SampledGaussian { sampling_rate, noise_multiplier: sigma, steps }, delta) {
+            Ok(e) => Ok(Ok(e > target)),
+            Err(e @ PrivacyError::Accounting(_)) => Ok(Err(e)),
+            Err(e) => Err(e),
+        }
     };
-    const MAX: f64 = 1e4;
-    let mut hi = 1.0;
-    while eps(hi)? > target {
-        hi *= 2.0;
-        if hi > MAX {
-            return Err(PrivacyError::Unreachable { target, max: MAX });
+    let mut hi = 1.0f64.clamp(MIN, MAX);
+    loop {
+        match misses(hi)? {
+            Ok(false) => break,
+            Ok(true) if hi >= MAX => return Err(PrivacyError::Unreachable { target, max: MAX }),
+            Err(e) if hi >= MAX => return Err(e),
+            _ => hi = (hi * 2.0).min(MAX),
         }
     }
-    let mut lo = 0.0;
+    let mut lo = MIN;
+    if misses(lo)? == Ok(false) {
+        return Ok(lo);
+    }
     while (hi - lo) > 1e-3 * hi {
         let mid = 0.5 * (lo + hi);
-        if eps(mid)? > target {
-            lo = mid;
-        } else {
+        if misses(mid)? == Ok(false) {
             hi = mid;
+        } else {
+            lo = mid;
         }
     }
     Ok(hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::limits;
+
+    /// A huge target used to drive the bisection to σ ≈ 0.07 (and a huge grid); the search now
+    /// stops at the least noise a plan may name, and its answer still meets the target.
+    #[test]
+    fn the_noise_search_stays_within_the_plan_limits() {
+        for accountant in [Accountant::Pld, Accountant::Rdp] {
+            let sigma = noise_for_epsilon(accountant, 1e6, 1.0, 1, 1e-5).unwrap();
+            assert_eq!(sigma, limits::MIN_NOISE_MULTIPLIER, "{accountant:?}");
+            let sigma = noise_for_epsilon(accountant, 3.0, 0.05, 100, 1e-5).unwrap();
+            assert!((limits::MIN_NOISE_MULTIPLIER..=limits::MAX_NOISE_MULTIPLIER).contains(&sigma));
+            let run = SampledGaussian { sampling_rate: 0.05, noise_multiplier: sigma, steps: 100 };
+            assert!(epsilon_with(accountant, &run, 1e-5).unwrap() <= 3.0);
+        }
+        // An ε no σ up to the maximum reaches is refused, naming that maximum.
+        let e = noise_for_epsilon(Accountant::Rdp, 1e-6, 1.0, 10_000, 1e-5).unwrap_err();
+        assert_eq!(e, PrivacyError::Unreachable { target: 1e-6, max: limits::MAX_NOISE_MULTIPLIER });
+    }
 }

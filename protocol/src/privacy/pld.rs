@@ -16,8 +16,42 @@
 use rustfft::FftPlanner;
 use rustfft::num_complex::Complex;
 
-use super::SampledGaussian;
 use super::special::ndtr;
+use super::{PrivacyError, SampledGaussian};
+
+/// Most points a discretised distribution (one step's, or the composed window's FFT buffer) may
+/// have: 2²⁴, 256 MiB of complex `f64`. The grid grows as 1/(σ²·interval) for one step and as
+/// √T/(σ·interval) for T steps, so a tiny noise multiplier or an absurd step count would
+/// otherwise ask for gigabytes; such a run is refused instead, naming the cause.
+pub const MAX_GRID_POINTS: usize = 1 << 24;
+
+/// The refusal of a grid of `points` (a float, as it may not fit an integer).
+fn too_large(what: &str, points: f64, sigma: f64) -> PrivacyError {
+    PrivacyError::Accounting(format!(
+        "the {what} would need {points:.3e} grid points (at most {MAX_GRID_POINTS}) at noise multiplier {sigma}; \
+         use more noise, fewer steps or the RDP accountant"
+    ))
+}
+
+/// Grid indices `floor(lo/h) ..= ceil(hi/h)` (at least two), refused unless finite and within
+/// [`MAX_GRID_POINTS`]; computed in `f64` before any integer arithmetic, so nothing wraps.
+fn grid_span(what: &str, lo: f64, hi: f64, h: f64, sigma: f64) -> Result<(i64, i64), PrivacyError> {
+    let (a, b) = ((lo / h).floor(), (hi / h).ceil());
+    // The bound on |index| keeps every later product with a step count inside i64 too (see compose).
+    let limit = 2f64.powi(52);
+    if !(a.is_finite() && b.is_finite() && a.abs() < limit && b.abs() < limit && b >= a) {
+        return Err(PrivacyError::Accounting(format!(
+            "the {what} spans losses {lo:e} to {hi:e}, which no grid holds, at noise multiplier {sigma}"
+        )));
+    }
+    let points = b - a + 1.0;
+    if points > MAX_GRID_POINTS as f64 {
+        return Err(too_large(what, points, sigma));
+    }
+    // Exact: both are integers below 2⁵² in magnitude.
+    let (k_lo, k_hi) = (a as i64, b as i64);
+    Ok((k_lo, k_hi.max(k_lo + 1)))
+}
 
 /// Grid and truncation settings.
 #[derive(Clone, Debug)]
@@ -108,10 +142,11 @@ struct DiscretePld {
 }
 
 /// Connect-the-dots discretisation of one step.
-fn discretise(rel: Relation, q: f64, sigma: f64, d: &Discretisation) -> DiscretePld {
+fn discretise(rel: Relation, q: f64, sigma: f64, d: &Discretisation) -> Result<DiscretePld, PrivacyError> {
     let h = d.interval;
     let (lo, hi) = loss_range(rel, q, sigma, d.tail_sigmas);
-    let (k_lo, k_hi) = ((lo / h).floor() as i64, ((hi / h).ceil() as i64).max((lo / h).floor() as i64 + 1));
+    let (k_lo, k_hi) = grid_span("one step's privacy loss", lo, hi, h, sigma)?;
+    // Within MAX_GRID_POINTS + 1 by grid_span.
     let n = (k_hi - k_lo + 1) as usize;
     let eps: Vec<f64> = (0..n).map(|i| (k_lo + i as i64) as f64 * h).collect();
     let delta: Vec<f64> = eps.iter().map(|&e| delta_one_step(rel, q, sigma, e)).collect();
@@ -125,7 +160,7 @@ fn discretise(rel: Relation, q: f64, sigma: f64, d: &Discretisation) -> Discrete
     let infinite = delta[n - 1];
     let rest: f64 = mass[1..].iter().sum::<f64>() + infinite;
     mass[0] = (1.0 - rest).max(0.0);
-    DiscretePld { offset: k_lo, mass, infinite }
+    Ok(DiscretePld { offset: k_lo, mass, infinite })
 }
 
 /// ln Σᵢ massᵢ·e^{λ·lossᵢ}, the cumulant generating function of the finite part.
@@ -186,8 +221,11 @@ impl Composed {
 }
 
 /// T-fold self-composition by FFT over a window that holds all but `window_tail` of the mass.
-fn compose(p: &DiscretePld, steps: u64, d: &Discretisation) -> Composed {
+fn compose(p: &DiscretePld, steps: u64, d: &Discretisation, sigma: f64) -> Result<Composed, PrivacyError> {
     let h = d.interval;
+    // The product T·offset below is checked too; plans bound T by rounds × local steps (≤ 10⁹).
+    let steps_i64 = i64::try_from(steps)
+        .map_err(|_| PrivacyError::Accounting(format!("{steps} steps are more than any accountant composes")))?;
     let t = steps as f64;
     let width = p.mass.len() as i64;
     let (min_loss, max_loss) = (p.offset as f64 * h, (p.offset + width - 1) as f64 * h);
@@ -207,8 +245,12 @@ fn compose(p: &DiscretePld, steps: u64, d: &Discretisation) -> Composed {
             s_lo = s_lo.max(down);
         }
     }
-    let (m_lo, m_hi) = ((s_lo / h).floor() as i64, (s_hi / h).ceil() as i64);
+    let (m_lo, m_hi) = grid_span("composed privacy loss", s_lo, s_hi, h, sigma)?;
+    // Both at most MAX_GRID_POINTS + 1, so the sum and the power of two cannot overflow.
     let n = ((m_hi - m_lo + 1).max(width) as usize + 1).next_power_of_two();
+    if n > MAX_GRID_POINTS {
+        return Err(too_large("composed privacy loss", n as f64, sigma));
+    }
     let mut buf: Vec<Complex<f64>> = vec![Complex::new(0.0, 0.0); n];
     for (i, m) in p.mass.iter().enumerate() {
         buf[i % n].re += m;
@@ -220,38 +262,46 @@ fn compose(p: &DiscretePld, steps: u64, d: &Discretisation) -> Composed {
         *z = if r == 0.0 { Complex::new(0.0, 0.0) } else { Complex::from_polar(r.powf(t), theta * t) };
     }
     planner.plan_fft_inverse(n).process(&mut buf);
-    let base = p.offset * steps as i64;
+    let base = p.offset.checked_mul(steps_i64).ok_or_else(|| {
+        PrivacyError::Accounting(format!("{steps} steps of this loss grid overflow its index; take fewer steps"))
+    })?;
     let mass: Vec<f64> = (m_lo..=m_hi)
         .map(|m| {
-            let j = (m - base).rem_euclid(n as i64) as usize;
+            // In i128, as m − base may leave i64 when |base| is near its end.
+            let j = (i128::from(m) - i128::from(base)).rem_euclid(n as i128) as usize;
             // Rounding noise can dip below zero; a mass is never negative.
             (buf[j].re / n as f64).max(0.0)
         })
         .collect();
     // Mass at +∞ after T steps: 1 − (1 − p∞)^T.
     let infinite = -(t * (-p.infinite).ln_1p()).exp_m1();
-    Composed { first: m_lo, mass, extra_delta: infinite + d.window_tail, h }
+    Ok(Composed { first: m_lo, mass, extra_delta: infinite + d.window_tail, h })
 }
 
-/// The tight ε of `run` at `delta`: the larger of the remove and add relations.
-pub fn epsilon(run: &SampledGaussian, delta: f64, d: &Discretisation) -> f64 {
+/// The tight ε of `run` at `delta`: the larger of the remove and add relations. Refuses a run
+/// whose parameters are out of range or whose grid would exceed [`MAX_GRID_POINTS`].
+pub fn epsilon(run: &SampledGaussian, delta: f64, d: &Discretisation) -> Result<f64, PrivacyError> {
+    run.validate()?;
     let (q, sigma) = (run.sampling_rate, run.noise_multiplier);
     if run.steps == 0 {
-        return 0.0;
+        return Ok(0.0);
     }
-    [Relation::Remove, Relation::Add]
-        .into_iter()
-        .map(|rel| compose(&discretise(rel, q, sigma, d), run.steps, d).epsilon(delta))
-        .fold(0.0, f64::max)
+    let mut worst = 0.0f64;
+    for rel in [Relation::Remove, Relation::Add] {
+        worst = worst.max(compose(&discretise(rel, q, sigma, d)?, run.steps, d, sigma)?.epsilon(delta));
+    }
+    Ok(worst)
 }
 
 /// δ of `run` at `eps`: the larger of the remove and add relations.
-pub fn delta(run: &SampledGaussian, eps: f64, d: &Discretisation) -> f64 {
+pub fn delta(run: &SampledGaussian, eps: f64, d: &Discretisation) -> Result<f64, PrivacyError> {
+    run.validate()?;
     let (q, sigma) = (run.sampling_rate, run.noise_multiplier);
-    [Relation::Remove, Relation::Add]
-        .into_iter()
-        .map(|rel| compose(&discretise(rel, q, sigma, d), run.steps, d).delta(eps))
-        .fold(0.0, f64::max)
+    let mut worst = 0.0f64;
+    for rel in [Relation::Remove, Relation::Add] {
+        worst = worst.max(compose(&discretise(rel, q, sigma, d)?, run.steps, d, sigma)?.delta(eps));
+    }
+    Ok(worst)
 }
 
 #[cfg(test)]
@@ -285,7 +335,7 @@ mod tests {
         let r: Reference = serde_json::from_str(include_str!("../../testdata/privacy/epsilon_reference.json")).unwrap();
         for c in &r.cases {
             let run = SampledGaussian { sampling_rate: c.q, noise_multiplier: c.sigma, steps: c.steps };
-            let ours = epsilon(&run, c.delta, &Discretisation::default());
+            let ours = epsilon(&run, c.delta, &Discretisation::default()).unwrap();
             let want = c.pld_epsilon_dp_accounting;
             let rel = (ours - want) / want;
             println!(
@@ -317,11 +367,41 @@ mod tests {
                     assert!((0.0..=1.0).contains(&d) && d <= prev + 1e-15, "{rel:?} q={q} σ={sigma} ε={eps}: δ={d}");
                     prev = d;
                 }
-                let p = discretise(rel, q, sigma, &Discretisation::default());
+                let p = discretise(rel, q, sigma, &Discretisation::default()).unwrap();
                 let total: f64 = p.mass.iter().sum::<f64>() + p.infinite;
                 assert!((total - 1.0).abs() < 1e-6, "{rel:?} q={q} σ={sigma}: total mass {total}");
             }
         }
+    }
+
+    /// A plan's careless σ: 10⁻³ would need ~10¹⁰ points for one step, 10⁻³⁰⁰ underflows σ²
+    /// (the old code cast ±∞ to i64 and overflowed the grid's length); each is refused at once.
+    #[test]
+    fn a_noise_multiplier_needing_an_enormous_grid_is_refused_not_allocated() {
+        let d = Discretisation::default();
+        for sigma in [1e-3, 1e-300, f64::MIN_POSITIVE] {
+            for q in [1.0, 0.01] {
+                let run = SampledGaussian { sampling_rate: q, noise_multiplier: sigma, steps: 10 };
+                let e = epsilon(&run, 1e-5, &d).unwrap_err();
+                assert!(matches!(e, PrivacyError::Accounting(_)), "σ={sigma} q={q}: {e}");
+                assert!(delta(&run, 1.0, &d).is_err(), "σ={sigma} q={q}");
+            }
+        }
+        // One step fits, but composing 10⁹ of them needs a window beyond the cap.
+        let run = SampledGaussian { sampling_rate: 1.0, noise_multiplier: 0.1, steps: 1_000_000_000 };
+        let e = epsilon(&run, 1e-5, &d).unwrap_err().to_string();
+        assert!(e.contains("grid points"), "{e}");
+        // Steps beyond i64 are refused rather than wrapped.
+        let run = SampledGaussian { sampling_rate: 0.01, noise_multiplier: 1.0, steps: u64::MAX };
+        assert!(epsilon(&run, 1e-5, &d).is_err());
+        // Non-finite or non-positive σ never reaches the grid.
+        for sigma in [f64::NAN, f64::INFINITY, 0.0, -1.0] {
+            let run = SampledGaussian { sampling_rate: 0.5, noise_multiplier: sigma, steps: 1 };
+            assert!(matches!(epsilon(&run, 1e-5, &d), Err(PrivacyError::NoiseMultiplier(_))), "σ={sigma}");
+        }
+        // The smallest σ a plan may name is answered.
+        let run = SampledGaussian { sampling_rate: 1.0, noise_multiplier: 0.1, steps: 1 };
+        assert!(epsilon(&run, 1e-5, &d).unwrap().is_finite());
     }
 
     #[test]
@@ -333,7 +413,7 @@ mod tests {
         let s = (2.0 * mu).sqrt();
         let exact = ndtr(-eps / s + s / 2.0) - eps.exp() * ndtr(-eps / s - s / 2.0);
         let run = SampledGaussian { sampling_rate: 1.0, noise_multiplier: sigma, steps: 1 };
-        let ours = delta(&run, eps, &Discretisation::default());
+        let ours = delta(&run, eps, &Discretisation::default()).unwrap();
         assert!(ours >= exact && ours < exact * 1.001 + 1e-12, "ours {ours}, exact {exact}");
     }
 }

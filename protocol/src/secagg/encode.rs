@@ -414,7 +414,10 @@ mod tests {
         // σ_N = σ·C/(γ·√N) below ½: the theorem says nothing, so the plan is refused.
         let tiny = 1e-7;
         assert!(matches!(round_rho(tiny, 1.0, 14), Err(PrivacyError::Theorem(_))));
-        let e = distributed_noise(&dp_plan(1.0, tiny)).unwrap_err();
+        // Plans refuse σ below 0.1 (plan::limits); this module refuses on its own too.
+        let mut plan = dp_plan(1.0, 1.0);
+        plan.privacy.noise_multiplier = Some(tiny);
+        let e = distributed_noise(&plan).unwrap_err();
         assert!(e.contains("below ½"), "{e}");
         assert!(distributed_noise(&dp_plan(1.0, 1.0)).unwrap() == Some(1.0));
     }
