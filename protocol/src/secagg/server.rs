@@ -16,6 +16,19 @@ use super::masking::{self, Seed};
 use super::shamir::{self, Share};
 use super::{SecAggError, ShareKind, UnmaskShare};
 
+/// Longest signature the coordinator accepts and relays (keys and consistency): 72 bytes, the
+/// longest ASN.1 DER encoding of an ECDSA P-256 signature (two 33-byte integers, their headers
+/// and the sequence's), the only scheme node keys use ([`super::keys`]). Every survivor's
+/// signature travels to every survivor in one message, so one oversized signature would push
+/// that message past the nodes' decode limit and knock every honest node out of the round.
+pub const MAX_SIGNATURE_BYTES: usize = 72;
+/// Longest node certificate relayed with its keys (it comes from the TLS session; a consortium
+/// certificate is under 1 KiB).
+pub const MAX_CERTIFICATE_BYTES: usize = 16 * 1024;
+/// The exact size of an encrypted share pair: the two 72-byte shares sealed with
+/// ChaCha20-Poly1305, which appends a 16-byte tag ([`super::crypto`]).
+pub const SHARE_CIPHERTEXT_BYTES: usize = 2 * 72 + 16;
+
 /// What the coordinator must send next.
 #[derive(Clone, Debug)]
 pub enum ServerAction {
@@ -78,6 +91,14 @@ impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server").field("step", &self.step).field("round", &self.params.round).finish_non_exhaustive()
     }
+}
+
+/// `what` of `len` bytes within `max`, or the peer's error naming the field and the limit.
+fn check_len(node: &str, what: &str, len: usize, max: usize) -> Result<(), SecAggError> {
+    if len > max {
+        return Err(SecAggError::Peer(node.into(), format!("{what} is {len} bytes; at most {max} are relayed")));
+    }
+    Ok(())
 }
 
 impl Server {
@@ -149,6 +170,9 @@ impl Server {
         if keys.keys.node != node || keys.keys.plan_id != self.params.plan_id || keys.keys.round != self.params.round {
             return Err(SecAggError::Peer(node.into(), "keys name another node, plan or round".into()));
         }
+        // Before any verification: what is relayed is bounded whether or not it verifies.
+        check_len(node, "the keys' signature", keys.signature.len(), MAX_SIGNATURE_BYTES)?;
+        check_len(node, "the certificate", keys.cert_der.len(), MAX_CERTIFICATE_BYTES)?;
         // Under this round's own roster digest, not one relayed with the keys.
         verifier
             .verify(node, &keys.cert_der, &self.params.keys_message(&keys.keys), &keys.signature)
@@ -178,6 +202,16 @@ impl Server {
         let u1: BTreeSet<u32> = self.keys.keys().copied().collect();
         if shares.iter().any(|s| s.from != id) || targets != u1 || shares.len() != u1.len() {
             return Err(SecAggError::Peer(node.into(), "shares must be one for each node that advertised keys".into()));
+        }
+        if let Some(bad) = shares.iter().find(|s| s.ciphertext.len() != SHARE_CIPHERTEXT_BYTES) {
+            return Err(SecAggError::Peer(
+                node.into(),
+                format!(
+                    "the share for node id {} is {} bytes; an encrypted share is exactly {SHARE_CIPHERTEXT_BYTES}",
+                    bad.to,
+                    bad.ciphertext.len()
+                ),
+            ));
         }
         self.shares.insert(id, shares);
         Ok(self.advance(now))
@@ -213,6 +247,7 @@ impl Server {
         if !matches!(self.step, Step::Consistency) || !self.u3.contains(&id) || self.signatures.contains_key(&id) {
             return Err(self.wrong_step("a consistency signature", node));
         }
+        check_len(node, "the consistency signature", signature.len(), MAX_SIGNATURE_BYTES)?;
         self.signatures.insert(id, signature);
         Ok(self.advance(now))
     }

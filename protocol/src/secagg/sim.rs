@@ -439,6 +439,88 @@ mod tests {
         );
     }
 
+    /// The review's attack: a survivor's 2 MiB consistency signature, stored and relayed to
+    /// every survivor in one message, pushed that message past the nodes' 2 MiB decode limit. Each
+    /// relayed field over its bound is now refused with the field and the limit, and the round
+    /// goes on without the node that sent it: the relayed signatures are all within 72 bytes.
+    #[test]
+    fn oversized_signatures_certificates_and_shares_are_refused_and_the_round_goes_on() {
+        use crate::secagg::server::{MAX_CERTIFICATE_BYTES, MAX_SIGNATURE_BYTES, SHARE_CIPHERTEXT_BYTES};
+        let members = Members::new(3).unwrap();
+        let names = members.names.clone();
+        let params = RoundParams { plan_id: "p".into(), round: 1, participants: names.clone(), threshold: 2 };
+        let now = Instant::now();
+        let step = Duration::from_secs(5);
+        let mut server = Server::new(params.clone(), 4, step, now + Duration::from_secs(60), now).unwrap();
+        let input = |id: u32| vec![id, 10 * id, 100 * id, 1000 * id];
+        let mut clients = BTreeMap::new();
+        let mut actions = Vec::new();
+        for name in &names {
+            let (client, keys) = Client::new(params.clone(), name).unwrap();
+            let signature = members.sign(name, &keys.signed_message());
+            let ad = AdvertisedKeys { keys, signature, cert_der: members.certs[name].clone() };
+            if name == &names[0] {
+                let mut big = ad.clone();
+                big.signature = vec![0; 2 << 20];
+                let e = server.advertise(name, big, &members, now).unwrap_err().to_string();
+                assert!(e.contains("signature") && e.contains(&MAX_SIGNATURE_BYTES.to_string()), "{e}");
+                let mut big = ad.clone();
+                big.cert_der = vec![0; MAX_CERTIFICATE_BYTES + 1];
+                let e = server.advertise(name, big, &members, now).unwrap_err().to_string();
+                assert!(e.contains("certificate") && e.contains(&MAX_CERTIFICATE_BYTES.to_string()), "{e}");
+            }
+            actions.extend(server.advertise(name, ad, &members, now).unwrap());
+            clients.insert(client.id(), client);
+        }
+        let Some(ServerAction::SendPeers { keys, .. }) = actions.pop() else { panic!("{actions:?}") };
+        for (&id, client) in clients.iter_mut() {
+            let shares = client.receive_peers(&keys, &members).unwrap();
+            assert!(
+                shares.iter().all(|s| s.ciphertext.len() == SHARE_CIPHERTEXT_BYTES),
+                "the constant is the real size"
+            );
+            let name = &names[id as usize - 1];
+            if id == 1 {
+                for len in [SHARE_CIPHERTEXT_BYTES + 1, SHARE_CIPHERTEXT_BYTES - 1, 2 << 20] {
+                    let mut bad = shares.clone();
+                    bad[1].ciphertext.resize(len, 0);
+                    let e = server.shares(name, bad, now).unwrap_err().to_string();
+                    assert!(e.contains(&format!("exactly {SHARE_CIPHERTEXT_BYTES}")), "{e}");
+                }
+            }
+            actions.extend(server.shares(name, shares, now).unwrap());
+        }
+        let Some(ServerAction::SendShares { u2, per_node }) = actions.pop() else { panic!("{actions:?}") };
+        for (&id, client) in clients.iter_mut() {
+            client.receive_shares(&u2, &per_node[&id]).unwrap();
+            let y = client.masked_input(&input(id)).unwrap();
+            actions.extend(server.masked_input(&names[id as usize - 1], &y, now).unwrap());
+        }
+        let Some(ServerAction::SendSurvivors { u3 }) = actions.pop() else { panic!("{actions:?}") };
+        for (&id, client) in clients.iter_mut() {
+            let name = &names[id as usize - 1];
+            let message = client.receive_survivors(&u3).unwrap();
+            if id == 1 {
+                // Node 1 sends only a 2 MiB signature: refused; it is not waited for past the step.
+                let e = server.consistency(name, vec![0; 2 << 20], now).unwrap_err().to_string();
+                assert!(e.contains("consistency signature") && e.contains("at most 72"), "{e}");
+                continue;
+            }
+            actions.extend(server.consistency(name, members.sign(name, &message), now).unwrap());
+        }
+        actions.extend(server.tick(now + step + Duration::from_secs(1)));
+        let Some(ServerAction::SendSignatures { to, signatures }) = actions.pop() else { panic!("{actions:?}") };
+        assert_eq!(to, BTreeSet::from([2, 3]));
+        assert!(signatures.iter().all(|(_, s)| s.len() <= MAX_SIGNATURE_BYTES));
+        for id in to {
+            let shares = clients.get_mut(&id).unwrap().receive_consistency(&signatures, &members).unwrap();
+            actions.extend(server.unmask(&names[id as usize - 1], shares, now + step).unwrap());
+        }
+        let Some(ServerAction::Done(outcome)) = actions.pop() else { panic!("{actions:?}") };
+        let want: Vec<u32> = (0..4).map(|i| (1..=3).map(|id| input(id)[i]).sum()).collect();
+        assert_eq!(outcome.sum, want);
+    }
+
     /// How a node starts its round: [`Client::new`], or the test-only constructor that skips the
     /// majority rule (the code before it).
     type Start = fn(RoundParams, &str) -> Result<(Client, RoundKeys), SecAggError>;
