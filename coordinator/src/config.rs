@@ -34,13 +34,26 @@ pub struct CoordinatorConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// TLS handshakes in progress at once; a connection beyond it waits in the kernel's backlog.
+    /// TLS handshakes in progress at once; a connection whose ClientHello has begun waits for
+    /// one (within `handshake_timeout_secs`). A connection that has sent nothing holds none.
     pub max_handshakes_in_flight: usize,
     /// Connections open at once (authenticated or not); a connection beyond it is closed at once
     /// and counted as refused.
     pub max_connections: usize,
-    /// Seconds a client gets to complete the TLS handshake.
+    /// Connections from one IP address in handshake at once (silent ones included); one beyond
+    /// it is closed at once and counted as refused (`address_limit`). Served connections do not
+    /// count, so several nodes behind one NAT are not limited by it, only their reconnects at
+    /// the same instant.
+    pub handshakes_per_ip: usize,
+    /// Seconds a client gets to send the first byte of its ClientHello; a silent socket is
+    /// closed after it (`handshake_timed_out`), long before the handshake timeout.
+    pub first_byte_timeout_secs: u64,
+    /// Seconds a client gets to complete the TLS handshake, from accept.
     pub handshake_timeout_secs: u64,
+    /// Authenticated connections open at once with the same certificate; one beyond it is closed
+    /// after the handshake and counted as refused (`identity_limit`). A node needs one; the
+    /// lead's CLI one per command running.
+    pub connections_per_identity: usize,
     /// Refused connections are counted, and the counts written to the audit log at most once per
     /// this many seconds (one record per period, never one per refusal).
     pub refusal_report_secs: u64,
@@ -69,7 +82,10 @@ impl Default for Limits {
         Self {
             max_handshakes_in_flight: 64,
             max_connections: 1024,
+            handshakes_per_ip: 4,
+            first_byte_timeout_secs: 2,
             handshake_timeout_secs: 10,
+            connections_per_identity: 8,
             refusal_report_secs: 60,
             max_concurrent_streams: 64,
             concurrency_per_connection: 32,
@@ -90,7 +106,10 @@ impl Limits {
         let nonzero = [
             ("max_handshakes_in_flight", self.max_handshakes_in_flight as u64),
             ("max_connections", self.max_connections as u64),
+            ("handshakes_per_ip", self.handshakes_per_ip as u64),
+            ("first_byte_timeout_secs", self.first_byte_timeout_secs),
             ("handshake_timeout_secs", self.handshake_timeout_secs),
+            ("connections_per_identity", self.connections_per_identity as u64),
             ("refusal_report_secs", self.refusal_report_secs),
             ("max_concurrent_streams", u64::from(self.max_concurrent_streams)),
             ("concurrency_per_connection", self.concurrency_per_connection as u64),
@@ -102,10 +121,17 @@ impl Limits {
             ("events_per_run", self.events_per_run as u64),
             ("runs_in_memory", self.runs_in_memory as u64),
         ];
-        match nonzero.iter().find(|(_, v)| *v == 0) {
-            Some((name, _)) => Err(format!("limits.{name} must be at least 1")),
-            None => Ok(()),
+        if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("limits.{name} must be at least 1"));
         }
+        // The first byte is part of the handshake: a longer wait for it would never apply.
+        if self.first_byte_timeout_secs > self.handshake_timeout_secs {
+            return Err(format!(
+                "limits.first_byte_timeout_secs ({}) must not exceed limits.handshake_timeout_secs ({})",
+                self.first_byte_timeout_secs, self.handshake_timeout_secs
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -153,4 +179,28 @@ pub fn resolve(base: &Path, p: &Path) -> PathBuf {
 pub fn resolve_tls(config_path: &Path, tls: &TlsFiles) -> TlsFiles {
     let base = config_path.parent().unwrap_or(Path::new("."));
     TlsFiles { ca: resolve(base, &tls.ca), cert: resolve(base, &tls.cert), key: resolve(base, &tls.key) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_limits_are_valid_and_a_zero_or_an_inverted_timeout_is_refused_by_name() {
+        assert_eq!(Limits::default().validate(), Ok(()));
+        let zero = Limits { handshakes_per_ip: 0, ..Limits::default() };
+        assert_eq!(zero.validate(), Err("limits.handshakes_per_ip must be at least 1".into()));
+        let zero = Limits { connections_per_identity: 0, ..Limits::default() };
+        assert_eq!(zero.validate(), Err("limits.connections_per_identity must be at least 1".into()));
+        let zero = Limits { first_byte_timeout_secs: 0, ..Limits::default() };
+        assert_eq!(zero.validate(), Err("limits.first_byte_timeout_secs must be at least 1".into()));
+        let inverted = Limits { first_byte_timeout_secs: 11, ..Limits::default() };
+        assert!(inverted.validate().is_err_and(|e| e.contains("must not exceed limits.handshake_timeout_secs")));
+    }
+
+    #[test]
+    fn limits_parse_from_toml_with_defaults_for_what_is_left_out() {
+        let parsed: Limits = toml::from_str("handshakes_per_ip = 128\nconnections_per_identity = 3\n").unwrap();
+        assert_eq!(parsed, Limits { handshakes_per_ip: 128, connections_per_identity: 3, ..Limits::default() });
+    }
 }

@@ -63,6 +63,31 @@ pub async fn silent_connection(coordinator: &CoordinatorProcess) -> Option<TcpSt
     TcpStream::connect(coordinator.addr).await.ok()
 }
 
+/// A TCP connection from `source` (any of 127.0.0.0/8 on Linux: another loopback address
+/// stands for another host) that sends nothing.
+pub async fn silent_connection_from(source: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if source.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
+}
+
+/// Waits until the server closes `tcp` (or `timeout` passes); returns how long it was held open.
+pub async fn until_closed(tcp: &mut TcpStream, timeout: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    tokio::time::timeout(timeout, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| started.elapsed())
+}
+
 /// `total` failed handshakes against `addr`, `concurrency` at a time; returns how many the server
 /// closed within `timeout` each, and how long they all took.
 pub async fn failed_handshakes(

@@ -1,12 +1,18 @@
 //! Anyone who can reach the port, against a real coordinator: failed handshakes are counted and
 //! audited in bounded periodic records (never one signed, fsync'd record each) while a node's
 //! calls still answer within a second; connections beyond `limits.max_connections` are closed at
-//! once and counted; a member calling what its role may not is audited one by one only up to a
-//! bound per period, the rest counted.
+//! once and counted; silent sockets (slowloris) from one address, or from many, do not keep a
+//! node out; one member's certificate cannot take every connection; a member calling what its
+//! role may not is audited one by one only up to a bound per period, the rest counted.
+//!
+//! Other hosts are stood for by other loopback addresses (127.0.0.2 and up: Linux routes all of
+//! 127.0.0.0/8 to the loopback device); the nodes connect from 127.0.0.1.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed step is a failed test
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sanctum_protocol::proto::FetchModelRequest;
@@ -42,10 +48,13 @@ async fn ten_thousand_failed_handshakes_cost_a_bounded_number_of_audit_records_a
  {
     const HANDSHAKES: usize = 10_000;
     const PERIOD_SECS: u64 = 1;
+    const PER_IP: usize = 128;
     let c = Consortium::new();
     let coord = Arc::new(CoordinatorProcess::start_configured(
         &c,
-        &format!("[limits]\nrefusal_report_secs = {PERIOD_SECS}\n"),
+        // All 64 flooding sockets and the nodes come from 127.0.0.1: the per-address cap on
+        // handshakes in flight is raised above them, so this test measures the rest.
+        &format!("[limits]\nrefusal_report_secs = {PERIOD_SECS}\nhandshakes_per_ip = {PER_IP}\n"),
         &[],
     ));
     let fresh_files = c.member("va", "node");
@@ -78,7 +87,7 @@ async fn ten_thousand_failed_handshakes_cost_a_bounded_number_of_audit_records_a
     }
     let (closed, flood_took) = flood.await.unwrap();
     println!(
-        "{HANDSHAKES} failed handshakes (64 at a time) in {flood_took:?} ({:.0}/s); the server closed {closed} of them",
+        "{HANDSHAKES} failed handshakes (64 at a time, limits.handshakes_per_ip = {PER_IP}) in {flood_took:?} ({:.0}/s); the server closed {closed} of them",
         HANDSHAKES as f64 / flood_took.as_secs_f64()
     );
     println!(
@@ -118,7 +127,10 @@ async fn connections_beyond_the_limit_are_closed_at_once_and_counted_and_a_node_
     let c = Consortium::new();
     let coord = CoordinatorProcess::start_configured(
         &c,
-        &format!("[limits]\nmax_connections = {LIMIT}\nhandshake_timeout_secs = 2\nrefusal_report_secs = 1\n"),
+        // The per-address cap is raised so that only max_connections decides (all from 127.0.0.1).
+        &format!(
+            "[limits]\nmax_connections = {LIMIT}\nhandshakes_per_ip = 64\nhandshake_timeout_secs = 2\nrefusal_report_secs = 1\n"
+        ),
         &[],
     );
     let node = c.member("cleveland", "node");
@@ -183,6 +195,155 @@ async fn connections_beyond_the_limit_are_closed_at_once_and_counted_and_a_node_
     println!("audited: {} periodic records, by reason {:?}", totals.records, totals.by_reason);
     assert!(totals.by_reason.get("connection_limit").copied().unwrap_or(0) >= (SILENT - LIMIT) as u64, "{totals:?}");
     assert!(totals.by_reason.get("handshake_timed_out").copied().unwrap_or(0) >= LIMIT as u64, "{totals:?}");
+}
+
+/// Keeps `per_address` silent sockets open from each of `sources` until `stop`: each reconnects
+/// as soon as the server closes it. Returns (connections made, closed at once, the longest any
+/// was held open by the server).
+async fn silent_flood(
+    sources: Vec<IpAddr>,
+    per_address: usize,
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> (usize, usize, Duration) {
+    let made = Arc::new(AtomicUsize::new(0));
+    let at_once = Arc::new(AtomicUsize::new(0));
+    let longest = Arc::new(std::sync::Mutex::new(Duration::ZERO));
+    let workers: Vec<_> = sources
+        .iter()
+        .flat_map(|&source| std::iter::repeat_n(source, per_address))
+        .map(|source| {
+            let (made, at_once, longest, stop) =
+                (Arc::clone(&made), Arc::clone(&at_once), Arc::clone(&longest), Arc::clone(&stop));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut tcp) = peer::silent_connection_from(source, addr).await else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    made.fetch_add(1, Ordering::Relaxed);
+                    // Held until the server closes it; 15 s is past any timeout of the server's.
+                    let held = peer::until_closed(&mut tcp, Duration::from_secs(15)).await.unwrap_or(Duration::MAX);
+                    if held < Duration::from_millis(200) {
+                        at_once.fetch_add(1, Ordering::Relaxed);
+                        // Still thousands a second in all, without spinning the test's cores.
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    let mut l = longest.lock().unwrap();
+                    *l = (*l).max(held);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let longest = *longest.lock().unwrap();
+    (made.load(Ordering::Relaxed), at_once.load(Ordering::Relaxed), longest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn silent_connections_from_one_address_do_not_keep_a_node_out() {
+    // 200 silent sockets held open without pause: first all from one other host, then 4 each
+    // from 50 hosts (more than the 64 handshake slots). Defaults otherwise: 4 handshakes per
+    // address, 2 s to the first byte, 10 s to the end of the handshake, 64 handshakes in flight.
+    const SILENT: usize = 200;
+    let c = Consortium::new();
+    let coord = CoordinatorProcess::start_configured(&c, "[limits]\nrefusal_report_secs = 1\n", &[]);
+    let node = c.member("cleveland", "node");
+    let one: Vec<IpAddr> = vec![IpAddr::from([127, 0, 0, 2])];
+    let many: Vec<IpAddr> = (0..50u8).map(|i| IpAddr::from([127, 0, 1, i + 1])).collect();
+    for (what, sources) in [("one address", one), ("50 addresses", many)] {
+        let per_address = SILENT / sources.len();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flood = tokio::spawn(silent_flood(sources, per_address, coord.addr, Arc::clone(&stop)));
+        // Let the flood fill what it can.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = Instant::now();
+        let ch = channel(&coord.address(), &node).await.expect("the node connects during the flood");
+        let connected = t.elapsed();
+        let status = FederationClient::new(ch).fetch_model(no_such_model()).await.expect_err("no such model");
+        assert_eq!(status.code(), tonic::Code::NotFound, "{}", status.message());
+        let served = t.elapsed();
+        // The flood holds through at least one round of first-byte timeouts.
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        stop.store(true, Ordering::Relaxed);
+        let (made, at_once, longest) = flood.await.unwrap();
+        println!(
+            "{SILENT} silent sockets from {what}, held open without pause: {made} connections made, {at_once} closed at once, the longest held {longest:?}; the node connected in {connected:?} and was served in {served:?}"
+        );
+        assert!(connected < Duration::from_secs(3), "the node took {connected:?} to connect during the flood");
+        assert!(longest < Duration::from_secs(4), "a silent socket was held {longest:?} (first-byte timeout 2 s)");
+    }
+    let totals = refusals_until(&coord, Duration::from_secs(5), |t| {
+        t.by_reason.contains_key("address_limit") && t.by_reason.contains_key("handshake_timed_out")
+    })
+    .await;
+    println!("audited: {} periodic records, by reason {:?}", totals.records, totals.by_reason);
+    assert!(totals.by_reason.get("address_limit").copied().unwrap_or(0) > 0, "{totals:?}");
+    assert!(totals.by_reason.get("handshake_timed_out").copied().unwrap_or(0) >= SILENT as u64, "{totals:?}");
+}
+
+#[tokio::test]
+async fn one_certificate_cannot_take_every_connection() {
+    const PER_IDENTITY: usize = 8;
+    const EXTRA: usize = 5;
+    let c = Consortium::new();
+    let coord = CoordinatorProcess::start_configured(
+        &c,
+        &format!(
+            "[limits]\nconnections_per_identity = {PER_IDENTITY}\nhandshakes_per_ip = 64\nrefusal_report_secs = 1\n"
+        ),
+        &[],
+    );
+    let rogue = c.member("rogue", "node");
+    // One connection at a time, each called once: the first PER_IDENTITY are served.
+    let mut open = Vec::new();
+    let (mut served, mut refused) = (0usize, 0usize);
+    for _ in 0..PER_IDENTITY + EXTRA {
+        let Ok(ch) = channel(&coord.address(), &rogue).await else {
+            refused += 1;
+            continue;
+        };
+        let mut client = FederationClient::new(ch);
+        match client.fetch_model(no_such_model()).await {
+            Err(s) if s.code() == tonic::Code::NotFound => served += 1,
+            Err(_) | Ok(_) => refused += 1,
+        }
+        open.push(client);
+    }
+    println!(
+        "{} connections with one node certificate (limits.connections_per_identity = {PER_IDENTITY}): {served} served, {refused} refused",
+        PER_IDENTITY + EXTRA
+    );
+    assert_eq!((served, refused), (PER_IDENTITY, EXTRA));
+    // Another member connects and is served meanwhile.
+    let t = Instant::now();
+    let ch = channel(&coord.address(), &c.member("va", "node")).await.expect("another node connects");
+    let status = FederationClient::new(ch).fetch_model(no_such_model()).await.expect_err("no such model");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{}", status.message());
+    println!("another node connected and was served in {:?}", t.elapsed());
+    // The slot of a dropped connection goes back.
+    open.truncate(PER_IDENTITY - 1);
+    let t = Instant::now();
+    let again = loop {
+        let ch = channel(&coord.address(), &rogue).await;
+        if let Ok(ch) = ch
+            && FederationClient::new(ch).fetch_model(no_such_model()).await.err().map(|s| s.code())
+                == Some(tonic::Code::NotFound)
+        {
+            break t.elapsed();
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "the freed slot never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("with one connection dropped, the certificate connected again in {again:?}");
+    let totals = refusals_until(&coord, Duration::from_secs(5), |t| {
+        t.by_reason.get("identity_limit").copied().unwrap_or(0) >= EXTRA as u64
+    })
+    .await;
+    println!("audited: {} periodic records, by reason {:?}", totals.records, totals.by_reason);
+    assert!(totals.by_reason.get("identity_limit").copied().unwrap_or(0) >= EXTRA as u64, "{totals:?}");
 }
 
 #[tokio::test]

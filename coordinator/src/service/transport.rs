@@ -64,7 +64,10 @@ impl Coordinator {
         let options = tls::IncomingOptions {
             max_handshakes_in_flight: limits.max_handshakes_in_flight,
             max_connections: limits.max_connections,
+            handshakes_per_ip: limits.handshakes_per_ip,
+            first_byte_timeout: Duration::from_secs(limits.first_byte_timeout_secs),
             handshake_timeout: Duration::from_secs(limits.handshake_timeout_secs),
+            connections_per_identity: limits.connections_per_identity,
             // Only for sockets whose peer vanished mid-handshake or before HTTP/2 pings start:
             // the handshake timeout and HTTP/2 keep-alive below cover the rest.
             tcp_keepalive: Some(Duration::from_secs(limits.keepalive_interval_secs)),

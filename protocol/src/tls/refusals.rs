@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 pub enum RefusalClass {
     /// The TLS handshake failed: not TLS, no client certificate, another CA, expired.
     HandshakeFailed,
-    /// The peer did not finish the handshake within `handshake_timeout_secs`.
+    /// The peer sent nothing within `first_byte_timeout_secs`, or did not finish the handshake
+    /// within `handshake_timeout_secs`.
     HandshakeTimedOut,
     /// A certificate from the consortium CA without a Sanctum identity.
     NoIdentity,
@@ -33,6 +34,11 @@ pub enum RefusalClass {
     Revoked,
     /// Closed at once: `max_connections` were already open.
     ConnectionLimit,
+    /// Closed at once: `handshakes_per_ip` handshakes from the same address were in flight.
+    AddressLimit,
+    /// Closed after the handshake: `connections_per_identity` connections of the same
+    /// certificate were already open.
+    IdentityLimit,
     /// A verified member's call refused by the role guard (wrong role, revoked or expired on an
     /// open connection), beyond those itemised in the period.
     CallRefused,
@@ -40,12 +46,14 @@ pub enum RefusalClass {
 
 impl RefusalClass {
     /// Every class, in the order reports list them.
-    pub const ALL: [RefusalClass; 6] = [
+    pub const ALL: [RefusalClass; 8] = [
         RefusalClass::HandshakeFailed,
         RefusalClass::HandshakeTimedOut,
         RefusalClass::NoIdentity,
         RefusalClass::Revoked,
         RefusalClass::ConnectionLimit,
+        RefusalClass::AddressLimit,
+        RefusalClass::IdentityLimit,
         RefusalClass::CallRefused,
     ];
 
@@ -57,6 +65,8 @@ impl RefusalClass {
             RefusalClass::NoIdentity => "no_identity",
             RefusalClass::Revoked => "revoked",
             RefusalClass::ConnectionLimit => "connection_limit",
+            RefusalClass::AddressLimit => "address_limit",
+            RefusalClass::IdentityLimit => "identity_limit",
             RefusalClass::CallRefused => "call_refused",
         }
     }
@@ -74,6 +84,8 @@ impl fmt::Display for RefusalClass {
             RefusalClass::NoIdentity => "no Sanctum identity in the certificate",
             RefusalClass::Revoked => "revoked certificate",
             RefusalClass::ConnectionLimit => "connection limit reached",
+            RefusalClass::AddressLimit => "too many handshakes from one address",
+            RefusalClass::IdentityLimit => "too many connections of one certificate",
             RefusalClass::CallRefused => "call refused",
         })
     }
