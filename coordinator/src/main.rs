@@ -483,16 +483,39 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let f = &written.findings;
             println!("report: {}\nmarkdown: {}", written.html.display(), written.md.display());
             println!(
-                "countersignatures: {} verified of {}, {} mismatch(es) with the hospitals' logs{}",
+                "countersignatures: {} verified of {}, {} mismatch(es) with the hospitals' logs, {} missing{}{}",
                 f.countersignatures_verified,
                 f.countersignatures,
                 f.mismatches,
+                f.missing,
+                if f.unchecked > 0 {
+                    format!("; {} NOT CHECKED against a CA (pass --ca)", f.unchecked)
+                } else {
+                    String::new()
+                },
                 if f.unverified_logs > 0 {
                     format!("; {} UNVERIFIED log(s), shown in red", f.unverified_logs)
                 } else {
                     String::new()
                 }
             );
+            if ca.is_none() {
+                eprintln!(
+                    "audit report: no --ca given, so no certificate was checked against the consortium CA and no countersignature counts as verified"
+                );
+            }
+            // The report is written either way; a countersignature that failed, is missing or
+            // mismatches makes the exit status 1, so a script cannot mistake it for a clean audit.
+            if f.failed() {
+                eprintln!(
+                    "audit report: {} countersignature(s) FAILED verification, {} MISSING, {} MISMATCH with the hospitals' logs: see {}",
+                    f.countersignatures - f.countersignatures_verified - f.unchecked,
+                    f.missing,
+                    f.mismatches,
+                    written.md.display()
+                );
+                return Ok(ExitCode::FAILURE);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(AuditCli::Plans { config: path, json }) => {

@@ -25,7 +25,9 @@ struct Pending {
     hash: ContentHash,
     /// The nodes the record was sent to (its `reported` list): only they countersign it.
     recipients: HashSet<String>,
-    /// Certificate fingerprints that have countersigned this record; a second is refused.
+    /// The names (from their certificates) that have countersigned this record; a second is
+    /// refused. By name, not fingerprint: a renewed node holds two valid certificates, and still
+    /// countersigns a round once.
     signed: HashSet<String>,
 }
 
@@ -144,7 +146,7 @@ impl Awaiting {
             reason: c.reason,
         };
         statement.verify(c.signature, signer.cert_der).map_err(|e| Refusal::BadSignature(e.to_string()))?;
-        if !pending.signed.insert(signer.fingerprint.to_string()) {
+        if !pending.signed.insert(signer.name.to_string()) {
             return Err(Refusal::AlreadyCountersigned {
                 node: signer.name.to_string(),
                 plan: short(c.plan_id),
@@ -261,8 +263,10 @@ pub fn check_record(r: &Record, held: Option<&str>, ca: Option<CertCheck<'_>>) -
         _ => {}
     }
     let signature = text(r, "signature");
-    if let (Some(der), Ok(hash), Ok(round32)) = (&cert, hash, u32::try_from(round)) {
-        match hex::decode(&signature) {
+    // Every path that does not verify the signature records why: a receipt whose signature was
+    // not checked never stands.
+    match (&cert, hash, u32::try_from(round)) {
+        (Some(der), Ok(hash), Ok(round32)) => match hex::decode(&signature) {
             Err(_) => problems.push("its signature is not hex".to_string()),
             Ok(sig) => {
                 let statement =
@@ -271,7 +275,11 @@ pub fn check_record(r: &Record, held: Option<&str>, ca: Option<CertCheck<'_>>) -
                     problems.push(e.to_string());
                 }
             }
-        }
+        },
+        (_, _, Err(_)) => problems.push(format!(
+            "its round {round} is beyond any round a receipt can be signed for, so its signature was not checked"
+        )),
+        _ => problems.push("its signature was not checked (see the problems above)".to_string()),
     }
     Checked { node, plan_id, round, record_sha256, agrees, reason, signature, actor: r.actor.clone(), problems }
 }
@@ -382,7 +390,7 @@ mod tests {
     /// One table: each countersignature, in order against one awaited record, and what happens.
     #[test]
     fn a_countersignature_is_taken_once_per_node_and_round_and_only_when_it_is_sound() {
-        let (_, ms) = consortium();
+        let (ca, ms) = consortium();
         let (cle, hun, lead) = (&ms[0], &ms[1], &ms[2]);
         let line = round_record(&["cleveland", "hungarian"]);
         let mut awaiting = Awaiting::default();
@@ -442,6 +450,22 @@ mod tests {
                 assert_eq!((a.node.as_str(), a.agrees, a.cert_der.as_slice()), (who.name, c.agrees, who.cert_der));
             }
         }
+        // A renewed node (a second valid certificate under the same name) countersigns once.
+        let renewed = pki::issue(
+            &ca.cert_pem,
+            &ca.key_pem,
+            &SignSpec { name: "cleveland", role: Role::Node, days: 1, hosts: &[] },
+        )
+        .unwrap();
+        let der = keys::cert_der_from_pem(&renewed.cert_pem).unwrap();
+        let renewed = Member { name: "cleveland", fp: ContentHash::of(&der).to_hex(), der, key_pem: renewed.key_pem };
+        assert_ne!(renewed.fp, cle.fp);
+        let (_, by_renewed) = signed(&renewed, &line, false, never_sent);
+        assert_eq!(
+            awaiting.accept(signer(&renewed), cs(&hash, &by_renewed, false, never_sent)).map(|_| ()),
+            Err(Refusal::AlreadyCountersigned { node: "cleveland".into(), plan: "p".into(), round: 1 }),
+            "a second certificate of the same node"
+        );
         // The plan's next run records round 1 again: a new record, and a new receipt is taken.
         let rerun = round_record(&["cleveland"]).replace("\"seq\":5", "\"seq\":9");
         assert_eq!(awaiting.insert(("p".into(), 1), rerun.clone()).map(|h| h.to_hex()), Some(hash.clone()));
@@ -509,6 +533,19 @@ mod tests {
             ("another consortium", good.clone(), Some(&hash), Some(&other_check), "not issued by the consortium CA"),
             ("the round record is not in the log", good.clone(), None, None, "holds no round record"),
             ("another round record", good.clone(), Some(&elsewhere), None, "is not the hash of the round record"),
+            // A round beyond u32 with a garbage signature: the signature check cannot run, and
+            // that alone fails it (it once passed as "verified").
+            (
+                "a round beyond u32, a garbage signature",
+                {
+                    let mut r = with("round", json!(4_294_967_299u64));
+                    r.params.insert("signature".into(), json!("00"));
+                    r
+                },
+                Some(&hash),
+                None,
+                "signature was not checked",
+            ),
         ];
         for (what, r, held, check, want) in cases {
             let c = check_record(&r, held, check);

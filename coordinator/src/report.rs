@@ -2,12 +2,14 @@
 //! fetched) and a Markdown variant, built only from verified audit logs: the coordinator's and
 //! any hospitals'. Per plan: parameters, participants and refusals, the round timeline with
 //! secure-aggregation cohorts, the model lineage (hash chain), every countersignature
-//! re-verified and cross-checked against the hospital's own log, failures. Per hospital: what
+//! re-verified and cross-checked against the hospital's own log, every receipt a round record
+//! asked for and no log holds (MISSING), failures. Per hospital: what
 //! left it, and ε spent against its cap, plotted.
 //!
 //! A log that fails verification is not used: the report is refused unless the caller allows
 //! unverified logs, and then such a log is a red row whose records feed no table. Who wrote a
 //! log is read from the certificate bound in its first record, never from its own fields.
+//! Without a CA no certificate is checked, so no countersignature counts as verified.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -86,20 +88,30 @@ fn short(h: &str) -> &str {
     &h[..end]
 }
 
+/// A round's `round_opened`, `round_closed` and `aggregate_released` records.
+type RoundEvents = (Option<Record>, Option<Record>, Option<Record>);
+
 /// What the report says of one plan.
 struct PlanView {
     id: String,
     name: String,
     submitted: Option<Record>,
     decisions: Vec<Record>,
-    rounds: Vec<(Option<Record>, Option<Record>, Option<Record>)>,
+    /// Per round: opened, closed, released. A map, not a vector indexed by round: the round
+    /// number is the log's, and a round of 10^12 must cost one entry, not 10^12.
+    rounds: BTreeMap<u64, RoundEvents>,
     rejected: Vec<Record>,
     finished: Option<Record>,
     exported: Option<Record>,
-    /// SHA-256 of each round's `round_record` line as this log holds it (the latest per round).
-    round_records: BTreeMap<u64, String>,
+    /// SHA-256 of each round's `round_record` line as this log holds it (the latest per round),
+    /// and the nodes it was sent to for countersigning (its `reported` list).
+    round_records: BTreeMap<u64, (String, Vec<String>)>,
     /// Every countersignature, re-verified, with the hospital's side where its log was given.
     countersignatures: Vec<Countersigned>,
+    /// (round, node): a node a round record was sent to, of which no log given holds a receipt
+    /// for that record (the coordinator never asked, the node never answered, or the receipt was
+    /// deleted from the coordinator's log).
+    missing: Vec<(u64, String)>,
 }
 
 /// One countersignature as the report shows it.
@@ -134,43 +146,30 @@ fn plans(coord: &Log, ca: Option<audit::CertCheck<'_>>) -> Vec<PlanView> {
                 name: s(r, "name"),
                 submitted: Some(r.clone()),
                 decisions: vec![],
-                rounds: vec![],
+                rounds: BTreeMap::new(),
                 rejected: vec![],
                 finished: None,
                 exported: None,
                 round_records: BTreeMap::new(),
                 countersignatures: Vec::new(),
+                missing: Vec::new(),
             });
             continue;
         }
         let Some(p) = out.iter_mut().rev().find(|p| p.id == id) else { continue };
-        let round = r.params.get("round").and_then(Value::as_u64).unwrap_or(0) as usize;
-        let slot = |p: &mut PlanView| {
-            if p.rounds.len() < round {
-                p.rounds.resize(round, (None, None, None));
-            }
-        };
+        let round = r.params.get("round").and_then(Value::as_u64).unwrap_or(0);
         match r.event.as_str() {
             "plan_accepted" | "plan_refused" => p.decisions.push(r.clone()),
-            "round_opened" if round > 0 => {
-                slot(p);
-                p.rounds[round - 1].0 = Some(r.clone());
-            }
-            "round_closed" if round > 0 => {
-                slot(p);
-                p.rounds[round - 1].1 = Some(r.clone());
-            }
-            "aggregate_released" if round > 0 => {
-                slot(p);
-                p.rounds[round - 1].2 = Some(r.clone());
-            }
+            "round_opened" if round > 0 => p.rounds.entry(round).or_default().0 = Some(r.clone()),
+            "round_closed" if round > 0 => p.rounds.entry(round).or_default().1 = Some(r.clone()),
+            "aggregate_released" if round > 0 => p.rounds.entry(round).or_default().2 = Some(r.clone()),
             "update_rejected" => p.rejected.push(r.clone()),
             "plan_finished" => p.finished = Some(r.clone()),
             "round_record" => {
-                p.round_records.insert(round as u64, ContentHash::of(r.line().as_bytes()).to_hex());
+                p.round_records.insert(round, (ContentHash::of(r.line().as_bytes()).to_hex(), list(r, "reported")));
             }
             "receipt" => {
-                let held = p.round_records.get(&(round as u64)).map(String::as_str);
+                let held = p.round_records.get(&round).map(|(h, _)| h.as_str());
                 let checked = receipts::check_record(r, held, ca);
                 p.countersignatures.push(Countersigned {
                     node: checked.node.clone(),
@@ -222,8 +221,10 @@ fn cross_check(plans: &mut [PlanView], nodes: &[Log]) {
         for r in theirs {
             let hash = s(r, "record_sha256");
             let round = r.params.get("round").and_then(Value::as_u64).unwrap_or(0);
-            let plan =
-                plans.iter_mut().rev().find(|p| p.id == s(r, "plan_id") && p.round_records.get(&round) == Some(&hash));
+            let plan = plans
+                .iter_mut()
+                .rev()
+                .find(|p| p.id == s(r, "plan_id") && p.round_records.get(&round).is_some_and(|(h, _)| *h == hash));
             let Some(p) = plan else { continue };
             p.countersignatures.push(Countersigned {
                 coordinator: None,
@@ -237,6 +238,33 @@ fn cross_check(plans: &mut [PlanView], nodes: &[Log]) {
     }
 }
 
+/// For each round record, each node it was sent to of which neither log holds a receipt for
+/// that record: a dropped receipt is a finding, not an absence. A receipt the coordinator's log
+/// holds (verified or not) or the hospital's own record of one (listed by [`cross_check`]) is
+/// shown in its own row and is not missing.
+fn find_missing(plans: &mut [PlanView]) {
+    for p in plans.iter_mut() {
+        let mut missing = Vec::new();
+        for (round, (hash, reported)) in &p.round_records {
+            for node in reported {
+                let held = p.countersignatures.iter().any(|c| {
+                    c.round == *round
+                        && c.node == *node
+                        && match (&c.coordinator, &c.hospital) {
+                            (Some(k), _) => k.record_sha256 == *hash,
+                            (None, Some(h)) => s(h, "record_sha256") == *hash,
+                            (None, None) => false,
+                        }
+                });
+                if !held {
+                    missing.push((*round, node.clone()));
+                }
+            }
+        }
+        p.missing = missing;
+    }
+}
+
 /// What `audit report` found, for its summary line and exit status.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Findings {
@@ -247,6 +275,20 @@ pub struct Findings {
     pub countersignatures_verified: usize,
     /// Countersignatures whose two logs differ (or one lacks it), over the hospital logs given.
     pub mismatches: usize,
+    /// Receipts a round record asked for (one per node in its `reported` list) that no log holds.
+    pub missing: usize,
+    /// Countersignatures whose signature verifies but whose certificate was not checked against
+    /// a CA (no CA given): not counted as verified.
+    pub unchecked: usize,
+}
+
+impl Findings {
+    /// A countersignature failed, is missing or mismatches (the report's exit status is 1).
+    pub fn failed(&self) -> bool {
+        self.countersignatures_verified + self.unchecked < self.countersignatures
+            || self.mismatches > 0
+            || self.missing > 0
+    }
 }
 
 /// The report's files and what it found.
@@ -364,12 +406,17 @@ pub fn write(
     };
     let mut plans = plans(&coord, ca_pem.as_ref().map(|_| &ca_check as audit::CertCheck<'_>));
     cross_check(&mut plans, &nodes);
+    find_missing(&mut plans);
+    let ca_checked = ca_pem.is_some();
     let all = || plans.iter().flat_map(|p| p.countersignatures.iter());
+    let standing = all().filter(|c| c.coordinator.as_ref().is_some_and(Checked::stands)).count();
     let findings = Findings {
         unverified_logs: failed.len(),
         countersignatures: all().filter(|c| c.coordinator.is_some()).count(),
-        countersignatures_verified: all().filter(|c| c.coordinator.as_ref().is_some_and(Checked::stands)).count(),
+        countersignatures_verified: if ca_checked { standing } else { 0 },
         mismatches: all().filter(|c| !c.differences.is_empty()).count(),
+        missing: plans.iter().map(|p| p.missing.len()).sum(),
+        unchecked: if ca_checked { 0 } else { standing },
     };
     let (mut h, mut m) = (String::new(), String::new());
     let now = audit::now_rfc3339();
@@ -394,14 +441,22 @@ pub fn write(
         let _ = write!(h, "<p class=\"banner\">{}</p>", esc(&text));
         let _ = writeln!(m, "> **{text}**\n");
     }
-    let bad = findings.countersignatures - findings.countersignatures_verified;
+    let bad = findings.countersignatures - findings.countersignatures_verified - findings.unchecked;
+    let unchecked = if ca_checked {
+        String::new()
+    } else {
+        format!(
+            " ({} with a valid signature NOT CHECKED AGAINST A CA, so not verified: pass the consortium CA)",
+            findings.unchecked
+        )
+    };
     let summary = format!(
-        "Countersignatures: {} in the coordinator's log, {} verified, {bad} FAILED; {} mismatch(es) with the hospitals' own logs.",
-        findings.countersignatures, findings.countersignatures_verified, findings.mismatches
+        "Countersignatures: {} in the coordinator's log, {} verified{unchecked}, {bad} FAILED, {} MISSING; {} mismatch(es) with the hospitals' own logs.",
+        findings.countersignatures, findings.countersignatures_verified, findings.missing, findings.mismatches
     );
-    let _ =
-        write!(h, "<p class=\"{}\">{}</p>", if bad + findings.mismatches > 0 { "bad" } else { "ok" }, esc(&summary));
-    let _ = writeln!(m, "{}\n", if bad + findings.mismatches > 0 { format!("**{summary}**") } else { summary.clone() });
+    let alarm = findings.failed() || !ca_checked;
+    let _ = write!(h, "<p class=\"{}\">{}</p>", if alarm { "bad" } else { "ok" }, esc(&summary));
+    let _ = writeln!(m, "{}\n", if alarm { format!("**{summary}**") } else { summary.clone() });
     // Verification verdicts.
     h.push_str(
         "<h2 id=\"logs\">Logs</h2><table><tr><th>writer</th><th>log</th><th>records</th><th>verification</th></tr>",
@@ -483,14 +538,14 @@ pub fn write(
         // Rounds and lineage.
         h.push_str("<h3>Rounds and model lineage</h3><table><tr><th>round</th><th>opened</th><th>participants</th><th>secure aggregation (t)</th><th>reported</th><th>dropped</th><th>starting model</th><th>released model</th><th>receipts</th></tr>");
         m.push_str("### Rounds and model lineage\n\n| round | opened | participants | SA threshold | reported | dropped | starting model | released model | receipts |\n|---|---|---|---|---|---|---|---|---|\n");
-        for (i, (open, close, agg)) in p.rounds.iter().enumerate() {
+        for (round, (open, close, agg)) in &p.rounds {
             let o = |k: &str| open.as_ref().map(|r| s(r, k)).unwrap_or_default();
             let c = |k: &str| close.as_ref().map(|r| list(r, k).join(", ")).unwrap_or_default();
             let t = o("threshold");
             let t = if t.is_empty() || t == "null" { "off".to_string() } else { format!("t = {t}") };
             let released = agg.as_ref().map(|r| s(r, "model_sha256")).unwrap_or_default();
             let row = [
-                (i + 1).to_string(),
+                round.to_string(),
                 open.as_ref().map(|r| r.time.clone()).unwrap_or_default(),
                 open.as_ref().map(|r| list(r, "participants").join(", ")).unwrap_or_default(),
                 t,
@@ -498,7 +553,7 @@ pub fn write(
                 c("dropped"),
                 short(&o("model_sha256")).to_string(),
                 short(&released).to_string(),
-                receipts_cell(p, i as u64 + 1),
+                receipts_cell(p, *round, ca_checked),
             ];
             h.push_str("<tr>");
             for cell in &row {
@@ -509,9 +564,9 @@ pub fn write(
         }
         h.push_str("</table>");
         m.push('\n');
-        countersignature_table(p, &mut h, &mut m);
+        countersignature_table(p, ca_checked, &mut h, &mut m);
         let chain: Vec<String> = std::iter::once(get("initial_model"))
-            .chain(p.rounds.iter().filter_map(|(_, _, a)| a.as_ref().map(|r| s(r, "model_sha256"))))
+            .chain(p.rounds.values().filter_map(|(_, _, a)| a.as_ref().map(|r| s(r, "model_sha256"))))
             .map(|x| short(&x).to_string())
             .collect();
         let _ = write!(h, "<p>Hash chain: <code>{}</code></p>", esc(&chain.join(" → ")));
@@ -546,12 +601,12 @@ pub fn write(
                 s(r, "reason")
             );
         }
-        for (i, (_, close, _)) in p.rounds.iter().enumerate() {
+        for (round, (_, close, _)) in &p.rounds {
             if let Some(c) = close
                 && !list(c, "dropped").is_empty()
             {
-                let _ = write!(h, "<li>round {}: dropped {}</li>", i + 1, esc(&list(c, "dropped").join(", ")));
-                let _ = writeln!(m, "- round {}: dropped {}", i + 1, list(c, "dropped").join(", "));
+                let _ = write!(h, "<li>round {round}: dropped {}</li>", esc(&list(c, "dropped").join(", ")));
+                let _ = writeln!(m, "- round {round}: dropped {}", list(c, "dropped").join(", "));
             }
         }
         match &p.finished {
@@ -658,10 +713,11 @@ pub fn write(
 
 /// The round table's receipts cell: only countersignatures that verify count as agreement or
 /// dispute; the rest are counted as failed.
-fn receipts_cell(p: &PlanView, round: u64) -> String {
+fn receipts_cell(p: &PlanView, round: u64, ca_checked: bool) -> String {
     let of_round: Vec<&Checked> =
         p.countersignatures.iter().filter_map(|c| c.coordinator.as_ref()).filter(|c| c.round == round).collect();
-    if of_round.is_empty() {
+    let missing: Vec<&str> = p.missing.iter().filter(|(r, _)| *r == round).map(|(_, n)| n.as_str()).collect();
+    if of_round.is_empty() && missing.is_empty() {
         return "none".into();
     }
     let ok = of_round.iter().filter(|c| c.stands() && c.agrees).count();
@@ -669,11 +725,17 @@ fn receipts_cell(p: &PlanView, round: u64) -> String {
         of_round.iter().filter(|c| c.stands() && !c.agrees).map(|c| format!("{}: {}", c.node, c.reason)).collect();
     let failed: Vec<&str> = of_round.iter().filter(|c| !c.stands()).map(|c| c.node.as_str()).collect();
     let mut cell = format!("{ok} countersigned");
+    if !ca_checked {
+        cell.push_str(" (certificates not checked against a CA)");
+    }
     if !disputes.is_empty() {
         let _ = write!(cell, "; DISPUTED by {}", disputes.join("; "));
     }
     if !failed.is_empty() {
         let _ = write!(cell, "; {} FAILED verification ({})", failed.len(), failed.join(", "));
+    }
+    if !missing.is_empty() {
+        let _ = write!(cell, "; {} MISSING ({})", missing.len(), missing.join(", "));
     }
     cell
 }
@@ -681,8 +743,8 @@ fn receipts_cell(p: &PlanView, round: u64) -> String {
 /// Every countersignature of a plan: its verdict, whether it verifies, and whether the
 /// hospital's own log says the same. A failed one is a red row (HTML) and **FAILED** /
 /// **MISMATCH** (Markdown), with what is wrong.
-fn countersignature_table(p: &PlanView, h: &mut String, m: &mut String) {
-    if p.countersignatures.is_empty() {
+fn countersignature_table(p: &PlanView, ca_checked: bool, h: &mut String, m: &mut String) {
+    if p.countersignatures.is_empty() && p.missing.is_empty() {
         return;
     }
     h.push_str("<h3>Countersignatures</h3><table><tr><th>round</th><th>hospital</th><th>verdict</th><th>reason</th><th>signature</th><th>hospital's own log</th></tr>");
@@ -696,7 +758,8 @@ fn countersignature_table(p: &PlanView, h: &mut String, m: &mut String) {
             (None, None) => ("—", String::new()),
         };
         let signature = match &c.coordinator {
-            Some(k) if k.stands() => "verified".to_string(),
+            Some(k) if k.stands() && ca_checked => "verified".to_string(),
+            Some(k) if k.stands() => "signature verifies; certificate not checked against a CA".to_string(),
             Some(k) => format!("FAILED: {}", k.problems.join("; ")),
             None => "FAILED: not in the coordinator's log".to_string(),
         };
@@ -720,8 +783,13 @@ fn countersignature_table(p: &PlanView, h: &mut String, m: &mut String) {
             esc(&hospital)
         );
         let md = |t: &str| t.replace('|', "\\|").replace('\n', " ");
-        let strong =
-            |t: String| if t.starts_with("FAILED") || t.starts_with("MISMATCH") { format!("**{t}**") } else { t };
+        let strong = |t: String| {
+            if t.starts_with("FAILED") || t.starts_with("MISMATCH") || t.starts_with("signature verifies;") {
+                format!("**{t}**")
+            } else {
+                t
+            }
+        };
         let _ = writeln!(
             m,
             "| {} | {} | {verdict} | {} | {} | {} |",
@@ -732,6 +800,89 @@ fn countersignature_table(p: &PlanView, h: &mut String, m: &mut String) {
             strong(md(&hospital))
         );
     }
+    // A receipt a round record asked for that no log holds: its own red row.
+    for (round, node) in &p.missing {
+        let text = format!("MISSING: no countersignature from {node}");
+        let _ = write!(
+            h,
+            "<tr class=\"bad\"><td>{round}</td><td>{}</td><td>—</td><td></td><td class=\"bad\">{}</td><td>—</td></tr>",
+            esc(node),
+            esc(&text)
+        );
+        let _ = writeln!(m, "| {round} | {} | — |  | **{}** | — |", node.replace('|', "\\|"), text.replace('|', "\\|"));
+    }
     h.push_str("</table>");
     m.push('\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use sanctum_protocol::audit::GENESIS_PREV;
+    use serde_json::json;
+
+    use super::*;
+
+    fn record(seq: u64, event: &str, params: Value) -> Record {
+        Record {
+            seq,
+            time: "t".into(),
+            actor: "c".into(),
+            event: event.into(),
+            params: serde_json::from_value(params).unwrap(),
+            prev: GENESIS_PREV.into(),
+            sig: "00".into(),
+        }
+    }
+
+    fn log(records: Vec<Record>) -> Log {
+        let verified = audit::Verified {
+            records: records.len() as u64,
+            writer: "coordinator".into(),
+            role: "coordinator".into(),
+            fingerprint: "ff".into(),
+            head_behind: false,
+        };
+        Log { path: "audit.jsonl".into(), verdict: Ok(verified), records }
+    }
+
+    /// A round number is the log's: a `round_opened` of round 10^12 is one entry (it once
+    /// resized a vector to 10^12 slots and exhausted memory).
+    #[test]
+    fn a_huge_round_number_costs_one_entry() {
+        let coord = log(vec![
+            record(1, "plan_submitted", json!({"plan_id": "p", "name": "n", "rounds": 2})),
+            record(2, "round_opened", json!({"plan_id": "p", "round": 1_000_000_000_000u64})),
+            record(3, "round_closed", json!({"plan_id": "p", "round": u64::MAX})),
+            record(4, "round_opened", json!({"plan_id": "p", "round": 1})),
+        ]);
+        let plans = plans(&coord, None);
+        let rounds: Vec<u64> = plans[0].rounds.keys().copied().collect();
+        assert_eq!(rounds, vec![1, 1_000_000_000_000, u64::MAX]);
+    }
+
+    /// Each node a round record was sent to owes a receipt for that record: one the log holds
+    /// (even a failed one, shown as FAILED) is not missing; one for another record is.
+    #[test]
+    fn a_receipt_a_round_record_asked_for_and_no_log_holds_is_missing() {
+        let rr = record(2, "round_record", json!({"plan_id": "p", "round": 1, "reported": ["a", "b", "c"]}));
+        let hash = ContentHash::of(rr.line().as_bytes()).to_hex();
+        let receipt = |node: &str, hash: &str| {
+            record(
+                3,
+                "receipt",
+                json!({"plan_id": "p", "round": 1, "node": node, "record_sha256": hash, "agrees": true}),
+            )
+        };
+        let coord = log(vec![
+            record(1, "plan_submitted", json!({"plan_id": "p", "name": "n"})),
+            rr,
+            receipt("a", &hash),
+            receipt("c", &"ab".repeat(32)),
+        ]);
+        let mut plans = plans(&coord, None);
+        cross_check(&mut plans, &[]);
+        find_missing(&mut plans);
+        assert_eq!(plans[0].missing, vec![(1, "b".to_string()), (1, "c".to_string())]);
+        assert!(plans[0].countersignatures.iter().all(|c| !c.coordinator.as_ref().unwrap().stands()));
+    }
 }

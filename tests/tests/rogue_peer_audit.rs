@@ -5,6 +5,8 @@
 //! report` must show that countersignature as failed (its signature does not cover the recorded
 //! verdict), and, given the hospital's own log, the mismatch with the hospital's record. A log
 //! that fails verification refuses the report unless `--allow-unverified`, which marks it red.
+//! A receipt deleted from the log (and the log re-chained) is shown MISSING. A report with a
+//! failed, missing or mismatching countersignature exits 1.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed step is a failed test
 
@@ -108,8 +110,9 @@ fn verify(log: &Path, ca: &Path) -> Output {
 /// `target` says what `rewrite` makes it say, re-signed and re-chained with the coordinator's own
 /// audit key (`audit.key`) through the audit log's own API: the log is cut just before the
 /// record, reopened (the chain continues from its last record), and the record and everything
-/// after it appended again. Returns the forged log's path.
-fn forge(run: &Run, into: &Path, rewrite: impl Fn(&mut BTreeMap<String, Value>)) -> (PathBuf, Record) {
+/// after it appended again; `rewrite` returning false drops the record instead. Returns the
+/// forged log's path.
+fn forge(run: &Run, into: &Path, rewrite: impl Fn(&mut BTreeMap<String, Value>) -> bool) -> (PathBuf, Record) {
     let src = run.coordinator_dir();
     std::fs::create_dir_all(into).unwrap();
     std::fs::copy(src.join("audit.key"), into.join("audit.key")).unwrap();
@@ -127,8 +130,10 @@ fn forge(run: &Run, into: &Path, rewrite: impl Fn(&mut BTreeMap<String, Value>))
     for (i, r) in records.iter().enumerate().skip(target) {
         let mut params = r.params.clone();
         if i == target {
-            rewrite(&mut params);
             original = r.clone();
+            if !rewrite(&mut params) {
+                continue;
+            }
         }
         log.append(&r.actor, &r.event, params).unwrap();
     }
@@ -150,7 +155,10 @@ fn a_receipt_whose_verdict_was_flipped_by_the_coordinator_is_shown_in_the_report
     assert!(stdout.contains("countersignatures: 4 verified of 4, 0 mismatch(es)"), "{stdout}");
     let md = std::fs::read_to_string(out_dir.path().join("honest/report.md")).unwrap();
     assert!(
-        md.contains("4 verified, 0 FAILED; 0 mismatch(es)") && !md.contains("**FAILED") && !md.contains("MISMATCH"),
+        md.contains("4 verified, 0 FAILED, 0 MISSING; 0 mismatch(es)")
+            && !md.contains("**FAILED")
+            && !md.contains("MISMATCH")
+            && !md.contains("MISSING:"),
         "{md}"
     );
     assert_eq!(md.matches("| verified | matches |").count(), 4, "{md}");
@@ -159,6 +167,7 @@ fn a_receipt_whose_verdict_was_flipped_by_the_coordinator_is_shown_in_the_report
     let (forged, original) = forge(run, &out_dir.path().join("forged"), |p| {
         p.insert("agrees".into(), json!(false));
         p.insert("reason".into(), json!("the record lists an update this node never sent"));
+        true
     });
     assert_eq!(original.params["agrees"], json!(true), "the hospital agreed");
     let node = original.params["node"].as_str().unwrap().to_string();
@@ -169,7 +178,7 @@ fn a_receipt_whose_verdict_was_flipped_by_the_coordinator_is_shown_in_the_report
 
     // Without the hospital's log: the countersignature does not verify over the recorded verdict.
     let out = report(&forged, &[], &run.ca(), &out_dir.path().join("alone"), &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_failed(&out, "1 countersignature(s) FAILED verification, 0 MISSING, 0 MISMATCH");
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("forged, coordinator's log alone: {stdout}");
     assert!(stdout.contains("countersignatures: 3 verified of 4"), "{stdout}");
@@ -187,7 +196,7 @@ fn a_receipt_whose_verdict_was_flipped_by_the_coordinator_is_shown_in_the_report
 
     // With the hospitals' logs: the mismatch with the hospital's own record, saying what differs.
     let out = report(&forged, &nodes, &run.ca(), &out_dir.path().join("crossed"), &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_failed(&out, "1 countersignature(s) FAILED verification, 0 MISSING, 1 MISMATCH");
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("forged, with the hospitals' logs: {stdout}");
     assert!(stdout.contains("3 verified of 4, 1 mismatch(es)"), "{stdout}");
@@ -198,6 +207,51 @@ fn a_receipt_whose_verdict_was_flipped_by_the_coordinator_is_shown_in_the_report
         row.contains("**MISMATCH: verdict: the coordinator's log says the hospital disputes, the hospital's log says it agrees; reason:"),
         "{row}"
     );
+}
+
+/// The report was written, and the exit status is 1 with `want` on stderr.
+fn assert_failed(out: &Output, want: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("exit {:?}: {}", out.status.code(), stderr.trim());
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(want), "{stderr}");
+}
+
+/// The dishonest coordinator deletes a receipt from its log (as it would a dispute it wants
+/// unseen; the verdict does not matter to the finding) and re-chains the log: it still passes
+/// `audit verify`, and `audit report` shows the round record's countersignature from that
+/// hospital as MISSING, or, given the hospital's log, the receipt the hospital signed and the
+/// coordinator's log does not hold; either way it exits 1.
+#[test]
+fn a_receipt_deleted_from_the_coordinators_log_is_shown_missing() {
+    let run = run();
+    let out_dir = tempfile::tempdir().unwrap();
+    let (forged, original) = forge(run, &out_dir.path().join("forged"), |_| false);
+    let node = original.params["node"].as_str().unwrap().to_string();
+    let round = original.params["round"].as_u64().unwrap();
+    let out = verify(&forged, &run.ca());
+    assert!(out.status.success(), "the cut log still verifies: {}", String::from_utf8_lossy(&out.stderr));
+
+    let out = report(&forged, &[], &run.ca(), &out_dir.path().join("alone"), &[]);
+    assert_failed(&out, "0 countersignature(s) FAILED verification, 1 MISSING, 0 MISMATCH");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("deleted, coordinator's log alone: {stdout}");
+    assert!(stdout.contains("countersignatures: 3 verified of 3, 0 mismatch(es) with the hospitals' logs, 1 missing"));
+    let md = std::fs::read_to_string(out_dir.path().join("alone/report.md")).unwrap();
+    let want = format!("| {round} | {node} | — |  | **MISSING: no countersignature from {node}** | — |");
+    let row = md.lines().find(|l| l.starts_with(&want)).unwrap_or_else(|| panic!("no MISSING row {want}:\n{md}"));
+    println!("{row}");
+    assert!(md.contains("3 verified, 0 FAILED, 1 MISSING;") && md.contains(&format!("1 MISSING ({node})")), "{md}");
+    let html = std::fs::read_to_string(out_dir.path().join("alone/report.html")).unwrap();
+    assert!(html.contains(&format!("<td class=\"bad\">MISSING: no countersignature from {node}</td>")), "red");
+
+    // With the hospitals' logs: the hospital signed it, the coordinator's log does not hold it
+    // (one row, not also MISSING).
+    let nodes: Vec<PathBuf> = HOSPITALS.iter().map(|h| run.node_log(h)).collect();
+    let out = report(&forged, &nodes, &run.ca(), &out_dir.path().join("crossed"), &[]);
+    assert_failed(&out, "0 countersignature(s) FAILED verification, 0 MISSING, 1 MISMATCH");
+    let md = std::fs::read_to_string(out_dir.path().join("crossed/report.md")).unwrap();
+    assert!(md.contains("the coordinator's log holds no receipt for this countersignature"), "{md}");
 }
 
 #[test]

@@ -1,10 +1,12 @@
 //! The auditor's read-only service: the coordinator's audit log and the list of plans.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use sanctum_protocol::proto::{self, audit_server};
 use sanctum_protocol::tls;
 use sanctum_protocol::transfer::CHUNK_BYTES;
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -28,31 +30,25 @@ impl audit_server::Audit for AuditApi {
         request: Request<proto::AuditLogRequest>,
     ) -> Result<Response<Self::StreamAuditLogStream>, Status> {
         let who = tls::peer(&request)?.identity.clone();
-        // Read under the lock so the log and its head match.
-        let (log, head) = {
+        // Under the lock only the head and the log's length it covers (appends and the head
+        // update happen under the same lock, so they match); the log itself is streamed from
+        // disk afterwards, a chunk at a time, up to that length: the log is append-only, so
+        // those bytes do not change, and no reader holds the lock or the whole log in memory.
+        let (path, len, head) = {
             let audit = lock(&self.inner.audit);
-            let log = std::fs::read(audit.path()).map_err(|e| Status::internal(format!("audit log: {e}")))?;
-            let head = std::fs::read(audit::head_path(audit.path()))
-                .map_err(|e| Status::internal(format!("audit head: {e}")))?;
-            (log, head)
+            let path = audit.path().to_path_buf();
+            let len = std::fs::metadata(&path).map_err(|e| Status::internal(format!("audit log: {e}")))?.len();
+            let head =
+                std::fs::read(audit::head_path(&path)).map_err(|e| Status::internal(format!("audit head: {e}")))?;
+            (path, len, head)
         };
         self.inner.audit(
             &who.fingerprint.to_hex(),
             "audit_log_read",
-            [("reader", json!(who.name)), ("role", json!(who.role.as_str())), ("bytes", json!(log.len()))],
+            [("reader", json!(who.name)), ("role", json!(who.role.as_str())), ("bytes", json!(len))],
         );
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            let chunks: Vec<&[u8]> = log.chunks(CHUNK_BYTES).collect();
-            let n = chunks.len();
-            for (i, c) in chunks.into_iter().enumerate() {
-                let last = i + 1 == n;
-                let chunk = proto::AuditLogChunk { log: c.to_vec(), head: if last { head.clone() } else { vec![] } };
-                if tx.send(Ok(chunk)).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(stream_log(path, len, head, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -61,5 +57,33 @@ impl audit_server::Audit for AuditApi {
         _request: Request<proto::ListPlansRequest>,
     ) -> Result<Response<proto::ListPlansResponse>, Status> {
         Ok(Response::new(proto::ListPlansResponse { plans: lock(&self.inner.plans).clone() }))
+    }
+}
+
+/// Sends the first `len` bytes of the log at `path` in chunks of at most [`CHUNK_BYTES`], the
+/// head with the last one (an empty log is one chunk holding the head); a read error ends the
+/// stream with it, a reader gone ends it quietly.
+async fn stream_log(path: PathBuf, len: u64, head: Vec<u8>, tx: mpsc::Sender<Result<proto::AuditLogChunk, Status>>) {
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = tx.send(Err(Status::internal(format!("audit log: {e}")))).await;
+            return;
+        }
+    };
+    let (mut left, mut head) = (len, head);
+    loop {
+        let n = usize::try_from(left.min(CHUNK_BYTES as u64)).unwrap_or(CHUNK_BYTES);
+        let mut buf = vec![0u8; n];
+        if let Err(e) = file.read_exact(&mut buf).await {
+            let _ = tx.send(Err(Status::internal(format!("audit log: {e}")))).await;
+            return;
+        }
+        left -= n as u64;
+        let last = left == 0;
+        let chunk = proto::AuditLogChunk { log: buf, head: if last { std::mem::take(&mut head) } else { vec![] } };
+        if tx.send(Ok(chunk)).await.is_err() || last {
+            return;
+        }
     }
 }
