@@ -192,16 +192,28 @@ impl PlanRun {
 
     /// A node accepted or refused the plan.
     pub fn decision(&mut self, node: &str, accept: bool, reason: &str, now: Instant) -> Vec<Action> {
+        self.decide(node, accept, reason, now).unwrap_or_default()
+    }
+
+    /// A node accepted or refused the plan: `Some` (with what to do) if the answer counted,
+    /// `None` if it was discarded (a repeat of the node's standing answer, an answer from a node
+    /// the plan was not offered to, an acceptance once recruiting is over). The service audits
+    /// and publishes only a decision that counted, so repeating an answer costs nothing.
+    pub fn decide(&mut self, node: &str, accept: bool, reason: &str, now: Instant) -> Option<Vec<Action>> {
         if !matches!(self.phase, Phase::Recruiting { .. }) {
             // An answer to a re-offer: a node that now refuses leaves the plan.
             if !accept && self.accepted.remove(node) {
                 self.refused.insert(node.to_string(), reason.to_string());
-                return self.advance(now);
+                return Some(self.advance(now));
             }
-            return vec![];
+            return None;
         }
         if !self.offered.contains(node) {
-            return vec![];
+            return None;
+        }
+        let repeat = if accept { self.accepted.contains(node) } else { self.refused.contains_key(node) };
+        if repeat {
+            return None;
         }
         if accept {
             self.refused.remove(node);
@@ -210,13 +222,14 @@ impl PlanRun {
             self.accepted.remove(node);
             self.refused.insert(node.to_string(), reason.to_string());
         }
-        self.advance(now)
+        Some(self.advance(now))
     }
 
-    /// Asks whether an update may enter the round; on `Ok` the node counts as reported and the
-    /// service must apply the update before anything else happens.
-    pub fn admit_update(&mut self, node: &str, round: u32, now: Instant) -> Result<Vec<Action>, Rejection> {
-        let Phase::Training { round: open, participants, reported, left, deadline } = &mut self.phase else {
+    /// Whether [`PlanRun::admit_update`] would admit this update now, changing nothing: the
+    /// service asks first when admitting has a side effect it cannot undo (a masked input joins
+    /// the secure-aggregation sum), so nothing is in the sum of a node told it was refused.
+    pub fn can_admit(&self, node: &str, round: u32, now: Instant) -> Result<(), Rejection> {
+        let Phase::Training { round: open, participants, reported, left, deadline } = &self.phase else {
             return Err(Rejection::NoOpenRound);
         };
         if round != *open {
@@ -231,7 +244,16 @@ impl PlanRun {
         if now >= *deadline {
             return Err(Rejection::Late);
         }
-        reported.insert(node.to_string());
+        Ok(())
+    }
+
+    /// Asks whether an update may enter the round; on `Ok` the node counts as reported and the
+    /// service must apply the update before anything else happens.
+    pub fn admit_update(&mut self, node: &str, round: u32, now: Instant) -> Result<Vec<Action>, Rejection> {
+        self.can_admit(node, round, now)?;
+        if let Phase::Training { reported, .. } = &mut self.phase {
+            reported.insert(node.to_string());
+        }
         Ok(self.advance(now))
     }
 
@@ -555,5 +577,45 @@ mod tests {
         assert!(matches!(&a[..], [Action::OpenRound { round: 1, participants, .. }] if participants == &names(&["a"])));
         // b never answered and is not a participant.
         assert_eq!(run.admit_update("b", 1, t0 + Duration::from_secs(12)), Err(Rejection::NotParticipant("b".into())));
+    }
+
+    #[test]
+    fn a_repeated_answer_does_not_count_and_says_so() {
+        let t0 = Instant::now();
+        let (mut run, _) = PlanRun::start(cfg(1, 2), names(&["a", "b", "c"]), t0);
+        assert_eq!(run.decide("a", true, "", t0), Some(vec![]));
+        for _ in 0..1000 {
+            assert_eq!(
+                run.decide("a", true, "", t0),
+                None,
+                "a repeat is discarded, so it is neither audited nor published"
+            );
+        }
+        assert_eq!(run.decide("c", false, "no", t0), Some(vec![]));
+        assert_eq!(run.decide("c", false, "still no", t0), None);
+        assert_eq!(run.decide("rogue", true, "", t0), None, "not offered");
+        // Changing one's answer while recruiting counts.
+        assert!(run.decide("c", true, "", t0).is_some());
+        assert!(run.decide("b", true, "", t0).is_some_and(|a| matches!(&a[..], [Action::OpenRound { .. }])));
+        assert_eq!(run.decide("b", true, "", t0), None, "an acceptance after recruiting does not count");
+        assert!(run.decide("a", false, "changed my mind", t0).is_some(), "a refusal of a re-offer does");
+        assert_eq!(run.decide("a", false, "again", t0), None);
+    }
+
+    #[test]
+    fn can_admit_answers_as_admit_update_would_and_changes_nothing() {
+        let t0 = Instant::now();
+        let (mut run, _) = PlanRun::start(cfg(1, 1), names(&["a", "b"]), t0);
+        run.decision("a", true, "", t0);
+        run.decision("b", true, "", t0);
+        let late = t0 + Duration::from_secs(31);
+        assert_eq!(run.can_admit("a", 1, late), Err(Rejection::Late));
+        assert_eq!(run.can_admit("a", 2, t0), Err(Rejection::WrongRound { got: 2, open: 1 }));
+        assert_eq!(run.can_admit("x", 1, t0), Err(Rejection::NotParticipant("x".into())));
+        for _ in 0..3 {
+            assert_eq!(run.can_admit("a", 1, t0), Ok(()), "asking twice changes nothing");
+        }
+        assert!(run.admit_update("a", 1, t0).is_ok());
+        assert_eq!(run.can_admit("a", 1, t0), Err(Rejection::Duplicate("a".into())));
     }
 }

@@ -289,7 +289,13 @@ async fn two_hundred_fetch_model_streams_that_never_read_hold_bounded_memory() {
 #[tokio::test]
 async fn two_hundred_uploads_that_stop_four_bytes_short_free_their_spool() {
     let c = Consortium::new();
-    let coord = CoordinatorProcess::start_configured(&c, "[limits]\nupload_idle_timeout_secs = 2\n", &[]);
+    // A 1 s audit-quota period: the 199 duplicates' rejections spend the node's allowance at once,
+    // and the idle upload's rejection (2 s later) is in the next period, so it is itemised.
+    let coord = CoordinatorProcess::start_configured(
+        &c,
+        "[limits]\nupload_idle_timeout_secs = 2\nrefusal_report_secs = 1\n",
+        &[],
+    );
     let addr = coord.address();
     let honest: Vec<NodeProcess> =
         ["cleveland", "hungarian"].iter().map(|h| NodeProcess::start(&c, h, &addr, &heart_data(h))).collect();
@@ -465,4 +471,90 @@ async fn a_global_model_pushed_past_f32_range_fails_the_round_with_the_reason() 
     assert_eq!(models, 2, "the non-finite model was stored");
     let plan_failed = coord.audit_records().into_iter().find(|r| r.event == "plan_finished").unwrap();
     assert!(plan_failed.params["reason"].as_str().unwrap().contains("non-finite"), "{:?}", plan_failed.params);
+}
+
+#[tokio::test]
+async fn a_node_flooding_rejections_costs_a_bounded_number_of_audit_records() {
+    use sanctum_protocol::proto::WatchPlanRequest;
+    let c = Consortium::new();
+    // A 2 s quota period so the summary is written within the test; a history of 32 events a run,
+    // which 2,000 rejections published into the finished run would flush (its end included).
+    let coord =
+        CoordinatorProcess::start_configured(&c, "[limits]\nrefusal_report_secs = 2\nevents_per_run = 32\n", &[]);
+    let (a_files, b_files) = (c.member("a", "node"), c.member("b", "node"));
+    let (a, b) = (client(&coord, &a_files).await, client(&coord, &b_files).await);
+    let a_dirs = a.clone().subscribe(SubscribeRequest::default()).await.unwrap().into_inner();
+    let b_dirs = b.clone().subscribe(SubscribeRequest::default()).await.unwrap().into_inner();
+    coord.wait_for_nodes(2);
+    let mut lead = lead_client(&c, &coord).await;
+    let (plan_id, mut events) = submit_and_watch(&mut lead, plan("flood", 1, 2, LOGISTIC, "")).await;
+    let a_run = tokio::spawn(scripted_node(a.clone(), a_dirs, |_| (vec![0.01; 14], 10)));
+    let b_run = tokio::spawn(scripted_node(b, b_dirs, |_| (vec![0.01; 14], 10)));
+    let (_closed, finished) = follow(&mut events).await;
+    assert!(finished.success, "{}", finished.reason);
+    let starts = a_run.await.unwrap();
+    b_run.await.unwrap();
+    // Let the run's own records (disconnects, receipts) land before the baseline.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = coord.audit_records().len();
+    let log0 = file_len(&coord.log);
+
+    // 2,000 well-formed headers for the finished plan's round: each one is refused ("no round is
+    // open") and, before the quota, cost a signed, fsync'd record and an event in the run.
+    let payload = transfer::f32_to_le_bytes(&[0.0f32; 14]);
+    let mut rogue = a.clone();
+    let started = Instant::now();
+    let mut refused = 0;
+    for _ in 0..2000 {
+        let msgs = vec![header(&plan_id, &starts[0], &payload, 14, 1), data(&payload)];
+        if rogue.submit_update(tokio_stream::iter(msgs)).await.is_err() {
+            refused += 1;
+        }
+    }
+    let took = started.elapsed();
+    let after_flood = coord.audit_records();
+    let grew = after_flood.len() - before;
+    let log_grew = file_len(&coord.log).saturating_sub(log0);
+    println!(
+        "2000 bad uploads in {took:?}: {refused} refused; audit log +{grew} records; coordinator log +{log_grew} bytes"
+    );
+    assert_eq!(refused, 2000);
+    assert!(grew <= 20, "the audit log grew by {grew} records for one node's 2,000 rejections (bound 20)");
+    assert!(log_grew < 64 << 10, "the coordinator log grew by {log_grew} bytes (bound 64 KiB)");
+
+    // Within a period of the flood's end, one summary counts what was not itemised.
+    let summarised = sanctum_tests::wait_until(Duration::from_secs(10), || {
+        coord.audit_records().iter().any(|r| r.event == "audit_records_suppressed")
+    });
+    assert!(summarised, "no summary record of the suppressed rejections");
+    let records = coord.audit_records();
+    let summaries: Vec<_> = records.iter().filter(|r| r.event == "audit_records_suppressed").collect();
+    println!("summary: {:?}", summaries.iter().map(|r| &r.params).collect::<Vec<_>>());
+    assert_eq!(summaries.len(), 1, "one summary per (node, event) per period");
+    assert_eq!(summaries[0].params["node"], "a");
+    assert_eq!(summaries[0].params["event"], "update_rejected");
+    let itemised = records[before..].iter().filter(|r| r.event == "update_rejected").count() as u64;
+    let suppressed = summaries[0].params["suppressed"].as_u64().unwrap();
+    assert_eq!(itemised + suppressed, 2000, "every rejection is either itemised or counted");
+
+    // A late watcher of the finished run still gets its end.
+    let mut late = lead
+        .watch_plan(WatchPlanRequest { plan_id: plan_id.clone(), run: String::new() })
+        .await
+        .expect("the finished run can be watched")
+        .into_inner();
+    let mut replayed = 0;
+    let end = loop {
+        let ev = next_event(&mut late, 10, "the finished run's end was pushed out of its history").await;
+        replayed += 1;
+        assert!(
+            !matches!(ev.kind, Some(plan_event::Kind::UpdateRejected(_))),
+            "a rejection of an upload for a finished run was published into it"
+        );
+        if let Some(plan_event::Kind::PlanFinished(f)) = ev.kind {
+            break f;
+        }
+    };
+    println!("late watcher: {replayed} events, ending with success = {}", end.success);
+    assert!(end.success);
 }

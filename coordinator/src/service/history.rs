@@ -4,11 +4,18 @@
 //!
 //! A run's history drops its oldest events first, so the newest (and the run's end, always its
 //! last event) are what a late watcher gets; a watcher that was subscribed all along sees every
-//! event from the broadcast. Runs beyond the bound go oldest-finished first; the running run is
+//! event from the broadcast. Members cannot push a run's end out: nothing is kept after a run's
+//! `PlanFinished` (a watcher stops there anyway), eviction never takes it, and a node's rejected
+//! updates are kept only for the first [`REJECTIONS_PER_NODE_ROUND`] per round. Runs beyond the bound go oldest-finished first; the running run is
 //! never dropped, so its watchers always find it. Events for a run that is not kept create
 //! nothing: only a run the driver started ([`History::start`]) has a history.
 
 use std::collections::{HashMap, VecDeque};
+
+/// `UpdateRejected` events kept (and broadcast) per node per round of a run; the rest are
+/// counted. A watcher learns that a node keeps failing from the first few; more would only let one
+/// node flood the run's bounded history.
+pub(super) const REJECTIONS_PER_NODE_ROUND: u32 = 16;
 
 use sanctum_protocol::proto::{PlanEvent, plan_event};
 
@@ -20,6 +27,8 @@ struct RunEvents {
     finished: bool,
     /// Events dropped to stay within the bound (said once in the log, counted here).
     dropped: u64,
+    /// `UpdateRejected` events seen per (node, round); bounded by the run's participants × rounds.
+    rejections: HashMap<(String, u32), u32>,
 }
 
 /// Every kept run's events, in order, with the order runs started in.
@@ -57,16 +66,34 @@ impl History {
         }
     }
 
-    /// Appends an event of a kept run; an event of any other run is dropped.
-    pub(super) fn push(&mut self, run: &str, ev: PlanEvent) {
+    /// Appends an event of a kept run and says whether it was kept (then it is to be broadcast).
+    /// Dropped: an event of a run not kept, any event after its run's end, and a node's rejected
+    /// updates beyond [`REJECTIONS_PER_NODE_ROUND`] in a round.
+    pub(super) fn push(&mut self, run: &str, ev: PlanEvent) -> bool {
         let Some(kept) = self.runs.get_mut(run) else {
-            return;
+            return false;
         };
-        if matches!(ev.kind, Some(plan_event::Kind::PlanFinished(_))) {
-            kept.finished = true;
+        if kept.finished {
+            return false;
+        }
+        match &ev.kind {
+            Some(plan_event::Kind::PlanFinished(_)) => kept.finished = true,
+            Some(plan_event::Kind::UpdateRejected(r)) => {
+                let n = kept.rejections.entry((r.node.clone(), r.round)).or_insert(0);
+                *n = n.saturating_add(1);
+                if *n > REJECTIONS_PER_NODE_ROUND {
+                    return false;
+                }
+            }
+            _ => {}
         }
         if kept.events.len() >= self.per_run {
-            kept.events.pop_front();
+            // The oldest event that is not the run's end (only the last can be, and only once
+            // finished, when nothing more is pushed; checked all the same).
+            let pos = kept.events.iter().position(|e| !matches!(e.kind, Some(plan_event::Kind::PlanFinished(_))));
+            if let Some(pos) = pos {
+                kept.events.remove(pos);
+            }
             kept.dropped += 1;
             if kept.dropped == 1 {
                 tracing::warn!(
@@ -77,6 +104,7 @@ impl History {
             }
         }
         kept.events.push_back(ev);
+        true
     }
 
     /// A kept run's events, oldest first (empty for a run not kept).
@@ -126,6 +154,41 @@ mod tests {
         let ev = h.events("r");
         assert_eq!(ev.len(), 3);
         assert!(matches!(ev[2].kind, Some(plan_event::Kind::PlanFinished(_))), "the run's end is never lost");
+    }
+
+    fn rejected(node: &str, round: u32) -> PlanEvent {
+        let r = UpdateRejected { round, node: node.into(), reason: "bad header".into() };
+        PlanEvent { kind: Some(plan_event::Kind::UpdateRejected(r)) }
+    }
+
+    #[test]
+    fn nothing_after_a_runs_end_can_push_the_end_out() {
+        let mut h = History::new(3, 4);
+        h.start("r");
+        h.push("r", opened(1));
+        assert!(h.push("r", finished()));
+        for _ in 0..1000 {
+            assert!(!h.push("r", rejected("rogue", 1)), "junk after the end is neither kept nor broadcast");
+            assert!(!h.push("r", opened(2)));
+        }
+        let ev = h.events("r");
+        assert_eq!(ev.len(), 2);
+        assert!(matches!(ev[1].kind, Some(plan_event::Kind::PlanFinished(_))));
+    }
+
+    #[test]
+    fn one_nodes_rejections_are_kept_only_for_the_first_few_per_round() {
+        let mut h = History::new(100, 4);
+        h.start("r");
+        h.push("r", opened(1));
+        let kept = (0..2000).filter(|_| h.push("r", rejected("rogue", 1))).count();
+        assert_eq!(kept, REJECTIONS_PER_NODE_ROUND as usize);
+        assert!(h.push("r", rejected("honest", 1)), "another node has its own allowance");
+        assert!(h.push("r", rejected("rogue", 2)), "and so has the next round");
+        assert!(h.push("r", finished()));
+        let ev = h.events("r");
+        assert_eq!(ev.len(), 1 + 16 + 2 + 1);
+        assert!(matches!(ev[0].kind, Some(plan_event::Kind::RoundOpened(_))), "the run's start is still there");
     }
 
     #[test]

@@ -28,8 +28,16 @@ impl lead_server::Lead for LeadApi {
         let plan = match Plan::parse(&request.get_ref().plan_toml) {
             Ok(plan) => plan,
             Err(e) => {
-                self.inner.audit(&actor, "plan_rejected", [("lead", json!(lead)), ("reason", json!(e.to_string()))]);
-                return Err(Status::invalid_argument(e.to_string()));
+                // A parse error can quote a source line of any length: bounded in the record and
+                // the reply, and the lead's records count against its quota like a node's.
+                let reason = bounds::reason(e.to_string());
+                self.inner.audit_member(
+                    &lead,
+                    &actor,
+                    "plan_rejected",
+                    [("lead", json!(lead)), ("reason", json!(reason))],
+                );
+                return Err(Status::invalid_argument(reason));
             }
         };
         tracing::info!(lead, plan = plan.name, "plan submitted");
@@ -42,15 +50,18 @@ impl lead_server::Lead for LeadApi {
 
     async fn watch_plan(&self, request: Request<WatchPlanRequest>) -> Result<Response<Self::WatchPlanStream>, Status> {
         use tokio_stream::StreamExt;
-        let WatchPlanRequest { plan_id, run } = request.get_ref();
-        let run = if run.is_empty() {
+        let WatchPlanRequest { plan_id, run: asked } = request.get_ref();
+        let run = if asked.is_empty() {
             lock(&self.inner.runs).latest(plan_id).map(str::to_string)
         } else {
-            Some(run.clone()).filter(|r| lock(&self.inner.runs).has(plan_id, r))
+            Some(asked.clone()).filter(|r| lock(&self.inner.runs).has(plan_id, r))
         };
         let Some(run) = run.filter(|r| lock(&self.inner.history).contains_key(r)) else {
+            // The ids are the caller's: shown cut and cleaned, never echoed whole.
             return Err(Status::not_found(format!(
-                "no run of plan '{plan_id}' was started by this coordinator since it started; check the plan id (and run) that `plan submit` printed"
+                "no run of plan '{}'{} was started by this coordinator since it started; check the plan id (and run) that `plan submit` printed",
+                bounds::clip_chars(plan_id, 64),
+                if asked.is_empty() { String::new() } else { format!(" (run '{}')", bounds::clip_chars(asked, 64)) }
             )));
         };
         let stream = watch_stream(&self.inner, &run).map(Ok);
