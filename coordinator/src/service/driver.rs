@@ -124,6 +124,8 @@ impl Driver {
                     self.apply(actions);
                     let sa = self.active.as_mut().and_then(|a| a.secagg.as_mut()).map(|r| r.server.tick(now));
                     self.apply_secagg(sa.unwrap_or_default());
+                    // A flood's summary is written within a period of its end, even if nothing follows.
+                    self.inner.flush_audit_quota(now);
                 }
             }
         }
@@ -141,8 +143,10 @@ impl Driver {
                 if nodes.get(&node).is_some_and(|c| c.id == conn) {
                     let fingerprint = nodes.remove(&node).map(|c| c.fingerprint).unwrap_or_default();
                     drop(nodes);
-                    tracing::info!(node, "node disconnected");
-                    self.inner.audit(&fingerprint, "node_disconnected", [("node", json!(node))]);
+                    // A subscribe/disconnect loop is itemised within the node's quota, then counted.
+                    if self.inner.audit_member(&node, &fingerprint, "node_disconnected", [("node", json!(node))]) {
+                        tracing::info!(node, "node disconnected");
+                    }
                     let actions = self.active.as_mut().map(|a| a.run.node_disconnected(&node, now)).unwrap_or_default();
                     self.apply(actions);
                     let sa =
@@ -167,7 +171,9 @@ impl Driver {
                     self.active.as_mut().filter(|a| a.plan_id == response.plan_id && a.run_id == response.run)
                 else {
                     // The handler let only a started run's (bounded) ids through; still shown short.
-                    tracing::warn!(
+                    // Debug only: a node can send these as fast as it likes (answers to a run that
+                    // ended), and the log must not grow with them.
+                    tracing::debug!(
                         node,
                         plan = short(&response.plan_id),
                         run = short(&response.run),
@@ -175,12 +181,22 @@ impl Driver {
                     );
                     return;
                 };
+                // Only an answer the run counted is audited and published: repeating one's answer
+                // (or answering after recruiting) changes nothing and costs no record.
+                let Some(actions) = active.run.decide(&node, response.accept, &response.reason, now) else {
+                    tracing::debug!(node, "repeated or late answer to the offer; discarded");
+                    return;
+                };
+                let plan_id = active.plan_id.clone();
                 if response.accept {
                     tracing::info!(node, "accepted the plan");
                 } else {
                     tracing::warn!(node, reason = response.reason, "refused the plan");
                 }
-                self.inner.audit(
+                // Counted against the node's quota all the same: accept/refuse/accept… changes the
+                // answer each time.
+                self.inner.audit_member(
+                    &node,
                     &self.inner.fingerprint(&node),
                     if response.accept { "plan_accepted" } else { "plan_refused" },
                     [
@@ -191,8 +207,6 @@ impl Driver {
                         ("delta", json!(response.privacy.as_ref().map(|p| p.delta))),
                     ],
                 );
-                let plan_id = active.plan_id.clone();
-                let actions = active.run.decision(&node, response.accept, &response.reason, now);
                 self.inner.publish(
                     &plan_id,
                     plan_event::Kind::NodeDecision(proto::NodeDecision {
@@ -221,7 +235,8 @@ impl Driver {
                         self.apply_secagg(actions);
                     }
                     Err(reason) => {
-                        tracing::warn!(node, "secure-aggregation message refused: {reason}");
+                        // The handler's `reject` logs and audits it, within the node's quota.
+                        tracing::debug!(node, "secure-aggregation message refused: {reason}");
                         let _ = reply.send(Err(reason));
                     }
                 }
@@ -395,6 +410,10 @@ impl Driver {
                 return Err("this round uses secure aggregation: only masked inputs are accepted".into());
             }
             let words = wire::words_from_le(&bytes).map_err(|e| e.to_string())?;
+            // The plan run is asked first, changing nothing: `masked_input` folds the input into
+            // the sum, which cannot be undone, so it runs only for an input the run will admit
+            // (with the same `now`, `admit_update` below then cannot refuse it).
+            active.run.can_admit(node, update.round, now).map_err(|e| e.to_string())?;
             // The masked input joins the running sum only if the node may send one now.
             let sa_actions = sa.server.masked_input(node, &words, now).map_err(|e| e.to_string())?;
             let actions = active.run.admit_update(node, update.round, now).map_err(|e| e.to_string())?;

@@ -188,13 +188,33 @@ impl federation_server::Federation for FederationApi {
 
     async fn subscribe(&self, request: Request<SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let node = caller(&request)?;
-        let fingerprint = tls::peer(&request)?.identity.fingerprint.to_hex();
+        let identity = tls::peer(&request)?.identity.clone();
+        let fingerprint = identity.fingerprint.to_hex();
         let hello = request.into_inner();
         // Shown to the lead and kept in the audit log: bounded, never refused (see `bounds`).
         let (device, version) = (bounds::label(&hello.device), bounds::label(&hello.software_version));
         let (tx, rx) = mpsc::channel(32);
         let conn = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         lock(&self.inner.nodes).insert(node.clone(), NodeConn { id: conn, fingerprint: fingerprint.clone(), tx });
+        // The role guard checked the certificate when the call began; a revocation (or expiry)
+        // applied since then found no stream of this node to close, so check again now that it is
+        // in `nodes`: from here on a revocation sees (and closes) it.
+        let expired = identity.not_after <= time::OffsetDateTime::now_utc();
+        if let Err(refused) = self.inner.still_trusted(&identity).and_then(|()| {
+            if expired {
+                Err(Status::unauthenticated(format!(
+                    "the certificate of '{node}' has expired; ask the consortium lead to renew it and reconnect"
+                )))
+            } else {
+                Ok(())
+            }
+        }) {
+            let mut nodes = lock(&self.inner.nodes);
+            if nodes.get(&node).is_some_and(|c| c.id == conn) {
+                nodes.remove(&node);
+            }
+            return Err(refused);
+        }
         // Made before the wait below: if this call is cancelled while it waits, dropping the
         // stream still tells the driver, and the node does not stay "connected".
         let stream = DirectiveStream {
@@ -203,12 +223,15 @@ impl federation_server::Federation for FederationApi {
             conn,
             events: self.inner.events.clone(),
         };
-        tracing::info!(node, device, version, "node connected");
-        self.inner.audit(
+        // A subscribe loop is itemised within the node's quota, then only counted.
+        if self.inner.audit_member(
+            &node,
             &fingerprint,
             "node_connected",
             [("node", json!(node)), ("device", json!(device)), ("version", json!(version))],
-        );
+        ) {
+            tracing::info!(node, device, version, "node connected");
+        }
         self.inner.send_event(Event::Connected { node }).await?;
         Ok(Response::new(Box::pin(stream)))
     }
@@ -339,6 +362,22 @@ impl federation_server::Federation for FederationApi {
             };
             // An upload from a certificate revoked since it began ends at its next chunk.
             self.inner.still_trusted(&identity).map_err(reject)?;
+            // So does one whose round closed (or whose plan ended) while it was being sent: a slow
+            // upload must not hold a spool, and its slot, past its round.
+            let still_open = self
+                .inner
+                .round
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|open| open.plan_id == info.plan_id && open.round == info.round);
+            if !still_open {
+                return Err(reject(Status::failed_precondition(format!(
+                    "round {} of plan {} closed while this update was being uploaded; it was dropped and its spool freed",
+                    info.round,
+                    short(&info.plan_id)
+                ))));
+            }
             let data = match msg.part {
                 Some(update_chunk::Part::Data(d)) => d,
                 _ => {
@@ -426,11 +465,12 @@ impl federation_server::Federation for FederationApi {
             Status::new(code, r.to_string())
         })?;
         if !accepted.agrees {
+            // The node's words, bounded and quoted (`{:?}`) so they cannot forge log lines.
             tracing::error!(
                 node = accepted.node,
                 round = c.round,
-                "node disputes the round record: {}",
-                accepted.reason
+                "node disputes the round record: {:?}",
+                bounds::clip_bytes(&accepted.reason, bounds::REASON_BYTES)
             );
         }
         self.inner.audit(&fingerprint, "receipt", accepted.params());

@@ -11,7 +11,8 @@
 //! - `federation`: the node-facing service; `lead`: the lead's; `audit_api`: the auditor's;
 //! - `revocation`: following the revocation list;
 //! - `driver`: the task that owns the running plan and applies the state machine's actions;
-//! - `bounds`: the bounds on strings a node chooses; `history`: the bounded event history.
+//! - `bounds`: the bounds on strings a node chooses; `history`: the bounded event history;
+//!   `quota`: how many audit records one member can cause per period.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -41,6 +42,7 @@ mod driver;
 mod federation;
 mod history;
 mod lead;
+mod quota;
 mod revocation;
 mod supervise;
 mod transport;
@@ -99,6 +101,9 @@ struct Inner {
     next_conn: AtomicU64,
     /// The coordinator's signed, hash-chained audit log.
     audit: Mutex<AuditLog>,
+    /// Records a member causes (rejected uploads, decisions, connects), itemised up to a quota
+    /// per period and summarised beyond it ([`Inner::audit_member`]).
+    audit_quota: Mutex<quota::AuditQuota>,
     /// Revoked certificates, refused at the handshake and on every call.
     revoked: Arc<tls::Revocations>,
     /// Every plan run since start, for auditors.
@@ -274,6 +279,7 @@ impl Coordinator {
             store,
             next_conn: AtomicU64::new(1),
             audit: Mutex::new(audit),
+            audit_quota: Mutex::new(quota::AuditQuota::new(Duration::from_secs(options.limits.refusal_report_secs))),
             revoked: Arc::new(tls::Revocations::default()),
             plans: Mutex::new(Vec::new()),
             receipts: Mutex::new(crate::receipts::Awaiting::default()),
@@ -364,6 +370,65 @@ impl Inner {
         if let Err(e) = lock(&self.audit).append(actor, event, params) {
             tracing::error!("audit log: {e}");
         }
+    }
+
+    /// Appends an audit record that member `node` caused, if it is within the quota of its
+    /// (node, event) this period ([`quota::ITEMISED_PER_PERIOD`]); beyond it the record is only
+    /// counted, and [`Inner::flush_audit_quota`] writes one summary when the period ends. Returns
+    /// whether it was written (callers log only what they audit, so the log is bounded too).
+    fn audit_member<const N: usize>(
+        &self,
+        node: &str,
+        actor: &str,
+        event: &'static str,
+        params: [(&str, serde_json::Value); N],
+    ) -> bool {
+        let now = std::time::Instant::now();
+        let itemise = lock(&self.audit_quota).admit(node, event, now);
+        self.flush_audit_quota(now);
+        if itemise {
+            self.audit(actor, event, params);
+        }
+        itemise
+    }
+
+    /// Writes the summaries of a period that has ended: one `audit_records_suppressed` record per
+    /// (node, event) that had records counted but not written. Called with each member record and
+    /// from the driver's tick, so a summary comes within a period of the flood's end.
+    fn flush_audit_quota(&self, now: std::time::Instant) {
+        let (due, period) = {
+            let mut q = lock(&self.audit_quota);
+            (q.take_due(now), q.period())
+        };
+        if due.is_empty() {
+            return;
+        }
+        let own = lock(&self.audit).own_fingerprint().to_string();
+        for s in due {
+            tracing::warn!(
+                node = s.node,
+                event = s.event,
+                suppressed = s.count,
+                "a member caused more audit records than the quota allows; the rest were counted"
+            );
+            self.audit(
+                &own,
+                "audit_records_suppressed",
+                [
+                    ("node", json!(s.node)),
+                    ("event", json!(s.event)),
+                    ("suppressed", json!(s.count)),
+                    ("itemised", json!(s.itemised)),
+                    ("period_secs", json!(period.as_secs())),
+                ],
+            );
+        }
+    }
+
+    /// Whether `plan_id` is the plan running now (its latest run has not finished): only then do
+    /// member-caused events (a rejected update) reach its watchers and history.
+    fn is_running(&self, plan_id: &str) -> bool {
+        lock(&self.plans).iter().rev().find(|p| p.plan_id == plan_id).is_some_and(|p| p.status == "running")
     }
 
     /// The certificate fingerprint of a connected node (its audit actor).
@@ -472,8 +537,11 @@ impl Inner {
         }
         let ev = PlanEvent { kind: Some(kind) };
         let mut history = lock(&self.history);
-        history.push(&run, ev.clone());
-        let _ = self.plan_events.send((run, ev));
+        // What the history refuses as junk (events after the run's end, a node's rejected updates
+        // beyond its quota) is not broadcast either: live and late watchers see the same run.
+        if history.push(&run, ev.clone()) {
+            let _ = self.plan_events.send((run, ev));
+        }
     }
 
     /// Logs and publishes a refused update, and returns the status for the node. `plan_id` is a
@@ -482,14 +550,20 @@ impl Inner {
     fn reject(&self, node: &str, plan_id: &str, round: u32, status: Status) -> Status {
         let plan_id = if bounds::is_sha256_hex(plan_id) { plan_id } else { "" };
         let reason = bounds::clip_bytes(status.message(), bounds::REASON_BYTES);
-        tracing::warn!(node, round, plan = short(plan_id), "rejected update: {reason}");
-        self.audit(
+        // Itemised within the node's quota, counted beyond it (a loop of bad headers must not
+        // choose how fast the audit log and the log grow).
+        let itemised = self.audit_member(
+            node,
             &self.fingerprint(node),
             "update_rejected",
             [("node", json!(node)), ("plan_id", json!(plan_id)), ("round", json!(round)), ("reason", json!(reason))],
         );
-        // An upload that never named its plan has no watcher to tell.
-        if plan_id.is_empty() {
+        if itemised {
+            tracing::warn!(node, round, plan = short(plan_id), "rejected update: {reason}");
+        }
+        // An upload that never named its plan has no watcher to tell, and one for a plan that is
+        // not running must not grow (or end) a finished run's history.
+        if plan_id.is_empty() || !self.is_running(plan_id) {
             return status;
         }
         self.publish(
