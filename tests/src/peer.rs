@@ -44,17 +44,7 @@ pub async fn failed_handshake_at(addr: SocketAddr, timeout: Duration) -> bool {
         return false;
     };
     let _ = tcp.write_all(b"GET / HTTP/1.1\r\nHost: sanctum\r\n\r\n").await;
-    let mut buf = [0u8; 512];
-    tokio::time::timeout(timeout, async {
-        loop {
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await
-    .is_ok()
+    until_closed(&mut tcp, timeout).await.is_some()
 }
 
 /// A TCP connection that sends nothing: it holds a handshake slot until the server's handshake

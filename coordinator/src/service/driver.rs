@@ -582,35 +582,7 @@ impl Driver {
                 Action::CloseRound { round, reported, dropped } => {
                     *self.inner.round.write().unwrap_or_else(|p| p.into_inner()) = None;
                     let next = match self.close_round(round) {
-                        Ok(()) => {
-                            let Some(active) = self.active.as_mut() else {
-                                return;
-                            };
-                            let metrics = active
-                                .round_metrics
-                                .iter()
-                                .map(|(node, m)| proto::NodeMetric {
-                                    node: node.clone(),
-                                    value: m.value,
-                                    samples: m.samples,
-                                })
-                                .collect();
-                            self.inner.publish(
-                                &plan_id,
-                                plan_event::Kind::RoundClosed(proto::RoundClosed {
-                                    round,
-                                    reported: reported.clone(),
-                                    dropped: dropped.clone(),
-                                    metrics,
-                                    new_model_sha256: active.model.to_hex(),
-                                }),
-                            );
-                            self.send_receipts(round, &reported, &dropped);
-                            let Some(active) = self.active.as_mut() else {
-                                return;
-                            };
-                            active.run.round_aggregated(round, Instant::now())
-                        }
+                        Ok(()) => self.publish_round_closed(round, &reported, &dropped),
                         Err(reason) => {
                             tracing::error!(round, "aggregation failed: {reason}");
                             self.active.as_mut().map(|a| a.run.aggregation_failed(&reason)).unwrap_or_default()
@@ -836,6 +808,15 @@ impl Driver {
         let reported = sa.names(&outcome.survivors);
         let dropped = sa.names(&outcome.dropped);
         tracing::info!(round, survivors = reported.len(), model = %active.model.short(), "round aggregated securely");
+        Ok(self.publish_round_closed(round, &reported, &dropped))
+    }
+
+    /// Tells the lead (and the audit log) a round closed with the new model, asks those who
+    /// reported to countersign its record, and moves the plan on.
+    fn publish_round_closed(&mut self, round: u32, reported: &[String], dropped: &[String]) -> Vec<Action> {
+        let Some(active) = self.active.as_ref() else {
+            return Vec::new();
+        };
         let metrics = active
             .round_metrics
             .iter()
@@ -845,15 +826,14 @@ impl Driver {
             &active.plan_id,
             plan_event::Kind::RoundClosed(proto::RoundClosed {
                 round,
-                reported: reported.clone(),
-                dropped: dropped.clone(),
+                reported: reported.to_vec(),
+                dropped: dropped.to_vec(),
                 metrics,
                 new_model_sha256: active.model.to_hex(),
             }),
         );
-        self.send_receipts(round, &reported, &dropped);
-        let active = self.active.as_mut().ok_or("no plan is running")?;
-        Ok(active.run.round_aggregated(round, Instant::now()))
+        self.send_receipts(round, reported, dropped);
+        self.active.as_mut().map(|a| a.run.round_aggregated(round, Instant::now())).unwrap_or_default()
     }
 
     /// Applies the server step to the admitted updates and publishes the new global model.
