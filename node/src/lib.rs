@@ -30,4 +30,5 @@ pub mod receipt;
 pub mod release;
 pub mod rounds;
 pub mod state_lock;
+pub mod table;
 pub mod train;
