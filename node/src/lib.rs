@@ -7,6 +7,7 @@
 //! - [`data`]: loading and validating a local CSV against a plan's schema.
 //! - [`policy`]: the local rules a plan must satisfy before the node takes part (fails closed).
 //! - [`train`]: the model zoo on tch, local training and evaluation.
+//! - [`scores`]: the metrics of every task (pure), agreeing with scikit-learn and lifelines.
 //! - [`dpsgd`]: DP-SGD's per-example clipping by ghost norms (no loop over examples).
 //! - [`ledger`]: the privacy ledger, charged and fsync'd before an update leaves.
 //! - [`state_lock`]: the state directory's lock, one node process per state directory.
@@ -29,6 +30,7 @@ pub mod policy;
 pub mod receipt;
 pub mod release;
 pub mod rounds;
+pub mod scores;
 pub mod state_lock;
 pub mod table;
 pub mod train;
