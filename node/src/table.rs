@@ -1358,4 +1358,141 @@ mod tests {
         assert!(errors[0].to_string().contains(DIR), "{}", errors[0]);
         assert!(errors[6].to_string().contains(HEADER), "{}", errors[6]);
     }
+
+    /// The fixtures pandas and pyarrow wrote (node/testdata/tables/make_pandas_tables.py): every
+    /// Parquet codec pandas offers reads as the CSV pandas wrote from the same frame.
+    #[test]
+    fn reads_what_pandas_and_pyarrow_write() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/tables");
+        let (csv_header, csv_rows) = read_all(&dir.join("pandas.csv")).unwrap();
+        assert_eq!(csv_header, ["age", "sex", "cp", "smoker", "visits", "ward", "split"]);
+        assert_eq!(csv_rows.len(), 10);
+        for name in ["pandas_snappy.parquet", "pandas_none.parquet", "pandas_zstd.parquet", "pandas_gzip.parquet"] {
+            let path = dir.join(name);
+            let mut reader = TableReader::open(&path, None).unwrap();
+            assert_eq!(reader.header(), &csv_header[..], "{name}");
+            let mut n = 0;
+            while let Some(row) = reader.next_row() {
+                let row = row.unwrap();
+                let csv = &csv_rows[n].1;
+                for (c, cell) in row.cells().enumerate() {
+                    let text = csv[c].as_str();
+                    let same = match cell {
+                        RawCell::Missing => text.is_empty(),
+                        RawCell::Float(x) => text.parse::<f64>() == Ok(x),
+                        RawCell::Int(i) => text.parse::<i64>() == Ok(i),
+                        // pandas writes Python's True / False.
+                        RawCell::Bool(b) => text == if b { "True" } else { "False" },
+                        RawCell::Text(t) => text == t,
+                    };
+                    assert!(same, "{name} row {n} column {c}: {cell:?} against '{text}'");
+                }
+                if name == "pandas_snappy.parquet" {
+                    // Written with row_group_size=4: rows 4..8 are group 1, 8..10 group 2.
+                    let expected = (n / 4, (n % 4) as u64);
+                    match row.position() {
+                        Position::Parquet { row_group, row_in_group, row } => {
+                            assert_eq!(((row_group, row_in_group), row), (expected, n as u64))
+                        }
+                        other => panic!("{other:?}"),
+                    }
+                }
+                n += 1;
+            }
+            assert_eq!(n, 10, "{name}");
+        }
+        // A categorical column is dictionary-encoded, a datetime column refused by name.
+        let reader = SerializedFileReader::new(File::open(dir.join("pandas_snappy.parquet")).unwrap()).unwrap();
+        assert!(reader.metadata().row_group(0).column(2).encodings().any(|e| e == Encoding::RLE_DICTIONARY));
+        match TableReader::open(&dir.join("pandas_timestamp.parquet"), None) {
+            Err(TableError::UnsupportedColumn { column: 7, name, ty, .. }) => {
+                assert_eq!(name, "admitted");
+                assert!(ty.contains("TIMESTAMP"), "{ty}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The rare-disease shape: 5,000 columns by 2,000 rows, as CSV and as Parquet, read row by
+    /// row. Nothing keeps a row past the next call (the reader hands out borrowed rows), so the
+    /// memory is one CSV record or one Parquet batch plus each column's current page. Ignored:
+    /// writing the tables takes longer than a unit test should; run it with
+    /// `cargo test -p sanctum-node --lib table::tests::streams_a_wide_table -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn streams_a_wide_table() {
+        const COLS: usize = 5000;
+        const ROWS: usize = 2000;
+        let dir = tempfile::tempdir().unwrap();
+        let bit = |r: usize, c: usize| (r * 31 + c * 17).is_multiple_of(97);
+
+        let started = std::time::Instant::now();
+        let csv = dir.path().join("wide.csv");
+        let mut text = String::with_capacity(COLS * 8);
+        let mut out = std::io::BufWriter::new(File::create(&csv).unwrap());
+        text.extend((0..COLS).map(|c| format!("v{c},")));
+        text.pop();
+        text.push('\n');
+        std::io::Write::write_all(&mut out, text.as_bytes()).unwrap();
+        for r in 0..ROWS {
+            text.clear();
+            for c in 0..COLS {
+                text.push(if bit(r, c) { '1' } else { '0' });
+                text.push(if c + 1 == COLS { '\n' } else { ',' });
+            }
+            std::io::Write::write_all(&mut out, text.as_bytes()).unwrap();
+        }
+        drop(out);
+        let pq = dir.path().join("wide.parquet");
+        let schema: String = (0..COLS).map(|c| format!("OPTIONAL INT32 v{c}; ")).collect();
+        // Two row groups of 1,000 rows, as a writer with a row-group limit makes them.
+        let groups: Vec<Vec<Col>> = (0..2)
+            .map(|g| {
+                (0..COLS)
+                    .map(|c| Col::I32((0..ROWS / 2).map(|r| Some(i32::from(bit(g * ROWS / 2 + r, c)))).collect()))
+                    .collect()
+            })
+            .collect();
+        write_parquet(
+            &pq,
+            &format!("message wide {{ {schema}}}"),
+            &groups,
+            WriterProperties::builder().set_compression(Compression::SNAPPY).build(),
+        );
+        drop(groups);
+        println!(
+            "wrote {COLS} x {ROWS} as CSV ({} MB) and Parquet ({} MB) in {:.2?}",
+            std::fs::metadata(&csv).unwrap().len() / 1_000_000,
+            std::fs::metadata(&pq).unwrap().len() / 1_000_000,
+            started.elapsed()
+        );
+
+        for path in [&csv, &pq] {
+            let started = std::time::Instant::now();
+            let mut reader = TableReader::open(path, None).unwrap();
+            assert_eq!(reader.header().len(), COLS);
+            let (mut rows, mut ones) = (0usize, 0usize);
+            while let Some(row) = reader.next_row() {
+                let row = row.unwrap();
+                assert_eq!(row.position().row(), rows as u64);
+                for cell in row.cells() {
+                    match cell {
+                        RawCell::Text("1") | RawCell::Int(1) => ones += 1,
+                        RawCell::Text("0") | RawCell::Int(0) => {}
+                        other => panic!("{other:?}"),
+                    }
+                }
+                rows += 1;
+            }
+            let took = started.elapsed();
+            let expected = (0..ROWS).flat_map(|r| (0..COLS).map(move |c| (r, c))).filter(|&(r, c)| bit(r, c)).count();
+            assert_eq!((rows, ones), (ROWS, expected));
+            println!(
+                "{}: {rows} rows x {COLS} columns in {took:.2?} ({:.0} rows/s, {:.1} M cells/s)",
+                path.file_name().unwrap().to_string_lossy(),
+                rows as f64 / took.as_secs_f64(),
+                (rows * COLS) as f64 / took.as_secs_f64() / 1e6
+            );
+        }
+    }
 }
