@@ -8,6 +8,7 @@
 //! - [`policy`]: the local rules a plan must satisfy before the node takes part (fails closed).
 //! - [`train`]: the model zoo on tch, local training and evaluation.
 //! - [`scores`]: the metrics of every task (pure), agreeing with scikit-learn and lifelines.
+//! - [`loss`]: the loss of every task on tensors (per example, and the batch's).
 //! - [`dpsgd`]: DP-SGD's per-example clipping by ghost norms (no loop over examples).
 //! - [`ledger`]: the privacy ledger, charged and fsync'd before an update leaves.
 //! - [`state_lock`]: the state directory's lock, one node process per state directory.
@@ -25,6 +26,7 @@ pub mod data;
 pub mod dpsgd;
 pub mod egress;
 pub mod ledger;
+pub mod loss;
 pub mod metrics;
 pub mod policy;
 pub mod receipt;
