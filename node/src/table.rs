@@ -350,8 +350,8 @@ impl TableReader {
         &self.header
     }
 
-    /// The next row, `None` after the last one or after an error.
-    #[allow(clippy::should_implement_trait)] // a lending iterator: the row borrows the reader's buffers
+    /// The next row, `None` after the last one or after an error. Not an `Iterator`: the row
+    /// borrows the reader's buffers until the next call (a lending iterator).
     pub fn next_row(&mut self) -> Option<Result<Row<'_>, TableError>> {
         if self.done {
             return None;
