@@ -10,17 +10,78 @@ use rand_chacha::ChaCha20Rng;
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
-/// A built-in architecture and its hyper-parameters, as a plan names it.
+/// An architecture and its hyper-parameters, as a plan names it: one of the zoo's, or a
+/// TorchScript module a consortium wrote itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ModelSpec {
-    /// `Linear(inputs, 1)`; the output is a logit.
-    LogisticRegression { inputs: usize },
-    /// `Linear(inputs, h1) → ReLU → … → Linear(hk, 1)`; the output is a logit.
-    Mlp { inputs: usize, hidden: Vec<usize> },
+    /// `Linear(inputs, outputs)`; the outputs are logits (one for a binary task, one per class
+    /// for a multi-class one: multinomial logistic regression) or a regression's prediction.
+    LogisticRegression {
+        inputs: usize,
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        outputs: usize,
+    },
+    /// `Linear(inputs, h1) → ReLU → … → Linear(hk, outputs)`.
+    Mlp {
+        inputs: usize,
+        hidden: Vec<usize>,
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        outputs: usize,
+    },
     /// A small CNN: each feature row is read as a `channels × height × width` image (row-major),
-    /// then `Conv2d(k×k, same padding) → ReLU` per entry of `filters`, then `Linear(…, 1)`.
-    Cnn { channels: usize, height: usize, width: usize, filters: Vec<usize>, kernel_size: usize },
+    /// then `Conv2d(k×k, same padding) → ReLU` per entry of `filters`, then `Linear(…, outputs)`.
+    Cnn {
+        channels: usize,
+        height: usize,
+        width: usize,
+        filters: Vec<usize>,
+        kernel_size: usize,
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        outputs: usize,
+    },
+    /// The linear Cox proportional-hazards model: `Linear(inputs, 1)` whose output is the log
+    /// relative risk (FLamby's Fed-TCGA-BRCA baseline). The bias does not change the partial
+    /// likelihood; it is kept so the layout is PyTorch's `nn.Linear(inputs, 1)`.
+    Cox { inputs: usize },
+    /// A TorchScript module (`torch.jit.script` + `torch.jit.save`), named by the SHA-256 of its
+    /// file and fetched by that hash. A hospital trains it only once it has approved the hash.
+    Torchscript(TorchScriptSpec),
+}
+
+fn one() -> usize {
+    1
+}
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
+
+/// A TorchScript model as a plan names it. The plan states the parameters (names and shapes, in
+/// the module's `named_parameters()` order; `sanctum-node model inspect FILE` prints them) so the
+/// coordinator, which links no libtorch, can initialise and aggregate the model; each node checks
+/// them against the module it loads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TorchScriptSpec {
+    /// SHA-256 of the `.pt` file, 64 lowercase hex digits.
+    pub sha256: String,
+    /// Input features (`forward` takes a `[batch, inputs]` float tensor).
+    pub inputs: usize,
+    /// Outputs per example (`forward` returns `[batch, outputs]`).
+    pub outputs: usize,
+    /// Every trainable parameter, in order.
+    pub parameters: Vec<ParameterSpec>,
+    /// Lead side only, like `[simulation]`: where the file is, relative to the plan; never sent.
+    #[serde(default, skip_serializing)]
+    pub file: Option<std::path::PathBuf>,
+}
+
+/// One parameter of a TorchScript model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParameterSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
 }
 
 /// One named tensor in a model's layout.
@@ -49,6 +110,8 @@ pub enum ModelError {
     Format(String),
     #[error("model file lacks tensor '{0}' that the plan's model needs")]
     Missing(String),
+    #[error("torchscript model: {0}")]
+    TorchScript(String),
     #[error("tensor '{name}' has shape {got:?} and dtype {dtype}, the plan's model needs {want:?} f32")]
     Shape { name: String, got: Vec<usize>, want: Vec<usize>, dtype: String },
 }
@@ -58,25 +121,28 @@ impl ModelSpec {
     /// C·k·k and its weight is [O, C, k, k] (see [`ModelSpec::layout`]).
     fn linear_layers(&self) -> Vec<(String, usize, usize)> {
         match self {
-            ModelSpec::Cnn { channels, height, width, filters, kernel_size } => {
+            ModelSpec::Cnn { channels, height, width, filters, kernel_size, outputs } => {
                 let mut layers = Vec::new();
                 let mut c = *channels;
                 for (i, &f) in filters.iter().enumerate() {
                     layers.push((format!("conv.{i}"), c * kernel_size * kernel_size, f));
                     c = f;
                 }
-                layers.push(("out".into(), c * height * width, 1));
+                layers.push(("out".into(), c * height * width, *outputs));
                 layers
             }
-            ModelSpec::LogisticRegression { inputs } => vec![("fc".into(), *inputs, 1)],
-            ModelSpec::Mlp { inputs, hidden } => {
+            ModelSpec::LogisticRegression { inputs, outputs } => vec![("fc".into(), *inputs, *outputs)],
+            ModelSpec::Cox { inputs } => vec![("fc".into(), *inputs, 1)],
+            // Not layers of the zoo: its layout is the plan's list.
+            ModelSpec::Torchscript(_) => vec![],
+            ModelSpec::Mlp { inputs, hidden, outputs } => {
                 let mut layers = Vec::new();
                 let mut fan_in = *inputs;
                 for (i, &h) in hidden.iter().enumerate() {
                     layers.push((format!("hidden.{i}"), fan_in, h));
                     fan_in = h;
                 }
-                layers.push(("out".into(), fan_in, 1));
+                layers.push(("out".into(), fan_in, *outputs));
                 layers
             }
         }
@@ -85,8 +151,22 @@ impl ModelSpec {
     /// Number of input features the model expects.
     pub fn inputs(&self) -> usize {
         match self {
-            ModelSpec::LogisticRegression { inputs } | ModelSpec::Mlp { inputs, .. } => *inputs,
+            ModelSpec::LogisticRegression { inputs, .. }
+            | ModelSpec::Mlp { inputs, .. }
+            | ModelSpec::Cox { inputs } => *inputs,
             ModelSpec::Cnn { channels, height, width, .. } => channels * height * width,
+            ModelSpec::Torchscript(t) => t.inputs,
+        }
+    }
+
+    /// Number of outputs per example.
+    pub fn outputs(&self) -> usize {
+        match self {
+            ModelSpec::LogisticRegression { outputs, .. }
+            | ModelSpec::Mlp { outputs, .. }
+            | ModelSpec::Cnn { outputs, .. } => *outputs,
+            ModelSpec::Cox { .. } => 1,
+            ModelSpec::Torchscript(t) => t.outputs,
         }
     }
 
@@ -100,6 +180,9 @@ impl ModelSpec {
 
     /// Rejects degenerate architectures.
     pub fn validate(&self) -> Result<(), ModelError> {
+        if let ModelSpec::Torchscript(t) = self {
+            return t.validate();
+        }
         if self.linear_layers().iter().any(|(_, i, o)| *i == 0 || *o == 0) {
             return Err(ModelError::EmptyLayer);
         }
@@ -113,6 +196,9 @@ impl ModelSpec {
 
     /// The model's tensors, in the canonical order updates use.
     pub fn layout(&self) -> Vec<TensorSpec> {
+        if let ModelSpec::Torchscript(t) = self {
+            return t.parameters.iter().map(|p| TensorSpec { name: p.name.clone(), shape: p.shape.clone() }).collect();
+        }
         let kernel = match self {
             ModelSpec::Cnn { kernel_size, .. } => Some(*kernel_size),
             _ => None,
@@ -141,23 +227,29 @@ impl ModelSpec {
         // fan_in·fan_out weights and fan_out biases.
         let mut layers: Vec<(u64, u64)> = Vec::new();
         match self {
-            ModelSpec::LogisticRegression { inputs } => layers.push((u(*inputs)?, 1)),
-            ModelSpec::Mlp { inputs, hidden } => {
+            ModelSpec::LogisticRegression { inputs, outputs } => layers.push((u(*inputs)?, u(*outputs)?)),
+            ModelSpec::Cox { inputs } => layers.push((u(*inputs)?, 1)),
+            ModelSpec::Torchscript(t) => {
+                return t.parameters.iter().try_fold(0u64, |total, p| {
+                    total.checked_add(p.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(u(d)?))?)
+                });
+            }
+            ModelSpec::Mlp { inputs, hidden, outputs } => {
                 let mut fan_in = u(*inputs)?;
                 for &h in hidden {
                     layers.push((fan_in, u(h)?));
                     fan_in = u(h)?;
                 }
-                layers.push((fan_in, 1));
+                layers.push((fan_in, u(*outputs)?));
             }
-            ModelSpec::Cnn { channels, height, width, filters, kernel_size } => {
+            ModelSpec::Cnn { channels, height, width, filters, kernel_size, outputs } => {
                 let k2 = u(*kernel_size)?.checked_mul(u(*kernel_size)?)?;
                 let mut c = u(*channels)?;
                 for &f in filters {
                     layers.push((c.checked_mul(k2)?, u(f)?));
                     c = u(f)?;
                 }
-                layers.push((c.checked_mul(u(*height)?)?.checked_mul(u(*width)?)?, 1));
+                layers.push((c.checked_mul(u(*height)?)?.checked_mul(u(*width)?)?, u(*outputs)?));
                 // `inputs()` multiplies these three too.
                 u(*channels)?.checked_mul(u(*height)?)?.checked_mul(u(*width)?)?;
             }
@@ -178,23 +270,89 @@ impl ModelSpec {
             ModelSpec::LogisticRegression { .. } => "logistic_regression",
             ModelSpec::Mlp { .. } => "mlp",
             ModelSpec::Cnn { .. } => "cnn",
+            ModelSpec::Cox { .. } => "cox",
+            ModelSpec::Torchscript(_) => "torchscript",
         }
     }
 
     /// Initial weights as PyTorch's `nn.Linear` and `nn.Conv2d` draw them (weight and bias
     /// uniform in ±1/√fan_in), from a seeded generator so that a plan's seed reproduces its run.
     /// This is model initialisation, not privacy noise: a seeded generator is right here.
+    /// TorchScript models get the same rule over their declared parameters ([`init_layout`]), so
+    /// a TorchScript module with the zoo's layout starts from the zoo's weights.
     pub fn init(&self, seed: u64) -> Weights {
-        let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let mut values = Vec::with_capacity(self.num_params());
-        for (_, fan_in, fan_out) in self.linear_layers() {
-            let bound = 1.0 / (fan_in as f64).sqrt();
-            for _ in 0..(fan_in * fan_out + fan_out) {
-                values.push(rng.random_range(-bound..bound) as f32);
+        init_layout(self.layout(), seed)
+    }
+}
+
+impl TorchScriptSpec {
+    /// The declared parameters are well formed: a hash, non-empty names, no duplicate, no empty
+    /// tensor, at least one parameter, at most [`crate::plan::limits::MAX_MODEL_LAYERS`]·4 of them.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |why: String| Err(ModelError::TorchScript(why));
+        if crate::hash::ContentHash::parse(&self.sha256).is_err() || self.sha256.len() != 64 {
+            return bad("sha256 must be the 64 lowercase hex digits of the .pt file's SHA-256".into());
+        }
+        if self.sha256.chars().any(|c| c.is_ascii_uppercase()) {
+            return bad("sha256 must be lowercase hex".into());
+        }
+        if self.inputs == 0 || self.outputs == 0 {
+            return Err(ModelError::EmptyLayer);
+        }
+        if self.parameters.is_empty() || self.parameters.len() > MAX_TORCHSCRIPT_PARAMETERS {
+            return bad(format!("a TorchScript model declares 1 to {MAX_TORCHSCRIPT_PARAMETERS} parameters"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for p in &self.parameters {
+            let name_ok = !p.name.is_empty()
+                && p.name.len() <= 256
+                && p.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_'));
+            if !name_ok {
+                return bad(format!(
+                    "parameter name {:?} must be 1 to 256 of A-Z, a-z, 0-9, '.' and '_'",
+                    p.name.chars().take(64).collect::<String>()
+                ));
+            }
+            if !seen.insert(p.name.as_str()) {
+                return bad(format!("parameter '{}' is declared twice", p.name));
+            }
+            if p.shape.is_empty() || p.shape.len() > 8 || p.shape.contains(&0) {
+                return bad(format!("parameter '{}' must have 1 to 8 dimensions, none of them 0", p.name));
             }
         }
-        Weights { layout: self.layout(), values }
+        Ok(())
     }
+}
+
+/// Most parameters a TorchScript plan may declare.
+pub const MAX_TORCHSCRIPT_PARAMETERS: usize = 1024;
+
+/// The zoo's initialisation over any layout, tensor by tensor in layout order: a weight of two or
+/// more dimensions is uniform in ±1/√fan_in with fan_in the product of its dimensions after the
+/// first (PyTorch's `nn.Linear`/`nn.Conv2d` default); `X.bias` takes the bound of `X.weight`; a
+/// one-dimensional `X.weight` (a norm layer's scale) is ones; anything else is zeros.
+pub fn init_layout(layout: Vec<TensorSpec>, seed: u64) -> Weights {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let total = layout.iter().map(TensorSpec::numel).sum();
+    let mut values = Vec::with_capacity(total);
+    let fan_in_of = |t: &TensorSpec| (t.shape.len() >= 2).then(|| t.shape[1..].iter().product::<usize>());
+    for t in &layout {
+        let sibling = t
+            .name
+            .strip_suffix(".bias")
+            .and_then(|prefix| layout.iter().find(|w| w.name == format!("{prefix}.weight")))
+            .and_then(fan_in_of);
+        let own = if t.name.ends_with(".weight") || !t.name.ends_with(".bias") { fan_in_of(t) } else { None };
+        match own.or(sibling) {
+            Some(fan_in) => {
+                let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+                values.extend((0..t.numel()).map(|_| rng.random_range(-bound..bound) as f32));
+            }
+            None if t.name.ends_with(".weight") => values.extend(std::iter::repeat_n(1.0f32, t.numel())),
+            None => values.extend(std::iter::repeat_n(0.0f32, t.numel())),
+        }
+    }
+    Weights { layout, values }
 }
 
 /// A model's parameters: a layout and the flat values in layout order.
@@ -279,7 +437,7 @@ mod tests {
 
     #[test]
     fn layout_and_init_match_pytorch_shapes_and_bounds() {
-        let mlp = ModelSpec::Mlp { inputs: 13, hidden: vec![16, 8] };
+        let mlp = ModelSpec::Mlp { inputs: 13, hidden: vec![16, 8], outputs: 1 };
         let names: Vec<String> = mlp.layout().into_iter().map(|t| t.name).collect();
         assert_eq!(
             names,
@@ -297,7 +455,7 @@ mod tests {
 
     #[test]
     fn cnn_layout_is_pytorch_shaped() {
-        let cnn = ModelSpec::Cnn { channels: 1, height: 13, width: 1, filters: vec![4, 2], kernel_size: 3 };
+        let cnn = ModelSpec::Cnn { channels: 1, height: 13, width: 1, filters: vec![4, 2], kernel_size: 3, outputs: 1 };
         let shapes: Vec<(String, Vec<usize>)> = cnn.layout().into_iter().map(|t| (t.name, t.shape)).collect();
         assert_eq!(
             shapes,
@@ -313,28 +471,30 @@ mod tests {
         assert_eq!(cnn.inputs(), 13);
         assert_eq!(cnn.init(0).values().len(), cnn.num_params());
         assert!(
-            ModelSpec::Cnn { channels: 1, height: 2, width: 2, filters: vec![1], kernel_size: 2 }.validate().is_err()
+            ModelSpec::Cnn { channels: 1, height: 2, width: 2, filters: vec![1], kernel_size: 2, outputs: 1 }
+                .validate()
+                .is_err()
         );
     }
 
     #[test]
     fn the_checked_parameter_count_is_the_layouts_and_overflow_is_none() {
         let zoo = [
-            ModelSpec::LogisticRegression { inputs: 13 },
-            ModelSpec::Mlp { inputs: 13, hidden: vec![16, 8] },
-            ModelSpec::Mlp { inputs: 13, hidden: vec![11200, 11200] },
-            ModelSpec::Cnn { channels: 1, height: 13, width: 1, filters: vec![4, 2], kernel_size: 3 },
-            ModelSpec::Cnn { channels: 3, height: 8, width: 8, filters: vec![5], kernel_size: 5 },
+            ModelSpec::LogisticRegression { inputs: 13, outputs: 1 },
+            ModelSpec::Mlp { inputs: 13, hidden: vec![16, 8], outputs: 1 },
+            ModelSpec::Mlp { inputs: 13, hidden: vec![11200, 11200], outputs: 1 },
+            ModelSpec::Cnn { channels: 1, height: 13, width: 1, filters: vec![4, 2], kernel_size: 3, outputs: 1 },
+            ModelSpec::Cnn { channels: 3, height: 8, width: 8, filters: vec![5], kernel_size: 5, outputs: 1 },
         ];
         for spec in zoo {
             assert_eq!(spec.checked_num_params(), Some(spec.num_params() as u64), "{spec:?}");
         }
         let huge = usize::MAX / 2;
         for spec in [
-            ModelSpec::LogisticRegression { inputs: usize::MAX },
-            ModelSpec::Mlp { inputs: 13, hidden: vec![huge, huge] },
-            ModelSpec::Cnn { channels: huge, height: 2, width: 2, filters: vec![1], kernel_size: 3 },
-            ModelSpec::Cnn { channels: 1, height: huge, width: huge, filters: vec![1], kernel_size: 1 },
+            ModelSpec::LogisticRegression { inputs: usize::MAX, outputs: 1 },
+            ModelSpec::Mlp { inputs: 13, hidden: vec![huge, huge], outputs: 1 },
+            ModelSpec::Cnn { channels: huge, height: 2, width: 2, filters: vec![1], kernel_size: 3, outputs: 1 },
+            ModelSpec::Cnn { channels: 1, height: huge, width: huge, filters: vec![1], kernel_size: 1, outputs: 1 },
         ] {
             assert_eq!(spec.checked_num_params(), None, "{spec:?}");
         }
@@ -342,11 +502,11 @@ mod tests {
 
     #[test]
     fn safetensors_roundtrip_and_wrong_layout() -> Result<(), ModelError> {
-        let spec = ModelSpec::LogisticRegression { inputs: 13 };
+        let spec = ModelSpec::LogisticRegression { inputs: 13, outputs: 1 };
         let w = spec.init(1);
         let bytes = w.to_safetensors()?;
         assert_eq!(Weights::from_safetensors(&bytes, &spec.layout())?, w);
-        let other = ModelSpec::LogisticRegression { inputs: 12 };
+        let other = ModelSpec::LogisticRegression { inputs: 12, outputs: 1 };
         assert!(matches!(Weights::from_safetensors(&bytes, &other.layout()), Err(ModelError::Shape { .. })));
         assert!(Weights::from_safetensors(b"garbage", &spec.layout()).is_err());
         Ok(())

@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::hash::ContentHash;
 use crate::model::ModelSpec;
-use crate::schema;
 
 /// A validated plan. Build it with [`Plan::parse`]; its fields then hold the invariants
 /// `validate` checks (positive rounds, known schema, model inputs equal to the schema's features…).
@@ -63,8 +62,17 @@ fn default_recruit_deadline() -> u64 {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
-    /// A built-in schema name (see [`crate::schema`]).
+    /// The schema's name (the `name` in its file): what logs, tables and each hospital's privacy
+    /// ledger call the dataset.
     pub schema: String,
+    /// Which schema file exactly: the SHA-256 of its bytes, 64 lowercase hex digits. Required on
+    /// the wire; a lead's plan may give `schema_file` instead and the CLI fills this in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_sha256: Option<String>,
+    /// Lead side only, like `[simulation]`: the schema file, relative to the plan. The CLI reads
+    /// it, fills `schema_sha256` and checks the plan against the schema; it is never sent.
+    #[serde(default, skip_serializing)]
+    pub schema_file: Option<PathBuf>,
     /// Which statistics standardise the features; absent: the schema's declared public ones
     /// under DP, each node's own train split without (FLamby's per-center normalisation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -92,6 +100,29 @@ pub struct LocalTraining {
     #[serde(default)]
     pub optimizer: LocalOptimizer,
     pub learning_rate: f64,
+    /// Class weighting of the loss, for imbalanced classification (binary or multi-class).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_weights: Option<ClassWeights>,
+}
+
+/// How a classification loss weighs each class.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ClassWeights {
+    /// `"balanced"`: each node weighs class c by n / (k · n_c) over its own train split (as
+    /// scikit-learn's `class_weight="balanced"`). The weights then depend on the node's data, so
+    /// one patient changes every other patient's weight: DP-SGD's sensitivity no longer holds and
+    /// example-level DP plans must declare their weights instead.
+    Rule(WeightRule),
+    /// One positive weight per class, in class order (binary: `[w0, w1]`), the same at every node.
+    Declared(Vec<f64>),
+}
+
+/// A data-dependent class weighting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightRule {
+    Balanced,
 }
 
 /// The node-side optimizer.
@@ -316,6 +347,14 @@ pub struct Reference {
     pub per_node: BTreeMap<String, f64>,
 }
 
+/// The rule schema names follow (a plan's, since the ledger keys budgets by it and logs show it).
+pub const SCHEMA_NAME_RULE: &str = "must match [A-Za-z0-9][A-Za-z0-9._-]{0,63} (the schema file's `name`)";
+
+/// Whether `text` is a SHA-256 in 64 lowercase hex digits.
+pub fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Why a plan was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -348,6 +387,8 @@ pub mod limits {
     pub const MAX_MODEL_PARAMETERS: u64 = 1 << 28;
     /// Most hidden layers (MLP) or convolutions (CNN).
     pub const MAX_MODEL_LAYERS: usize = 64;
+    /// Most classes a classification plan may weigh (`local.class_weights`).
+    pub const MAX_CLASSES: usize = 10_000;
     /// Most local optimizer steps per round.
     pub const MAX_LOCAL_STEPS: u32 = 100_000;
     /// Largest mini-batch.
@@ -449,24 +490,8 @@ impl Plan {
         check_deadline("recruit_deadline_secs", self.recruit_deadline_secs)?;
         // The size first: `inputs()` and the layout multiply the model's dimensions unchecked.
         self.validate_model_size()?;
-        let schema = schema::lookup(&self.data.schema).ok_or_else(|| {
-            invalid(
-                "data.schema",
-                format!("'{}' is unknown; known schemas: {}", self.data.schema, schema::known_names()),
-            )
-        })?;
+        self.validate_data()?;
         self.model.validate().map_err(|e| invalid("model", e.to_string()))?;
-        if self.model.inputs() != schema.features.len() {
-            return Err(invalid(
-                "model.inputs",
-                format!(
-                    "is {} but schema '{}' has {} features",
-                    self.model.inputs(),
-                    schema.name,
-                    schema.features.len()
-                ),
-            ));
-        }
         check_count("local.steps", u64::from(self.local.steps), u64::from(limits::MAX_LOCAL_STEPS))?;
         check_count("local.batch_size", u64::from(self.local.batch_size), u64::from(limits::MAX_BATCH_SIZE))?;
         if !(self.local.learning_rate.is_finite() && self.local.learning_rate > 0.0) {
@@ -505,10 +530,147 @@ impl Plan {
         Ok(())
     }
 
+    /// `[data]` and `local.class_weights` on their own; [`Plan::check_schema`] checks them against
+    /// the schema itself.
+    fn validate_data(&self) -> Result<(), PlanError> {
+        let d = &self.data;
+        if validate_plan_name(&d.schema).is_err() {
+            return Err(invalid(
+                "data.schema",
+                format!("{:?} {SCHEMA_NAME_RULE}", shorten(&d.schema, limits::MAX_NAME_CHARS)),
+            ));
+        }
+        match (&d.schema_sha256, &d.schema_file) {
+            (None, None) => {
+                return Err(invalid(
+                    "data.schema_sha256",
+                    "is missing: a plan names its schema file by SHA-256; give data.schema_file (the CLI fills the hash in) or the hash itself",
+                ));
+            }
+            (Some(h), _) if !is_sha256_hex(h) => {
+                return Err(invalid(
+                    "data.schema_sha256",
+                    "must be 64 lowercase hex digits (the schema file's SHA-256)",
+                ));
+            }
+            _ => {}
+        }
+        match &self.local.class_weights {
+            None | Some(ClassWeights::Rule(WeightRule::Balanced)) if self.privacy.mode != PrivacyMode::Example => {}
+            None => {}
+            Some(ClassWeights::Rule(WeightRule::Balanced)) => {
+                return Err(invalid(
+                    "local.class_weights",
+                    "is \"balanced\", which weighs each class by the node's own class counts: one patient then changes every other patient's weight, which DP-SGD's sensitivity does not cover; declare the weights (class_weights = [w0, w1, ...]) for an example-level DP plan",
+                ));
+            }
+            Some(ClassWeights::Declared(w)) => {
+                if w.len() < 2 || w.len() > limits::MAX_CLASSES {
+                    return Err(invalid(
+                        "local.class_weights",
+                        format!("lists {} weights; give one per class, 2 to {}", w.len(), limits::MAX_CLASSES),
+                    ));
+                }
+                if let Some(bad) = w.iter().find(|v| !(v.is_finite() && **v > 0.0 && **v <= 1e6)) {
+                    return Err(invalid(
+                        "local.class_weights",
+                        format!("holds {bad:?}; every weight must be a number in (0, 1e6]"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the plan against the schema it names: the hash, the name, the model's inputs
+    /// (the schema's expanded features) and outputs (the task's), the model kind for the task,
+    /// class weights for the task, and the privacy the task allows. Run by the lead's CLI when
+    /// the plan gives its schema file, and by every node against the schema file it holds.
+    pub fn check_schema(&self, schema: &crate::dataset::Schema) -> Result<(), PlanError> {
+        use crate::dataset::Task;
+        let hash = schema.sha256().to_hex();
+        if let Some(h) = &self.data.schema_sha256
+            && *h != hash
+        {
+            return Err(invalid(
+                "data.schema_sha256",
+                format!(
+                    "is {h}, but the schema file's SHA-256 is {hash}: the plan was written for another version of the schema"
+                ),
+            ));
+        }
+        if self.data.schema != schema.name() {
+            return Err(invalid(
+                "data.schema",
+                format!("is '{}', but the schema file is named '{}'", self.data.schema, schema.name()),
+            ));
+        }
+        let features = schema.features().len();
+        if self.model.inputs() != features {
+            return Err(invalid(
+                "model.inputs",
+                format!(
+                    "is {} but schema '{}' has {features} features (after one-hot encoding)",
+                    self.model.inputs(),
+                    schema.name()
+                ),
+            ));
+        }
+        let task = schema.task();
+        if self.model.outputs() != task.outputs() {
+            return Err(invalid(
+                "model.outputs",
+                format!(
+                    "is {} but schema '{}' is a {task} task, whose model has {} output(s)",
+                    self.model.outputs(),
+                    schema.name(),
+                    task.outputs()
+                ),
+            ));
+        }
+        if matches!(self.model, ModelSpec::Cox { .. }) && task != Task::Survival {
+            return Err(invalid(
+                "model.kind",
+                format!("is cox, a survival model, but schema '{}' is a {task} task", schema.name()),
+            ));
+        }
+        if let Some(ClassWeights::Declared(w)) = &self.local.class_weights {
+            let classes = match task {
+                Task::Binary => 2,
+                Task::Multiclass { classes } => classes,
+                Task::Regression | Task::Survival => 0,
+            };
+            if w.len() != classes {
+                return Err(invalid(
+                    "local.class_weights",
+                    format!(
+                        "lists {} weights but schema '{}' is a {task} task with {classes} classes",
+                        w.len(),
+                        schema.name()
+                    ),
+                ));
+            }
+        }
+        if self.local.class_weights.is_some() && matches!(task, Task::Regression | Task::Survival) {
+            return Err(invalid(
+                "local.class_weights",
+                format!("applies to classification; schema '{}' is a {task} task", schema.name()),
+            ));
+        }
+        if task == Task::Survival && self.privacy.mode == PrivacyMode::Example {
+            return Err(invalid(
+                "privacy.mode",
+                "is example, but the Cox partial likelihood couples the rows of a batch (each row's loss depends on its risk set), so there is no per-example gradient to clip; use client-level DP (privacy.mode = \"client\"), which clips each hospital's whole update",
+            ));
+        }
+        Ok(())
+    }
+
     /// The model's depth and parameter count within [`limits`], computed without overflow.
     fn validate_model_size(&self) -> Result<(), PlanError> {
         let layers = match &self.model {
-            ModelSpec::LogisticRegression { .. } => 0,
+            ModelSpec::LogisticRegression { .. } | ModelSpec::Cox { .. } => 0,
+            ModelSpec::Torchscript(t) => t.parameters.len().div_ceil(16),
             ModelSpec::Mlp { hidden, .. } => hidden.len(),
             ModelSpec::Cnn { filters, .. } => filters.len(),
         };
@@ -691,19 +853,24 @@ impl Plan {
     /// The plan as sent to nodes: canonical TOML without the simulation section. Its SHA-256 is
     /// the plan id both sides log.
     pub fn to_wire_toml(&self) -> Result<String, PlanError> {
+        if self.data.schema_sha256.is_none() {
+            return Err(invalid(
+                "data.schema_sha256",
+                "is missing: resolve data.schema_file first (`Plan::resolve_files`), a node needs the hash",
+            ));
+        }
         let mut wire = self.clone();
         wire.simulation = None;
+        wire.data.schema_file = None;
+        if let ModelSpec::Torchscript(t) = &mut wire.model {
+            t.file = None;
+        }
         toml::to_string(&wire).map_err(|e| PlanError::Toml(e.to_string()))
     }
 
     /// The content address of [`Plan::to_wire_toml`].
     pub fn id_of(wire_toml: &str) -> ContentHash {
         ContentHash::of(wire_toml.as_bytes())
-    }
-
-    /// The schema the plan trains on (validated to exist).
-    pub fn schema(&self) -> Option<&'static schema::Schema> {
-        schema::lookup(&self.data.schema)
     }
 }
 
@@ -720,6 +887,7 @@ kind = "logistic_regression"
 inputs = 13
 [data]
 schema = "heart_disease"
+schema_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
 [local]
 steps = 3
 batch_size = 4
@@ -728,6 +896,57 @@ learning_rate = 0.01
 kind = "fedadam"
 server_learning_rate = 0.01
 "#;
+
+    /// The plan against its schema: hash, name, inputs, outputs, model kind, class weights and
+    /// the privacy a task allows, each refusal naming its field.
+    #[test]
+    fn a_plan_is_checked_against_its_schema() {
+        use crate::dataset::Schema;
+        let heart = Schema::parse(include_str!("../../examples/heart_disease/schema.toml")).unwrap();
+        let hash = heart.sha256().to_hex();
+        let plan = |edit: &dyn Fn(String) -> String| {
+            let text = PLAN.replace("0000000000000000000000000000000000000000000000000000000000000000", &hash);
+            Plan::parse(&edit(text)).unwrap()
+        };
+        let same = |t: String| t;
+        plan(&same).check_schema(&heart).unwrap();
+        let refused = |p: Plan, field: &str| {
+            let e = p.check_schema(&heart).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+            e
+        };
+        refused(plan(&|t| t.replace("inputs = 13", "inputs = 12")), "model.inputs");
+        refused(plan(&|t| t.replace("inputs = 13", "inputs = 13\noutputs = 2")), "model.outputs");
+        refused(plan(&|t| t.replace("schema = \"heart_disease\"", "schema = \"other\"")), "data.schema");
+        let e = refused(plan(&|t| t.replace(&hash, &"ab".repeat(32))), "data.schema_sha256");
+        assert!(e.contains(&hash), "the file's own hash is named: {e}");
+        refused(plan(&|t| t.replace("kind = \"logistic_regression\"", "kind = \"cox\"")), "model.kind");
+        refused(plan(&|t| t.replace("steps = 3", "steps = 3\nclass_weights = [1.0, 2.0, 3.0]")), "local.class_weights");
+        plan(&|t| t.replace("steps = 3", "steps = 3\nclass_weights = [1.0, 9.0]")).check_schema(&heart).unwrap();
+        plan(&|t| t.replace("steps = 3", "steps = 3\nclass_weights = \"balanced\"")).check_schema(&heart).unwrap();
+        // Balanced weights depend on the node's counts: refused under example-level DP, at parse.
+        let dp = "[privacy]\nmode = \"example\"\nnoise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 1e-5\n";
+        let balanced = PLAN.replace("steps = 3", "steps = 3\nclass_weights = \"balanced\"");
+        let e = Plan::parse(&format!("{balanced}{dp}")).unwrap_err().to_string();
+        assert!(e.contains("local.class_weights") && e.contains("declare the weights"), "{e}");
+        for bad in ["[0.0, 1.0]", "[1.0]", "[1.0, inf]"] {
+            let t = PLAN.replace("steps = 3", &format!("steps = 3\nclass_weights = {bad}"));
+            let e = Plan::parse(&t).unwrap_err().to_string();
+            assert!(e.contains("local.class_weights"), "{bad}: {e}");
+        }
+        // Survival: no example-level DP (the partial likelihood has no per-example gradient).
+        let survival = Schema::parse(include_str!("../../examples/tcga_brca/schema.toml")).unwrap();
+        let cox = format!(
+            "name = \"c\"\nrounds = 1\nmin_nodes = 1\n[model]\nkind = \"cox\"\ninputs = 39\n[data]\nschema = \"{}\"\nschema_sha256 = \"{}\"\n[local]\nsteps = 1\nbatch_size = 8\nlearning_rate = 0.1\n[strategy]\nkind = \"fedavg\"\nweighting = \"uniform\"\n",
+            survival.name(),
+            survival.sha256().to_hex()
+        );
+        Plan::parse(&cox).unwrap().check_schema(&survival).unwrap();
+        let e = Plan::parse(&format!("{cox}{dp}")).unwrap().check_schema(&survival).unwrap_err().to_string();
+        assert!(e.contains("privacy.mode") && e.contains("client"), "{e}");
+        let client = "[privacy]\nmode = \"client\"\nnoise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 1e-5\n";
+        Plan::parse(&format!("{cox}{client}")).unwrap().check_schema(&survival).unwrap();
+    }
 
     #[test]
     fn parses_and_roundtrips_through_the_wire_form() {
@@ -739,10 +958,14 @@ server_learning_rate = 0.01
 
     #[test]
     fn errors_name_the_field_or_line() {
-        let e = Plan::parse(&PLAN.replace("inputs = 13", "inputs = 12")).unwrap_err().to_string();
-        assert!(e.contains("model.inputs"), "{e}");
-        let e = Plan::parse(&PLAN.replace("heart_disease", "nope")).unwrap_err().to_string();
-        assert!(e.contains("data.schema") && e.contains("heart_disease"), "{e}");
+        let e = Plan::parse(&PLAN.replace("heart_disease", "no/pe")).unwrap_err().to_string();
+        assert!(e.contains("data.schema"), "{e}");
+        let e = Plan::parse(&PLAN.replace("schema_sha256 = \"0000", "schema_sha256 = \"ZZ00")).unwrap_err().to_string();
+        assert!(e.contains("data.schema_sha256"), "{e}");
+        let no_hash: String =
+            PLAN.lines().filter(|l| !l.starts_with("schema_sha256")).map(|l| format!("{l}\n")).collect();
+        let e = Plan::parse(&no_hash).unwrap_err().to_string();
+        assert!(e.contains("data.schema_sha256") && e.contains("schema_file"), "{e}");
         let e = Plan::parse(&PLAN.replace("rounds = 2", "rounds = \"two\"")).unwrap_err().to_string();
         assert!(e.contains("line 3"), "{e}");
         let e = Plan::parse(&PLAN.replace("steps = 3", "steps = 3\nstepz = 1")).unwrap_err().to_string();
@@ -952,9 +1175,18 @@ server_learning_rate = 0.01
             let Ok(files) = std::fs::read_dir(&sub) else { continue };
             for file in files {
                 let path = file.unwrap().path();
-                if path.extension().is_some_and(|e| e == "toml") {
+                let is_schema = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("schema"));
+                if path.extension().is_some_and(|e| e == "toml") && !is_schema {
                     let text = std::fs::read_to_string(&path).unwrap();
-                    Plan::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    let plan = Plan::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    // Every example names its schema file, and fits it.
+                    let file = plan
+                        .data
+                        .schema_file
+                        .clone()
+                        .unwrap_or_else(|| panic!("{} has no schema_file", path.display()));
+                    let schema = crate::dataset::Schema::load(&sub.join(file)).unwrap();
+                    plan.check_schema(&schema).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                     seen += 1;
                 }
             }

@@ -308,12 +308,14 @@ mod tests {
         s
     }
 
+    const ZERO64: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
     /// A client-level DP plan under secure aggregation with the given clip norm and noise.
     fn dp_plan(clip: f64, sigma: f64) -> Plan {
         Plan::parse(&format!(
             "name = \"ddg\"\nseed = 0\nrounds = 15\nmin_nodes = 2\nround_deadline_secs = 300\n\
              secure_aggregation = true\n\
-             [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+             [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"{ZERO64}\"\n\
              [local]\nsteps = 5\nbatch_size = 4\noptimizer = \"sgd\"\nlearning_rate = 0.01\n\
              [strategy]\nkind = \"fedavg\"\nweighting = \"uniform\"\n\
              [privacy]\nmode = \"client\"\nnoise_multiplier = {sigma}\ndelta = 1e-5\nclip_norm = {clip}\n"
@@ -430,7 +432,7 @@ mod tests {
     fn the_nodes_charge_equals_the_coordinators_rho_for_100_nodes_threshold_51() {
         let (n, t, clip, d, sigma, delta) = (100usize, 51usize, 0.01f64, 10_000_000usize, 1.0f64, 1e-5);
         let mut plan = dp_plan(clip, sigma);
-        plan.model = ModelSpec::LogisticRegression { inputs: d - 2 };
+        plan.model = ModelSpec::LogisticRegression { inputs: d - 2, outputs: 1 };
         assert_eq!(input_dimension(&plan), d, "d counts the model's parameters and the weight word");
 
         // The node: one round's ρ from its plan, and its ledger charge after k releases.
