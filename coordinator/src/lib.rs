@@ -11,6 +11,7 @@
 //! - [`watch`]: the lead's live view of a plan (progress bar and per-round lines).
 //! - [`config`]: the coordinator's and the lead's config files.
 //! - [`pki`]: `pki init` and `pki sign`, the consortium CA's file handling.
+//! - [`plan_files`]: the schema and TorchScript files a lead's plan names, read and checked once.
 //! - [`receipts`]: countersigned round records: which countersignature is taken (one per node and
 //!   round, signed over the verdict), and their offline re-verification for the report.
 //! - [`simulate`]: the coordinator plus one real `sanctum-node` process per hospital on loopback.
@@ -18,6 +19,7 @@
 pub mod aggregate;
 pub mod config;
 pub mod pki;
+pub mod plan_files;
 pub mod receipts;
 pub mod report;
 pub mod round;

@@ -428,10 +428,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Plan(PlanCommand::Submit { config: path, plan, again }) => {
             let text =
                 std::fs::read_to_string(&plan).with_context(|| format!("cannot read plan {}", plan.display()))?;
-            let parsed = Plan::parse(&text).with_context(|| format!("plan {}", plan.display()))?;
+            let mut parsed = Plan::parse(&text).with_context(|| format!("plan {}", plan.display()))?;
+            // The schema and model files the plan names, read here: the coordinator gets the hash
+            // and, for TorchScript, the file itself.
+            let base = plan.parent().unwrap_or(std::path::Path::new("."));
+            let files = sanctum_coordinator::plan_files::resolve(&mut parsed, base)
+                .with_context(|| format!("plan {}", plan.display()))?;
+            let plan_toml = toml::to_string(&parsed).context("cannot encode the plan")?;
             let mut client = lead_client(&path).await?;
             let submitted = client
-                .submit_plan(SubmitPlanRequest { plan_toml: text, again })
+                .submit_plan(SubmitPlanRequest { plan_toml, again, model_file: files.model_file })
                 .await
                 .map_err(|s| anyhow::anyhow!("the coordinator refused the plan: {}", s.message()))?
                 .into_inner();

@@ -80,12 +80,22 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
     if let Some(seed) = opts.seed {
         plan.seed = seed;
     }
+    let plan_dir = opts.plan.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let files =
+        crate::plan_files::resolve(&mut plan, &plan_dir).with_context(|| format!("plan {}", opts.plan.display()))?;
     let sim = plan
         .simulation
         .clone()
         .with_context(|| format!("plan {} has no [simulation] section listing the hospitals", opts.plan.display()))?;
-    let plan_dir = opts.plan.parent().unwrap_or(Path::new(".")).to_path_buf();
     let node_bin = node_binary(opts.node_bin.as_deref())?;
+    // Every simulated hospital holds the plan's schema file, as a real one would.
+    let schema_path = match &plan.data.schema_file {
+        Some(f) => std::fs::canonicalize(resolve(&plan_dir, f))?,
+        None => bail!(
+            "plan {} names its schema only by hash; simulate needs the file itself (data.schema_file) to give each hospital",
+            opts.plan.display()
+        ),
+    };
 
     let _tmp;
     let work = match &opts.workdir {
@@ -153,11 +163,11 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
         let data = resolve(&plan_dir, &h.data);
         let data = std::fs::canonicalize(&data).unwrap_or(data);
         let config = format!(
-            "coordinator = \"localhost:{port}\"\ndevice = {device}\nthreads = 1\nstate_dir = \"state\"\n\n[tls]\nca = \"ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\n\n[[datasets]]\nschema = {schema}\npath = {path}\n\n[policy]\nallowed_models = [\"logistic_regression\", \"mlp\"]\ntest_metrics = {metrics}\n{cap}",
+            "coordinator = \"localhost:{port}\"\ndevice = {device}\nthreads = 1\nstate_dir = \"state\"\n\n[tls]\nca = \"ca.pem\"\ncert = \"node.pem\"\nkey = \"node.key\"\n\n[[datasets]]\nschema = {schema}\npath = {path}\n\n[policy]\nallowed_models = [\"logistic_regression\", \"mlp\", \"cnn\", \"cox\", \"torchscript\"]\ntest_metrics = {metrics}\n{cap}",
             metrics = toml_str(&opts.test_metrics),
             device = toml_str(&opts.device),
             cap = opts.max_epsilon.map(|e| format!("max_epsilon = {e:?}\n")).unwrap_or_default(),
-            schema = toml_str(&plan.data.schema),
+            schema = toml_str(&schema_path.display().to_string()),
             path = toml_str(&data.display().to_string()),
         );
         let config_path = dir.join("node.toml");
@@ -207,9 +217,11 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
         plan.seed
     );
 
-    let metric = plan.schema().map(|s| s.task.metric()).unwrap_or("metric");
-    let submitted =
-        coordinator.submit(plan.clone(), false).await.map_err(|s| anyhow::anyhow!("plan refused: {}", s.message()))?;
+    let metric = files.schema.as_ref().map_or("metric", |s| s.task().primary_metric());
+    let submitted = coordinator
+        .submit_with_model(plan.clone(), files.model_file, false)
+        .await
+        .map_err(|s| anyhow::anyhow!("plan refused: {}", s.message()))?;
     let finished = watch::follow(coordinator.watch(&submitted.run), plan.rounds, metric)
         .await
         .context("the coordinator stopped before the plan finished")?;
@@ -242,10 +254,29 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
             Err(e) => eprintln!("audit report not written: {e:#}"),
         }
     }
+    let metric = finished.metric_name.clone();
+    let mut all: BTreeMap<String, BTreeMap<String, (f64, u64)>> = BTreeMap::new();
+    for m in &finished.final_metrics {
+        // A node's metrics come in its task's order; the map keeps them by name.
+        let name = if m.name.is_empty() { metric.clone() } else { m.name.clone() };
+        all.entry(m.node.clone()).or_default().insert(name, (m.value, m.samples));
+    }
     let per_node: BTreeMap<String, (f64, u64)> =
-        finished.final_metrics.iter().map(|m| (m.node.clone(), (m.value, m.samples))).collect();
+        all.iter().filter_map(|(n, ms)| ms.get(&metric).map(|v| (n.clone(), *v))).collect();
     let mean_metric = watch::mean(per_node.values().map(|(v, _)| *v));
-    print_table(&finished, &per_node, mean_metric, metric, sim.reference.as_ref());
+    let mut names: Vec<String> = all.values().flat_map(|ms| ms.keys().cloned()).collect();
+    names.sort();
+    names.dedup();
+    let means: BTreeMap<String, f64> = names
+        .iter()
+        .filter_map(|n| watch::mean(all.values().filter_map(|ms| ms.get(n).map(|v| v.0))).map(|m| (n.clone(), m)))
+        .collect();
+    print_table(&finished, &per_node, mean_metric, &metric, sim.reference.as_ref());
+    for name in names.iter().filter(|n| **n != metric) {
+        let row: Vec<String> =
+            all.iter().filter_map(|(n, ms)| ms.get(name).map(|v| format!("{n} {:.4}", v.0))).collect();
+        println!("{name}: {} (mean {:.4})", row.join(", "), means.get(name).copied().unwrap_or(f64::NAN));
+    }
     if !finished.success {
         for (name, _, log) in &children {
             eprintln!("--- last lines of {name}'s log ({}):\n{}", log.display(), tail(log, 8));
@@ -260,7 +291,15 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
         "rounds_completed": finished.rounds_completed,
         "metric": metric,
         "mean_metric": mean_metric,
-        "per_node": per_node.iter().map(|(n, (v, s))| (n.clone(), json!({"metric": v, "samples": s}))).collect::<serde_json::Map<_, _>>(),
+        "per_node": all.iter().map(|(n, ms)| {
+            let (v, s) = ms.get(&metric).copied().map_or((None, 0), |(v, s)| (Some(v), s));
+            (n.clone(), json!({
+                "metric": v,
+                "samples": s,
+                "metrics": ms.iter().map(|(k, (v, _))| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            }))
+        }).collect::<serde_json::Map<_, _>>(),
+        "mean_metrics": means,
         "final_model_sha256": finished.final_model_sha256,
         "model_path": if opts.workdir.is_some() { json!(finished.model_path) } else { json!(null) },
         "wall_seconds": started.elapsed().as_secs_f64(),

@@ -47,7 +47,9 @@ struct ActiveRun {
     /// Metrics reported with this round's updates (of the round's starting model).
     round_metrics: BTreeMap<String, proto::Metric>,
     /// The final model's evaluation at each node.
-    final_metrics: BTreeMap<String, proto::Metric>,
+    /// Every metric each node reported on the final model, in its order (the first is the task's
+    /// headline metric).
+    final_metrics: BTreeMap<String, Vec<proto::Metric>>,
     /// Hash of the initial model and of every round's result, in order.
     lineage: Vec<ContentHash>,
     participants: Vec<String>,
@@ -154,9 +156,9 @@ impl Driver {
                     self.apply_secagg(sa.unwrap_or_default());
                 }
             }
-            Event::Submit { plan, again, actor, reply } => {
+            Event::Submit { plan, model_file, again, actor, reply } => {
                 let name = plan.name.clone();
-                let result = self.submit(*plan, again, &actor, now);
+                let result = self.submit(*plan, &model_file, again, &actor, now);
                 if let Err(status) = &result {
                     self.inner.audit(
                         &actor,
@@ -249,8 +251,8 @@ impl Driver {
                     tracing::warn!(node, "evaluation of a model that is not this plan's final model; ignored");
                     return;
                 }
-                if let Some(m) = report.metrics.into_iter().next() {
-                    active.final_metrics.insert(node.clone(), m);
+                if !report.metrics.is_empty() {
+                    active.final_metrics.insert(node.clone(), report.metrics);
                 }
                 let actions = active.run.evaluated(&node, now);
                 self.apply(actions);
@@ -258,7 +260,14 @@ impl Driver {
         }
     }
 
-    fn submit(&mut self, plan: Plan, again: bool, actor: &str, now: Instant) -> Result<Submitted, Status> {
+    fn submit(
+        &mut self,
+        plan: Plan,
+        model_file: &[u8],
+        again: bool,
+        actor: &str,
+        now: Instant,
+    ) -> Result<Submitted, Status> {
         if let Some(active) = &self.active {
             return Err(Status::failed_precondition(format!(
                 "plan '{}' ({}) is still running; wait for it to finish",
@@ -276,6 +285,11 @@ impl Driver {
             if plan.secure_aggregation { None } else { client_dp_for(&plan).map_err(Status::invalid_argument)? };
         let secagg_noise =
             sanctum_protocol::secagg::encode::distributed_noise(&plan).map_err(Status::invalid_argument)?;
+        crate::plan_files::check_model_file(&plan, model_file).map_err(Status::invalid_argument)?;
+        if !model_file.is_empty() {
+            // Stored by its hash, so nodes fetch it like a global model once they have approved it.
+            self.inner.store.put_model(model_file).map_err(|e| Status::internal(format!("model store: {e}")))?;
+        }
         let new_run = {
             let mut runs = lock(&self.inner.runs);
             let mut next = runs.clone();
@@ -820,7 +834,12 @@ impl Driver {
         let metrics = active
             .round_metrics
             .iter()
-            .map(|(node, m)| proto::NodeMetric { node: node.clone(), value: m.value, samples: m.samples })
+            .map(|(node, m)| proto::NodeMetric {
+                node: node.clone(),
+                value: m.value,
+                samples: m.samples,
+                name: m.name.clone(),
+            })
             .collect();
         self.inner.publish(
             &active.plan_id,
@@ -877,7 +896,12 @@ impl Driver {
         } else {
             String::new()
         };
-        let metric_name = active.plan.schema().map(|s| s.task.metric()).unwrap_or("metric").to_string();
+        // The coordinator holds no schema: the headline metric is the one the nodes report first.
+        let metric_name = active
+            .final_metrics
+            .values()
+            .find_map(|m| m.first())
+            .map_or_else(|| "metric".to_string(), |m| m.name.clone());
         let finished = PlanFinished {
             success,
             reason: reason.clone(),
@@ -887,7 +911,14 @@ impl Driver {
             final_metrics: active
                 .final_metrics
                 .iter()
-                .map(|(node, m)| proto::NodeMetric { node: node.clone(), value: m.value, samples: m.samples })
+                .flat_map(|(node, ms)| {
+                    ms.iter().map(|m| proto::NodeMetric {
+                        node: node.clone(),
+                        value: m.value,
+                        samples: m.samples,
+                        name: m.name.clone(),
+                    })
+                })
                 .collect(),
             model_path,
             client_epsilon: match (&active.client_dp, active.secagg_noise, active.plan.privacy.delta) {
@@ -956,7 +987,7 @@ fn export(store: &Store, active: &ActiveRun) -> anyhow::Result<PathBuf> {
         "rounds_completed": active.run.rounds_completed(),
         "final_model_sha256": active.model.to_hex(),
         "lineage": active.lineage.iter().map(|h| h.to_hex()).collect::<Vec<_>>(),
-        "final_metrics": active.final_metrics.iter().map(|(n, m)| (n.clone(), serde_json::json!({"name": m.name, "value": m.value, "samples": m.samples}))).collect::<serde_json::Map<_, _>>(),
+        "final_metrics": active.final_metrics.iter().map(|(n, ms)| (n.clone(), ms.iter().map(|m| serde_json::json!({"name": m.name, "value": m.value, "samples": m.samples})).collect::<Vec<_>>().into())).collect::<serde_json::Map<_, _>>(),
         "exported_unix_ms": unix_ms(SystemTime::now()),
         "plan_toml": active.wire_toml,
     });

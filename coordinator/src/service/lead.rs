@@ -43,7 +43,8 @@ impl lead_server::Lead for LeadApi {
         tracing::info!(lead, plan = plan.name, "plan submitted");
         let (reply, rx) = oneshot::channel();
         let again = request.get_ref().again;
-        self.inner.send_event(Event::Submit { plan: Box::new(plan), again, actor, reply }).await?;
+        let model_file = request.into_inner().model_file;
+        self.inner.send_event(Event::Submit { plan: Box::new(plan), model_file, again, actor, reply }).await?;
         let s = rx.await.map_err(|_| Status::unavailable("coordinator is shutting down"))??;
         Ok(Response::new(SubmitPlanResponse { plan_id: s.plan_id, run: s.run, run_number: s.run_number }))
     }

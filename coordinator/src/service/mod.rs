@@ -234,13 +234,40 @@ struct SpooledUpdate {
 }
 
 enum Event {
-    Connected { node: String },
-    Disconnected { node: String, conn: u64 },
-    Submit { plan: Box<Plan>, again: bool, actor: String, reply: oneshot::Sender<Result<Submitted, Status>> },
-    Decision { node: String, response: PlanResponse },
-    Update { node: String, update: SpooledUpdate, reply: oneshot::Sender<Result<(), String>> },
-    Evaluation { node: String, report: EvaluationReport },
-    SecAgg { node: String, cert_der: Arc<Vec<u8>>, msg: SecAggMessage, reply: oneshot::Sender<Result<(), String>> },
+    Connected {
+        node: String,
+    },
+    Disconnected {
+        node: String,
+        conn: u64,
+    },
+    Submit {
+        plan: Box<Plan>,
+        /// A TorchScript plan's model file (empty otherwise).
+        model_file: Vec<u8>,
+        again: bool,
+        actor: String,
+        reply: oneshot::Sender<Result<Submitted, Status>>,
+    },
+    Decision {
+        node: String,
+        response: PlanResponse,
+    },
+    Update {
+        node: String,
+        update: SpooledUpdate,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Evaluation {
+        node: String,
+        report: EvaluationReport,
+    },
+    SecAgg {
+        node: String,
+        cert_der: Arc<Vec<u8>>,
+        msg: SecAggMessage,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -297,11 +324,16 @@ impl Coordinator {
     /// Submits a plan as the lead would (`again`: run a plan that already ran as a new run);
     /// returns the new run.
     pub async fn submit(&self, plan: Plan, again: bool) -> Result<Submitted, Status> {
+        self.submit_with_model(plan, Vec::new(), again).await
+    }
+
+    /// [`Coordinator::submit`] with a TorchScript plan's model file.
+    pub async fn submit_with_model(&self, plan: Plan, model_file: Vec<u8>, again: bool) -> Result<Submitted, Status> {
         let (reply, rx) = oneshot::channel();
         let actor = lock(&self.inner.audit).own_fingerprint().to_string();
         self.inner
             .events
-            .send(Event::Submit { plan: Box::new(plan), again, actor, reply })
+            .send(Event::Submit { plan: Box::new(plan), model_file, again, actor, reply })
             .await
             .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
         rx.await.map_err(|_| Status::unavailable("coordinator is shutting down"))?

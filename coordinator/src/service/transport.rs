@@ -92,7 +92,9 @@ impl Coordinator {
         let audit = audit_server::AuditServer::new(AuditApi { inner: self.inner.clone() });
         let federation = federation_server::FederationServer::new(FederationApi { inner: self.inner.clone() })
             .max_decoding_message_size(2 * CHUNK_BYTES);
-        let lead = lead_server::LeadServer::new(LeadApi { inner: self.inner.clone() });
+        // A plan may carry its TorchScript file (`plan_files::MAX_MODEL_FILE_BYTES`) and its text.
+        let lead = lead_server::LeadServer::new(LeadApi { inner: self.inner.clone() })
+            .max_decoding_message_size(crate::plan_files::MAX_MODEL_FILE_BYTES + (1 << 20));
         // Keep-alive: the node's client (`tls::connect`) pings every 20 s even while idle. This
         // server is hyper's HTTP/2, which answers every PING and has no ping-strike policy, so it
         // never answers a client's keep-alive with GOAWAY "too_many_pings" (the gRPC-core server
