@@ -35,11 +35,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::cuda_if_available();
     println!("device: {device:?}, libtorch threads: 1");
     for (name, spec) in [
-        ("MLP 13-256-256-1", ModelSpec::Mlp { inputs: 13, hidden: vec![256, 256] }),
-        ("MLP 13-1024-1024-1", ModelSpec::Mlp { inputs: 13, hidden: vec![1024, 1024] }),
+        ("MLP 13-256-256-1", ModelSpec::Mlp { inputs: 13, hidden: vec![256, 256], outputs: 1 }),
+        ("MLP 13-1024-1024-1", ModelSpec::Mlp { inputs: 13, hidden: vec![1024, 1024], outputs: 1 }),
         (
             "CNN 1x16x16, conv 8-8 3x3",
-            ModelSpec::Cnn { channels: 1, height: 16, width: 16, filters: vec![8, 8], kernel_size: 3 },
+            ModelSpec::Cnn { channels: 1, height: 16, width: 16, filters: vec![8, 8], kernel_size: 3, outputs: 1 },
         ),
     ] {
         let mut bench = StepBench::new(&spec, 64, device)?;

@@ -1,10 +1,16 @@
 //! `node.toml`: the one file a hospital's IT team writes. Relative paths are resolved against the
 //! file's directory; every error names the file and the field.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use sanctum_protocol::dataset::Schema;
 use sanctum_protocol::tls::TlsFiles;
 use serde::Deserialize;
+
+use crate::data::TableSource;
+use crate::table::Format;
 
 /// The node's configuration.
 #[derive(Debug, Deserialize)]
@@ -32,12 +38,72 @@ fn default_device() -> String {
     "auto".into()
 }
 
-/// A local data file and the schema it follows.
+/// A local data file and the schema file it follows.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetConfig {
-    pub schema: String,
+    /// The schema file the consortium distributes (TOML), which this table follows. A plan names
+    /// the schema by the SHA-256 of this file.
+    pub schema: PathBuf,
+    /// The table: CSV or Parquet.
     pub path: PathBuf,
+    /// `csv` or `parquet`; by default the file's extension says.
+    #[serde(default)]
+    pub format: Option<Format>,
+    /// Schema column name = this table's column name, for the columns the hospital names
+    /// otherwise (`age = "AGE_YEARS"`).
+    #[serde(default)]
+    pub columns: BTreeMap<String, String>,
+    /// The schema file, read by [`NodeConfig::load`].
+    #[serde(skip)]
+    loaded: Option<Arc<Schema>>,
+}
+
+impl DatasetConfig {
+    /// The schema file's contents (read when the config was loaded).
+    pub fn schema(&self) -> Option<&Schema> {
+        self.loaded.as_deref()
+    }
+
+    /// The schema's name: what the ledger and the logs call this dataset.
+    pub fn name(&self) -> String {
+        self.loaded.as_ref().map_or_else(|| self.schema.display().to_string(), |s| s.name().to_string())
+    }
+
+    /// Where the table is and how its columns are named.
+    pub fn source(&self) -> TableSource {
+        TableSource { path: self.path.clone(), format: self.format, columns: self.columns.clone() }
+    }
+
+    /// A dataset with its schema already read (tests, tools).
+    pub fn with_schema(schema: Schema, path: PathBuf) -> Self {
+        DatasetConfig {
+            schema: PathBuf::new(),
+            path,
+            format: None,
+            columns: BTreeMap::new(),
+            loaded: Some(Arc::new(schema)),
+        }
+    }
+
+    /// Reads the schema file named by `schema` (already resolved).
+    fn read_schema(&mut self, index: usize) -> Result<(), String> {
+        match Schema::load(&self.schema) {
+            Ok(s) => {
+                self.loaded = Some(Arc::new(s));
+                Ok(())
+            }
+            Err(sanctum_protocol::dataset::SchemaError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Err(format!(
+                    "datasets[{index}].schema: there is no schema file at {}; a schema is a TOML file your consortium distributes (README, \"Bring your own data\"): put the file next to node.toml and give its path here",
+                    self.schema.display()
+                ))
+            }
+            Err(e) => Err(format!("datasets[{index}].schema: {e}")),
+        }
+    }
 }
 
 /// The hospital's rules. Anything not allowed here is refused.
@@ -88,6 +154,14 @@ pub struct Policy {
     /// depends on the real size. Without it, q = 1: safe, but far noisier.
     #[serde(default)]
     pub public_min_train_rows: Option<u64>,
+    /// The hospital's approved TorchScript models (`sanctum-node model approve` writes it);
+    /// relative to node.toml. A missing file approves none.
+    #[serde(default = "default_model_approvals")]
+    pub model_approvals: PathBuf,
+}
+
+fn default_model_approvals() -> PathBuf {
+    PathBuf::from("approved_models.toml")
 }
 
 /// Whether test-split metrics leave the hospital.
@@ -162,6 +236,7 @@ impl Default for Policy {
             test_metrics: TestMetrics::Auto,
             test_metric_noise: None,
             public_min_train_rows: None,
+            model_approvals: default_model_approvals(),
         }
     }
 }
@@ -186,20 +261,25 @@ impl NodeConfig {
         };
         cfg.tls = TlsFiles { ca: resolve(&cfg.tls.ca), cert: resolve(&cfg.tls.cert), key: resolve(&cfg.tls.key) };
         cfg.state_dir = resolve(&cfg.state_dir);
-        for d in &mut cfg.datasets {
+        cfg.policy.model_approvals = resolve(&cfg.policy.model_approvals);
+        for (i, d) in cfg.datasets.iter_mut().enumerate() {
             d.path = resolve(&d.path);
+            d.schema = resolve(&d.schema);
+            d.read_schema(i).map_err(err)?;
         }
         cfg.validate().map_err(err)?;
         Ok(cfg)
     }
 
     pub(crate) fn validate(&self) -> Result<(), String> {
-        for d in &self.datasets {
-            if sanctum_protocol::schema::lookup(&d.schema).is_none() {
+        // The ledger keys budgets by the schema's name: two tables under one name would share
+        // (and confuse) one budget.
+        let mut names = std::collections::BTreeSet::new();
+        for (i, d) in self.datasets.iter().enumerate() {
+            if d.schema().is_some() && !names.insert(d.name()) {
                 return Err(format!(
-                    "datasets.schema '{}' is unknown; known schemas: {}",
-                    d.schema,
-                    sanctum_protocol::schema::known_names()
+                    "datasets[{i}]: another dataset already follows a schema named '{}'; each schema name may have one dataset (its privacy budget is kept by that name)",
+                    d.name()
                 ));
             }
         }
@@ -251,8 +331,13 @@ impl NodeConfig {
         Ok(())
     }
 
-    /// The dataset configured for a schema.
+    /// The dataset whose schema has this name.
     pub fn dataset(&self, schema: &str) -> Option<&DatasetConfig> {
-        self.datasets.iter().find(|d| d.schema == schema)
+        self.datasets.iter().find(|d| d.schema().is_some_and(|s| s.name() == schema))
+    }
+
+    /// The dataset whose schema file has this SHA-256 (hex).
+    pub fn dataset_with_schema(&self, sha256: &str) -> Option<&DatasetConfig> {
+        self.datasets.iter().find(|d| d.schema().is_some_and(|s| s.sha256().to_hex() == sha256))
     }
 }

@@ -27,7 +27,7 @@ use tonic::transport::Channel;
 use sanctum_protocol::audit::AuditLog;
 use serde_json::json;
 
-use crate::config::{NodeConfig, TestMetrics};
+use crate::config::NodeConfig;
 use crate::data::{self, LocalData};
 use crate::egress::{EgressLog, Rule};
 use crate::ledger::{Charge, Ledger};
@@ -79,7 +79,7 @@ struct Cost<'a> {
 }
 
 /// What a round of local training returns: the metric of the starting model and the update.
-type Trained = Result<((f64, u64), train::RoundResult), train::TrainError>;
+type Trained = Result<(train::Evaluation, train::RoundResult), train::TrainError>;
 
 /// This node's part in the open secure-aggregation round.
 struct SecAggRound {
@@ -432,10 +432,12 @@ impl Node {
         }
         let plan = Plan::parse(&offer.plan_toml).map_err(|e| format!("plan is not valid: {e}"))?;
         let dataset = policy::check(&plan, &self.cfg)?;
-        let schema = plan.schema().ok_or("plan names an unknown schema")?;
+        let schema = dataset.schema().ok_or("this hospital's schema file for the plan was not read")?;
+        // The plan against the schema this hospital holds: inputs, outputs, model kind, weights.
+        plan.check_schema(schema).map_err(|e| format!("plan does not fit schema '{}': {e}", schema.name()))?;
         // Under DP only the schema's public statistics may standardise (and the privacy unit must fit).
         let standardize = data::admit_plan(schema, &plan).map_err(|e| e.to_string())?;
-        let data = data::load(&dataset.path, schema, standardize).map_err(|e| {
+        let data = data::load(&dataset.source(), schema, &standardize).map_err(|e| {
             // The full detail (path, values, headers) stays in the local log; the coordinator
             // learns only the rule, the file name, the line and the schema's column.
             tracing::warn!("dataset {}: {e}", dataset.path.display());
@@ -760,7 +762,7 @@ impl Node {
         let (metric, result) = tokio::task::spawn_blocking(job).await??;
         tracing::info!(
             round = start.round,
-            accuracy_before = format!("{:.4}", metric.0),
+            metric_before = format!("{:.4}", metric.primary().unwrap_or(f64::NAN)),
             loss = format!("{:.4}", result.mean_loss),
             seconds = format!("{:.2}", result.seconds),
             "local training done"
@@ -777,7 +779,7 @@ impl Node {
                 0
             },
             payload_sha256: String::new(),
-            metrics: self.round_metrics(&start.plan_id, metric, cost.as_ref())?,
+            metrics: self.round_metrics(&start.plan_id, &metric, cost.as_ref())?,
             masked: false,
         };
         let payload = transfer::f32_to_le_bytes(&result.delta);
@@ -801,10 +803,10 @@ impl Node {
     fn round_metrics(
         &mut self,
         plan_id: &str,
-        metric: (f64, u64),
+        metric: &train::Evaluation,
         cost: Option<&Cost<'_>>,
     ) -> anyhow::Result<Vec<proto::Metric>> {
-        let mut m: Vec<proto::Metric> = self.release_metric(plan_id, metric)?.into_iter().collect();
+        let mut m: Vec<proto::Metric> = self.release_metric(plan_id, metric)?;
         // With sizes withheld, the cost is accounted at the public bound: it reveals nothing.
         if let Some(cost) = cost {
             m.push(proto::Metric { name: "epsilon_spent".into(), value: cost.epsilon, samples: cost.steps });
@@ -812,25 +814,30 @@ impl Node {
         Ok(m)
     }
 
-    /// A test-split metric as `policy.test_metrics` lets it leave: not at all, exact, or noised
-    /// and charged to the ledger first (see [`crate::metrics`]).
-    fn release_metric(&mut self, plan_id: &str, (value, samples): (f64, u64)) -> anyhow::Result<Option<proto::Metric>> {
+    /// Test-split metrics as `policy.test_metrics` lets them leave ([`crate::metrics::release`]):
+    /// not at all, exact, or the accuracy noised and charged to the ledger first.
+    fn release_metric(&mut self, plan_id: &str, eval: &train::Evaluation) -> anyhow::Result<Vec<proto::Metric>> {
         let Some(accepted) = self.plans.get(plan_id) else {
-            return Ok(None);
+            return Ok(vec![]);
         };
-        let policy = &self.cfg.policy;
-        if !policy.test_metrics.allows(accepted.plan.privacy.mode != PrivacyMode::None, policy.share_sample_counts) {
-            return Ok(None);
-        }
-        let name = accepted.plan.schema().map(|s| s.task.metric()).unwrap_or("metric").to_string();
-        let share = policy.share_sample_counts;
-        let (TestMetrics::Noised, Some(noise)) = (policy.test_metrics, policy.test_metric_noise) else {
-            return Ok(Some(proto::Metric { name, value, samples: if share { samples } else { 0 } }));
-        };
-        let Some(delta) = accepted.plan.privacy.delta else {
-            tracing::info!("no test metric sent: the plan has no δ to account a noised metric at");
-            return Ok(None);
-        };
+        let dp = accepted.plan.privacy.mode != PrivacyMode::None;
+        let share = self.cfg.policy.share_sample_counts;
+        let (accuracy, samples, noise, delta) =
+            match crate::metrics::release(&self.cfg.policy, dp, accepted.plan.privacy.delta, eval) {
+                crate::metrics::Release::Withheld(why) => {
+                    tracing::info!("no test metric sent: {why}");
+                    return Ok(vec![]);
+                }
+                crate::metrics::Release::Exact(m) => {
+                    return Ok(m
+                        .into_iter()
+                        .map(|(name, value, samples)| proto::Metric { name: name.into(), value, samples })
+                        .collect());
+                }
+                crate::metrics::Release::Noised { accuracy, samples, noise, delta } => {
+                    (accuracy, samples, noise, delta)
+                }
+            };
         let key = format!("{}/metrics", accepted.run);
         let releases = self.ledger.releases(plan_id, &key) + 1;
         let epsilon = crate::metrics::epsilon_of_releases(noise, u64::from(releases), delta)?;
@@ -844,8 +851,12 @@ impl Node {
             plan_epsilon: epsilon,
         };
         self.charge_to(plan_id, &key, releases, &cost)?;
-        let noised = crate::metrics::noised_accuracy(value, samples, noise, &mut SecureGaussian::from_os());
-        Ok(Some(proto::Metric { name, value: noised.value, samples: if share { noised.samples } else { 0 } }))
+        let noised = crate::metrics::noised_accuracy(accuracy, samples, noise, &mut SecureGaussian::from_os());
+        Ok(vec![proto::Metric {
+            name: "accuracy".into(),
+            value: noised.value,
+            samples: if share { noised.samples } else { 0 },
+        }])
     }
 
     /// One round's work for a blocking thread: evaluate the starting model, then train (DP-SGD
@@ -974,7 +985,7 @@ impl Node {
         let run = accepted.run.clone();
         tracing::info!(
             round = start.round,
-            accuracy_before = format!("{:.4}", metric.0),
+            metric_before = format!("{:.4}", metric.primary().unwrap_or(f64::NAN)),
             loss = format!("{:.4}", result.mean_loss),
             seconds = format!("{:.2}", result.seconds),
             "local training done"
@@ -987,7 +998,7 @@ impl Node {
             self.charge_cost(&start.plan_id, start.round, cost)?;
             crash_after_charge();
         }
-        let metrics = self.round_metrics(&start.plan_id, metric, cost.as_ref())?;
+        let metrics = self.round_metrics(&start.plan_id, &metric, cost.as_ref())?;
         let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
         let weight = match accepted.plan.strategy.weighting() {
             sanctum_protocol::plan::Weighting::Samples => Weight::Samples(accepted.data.train_len() as u64),
@@ -1307,10 +1318,9 @@ impl Node {
             let bytes = self.fetch(client, &ev.plan_id, &ev.model_sha256, ev.model_bytes).await?;
             let weights = Weights::from_safetensors(&bytes, &layout)?;
             let device = self.device;
-            let (value, samples) =
-                tokio::task::spawn_blocking(move || train::evaluate(&model, &weights, &data, device)).await??;
-            tracing::info!(value = format!("{value:.4}"), samples, "final model evaluated");
-            self.release_metric(&ev.plan_id, (value, samples))?.into_iter().collect()
+            let eval = tokio::task::spawn_blocking(move || train::evaluate(&model, &weights, &data, device)).await??;
+            tracing::info!(metrics = ?eval.metrics, samples = eval.samples, "final model evaluated");
+            self.release_metric(&ev.plan_id, &eval)?
         } else {
             tracing::info!(
                 "final model not evaluated for the coordinator: policy.test_metrics keeps test metrics here"

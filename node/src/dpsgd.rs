@@ -8,7 +8,8 @@
 //! follow by row sums, and the clipped sum is Σᵢ cᵢ·gᵢ·aᵢᵀ = (c ⊙ g)ᵀ·a, one matrix product per
 //! layer. The per-example loop survives only as the test oracle.
 
-use tch::{Kind, Reduction, TchError, Tensor};
+use sanctum_protocol::dataset::Task;
+use tch::{Kind, TchError, Tensor};
 
 use crate::train::{Layer, Net};
 
@@ -20,9 +21,12 @@ pub struct ClippedSum {
     pub norms: Tensor,
 }
 
-/// Per-example binary cross-entropy on logits, one value per row.
-fn per_example_loss(logits: &Tensor, y: &Tensor) -> Result<Tensor, TchError> {
-    logits.f_view([-1])?.f_binary_cross_entropy_with_logits::<Tensor>(y, None, None, Reduction::None)
+/// The task's per-example loss, one value per row ([`crate::loss::per_example_loss`]).
+fn per_example_loss(logits: &Tensor, y: &Tensor, task: Task, weights: Option<&[f64]>) -> Result<Tensor, TchError> {
+    crate::loss::per_example_loss(task, logits, &crate::loss::LossTargets::Labels(y), weights).map_err(|e| match e {
+        crate::loss::LossError::Torch(t) => t,
+        other => TchError::Kind(other.to_string()),
+    })
 }
 
 /// Per-example gradient pieces of one layer.
@@ -36,9 +40,16 @@ enum PerExample {
 
 /// Σᵢ min(1, C/‖∇ℓᵢ‖)·∇ℓᵢ over the batch `x`, `y`, computed from layer inputs and output
 /// gradients.
-pub(crate) fn clipped_sum(net: &Net, x: &Tensor, y: &Tensor, clip_norm: f64) -> Result<ClippedSum, TchError> {
+pub(crate) fn clipped_sum(
+    net: &Net,
+    x: &Tensor,
+    y: &Tensor,
+    clip_norm: f64,
+    task: Task,
+    weights: Option<&[f64]>,
+) -> Result<ClippedSum, TchError> {
     let (logits, record) = net.forward_recorded(x)?;
-    let loss = per_example_loss(&logits, y)?.f_sum(Kind::Float)?;
+    let loss = per_example_loss(&logits, y, task, weights)?.f_sum(Kind::Float)?;
     let outputs: Vec<&Tensor> = record.iter().map(|(_, z)| z).collect();
     let out_grads = Tensor::f_run_backward(&[&loss], &outputs, false, false)?;
     let mut pieces = Vec::with_capacity(record.len());
@@ -110,7 +121,7 @@ mod tests {
         for i in 0..x.size()[0] {
             let xi = x.narrow(0, i, 1);
             let yi = y.narrow(0, i, 1);
-            let loss = per_example_loss(&net.forward(&xi).unwrap(), &yi).unwrap().sum(Kind::Float);
+            let loss = per_example_loss(&net.forward(&xi).unwrap(), &yi, Task::Binary, None).unwrap().sum(Kind::Float);
             let grads = Tensor::run_backward(&[&loss], &params, false, false);
             let norm = grads.iter().map(|g| g.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
             let c = (clip_norm / (norm + 1e-6)).min(1.0);
@@ -136,17 +147,17 @@ mod tests {
     #[test]
     fn ghost_clipping_equals_the_per_example_loop() {
         let models = [
-            ModelSpec::LogisticRegression { inputs: 13 },
-            ModelSpec::Mlp { inputs: 13, hidden: vec![16] },
-            ModelSpec::Mlp { inputs: 13, hidden: vec![32, 8] },
-            ModelSpec::Cnn { channels: 1, height: 13, width: 1, filters: vec![4], kernel_size: 3 },
-            ModelSpec::Cnn { channels: 2, height: 6, width: 6, filters: vec![8, 4], kernel_size: 3 },
+            ModelSpec::LogisticRegression { inputs: 13, outputs: 1 },
+            ModelSpec::Mlp { inputs: 13, hidden: vec![16], outputs: 1 },
+            ModelSpec::Mlp { inputs: 13, hidden: vec![32, 8], outputs: 1 },
+            ModelSpec::Cnn { channels: 1, height: 13, width: 1, filters: vec![4], kernel_size: 3, outputs: 1 },
+            ModelSpec::Cnn { channels: 2, height: 6, width: 6, filters: vec![8, 4], kernel_size: 3, outputs: 1 },
         ];
         for (m, spec) in models.iter().enumerate() {
             for clip in [0.05, 1.0, 1e6] {
                 let net = net(spec, m as u64);
                 let (x, y) = batch(64, spec.inputs(), m as i64);
-                let fast = clipped_sum(&net, &x, &y, clip).unwrap();
+                let fast = clipped_sum(&net, &x, &y, clip, Task::Binary, None).unwrap();
                 let (slow, norms) = clipped_sum_by_loop(&net, &x, &y, clip);
                 for (f, s) in fast.grads.iter().zip(&slow) {
                     let diff = (f - s).abs().max().double_value(&[]);
@@ -166,14 +177,14 @@ mod tests {
         fn no_clipped_contribution_exceeds_the_clip_norm(seed in 0u64..1000, clip in 0.001f64..10.0, n in 1i64..16) {
             // A batch of one is one example's clipped contribution.
             let specs = [
-                ModelSpec::Mlp { inputs: 13, hidden: vec![8] },
-                ModelSpec::Cnn { channels: 1, height: 4, width: 4, filters: vec![3], kernel_size: 3 },
+                ModelSpec::Mlp { inputs: 13, hidden: vec![8], outputs: 1 },
+                ModelSpec::Cnn { channels: 1, height: 4, width: 4, filters: vec![3], kernel_size: 3, outputs: 1 },
             ];
             let spec = &specs[(seed % 2) as usize];
             let net = net(spec, seed);
             let (x, y) = batch(n, spec.inputs(), seed as i64);
             for i in 0..n {
-                let one = clipped_sum(&net, &x.narrow(0, i, 1), &y.narrow(0, i, 1), clip).unwrap();
+                let one = clipped_sum(&net, &x.narrow(0, i, 1), &y.narrow(0, i, 1), clip, Task::Binary, None).unwrap();
                 let norm: f64 = one.grads.iter().map(|g| g.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt();
                 prop_assert!(norm <= clip * (1.0 + 1e-5), "contribution {norm} > clip {clip}");
             }

@@ -15,6 +15,43 @@
 use sanctum_protocol::privacy::noise::SecureGaussian;
 use sanctum_protocol::privacy::{self, Accountant, PrivacyError, SampledGaussian};
 
+use crate::config::{Policy, TestMetrics};
+use crate::train::Evaluation;
+
+/// What of an evaluation may leave, as the hospital's policy decides (pure: the caller charges
+/// and noises).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Release {
+    /// Nothing leaves; the reason is for the node's own log.
+    Withheld(&'static str),
+    /// Every metric as measured, each with the test split's size (0 when sizes are withheld).
+    Exact(Vec<(&'static str, f64, u64)>),
+    /// The accuracy alone, through the Gaussian mechanism at this noise per count, charged at δ
+    /// first. The other metrics (AUROC, C-index, R², …) have no count form this mechanism covers,
+    /// so they stay here.
+    Noised { accuracy: f64, samples: u64, noise: f64, delta: f64 },
+}
+
+/// The release `policy.test_metrics` allows for a plan with (`dp`) or without differential
+/// privacy and with the plan's δ.
+pub fn release(policy: &Policy, dp: bool, delta: Option<f64>, eval: &Evaluation) -> Release {
+    let share = policy.share_sample_counts;
+    if !policy.test_metrics.allows(dp, share) {
+        return Release::Withheld("policy.test_metrics keeps test metrics here");
+    }
+    let samples = if share { eval.samples } else { 0 };
+    let (TestMetrics::Noised, Some(noise)) = (policy.test_metrics, policy.test_metric_noise) else {
+        return Release::Exact(eval.metrics.iter().map(|(n, v)| (*n, *v, samples)).collect());
+    };
+    let Some(delta) = delta else {
+        return Release::Withheld("the plan has no δ to account a noised metric at");
+    };
+    match eval.get("accuracy") {
+        Some(accuracy) => Release::Noised { accuracy, samples: eval.samples, noise, delta },
+        None => Release::Withheld("a noised release covers accuracy only, and this task reports none"),
+    }
+}
+
 /// A noised accuracy, ready to leave.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct NoisedMetric {
@@ -43,6 +80,41 @@ pub fn epsilon_of_releases(s: f64, releases: u64, delta: f64) -> Result<f64, Pri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn policy(metrics: TestMetrics, noise: Option<f64>, share: bool) -> Policy {
+        Policy { test_metrics: metrics, test_metric_noise: noise, share_sample_counts: share, ..Policy::default() }
+    }
+
+    /// Which metrics leave under each policy: all of them exactly, none, or the accuracy alone
+    /// noised; sizes only when shared.
+    #[test]
+    fn the_release_follows_the_policy() {
+        let binary =
+            Evaluation { metrics: vec![("accuracy", 0.8), ("balanced_accuracy", 0.7), ("auroc", 0.9)], samples: 50 };
+        let survival = Evaluation { metrics: vec![("c_index", 0.7)], samples: 50 };
+        let exact = policy(TestMetrics::Exact, None, true);
+        assert_eq!(
+            release(&exact, false, None, &binary),
+            Release::Exact(vec![("accuracy", 0.8, 50), ("balanced_accuracy", 0.7, 50), ("auroc", 0.9, 50)])
+        );
+        assert_eq!(
+            release(&policy(TestMetrics::Auto, None, true), true, Some(1e-5), &binary),
+            Release::Withheld("policy.test_metrics keeps test metrics here")
+        );
+        assert!(
+            matches!(release(&policy(TestMetrics::Auto, None, true), false, None, &survival), Release::Exact(m) if m.len() == 1)
+        );
+        assert!(matches!(release(&policy(TestMetrics::None, None, true), false, None, &binary), Release::Withheld(_)));
+        let noised = policy(TestMetrics::Noised, Some(3.0), false);
+        assert_eq!(
+            release(&noised, true, Some(1e-5), &binary),
+            Release::Noised { accuracy: 0.8, samples: 50, noise: 3.0, delta: 1e-5 }
+        );
+        assert!(matches!(release(&noised, true, None, &binary), Release::Withheld(_)));
+        assert!(
+            matches!(release(&noised, true, Some(1e-5), &survival), Release::Withheld(r) if r.contains("accuracy only"))
+        );
+    }
 
     #[test]
     fn the_noised_accuracy_is_unbiased_enough_and_stays_a_probability() {

@@ -55,8 +55,22 @@ pub fn check<'a>(plan: &Plan, cfg: &'a NodeConfig) -> Result<&'a DatasetConfig, 
     if plan.strategy.weighting() == Weighting::Samples && !cfg.policy.share_sample_counts {
         return Err("plan weights updates by sample count, which this hospital's policy withholds (policy.share_sample_counts = false)".into());
     }
-    cfg.dataset(&plan.data.schema)
-        .ok_or_else(|| format!("this hospital has no dataset with schema '{}'", plan.data.schema))
+    let Some(sha) = plan.data.schema_sha256.as_deref() else {
+        return Err("plan names no schema file (data.schema_sha256); this node trains only on a schema it holds".into());
+    };
+    if let Some(d) = cfg.dataset_with_schema(sha) {
+        return Ok(d);
+    }
+    // Only what the plan itself named, and the hash of a schema of that same name: never the
+    // list of what else this hospital holds.
+    match cfg.dataset(&plan.data.schema).and_then(|d| d.schema()) {
+        Some(other) => Err(format!(
+            "plan's schema '{}' has SHA-256 {sha}, but this hospital holds another version of it (SHA-256 {}); the consortium should send the plan's schema file, or the lead should name the one the hospitals hold",
+            plan.data.schema,
+            other.sha256().to_hex()
+        )),
+        None => Err(format!("this hospital has no dataset with schema '{}' (SHA-256 {sha})", plan.data.schema)),
+    }
 }
 
 #[cfg(test)]
@@ -69,13 +83,20 @@ mod tests {
              [[datasets]]\nschema = \"heart_disease\"\npath = \"heart.csv\"\n\
              [policy]\nallowed_models = [\"logistic_regression\", \"mlp\"]\n{policy}\n"
         );
-        toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+        let mut cfg: NodeConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        cfg.datasets = vec![DatasetConfig::with_schema(heart(), "heart.csv".into())];
+        cfg
+    }
+
+    fn heart() -> sanctum_protocol::dataset::Schema {
+        sanctum_protocol::dataset::Schema::parse(include_str!("../../examples/heart_disease/schema.toml")).unwrap()
     }
 
     fn plan(model: &str, steps: u32) -> Plan {
+        let sha = heart().sha256().to_hex();
         let text = format!(
             "name = \"p\"\nrounds = 3\nmin_nodes = 1\n[model]\n{model}\n[data]\nschema = \"heart_disease\"\n\
-             [local]\nsteps = {steps}\nbatch_size = 4\nlearning_rate = 0.1\n[strategy]\nkind = \"fedavg\"\n"
+             schema_sha256 = \"{sha}\"\n[local]\nsteps = {steps}\nbatch_size = 4\nlearning_rate = 0.1\n[strategy]\nkind = \"fedavg\"\n"
         );
         Plan::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
     }
@@ -110,7 +131,7 @@ mod tests {
             ("max_model_parameters = 1000000\nmax_local_steps = 1", BIG_MLP, 2, Some("policy.max_model_parameters")),
         ];
         for (policy, model, steps, want) in cases {
-            let got = check(&plan(model, *steps), &config(policy)).map(|d| d.schema.clone());
+            let got = check(&plan(model, *steps), &config(policy)).map(|d| d.name());
             match (want, got) {
                 (None, Ok(schema)) => assert_eq!(schema, "heart_disease"),
                 (Some(words), Err(reason)) => {

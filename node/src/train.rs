@@ -9,6 +9,7 @@ use std::time::Instant;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
+use sanctum_protocol::dataset::Task;
 use sanctum_protocol::model::{ModelSpec, TensorSpec, Weights};
 use sanctum_protocol::plan::{LocalOptimizer, Plan};
 use sanctum_protocol::privacy::noise::SecureGaussian;
@@ -16,6 +17,7 @@ use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Reduction, TchError, Tensor, nn};
 
 use crate::data::LocalData;
+use crate::loss::LossTargets;
 
 /// Why training or evaluation failed.
 #[derive(Debug, thiserror::Error)]
@@ -183,24 +185,118 @@ pub(crate) fn matrix(values: &[f32], cols: usize, device: Device) -> Result<Tens
     Tensor::f_from_slice(values)?.f_view([rows, cols as i64])?.f_to_device(device)
 }
 
-/// Accuracy at 0.5 of a binary classifier on the local test split, and the split's size.
+/// The task's metrics on the local test split, in the task's order (the first is its headline
+/// metric), and the split's size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evaluation {
+    pub metrics: Vec<(&'static str, f64)>,
+    pub samples: u64,
+}
+
+impl Evaluation {
+    /// The headline metric, if it is defined on this split.
+    pub fn primary(&self) -> Option<f64> {
+        self.metrics.first().map(|(_, v)| *v)
+    }
+
+    /// One metric by name.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.metrics.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+}
+
+/// The model's outputs on the local test split, row-major `[n, outputs]`.
+pub fn test_outputs(
+    model: &ModelSpec,
+    weights: &Weights,
+    data: &LocalData,
+    device: Device,
+) -> Result<Vec<f32>, TrainError> {
+    let net = Net::new(model, weights, device)?;
+    let x = matrix(&data.test_x, data.features, device)?;
+    let out = tch::no_grad(|| net.forward(&x))?;
+    let flat = out.f_to_device(Device::Cpu)?.f_contiguous()?.f_view([-1])?;
+    Ok(Vec::<f32>::try_from(&flat)?)
+}
+
+/// The task's metrics ([`crate::scores::task_metrics`]) of a model on the local test split.
 pub fn evaluate(
     model: &ModelSpec,
     weights: &Weights,
     data: &LocalData,
     device: Device,
-) -> Result<(f64, u64), TrainError> {
-    let net = Net::new(model, weights, device)?;
-    let x = matrix(&data.test_x, data.features, device)?;
-    let y = Tensor::f_from_slice(&data.test_y)?.f_to_device(device)?;
-    let correct = tch::no_grad(|| -> Result<f64, TchError> {
-        let logits = net.forward(&x)?.f_view([-1])?;
-        // sigmoid(z) > 0.5 ⇔ z > 0
-        let pred = logits.f_gt(0.0)?.f_to_kind(Kind::Float)?;
-        pred.f_eq_tensor(&y)?.f_sum(Kind::Float)?.f_double_value(&[])
-    })?;
-    let n = data.test_len() as u64;
-    Ok((if n == 0 { 0.0 } else { correct / n as f64 }, n))
+) -> Result<Evaluation, TrainError> {
+    let outputs = test_outputs(model, weights, data, device)?;
+    let targets = match data.task {
+        Task::Survival => crate::scores::Targets::Survival { time: &data.test_y, event: &data.test_event },
+        _ => crate::scores::Targets::Labels(&data.test_y),
+    };
+    let metrics =
+        crate::scores::task_metrics(data.task, &outputs, &targets).map_err(|e| TrainError::Model(e.to_string()))?;
+    Ok(Evaluation { metrics, samples: data.test_len() as u64 })
+}
+
+/// The class weights a plan asks for on this node's data: declared ones as they are; balanced
+/// ones as scikit-learn's `class_weight="balanced"`, n / (k · n_c) over the train split (a class
+/// absent here gets the weight of one example). Only classification tasks have any.
+pub fn class_weights(plan: &Plan, data: &LocalData) -> Option<Vec<f64>> {
+    use sanctum_protocol::plan::{ClassWeights, WeightRule};
+    let classes = match data.task {
+        Task::Binary => 2,
+        Task::Multiclass { classes } => classes,
+        Task::Regression | Task::Survival => return None,
+    };
+    match plan.local.class_weights.as_ref()? {
+        ClassWeights::Declared(w) => Some(w.clone()),
+        ClassWeights::Rule(WeightRule::Balanced) => {
+            let mut counts = vec![0u64; classes];
+            for &y in &data.train_y {
+                if let Some(c) = counts.get_mut(y as usize) {
+                    *c += 1;
+                }
+            }
+            let n = data.train_len() as f64;
+            Some(counts.iter().map(|&c| n / (classes as f64 * c.max(1) as f64)).collect())
+        }
+    }
+}
+
+/// A batch's targets as tensors: labels, or survival times and events.
+pub(crate) struct BatchTargets {
+    y: Tensor,
+    event: Option<Tensor>,
+}
+
+impl BatchTargets {
+    fn of(data: &LocalData, device: Device) -> Result<Self, TchError> {
+        let y = Tensor::f_from_slice(&data.train_y)?.f_to_device(device)?;
+        let event = if data.task == Task::Survival {
+            let e: Vec<f32> = data.train_event.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect();
+            Some(Tensor::f_from_slice(&e)?.f_to_device(device)?)
+        } else {
+            None
+        };
+        Ok(Self { y, event })
+    }
+
+    fn select(&self, idx: &Tensor) -> Result<Self, TchError> {
+        Ok(Self {
+            y: self.y.f_index_select(0, idx)?,
+            event: self.event.as_ref().map(|e| e.f_index_select(0, idx)).transpose()?,
+        })
+    }
+
+    pub(crate) fn as_loss_targets(&self) -> LossTargets<'_> {
+        match &self.event {
+            Some(event) => LossTargets::Survival { time: &self.y, event },
+            None => LossTargets::Labels(&self.y),
+        }
+    }
+}
+
+/// The task's mean loss on a batch.
+fn task_loss(task: Task, out: &Tensor, t: &BatchTargets, weights: Option<&[f64]>) -> Result<Tensor, TrainError> {
+    crate::loss::batch_loss(task, out, &t.as_loss_targets(), weights).map_err(|e| TrainError::Model(e.to_string()))
 }
 
 /// What one round of local training produced.
@@ -249,7 +345,8 @@ pub fn train_round(
         LocalOptimizer::Adam => nn::Adam::default().build(&net.vs, lr)?,
     };
     let x = matrix(&data.train_x, data.features, device)?;
-    let y = Tensor::f_from_slice(&data.train_y)?.f_to_device(device)?;
+    let targets = BatchTargets::of(data, device)?;
+    let weights = class_weights(plan, data);
     let n = data.train_len();
     let batch = plan.local.batch_size as usize;
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
@@ -265,9 +362,9 @@ pub fn train_round(
         let idx = Tensor::f_from_slice(&order[pos..end])?.f_to_device(device)?;
         pos = end;
         let xb = x.f_index_select(0, &idx)?;
-        let yb = y.f_index_select(0, &idx)?;
-        let logits = net.forward(&xb)?.f_view([-1])?;
-        let loss = logits.f_binary_cross_entropy_with_logits::<Tensor>(&yb, None, None, Reduction::Mean)?;
+        let tb = targets.select(&idx)?;
+        let out = net.forward(&xb)?;
+        let loss = task_loss(data.task, &out, &tb, weights.as_deref())?;
         opt.zero_grad();
         loss.f_backward()?;
         opt.step();
@@ -300,7 +397,14 @@ pub fn train_round_dp(
     let started = Instant::now();
     let net = Net::new(&plan.model, global, device)?;
     let x = matrix(&data.train_x, data.features, device)?;
-    let y = Tensor::f_from_slice(&data.train_y)?.f_to_device(device)?;
+    let targets = BatchTargets::of(data, device)?;
+    if targets.event.is_some() {
+        // The plan check refuses this first; kept so no caller can clip what has no per-example loss.
+        return Err(TrainError::Model(
+            "a survival task has no per-example gradient for DP-SGD: use client-level DP".into(),
+        ));
+    }
+    let weights = class_weights(plan, data);
     let n = data.train_len();
     let expected_batch = dp.sampling_rate * n as f64;
     let lr = plan.local.learning_rate;
@@ -314,14 +418,12 @@ pub fn train_round_dp(
             params.iter().map(|p| p.f_zeros_like()).collect::<Result<_, _>>()?
         } else {
             let idx = Tensor::f_from_slice(&idx)?.f_to_device(device)?;
-            let (xb, yb) = (x.f_index_select(0, &idx)?, y.f_index_select(0, &idx)?);
-            loss_sum += tch::no_grad(|| -> Result<f64, TchError> {
-                let logits = net.forward(&xb)?.f_view([-1])?;
-                logits
-                    .f_binary_cross_entropy_with_logits::<Tensor>(&yb, None, None, Reduction::Mean)?
-                    .f_double_value(&[])
+            let (xb, tb) = (x.f_index_select(0, &idx)?, targets.select(&idx)?);
+            loss_sum += tch::no_grad(|| -> Result<f64, TrainError> {
+                let out = net.forward(&xb)?;
+                Ok(task_loss(data.task, &out, &tb, weights.as_deref())?.f_double_value(&[])?)
             })?;
-            crate::dpsgd::clipped_sum(&net, &xb, &yb, dp.clip_norm)?.grads
+            crate::dpsgd::clipped_sum(&net, &xb, &tb.y, dp.clip_norm, data.task, weights.as_deref())?.grads
         };
         noisy_sgd_update(&params, sums, &mut secure, std, expected_batch, lr)?;
     }
@@ -382,13 +484,13 @@ impl StepBench {
 
     /// The clipped per-example sum alone (no noise, no update): the clipping's share of a DP step.
     pub fn clip_only(&mut self, clip_norm: f64) -> Result<(), TrainError> {
-        crate::dpsgd::clipped_sum(&self.net, &self.x, &self.y, clip_norm)?;
+        crate::dpsgd::clipped_sum(&self.net, &self.x, &self.y, clip_norm, Task::Binary, None)?;
         Ok(())
     }
 
     /// Clipped per-example sum by ghost norms, secure Gaussian noise, SGD step.
     pub fn dp_step(&mut self, noise_multiplier: f64, clip_norm: f64) -> Result<(), TrainError> {
-        let sums = crate::dpsgd::clipped_sum(&self.net, &self.x, &self.y, clip_norm)?.grads;
+        let sums = crate::dpsgd::clipped_sum(&self.net, &self.x, &self.y, clip_norm, Task::Binary, None)?.grads;
         let batch = self.x.size()[0] as f64;
         noisy_sgd_update(&self.params, sums, &mut self.secure, noise_multiplier * clip_norm, batch, 0.01)?;
         Ok(())
@@ -401,9 +503,11 @@ mod tests {
 
     use super::*;
 
+    const ZERO: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
     fn toy_plan(steps: u32, lr: f64, model: &str) -> Plan {
         Plan::parse(&format!(
-            "name='t'\nrounds=1\nmin_nodes=1\n[model]\n{model}\n[data]\nschema='heart_disease'\n[local]\nsteps={steps}\nbatch_size=4\nlearning_rate={lr}\n[strategy]\nkind='fedavg'\n"
+            "name='t'\nrounds=1\nmin_nodes=1\n[model]\n{model}\n[data]\nschema='heart_disease'\nschema_sha256='{ZERO}'\n[local]\nsteps={steps}\nbatch_size=4\nlearning_rate={lr}\n[strategy]\nkind='fedavg'\n"
         ))
         .unwrap()
     }
@@ -426,6 +530,10 @@ mod tests {
             test_y: train_y.clone(),
             train_x,
             train_y,
+            task: Task::Binary,
+            train_event: vec![],
+            test_event: vec![],
+            dropped: Default::default(),
         }
     }
 
@@ -440,7 +548,7 @@ mod tests {
 
     #[test]
     fn weights_roundtrip_through_libtorch_by_name() {
-        let spec = ModelSpec::Mlp { inputs: 13, hidden: vec![5] };
+        let spec = ModelSpec::Mlp { inputs: 13, hidden: vec![5], outputs: 1 };
         let w = spec.init(3);
         let net = Net::new(&spec, &w, Device::Cpu).unwrap();
         assert_eq!(net.weights().unwrap(), w);
@@ -457,9 +565,10 @@ mod tests {
         let r2 = train_round(&plan, &w, &data, Device::Cpu, 9).unwrap();
         assert_eq!(r1.delta, r2.delta, "same seed, same update");
         let trained = applied(&w, &r1);
-        let (acc, n) = evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap();
-        assert_eq!(n, 40);
-        assert_eq!(acc, 1.0);
+        let e = evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap();
+        assert_eq!(e.samples, 40);
+        assert_eq!(e.primary(), Some(1.0));
+        assert_eq!(e.metrics.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["accuracy", "balanced_accuracy", "auroc"]);
     }
 
     #[test]
@@ -469,7 +578,7 @@ mod tests {
         let w = plan.model.init(1);
         let r = train_round(&plan, &w, &data, Device::Cpu, 1).unwrap();
         let trained = applied(&w, &r);
-        assert!(evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap().0 >= 0.95);
+        assert!(evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap().primary().unwrap() >= 0.95);
     }
 
     #[test]
@@ -477,7 +586,8 @@ mod tests {
         let plan = toy_plan(60, 0.5, "kind='logistic_regression'\ninputs=13");
         let data = toy_data();
         let w = plan.model.init(0);
-        let apply = |r: &RoundResult| evaluate(&plan.model, &applied(&w, r), &data, Device::Cpu).unwrap().0;
+        let apply =
+            |r: &RoundResult| evaluate(&plan.model, &applied(&w, r), &data, Device::Cpu).unwrap().primary().unwrap();
         let mild = DpSetup { sampling_rate: 0.25, noise_multiplier: 0.5, clip_norm: 1.0 };
         let r = train_round_dp(&plan, &w, &data, Device::Cpu, &mild).unwrap();
         assert!(apply(&r) >= 0.95, "DP-SGD with mild noise should still separate the toy data");
@@ -501,7 +611,7 @@ mod tests {
         let w = plan.model.init(2);
         let r = train_round(&plan, &w, &data, Device::Cpu, 1).unwrap();
         let trained = applied(&w, &r);
-        assert!(evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap().0 >= 0.95);
+        assert!(evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap().primary().unwrap() >= 0.95);
     }
 
     #[test]

@@ -495,7 +495,7 @@ pub async fn submit_and_watch(
 ) -> (String, tonic::Streaming<sanctum_protocol::proto::PlanEvent>) {
     use sanctum_protocol::proto::{SubmitPlanRequest, WatchPlanRequest};
     let submitted = lead
-        .submit_plan(SubmitPlanRequest { plan_toml: plan.into(), again: false })
+        .submit_plan(SubmitPlanRequest { plan_toml: plan.into(), again: false, model_file: vec![] })
         .await
         .expect("the coordinator accepts the plan")
         .into_inner();
