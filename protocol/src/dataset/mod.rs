@@ -173,7 +173,7 @@ impl SplitColumn {
 }
 
 /// Whom a DP guarantee on this schema's data protects: ε bounds what the released model reveals
-/// about one unit. The same meaning as `crate::schema::PrivacyUnit`, with column indices.
+/// about one unit. Column indices point into [`Schema::columns`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PrivacyUnit {
     /// One row. Only honest when a row is all that one person contributed.
