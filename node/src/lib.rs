@@ -10,6 +10,9 @@
 //! - [`scores`]: the metrics of every task (pure), agreeing with scikit-learn and lifelines.
 //! - [`loss`]: the loss of every task on tensors (per example, and the batch's).
 //! - [`dpsgd`]: DP-SGD's per-example clipping by ghost norms (no loop over examples).
+//! - [`torchscript`]: TorchScript models by hash, checked against the plan, DP-SGD by micro-batches.
+//! - [`approvals`]: the hospital's approved TorchScript models (by SHA-256), fail closed.
+//! - [`cli_model`]: `sanctum-node model approve | list | revoke | inspect`.
 //! - [`ledger`]: the privacy ledger, charged and fsync'd before an update leaves.
 //! - [`state_lock`]: the state directory's lock, one node process per state directory.
 //! - [`release`]: each open run's latest release, kept so a repeated round re-sends the same bytes.
@@ -20,6 +23,8 @@
 //! - [`egress`]: the append-only record of everything the node sent and the rule that allowed it.
 //! - [`daemon`]: the gRPC client loop that ties them together.
 
+pub mod approvals;
+pub mod cli_model;
 pub mod config;
 pub mod daemon;
 pub mod data;
@@ -35,4 +40,5 @@ pub mod rounds;
 pub mod scores;
 pub mod state_lock;
 pub mod table;
+pub mod torchscript;
 pub mod train;

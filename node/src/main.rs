@@ -55,6 +55,9 @@ enum Command {
     /// Identity: create this hospital's private key and a CSR for the lead to sign.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// TorchScript models: approve one by its hash, list, revoke, inspect.
+    #[command(subcommand)]
+    Model(sanctum_node::cli_model::ModelCommand),
 }
 
 #[derive(Subcommand)]
@@ -248,6 +251,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         },
+        Command::Model(cmd) => {
+            print!("{}", sanctum_node::cli_model::run(&cmd)?);
+            Ok(())
+        }
         Command::Pki(PkiCommand::Request { name, out_dir }) => {
             let (key, csr) = pki::request(&name)?;
             std::fs::create_dir_all(&out_dir)?;

@@ -608,7 +608,7 @@ mod tests {
             let (x, y) = batch(n, seed as i64);
             let loss = bce_of(&y);
             let (sums, norms) = script.clipped_sum_by_microbatches(&x, &loss, clip).unwrap();
-            let ghost = crate::dpsgd::clipped_sum(&net, &x, &y, clip).unwrap();
+            let ghost = crate::dpsgd::clipped_sum(&net, &x, &y, clip, sanctum_protocol::dataset::Task::Binary, None).unwrap();
             for (a, b) in sums.iter().zip(&ghost.grads) {
                 prop_assert!(max_diff(a, b) <= 1e-5, "{file}: clipped sums differ by {}", max_diff(a, b));
             }
@@ -750,5 +750,67 @@ mod tests {
         let w = ModelSpec::Torchscript(spec.clone()).init(0);
         let e = ScriptNet::load(&fixture("logreg.pt"), &spec, &w, Device::Cpu).err().unwrap();
         assert!(e.to_string().contains("forward returns shape [2, 1], the plan says [n, 3]"), "{e}");
+    }
+
+    /// Seconds per call of `f`: the median of `reps` timed calls after two warm-up calls.
+    fn median_secs(reps: usize, mut f: impl FnMut()) -> f64 {
+        f();
+        f();
+        let mut t: Vec<f64> = (0..reps)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                f();
+                start.elapsed().as_secs_f64()
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        t[reps / 2]
+    }
+
+    /// One DP-SGD step's clipping and update (the noise, the same for both, left out): micro-batches
+    /// on the TorchScript module against ghost clipping on the zoo's same architecture, one libtorch
+    /// thread. `cargo test -p sanctum-node --release --lib torchscript::tests::dp_step_time -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn dp_step_time_microbatches_against_ghost_clipping() {
+        tch::set_num_threads(1);
+        println!("model               batch   ghost (ms)   micro-batches (ms)   ratio");
+        for (file, zoo) in zoo_pairs() {
+            let spec = spec_of(file);
+            let w = zoo.init(0);
+            let script = ScriptNet::load(&fixture(file), &spec, &w, Device::Cpu).unwrap();
+            let net = Net::new(&zoo, &w, Device::Cpu).unwrap();
+            for n in [64i64, 256] {
+                let (x, y) = batch(n, 3);
+                let update = |params: &[Tensor], grads: &[Tensor]| {
+                    tch::no_grad(|| {
+                        for (p, g) in params.iter().zip(grads) {
+                            let _ = p.shallow_clone().f_sub_(&(g * (0.01 / n as f64))).unwrap();
+                        }
+                    })
+                };
+                let zoo_params = net.params();
+                let ghost = median_secs(41, || {
+                    let sums =
+                        crate::dpsgd::clipped_sum(&net, &x, &y, 1.0, sanctum_protocol::dataset::Task::Binary, None)
+                            .unwrap()
+                            .grads;
+                    update(&zoo_params, &sums);
+                });
+                let loss = bce_of(&y);
+                let script_params = script.params();
+                let micro = median_secs(11, || {
+                    let (sums, _) = script.clipped_sum_by_microbatches(&x, &loss, 1.0).unwrap();
+                    update(&script_params, &sums);
+                });
+                println!(
+                    "{:<19} {n:>5}   {:>10.3}   {:>18.3}   {:>5.1}×",
+                    zoo.name(),
+                    ghost * 1e3,
+                    micro * 1e3,
+                    micro / ghost
+                );
+            }
+        }
     }
 }
