@@ -281,7 +281,7 @@ impl NodeProcess {
         std::fs::write(
             &config,
             format!(
-                "coordinator = {coordinator:?}\ndevice = \"cpu\"\nthreads = 1\nstate_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nschema = \"heart_disease\"\npath = {data:?}\n[policy]\nallowed_models = [\"logistic_regression\"]\n{policy}\n",
+                "coordinator = {coordinator:?}\ndevice = \"cpu\"\nthreads = 1\nstate_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nschema = {HEART_SCHEMA:?}\npath = {data:?}\n[policy]\nallowed_models = [\"logistic_regression\"]\n{policy}\n",
                 files.ca, files.cert, files.key
             ),
         )
@@ -470,6 +470,14 @@ pub async fn channel(address: &str, files: &TlsFiles) -> Result<Channel, tls::Tl
     tls::connect(address, &material).await
 }
 
+/// The heart-disease schema file every test hospital holds.
+pub const HEART_SCHEMA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/heart_disease/schema.toml");
+
+/// The SHA-256 of [`HEART_SCHEMA`], as the tests' plans name it (`data.schema_sha256`). When the
+/// schema file changes, `heart_schema_hash_is_the_files` fails with the new hash: replace the old
+/// one in tests/ (`grep -rl OLD tests | xargs sed -i s/OLD/NEW/`).
+pub const HEART_SCHEMA_SHA256: &str = "39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688";
+
 /// The bundled heart-disease data file of a hospital.
 pub fn heart_data(hospital: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/heart_disease/data").join(format!("{hospital}.csv"))
@@ -518,4 +526,19 @@ pub async fn next_event(
         .expect(stalled)
         .expect("the watch stream failed")
         .expect("the watch stream ended before the plan finished")
+}
+
+#[cfg(test)]
+mod tests {
+    /// The hash the tests' plans carry is the schema file's.
+    #[test]
+    fn heart_schema_hash_is_the_files() {
+        let bytes = std::fs::read(super::HEART_SCHEMA).unwrap();
+        let hash = sanctum_protocol::hash::ContentHash::of(&bytes).to_hex();
+        assert_eq!(
+            hash,
+            super::HEART_SCHEMA_SHA256,
+            "examples/heart_disease/schema.toml changed: its hash is now {hash}"
+        );
+    }
 }

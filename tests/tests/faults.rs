@@ -19,7 +19,7 @@ async fn a_killed_node_is_dropped_and_the_plan_completes_with_the_others() {
     let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
     // The deadline is far longer than the test may take: only the disconnect can close the round.
     let plan = "name = \"faults\"\nrounds = 4\nmin_nodes = 2\nround_deadline_secs = 600\n\
-                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
                 [local]\nsteps = 20\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n";
     let (_plan_id, mut events) = submit_and_watch(&mut lead, plan).await;
 
@@ -66,7 +66,7 @@ async fn a_restarted_node_rejoins_the_running_plan() {
     let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
     // Enough rounds that many open after the node is back, whatever the machine's load.
     let plan = "name = \"restart\"\nrounds = 40\nmin_nodes = 1\nround_deadline_secs = 600\n\
-                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
                 [local]\nsteps = 2000\nbatch_size = 4\nlearning_rate = 0.001\n[strategy]\nkind = \"fedavg\"\n";
     let (_plan_id, mut events) = submit_and_watch(&mut lead, plan).await;
     let mut restarted = false;

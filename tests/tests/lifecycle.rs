@@ -14,7 +14,7 @@ use sanctum_protocol::proto::federation_client::FederationClient;
 use sanctum_protocol::proto::lead_client::LeadClient;
 use sanctum_protocol::proto::{AuditLogRequest, ListPlansRequest, PlanResponse, SubmitPlanRequest};
 use sanctum_protocol::tls::TlsFiles;
-use sanctum_tests::{Consortium, CoordinatorProcess, bin, channel, heart_data, run_ok, wait_until};
+use sanctum_tests::{Consortium, CoordinatorProcess, HEART_SCHEMA, bin, channel, heart_data, run_ok, wait_until};
 
 fn pki_cmd(c: &Consortium, args: &[&str]) -> String {
     let out = run_ok(Command::new(bin("sanctum-coordinator")).arg("pki").args(args).arg("--dir").arg(c.pki()));
@@ -152,7 +152,7 @@ async fn an_expired_certificate_is_refused_with_how_to_renew_and_a_renewed_one_w
     std::fs::write(
         &config,
         format!(
-            "coordinator = {addr:?}\ndevice = \"cpu\"\nstate_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nschema = \"heart_disease\"\npath = {:?}\n",
+            "coordinator = {addr:?}\ndevice = \"cpu\"\nstate_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nschema = {HEART_SCHEMA:?}\npath = {:?}\n",
             files.ca, files.cert, files.key, heart_data("va")
         ),
     )

@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use sanctum_tests::{Consortium, bin, heart_data, run_ok};
+use sanctum_tests::{Consortium, HEART_SCHEMA, bin, heart_data, run_ok};
 
 #[test]
 fn node_binary_keeps_libtorch_cuda_and_starts_without_ld_library_path() {
@@ -28,7 +28,7 @@ fn node_binary_keeps_libtorch_cuda_and_starts_without_ld_library_path() {
     std::fs::write(
         &config,
         format!(
-            "coordinator = \"localhost:1\"\ndevice = \"auto\"\nstate_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nschema = \"heart_disease\"\npath = {:?}\n",
+            "coordinator = \"localhost:1\"\ndevice = \"auto\"\nstate_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nschema = {HEART_SCHEMA:?}\npath = {:?}\n",
             files.ca,
             files.cert,
             files.key,

@@ -33,7 +33,7 @@ async fn a_plan_that_would_overspend_is_refused_and_the_others_train_privately()
         NodeProcess::start_with_policy(&c, "va", &addr, &heart_data("va"), "max_epsilon = 10.0\nmax_delta = 1e-6");
     coord.wait_for_nodes(3);
     let plan = "name = \"dp\"\nrounds = 2\nmin_nodes = 1\n\
-                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
                 [local]\nsteps = 50\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n\
                 [privacy]\nmode = \"example\"\nnoise_multiplier = 0.8\nclip_norm = 1.0\ndelta = 1e-5\n";
     let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
@@ -85,7 +85,7 @@ async fn a_crash_between_charge_and_send_leaves_the_charge_once_and_never_less()
     let _honest = NodeProcess::start(&c, "hungarian", &addr, &heart_data("hungarian"));
     coord.wait_for_nodes(2);
     let plan = "name = \"crash\"\nrounds = 2\nmin_nodes = 1\n\
-                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
                 [local]\nsteps = 10\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n\
                 [privacy]\nmode = \"example\"\nnoise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 1e-5\n";
     let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
@@ -145,7 +145,7 @@ fn client_level_dp_reports_the_epsilon_of_the_released_models() {
     let dir = tempfile::tempdir().unwrap();
     let plan = format!(
         "name = \"client-dp\"\nrounds = 2\nmin_nodes = 2\n\
-         [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+         [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
          [local]\nsteps = 10\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\nweighting = \"uniform\"\n\
          [privacy]\nmode = \"client\"\nnoise_multiplier = 2.0\nclip_norm = 0.5\ndelta = 1e-5\n\
          adaptive_clipping = {{ count_noise_multiplier = 10.0 }}\n\

@@ -8,7 +8,7 @@ use std::process::Command;
 use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, bin, epsilon_by_run, heart_data, run_ok};
 
 const PLAN: &str = "name = \"rerun\"\nrounds = 2\nmin_nodes = 2\nrecruit_deadline_secs = 60\n\
-    [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+    [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
     [local]\nsteps = 10\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n\
     [privacy]\nmode = \"example\"\nnoise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 1e-5\n";
 

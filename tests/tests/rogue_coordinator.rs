@@ -28,7 +28,7 @@ use sanctum_tests::{Consortium, NodeProcess, epsilon_by_run, heart_data};
 fn dp_plan(name: &str, rounds: u32, steps: u32, epsilon: f64) -> String {
     format!(
         "name = \"{name}\"\nseed = 0\nrounds = {rounds}\nmin_nodes = 1\nround_deadline_secs = 300\nrecruit_deadline_secs = 60\n\
-         [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+         [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
          [local]\nsteps = {steps}\nbatch_size = 4\noptimizer = \"sgd\"\nlearning_rate = 0.01\n\
          [strategy]\nkind = \"fedavg\"\nweighting = \"samples\"\n\
          [privacy]\nmode = \"example\"\ntarget_epsilon = {epsilon:?}\ndelta = 1e-5\nclip_norm = 1.0\n"
@@ -416,7 +416,7 @@ async fn a_secure_aggregation_threshold_of_two_of_five_is_refused() {
     // Client-level DP by distributed noise under secure aggregation, the plan's own threshold 2.
     let plan = "name = \"rogue-secagg\"\nseed = 0\nrounds = 2\nmin_nodes = 2\nround_deadline_secs = 300\n\
                 secure_aggregation = true\n[secagg]\nthreshold = 2\n\
-                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
                 [local]\nsteps = 5\nbatch_size = 4\noptimizer = \"sgd\"\nlearning_rate = 0.01\n\
                 [strategy]\nkind = \"fedavg\"\nweighting = \"uniform\"\n\
                 [privacy]\nmode = \"client\"\ntarget_epsilon = 5.0\ndelta = 1e-5\nclip_norm = 0.3\n";
@@ -530,7 +530,7 @@ async fn refusal_reasons_name_the_rule_file_and_column_but_no_cell_value_or_head
 fn plan_with(name: &str, rounds: u32, steps: u32, batch: u32, privacy: &str) -> String {
     format!(
         "name = \"{name}\"\nseed = 0\nrounds = {rounds}\nmin_nodes = 1\nround_deadline_secs = 300\nrecruit_deadline_secs = 60\n\
-         [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+         [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
          [local]\nsteps = {steps}\nbatch_size = {batch}\noptimizer = \"sgd\"\nlearning_rate = 0.01\n\
          [strategy]\nkind = \"fedavg\"\nweighting = \"uniform\"\n\
          [privacy]\n{privacy}"

@@ -60,6 +60,7 @@ inputs = 13
 
 [data]
 schema = "heart_disease"
+schema_sha256 = "39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688"
 
 [local]
 steps = 5

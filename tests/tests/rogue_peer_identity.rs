@@ -162,7 +162,7 @@ async fn a_node_revoked_in_the_middle_of_a_round_is_dropped_and_the_round_goes_o
     // The deadline is far longer than the test may take: only the revocation can close the
     // round without va. Enough local steps that a round lasts a moment.
     let plan = "name = \"revoked-mid-round\"\nrounds = 3\nmin_nodes = 2\nround_deadline_secs = 600\n\
-                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
                 [local]\nsteps = 2000\nbatch_size = 4\nlearning_rate = 0.001\n[strategy]\nkind = \"fedavg\"\n";
     let (_plan_id, mut events) = submit_and_watch(&mut lead, plan).await;
 

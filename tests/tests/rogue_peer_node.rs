@@ -30,7 +30,7 @@ const MIB: u64 = 1 << 20;
 fn plan(name: &str, rounds: u32, min_nodes: usize, model: &str, extra: &str) -> String {
     format!(
         "name = \"{name}\"\nrounds = {rounds}\nmin_nodes = {min_nodes}\nround_deadline_secs = 60\nrecruit_deadline_secs = 30\n{extra}\
-         [model]\n{model}\n[data]\nschema = \"heart_disease\"\n\
+         [model]\n{model}\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
          [local]\nsteps = 5\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n"
     )
 }

@@ -14,7 +14,7 @@ use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, heart_data, nex
 fn plan(name: &str, head: &str) -> String {
     format!(
         "name = {name:?}\nrounds = 1\nmin_nodes = 1\n{head}\n\
-         [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+         [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
          [local]\nsteps = 2\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n"
     )
 }
@@ -69,7 +69,8 @@ async fn a_plan_named_with_an_absolute_path_or_dot_dot_is_refused_and_writes_not
     let before = evil_files(&roots);
 
     for name in ["/tmp/evil", "../../evil", "a/../../b", ".hidden", "evil/x"] {
-        let result = lead.submit_plan(SubmitPlanRequest { plan_toml: plan(name, ""), again: false }).await;
+        let result =
+            lead.submit_plan(SubmitPlanRequest { plan_toml: plan(name, ""), again: false, model_file: vec![] }).await;
         println!(
             "plan named {name:?}: {:?}",
             result.as_ref().map(|r| r.get_ref().plan_id.clone()).map_err(|s| s.message())
@@ -115,8 +116,13 @@ async fn a_deadline_of_two_to_the_sixty_third_seconds_is_refused_and_the_coordin
     ];
     let mut outcomes = Vec::new();
     for (i, (head, field)) in cases.iter().enumerate() {
-        let result =
-            lead.submit_plan(SubmitPlanRequest { plan_toml: plan(&format!("deadline-{i}"), head), again: false }).await;
+        let result = lead
+            .submit_plan(SubmitPlanRequest {
+                plan_toml: plan(&format!("deadline-{i}"), head),
+                again: false,
+                model_file: vec![],
+            })
+            .await;
         let shown = result.as_ref().map(|r| r.get_ref().run.clone()).map_err(|s| (s.code(), s.message().to_string()));
         println!("{head}: {shown:?}");
         outcomes.push((head, field, shown));

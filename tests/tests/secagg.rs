@@ -75,7 +75,7 @@ async fn a_round_survives_dropouts_before_and_after_the_masked_input() {
     // `threshold = 2` is a floor: the coordinator raises it to a majority of each round.
     let plan = "name = \"secagg-dropouts\"\nrounds = 3\nmin_nodes = 2\nround_deadline_secs = 600\n\
                 secure_aggregation = true\n[secagg]\nthreshold = 2\nstep_timeout_secs = 120\n\
-                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\n\
+                [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
                 [local]\nsteps = 20\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n";
     let (plan_id, mut events) = submit_and_watch(&mut lead, plan).await;
     let (mut opened, mut closed) = (Vec::new(), Vec::new());
