@@ -24,6 +24,7 @@
 //! - [`daemon`]: the gRPC client loop that ties them together.
 
 pub mod approvals;
+pub mod cli_data;
 pub mod cli_model;
 pub mod config;
 pub mod daemon;

@@ -46,6 +46,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A table against a schema file, offline: counts per column and the first problem.
+    #[command(subcommand)]
+    Data(sanctum_node::cli_data::DataCommand),
     /// Privacy accounting: ε of a DP-SGD run, or the noise a target ε needs.
     #[command(subcommand)]
     Privacy(PrivacyCommand),
@@ -152,16 +155,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("identity: {}", material.identity());
             println!("device:   {}", train::device_name(device));
             for d in &cfg.datasets {
-                let schema = sanctum_protocol::schema::lookup(&d.schema).context("unknown schema")?;
+                let schema = d.schema().context("the dataset's schema file was not read")?;
                 let data =
-                    data::load(&d.path, schema, data::admit(schema, sanctum_protocol::plan::PrivacyMode::None)?)?;
+                    data::load(&d.source(), schema, &data::admit(schema, sanctum_protocol::plan::PrivacyMode::None)?)?;
                 println!(
-                    "dataset {} ({}): {} train rows, {} test rows",
-                    d.schema,
+                    "dataset {} (schema {}, SHA-256 {}; {}): {} train rows, {} test rows, task {}, {} features",
+                    schema.name(),
+                    d.schema.display(),
+                    schema.sha256().to_hex(),
                     d.path.display(),
                     data.train_len(),
-                    data.test_len()
+                    data.test_len(),
+                    schema.task(),
+                    data.features
                 );
+                for (column, rows) in &data.dropped {
+                    println!("  {rows} row(s) left out: column {column} missing (drop_row)");
+                }
                 match data::admit(schema, sanctum_protocol::plan::PrivacyMode::Example) {
                     Ok(s) => println!("  under DP: standardised with {s}"),
                     Err(e) => println!("  under DP: refused, {e}"),
@@ -169,12 +179,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Data(cmd) => sanctum_node::cli_data::run(&cmd),
         Command::Budget { config, json } => {
             let cfg = NodeConfig::load(&config)?;
             // Read only: the node may be running and holds the state directory.
             let ledger = Charges::read(&cfg.state_dir)?;
             let cap = cfg.policy.max_epsilon;
-            let mut names: Vec<String> = cfg.datasets.iter().map(|d| d.schema.clone()).collect();
+            let mut names: Vec<String> = cfg.datasets.iter().map(|d| d.name()).collect();
             names.extend(ledger.datasets());
             names.sort();
             names.dedup();
