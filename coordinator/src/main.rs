@@ -76,6 +76,10 @@ enum Command {
         /// data whose owner wants to see the accuracy), `auto` (none under DP) or `none`.
         #[arg(long, default_value = "exact", value_parser = ["exact", "auto", "none"])]
         test_metrics: String,
+        /// A TorchScript plan: do not approve its model at the simulated hospitals (each then
+        /// refuses the plan, naming the hash), to see what an unapproved model does.
+        #[arg(long)]
+        no_approve: bool,
     },
 }
 
@@ -555,10 +559,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(AuditCli::Offline(cmd)) => Ok(audit_verdict(&cmd)),
-        Command::Simulate { plan, seed, json, workdir, node_bin, device, max_epsilon, test_metrics } => {
-            let summary =
-                simulate(&SimulateOptions { plan, seed, json, workdir, node_bin, device, max_epsilon, test_metrics })
-                    .await?;
+        Command::Simulate { plan, seed, json, workdir, node_bin, device, max_epsilon, test_metrics, no_approve } => {
+            let summary = simulate(&SimulateOptions {
+                plan,
+                seed,
+                json,
+                workdir,
+                node_bin,
+                device,
+                max_epsilon,
+                test_metrics,
+                approve_models: !no_approve,
+            })
+            .await?;
             Ok(if summary.finished.success { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }

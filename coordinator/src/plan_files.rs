@@ -11,9 +11,9 @@ use sanctum_protocol::hash::ContentHash;
 use sanctum_protocol::model::ModelSpec;
 use sanctum_protocol::plan::Plan;
 
-/// Largest TorchScript file a plan may carry: 64 MiB. The lead's gRPC service decodes messages
+/// Largest TorchScript file a plan may carry (64 MiB). The lead's gRPC service decodes messages
 /// up to a little more than this.
-pub const MAX_MODEL_FILE_BYTES: usize = 64 << 20;
+pub const MAX_MODEL_FILE_BYTES: usize = sanctum_protocol::plan::limits::MAX_MODEL_FILE_BYTES;
 
 /// What [`resolve`] read.
 #[derive(Debug, Default)]

@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use sanctum_protocol::model::ModelSpec;
 use sanctum_protocol::pki::{self, Role, SignSpec};
 use sanctum_protocol::plan::Plan;
 use sanctum_protocol::proto::PlanFinished;
@@ -40,6 +41,10 @@ pub struct SimulateOptions {
     pub max_epsilon: Option<f64>,
     /// Every hospital's `policy.test_metrics` (`exact`, `auto` or `none`).
     pub test_metrics: String,
+    /// A TorchScript plan's model is approved at every simulated hospital with
+    /// `sanctum-node model approve` before its node starts, as a hospital would; false leaves it
+    /// unapproved (each hospital then refuses the plan).
+    pub approve_models: bool,
 }
 
 /// The outcome, as written to the JSON summary.
@@ -172,6 +177,30 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
         );
         let config_path = dir.join("node.toml");
         std::fs::write(&config_path, config)?;
+        if let (ModelSpec::Torchscript(spec), true) = (&plan.model, opts.approve_models) {
+            let file = spec
+                .file
+                .as_ref()
+                .map(|f| resolve(&plan_dir, f))
+                .context("the TorchScript plan names no model.file")?;
+            let out = std::process::Command::new(&node_bin)
+                .args(["model", "approve"])
+                .arg(&file)
+                .arg("--config")
+                .arg(&config_path)
+                .args(["--by", "simulation", "--inputs", &spec.inputs.to_string()])
+                .env_remove("LD_LIBRARY_PATH")
+                .output()
+                .with_context(|| format!("cannot run {}", node_bin.display()))?;
+            if !out.status.success() {
+                bail!(
+                    "hospital '{}' could not approve {}: {}",
+                    h.name,
+                    file.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
         let log_path = dir.join("node.log");
         let log = std::fs::File::create(&log_path)?;
         let child = Command::new(&node_bin)

@@ -3,11 +3,12 @@
 //! coordinator goes away; training runs on a blocking thread so the connection stays serviced.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sanctum_protocol::hash::{ContentHash, Hasher};
-use sanctum_protocol::model::Weights;
+use sanctum_protocol::model::{ModelSpec, Weights};
 use sanctum_protocol::plan::{Plan, PrivacyMode};
 use sanctum_protocol::privacy::noise::SecureGaussian;
 use sanctum_protocol::privacy::{self, Accountant, SampledGaussian};
@@ -27,6 +28,7 @@ use tonic::transport::Channel;
 use sanctum_protocol::audit::AuditLog;
 use serde_json::json;
 
+use crate::approvals::{self, Approvals};
 use crate::config::NodeConfig;
 use crate::data::{self, LocalData};
 use crate::egress::{EgressLog, Rule};
@@ -47,6 +49,8 @@ struct Accepted {
     dp: Option<DpPlan>,
     /// Client-level DP by distributed noise under secure aggregation.
     ddg: Option<DdgPlan>,
+    /// A TorchScript plan's model file, fetched by hash, checked and loaded once at acceptance.
+    script: Option<PathBuf>,
 }
 
 impl Accepted {
@@ -274,7 +278,14 @@ impl Node {
     async fn handle(&mut self, client: &mut FederationClient<Channel>, kind: directive::Kind) -> Option<SessionEnd> {
         match kind {
             directive::Kind::OfferPlan(offer) => {
-                let (accept, reason) = match self.consider(&offer) {
+                if let Err(e) = self.audit_approvals() {
+                    return Some(SessionEnd::Lost(format!("audit log: {e}")));
+                }
+                let considered = match self.consider(&offer) {
+                    Ok(accepted) => self.prepare_script(client, &offer.plan_id, accepted).await,
+                    Err(reason) => Err(reason),
+                };
+                let (accept, reason) = match considered {
                     Ok(mut accepted) => {
                         tracing::info!(
                             plan = accepted.plan.name,
@@ -432,6 +443,14 @@ impl Node {
         }
         let plan = Plan::parse(&offer.plan_toml).map_err(|e| format!("plan is not valid: {e}"))?;
         let dataset = policy::check(&plan, &self.cfg)?;
+        if matches!(plan.model, ModelSpec::Torchscript(_)) {
+            // Read again for every offer: an approval or revocation takes effect without a restart.
+            let (approvals, problem) = Approvals::load_fail_closed(&self.cfg.policy.model_approvals);
+            if let Some(e) = problem {
+                tracing::warn!("model approvals: {e}; no TorchScript model is approved until it is fixed");
+            }
+            approvals::check_model(&plan.model, &approvals)?;
+        }
         let schema = dataset.schema().ok_or("this hospital's schema file for the plan was not read")?;
         // The plan against the schema this hospital holds: inputs, outputs, model kind, weights.
         plan.check_schema(schema).map_err(|e| format!("plan does not fit schema '{}': {e}", schema.name()))?;
@@ -457,7 +476,67 @@ impl Node {
         if let Ok(bytes) = plan.model.init(plan.seed).to_safetensors() {
             lineage.models.insert(ContentHash::of(&bytes).to_hex());
         }
-        Ok(Accepted { plan, run: offer.run.clone(), lineage, data: Arc::new(data), dp, ddg })
+        Ok(Accepted { plan, run: offer.run.clone(), lineage, data: Arc::new(data), dp, ddg, script: None })
+    }
+
+    /// Approvals and revocations made with `sanctum-node model` while this node ran reach the
+    /// audit log here, each once ([`approvals::audit_pending`]).
+    fn audit_approvals(&mut self) -> anyhow::Result<()> {
+        let (approvals, _) = Approvals::load_fail_closed(&self.cfg.policy.model_approvals);
+        approvals::audit_pending(&approvals, &self.cfg.state_dir, &mut self.audit)?;
+        Ok(())
+    }
+
+    /// A TorchScript plan's model file: fetched from the coordinator by its hash (once; kept in
+    /// `STATE/models/SHA.pt`), then loaded with the plan's initial weights, which checks the hash,
+    /// the parameters and one forward pass. A file that does not load refuses the plan, naming
+    /// why; the node goes on serving.
+    async fn prepare_script(
+        &mut self,
+        client: &mut FederationClient<Channel>,
+        plan_id: &str,
+        mut accepted: Accepted,
+    ) -> Result<Accepted, String> {
+        let ModelSpec::Torchscript(spec) = &accepted.plan.model else {
+            return Ok(accepted);
+        };
+        let spec = spec.clone();
+        let dir = self.cfg.state_dir.join("models");
+        let path = dir.join(format!("{}.pt", spec.sha256));
+        if !path.exists() {
+            let limit = sanctum_protocol::plan::limits::MAX_MODEL_FILE_BYTES as u64;
+            let bytes = self
+                .fetch(client, plan_id, &spec.sha256, limit)
+                .await
+                .map_err(|e| format!("cannot fetch TorchScript model {}: {e}", spec.sha256))?;
+            let write = || -> std::io::Result<()> {
+                std::fs::create_dir_all(&dir)?;
+                let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
+                std::io::Write::write_all(&mut tmp, &bytes)?;
+                tmp.as_file().sync_all()?;
+                tmp.persist(&path).map_err(|e| e.error)?;
+                Ok(())
+            };
+            write().map_err(|e| format!("cannot store TorchScript model {}: {e}", spec.sha256))?;
+            // The global-model cache holds one model: this file is not one.
+            self.cached = None;
+        }
+        let init = accepted.plan.model.init(accepted.plan.seed);
+        let device = self.device;
+        let check = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            crate::torchscript::ScriptNet::load(&check, &spec, &init, device).map(|_| ())
+        })
+        .await
+        .map_err(|e| format!("loading the TorchScript model failed: {e}"))?;
+        if let Err(e) = loaded {
+            tracing::warn!("TorchScript model {}: {e}", path.display());
+            // A file that does not load is removed, so a fixed plan fetches it again.
+            let _ = std::fs::remove_file(&path);
+            return Err(format!("the plan's TorchScript model does not load here: {e}"));
+        }
+        accepted.script = Some(path);
+        Ok(accepted)
     }
 
     /// Derives this node's DP-SGD settings for a plan and checks them against the policy's ε cap.
@@ -756,9 +835,10 @@ impl Node {
         let plan = accepted.plan.clone();
         let data = accepted.data.clone();
         let dp = accepted.dp;
+        let script = accepted.script.clone();
         let bytes = self.fetch(client, &start.plan_id, &start.model_sha256, start.model_bytes).await?;
         let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
-        let job = self.training_job(plan, global, data, dp, start.round);
+        let job = self.training_job(plan, global, data, dp, start.round, script);
         let (metric, result) = tokio::task::spawn_blocking(job).await??;
         tracing::info!(
             round = start.round,
@@ -868,6 +948,7 @@ impl Node {
         data: Arc<LocalData>,
         dp: Option<DpPlan>,
         round: u32,
+        script: Option<PathBuf>,
     ) -> impl FnOnce() -> Trained + Send + 'static {
         let device = self.device;
         // Each node and round gets its own batch order, reproducible from the plan's seed.
@@ -875,10 +956,11 @@ impl Node {
             ^ u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15)
             ^ name_seed(&self.material.identity().name);
         move || {
-            let metric = train::evaluate(&plan.model, &global, &data, device)?;
+            let script = script.as_deref();
+            let metric = train::evaluate(&plan.model, &global, &data, device, script)?;
             let result = match &dp {
-                Some(dp) => train::train_round_dp(&plan, &global, &data, device, &dp.setup)?,
-                None => train::train_round(&plan, &global, &data, device, seed)?,
+                Some(dp) => train::train_round_dp(&plan, &global, &data, device, &dp.setup, script)?,
+                None => train::train_round(&plan, &global, &data, device, seed, script)?,
             };
             Ok((metric, result))
         }
@@ -955,10 +1037,10 @@ impl Node {
         self.secagg = Some(SecAggRound { start: start.clone(), client: sa, encoding, input: None, metrics: vec![] });
         // Train while the key steps go on.
         let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed"))?;
-        let (data, dp) = (accepted.data.clone(), accepted.dp);
+        let (data, dp, script) = (accepted.data.clone(), accepted.dp, accepted.script.clone());
         let bytes = self.fetch(client, &start.plan_id, &start.model_sha256, start.model_bytes).await?;
         let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
-        let job = self.training_job(plan, global, data, dp, start.round);
+        let job = self.training_job(plan, global, data, dp, start.round, script);
         self.training = Some(tokio::task::spawn_blocking(job));
         Ok(())
     }
@@ -1311,6 +1393,7 @@ impl Node {
         let layout = accepted.plan.model.layout();
         let model = accepted.plan.model.clone();
         let data = accepted.data.clone();
+        let script = accepted.script.clone();
         if let Some(a) = self.plans.get_mut(&ev.plan_id) {
             a.lineage.record_evaluation(&ev.model_sha256);
         }
@@ -1318,7 +1401,10 @@ impl Node {
             let bytes = self.fetch(client, &ev.plan_id, &ev.model_sha256, ev.model_bytes).await?;
             let weights = Weights::from_safetensors(&bytes, &layout)?;
             let device = self.device;
-            let eval = tokio::task::spawn_blocking(move || train::evaluate(&model, &weights, &data, device)).await??;
+            let eval = tokio::task::spawn_blocking(move || {
+                train::evaluate(&model, &weights, &data, device, script.as_deref())
+            })
+            .await??;
             tracing::info!(metrics = ?eval.metrics, samples = eval.samples, "final model evaluated");
             self.release_metric(&ev.plan_id, &eval)?
         } else {

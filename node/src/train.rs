@@ -180,6 +180,96 @@ impl Net {
     }
 }
 
+/// The model a round trains: one of the zoo's, or a hospital-approved TorchScript module.
+pub(crate) enum Model {
+    Zoo(Net),
+    Script(Box<crate::torchscript::ScriptNet>),
+}
+
+impl Model {
+    /// The plan's model at `weights`; a TorchScript model is loaded from `script`, the file this
+    /// node fetched by hash and checked when it accepted the plan.
+    pub(crate) fn build(
+        spec: &ModelSpec,
+        weights: &Weights,
+        device: Device,
+        script: Option<&std::path::Path>,
+    ) -> Result<Self, TrainError> {
+        match (spec, script) {
+            (ModelSpec::Torchscript(t), Some(path)) => {
+                let net = crate::torchscript::ScriptNet::load(path, t, weights, device)
+                    .map_err(|e| TrainError::Model(e.to_string()))?;
+                Ok(Model::Script(Box::new(net)))
+            }
+            (ModelSpec::Torchscript(t), None) => {
+                Err(TrainError::Model(format!("TorchScript model {} was not fetched", t.sha256)))
+            }
+            (spec, _) => Ok(Model::Zoo(Net::new(spec, weights, device)?)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        match self {
+            Model::Zoo(n) => n.forward(x),
+            Model::Script(s) => s.forward(x),
+        }
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        match self {
+            Model::Zoo(n) => &n.vs,
+            Model::Script(s) => s.var_store(),
+        }
+    }
+
+    fn params(&self) -> Vec<Tensor> {
+        match self {
+            Model::Zoo(n) => n.params(),
+            Model::Script(s) => s.params(),
+        }
+    }
+
+    fn weights(&self) -> Result<Weights, TrainError> {
+        match self {
+            Model::Zoo(n) => n.weights(),
+            Model::Script(s) => s.weights().map_err(|e| TrainError::Model(e.to_string())),
+        }
+    }
+
+    /// Evaluation mode (a TorchScript module's `train(False)`: dropout off).
+    fn eval_mode(&mut self) -> Result<(), TchError> {
+        match self {
+            Model::Zoo(_) => Ok(()),
+            Model::Script(s) => s.set_training(false),
+        }
+    }
+
+    /// Σᵢ min(1, C/‖∇ℓᵢ‖)·∇ℓᵢ over the batch: ghost clipping for the zoo, one backward pass per
+    /// example for a TorchScript module (whose layers we cannot see into).
+    fn clipped_sum(
+        &self,
+        x: &Tensor,
+        y: &Tensor,
+        clip: f64,
+        task: Task,
+        weights: Option<&[f64]>,
+    ) -> Result<Vec<Tensor>, TrainError> {
+        match self {
+            Model::Zoo(n) => Ok(crate::dpsgd::clipped_sum(n, x, y, clip, task, weights)?.grads),
+            Model::Script(s) => {
+                let loss = |out: &Tensor, row: i64| -> Result<Tensor, TchError> {
+                    let yi = y.f_narrow(0, row, 1)?;
+                    crate::loss::per_example_loss(task, out, &LossTargets::Labels(&yi), weights).map_err(|e| match e {
+                        crate::loss::LossError::Torch(t) => t,
+                        other => TchError::Kind(other.to_string()),
+                    })
+                };
+                Ok(s.clipped_sum_by_microbatches(x, &loss, clip)?.0)
+            }
+        }
+    }
+}
+
 pub(crate) fn matrix(values: &[f32], cols: usize, device: Device) -> Result<Tensor, TchError> {
     let rows = (values.len() / cols.max(1)) as i64;
     Tensor::f_from_slice(values)?.f_view([rows, cols as i64])?.f_to_device(device)
@@ -211,8 +301,10 @@ pub fn test_outputs(
     weights: &Weights,
     data: &LocalData,
     device: Device,
+    script: Option<&std::path::Path>,
 ) -> Result<Vec<f32>, TrainError> {
-    let net = Net::new(model, weights, device)?;
+    let mut net = Model::build(model, weights, device, script)?;
+    net.eval_mode()?;
     let x = matrix(&data.test_x, data.features, device)?;
     let out = tch::no_grad(|| net.forward(&x))?;
     let flat = out.f_to_device(Device::Cpu)?.f_contiguous()?.f_view([-1])?;
@@ -225,8 +317,9 @@ pub fn evaluate(
     weights: &Weights,
     data: &LocalData,
     device: Device,
+    script: Option<&std::path::Path>,
 ) -> Result<Evaluation, TrainError> {
-    let outputs = test_outputs(model, weights, data, device)?;
+    let outputs = test_outputs(model, weights, data, device, script)?;
     let targets = match data.task {
         Task::Survival => crate::scores::Targets::Survival { time: &data.test_y, event: &data.test_event },
         _ => crate::scores::Targets::Labels(&data.test_y),
@@ -309,7 +402,7 @@ pub struct RoundResult {
 
 /// The update local − global, refused if training diverged.
 fn finish_round(
-    net: &Net,
+    net: &Model,
     global: &Weights,
     plan: &Plan,
     loss_sum: f64,
@@ -336,13 +429,14 @@ pub fn train_round(
     data: &LocalData,
     device: Device,
     seed: u64,
+    script: Option<&std::path::Path>,
 ) -> Result<RoundResult, TrainError> {
     let started = Instant::now();
-    let net = Net::new(&plan.model, global, device)?;
+    let net = Model::build(&plan.model, global, device, script)?;
     let lr = plan.local.learning_rate;
     let mut opt = match plan.local.optimizer {
-        LocalOptimizer::Sgd => nn::Sgd::default().build(&net.vs, lr)?,
-        LocalOptimizer::Adam => nn::Adam::default().build(&net.vs, lr)?,
+        LocalOptimizer::Sgd => nn::Sgd::default().build(net.var_store(), lr)?,
+        LocalOptimizer::Adam => nn::Adam::default().build(net.var_store(), lr)?,
     };
     let x = matrix(&data.train_x, data.features, device)?;
     let targets = BatchTargets::of(data, device)?;
@@ -393,9 +487,10 @@ pub fn train_round_dp(
     data: &LocalData,
     device: Device,
     dp: &DpSetup,
+    script: Option<&std::path::Path>,
 ) -> Result<RoundResult, TrainError> {
     let started = Instant::now();
-    let net = Net::new(&plan.model, global, device)?;
+    let net = Model::build(&plan.model, global, device, script)?;
     let x = matrix(&data.train_x, data.features, device)?;
     let targets = BatchTargets::of(data, device)?;
     if targets.event.is_some() {
@@ -423,7 +518,7 @@ pub fn train_round_dp(
                 let out = net.forward(&xb)?;
                 Ok(task_loss(data.task, &out, &tb, weights.as_deref())?.f_double_value(&[])?)
             })?;
-            crate::dpsgd::clipped_sum(&net, &xb, &tb.y, dp.clip_norm, data.task, weights.as_deref())?.grads
+            net.clipped_sum(&xb, &tb.y, dp.clip_norm, data.task, weights.as_deref())?
         };
         noisy_sgd_update(&params, sums, &mut secure, std, expected_batch, lr)?;
     }
@@ -561,11 +656,11 @@ mod tests {
         let plan = toy_plan(60, 0.5, "kind='logistic_regression'\ninputs=13");
         let data = toy_data();
         let w = plan.model.init(0);
-        let r1 = train_round(&plan, &w, &data, Device::Cpu, 9).unwrap();
-        let r2 = train_round(&plan, &w, &data, Device::Cpu, 9).unwrap();
+        let r1 = train_round(&plan, &w, &data, Device::Cpu, 9, None).unwrap();
+        let r2 = train_round(&plan, &w, &data, Device::Cpu, 9, None).unwrap();
         assert_eq!(r1.delta, r2.delta, "same seed, same update");
         let trained = applied(&w, &r1);
-        let e = evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap();
+        let e = evaluate(&plan.model, &trained, &data, Device::Cpu, None).unwrap();
         assert_eq!(e.samples, 40);
         assert_eq!(e.primary(), Some(1.0));
         assert_eq!(e.metrics.iter().map(|(n, _)| *n).collect::<Vec<_>>(), ["accuracy", "balanced_accuracy", "auroc"]);
@@ -576,9 +671,9 @@ mod tests {
         let plan = toy_plan(80, 0.1, "kind='mlp'\ninputs=13\nhidden=[8]");
         let data = toy_data();
         let w = plan.model.init(1);
-        let r = train_round(&plan, &w, &data, Device::Cpu, 1).unwrap();
+        let r = train_round(&plan, &w, &data, Device::Cpu, 1, None).unwrap();
         let trained = applied(&w, &r);
-        assert!(evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap().primary().unwrap() >= 0.95);
+        assert!(evaluate(&plan.model, &trained, &data, Device::Cpu, None).unwrap().primary().unwrap() >= 0.95);
     }
 
     #[test]
@@ -586,19 +681,20 @@ mod tests {
         let plan = toy_plan(60, 0.5, "kind='logistic_regression'\ninputs=13");
         let data = toy_data();
         let w = plan.model.init(0);
-        let apply =
-            |r: &RoundResult| evaluate(&plan.model, &applied(&w, r), &data, Device::Cpu).unwrap().primary().unwrap();
+        let apply = |r: &RoundResult| {
+            evaluate(&plan.model, &applied(&w, r), &data, Device::Cpu, None).unwrap().primary().unwrap()
+        };
         let mild = DpSetup { sampling_rate: 0.25, noise_multiplier: 0.5, clip_norm: 1.0 };
-        let r = train_round_dp(&plan, &w, &data, Device::Cpu, &mild).unwrap();
+        let r = train_round_dp(&plan, &w, &data, Device::Cpu, &mild, None).unwrap();
         assert!(apply(&r) >= 0.95, "DP-SGD with mild noise should still separate the toy data");
         // Two runs draw different batches and noise: the secure stream is not replayable.
-        let r2 = train_round_dp(&plan, &w, &data, Device::Cpu, &mild).unwrap();
+        let r2 = train_round_dp(&plan, &w, &data, Device::Cpu, &mild, None).unwrap();
         assert_ne!(r.delta, r2.delta);
         // With σ = 1e4 the step is noise: its size matches lr·σ·C/(q·n) per coordinate per step.
         // An MLP gives ~1,000 coordinates, so the sample RMS is within a few % of its expectation.
         let mlp = toy_plan(60, 0.5, "kind='mlp'\ninputs=13\nhidden=[64]");
         let loud = DpSetup { sampling_rate: 0.25, noise_multiplier: 1e4, clip_norm: 1.0 };
-        let r = train_round_dp(&mlp, &mlp.model.init(0), &data, Device::Cpu, &loud).unwrap();
+        let r = train_round_dp(&mlp, &mlp.model.init(0), &data, Device::Cpu, &loud, None).unwrap();
         let rms = (r.delta.iter().map(|d| f64::from(*d).powi(2)).sum::<f64>() / r.delta.len() as f64).sqrt();
         let want = 0.5 * 1e4 / (0.25 * 40.0) * 60f64.sqrt();
         assert!((rms / want - 1.0).abs() < 0.2, "rms step {rms}, expected about {want}");
@@ -609,9 +705,9 @@ mod tests {
         let plan = toy_plan(80, 0.1, "kind='cnn'\nchannels=1\nheight=13\nwidth=1\nfilters=[4]\nkernel_size=3");
         let data = toy_data();
         let w = plan.model.init(2);
-        let r = train_round(&plan, &w, &data, Device::Cpu, 1).unwrap();
+        let r = train_round(&plan, &w, &data, Device::Cpu, 1, None).unwrap();
         let trained = applied(&w, &r);
-        assert!(evaluate(&plan.model, &trained, &data, Device::Cpu).unwrap().primary().unwrap() >= 0.95);
+        assert!(evaluate(&plan.model, &trained, &data, Device::Cpu, None).unwrap().primary().unwrap() >= 0.95);
     }
 
     #[test]

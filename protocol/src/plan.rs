@@ -387,6 +387,9 @@ pub mod limits {
     pub const MAX_MODEL_PARAMETERS: u64 = 1 << 28;
     /// Most hidden layers (MLP) or convolutions (CNN).
     pub const MAX_MODEL_LAYERS: usize = 64;
+    /// Largest TorchScript file a plan may carry: 64 MiB. The coordinator refuses a larger one at
+    /// submission and a node fetches no more than this.
+    pub const MAX_MODEL_FILE_BYTES: usize = 64 << 20;
     /// Most classes a classification plan may weigh (`local.class_weights`).
     pub const MAX_CLASSES: usize = 10_000;
     /// Most local optimizer steps per round.
