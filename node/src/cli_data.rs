@@ -51,7 +51,7 @@ pub fn run(cmd: &DataCommand) -> anyhow::Result<()> {
             }
             let source = TableSource { path: path.clone(), format: *format, columns };
             let started = std::time::Instant::now();
-            let report = data::check(&source, &schema).map_err(|e| anyhow::anyhow!("{}", e.public_reason(true)))?;
+            let report = data::check(&source, &schema).map_err(|e| anyhow::anyhow!("{}", e.steward_reason()))?;
             let seconds = started.elapsed().as_secs_f64();
             if *json {
                 let out = serde_json::json!({
@@ -63,7 +63,7 @@ pub fn run(cmd: &DataCommand) -> anyhow::Result<()> {
                     "train_rows": report.train_rows,
                     "test_rows": report.test_rows,
                     "columns": report.columns.iter().map(|(n, c)| (n.clone(), serde_json::to_value(c).unwrap_or_default())).collect::<serde_json::Map<_, _>>(),
-                    "first_problem": report.first_problem.as_ref().map(|e| e.public_reason(true)),
+                    "first_problem": report.first_problem.as_ref().map(|e| e.steward_reason()),
                     "seconds": seconds,
                 });
                 println!("{}", serde_json::to_string_pretty(&out)?);
@@ -106,8 +106,8 @@ pub fn run(cmd: &DataCommand) -> anyhow::Result<()> {
                     }
                     Ok(())
                 }
-                // The public wording: file, position, column and rule, never the value.
-                Some(e) => anyhow::bail!("{}", e.public_reason(true)),
+                // File, position, column and rule, never the value.
+                Some(e) => anyhow::bail!("{}", e.steward_reason()),
             }
         }
     }

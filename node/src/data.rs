@@ -226,6 +226,24 @@ impl DataError {
     }
 }
 
+impl DataError {
+    /// The wording for the data steward at `sanctum-node data check`: the full path, the
+    /// position, the column and what to do, still never a cell value (the output may be pasted
+    /// into a ticket). Only a cell problem's own `Display` shows the value, so a cell problem is
+    /// worded as for the lead; every other error's `Display` holds no cell value.
+    pub fn steward_reason(&self) -> String {
+        match self {
+            DataError::Cell { path, position, column, name, problem } => format!(
+                "{} {position}, column {column} ({name}): {} (rule {}); fix the cell, or change the column's `missing` policy or bounds in the schema if the consortium agrees",
+                path.display(),
+                problem.public(),
+                problem.rule()
+            ),
+            other => other.to_string(),
+        }
+    }
+}
+
 /// The last component of `path`: a data file's directory can name a project or a person.
 fn file_name(path: &Path) -> String {
     path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()

@@ -352,6 +352,13 @@ fn check_counts_every_problem_and_keeps_the_first() {
     let first = report.first_problem.unwrap();
     assert!(first.public_reason(true).contains("line 3, column 1 (age)"), "{}", first.public_reason(true));
     assert!(!first.public_reason(true).contains("300"));
+    // The steward's wording names the whole path and the next step, and still no value.
+    let steward = first.steward_reason();
+    assert!(
+        steward.contains(&f.path().display().to_string()) && steward.contains("line 3, column 1 (age)"),
+        "{steward}"
+    );
+    assert!(!steward.contains("300") && steward.contains("fix the cell"), "{steward}");
 }
 
 /// Every DataError variant (and the cell problems) built from a file whose values, extra header
