@@ -51,6 +51,10 @@ pub enum ScriptError {
     )]
     Buffers { path: PathBuf, names: Vec<String> },
     #[error(
+        "{path}: {entry}: {why}; Sanctum trains only modules whose forward is a function of their parameters and input (ask the model's author to remove it)"
+    )]
+    Forbidden { path: PathBuf, entry: String, why: &'static str },
+    #[error(
         "{path}: {difference}; the plan's [model] parameters must list the module's named_parameters() in order (`sanctum-node model inspect FILE --inputs N` prints them)"
     )]
     Parameters { path: PathBuf, difference: String },
@@ -192,6 +196,9 @@ pub fn declared_buffers(path: &Path, bytes: &[u8]) -> Result<Vec<String>, Script
             return Err(not_ts(format!("its code is larger than {MAX_CODE_BYTES} bytes")));
         }
         budget -= text.len() as u64;
+        if let Some(why) = forbidden_code(&text) {
+            return Err(ScriptError::Forbidden { path: path.to_path_buf(), entry: name, why });
+        }
         let mut class = String::from("?");
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("class ") {
@@ -210,6 +217,50 @@ pub fn declared_buffers(path: &Path, bytes: &[u8]) -> Result<Vec<String>, Script
         return Err(not_ts("the archive holds no TorchScript code (code/*.py)".into()));
     }
     Ok(names)
+}
+
+/// What a module's TorchScript code may not do, and why: read or write files (`torch.from_file`,
+/// `torch.save`, `torch.load`, `open`), call operators from outside libtorch's own (`ops.` other
+/// than `ops.aten` and `ops.prim`), or assign its own attributes in a method, which would carry
+/// state (one example's data) from one call to the next, past per-example clipping. A textual
+/// check on the code the archive holds: it refuses more than it must, never less than these.
+fn forbidden_code(code: &str) -> Option<&'static str> {
+    const FILE_OPS: [&str; 5] = ["from_file", "torch.save", "torch.load", "open(", "__torch__.torch.classes"];
+    if FILE_OPS.iter().any(|op| code.contains(op)) {
+        return Some("it reads or writes files or uses custom classes");
+    }
+    for (i, _) in code.match_indices("ops.") {
+        let rest = &code[i + 4..];
+        let prev = code[..i].chars().next_back();
+        if prev.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            continue;
+        }
+        if !(rest.starts_with("aten.") || rest.starts_with("prim.")) {
+            return Some("it calls an operator from outside libtorch");
+        }
+    }
+    let mut in_method = false;
+    for line in code.lines() {
+        let t = line.trim_start();
+        if t.starts_with("def ") {
+            in_method = !t.starts_with("def __init__");
+        } else if t.starts_with("class ") {
+            in_method = false;
+        } else if in_method && let Some(rest) = t.strip_prefix("self.") {
+            // `self.x = …` or `self.x += …` inside a method; `==` is a comparison.
+            let after = rest.trim_start_matches(|c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+            let after = after.trim_start();
+            if (after.starts_with('=') && !after.starts_with("=="))
+                || after.starts_with("+=")
+                || after.starts_with("-=")
+            {
+                return Some(
+                    "a method assigns the module's own attributes, which carries state from one call to the next",
+                );
+            }
+        }
+    }
+    None
 }
 
 /// Loads bytes with libtorch on `device` and returns the module with its named parameters.
@@ -358,7 +409,22 @@ impl ScriptNet {
             params.push(vpath.add(leaf, var, true));
         }
         let net = Self { module, vs, params, layout, outputs: spec.outputs, path: path.to_path_buf() };
-        let got = probe(&net.module, path, 2, spec.inputs, device)?;
+        // The first call after the global weights are in place goes through the checked forward:
+        // a module that writes into its own parameters is refused before any round (a raw call
+        // first could overwrite them with what a second call writes again, unseen).
+        let zeros = Tensor::f_zeros([2, spec.inputs as i64], (Kind::Float, device)).map_err(torch)?;
+        let got = tch::no_grad(|| -> Result<Vec<i64>, TchError> {
+            let before: Vec<Tensor> = net.params.iter().map(Tensor::f_detach_copy).collect::<Result<_, _>>()?;
+            let size = net.module.forward_ts(&[&zeros])?.size();
+            net.unchanged(&before)?;
+            Ok(size)
+        })
+        .map_err(|e| ScriptError::Forward {
+            path: path.to_path_buf(),
+            rows: 2,
+            inputs: spec.inputs,
+            reason: first_line(&e),
+        })?;
         net.check_output(&got, 2).map_err(|_| ScriptError::Outputs {
             path: path.to_path_buf(),
             got,
@@ -382,12 +448,34 @@ impl ScriptNet {
 
     /// `forward(x)` for `x` of shape `[n, inputs]`: `[n, outputs]` (a `[n]` output of a one-output
     /// model is reshaped to `[n, 1]`); any other shape is an error.
+    ///
+    /// The module is code the hospital approved, not code it trusts with its parameters: a
+    /// `forward` that writes into them (`self.fc.weight.copy_(x[0])` would put a patient's row
+    /// into the update, past DP-SGD's clipping and noise) is caught here. The parameters are
+    /// copied before the call and compared bit for bit after it; any change is an error and the
+    /// round is not sent. The cost is one copy and one comparison of the parameters per call.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
         let n = x.size().first().copied().unwrap_or(0);
+        let before: Vec<Tensor> =
+            tch::no_grad(|| self.params.iter().map(Tensor::f_detach_copy).collect::<Result<_, _>>())?;
         let out = self.module.forward_ts(&[x])?;
+        self.unchanged(&before)?;
         let shape = out.size();
         self.check_output(&shape, n)?;
         if shape.len() == 1 { out.f_view([n, 1]) } else { Ok(out) }
+    }
+
+    /// An error unless every parameter is bit for bit what `before` holds.
+    fn unchanged(&self, before: &[Tensor]) -> Result<(), TchError> {
+        for ((p, b), spec) in self.params.iter().zip(before).zip(&self.layout) {
+            if !tch::no_grad(|| p.f_detach()?.f_equal(b))? {
+                return Err(TchError::Kind(format!(
+                    "the TorchScript module changed its own parameter '{}' during forward; a module that writes into its parameters could carry patient data out past DP-SGD, so this node refuses to train it (revoke its approval)",
+                    spec.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Training mode (dropout active; the default after loading) or evaluation mode.
@@ -739,6 +827,42 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("LayerNorm"), "{text}");
+    }
+
+    /// A module that writes into its own parameters (here the first input row into its weight,
+    /// which would put a patient's record into the update past DP-SGD) is refused at load; one
+    /// whose code reads a file is refused before libtorch runs it, at inspection (so at approval)
+    /// as at load. Both files are made by node/testdata/make_torchscript.py.
+    #[test]
+    fn hostile_modules_are_refused() {
+        // inspect runs forward on zeros without the parameter check: it finds the parameters.
+        let spec = inspect(&fixture("evil_copy.pt"), 13).unwrap().spec(None);
+        let zoo = ModelSpec::LogisticRegression { inputs: 13, outputs: 1 };
+        let e = ScriptNet::load(&fixture("evil_copy.pt"), &spec, &zoo.init(0), Device::Cpu).err().unwrap();
+        assert!(e.to_string().contains("changed its own parameter 'fc.weight' during forward"), "{e}");
+        let e = inspect(&fixture("evil_file.pt"), 13).err().unwrap();
+        assert!(matches!(e, ScriptError::Forbidden { .. }) && e.to_string().contains("reads or writes files"), "{e}");
+        // The honest twin passes both.
+        let honest = spec_of("logreg.pt");
+        assert!(ScriptNet::load(&fixture("logreg.pt"), &honest, &zoo.init(0), Device::Cpu).is_ok());
+    }
+
+    #[test]
+    fn forbidden_code_is_found_and_honest_code_is_not() {
+        let honest = "class M(Module):\n  def forward(self, x: Tensor) -> Tensor:\n    y = torch.relu_(self.fc(x))\n    return torch.ops.aten.add(y, 1)\n";
+        assert_eq!(forbidden_code(honest), None);
+        let init_ok = "class M(Module):\n  def __init__(self) -> None:\n    self.n = 0\n";
+        assert_eq!(forbidden_code(init_ok), None);
+        for bad in [
+            "  def forward(self, x):\n    self.memory = x\n",
+            "  def forward(self, x):\n    self.calls += 1\n",
+            "  def forward(self, x):\n    y = torch.from_file(\"/etc/passwd\")\n",
+            "  def forward(self, x):\n    torch.save(x, \"/tmp/x\")\n",
+            "  def forward(self, x):\n    return ops.mylib.leak(x)\n",
+        ] {
+            assert!(forbidden_code(bad).is_some(), "{bad}");
+        }
+        assert_eq!(forbidden_code("  def forward(self, x):\n    if self.n == 1:\n      return x\n"), None);
     }
 
     #[test]

@@ -85,5 +85,43 @@ def main():
         print(f"{path}: parameters {params}, buffers {buffers}")
 
 
+
+
+# Hostile modules a hospital might be asked to approve; each must be refused (node/src/torchscript.rs).
+class EvilCopy(nn.Module):
+    """Looks like LogReg, but forward writes the first input row into its own weight: the update
+    would then carry a patient's record past DP-SGD's clipping and noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(13, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A detached view shares the weight's storage: no autograd error, no attribute assignment.
+        self.fc.weight.detach().copy_(x[0:1, :] + 1.0)
+        return self.fc(x)
+
+
+class EvilFile(nn.Module):
+    """Reads a file of the node's machine into its output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(13, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leaked = torch.from_file("/etc/hostname", shared=False, size=1, dtype=torch.uint8)
+        return self.fc(x) + leaked.to(torch.float32).sum() * 0.0
+
+
+def write_hostile(out):
+    for name, module in [("evil_copy.pt", EvilCopy()), ("evil_file.pt", EvilFile())]:
+        torch.jit.save(torch.jit.script(module), os.path.join(out, name))
+        print("wrote", name)
+
+
 if __name__ == "__main__":
-    main()
+    # HOSTILE_ONLY=1 writes only the hostile fixtures, leaving the others' bytes as committed.
+    if not os.environ.get("HOSTILE_ONLY"):
+        main()
+    write_hostile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "torchscript"))
