@@ -12,6 +12,7 @@
 //! - [`dpsgd`]: DP-SGD's per-example clipping by ghost norms (no loop over examples).
 //! - [`torchscript`]: TorchScript models by hash, checked against the plan, DP-SGD by micro-batches.
 //! - [`approvals`]: the hospital's approved TorchScript models (by SHA-256), fail closed.
+//! - [`cli_evaluate`]: `sanctum-node evaluate`, a released model on the hospital's own test split.
 //! - [`cli_model`]: `sanctum-node model approve | list | revoke | inspect`.
 //! - [`ledger`]: the privacy ledger, charged and fsync'd before an update leaves.
 //! - [`state_lock`]: the state directory's lock, one node process per state directory.
@@ -25,6 +26,7 @@
 
 pub mod approvals;
 pub mod cli_data;
+pub mod cli_evaluate;
 pub mod cli_model;
 pub mod config;
 pub mod daemon;

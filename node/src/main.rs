@@ -61,6 +61,8 @@ enum Command {
     /// TorchScript models: approve one by its hash, list, revoke, inspect.
     #[command(subcommand)]
     Model(sanctum_node::cli_model::ModelCommand),
+    /// A released model on this hospital's own test split, offline: the task's metrics.
+    Evaluate(sanctum_node::cli_evaluate::EvaluateArgs),
 }
 
 #[derive(Subcommand)]
@@ -180,6 +182,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Data(cmd) => sanctum_node::cli_data::run(&cmd),
+        Command::Evaluate(args) => {
+            print!("{}", sanctum_node::cli_evaluate::run(&args)?);
+            Ok(())
+        }
         Command::Budget { config, json } => {
             let cfg = NodeConfig::load(&config)?;
             // Read only: the node may be running and holds the state directory.
