@@ -80,6 +80,14 @@ enum Command {
         /// refuses the plan, naming the hash), to see what an unapproved model does.
         #[arg(long)]
         no_approve: bool,
+        /// Only these of the plan's hospitals (comma-separated), e.g. one for local-only training;
+        /// min_nodes is lowered to their number.
+        #[arg(long, value_delimiter = ',')]
+        hospitals: Option<Vec<String>>,
+        /// Pooled training: one hospital of this name holding every (selected) hospital's rows,
+        /// their CSV tables concatenated into the work directory.
+        #[arg(long, value_name = "NAME")]
+        pool: Option<String>,
     },
 }
 
@@ -559,7 +567,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit(AuditCli::Offline(cmd)) => Ok(audit_verdict(&cmd)),
-        Command::Simulate { plan, seed, json, workdir, node_bin, device, max_epsilon, test_metrics, no_approve } => {
+        Command::Simulate {
+            plan,
+            seed,
+            json,
+            workdir,
+            node_bin,
+            device,
+            max_epsilon,
+            test_metrics,
+            no_approve,
+            hospitals,
+            pool,
+        } => {
             let summary = simulate(&SimulateOptions {
                 plan,
                 seed,
@@ -570,6 +590,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_epsilon,
                 test_metrics,
                 approve_models: !no_approve,
+                hospitals,
+                pool,
             })
             .await?;
             Ok(if summary.finished.success { ExitCode::SUCCESS } else { ExitCode::FAILURE })

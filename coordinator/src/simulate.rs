@@ -45,6 +45,12 @@ pub struct SimulateOptions {
     /// `sanctum-node model approve` before its node starts, as a hospital would; false leaves it
     /// unapproved (each hospital then refuses the plan).
     pub approve_models: bool,
+    /// Only these of the plan's hospitals take part (local-only training with one); `min_nodes`
+    /// is lowered to their number. `None`: all of them.
+    pub hospitals: Option<Vec<String>>,
+    /// Pooled training: one simulated hospital of this name whose table is the concatenation of
+    /// every (selected) hospital's CSV, written into the work directory.
+    pub pool: Option<String>,
 }
 
 /// The outcome, as written to the JSON summary.
@@ -88,7 +94,7 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
     let plan_dir = opts.plan.parent().unwrap_or(Path::new(".")).to_path_buf();
     let files =
         crate::plan_files::resolve(&mut plan, &plan_dir).with_context(|| format!("plan {}", opts.plan.display()))?;
-    let sim = plan
+    let mut sim = plan
         .simulation
         .clone()
         .with_context(|| format!("plan {} has no [simulation] section listing the hospitals", opts.plan.display()))?;
@@ -114,6 +120,7 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
         }
     };
     let work = std::fs::canonicalize(&work)?;
+    select_hospitals(&mut plan, &mut sim, opts, &plan_dir, &work)?;
 
     // A throw-away consortium: CA, coordinator, and each hospital's own key and CSR.
     let ca = pki::init_ca("simulation", 1)?;
@@ -341,6 +348,85 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(Summary { finished, json })
+}
+
+/// `--hospitals` and `--pool`: which of the plan's hospitals take part, or one pooled hospital
+/// holding all their rows. A plan changed here is a baseline, not the consortium's plan: its
+/// published reference numbers no longer apply and are dropped.
+fn select_hospitals(
+    plan: &mut Plan,
+    sim: &mut sanctum_protocol::plan::Simulation,
+    opts: &SimulateOptions,
+    plan_dir: &Path,
+    work: &Path,
+) -> anyhow::Result<()> {
+    if let Some(only) = &opts.hospitals {
+        let known: Vec<&str> = sim.hospitals.iter().map(|h| h.name.as_str()).collect();
+        if let Some(bad) = only.iter().find(|n| !known.contains(&n.as_str())) {
+            bail!("--hospitals: '{bad}' is not one of the plan's simulated hospitals ({})", known.join(", "));
+        }
+        if only.is_empty() {
+            bail!("--hospitals lists no hospital; name at least one of {}", known.join(", "));
+        }
+        sim.hospitals.retain(|h| only.contains(&h.name));
+    }
+    if let Some(name) = &opts.pool {
+        sanctum_protocol::pki::validate_name(name).map_err(|e| anyhow::anyhow!("--pool {name:?}: {e}"))?;
+        let dir = work.join("pooled");
+        std::fs::create_dir_all(&dir)?;
+        let out = dir.join(format!("{name}.csv"));
+        let files: Vec<PathBuf> = sim.hospitals.iter().map(|h| resolve(plan_dir, &h.data)).collect();
+        pool_csv(&files, &out)?;
+        let names: Vec<&str> = sim.hospitals.iter().map(|h| h.name.as_str()).collect();
+        println!("pooled training: one hospital '{name}' holding the rows of {} ({})", names.join(", "), out.display());
+        sim.hospitals = vec![sanctum_protocol::plan::SimulatedHospital { name: name.clone(), data: out }];
+    }
+    if opts.hospitals.is_some() || opts.pool.is_some() {
+        sim.reference = None;
+        let n = sim.hospitals.len();
+        if plan.min_nodes > n {
+            println!("min_nodes lowered from {} to {n} (the hospitals simulated)", plan.min_nodes);
+            plan.min_nodes = n;
+        }
+        plan.simulation = Some(sim.clone());
+        plan.validate().context("the plan with the selected hospitals")?;
+    }
+    Ok(())
+}
+
+/// Concatenates CSV tables with the same header line into `out` (the header once).
+fn pool_csv(files: &[PathBuf], out: &Path) -> anyhow::Result<()> {
+    let mut text = String::new();
+    let mut header: Option<(String, &Path)> = None;
+    for f in files {
+        if f.extension().and_then(|e| e.to_str()).is_none_or(|e| !e.eq_ignore_ascii_case("csv")) {
+            bail!(
+                "--pool concatenates CSV tables; {} is not one (convert it to CSV or simulate without --pool)",
+                f.display()
+            );
+        }
+        let body = std::fs::read_to_string(f).with_context(|| format!("--pool: cannot read {}", f.display()))?;
+        let (head, rows) = body.split_once('\n').unwrap_or((body.as_str(), ""));
+        let head = head.trim_end_matches('\r');
+        match &header {
+            None => {
+                text.push_str(head);
+                text.push('\n');
+                header = Some((head.to_string(), f));
+            }
+            Some((h, first)) if h != head => bail!(
+                "--pool: {} and {} have different header lines; pooled training needs the same columns in the same order",
+                first.display(),
+                f.display()
+            ),
+            Some(_) => {}
+        }
+        text.push_str(rows);
+        if !rows.is_empty() && !rows.ends_with('\n') {
+            text.push('\n');
+        }
+    }
+    std::fs::write(out, text).with_context(|| format!("cannot write {}", out.display()))
 }
 
 fn toml_str(s: &str) -> String {
