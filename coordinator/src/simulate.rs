@@ -471,3 +471,84 @@ fn print_table(
         println!("published: {}", r.source);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn pool_csv_keeps_one_header_and_every_row_and_refuses_other_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.csv");
+        let b = dir.path().join("b.csv");
+        let c = dir.path().join("c.csv");
+        std::fs::write(&a, "x,y,split\n1,0,train\n2,1,test").unwrap(); // no final newline
+        std::fs::write(&b, "x,y,split\r\n3,1,train\r\n").unwrap();
+        std::fs::write(&c, "y,x,split\n4,0,train\n").unwrap();
+        let out = dir.path().join("pooled.csv");
+        pool_csv(&[a.clone(), b.clone()], &out).unwrap();
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "x,y,split\n1,0,train\n2,1,test\n3,1,train\r\n");
+        let err = pool_csv(&[a, c], &out).unwrap_err().to_string();
+        assert!(err.contains("different header lines") && err.contains("c.csv"), "{err}");
+        let err = pool_csv(&[dir.path().join("t.parquet")], &out).unwrap_err().to_string();
+        assert!(err.contains("is not one"), "{err}");
+    }
+
+    fn options(hospitals: Option<&[&str]>, pool: Option<&str>) -> SimulateOptions {
+        SimulateOptions {
+            plan: PathBuf::new(),
+            seed: None,
+            json: None,
+            workdir: None,
+            node_bin: None,
+            device: "cpu".into(),
+            max_epsilon: None,
+            test_metrics: "exact".into(),
+            approve_models: true,
+            hospitals: hospitals.map(|h| h.iter().map(|s| s.to_string()).collect()),
+            pool: pool.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn hospitals_restrict_and_lower_min_nodes_and_pool_makes_one_node_of_all_rows() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/heart_disease");
+        let text = std::fs::read_to_string(dir.join("fedavg_multiclass.toml")).unwrap();
+        let fresh = || {
+            let plan = Plan::parse(&text).unwrap();
+            let sim = plan.simulation.clone().unwrap();
+            (plan, sim)
+        };
+        let work = tempfile::tempdir().unwrap();
+
+        let (mut plan, mut sim) = fresh();
+        select_hospitals(&mut plan, &mut sim, &options(Some(&["va"]), None), &dir, work.path()).unwrap();
+        assert_eq!(sim.hospitals.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(), ["va"]);
+        assert_eq!(plan.min_nodes, 1);
+
+        let (mut plan, mut sim) = fresh();
+        let err = select_hospitals(&mut plan, &mut sim, &options(Some(&["va", "oslo"]), None), &dir, work.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("'oslo'") && err.contains("cleveland"), "{err}");
+
+        let (mut plan, mut sim) = fresh();
+        select_hospitals(&mut plan, &mut sim, &options(None, Some("pooled")), &dir, work.path()).unwrap();
+        assert_eq!(sim.hospitals.len(), 1);
+        assert_eq!(plan.min_nodes, 1);
+        let pooled = std::fs::read_to_string(&sim.hospitals[0].data).unwrap();
+        let rows: usize = ["cleveland", "hungarian", "switzerland", "va"]
+            .iter()
+            .map(|h| std::fs::read_to_string(dir.join(format!("data/multiclass/{h}.csv"))).unwrap().lines().count() - 1)
+            .sum();
+        assert_eq!(pooled.lines().count(), rows + 1);
+
+        // The defaults change nothing.
+        let (mut plan, mut sim) = fresh();
+        let before = (plan.clone(), sim.clone());
+        select_hospitals(&mut plan, &mut sim, &options(None, None), &dir, work.path()).unwrap();
+        assert_eq!((plan, sim), before);
+    }
+}
