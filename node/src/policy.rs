@@ -61,16 +61,17 @@ pub fn check<'a>(plan: &Plan, cfg: &'a NodeConfig) -> Result<&'a DatasetConfig, 
     if let Some(d) = cfg.dataset_with_schema(sha) {
         return Ok(d);
     }
-    // Only what the plan itself named, and the hash of a schema of that same name: never the
-    // list of what else this hospital holds.
-    match cfg.dataset(&plan.data.schema).and_then(|d| d.schema()) {
-        Some(other) => Err(format!(
-            "plan's schema '{}' has SHA-256 {sha}, but this hospital holds another version of it (SHA-256 {}); the consortium should send the plan's schema file, or the lead should name the one the hospitals hold",
-            plan.data.schema,
-            other.sha256().to_hex()
-        )),
-        None => Err(format!("this hospital has no dataset with schema '{}' (SHA-256 {sha})", plan.data.schema)),
-    }
+    // One wording whether or not a schema of that name is held here: a coordinator guessing names
+    // learns nothing of what else this hospital holds ([`other_version`] tells the local log).
+    Err(format!("this hospital has no dataset with schema '{}' (SHA-256 {sha})", plan.data.schema))
+}
+
+/// For the node's own log when a plan is refused for its schema: the hash of the schema of the
+/// same name this hospital holds, if it holds another version.
+pub fn other_version(plan: &Plan, cfg: &NodeConfig) -> Option<String> {
+    let sha = plan.data.schema_sha256.as_deref()?;
+    let held = cfg.dataset(&plan.data.schema)?.schema()?.sha256().to_hex();
+    (held != sha).then_some(held)
 }
 
 #[cfg(test)]

@@ -26,6 +26,11 @@ use parquet::schema::types::Type as SchemaType;
 /// How many cells one Parquet batch holds across all columns (the rows per batch follow from
 /// the width): bounds the reader's memory besides the column chunks' current pages.
 const BATCH_CELLS: usize = 1 << 18;
+/// The longest text cell a Parquet file may hold (1 MiB): a table's cells are values, not
+/// documents.
+const MAX_CELL_BYTES: usize = 1 << 20;
+/// The most text one Parquet batch may hold across its rows (64 MiB).
+const MAX_BATCH_TEXT_BYTES: usize = 64 << 20;
 /// The most rows one Parquet batch holds, however narrow the table.
 const MAX_BATCH_ROWS: usize = 1024;
 
@@ -190,6 +195,10 @@ pub enum TableError {
         "{path} row group {row_group}, row {row_in_group}, column {column}: string is not UTF-8; export the table again"
     )]
     ParquetNotUtf8 { path: PathBuf, row_group: usize, row_in_group: u64, column: usize },
+    #[error(
+        "{path} row group {row_group}, row {row_in_group}, column {column}: a text cell longer than {max} bytes (or too much text in one batch); a table's cells are values, export it again without such a column"
+    )]
+    CellTooLarge { path: PathBuf, row_group: usize, row_in_group: u64, column: usize, max: usize },
 }
 
 /// What an empty table lacks.
@@ -225,7 +234,8 @@ impl TableError {
             | TableError::Csv { path, .. }
             | TableError::Parquet { path, .. }
             | TableError::UnsupportedColumn { path, .. }
-            | TableError::ParquetNotUtf8 { path, .. } => path,
+            | TableError::ParquetNotUtf8 { path, .. }
+            | TableError::CellTooLarge { path, .. } => path,
         }
     }
 
@@ -270,6 +280,12 @@ impl TableError {
             TableError::UnsupportedColumn { column, ty, .. } => format!(
                 "rule parquet-column-types: '{name}' column {column} has Parquet type {ty}, which Sanctum does not read; {SEE_LOG}"
             ),
+            TableError::CellTooLarge { row_group, row_in_group, column, max, .. } => {
+                let at = if positions { format!("row group {row_group}, row {row_in_group}") } else { "a row".into() };
+                format!(
+                    "rule cell-size: '{name}' {at}, column {column}: a text cell longer than {max} bytes; {SEE_LOG}"
+                )
+            }
             TableError::ParquetNotUtf8 { row_group, row_in_group, column, .. } => {
                 let at = if positions { format!("row group {row_group}, row {row_in_group}") } else { "a row".into() };
                 format!("rule parquet-utf8: '{name}' {at}, column {column}: a string is not UTF-8; {SEE_LOG}")
@@ -753,6 +769,18 @@ impl ParquetColumn {
                         column: index,
                     });
                 };
+                // A dictionary can hand one huge string to every row: bounded per cell and per
+                // batch, so a small file cannot make the node allocate gigabytes.
+                if s.len() > MAX_CELL_BYTES || v.text.len() + s.len() > MAX_BATCH_TEXT_BYTES {
+                    let row = self.slots.iter().position(|&s| s as usize == k).unwrap_or(0) as u64;
+                    return Err(TableError::CellTooLarge {
+                        path: path.to_path_buf(),
+                        row_group: group,
+                        row_in_group: first + row,
+                        column: index,
+                        max: MAX_CELL_BYTES,
+                    });
+                }
                 v.text.push_str(s);
                 v.ends.push(v.text.len());
             }
@@ -1115,6 +1143,27 @@ mod tests {
         for (name, path) in &tables {
             assert!(raw_rows(path) == expected, "{name}");
         }
+    }
+
+    /// A dictionary bomb: one 2 MiB string that every row references is a few KiB on disk
+    /// (zstd), but copying it per row would allocate gigabytes. Refused at the first such cell,
+    /// naming its row group, row and column, with no value in the public reason.
+    #[test]
+    fn a_dictionary_bomb_is_refused_before_it_is_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let huge: &'static str = Box::leak("SECRET".repeat((2 << 20) / 6).into_boxed_str());
+        let cells: Vec<Option<&'static str>> = (0..4096).map(|_| Some(huge)).collect();
+        let path = dir.path().join("bomb.parquet");
+        let props = WriterProperties::builder()
+            .set_dictionary_enabled(true)
+            .set_compression(Compression::ZSTD(Default::default()))
+            .build();
+        write_parquet(&path, "message d { OPTIONAL BINARY note (UTF8); }", &[vec![Col::Str(cells)]], props);
+        println!("bomb: {} bytes on disk", std::fs::metadata(&path).unwrap().len());
+        let e = error_of(&path);
+        assert!(matches!(e, TableError::CellTooLarge { row_group: 0, row_in_group: 0, column: 0, .. }), "{e}");
+        let public = e.public_reason(true);
+        assert!(public.starts_with("rule cell-size:") && !public.contains("SECRET"), "{public}");
     }
 
     #[test]

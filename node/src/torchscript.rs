@@ -76,6 +76,42 @@ pub enum ScriptError {
     Torch { path: PathBuf, source: TchError },
 }
 
+impl ScriptError {
+    /// The refusal reason for the lead: what is wrong, never the node's path (its state
+    /// directory), and no libtorch message (which can quote the path). Parameter names and
+    /// shapes come from the plan or the approved file, so they may be named.
+    pub fn public_reason(&self) -> String {
+        let what = match self {
+            ScriptError::Read { .. } => "the stored file cannot be read".to_string(),
+            ScriptError::TooLarge { size, max, .. } => {
+                format!("the file is {size} bytes, more than the {max} a node reads")
+            }
+            ScriptError::HashMismatch { file, plan, .. } => {
+                format!("the stored file has SHA-256 {file}, the plan names {plan}")
+            }
+            ScriptError::NotTorchScript { .. } => "libtorch cannot load it as a TorchScript module".to_string(),
+            ScriptError::Buffers { names, .. } => {
+                format!("it has buffers training would change ({})", names.join(", "))
+            }
+            ScriptError::Forbidden { why, .. } => (*why).to_string(),
+            ScriptError::Parameters { difference, .. } => {
+                format!("its parameters are not the plan's ({difference})")
+            }
+            ScriptError::Kind { name, kind, .. } => format!("parameter '{name}' is {kind}, not float32"),
+            ScriptError::Frozen { name, .. } => format!("parameter '{name}' is frozen"),
+            ScriptError::Weights { reason, .. } => format!("the global weights do not fit it ({reason})"),
+            ScriptError::Forward { rows, inputs, .. } => {
+                format!("forward on a [{rows}, {inputs}] batch fails or changes the module's own parameters")
+            }
+            ScriptError::Outputs { got, want, .. } => {
+                format!("forward returns shape {got:?}, the plan says [n, {want}]")
+            }
+            ScriptError::Torch { .. } => "libtorch failed on it".to_string(),
+        };
+        format!("{what}; the hospital's node log has the detail")
+    }
+}
+
 /// What a TorchScript file is, as `model inspect` and `model approve` print it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Inspection {
