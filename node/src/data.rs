@@ -82,6 +82,10 @@ pub enum Standardize {
     PerNode,
     /// The schema's public statistics, the same at every node.
     Declared(DeclaredStatistics),
+    /// Statistics this node releases under DP spending `epsilon` ([`crate::dp_stats`]), under DP
+    /// plans and without DP alike: [`load`] leaves the features as they are, and the caller
+    /// estimates, charges and applies them ([`dp_features`], [`standardize_with`]).
+    EstimateDp { epsilon: f64 },
 }
 
 impl fmt::Display for Standardize {
@@ -90,6 +94,9 @@ impl fmt::Display for Standardize {
             Standardize::Off => f.write_str("no standardisation"),
             Standardize::PerNode => f.write_str("this node's own train-split mean and standard deviation"),
             Standardize::Declared(stats) => write!(f, "the schema's declared statistics ({})", stats.provenance),
+            Standardize::EstimateDp { epsilon } => {
+                write!(f, "statistics estimated under differential privacy (ε = {epsilon}, charged)")
+            }
         }
     }
 }
@@ -106,10 +113,6 @@ pub enum RuleBroken {
         "rule dp-privacy-unit: schema '{schema}' protects patients and a patient may have several rows (column '{id_column}'), but DP-SGD here samples and clips rows, so ε would not bound what the model reveals about a patient; use client-level DP or a plan without DP"
     )]
     SeveralRowsPerPatient { schema: String, id_column: String },
-    #[error(
-        "rule dp-estimated-statistics: schema '{schema}' asks each node to estimate its standardisation statistics under DP, which this version of sanctum-node does not do; ask the consortium to declare public statistics (standardize.with = \"declared\") or to use with = \"none\""
-    )]
-    DpStatisticsUnsupported { schema: String },
 }
 
 /// The standardisation a plan with this privacy may use on `schema`, or the rule that refuses
@@ -132,9 +135,8 @@ pub fn admit(schema: &Schema, privacy: PrivacyMode) -> Result<Standardize, RuleB
         (Standardization::PerNodeTrain, PrivacyMode::Example | PrivacyMode::Client) => {
             Err(RuleBroken::NoDeclaredStatistics { schema: schema.name().to_string() })
         }
-        (Standardization::Dp { .. }, _) => {
-            Err(RuleBroken::DpStatisticsUnsupported { schema: schema.name().to_string() })
-        }
+        // Charged whatever the plan's privacy: the consortium chose to count what they reveal.
+        (Standardization::Dp { epsilon }, _) => Ok(Standardize::EstimateDp { epsilon: *epsilon }),
     }
 }
 
@@ -537,7 +539,8 @@ pub fn load(source: &TableSource, schema: &Schema, standardize: &Standardize) ->
     }
     let (train_mean, train_std) = train_statistics(&data.train_x, d);
     match standardize {
-        Standardize::Off => {}
+        // The caller standardises once it has released the statistics (`standardize_with`).
+        Standardize::Off | Standardize::EstimateDp { .. } => {}
         Standardize::PerNode => {
             // FLamby adds 1e-9 so a constant feature (Switzerland's chol) maps to 0, not NaN. Only
             // the features the schema standardises; one-hot inputs stay 0/1.
@@ -682,6 +685,48 @@ fn train_statistics(train: &[f32], d: usize) -> (Vec<f64>, Vec<f64>) {
         stds.push(var.sqrt());
     }
     (means, stds)
+}
+
+/// The standardised features with their declared bounds, for [`crate::dp_stats::estimate`] over
+/// [`LocalData::train_x`]. The schema checked that under `with = "dp"` every standardised column
+/// declares min and max; a feature without them is an error, never an unbounded contribution.
+pub fn dp_features(schema: &Schema) -> Result<Vec<crate::dp_stats::Bounded>, String> {
+    let mut out = Vec::new();
+    for (index, f) in schema.features().iter().enumerate().filter(|(_, f)| f.standardize) {
+        let column = &schema.columns()[f.column];
+        let (min, max) = match *column.kind() {
+            ColumnKind::Numeric { min: Some(lo), max: Some(hi) } => (lo, hi),
+            ColumnKind::Integer { min: Some(lo), max: Some(hi) } => (lo as f64, hi as f64),
+            _ => {
+                return Err(format!(
+                    "schema '{}' column '{}' is standardised under DP without declared min and max",
+                    schema.name(),
+                    column.name()
+                ));
+            }
+        };
+        out.push(crate::dp_stats::Bounded { index, min, max });
+    }
+    Ok(out)
+}
+
+/// Standardises `data` (loaded with [`Standardize::EstimateDp`]) with released statistics: for
+/// each `features[k]`, x ← (x − mean[k]) / std[k] on every train and test row; the other inputs
+/// stay as they are. Like [`Standardize::Declared`], nothing in the map depends on the data
+/// beyond what was released.
+pub fn standardize_with(
+    data: &mut LocalData,
+    features: &[crate::dp_stats::Bounded],
+    released: &crate::dp_stats::Released,
+) {
+    let mut mean = vec![0.0; data.features];
+    let mut scale = vec![1.0; data.features];
+    for ((f, m), s) in features.iter().zip(&released.mean).zip(&released.std) {
+        if let (Some(mj), Some(sj)) = (mean.get_mut(f.index), scale.get_mut(f.index)) {
+            (*mj, *sj) = (*m, *s);
+        }
+    }
+    rescale(&mut data.train_x, &mut data.test_x, &mean, &scale);
 }
 
 /// x ← (x − mean[j]) / scale[j] for feature j of every train and test row, in f64.

@@ -417,3 +417,100 @@ fn public_reasons_never_carry_values_or_headers() {
         assert!(full.contains(DIR), "{rule}: {full}");
     }
 }
+
+/// The heart schema asking each node to estimate its statistics under DP at `epsilon`
+/// (`[standardize] with = "dp"`): every column keeps its declared min and max.
+fn heart_dp(epsilon: f64) -> Schema {
+    let text: String = HEART_SCHEMA
+        .replace("name = \"heart_disease\"", "name = \"heart_dp\"")
+        .replace("with = \"declared\"", &format!("with = \"dp\"\nepsilon = {epsilon}"))
+        .lines()
+        .filter(|l| !l.starts_with("mean =") && !l.starts_with("std =") && !l.starts_with("provenance ="))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    Schema::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// A schema with `with = "dp"` is admitted for estimation under every privacy mode (the
+/// statistics are charged even without DP); before, it was refused with
+/// `rule dp-estimated-statistics`.
+#[test]
+fn dp_statistics_are_estimated_under_every_privacy_mode() {
+    let schema = heart_dp(0.5);
+    assert_eq!(schema.standardization(), &Standardization::Dp { epsilon: 0.5 });
+    for mode in [PrivacyMode::None, PrivacyMode::Example, PrivacyMode::Client] {
+        assert_eq!(admit(&schema, mode), Ok(Standardize::EstimateDp { epsilon: 0.5 }), "{mode:?}");
+    }
+    assert!(Standardize::EstimateDp { epsilon: 0.5 }.to_string().contains("ε = 0.5"));
+    // Every heart feature is numeric and standardised, each with the schema's own bounds.
+    let features = dp_features(&schema).unwrap();
+    assert_eq!(features.len(), 13);
+    assert_eq!(features[0], crate::dp_stats::Bounded { index: 0, min: 0.0, max: 120.0 });
+    assert_eq!(features[3], crate::dp_stats::Bounded { index: 3, min: 0.0, max: 800.0 });
+    assert_eq!(features[7], crate::dp_stats::Bounded { index: 7, min: -5.0, max: 10.0 });
+}
+
+/// `load` under `EstimateDp` leaves every input as it is (bit for bit the `Off` load), and
+/// `standardize_with` applies exactly the released numbers, (x − mean) / std, to the features it
+/// is given and to no other input.
+#[test]
+fn estimated_statistics_are_applied_exactly_after_a_raw_load() {
+    let f = file(TWO_TRAIN_ONE_TEST);
+    let schema = heart_dp(1.0);
+    let Ok(standardize) = admit(&schema, PrivacyMode::Example) else { panic!("admitted") };
+    let raw = load(&TableSource::plain(f.path()), &schema, &Standardize::Off).unwrap();
+    let mut d = load(&TableSource::plain(f.path()), &schema, &standardize).unwrap();
+    assert_eq!((&d.train_x, &d.test_x), (&raw.train_x, &raw.test_x));
+    let all = dp_features(&schema).unwrap();
+    // Two of the thirteen features, to see that the others are left alone.
+    let some = [all[0], all[3]];
+    let released = crate::dp_stats::Released { mean: vec![52.5, 230.0], std: vec![9.0, 50.0] };
+    standardize_with(&mut d, &some, &released);
+    for (got, raw) in [(&d.train_x, &raw.train_x), (&d.test_x, &raw.test_x)] {
+        for (i, (g, r)) in got.iter().zip(raw.iter()).enumerate() {
+            let want = match i % 13 {
+                0 => ((f64::from(*r) - 52.5) / 9.0) as f32,
+                3 => ((f64::from(*r) - 230.0) / 50.0) as f32,
+                _ => *r,
+            };
+            assert_eq!(g.to_bits(), want.to_bits(), "value {i}");
+        }
+    }
+}
+
+/// The whole path on a hospital's real file: estimate at a large ε (the plan limits' least noise)
+/// on Cleveland's train split; the released statistics land within a few noise sd of the split's
+/// own, and the standardised train features are then near mean 0 and sd 1.
+#[test]
+fn dp_estimated_statistics_standardise_a_hospital_file() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/heart_disease/data/cleveland.csv");
+    let schema = heart_dp(50.0);
+    let Standardization::Dp { epsilon } = *schema.standardization() else { panic!() };
+    let mut d = load(&TableSource::plain(&path), &schema, &Standardize::EstimateDp { epsilon }).unwrap();
+    let features = dp_features(&schema).unwrap();
+    let cost = crate::dp_stats::cost_for(epsilon, 1e-5).unwrap();
+    let released = crate::dp_stats::estimate(
+        &[&d.train_x],
+        d.features,
+        &features,
+        &cost,
+        &mut sanctum_protocol::privacy::noise::SecureGaussian::from_os(),
+    )
+    .unwrap();
+    assert!(cost.epsilon <= epsilon);
+    let n = d.train_len() as f64;
+    let noise_sd = cost.noise_multiplier * crate::dp_stats::sensitivity(features.len());
+    for (j, f) in features.iter().enumerate() {
+        let r = 0.5 * (f.max - f.min);
+        let tol = 6.0 * noise_sd * r * 2.0 / n;
+        assert!(
+            (released.mean[j] - d.train_mean[j]).abs() <= tol,
+            "feature {j}: {} vs {}",
+            released.mean[j],
+            d.train_mean[j]
+        );
+    }
+    standardize_with(&mut d, &features, &released);
+    let (mean, _) = train_statistics(&d.train_x, d.features);
+    assert!(mean.iter().all(|m| m.abs() < 0.5), "{mean:?}");
+}
