@@ -200,6 +200,14 @@ fn columns(map: &[String]) -> Result<BTreeMap<String, String>, EvaluateError> {
 /// [`Standardize::PerNode`] does on that table (mean, std + 1e-9; one-hot inputs untouched).
 fn standardization(args: &EvaluateArgs, schema: &Schema, plan: &Plan) -> Result<Standardize, EvaluateError> {
     let own = data::admit_plan(schema, plan).map_err(|e| EvaluateError::Standardize(e.to_string()))?;
+    if let Standardize::EstimateDp { .. } = own {
+        // Each node released its own noised statistics, which this table's evaluation cannot
+        // reproduce; evaluating on raw features would give meaningless figures.
+        return Err(EvaluateError::Standardize(format!(
+            "schema '{}' has each node estimate its standardisation statistics under DP, so an offline evaluation cannot reproduce the scale the model was trained on; evaluate at the nodes (the plan's final evaluation) instead",
+            schema.name()
+        )));
+    }
     let Some(other) = &args.standardize_from else {
         return Ok(own);
     };

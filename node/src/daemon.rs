@@ -427,8 +427,9 @@ impl Node {
         None
     }
 
-    /// Parses the offered plan and checks it against policy and local data.
-    fn consider(&self, offer: &proto::OfferPlan) -> Result<Accepted, String> {
+    /// Parses the offered plan and checks it against policy and local data; a schema asking for
+    /// DP-estimated statistics has them released and charged here, before the node accepts.
+    fn consider(&mut self, offer: &proto::OfferPlan) -> Result<Accepted, String> {
         if Plan::id_of(&offer.plan_toml).to_hex() != offer.plan_id {
             return Err("plan_id does not match the SHA-256 of the plan".into());
         }
@@ -442,7 +443,17 @@ impl Node {
             ));
         }
         let plan = Plan::parse(&offer.plan_toml).map_err(|e| format!("plan is not valid: {e}"))?;
-        let dataset = policy::check(&plan, &self.cfg)?;
+        // A copy (the schema is shared), so that the statistics' charge may borrow the node.
+        let dataset = policy::check(&plan, &self.cfg)
+            .inspect_err(|_| {
+                if let Some(held) = policy::other_version(&plan, &self.cfg) {
+                    tracing::warn!(
+                        "the plan names schema '{}' at another version than the one held here (SHA-256 {held}); ask the consortium for the plan's schema file",
+                        plan.data.schema
+                    );
+                }
+            })?
+            .clone();
         if matches!(plan.model, ModelSpec::Torchscript(_)) {
             // Read again for every offer: an approval or revocation takes effect without a restart.
             let (approvals, problem) = Approvals::load_fail_closed(&self.cfg.policy.model_approvals);
@@ -456,12 +467,24 @@ impl Node {
         plan.check_schema(schema).map_err(|e| format!("plan does not fit schema '{}': {e}", schema.name()))?;
         // Under DP only the schema's public statistics may standardise (and the privacy unit must fit).
         let standardize = data::admit_plan(schema, &plan).map_err(|e| e.to_string())?;
-        let data = data::load(&dataset.source(), schema, &standardize).map_err(|e| {
-            // The full detail (path, values, headers) stays in the local log; the coordinator
-            // learns only the rule, the file name, the line and the schema's column.
-            tracing::warn!("dataset {}: {e}", dataset.path.display());
-            e.public_reason(self.cfg.policy.share_sample_counts)
-        })?;
+        // The same run offered again (a reconnect) keeps the statistics it released and the data
+        // they standardised: estimating again would be a second release.
+        let kept = match standardize {
+            data::Standardize::EstimateDp { .. } => {
+                self.plans.get(&offer.plan_id).filter(|p| p.run == offer.run).map(|p| Arc::clone(&p.data))
+            }
+            _ => None,
+        };
+        let fresh = kept.is_none();
+        let mut data = match kept {
+            Some(data) => data,
+            None => Arc::new(data::load(&dataset.source(), schema, &standardize).map_err(|e| {
+                // The full detail (path, values, headers) stays in the local log; the coordinator
+                // learns only the rule, the file name, the line and the schema's column.
+                tracing::warn!("dataset {}: {e}", dataset.path.display());
+                e.public_reason(self.cfg.policy.share_sample_counts)
+            })?),
+        };
         if data.features != plan.model.inputs() {
             return Err(format!(
                 "local data has {} features, the plan's model takes {}",
@@ -471,12 +494,98 @@ impl Node {
         }
         let dp = self.privacy_for(&plan, &offer.plan_id, &offer.run, &data)?;
         let ddg = self.distributed_privacy_for(&plan, &offer.plan_id, &offer.run)?;
+        if let (data::Standardize::EstimateDp { epsilon }, true) = (&standardize, fresh) {
+            let planned = dp.map(|d| (d.epsilon, d.delta)).or(ddg.map(|d| (d.epsilon, d.delta)));
+            let raw =
+                Arc::get_mut(&mut data).ok_or("the dataset loaded for this offer is shared; offer the plan again")?;
+            self.release_statistics(&plan, &offer.plan_id, &offer.run, schema, *epsilon, planned, raw)?;
+        }
         let mut lineage = Lineage::default();
         // The initial model is the plan's own (its seed), so the node knows its hash itself.
         if let Ok(bytes) = plan.model.init(plan.seed).to_safetensors() {
             lineage.models.insert(ContentHash::of(&bytes).to_hex());
         }
-        Ok(Accepted { plan, run: offer.run.clone(), lineage, data: Arc::new(data), dp, ddg, script: None })
+        Ok(Accepted { plan, run: offer.run.clone(), lineage, data, dp, ddg, script: None })
+    }
+
+    /// `[standardize] with = "dp"`: checks the release against the caps together with the run's
+    /// planned spend (`planned`: its ε and δ), releases the statistics of `data`'s kept rows
+    /// ([`crate::dp_stats`]), charges them to the ledger under `RUN/statistics` (fsync'd, before
+    /// anything computed from them can leave) and standardises `data` with them.
+    #[allow(clippy::too_many_arguments)]
+    fn release_statistics(
+        &mut self,
+        plan: &Plan,
+        plan_id: &str,
+        run: &str,
+        schema: &sanctum_protocol::dataset::Schema,
+        epsilon: f64,
+        planned: Option<(f64, f64)>,
+        data: &mut LocalData,
+    ) -> Result<(), String> {
+        use sanctum_protocol::plan::limits::{MAX_DELTA, MIN_DELTA};
+        let delta = plan.privacy.delta.filter(|d| (MIN_DELTA..MAX_DELTA).contains(d)).ok_or_else(|| {
+            format!(
+                "schema '{}' has each node estimate its standardisation statistics under DP (ε = {epsilon}), which needs the plan's δ: set privacy.delta (at least {MIN_DELTA:e}, below {MAX_DELTA})",
+                schema.name()
+            )
+        })?;
+        let features = data::dp_features(schema)?;
+        let key = format!("{run}/statistics");
+        let releases = self.ledger.releases(plan_id, &key) + 1;
+        let stats = crate::dp_stats::cost_for(epsilon, delta).map_err(|e| e.to_string())?;
+        // A node restarted mid-run estimates again: a second release, composed with the first.
+        let spent = crate::dp_stats::epsilon_after(stats.noise_multiplier, u64::from(releases), delta)
+            .map_err(|e| format!("cannot account the standardisation statistics: {e}"))?;
+        // Every other run, plus this run's training as planned, plus the statistics. After a
+        // restart `already` holds this run's earlier estimate too, which `spent` includes: counted
+        // twice here (refusing early, never late); `charge_dataset` checks the exact sum.
+        let already = self.ledger.spent(&plan.data.schema, Some((plan_id, run)));
+        let (run_epsilon, run_delta) = planned.unwrap_or((0.0, 0.0));
+        if let Some(cap) = self.cfg.policy.max_epsilon
+            && already.epsilon + run_epsilon + spent > cap
+        {
+            return Err(format!(
+                "plan would spend ε = {run_epsilon:.3} on training and ε = {spent:.3} (δ = {delta:e}) on schema '{}''s DP standardisation statistics on this hospital's data, which has already spent ε = {:.3}; policy.max_epsilon is {cap}",
+                schema.name(),
+                already.epsilon
+            ));
+        }
+        self.check_delta(already.delta + run_delta, delta)?;
+        // Over train and test rows together: one row more changes exactly one contribution,
+        // whatever the split rule (`dp_stats`, Sensitivity).
+        let rows = [data.train_x.as_slice(), data.test_x.as_slice()];
+        let released =
+            crate::dp_stats::estimate(&rows, data.features, &features, &stats, &mut SecureGaussian::from_os())
+                .map_err(|e| e.to_string())?;
+        let cost = Cost {
+            epsilon: spent,
+            delta,
+            steps: u64::from(releases),
+            sampling_rate: 1.0,
+            noise_multiplier: stats.noise_multiplier,
+            accountant: "pld, DP standardisation statistics",
+            plan_epsilon: spent,
+        };
+        self.charge_dataset(&plan.data.schema, &plan.name, plan_id, &key, releases, &cost).map_err(|e| {
+            format!("the standardisation statistics could not be charged, so the plan is refused: {e:#}")
+        })?;
+        data::standardize_with(data, &features, &released);
+        Ok(())
+    }
+
+    /// A TorchScript run trains and evaluates only while its model stays approved here: a
+    /// revocation stops the run's next round and its evaluation (the approvals file is read
+    /// each time, fail closed). Zoo models need no approval.
+    fn still_approved(&self, plan: &Plan) -> Result<(), String> {
+        if !matches!(plan.model, ModelSpec::Torchscript(_)) {
+            return Ok(());
+        }
+        let (approvals, problem) = Approvals::load_fail_closed(&self.cfg.policy.model_approvals);
+        if let Some(e) = problem {
+            tracing::warn!("model approvals: {e}; no TorchScript model is approved until it is fixed");
+        }
+        approvals::check_model(&plan.model, &approvals)
     }
 
     /// Approvals and revocations made with `sanctum-node model` while this node ran reach the
@@ -501,6 +610,7 @@ impl Node {
             return Ok(accepted);
         };
         let spec = spec.clone();
+        let spec_hash = spec.sha256.clone();
         let dir = self.cfg.state_dir.join("models");
         let path = dir.join(format!("{}.pt", spec.sha256));
         if !path.exists() {
@@ -531,9 +641,19 @@ impl Node {
         .map_err(|e| format!("loading the TorchScript model failed: {e}"))?;
         if let Err(e) = loaded {
             tracing::warn!("TorchScript model {}: {e}", path.display());
-            // A file that does not load is removed, so a fixed plan fetches it again.
-            let _ = std::fs::remove_file(&path);
-            return Err(format!("the plan's TorchScript model does not load here: {e}"));
+            // Only a stored file that is not what its name says is removed (to be fetched again);
+            // a plan whose declared parameters do not fit the file says nothing about the file.
+            if matches!(
+                e,
+                crate::torchscript::ScriptError::HashMismatch { .. } | crate::torchscript::ScriptError::Read { .. }
+            ) {
+                let _ = std::fs::remove_file(&path);
+            }
+            return Err(format!(
+                "the plan's TorchScript model {} does not load here: {}",
+                spec_hash,
+                e.public_reason()
+            ));
         }
         accepted.script = Some(path);
         Ok(accepted)
@@ -832,6 +952,10 @@ impl Node {
         let Some(accepted) = self.plans.get(&start.plan_id) else {
             anyhow::bail!("round for plan {} which this node did not accept", start.plan_id);
         };
+        if let Err(reason) = self.still_approved(&accepted.plan) {
+            self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
+            anyhow::bail!("{reason}");
+        }
         let plan = accepted.plan.clone();
         let data = accepted.data.clone();
         let dp = accepted.dp;
@@ -976,6 +1100,12 @@ impl Node {
         let Some(setup) = start.secure_aggregation.clone() else {
             anyhow::bail!("no secure-aggregation setup");
         };
+        if let Some(accepted) = self.plans.get(&start.plan_id)
+            && let Err(reason) = self.still_approved(&accepted.plan)
+        {
+            self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
+            anyhow::bail!("{reason}");
+        }
         // A masked input is made once per (run, round) and never re-sent.
         match self.round_decision(start)? {
             RoundDecision::Train => {}
@@ -1303,7 +1433,21 @@ impl Node {
     /// [`Node::charge_cost`] under a ledger run key of its own (`RUN/metrics` for noised metrics).
     fn charge_to(&mut self, plan_id: &str, run: &str, round: u32, cost: &Cost<'_>) -> anyhow::Result<()> {
         let accepted = self.plans.get(plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
-        let dataset = accepted.plan.data.schema.clone();
+        let (dataset, plan_name) = (accepted.plan.data.schema.clone(), accepted.plan.name.clone());
+        self.charge_dataset(&dataset, &plan_name, plan_id, run, round, cost)
+    }
+
+    /// [`Node::charge_to`] for a plan that may not be accepted yet (its DP statistics).
+    fn charge_dataset(
+        &mut self,
+        dataset: &str,
+        plan_name: &str,
+        plan_id: &str,
+        run: &str,
+        round: u32,
+        cost: &Cost<'_>,
+    ) -> anyhow::Result<()> {
+        let dataset = dataset.to_string();
         let run = run.to_string();
         let others = self.ledger.spent(&dataset, Some((plan_id, &run)));
         if let Some(cap) = self.cfg.policy.max_epsilon
@@ -1319,7 +1463,7 @@ impl Node {
             dataset,
             plan_id: plan_id.to_string(),
             run: run.clone(),
-            plan_name: accepted.plan.name.clone(),
+            plan_name: plan_name.to_string(),
             round,
             epsilon: cost.epsilon,
             delta: cost.delta,
@@ -1383,6 +1527,9 @@ impl Node {
         };
         let view = accepted.view();
         if let Err(reason) = accepted.lineage.evaluate(&view, &ev.run, &ev.model_sha256) {
+            return self.decline_evaluation(client, ev, &reason).await;
+        }
+        if let Err(reason) = self.still_approved(&accepted.plan) {
             return self.decline_evaluation(client, ev, &reason).await;
         }
         let allowed = self

@@ -106,6 +106,10 @@ impl fmt::Display for Standardize {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RuleBroken {
     #[error(
+        "rule dp-split-by-id: schema '{schema}' splits train from test by a hash of the row number, so one row added or removed moves many others between the splits and DP-SGD's ε would not hold; the consortium should key the split by a patient id ([privacy] id_column), or use client-level DP"
+    )]
+    HashSplitWithoutId { schema: String },
+    #[error(
         "rule dp-public-standardization: under differential privacy a node standardises only with public statistics declared with the schema, and schema '{schema}' declares none (its own train-split mean and standard deviation would leave in the model uncharged); run the plan without DP or declare the statistics in the schema"
     )]
     NoDeclaredStatistics { schema: String },
@@ -125,6 +129,15 @@ pub fn admit(schema: &Schema, privacy: PrivacyMode) -> Result<Standardize, RuleB
     {
         let id_column = schema.columns().get(id_column).map(|c| c.name().to_string()).unwrap_or_default();
         return Err(RuleBroken::SeveralRowsPerPatient { schema: schema.name().to_string(), id_column });
+    }
+    // A hash split keyed by the row number: adding or removing one row shifts every later row's
+    // key, so neighbouring tables differ in many train rows, not one, and DP-SGD's ε would not
+    // hold. Keyed by a patient id, one patient moves only themself.
+    if privacy == PrivacyMode::Example
+        && matches!(schema.split(), SplitRule::Hash { .. })
+        && schema.privacy_unit().id_column().is_none()
+    {
+        return Err(RuleBroken::HashSplitWithoutId { schema: schema.name().to_string() });
     }
     match (schema.standardization(), privacy) {
         (Standardization::None, _) => Ok(Standardize::Off),
@@ -171,6 +184,12 @@ pub enum DataError {
         "the node config's [datasets.columns] maps '{key}', which schema '{schema}' has no column of; its columns are: {known}"
     )]
     UnknownMapping { key: String, schema: String, known: String },
+    #[error("{path}: the header names column {column} the same as an earlier column; give every column its own name")]
+    DuplicateColumn { path: PathBuf, column: usize },
+    #[error(
+        "{path}: schema columns '{first}' and '{second}' would both be read from one column of the table; fix [datasets.columns] so each schema column has its own"
+    )]
+    MappedTwice { path: PathBuf, first: String, second: String },
     /// `column` is the file's column, 1-based; `name` the schema's name for it.
     #[error("{path} {position}, column {column} ({name}): {problem}")]
     Cell { path: PathBuf, position: Position, column: usize, name: String, problem: Box<CellProblem> },
@@ -204,6 +223,14 @@ impl DataError {
             DataError::Table(e) => e.public_reason(lines),
             DataError::MissingColumn { path, column, schema, .. } => format!(
                 "rule schema-columns: '{}' has no column for '{column}', which schema '{schema}' requires; {SEE_LOG}",
+                file_name(path)
+            ),
+            DataError::DuplicateColumn { path, column } => format!(
+                "rule header-unique: '{}' names column {column} like an earlier one; {SEE_LOG}",
+                file_name(path)
+            ),
+            DataError::MappedTwice { path, first, second } => format!(
+                "rule column-mapping: '{}': schema columns '{first}' and '{second}' map to one column of the table; the hospital should fix [datasets.columns]",
                 file_name(path)
             ),
             DataError::UnknownMapping { key, schema, .. } => format!(
@@ -305,6 +332,12 @@ impl<'s> Reader<'s> {
         }
         let table = TableReader::open(&source.path, source.format)?;
         let header = table.header();
+        // A header naming a column twice would let the first silently win.
+        for (i, h) in header.iter().enumerate() {
+            if header[..i].contains(h) {
+                return Err(DataError::DuplicateColumn { path: source.path.clone(), column: i + 1 });
+            }
+        }
         let mut file_col = Vec::with_capacity(schema.columns().len());
         for column in schema.columns() {
             let file_column = source.columns.get(column.name()).map_or(column.name(), String::as_str);
@@ -317,6 +350,15 @@ impl<'s> Reader<'s> {
                     found: header.join(", ").into(),
                 });
             };
+            // Two schema columns read from one file column (the label from a feature's column):
+            // a mapping mistake, never what a steward means.
+            if let Some(other) = file_col.iter().position(|&c| c == i) {
+                return Err(DataError::MappedTwice {
+                    path: source.path.clone(),
+                    first: schema.columns()[other].name().to_string(),
+                    second: column.name().to_string(),
+                });
+            }
             file_col.push(i);
         }
         let unique_ids = matches!(schema.privacy_unit(), PrivacyUnit::Patient(PatientRows::OnePerPatient { .. }));

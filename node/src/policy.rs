@@ -146,6 +146,28 @@ mod tests {
         }
     }
 
+    /// A coordinator guessing schema names learns nothing of what the hospital holds: the refusal
+    /// for another version of a held schema reads like the one for a schema never held, and names
+    /// only what the plan named.
+    #[test]
+    fn a_schema_refusal_says_nothing_of_what_else_is_held() {
+        let cfg = config("");
+        let other = "ab".repeat(32);
+        let with = |name: &str| {
+            let mut p = plan(LOGREG, 1);
+            p.data.schema = name.into();
+            p.data.schema_sha256 = Some(other.clone());
+            p
+        };
+        let held_name = check(&with("heart_disease"), &cfg).unwrap_err();
+        let unknown = check(&with("breast_cancer"), &cfg).unwrap_err();
+        assert_eq!(held_name.replace("heart_disease", "X"), unknown.replace("breast_cancer", "X"));
+        assert!(!held_name.contains(&heart().sha256().to_hex()), "{held_name}");
+        // The node's own log may say which version it holds.
+        assert_eq!(other_version(&with("heart_disease"), &cfg), Some(heart().sha256().to_hex()));
+        assert_eq!(other_version(&with("breast_cancer"), &cfg), None);
+    }
+
     #[test]
     fn the_caps_have_defaults_and_a_cap_of_zero_is_refused() {
         let cfg = config("");

@@ -252,6 +252,15 @@ fn missing_file_missing_column_and_mapping() {
     source.columns.insert("label".into(), "diagnosis".into());
     let d = load(&source, &heart(), &Standardize::Off).unwrap();
     assert_eq!((d.train_x[0], d.train_y[0]), (60.0, 1.0));
+    // Two schema columns from one table column, and a header naming a column twice.
+    let mut twice = source.clone();
+    twice.columns.insert("label".into(), "AGE_YEARS".into());
+    let e = load(&twice, &heart(), &Standardize::Off).unwrap_err();
+    assert!(e.to_string().contains("'age' and 'label' would both be read"), "{e}");
+    let mut dup = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
+    write!(dup, "{HEADER},age\n{TWO_TRAIN_ONE_TEST}").unwrap();
+    let e = load(&TableSource::plain(dup.path()), &heart(), &Standardize::Off).unwrap_err();
+    assert!(e.public_reason(true).contains("rule header-unique"), "{e}");
     source.columns.insert("agee".into(), "x".into());
     let e = load(&source, &heart(), &Standardize::Off).unwrap_err();
     assert!(e.to_string().contains("maps 'agee'") && e.public_reason(true).contains("rule column-mapping"), "{e}");
@@ -325,7 +334,7 @@ type = "boolean"
     assert_eq!(again.train_y, d.train_y);
     // A duplicate id is refused where the schema promises one row per patient.
     let mut g = tempfile::Builder::new().suffix(".csv").tempfile().unwrap();
-    write!(g, "{body}p3,I,1.0,5,true\n").unwrap();
+    writeln!(g, "{body}p3,I,1.0,5,true").unwrap();
     let e = load(&TableSource::plain(g.path()), &schema, &Standardize::Off).unwrap_err();
     assert!(e.to_string().contains("(pid)") && e.public_reason(true).contains("one-row-per-patient"), "{e}");
     // data check counts without stopping.
@@ -513,4 +522,27 @@ fn dp_estimated_statistics_standardise_a_hospital_file() {
     standardize_with(&mut d, &features, &released);
     let (mean, _) = train_statistics(&d.train_x, d.features);
     assert!(mean.iter().all(|m| m.abs() < 0.5), "{mean:?}");
+}
+
+/// A hash split keyed by the row number moves many rows between the splits when one row is added
+/// or removed: refused under DP-SGD, allowed under client-level DP and without DP, and allowed
+/// under DP-SGD once keyed by a patient id.
+#[test]
+fn dp_sgd_needs_a_split_that_one_row_cannot_move() {
+    let text = |id: &str, pid: &str| {
+        format!(
+            "name = \"h\"\ntask = \"binary\"\n[target]\nlabel = \"y\"\n[split]\nrule = \"hash\"\ntest_fraction = 0.25\n\
+             [privacy]\nunit = \"patient\"\nrows_per_patient = \"one\"\n{id}\n\
+             [[columns]]\nname = \"x\"\ntype = \"numeric\"\n[[columns]]\nname = \"y\"\ntype = \"boolean\"\n\
+             {pid}"
+        )
+    };
+    let pid = "[[columns]]\nname = \"pid\"\ntype = \"text\"\n";
+    let by_row = Schema::parse(&text("", "")).unwrap();
+    let e = admit(&by_row, PrivacyMode::Example).unwrap_err();
+    assert!(e.to_string().starts_with("rule dp-split-by-id:"), "{e}");
+    assert!(admit(&by_row, PrivacyMode::Client).is_ok());
+    assert!(admit(&by_row, PrivacyMode::None).is_ok());
+    let by_id = Schema::parse(&text("id_column = \"pid\"", pid)).unwrap();
+    assert!(admit(&by_id, PrivacyMode::Example).is_ok());
 }
