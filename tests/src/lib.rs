@@ -275,13 +275,35 @@ impl NodeProcess {
         env: &[(&str, &str)],
         exit_after_plan: bool,
     ) -> Self {
+        let datasets = format!("[[datasets]]\nschema = {HEART_SCHEMA:?}\npath = {data:?}\n");
+        let policy = format!("allowed_models = [\"logistic_regression\"]\n{policy}");
+        Self::start_configured_with(c, name, coordinator, &datasets, &policy, env, exit_after_plan)
+    }
+
+    /// A node that serves plan after plan (as [`NodeProcess::start_serving`]) whose `node.toml`
+    /// holds `datasets`, whole `[[datasets]]` tables in TOML (schema files, paths, formats,
+    /// `[datasets.columns]`), and `policy`, the whole body of its `[policy]` table
+    /// (`allowed_models` included).
+    pub fn start_with_datasets(c: &Consortium, name: &str, coordinator: &str, datasets: &str, policy: &str) -> Self {
+        Self::start_configured_with(c, name, coordinator, datasets, policy, &[], false)
+    }
+
+    fn start_configured_with(
+        c: &Consortium,
+        name: &str,
+        coordinator: &str,
+        datasets: &str,
+        policy: &str,
+        env: &[(&str, &str)],
+        exit_after_plan: bool,
+    ) -> Self {
         let files = c.member(name, "node");
         let dir = c.dir.path().join("members").join(name);
         let config = dir.join("node.toml");
         std::fs::write(
             &config,
             format!(
-                "coordinator = {coordinator:?}\ndevice = \"cpu\"\nthreads = 1\nstate_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[datasets]]\nschema = {HEART_SCHEMA:?}\npath = {data:?}\n[policy]\nallowed_models = [\"logistic_regression\"]\n{policy}\n",
+                "coordinator = {coordinator:?}\ndevice = \"cpu\"\nthreads = 1\nstate_dir = \"state\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{datasets}\n[policy]\n{policy}\n",
                 files.ca, files.cert, files.key
             ),
         )
@@ -289,6 +311,21 @@ impl NodeProcess {
         let log = dir.join("node.log");
         let child = Self::spawn(&config, &log, env, exit_after_plan);
         Self { child, log, config, exit_after_plan }
+    }
+
+    /// The process id, e.g. to read its memory from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its peak resident set size so far in KiB (`VmHWM` in `/proc/PID/status`; 0 once it exited).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
     }
 
     fn spawn(config: &Path, log: &Path, env: &[(&str, &str)], exit_after_plan: bool) -> Child {

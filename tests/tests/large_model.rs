@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use sanctum_tests::{bin, heart_data};
+use sanctum_tests::{HEART_SCHEMA, bin, heart_data};
 
 #[test]
 fn a_500_mb_model_makes_a_full_round_trip() {
@@ -11,7 +11,7 @@ fn a_500_mb_model_makes_a_full_round_trip() {
     // 13·11200 + 11200 + 11200² + 11200 + 11200 + 1 = 125,619,201 parameters = 502.5 MB of f32.
     let plan = format!(
         "name = \"large\"\nrounds = 1\nmin_nodes = 1\nround_deadline_secs = 600\n\
-         [model]\nkind = \"mlp\"\ninputs = 13\nhidden = [11200, 11200]\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
+         [model]\nkind = \"mlp\"\ninputs = 13\nhidden = [11200, 11200]\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\nschema_file = {HEART_SCHEMA:?}\n\
          [local]\nsteps = 1\nbatch_size = 4\nlearning_rate = 0.001\n[strategy]\nkind = \"fedavg\"\n\
          [simulation]\nhospitals = [{{ name = \"cleveland\", data = {:?} }}]\n",
         heart_data("cleveland")

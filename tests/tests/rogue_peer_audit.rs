@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use sanctum_protocol::audit::{self, AuditLog, Record, Writer};
-use sanctum_tests::{bin, heart_data, run_ok};
+use sanctum_tests::{HEART_SCHEMA, bin, heart_data, run_ok};
 use serde_json::{Value, json};
 
 const HOSPITALS: [&str; 2] = ["cleveland", "hungarian"];
@@ -61,6 +61,7 @@ inputs = 13
 [data]
 schema = "heart_disease"
 schema_sha256 = "39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688"
+schema_file = {HEART_SCHEMA:?}
 
 [local]
 steps = 5
