@@ -93,6 +93,7 @@ kind = "logistic_regression"
 inputs = 13
 [data]
 schema = "heart_disease"
+schema_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
 [local]
 steps = 1
 batch_size = 4
