@@ -565,6 +565,22 @@ pub async fn next_event(
         .expect("the watch stream ended before the plan finished")
 }
 
+/// The node decisions and the end of a watched run, waiting at most `secs` for each event.
+pub async fn follow_run(
+    events: &mut tonic::Streaming<sanctum_protocol::proto::PlanEvent>,
+    secs: u64,
+) -> (Vec<sanctum_protocol::proto::NodeDecision>, sanctum_protocol::proto::PlanFinished) {
+    use sanctum_protocol::proto::plan_event::Kind;
+    let mut decisions = Vec::new();
+    loop {
+        match next_event(events, secs, "the plan stalled").await.kind {
+            Some(Kind::NodeDecision(d)) => decisions.push(d),
+            Some(Kind::PlanFinished(f)) => return (decisions, f),
+            _ => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// The hash the tests' plans carry is the schema file's.

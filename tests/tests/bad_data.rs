@@ -15,13 +15,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sanctum_protocol::hash::ContentHash;
-use sanctum_protocol::proto::{NodeDecision, PlanEvent, PlanFinished, plan_event};
 use sanctum_tests::peer::lead_client;
 use sanctum_tests::{
-    Consortium, CoordinatorProcess, HEART_SCHEMA, HEART_SCHEMA_SHA256, NodeProcess, heart_data, next_event,
+    Consortium, CoordinatorProcess, HEART_SCHEMA, HEART_SCHEMA_SHA256, NodeProcess, follow_run, heart_data,
     submit_and_watch,
 };
-use tonic::Streaming;
 
 /// The second schema a hospital holds: a small binary registry with one column per
 /// missing-value policy.
@@ -171,18 +169,6 @@ enum Expect {
     Trains { rows: usize },
 }
 
-/// The node decisions and the end of a watched run.
-async fn follow(events: &mut Streaming<PlanEvent>) -> (Vec<NodeDecision>, PlanFinished) {
-    let mut decisions = Vec::new();
-    loop {
-        match next_event(events, 180, "the plan stalled").await.kind {
-            Some(plan_event::Kind::NodeDecision(d)) => decisions.push(d),
-            Some(plan_event::Kind::PlanFinished(f)) => return (decisions, f),
-            _ => {}
-        }
-    }
-}
-
 fn plan(name: &str, schema: &str, sha: &str, inputs: usize) -> String {
     format!(
         "name = \"{name}\"\nrounds = 1\nmin_nodes = 1\nround_deadline_secs = 60\nrecruit_deadline_secs = 30\n\
@@ -252,7 +238,7 @@ async fn case(
     let sha = ContentHash::of(REGISTRY_SCHEMA.as_bytes()).to_hex();
     let (_, mut events) =
         submit_and_watch(&mut lead, plan(&format!("registry-{case}"), "registry", &sha, REGISTRY_INPUTS)).await;
-    let (decisions, finished) = follow(&mut events).await;
+    let (decisions, finished) = follow_run(&mut events, 180).await;
     let decision = decisions.iter().find(|d| d.node == "cleveland").expect("the node decided");
     println!("[{case}] accepted {}: {:?}", decision.accepted, decision.reason);
     println!("[{case}] plan finished: success {}, {:?}", finished.success, finished.reason);
@@ -323,7 +309,7 @@ async fn case(
     let (_, mut events) =
         submit_and_watch(&mut lead, plan(&format!("heart-after-{case}"), "heart_disease", HEART_SCHEMA_SHA256, 13))
             .await;
-    let (decisions, finished) = follow(&mut events).await;
+    let (decisions, finished) = follow_run(&mut events, 180).await;
     assert!(decisions.iter().all(|d| d.accepted), "[{case}] {decisions:?}");
     assert!(finished.success, "[{case}] the heart-disease plan after the bad one: {}", finished.reason);
     assert_eq!(finished.rounds_completed, 1);

@@ -18,10 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sanctum_protocol::hash::ContentHash;
-use sanctum_protocol::proto::{NodeDecision, PlanEvent, PlanFinished, plan_event};
+use sanctum_protocol::proto::PlanFinished;
 use sanctum_tests::peer::lead_client;
-use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, bin, next_event, submit_and_watch};
-use tonic::Streaming;
+use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, bin, follow_run, submit_and_watch};
 
 /// splitmix64: a small seeded generator, so every run makes the same tables.
 struct Rng(u64);
@@ -44,18 +43,6 @@ impl Rng {
     }
     fn exponential(&mut self, rate: f64) -> f64 {
         -(1.0 - self.uniform()).ln() / rate
-    }
-}
-
-/// The node decisions and the end of a watched run.
-async fn follow(events: &mut Streaming<PlanEvent>, secs: u64) -> (Vec<NodeDecision>, PlanFinished) {
-    let mut decisions = Vec::new();
-    loop {
-        match next_event(events, secs, "the plan stalled").await.kind {
-            Some(plan_event::Kind::NodeDecision(d)) => decisions.push(d),
-            Some(plan_event::Kind::PlanFinished(f)) => return (decisions, f),
-            _ => {}
-        }
     }
 }
 
@@ -278,7 +265,7 @@ async fn a_survival_table_from_outside_the_repository_trains_end_to_end_with_its
     );
     let mut lead = lead_client(&c, &coord).await;
     let (_, mut events) = submit_and_watch(&mut lead, plan).await;
-    let (decisions, finished) = follow(&mut events, 240).await;
+    let (decisions, finished) = follow_run(&mut events, 240).await;
     for d in &decisions {
         assert!(d.accepted, "{} refused: {}", d.node, d.reason);
     }
@@ -496,7 +483,7 @@ async fn a_rare_disease_variant_table_checks_in_seconds_and_trains_with_class_we
     let mut lead = lead_client(&c, &coord).await;
     let t = Instant::now();
     let (_, mut events) = submit_and_watch(&mut lead, plan).await;
-    let (decisions, finished) = follow(&mut events, 300).await;
+    let (decisions, finished) = follow_run(&mut events, 300).await;
     for d in &decisions {
         assert!(d.accepted, "{} refused: {}", d.node, d.reason);
     }

@@ -11,13 +11,12 @@ use std::process::Command;
 use std::time::Instant;
 
 use sanctum_protocol::hash::ContentHash;
-use sanctum_protocol::proto::{NodeDecision, PlanEvent, PlanFinished, SubmitPlanRequest, WatchPlanRequest, plan_event};
+use sanctum_protocol::proto::{NodeDecision, PlanFinished, SubmitPlanRequest, WatchPlanRequest};
 use sanctum_tests::peer::lead_client;
 use sanctum_tests::{
-    Consortium, CoordinatorProcess, HEART_SCHEMA, HEART_SCHEMA_SHA256, NodeProcess, bin, heart_data, next_event,
+    Consortium, CoordinatorProcess, HEART_SCHEMA, HEART_SCHEMA_SHA256, NodeProcess, bin, follow_run, heart_data,
     submit_and_watch,
 };
-use tonic::Streaming;
 
 fn example(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/torchscript").join(file)
@@ -91,18 +90,6 @@ fn the_torchscript_example_trains_like_its_zoo_twin_and_is_refused_naming_the_ha
     assert!(reason.contains("sanctum-node model approve"), "the reason names the next step: {reason}");
 }
 
-/// The node decisions and the end of a watched run.
-async fn follow(events: &mut Streaming<PlanEvent>) -> (Vec<NodeDecision>, PlanFinished) {
-    let mut decisions = Vec::new();
-    loop {
-        match next_event(events, 180, "the plan stalled").await.kind {
-            Some(plan_event::Kind::NodeDecision(d)) => decisions.push(d),
-            Some(plan_event::Kind::PlanFinished(f)) => return (decisions, f),
-            _ => {}
-        }
-    }
-}
-
 /// A serving node holding heart disease whose approvals file was edited by hand to approve bytes
 /// that are no TorchScript archive, and the lead's refused plan of that "model": the node's
 /// decision and the plan's end.
@@ -162,7 +149,7 @@ async fn garbage_refused() -> GarbageRefused {
         .await
         .unwrap()
         .into_inner();
-    let (decisions, finished) = follow(&mut events).await;
+    let (decisions, finished) = follow_run(&mut events, 180).await;
     let decision = decisions.into_iter().find(|d| d.node == "cleveland").expect("the node decided");
     println!("garbage model: accepted {}, {:?}\nplan: {:?}", decision.accepted, decision.reason, finished.reason);
     GarbageRefused { c, coord, node, sha, decision, finished }
@@ -196,7 +183,7 @@ async fn a_torchscript_file_that_does_not_load_is_refused_and_the_node_keeps_ser
          [local]\nsteps = 5\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n"
     );
     let (_, mut events) = submit_and_watch(&mut lead, zoo).await;
-    let (decisions, finished) = follow(&mut events).await;
+    let (decisions, finished) = follow_run(&mut events, 180).await;
     assert!(decisions.iter().all(|d| d.accepted), "{decisions:?}");
     assert!(finished.success, "{}", finished.reason);
     assert_eq!(finished.rounds_completed, 2);
