@@ -290,11 +290,8 @@ impl TorchScriptSpec {
     /// tensor, at least one parameter, at most [`crate::plan::limits::MAX_MODEL_LAYERS`]·4 of them.
     pub fn validate(&self) -> Result<(), ModelError> {
         let bad = |why: String| Err(ModelError::TorchScript(why));
-        if crate::hash::ContentHash::parse(&self.sha256).is_err() || self.sha256.len() != 64 {
+        if !crate::plan::is_sha256_hex(&self.sha256) {
             return bad("sha256 must be the 64 lowercase hex digits of the .pt file's SHA-256".into());
-        }
-        if self.sha256.chars().any(|c| c.is_ascii_uppercase()) {
-            return bad("sha256 must be lowercase hex".into());
         }
         if self.inputs == 0 || self.outputs == 0 {
             return Err(ModelError::EmptyLayer);

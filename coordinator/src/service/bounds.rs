@@ -30,7 +30,7 @@ pub(super) const RUN_ID_CHARS: usize = 128;
 /// Whether `s` is a SHA-256 as the coordinator writes one: 64 lowercase hex characters (plan ids,
 /// model and payload hashes).
 pub(super) fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    sanctum_protocol::plan::is_sha256_hex(s)
 }
 
 /// Whether `s` has the form of a run id: `[A-Za-z0-9_-]{1,128}`.
