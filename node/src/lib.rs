@@ -6,6 +6,8 @@
 //! - [`config`]: the node's one config file (coordinator, TLS, datasets, policy, device).
 //! - [`data`]: loading and validating a local CSV against a plan's schema.
 //! - [`policy`]: the local rules a plan must satisfy before the node takes part (fails closed).
+//! - [`admission`]: accept an offered plan with its planned privacy cost, or refuse it (pure).
+//! - [`budget`]: what a release costs its run and whether the caps let it be charged (pure).
 //! - [`train`]: the model zoo on tch, local training and evaluation.
 //! - [`scores`]: the metrics of every task (pure), agreeing with scikit-learn and lifelines.
 //! - [`loss`]: the loss of every task on tensors (per example, and the batch's).
@@ -23,9 +25,14 @@
 //! - [`receipt`]: whether a round record lists exactly what the node sent, and the statement it
 //!   signs to countersign it (verdict and reason included; pure).
 //! - [`egress`]: the append-only record of everything the node sent and the rule that allowed it.
+//! - [`link`]: the only holder of the gRPC client; records each message in the egress log first.
+//! - [`backoff`]: reconnect delays with full jitter (pure).
 //! - [`daemon`]: the gRPC client loop that ties them together.
 
+pub mod admission;
 pub mod approvals;
+pub mod backoff;
+pub mod budget;
 pub mod cli_data;
 pub mod cli_evaluate;
 pub mod cli_model;
@@ -36,6 +43,7 @@ pub mod dp_stats;
 pub mod dpsgd;
 pub mod egress;
 pub mod ledger;
+pub mod link;
 pub mod loss;
 pub mod metrics;
 pub mod policy;

@@ -468,7 +468,7 @@ pub fn train_round(
 }
 
 /// The DP-SGD settings a node derived for a plan from its own data.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DpSetup {
     /// Poisson sampling rate q = batch_size / train examples (at most 1).
     pub sampling_rate: f64,
