@@ -7,32 +7,33 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sanctum_protocol::hash::{ContentHash, Hasher};
+use sanctum_protocol::hash::ContentHash;
 use sanctum_protocol::model::{ModelSpec, Weights};
 use sanctum_protocol::plan::{Plan, PrivacyMode};
 use sanctum_protocol::privacy::noise::SecureGaussian;
-use sanctum_protocol::privacy::{self, Accountant, SampledGaussian};
-use sanctum_protocol::prost::{self, Message};
+use sanctum_protocol::prost::Message;
 use sanctum_protocol::proto::{
-    self, Directive, EvaluationReport, FetchModelRequest, PlanResponse, SecAggMessage, SubscribeRequest, UpdateChunk,
-    UpdateHeader, directive, federation_client::FederationClient, sec_agg_message, sec_agg_step, update_chunk,
+    self, Directive, EvaluationReport, PlanResponse, SecAggMessage, SubscribeRequest, UpdateHeader, directive,
+    sec_agg_message, sec_agg_step,
 };
 use sanctum_protocol::secagg::client::{Client as SecAggClient, RoundParams};
-use sanctum_protocol::secagg::encode::{Encoding, Weight, distributed_noise, encoding_for};
+use sanctum_protocol::secagg::encode::{Encoding, Weight, encoding_for};
 use sanctum_protocol::secagg::wire;
 use sanctum_protocol::tls::{self, NodeCertVerifier, TlsMaterial};
 use sanctum_protocol::transfer;
 use tch::Device;
-use tonic::transport::Channel;
 
 use sanctum_protocol::audit::AuditLog;
 use serde_json::json;
 
+use crate::admission::{self, Refusal};
 use crate::approvals::{self, Approvals};
+use crate::budget::{self, Cost, DdgPlan, DpPlan};
 use crate::config::NodeConfig;
 use crate::data::{self, LocalData};
 use crate::egress::{EgressLog, Rule};
 use crate::ledger::{Charge, Ledger};
+use crate::link::{Link, LinkError};
 use crate::release::{ReleaseStore, Released};
 use crate::rounds::{self, Lineage, RoundDecision, RoundState, RunView, Stored};
 use crate::{policy, train};
@@ -60,28 +61,6 @@ impl Accepted {
     }
 }
 
-/// What client-level DP with distributed noise costs this node's dataset for a plan.
-#[derive(Clone, Copy, Debug)]
-struct DdgPlan {
-    noise_multiplier: f64,
-    delta: f64,
-    /// ε after every round of the plan (each round the ρ of `encode::round_rho`).
-    epsilon: f64,
-}
-
-/// One round's privacy cost, as the ledger records it.
-struct Cost<'a> {
-    /// ε of the plan after this round.
-    epsilon: f64,
-    delta: f64,
-    steps: u64,
-    sampling_rate: f64,
-    noise_multiplier: f64,
-    accountant: &'a str,
-    /// ε of the whole plan, for the log line.
-    plan_epsilon: f64,
-}
-
 /// What a round of local training returns: the metric of the starting model and the update.
 type Trained = Result<(train::Evaluation, train::RoundResult), train::TrainError>;
 
@@ -95,39 +74,13 @@ struct SecAggRound {
     metrics: Vec<proto::Metric>,
 }
 
-/// What example-level DP costs this node for a plan.
-#[derive(Clone, Copy, Debug)]
-struct DpPlan {
-    setup: train::DpSetup,
-    /// The sampling rate ε is accounted at: the real q, or, when the policy withholds dataset
-    /// sizes, q at the hospital's public lower bound on its rows (≥ the real q, so an upper bound
-    /// on ε that no decision or charge can give the real size away by).
-    accounted_rate: f64,
-    delta: f64,
-    /// DP-SGD steps over the whole plan.
-    steps: u64,
-    /// ε for every step of the plan (PLD accountant): what the node agreed to spend.
-    epsilon: f64,
-}
-
-impl DpPlan {
-    /// ε after `steps` steps (PLD accountant).
-    fn epsilon_after(&self, steps: u64) -> f64 {
-        let run = SampledGaussian {
-            sampling_rate: self.accounted_rate,
-            noise_multiplier: self.setup.noise_multiplier,
-            steps,
-        };
-        privacy::epsilon_with(Accountant::Pld, &run, self.delta).unwrap_or(f64::INFINITY)
-    }
-}
-
 /// The running node.
 pub struct Node {
     cfg: NodeConfig,
     material: TlsMaterial,
     device: Device,
-    egress: EgressLog,
+    /// The only way out: the gRPC client, each message recorded in the egress log first.
+    link: Link,
     /// What each dataset has spent; charged before an update leaves.
     ledger: Ledger,
     /// Each open run's latest release, so a repeated round re-sends the same bytes.
@@ -175,7 +128,7 @@ impl Node {
             cfg,
             material,
             device,
-            egress,
+            link: Link::new(egress),
             ledger,
             releases,
             exit_after_plan,
@@ -196,10 +149,10 @@ impl Node {
             match tls::connect(&self.cfg.coordinator, &self.material).await {
                 Ok(channel) => {
                     backoff = Duration::from_millis(500);
-                    match self
-                        .session(FederationClient::new(channel).max_decoding_message_size(2 * transfer::CHUNK_BYTES))
-                        .await
-                    {
+                    self.link.connect(channel);
+                    let end = self.session().await;
+                    self.link.disconnect();
+                    match end {
                         SessionEnd::Done => return Ok(()),
                         SessionEnd::Lost(why) => {
                             tracing::warn!("connection to the coordinator lost: {why}; reconnecting")
@@ -227,17 +180,15 @@ impl Node {
         Ok(())
     }
 
-    async fn session(&mut self, mut client: FederationClient<Channel>) -> SessionEnd {
+    async fn session(&mut self) -> SessionEnd {
         let hello = SubscribeRequest {
             software_version: sanctum_protocol::VERSION.to_string(),
             device: train::device_name(self.device),
         };
-        if let Err(e) = self.egress.record("Subscribe", "", None, hello.encoded_len(), Rule::Subscribe) {
-            return SessionEnd::Lost(format!("egress log: {e}"));
-        }
-        let mut stream = match client.subscribe(hello).await {
-            Ok(r) => r.into_inner(),
-            Err(s) => return SessionEnd::Lost(format!("{}: {}", s.code(), s.message())),
+        let mut stream = match self.link.subscribe(hello).await {
+            Ok(stream) => stream,
+            Err(LinkError::Rpc(s)) => return SessionEnd::Lost(format!("{}: {}", s.code(), s.message())),
+            Err(e) => return SessionEnd::Lost(e.to_string()),
         };
         tracing::info!(coordinator = self.cfg.coordinator, "connected; waiting for plans");
         if let Err(e) = self.audit("connected", [("coordinator", json!(self.cfg.coordinator))]) {
@@ -254,7 +205,7 @@ impl Node {
             let msg = match wake {
                 Wake::Trained(joined) => {
                     self.training = None;
-                    if let Err(e) = self.secagg_trained(&mut client, joined).await {
+                    if let Err(e) = self.secagg_trained(joined).await {
                         tracing::error!("secure-aggregation round not completed: {e:#}");
                         self.secagg = None;
                     }
@@ -264,7 +215,7 @@ impl Node {
             };
             match msg {
                 Ok(Some(Directive { kind: Some(kind) })) => {
-                    if let Some(end) = self.handle(&mut client, kind).await {
+                    if let Some(end) = self.handle(kind).await {
                         return end;
                     }
                 }
@@ -275,14 +226,14 @@ impl Node {
         }
     }
 
-    async fn handle(&mut self, client: &mut FederationClient<Channel>, kind: directive::Kind) -> Option<SessionEnd> {
+    async fn handle(&mut self, kind: directive::Kind) -> Option<SessionEnd> {
         match kind {
             directive::Kind::OfferPlan(offer) => {
                 if let Err(e) = self.audit_approvals() {
                     return Some(SessionEnd::Lost(format!("audit log: {e}")));
                 }
                 let considered = match self.consider(&offer) {
-                    Ok(accepted) => self.prepare_script(client, &offer.plan_id, accepted).await,
+                    Ok(accepted) => self.prepare_script(&offer.plan_id, accepted).await,
                     Err(reason) => Err(reason),
                 };
                 let (accept, reason) = match considered {
@@ -306,7 +257,7 @@ impl Node {
                     }
                     Err(reason) => {
                         tracing::warn!(plan = offer.plan_id, "refusing plan: {reason}");
-                        (false, reason)
+                        (false, reason.to_string())
                     }
                 };
                 let accepted = self.plans.get(&offer.plan_id).filter(|_| accept);
@@ -343,17 +294,14 @@ impl Node {
                 }
                 let msg =
                     PlanResponse { plan_id: offer.plan_id.clone(), accept, reason, privacy, run: offer.run.clone() };
-                if let Err(e) =
-                    self.egress.record("RespondToPlan", &offer.plan_id, None, msg.encoded_len(), Rule::PlanDecision)
-                {
-                    return Some(SessionEnd::Lost(format!("egress log: {e}")));
-                }
-                if let Err(s) = client.respond_to_plan(msg).await {
-                    return Some(SessionEnd::Lost(format!("RespondToPlan: {}", s.message())));
+                match self.link.respond_to_plan(msg).await {
+                    Ok(()) => {}
+                    Err(LinkError::Rpc(s)) => return Some(SessionEnd::Lost(format!("RespondToPlan: {}", s.message()))),
+                    Err(e) => return Some(SessionEnd::Lost(e.to_string())),
                 }
             }
             directive::Kind::StartRound(start) if start.secure_aggregation.is_some() => {
-                if let Err(e) = self.start_secagg_round(client, &start).await {
+                if let Err(e) = self.start_secagg_round(&start).await {
                     tracing::error!(round = start.round, "not taking part in this secure-aggregation round: {e:#}");
                     // A refused directive never ends another round this node is in.
                     if self.secagg_is(&start.plan_id, start.round) {
@@ -362,18 +310,18 @@ impl Node {
                 }
             }
             directive::Kind::StartRound(start) => {
-                if let Err(e) = self.run_round(client, &start).await {
+                if let Err(e) = self.run_round(&start).await {
                     tracing::error!(round = start.round, "round not completed: {e:#}");
                 }
             }
             directive::Kind::RoundReceipt(receipt) => {
-                if let Err(e) = self.countersign(client, &receipt).await {
+                if let Err(e) = self.countersign(&receipt).await {
                     tracing::error!(round = receipt.round, "round record not countersigned: {e:#}");
                 }
             }
             directive::Kind::Secagg(step) => {
                 let (plan_id, round) = (step.plan_id.clone(), step.round);
-                if let Err(e) = self.secagg_step(client, step).await {
+                if let Err(e) = self.secagg_step(step).await {
                     tracing::error!("secure-aggregation step refused: {e:#}");
                     if self.secagg_is(&plan_id, round) {
                         self.secagg = None;
@@ -381,7 +329,7 @@ impl Node {
                 }
             }
             directive::Kind::Evaluate(ev) => {
-                if let Err(e) = self.evaluate(client, &ev).await {
+                if let Err(e) = self.evaluate(&ev).await {
                     tracing::error!("final evaluation not completed: {e:#}");
                 }
             }
@@ -429,29 +377,19 @@ impl Node {
 
     /// Parses the offered plan and checks it against policy and local data; a schema asking for
     /// DP-estimated statistics has them released and charged here, before the node accepts.
-    fn consider(&mut self, offer: &proto::OfferPlan) -> Result<Accepted, String> {
-        if Plan::id_of(&offer.plan_toml).to_hex() != offer.plan_id {
-            return Err("plan_id does not match the SHA-256 of the plan".into());
-        }
-        if !valid_run_id(&offer.run) {
-            return Err("the offer has no valid run id (1 to 128 of A-Z, a-z, 0-9, '_' and '-'); this node takes part only in identified runs".into());
-        }
-        if self.releases.is_closed(&offer.plan_id, &offer.run) {
-            return Err(format!(
-                "run {:?} of this plan already ended here; a plan that runs again must be a new run",
-                offer.run
-            ));
-        }
-        let plan = Plan::parse(&offer.plan_toml).map_err(|e| format!("plan is not valid: {e}"))?;
+    fn consider(&mut self, offer: &proto::OfferPlan) -> Result<Accepted, Refusal> {
+        let closed = self.releases.is_closed(&offer.plan_id, &offer.run);
+        let plan = admission::parse_offer(&offer.plan_id, &offer.plan_toml, &offer.run, closed)?;
         // A copy (the schema is shared), so that the statistics' charge may borrow the node.
         let dataset = policy::check(&plan, &self.cfg)
-            .inspect_err(|_| {
+            .map_err(|reason| {
                 if let Some(held) = policy::other_version(&plan, &self.cfg) {
                     tracing::warn!(
                         "the plan names schema '{}' at another version than the one held here (SHA-256 {held}); ask the consortium for the plan's schema file",
                         plan.data.schema
                     );
                 }
+                Refusal::Policy(reason)
             })?
             .clone();
         if matches!(plan.model, ModelSpec::Torchscript(_)) {
@@ -460,13 +398,14 @@ impl Node {
             if let Some(e) = problem {
                 tracing::warn!("model approvals: {e}; no TorchScript model is approved until it is fixed");
             }
-            approvals::check_model(&plan.model, &approvals)?;
+            approvals::check_model(&plan.model, &approvals).map_err(Refusal::Model)?;
         }
-        let schema = dataset.schema().ok_or("this hospital's schema file for the plan was not read")?;
+        let schema = dataset.schema().ok_or(Refusal::SchemaNotRead)?;
         // The plan against the schema this hospital holds: inputs, outputs, model kind, weights.
-        plan.check_schema(schema).map_err(|e| format!("plan does not fit schema '{}': {e}", schema.name()))?;
+        plan.check_schema(schema)
+            .map_err(|e| Refusal::SchemaFit { schema: schema.name().to_string(), reason: e.to_string() })?;
         // Under DP only the schema's public statistics may standardise (and the privacy unit must fit).
-        let standardize = data::admit_plan(schema, &plan).map_err(|e| e.to_string())?;
+        let standardize = data::admit_plan(schema, &plan).map_err(|e| Refusal::Data(e.to_string()))?;
         // The same run offered again (a reconnect) keeps the statistics it released and the data
         // they standardised: estimating again would be a second release.
         let kept = match standardize {
@@ -482,22 +421,15 @@ impl Node {
                 // The full detail (path, values, headers) stays in the local log; the coordinator
                 // learns only the rule, the file name, the line and the schema's column.
                 tracing::warn!("dataset {}: {e}", dataset.path.display());
-                e.public_reason(self.cfg.policy.share_sample_counts)
+                Refusal::Data(e.public_reason(self.cfg.policy.share_sample_counts))
             })?),
         };
-        if data.features != plan.model.inputs() {
-            return Err(format!(
-                "local data has {} features, the plan's model takes {}",
-                data.features,
-                plan.model.inputs()
-            ));
-        }
+        admission::check_features(data.features, plan.model.inputs())?;
         let dp = self.privacy_for(&plan, &offer.plan_id, &offer.run, &data)?;
         let ddg = self.distributed_privacy_for(&plan, &offer.plan_id, &offer.run)?;
         if let (data::Standardize::EstimateDp { epsilon }, true) = (&standardize, fresh) {
             let planned = dp.map(|d| (d.epsilon, d.delta)).or(ddg.map(|d| (d.epsilon, d.delta)));
-            let raw =
-                Arc::get_mut(&mut data).ok_or("the dataset loaded for this offer is shared; offer the plan again")?;
+            let raw = Arc::get_mut(&mut data).ok_or(Refusal::SharedData)?;
             self.release_statistics(&plan, &offer.plan_id, &offer.run, schema, *epsilon, planned, raw)?;
         }
         let mut lineage = Lineage::default();
@@ -522,54 +454,28 @@ impl Node {
         epsilon: f64,
         planned: Option<(f64, f64)>,
         data: &mut LocalData,
-    ) -> Result<(), String> {
-        use sanctum_protocol::plan::limits::{MAX_DELTA, MIN_DELTA};
-        let delta = plan.privacy.delta.filter(|d| (MIN_DELTA..MAX_DELTA).contains(d)).ok_or_else(|| {
-            format!(
-                "schema '{}' has each node estimate its standardisation statistics under DP (ε = {epsilon}), which needs the plan's δ: set privacy.delta (at least {MIN_DELTA:e}, below {MAX_DELTA})",
-                schema.name()
-            )
-        })?;
-        let features = data::dp_features(schema)?;
+    ) -> Result<(), Refusal> {
+        let delta = admission::statistics_delta(plan, schema.name(), epsilon)?;
+        let features = data::dp_features(schema).map_err(Refusal::Statistics)?;
         let key = format!("{run}/statistics");
         let releases = self.ledger.releases(plan_id, &key) + 1;
-        let stats = crate::dp_stats::cost_for(epsilon, delta).map_err(|e| e.to_string())?;
+        let stats = crate::dp_stats::cost_for(epsilon, delta).map_err(|e| Refusal::Statistics(e.to_string()))?;
         // A node restarted mid-run estimates again: a second release, composed with the first.
         let spent = crate::dp_stats::epsilon_after(stats.noise_multiplier, u64::from(releases), delta)
-            .map_err(|e| format!("cannot account the standardisation statistics: {e}"))?;
-        // Every other run, plus this run's training as planned, plus the statistics. After a
-        // restart `already` holds this run's earlier estimate too, which `spent` includes: counted
-        // twice here (refusing early, never late); `charge_dataset` checks the exact sum.
+            .map_err(|e| Refusal::Statistics(format!("cannot account the standardisation statistics: {e}")))?;
+        // Every other run, plus this run's training as planned, plus the statistics
+        // (`admission::check_statistics`); `charge_dataset` checks the exact sum.
         let already = self.ledger.spent(&plan.data.schema, Some((plan_id, run)));
-        let (run_epsilon, run_delta) = planned.unwrap_or((0.0, 0.0));
-        if let Some(cap) = self.cfg.policy.max_epsilon
-            && already.epsilon + run_epsilon + spent > cap
-        {
-            return Err(format!(
-                "plan would spend ε = {run_epsilon:.3} on training and ε = {spent:.3} (δ = {delta:e}) on schema '{}''s DP standardisation statistics on this hospital's data, which has already spent ε = {:.3}; policy.max_epsilon is {cap}",
-                schema.name(),
-                already.epsilon
-            ));
-        }
-        self.check_delta(already.delta + run_delta, delta)?;
+        admission::check_statistics(&self.cfg.policy, &already, planned, spent, delta, schema.name())?;
         // Over train and test rows together: one row more changes exactly one contribution,
         // whatever the split rule (`dp_stats`, Sensitivity).
         let rows = [data.train_x.as_slice(), data.test_x.as_slice()];
         let released =
             crate::dp_stats::estimate(&rows, data.features, &features, &stats, &mut SecureGaussian::from_os())
-                .map_err(|e| e.to_string())?;
-        let cost = Cost {
-            epsilon: spent,
-            delta,
-            steps: u64::from(releases),
-            sampling_rate: 1.0,
-            noise_multiplier: stats.noise_multiplier,
-            accountant: "pld, DP standardisation statistics",
-            plan_epsilon: spent,
-        };
-        self.charge_dataset(&plan.data.schema, &plan.name, plan_id, &key, releases, &cost).map_err(|e| {
-            format!("the standardisation statistics could not be charged, so the plan is refused: {e:#}")
-        })?;
+                .map_err(|e| Refusal::Statistics(e.to_string()))?;
+        let cost = budget::statistics_cost(stats.noise_multiplier, releases, delta, spent);
+        self.charge_dataset(&plan.data.schema, &plan.name, plan_id, &key, releases, &cost)
+            .map_err(|e| Refusal::StatisticsCharge(format!("{e:#}")))?;
         data::standardize_with(data, &features, &released);
         Ok(())
     }
@@ -600,12 +506,7 @@ impl Node {
     /// `STATE/models/SHA.pt`), then loaded with the plan's initial weights, which checks the hash,
     /// the parameters and one forward pass. A file that does not load refuses the plan, naming
     /// why; the node goes on serving.
-    async fn prepare_script(
-        &mut self,
-        client: &mut FederationClient<Channel>,
-        plan_id: &str,
-        mut accepted: Accepted,
-    ) -> Result<Accepted, String> {
+    async fn prepare_script(&mut self, plan_id: &str, mut accepted: Accepted) -> Result<Accepted, Refusal> {
         let ModelSpec::Torchscript(spec) = &accepted.plan.model else {
             return Ok(accepted);
         };
@@ -616,9 +517,9 @@ impl Node {
         if !path.exists() {
             let limit = sanctum_protocol::plan::limits::MAX_MODEL_FILE_BYTES as u64;
             let bytes = self
-                .fetch(client, plan_id, &spec.sha256, limit)
+                .fetch(plan_id, &spec.sha256, limit)
                 .await
-                .map_err(|e| format!("cannot fetch TorchScript model {}: {e}", spec.sha256))?;
+                .map_err(|e| Refusal::ScriptFetch { sha256: spec.sha256.clone(), reason: e.to_string() })?;
             let write = || -> std::io::Result<()> {
                 std::fs::create_dir_all(&dir)?;
                 let mut tmp = tempfile::NamedTempFile::new_in(&dir)?;
@@ -627,7 +528,7 @@ impl Node {
                 tmp.persist(&path).map_err(|e| e.error)?;
                 Ok(())
             };
-            write().map_err(|e| format!("cannot store TorchScript model {}: {e}", spec.sha256))?;
+            write().map_err(|e| Refusal::ScriptStore { sha256: spec.sha256.clone(), reason: e.to_string() })?;
             // The global-model cache holds one model: this file is not one.
             self.cached = None;
         }
@@ -638,7 +539,7 @@ impl Node {
             crate::torchscript::ScriptNet::load(&check, &spec, &init, device).map(|_| ())
         })
         .await
-        .map_err(|e| format!("loading the TorchScript model failed: {e}"))?;
+        .map_err(|e| Refusal::ScriptJoin(e.to_string()))?;
         if let Err(e) = loaded {
             tracing::warn!("TorchScript model {}: {e}", path.display());
             // Only a stored file that is not what its name says is removed (to be fetched again);
@@ -649,140 +550,57 @@ impl Node {
             ) {
                 let _ = std::fs::remove_file(&path);
             }
-            return Err(format!(
-                "the plan's TorchScript model {} does not load here: {}",
-                spec_hash,
-                e.public_reason()
-            ));
+            return Err(Refusal::ScriptLoad { sha256: spec_hash, reason: e.public_reason().to_string() });
         }
         accepted.script = Some(path);
         Ok(accepted)
     }
 
-    /// Derives this node's DP-SGD settings for a plan and checks them against the policy's ε cap.
-    fn privacy_for(&self, plan: &Plan, plan_id: &str, run: &str, data: &LocalData) -> Result<Option<DpPlan>, String> {
-        let cap = self.cfg.policy.cap_text();
-        let p = &plan.privacy;
-        match (p.mode, cap) {
-            (PrivacyMode::None, Some(cap)) => {
-                return Err(format!(
-                    "plan has no differential privacy (privacy.mode = none); this hospital's policy requires {cap}"
-                ));
-            }
-            (PrivacyMode::Client, Some(_)) if plan.secure_aggregation => return Ok(None),
-            (PrivacyMode::Client, Some(cap)) => {
-                return Err(format!(
-                    "plan's privacy is client-level, added by the coordinator, which this node cannot enforce; this hospital's policy requires example-level DP (privacy.mode = \"example\") or client-level DP under secure aggregation, with {cap}"
-                ));
-            }
-            (PrivacyMode::None | PrivacyMode::Client, None) => return Ok(None),
-            (PrivacyMode::Example, _) => {}
-        }
-        let (Some(delta), Some(clip_norm)) = (p.delta, p.clip_norm) else {
-            return Err("plan's [privacy] section lacks delta or clip_norm".into());
-        };
-        let batch = f64::from(plan.local.batch_size);
-        let sampling_rate = (batch / data.train_len() as f64).min(1.0);
-        let accounted_rate = if self.cfg.policy.share_sample_counts {
-            sampling_rate
-        } else {
-            // Only public numbers decide: the declared lower bound on the rows, or none (q = 1).
-            let bound = self.cfg.policy.public_min_train_rows.unwrap_or(1);
-            if bound > data.train_len() as u64 {
-                tracing::error!(
-                    train_rows = data.train_len(),
-                    bound,
-                    "policy.public_min_train_rows is more than the training rows this dataset has"
-                );
-                return Err("policy.public_min_train_rows does not hold for this hospital's data; the hospital's node log has the detail".into());
-            }
-            (batch / bound as f64).min(1.0)
-        };
-        let steps = u64::from(plan.rounds) * u64::from(plan.local.steps);
-        let noise_multiplier = match (p.noise_multiplier, p.target_epsilon) {
-            (Some(sigma), _) => sigma,
-            (None, Some(target)) => {
-                privacy::noise_for_epsilon(Accountant::Pld, target, accounted_rate, steps, delta)
-                    .map_err(|e| format!("cannot meet target_epsilon {target} on this hospital's data: {e}"))?
-            }
-            (None, None) => {
-                return Err("plan's [privacy] section has neither noise_multiplier nor target_epsilon".into());
-            }
-        };
-        let setup = train::DpSetup { sampling_rate, noise_multiplier, clip_norm };
-        let mut dp = DpPlan { setup, accounted_rate, delta, steps, epsilon: 0.0 };
-        dp.epsilon = dp.epsilon_after(steps);
+    /// This node's DP-SGD settings for a plan ([`admission::example_dp`]), logged.
+    fn privacy_for(&self, plan: &Plan, plan_id: &str, run: &str, data: &LocalData) -> Result<Option<DpPlan>, Refusal> {
         // Charges of this same run (offered again after a reconnect) are part of its own ε; every
         // other run, of this plan or another, adds to what the dataset already spent.
         let already = self.ledger.spent(&plan.data.schema, Some((plan_id, run)));
-        if let Some(cap) = self.cfg.policy.max_epsilon
-            && already.epsilon + dp.epsilon > cap
-        {
-            // With sizes withheld, q here is the public bound's, so the figures reveal nothing.
-            return Err(format!(
-                "plan would spend ε = {:.3} (δ = {delta:e}, {steps} DP-SGD steps at q = {accounted_rate:.4}, σ = {noise_multiplier:.3}) on this hospital's data, which has already spent ε = {:.3}; policy.max_epsilon is {cap}",
-                dp.epsilon, already.epsilon
-            ));
+        let dp = admission::example_dp(plan, &self.cfg.policy, data.train_len(), &already).inspect_err(|e| {
+            if let Refusal::PublicBound { train_rows, bound } = e {
+                tracing::error!(
+                    train_rows,
+                    bound,
+                    "policy.public_min_train_rows is more than the training rows this dataset has"
+                );
+            }
+        })?;
+        if let Some(dp) = &dp {
+            tracing::info!(
+                epsilon = format!("{:.3}", dp.epsilon),
+                delta = dp.delta,
+                steps = dp.steps,
+                sampling_rate = format!("{:.4}", dp.setup.sampling_rate),
+                noise_multiplier = format!("{:.3}", dp.setup.noise_multiplier),
+                clip_norm = dp.setup.clip_norm,
+                "plan uses example-level DP"
+            );
         }
-        self.check_delta(already.delta, delta)?;
-        tracing::info!(
-            epsilon = format!("{:.3}", dp.epsilon),
-            delta,
-            steps,
-            sampling_rate = format!("{sampling_rate:.4}"),
-            noise_multiplier = format!("{noise_multiplier:.3}"),
-            clip_norm,
-            "plan uses example-level DP"
-        );
-        Ok(Some(dp))
+        Ok(dp)
     }
 
-    /// Client-level DP by distributed noise (secure aggregation): the node adds its own share of
-    /// the noise, so it can account and cap it like DP-SGD.
-    fn distributed_privacy_for(&self, plan: &Plan, plan_id: &str, run: &str) -> Result<Option<DdgPlan>, String> {
-        let Some(sigma) = distributed_noise(plan)? else {
-            return Ok(None);
-        };
-        let delta = plan.privacy.delta.ok_or("plan's [privacy] section lacks delta")?;
-        let epsilon = ddg_epsilon(plan, sigma, plan.rounds, delta)?;
+    /// Client-level DP by distributed noise ([`admission::distributed_dp`]), logged.
+    fn distributed_privacy_for(&self, plan: &Plan, plan_id: &str, run: &str) -> Result<Option<DdgPlan>, Refusal> {
         let already = self.ledger.spent(&plan.data.schema, Some((plan_id, run)));
-        if let Some(cap) = self.cfg.policy.max_epsilon
-            && already.epsilon + epsilon > cap
-        {
-            return Err(format!(
-                "plan would spend ε = {epsilon:.3} (client-level, δ = {delta:e}, {} rounds of distributed noise at σ = {sigma:.3}) on this hospital's data, which has already spent ε = {:.3}; policy.max_epsilon is {cap}",
-                plan.rounds, already.epsilon
-            ));
+        let ddg = admission::distributed_dp(plan, &self.cfg.policy, &already)?;
+        if let Some(d) = &ddg {
+            tracing::info!(
+                epsilon = format!("{:.3}", d.epsilon),
+                delta = d.delta,
+                noise_multiplier = format!("{:.3}", d.noise_multiplier),
+                "plan uses client-level DP with distributed noise under secure aggregation"
+            );
         }
-        self.check_delta(already.delta, delta)?;
-        tracing::info!(
-            epsilon = format!("{epsilon:.3}"),
-            delta,
-            noise_multiplier = format!("{sigma:.3}"),
-            "plan uses client-level DP with distributed noise under secure aggregation"
-        );
-        Ok(Some(DdgPlan { noise_multiplier: sigma, delta, epsilon }))
+        Ok(ddg)
     }
 
-    /// Refuses when a plan's δ would take the dataset past `policy.max_delta` (δ adds up across
-    /// plans).
-    fn check_delta(&self, already: f64, delta: f64) -> Result<(), String> {
-        match self.cfg.policy.max_delta {
-            Some(cap) if already + delta > cap => Err(format!(
-                "plan's δ = {delta:e} would bring this hospital's data to δ = {:e}; policy.max_delta is {cap:e}",
-                already + delta
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    async fn fetch(
-        &mut self,
-        client: &mut FederationClient<Channel>,
-        plan_id: &str,
-        hash_hex: &str,
-        size: u64,
-    ) -> anyhow::Result<Arc<Vec<u8>>> {
+    /// A model by hash, from the one-model cache or the coordinator.
+    async fn fetch(&mut self, plan_id: &str, hash_hex: &str, size: u64) -> anyhow::Result<Arc<Vec<u8>>> {
         let hash = ContentHash::parse(hash_hex).map_err(anyhow::Error::msg)?;
         if let Some((h, bytes)) = &self.cached
             && *h == hash
@@ -791,21 +609,7 @@ impl Node {
         }
         // Drop the previous model before fetching the next one: one model in memory at a time.
         self.cached = None;
-        let req = FetchModelRequest { sha256: hash_hex.to_string() };
-        self.egress.record("FetchModel", plan_id, None, req.encoded_len(), Rule::ModelRequest)?;
-        let mut stream = client.fetch_model(req).await?.into_inner();
-        // The announced size is the coordinator's word: reserve at most 64 MiB up front.
-        let mut bytes = Vec::with_capacity(size.min(64 << 20) as usize);
-        while let Some(chunk) = stream.message().await? {
-            if chunk.offset != bytes.len() as u64 || bytes.len() as u64 + chunk.data.len() as u64 > size {
-                anyhow::bail!("model stream out of order or larger than announced ({size} bytes)");
-            }
-            bytes.extend_from_slice(&chunk.data);
-        }
-        if ContentHash::of(&bytes) != hash {
-            anyhow::bail!("model bytes do not match their SHA-256 {hash_hex}");
-        }
-        let bytes = Arc::new(bytes);
+        let bytes = Arc::new(self.link.fetch_model(plan_id, hash_hex, size).await?);
         self.cached = Some((hash, Arc::clone(&bytes)));
         Ok(bytes)
     }
@@ -847,10 +651,8 @@ impl Node {
 
     /// [`Node::releases_before`] with the run's released rounds already read.
     fn count_before(&self, released: &std::collections::BTreeSet<u32>, plan_id: &str, run: &str, round: u32) -> u32 {
-        let by_store = released.iter().filter(|&&r| r != round).count() as u32;
         let charged = self.ledger.releases(plan_id, run);
-        let by_ledger = charged.saturating_sub(u32::from(self.ledger.is_charged(plan_id, run, round)));
-        by_store.max(by_ledger)
+        budget::releases_before(released, round, charged, self.ledger.is_charged(plan_id, run, round))
     }
 
     /// Refuses a directive: logged and audited here, nothing sent.
@@ -882,11 +684,7 @@ impl Node {
         }
     }
 
-    async fn run_round(
-        &mut self,
-        client: &mut FederationClient<Channel>,
-        start: &proto::StartRound,
-    ) -> anyhow::Result<()> {
+    async fn run_round(&mut self, start: &proto::StartRound) -> anyhow::Result<()> {
         let decision = self.round_decision(start)?;
         if let RoundDecision::Refuse(reason) = &decision {
             self.refuse_directive("StartRound", &start.plan_id, start.round, reason)?;
@@ -921,7 +719,7 @@ impl Node {
                         self.charge_cost(&start.plan_id, start.round, &cost)?;
                     }
                     tracing::info!(round = start.round, "sending the stored update, charged now (it never left)");
-                    self.send_update(client, header, payload, Rule::ModelUpdate).await?;
+                    self.send_update(header, payload, Rule::ModelUpdate).await?;
                     self.note_round(start);
                     return Ok(());
                 }
@@ -929,12 +727,12 @@ impl Node {
                     round = start.round,
                     "round asked for again: re-sending the same bytes (no new release)"
                 );
-                self.send_update(client, header, payload, Rule::ModelUpdateResend).await?;
+                self.send_update(header, payload, Rule::ModelUpdateResend).await?;
                 self.note_round(start);
                 Ok(())
             }
             RoundDecision::Train => {
-                self.train_and_send(client, start, &run).await?;
+                self.train_and_send(start, &run).await?;
                 self.note_round(start);
                 Ok(())
             }
@@ -943,12 +741,7 @@ impl Node {
     }
 
     /// Trains a round, then stores, charges and sends its update, in that order.
-    async fn train_and_send(
-        &mut self,
-        client: &mut FederationClient<Channel>,
-        start: &proto::StartRound,
-        run: &str,
-    ) -> anyhow::Result<()> {
+    async fn train_and_send(&mut self, start: &proto::StartRound, run: &str) -> anyhow::Result<()> {
         let Some(accepted) = self.plans.get(&start.plan_id) else {
             anyhow::bail!("round for plan {} which this node did not accept", start.plan_id);
         };
@@ -960,7 +753,7 @@ impl Node {
         let data = accepted.data.clone();
         let dp = accepted.dp;
         let script = accepted.script.clone();
-        let bytes = self.fetch(client, &start.plan_id, &start.model_sha256, start.model_bytes).await?;
+        let bytes = self.fetch(&start.plan_id, &start.model_sha256, start.model_bytes).await?;
         let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
         let job = self.training_job(plan, global, data, dp, start.round, script);
         let (metric, result) = tokio::task::spawn_blocking(job).await??;
@@ -999,7 +792,7 @@ impl Node {
             self.charge_cost(&start.plan_id, start.round, cost)?;
             crash_after_charge();
         }
-        self.send_update(client, header, payload, Rule::ModelUpdate).await
+        self.send_update(header, payload, Rule::ModelUpdate).await
     }
 
     /// The metrics that may go with a round's update: the starting model's test metric only as
@@ -1008,7 +801,7 @@ impl Node {
         &mut self,
         plan_id: &str,
         metric: &train::Evaluation,
-        cost: Option<&Cost<'_>>,
+        cost: Option<&Cost>,
     ) -> anyhow::Result<Vec<proto::Metric>> {
         let mut m: Vec<proto::Metric> = self.release_metric(plan_id, metric)?;
         // With sizes withheld, the cost is accounted at the public bound: it reveals nothing.
@@ -1044,16 +837,7 @@ impl Node {
             };
         let key = format!("{}/metrics", accepted.run);
         let releases = self.ledger.releases(plan_id, &key) + 1;
-        let epsilon = crate::metrics::epsilon_of_releases(noise, u64::from(releases), delta)?;
-        let cost = Cost {
-            epsilon,
-            delta,
-            steps: u64::from(releases),
-            sampling_rate: 1.0,
-            noise_multiplier: noise / std::f64::consts::SQRT_2,
-            accountant: "pld, noised test metric",
-            plan_epsilon: epsilon,
-        };
+        let cost = budget::metric_cost(noise, releases, delta)?;
         self.charge_to(plan_id, &key, releases, &cost)?;
         let noised = crate::metrics::noised_accuracy(accuracy, samples, noise, &mut SecureGaussian::from_os());
         Ok(vec![proto::Metric {
@@ -1092,11 +876,7 @@ impl Node {
 
     /// Starts this node's part in a secure-aggregation round: checks the setup against the plan
     /// and the policy, advertises signed round keys, then trains while the steps go on.
-    async fn start_secagg_round(
-        &mut self,
-        client: &mut FederationClient<Channel>,
-        start: &proto::StartRound,
-    ) -> anyhow::Result<()> {
+    async fn start_secagg_round(&mut self, start: &proto::StartRound) -> anyhow::Result<()> {
         let Some(setup) = start.secure_aggregation.clone() else {
             anyhow::bail!("no secure-aggregation setup");
         };
@@ -1163,12 +943,12 @@ impl Node {
                 certificate: vec![],
             })),
         };
-        send_secagg(&mut self.egress, client, msg).await?;
+        self.link.sec_agg(msg).await?;
         self.secagg = Some(SecAggRound { start: start.clone(), client: sa, encoding, input: None, metrics: vec![] });
         // Train while the key steps go on.
         let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed"))?;
         let (data, dp, script) = (accepted.data.clone(), accepted.dp, accepted.script.clone());
-        let bytes = self.fetch(client, &start.plan_id, &start.model_sha256, start.model_bytes).await?;
+        let bytes = self.fetch(&start.plan_id, &start.model_sha256, start.model_bytes).await?;
         let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
         let job = self.training_job(plan, global, data, dp, start.round, script);
         self.training = Some(tokio::task::spawn_blocking(job));
@@ -1177,11 +957,7 @@ impl Node {
 
     /// Local training of the secure-aggregation round finished: charge, encode, and mask as soon
     /// as the shares are in.
-    async fn secagg_trained(
-        &mut self,
-        client: &mut FederationClient<Channel>,
-        joined: Result<Trained, tokio::task::JoinError>,
-    ) -> anyhow::Result<()> {
+    async fn secagg_trained(&mut self, joined: Result<Trained, tokio::task::JoinError>) -> anyhow::Result<()> {
         let (metric, result) = joined??;
         let Some(start) = self.secagg.as_ref().map(|r| r.start.clone()) else {
             return Ok(());
@@ -1230,13 +1006,13 @@ impl Node {
         round.input = Some(words);
         round.metrics = metrics;
         if round.client.ready_to_mask() {
-            self.send_masked(client).await?;
+            self.send_masked().await?;
         }
         Ok(())
     }
 
     /// Masks the input and uploads it.
-    async fn send_masked(&mut self, client: &mut FederationClient<Channel>) -> anyhow::Result<()> {
+    async fn send_masked(&mut self) -> anyhow::Result<()> {
         let Some(round) = self.secagg.as_mut() else {
             return Ok(());
         };
@@ -1256,18 +1032,14 @@ impl Node {
             metrics: std::mem::take(&mut round.metrics),
             masked: true,
         };
-        self.send_update(client, header, wire::words_to_le(&masked), Rule::ModelUpdate).await?;
+        self.send_update(header, wire::words_to_le(&masked), Rule::ModelUpdate).await?;
         self.note_round(&start);
         test_fault("after_input", start.round);
         Ok(())
     }
 
     /// One secure-aggregation step relayed by the coordinator.
-    async fn secagg_step(
-        &mut self,
-        client: &mut FederationClient<Channel>,
-        step: proto::SecAggStep,
-    ) -> anyhow::Result<()> {
+    async fn secagg_step(&mut self, step: proto::SecAggStep) -> anyhow::Result<()> {
         let Some(round) = self.secagg.as_mut() else {
             anyhow::bail!("no secure-aggregation round is open here (round {} step ignored)", step.round);
         };
@@ -1290,14 +1062,14 @@ impl Node {
                 let msg = reply(sec_agg_message::Step::Shares(proto::SecAggShareList {
                     shares: shares.iter().map(wire::share_to_wire).collect(),
                 }));
-                send_secagg(&mut self.egress, client, msg).await?;
+                self.link.sec_agg(msg).await?;
             }
             sec_agg_step::Step::Shares(s) => {
                 let u2 = s.sharing.iter().copied().collect();
                 let shares: Vec<_> = s.shares.iter().map(wire::share_from_wire).collect();
                 round.client.receive_shares(&u2, &shares)?;
                 if round.input.is_some() {
-                    self.send_masked(client).await?;
+                    self.send_masked().await?;
                 }
             }
             sec_agg_step::Step::Survivors(s) => {
@@ -1305,7 +1077,7 @@ impl Node {
                 let message = round.client.receive_survivors(&u3)?;
                 let signature = self.material.sign(&message)?;
                 let msg = reply(sec_agg_message::Step::ConsistencySignature(signature));
-                send_secagg(&mut self.egress, client, msg).await?;
+                self.link.sec_agg(msg).await?;
             }
             sec_agg_step::Step::Signatures(s) => {
                 let sigs: Vec<(u32, Vec<u8>)> = s.signatures.into_iter().map(|n| (n.id, n.signature)).collect();
@@ -1313,7 +1085,7 @@ impl Node {
                 let msg = reply(sec_agg_message::Step::Unmask(proto::SecAggUnmask {
                     shares: shares.iter().map(wire::unmask_to_wire).collect(),
                 }));
-                send_secagg(&mut self.egress, client, msg).await?;
+                self.link.sec_agg(msg).await?;
                 tracing::info!(round = step.round, "secure-aggregation shares for unmasking sent");
             }
         }
@@ -1321,15 +1093,9 @@ impl Node {
     }
 
     /// Uploads an update (plain or masked), then remembers and audits what left: its hash and size.
-    async fn send_update(
-        &mut self,
-        client: &mut FederationClient<Channel>,
-        header: UpdateHeader,
-        payload: Vec<u8>,
-        rule: Rule,
-    ) -> anyhow::Result<()> {
+    async fn send_update(&mut self, header: UpdateHeader, payload: Vec<u8>, rule: Rule) -> anyhow::Result<()> {
         let (plan_id, round, masked) = (header.plan_id.clone(), header.round, header.masked);
-        let (hash, bytes) = upload(&mut self.egress, client, header, payload, rule).await?;
+        let (hash, bytes) = self.link.upload(header, payload, rule).await?;
         self.sent.insert((plan_id.clone(), round), (hash.clone(), bytes));
         self.audit(
             "update_sent",
@@ -1347,11 +1113,7 @@ impl Node {
     /// Checks the coordinator's record of a closed round against what this node sent, and
     /// countersigns it (agreeing or, with the reason, disputing): the decision and the signed
     /// statement are `receipt`'s; this sends it and keeps it in the node's own audit log.
-    async fn countersign(
-        &mut self,
-        client: &mut FederationClient<Channel>,
-        receipt: &proto::RoundReceipt,
-    ) -> anyhow::Result<()> {
+    async fn countersign(&mut self, receipt: &proto::RoundReceipt) -> anyhow::Result<()> {
         let me = self.material.identity().name.clone();
         let sent = self.sent.get(&(receipt.plan_id.clone(), receipt.round));
         let sent = sent.map(|(hash, bytes)| crate::receipt::Sent { payload_sha256: hash, bytes: *bytes as u64 });
@@ -1383,55 +1145,28 @@ impl Node {
             agrees: verdict.agrees,
             reason: verdict.reason,
         };
-        self.egress.record("Countersign", &receipt.plan_id, Some(receipt.round), msg.encoded_len(), Rule::Receipt)?;
-        client.countersign(msg).await?;
+        self.link.countersign(msg).await?;
         Ok(())
     }
 
     /// What releasing `round` now costs the run under DP: the run's cumulative ε after one more
     /// release than it already made (every step actually taken counts, whatever round numbers
     /// the coordinator uses). `None` without DP.
-    fn round_cost(&self, plan_id: &str, round: u32) -> anyhow::Result<Option<Cost<'static>>> {
+    fn round_cost(&self, plan_id: &str, round: u32) -> anyhow::Result<Option<Cost>> {
         let accepted = self.plans.get(plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
-        let releases = u64::from(self.releases_before(plan_id, &accepted.run, round)?) + 1;
-        if let Some(dp) = accepted.dp {
-            let steps = releases * u64::from(accepted.plan.local.steps);
-            return Ok(Some(Cost {
-                epsilon: dp.epsilon_after(steps),
-                delta: dp.delta,
-                steps,
-                sampling_rate: dp.accounted_rate,
-                noise_multiplier: dp.setup.noise_multiplier,
-                accountant: "pld",
-                plan_epsilon: dp.epsilon,
-            }));
-        }
-        if let Some(ddg) = accepted.ddg {
-            let rounds = u32::try_from(releases).unwrap_or(u32::MAX);
-            let spent =
-                ddg_epsilon(&accepted.plan, ddg.noise_multiplier, rounds, ddg.delta).map_err(anyhow::Error::msg)?;
-            return Ok(Some(Cost {
-                epsilon: spent,
-                delta: ddg.delta,
-                steps: releases,
-                sampling_rate: 1.0,
-                noise_multiplier: ddg.noise_multiplier,
-                accountant: "distributed discrete Gaussian, zCDP (Kairouz et al.; opendp's conversion)",
-                plan_epsilon: ddg.epsilon,
-            }));
-        }
-        Ok(None)
+        let before = self.releases_before(plan_id, &accepted.run, round)?;
+        Ok(budget::round_cost(&accepted.plan, accepted.dp.as_ref(), accepted.ddg.as_ref(), before)?)
     }
 
     /// Checks a release's cost against the caps and appends it to the ledger (fsync'd) and the
     /// audit log, at most once per (plan, run, round); the caller sends nothing if this fails.
-    fn charge_cost(&mut self, plan_id: &str, round: u32, cost: &Cost<'_>) -> anyhow::Result<()> {
+    fn charge_cost(&mut self, plan_id: &str, round: u32, cost: &Cost) -> anyhow::Result<()> {
         let run = self.plans.get(plan_id).map(|a| a.run.clone()).unwrap_or_default();
         self.charge_to(plan_id, &run, round, cost)
     }
 
     /// [`Node::charge_cost`] under a ledger run key of its own (`RUN/metrics` for noised metrics).
-    fn charge_to(&mut self, plan_id: &str, run: &str, round: u32, cost: &Cost<'_>) -> anyhow::Result<()> {
+    fn charge_to(&mut self, plan_id: &str, run: &str, round: u32, cost: &Cost) -> anyhow::Result<()> {
         let accepted = self.plans.get(plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
         let (dataset, plan_name) = (accepted.plan.data.schema.clone(), accepted.plan.name.clone());
         self.charge_dataset(&dataset, &plan_name, plan_id, run, round, cost)
@@ -1445,20 +1180,12 @@ impl Node {
         plan_id: &str,
         run: &str,
         round: u32,
-        cost: &Cost<'_>,
+        cost: &Cost,
     ) -> anyhow::Result<()> {
         let dataset = dataset.to_string();
         let run = run.to_string();
         let others = self.ledger.spent(&dataset, Some((plan_id, &run)));
-        if let Some(cap) = self.cfg.policy.max_epsilon
-            && others.epsilon + cost.epsilon > cap
-        {
-            anyhow::bail!(
-                "round {round} would bring dataset '{dataset}' to ε = {:.3}, above policy.max_epsilon = {cap}; nothing is sent",
-                others.epsilon + cost.epsilon
-            );
-        }
-        self.check_delta(others.delta, cost.delta).map_err(anyhow::Error::msg)?;
+        budget::check_charge(&self.cfg.policy, &others, &dataset, round, cost)?;
         let charge = Charge {
             dataset,
             plan_id: plan_id.to_string(),
@@ -1504,33 +1231,27 @@ impl Node {
 
     /// Refuses an evaluation (audited, logged) and answers it without a value, so an honest
     /// coordinator does not wait for this node; the refusal is returned as the error.
-    async fn decline_evaluation(
-        &mut self,
-        client: &mut FederationClient<Channel>,
-        ev: &proto::Evaluate,
-        reason: &str,
-    ) -> anyhow::Result<()> {
+    async fn decline_evaluation(&mut self, ev: &proto::Evaluate, reason: &str) -> anyhow::Result<()> {
         self.refuse_directive("Evaluate", &ev.plan_id, 0, reason)?;
         let report =
             EvaluationReport { plan_id: ev.plan_id.clone(), model_sha256: ev.model_sha256.clone(), metrics: vec![] };
-        self.egress.record("ReportEvaluation", &ev.plan_id, None, report.encoded_len(), Rule::Evaluation)?;
-        client.report_evaluation(report).await?;
+        self.link.report_evaluation(report).await?;
         anyhow::bail!("{reason}")
     }
 
     /// Evaluates a model of an accepted run's lineage on the test split, and reports the metric
     /// only as `policy.test_metrics` allows.
-    async fn evaluate(&mut self, client: &mut FederationClient<Channel>, ev: &proto::Evaluate) -> anyhow::Result<()> {
+    async fn evaluate(&mut self, ev: &proto::Evaluate) -> anyhow::Result<()> {
         let Some(accepted) = self.plans.get(&ev.plan_id) else {
             let reason = format!("evaluation for plan {} which this node did not accept", ev.plan_id);
-            return self.decline_evaluation(client, ev, &reason).await;
+            return self.decline_evaluation(ev, &reason).await;
         };
         let view = accepted.view();
         if let Err(reason) = accepted.lineage.evaluate(&view, &ev.run, &ev.model_sha256) {
-            return self.decline_evaluation(client, ev, &reason).await;
+            return self.decline_evaluation(ev, &reason).await;
         }
         if let Err(reason) = self.still_approved(&accepted.plan) {
-            return self.decline_evaluation(client, ev, &reason).await;
+            return self.decline_evaluation(ev, &reason).await;
         }
         let allowed = self
             .cfg
@@ -1545,7 +1266,7 @@ impl Node {
             a.lineage.record_evaluation(&ev.model_sha256);
         }
         let metrics = if allowed {
-            let bytes = self.fetch(client, &ev.plan_id, &ev.model_sha256, ev.model_bytes).await?;
+            let bytes = self.fetch(&ev.plan_id, &ev.model_sha256, ev.model_bytes).await?;
             let weights = Weights::from_safetensors(&bytes, &layout)?;
             let device = self.device;
             let eval = tokio::task::spawn_blocking(move || {
@@ -1562,7 +1283,6 @@ impl Node {
         };
         // An answer without a value tells the coordinator not to wait for this node.
         let report = EvaluationReport { plan_id: ev.plan_id.clone(), model_sha256: ev.model_sha256.clone(), metrics };
-        self.egress.record("ReportEvaluation", &ev.plan_id, None, report.encoded_len(), Rule::Evaluation)?;
         let first = report.metrics.first();
         self.audit(
             "evaluation_sent",
@@ -1574,16 +1294,9 @@ impl Node {
                 ("samples", json!(first.map(|m| m.samples))),
             ],
         )?;
-        client.report_evaluation(report).await?;
+        self.link.report_evaluation(report).await?;
         Ok(())
     }
-}
-
-/// ε after `rounds` rounds of distributed noise with noise multiplier `sigma`: each round the ρ
-/// of `encode::round_rho`, the same function the coordinator's reported ε comes from; an error
-/// (the plan or round is refused) where Kairouz et al.'s theorem does not apply.
-fn ddg_epsilon(plan: &Plan, sigma: f64, rounds: u32, delta: f64) -> Result<f64, String> {
-    sanctum_protocol::secagg::encode::distributed_epsilon(plan, sigma, rounds, delta)
 }
 
 /// Test hook for the crash-between-charge-and-send fault test
@@ -1593,54 +1306,6 @@ fn crash_after_charge() {
         tracing::error!("SANCTUM_FAULT_CRASH_AFTER_CHARGE is set: exiting before the update is sent");
         std::process::exit(70);
     }
-}
-
-/// Sends one secure-aggregation message, recorded in the egress log first.
-async fn send_secagg(
-    egress: &mut EgressLog,
-    client: &mut FederationClient<Channel>,
-    msg: SecAggMessage,
-) -> anyhow::Result<()> {
-    egress.record("SecAgg", &msg.plan_id, Some(msg.round), msg.encoded_len(), Rule::SecAgg)?;
-    client.sec_agg(msg).await.map_err(|s| anyhow::anyhow!("coordinator refused: {}", s.message()))?;
-    Ok(())
-}
-
-/// Uploads an update (one header, then chunks made as they are sent), recorded in the egress log
-/// first; fills in the payload hash.
-async fn upload(
-    egress: &mut EgressLog,
-    client: &mut FederationClient<Channel>,
-    mut header: UpdateHeader,
-    payload: Vec<u8>,
-    rule: Rule,
-) -> anyhow::Result<(String, usize)> {
-    let (plan_id, round) = (header.plan_id.clone(), header.round);
-    let mut hasher = Hasher::default();
-    hasher.update(&payload);
-    header.payload_sha256 = hasher.finish().to_hex();
-    let payload_sha256 = header.payload_sha256.clone();
-    let payload_len = payload.len();
-    let header = UpdateChunk { part: Some(update_chunk::Part::Header(header)) };
-    let payload = Arc::new(payload);
-    let n_chunks = payload.len().div_ceil(transfer::CHUNK_BYTES);
-    let chunk_len = |i: usize| transfer::CHUNK_BYTES.min(payload.len() - i * transfer::CHUNK_BYTES);
-    let bytes_out = header.encoded_len() + (0..n_chunks).map(|i| data_chunk_encoded_len(chunk_len(i))).sum::<usize>();
-    egress.record("SubmitUpdate", &plan_id, Some(round), bytes_out, rule)?;
-    let data = {
-        let payload = Arc::clone(&payload);
-        (0..n_chunks).map(move |i| {
-            let start = i * transfer::CHUNK_BYTES;
-            let end = (start + transfer::CHUNK_BYTES).min(payload.len());
-            UpdateChunk { part: Some(update_chunk::Part::Data(payload[start..end].to_vec())) }
-        })
-    };
-    let messages = std::iter::once(header).chain(data);
-    match client.submit_update(tokio_stream::iter(messages)).await {
-        Ok(_) => tracing::info!(round, "update accepted by the coordinator"),
-        Err(s) => tracing::warn!(round, "update refused by the coordinator: {}", s.message()),
-    }
-    Ok((payload_sha256, payload_len))
 }
 
 /// Test hook for the secure-aggregation dropout tests (`SANCTUM_FAULT_SECAGG_EXIT` =
@@ -1666,37 +1331,12 @@ fn test_dump_input(name: &str, round: u32, words: &[u32]) {
     }
 }
 
-/// Encoded size of an `UpdateChunk` carrying `len` data bytes (field 2, length-delimited), so the
-/// egress log can count an upload without building all its messages at once.
-fn data_chunk_encoded_len(len: usize) -> usize {
-    1 + prost::encoding::encoded_len_varint(len as u64) + len
-}
-
 /// The first 12 hex digits of a hash, for messages.
 fn short(hex: &str) -> &str {
     hex.get(..12).unwrap_or(hex)
 }
 
-/// Whether a coordinator-chosen run id is one this node takes: 1 to 128 of `[A-Za-z0-9_-]`, so it
-/// can neither collide with the ledger's `RUN/metrics` keys nor forge lines in logs.
-fn valid_run_id(run: &str) -> bool {
-    (1..=128).contains(&run.len()) && run.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
 fn name_seed(name: &str) -> u64 {
     let h = ContentHash::of(name.as_bytes()).to_hex();
     u64::from_str_radix(&h[..16], 16).unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn egress_counts_data_chunks_as_prost_encodes_them() {
-        for len in [0, 1, 127, 128, 4096, transfer::CHUNK_BYTES] {
-            let msg = UpdateChunk { part: Some(update_chunk::Part::Data(vec![7; len])) };
-            assert_eq!(data_chunk_encoded_len(len), msg.encoded_len(), "len {len}");
-        }
-    }
 }
