@@ -26,6 +26,67 @@ pub struct CoordinatorConfig {
     /// What one peer may cost the coordinator: connections, handshakes, streams, uploads.
     #[serde(default)]
     pub limits: Limits,
+    /// Where runs, rounds, checkpoints and events are kept durably: SQLite in the state
+    /// directory (the default) or a PostgreSQL server.
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// `[store]` in `coordinator.toml`: the database behind [`crate::db`].
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// PostgreSQL connection string, key=value (`host=/run/postgresql user=sanctum dbname=sanctum`)
+    /// or URL form. Never holds a password: this file is read by anyone who can read the
+    /// configuration, so the password lives in `password_file`.
+    pub url: Option<String>,
+    /// A file holding the PostgreSQL password alone (one trailing newline is ignored), readable
+    /// only by the coordinator's user. Relative to this config file's directory.
+    pub password_file: Option<PathBuf>,
+}
+
+/// Which database keeps the coordinator's durable state.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// `STATE_DIR/coordinator.sqlite3`, embedded: nothing to install or run.
+    #[default]
+    Sqlite,
+    /// A PostgreSQL server, for deployments that outgrow one machine.
+    Postgres,
+}
+
+impl StoreConfig {
+    /// Refuses what cannot work or would leak: a PostgreSQL backend without `url`, a `url` that
+    /// does not parse or holds a password, PostgreSQL fields under the SQLite backend. Each error
+    /// names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.backend {
+            StoreBackend::Sqlite => {
+                if self.url.is_some() || self.password_file.is_some() {
+                    return Err("store.url and store.password_file are for backend = \"postgres\"; remove them or set store.backend = \"postgres\"".into());
+                }
+            }
+            StoreBackend::Postgres => {
+                let Some(url) = &self.url else {
+                    return Err("store.url is required with store.backend = \"postgres\", e.g. url = \"host=/run/postgresql user=sanctum dbname=sanctum\"".into());
+                };
+                let parsed = url.parse::<postgres::Config>().map_err(|e| {
+                    format!("store.url is not a PostgreSQL connection string ({e}); write it as key=value pairs, e.g. \"host=/run/postgresql user=sanctum dbname=sanctum\"")
+                })?;
+                if parsed.get_password().is_some() {
+                    return Err("store.url must not hold a password (it would sit in the config in clear): put the password alone in a file readable only by the coordinator and name it in store.password_file".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves `password_file` against the config file's directory, as the other paths are.
+    pub fn resolve_paths(&self, base: &Path) -> StoreConfig {
+        StoreConfig { password_file: self.password_file.as_ref().map(|p| resolve(base, p)), ..self.clone() }
+    }
 }
 
 /// `[limits]` in `coordinator.toml`: bounds on what anyone who reaches the port, or any one
@@ -163,10 +224,12 @@ pub fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigErro
     toml::from_str(&text).map_err(|e| err(e.to_string()))
 }
 
-/// Reads `coordinator.toml` and checks what serde cannot (limits of zero).
+/// Reads `coordinator.toml` and checks what serde cannot (limits of zero, a store that cannot
+/// work).
 pub fn load_coordinator(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
     let cfg: CoordinatorConfig = load(path)?;
     cfg.limits.validate().map_err(|reason| ConfigError { path: path.to_path_buf(), reason })?;
+    cfg.store.validate().map_err(|reason| ConfigError { path: path.to_path_buf(), reason })?;
     Ok(cfg)
 }
 
@@ -202,5 +265,45 @@ mod tests {
     fn limits_parse_from_toml_with_defaults_for_what_is_left_out() {
         let parsed: Limits = toml::from_str("handshakes_per_ip = 128\nconnections_per_identity = 3\n").unwrap();
         assert_eq!(parsed, Limits { handshakes_per_ip: 128, connections_per_identity: 3, ..Limits::default() });
+    }
+
+    #[test]
+    fn the_store_defaults_to_sqlite_and_postgres_needs_a_url_without_a_password() {
+        let parsed: StoreConfig = toml::from_str("").unwrap();
+        assert_eq!(parsed, StoreConfig::default());
+        assert_eq!(parsed.backend, StoreBackend::Sqlite);
+        assert_eq!(parsed.validate(), Ok(()));
+
+        let pg: StoreConfig = toml::from_str(
+            "backend = \"postgres\"\nurl = \"host=/run/postgresql user=sanctum dbname=sanctum\"\npassword_file = \"pg.pass\"\n",
+        )
+        .unwrap();
+        assert_eq!(pg.validate(), Ok(()));
+        assert_eq!(
+            pg.resolve_paths(Path::new("/etc/sanctum")).password_file,
+            Some(PathBuf::from("/etc/sanctum/pg.pass"))
+        );
+
+        let no_url = StoreConfig { backend: StoreBackend::Postgres, ..StoreConfig::default() };
+        assert!(no_url.validate().is_err_and(|e| e.starts_with("store.url is required")));
+        for url in [
+            "host=/run/postgresql user=sanctum password=hunter2",
+            "postgresql://sanctum:hunter2@db.example.org/sanctum",
+        ] {
+            let inline = StoreConfig { backend: StoreBackend::Postgres, url: Some(url.into()), password_file: None };
+            let e = inline.validate().unwrap_err();
+            assert!(e.starts_with("store.url must not hold a password") && e.contains("store.password_file"), "{e}");
+            assert!(!e.contains("hunter2"), "the error must not repeat the password: {e}");
+        }
+        let bad = StoreConfig {
+            backend: StoreBackend::Postgres,
+            url: Some("host='unterminated".into()),
+            password_file: None,
+        };
+        assert!(bad.validate().is_err_and(|e| e.starts_with("store.url is not a PostgreSQL connection string")));
+        let stray = StoreConfig { url: Some("host=x".into()), ..StoreConfig::default() };
+        assert!(stray.validate().is_err_and(|e| e.contains("backend = \"postgres\"")));
+        assert!(toml::from_str::<StoreConfig>("backend = \"mysql\"\n").is_err());
+        assert!(toml::from_str::<StoreConfig>("passwd = \"x\"\n").is_err(), "unknown fields are refused");
     }
 }

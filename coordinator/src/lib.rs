@@ -5,6 +5,8 @@
 //! - [`round`]: the plan/round state machine (sans-IO; time is an argument).
 //! - [`aggregate`]: the streaming weighted sum and the server optimizers (plain arithmetic).
 //! - [`runs`]: runs of plans (a plan that runs again is a new run) and their registry file.
+//! - [`db`]: the durable state (runs, rounds with their checkpoints, decisions, receipts, events,
+//!   nodes) behind one trait, in SQLite (default) or PostgreSQL, with schema migrations.
 //! - [`store`]: content-addressed models, the upload spool and exports, written atomically.
 //! - [`service`]: the gRPC services (one file each), the transport, the revocation follower and the
 //!   driver task that applies the state machine's actions.
@@ -18,6 +20,7 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod db;
 pub mod pki;
 pub mod plan_files;
 pub mod receipts;

@@ -37,6 +37,23 @@ pub enum RunRefused {
 }
 
 impl RunRegistry {
+    /// The registry the durable store holds: every run id of every plan, by run number, so
+    /// [`RunRegistry::admit`] decides on the store's runs as it did on `runs.json`.
+    pub fn from_rows(rows: &[crate::db::RunRow]) -> Self {
+        let mut by_plan: BTreeMap<String, Vec<(u32, String)>> = BTreeMap::new();
+        for row in rows {
+            by_plan.entry(row.plan_id.clone()).or_default().push((row.number, row.run_id.clone()));
+        }
+        let plans = by_plan
+            .into_iter()
+            .map(|(plan, mut runs)| {
+                runs.sort();
+                (plan, runs.into_iter().map(|(_, id)| id).collect())
+            })
+            .collect();
+        Self { plans }
+    }
+
     /// Decides whether `plan_id` may start a run and, if so, records it under `fresh_id` (a
     /// random id the caller drew). A plan that already ran starts again only when `again`.
     pub fn admit(&mut self, plan_id: &str, name: &str, again: bool, fresh_id: String) -> Result<NewRun, RunRefused> {
