@@ -9,6 +9,9 @@
 //! the same mutual TLS (`sanctum_protocol::tls`) the real coordinator uses. It accepts every
 //! upload and every message, the way a curious coordinator would, so nothing the node refuses
 //! is refused for it.
+//!
+//! Length: one fake coordinator: the recorder the tests read, the directives they script and the
+//! `Federation` service that feeds the recorder, which must answer every RPC of the protocol.
 
 // Messages are built with `..Default::default()` even where every field is named today: the
 // protocol gains fields while these tests keep compiling.

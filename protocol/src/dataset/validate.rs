@@ -2,6 +2,10 @@
 //! field as a path (`columns[3] 'cp'.levels`) and says what to write instead. The limits in
 //! [`super::limits`] are checked before anything is built from a count, so a hostile file cannot
 //! make a node allocate more than its own size allows.
+//!
+//! Length: the rule book of one file format: every refusal a schema can get is here, so a reviewer
+//! checks the format against one file; its types (`cell.rs`, `raw.rs`) and limits (`limits.rs`)
+//! already live apart.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
