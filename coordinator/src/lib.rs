@@ -17,7 +17,12 @@
 //! - [`receipts`]: countersigned round records: which countersignature is taken (one per node and
 //!   round, signed over the verdict), and their offline re-verification for the report.
 //! - [`simulate`]: the coordinator plus one real `sanctum-node` process per hospital on loopback.
+//! - [`status`]: what `plan list | status` and `nodes list` show, assembled (pure) from what the
+//!   service holds, and the resolution of a run id, plan id or prefix into one run.
+//! - [`admin_cli`]: the lead's and auditors' admin commands (`plan list | status | cancel | watch`,
+//!   `nodes list`, `model export`): calls, text and JSON output, the export's hash checks.
 
+pub mod admin_cli;
 pub mod aggregate;
 pub mod config;
 pub mod db;
@@ -30,5 +35,6 @@ pub mod runs;
 pub mod secure;
 pub mod service;
 pub mod simulate;
+pub mod status;
 pub mod store;
 pub mod watch;

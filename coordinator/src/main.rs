@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use sanctum_coordinator::config::{self, CoordinatorConfig, LeadConfig};
 use sanctum_coordinator::service::{Coordinator, CoordinatorOptions, RevocationListError};
 use sanctum_coordinator::simulate::{SimulateOptions, simulate};
-use sanctum_coordinator::{pki, watch};
+use sanctum_coordinator::{admin_cli, pki, watch};
 use sanctum_protocol::audit::AuditCommand;
 use sanctum_protocol::pki::Role;
 use sanctum_protocol::plan::Plan;
@@ -42,9 +42,15 @@ enum Command {
     /// Manage the consortium PKI.
     #[command(subcommand)]
     Pki(PkiCommand),
-    /// Submit and follow training plans (as the lead).
+    /// Submit, list, inspect, cancel and follow training plans (list and status: auditors too).
     #[command(subcommand)]
     Plan(PlanCommand),
+    /// The nodes seen since the coordinator started (lead or auditor certificate).
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+    /// The final models of finished runs (lead certificate).
+    #[command(subcommand)]
+    Model(ModelCommand),
     /// Privacy accounting: ε of a DP-SGD run, or the noise a target ε needs.
     #[command(subcommand)]
     Privacy(PrivacyCommand),
@@ -209,15 +215,71 @@ enum PlanCommand {
         #[arg(long)]
         again: bool,
     },
-    /// Follow a running plan.
+    /// Follow a run: ID is a run id, or a plan id (its latest run), or a unique prefix of either.
     Watch {
         #[arg(long)]
         config: PathBuf,
+        #[arg(required_unless_present = "plan_id", conflicts_with = "plan_id")]
+        id: Option<String>,
+        /// The plan (its id, as `plan submit` printed it); the older form of ID.
         #[arg(long)]
-        plan_id: String,
-        /// The run to follow (as `plan submit` printed it); default: the plan's latest run.
-        #[arg(long, default_value = "")]
+        plan_id: Option<String>,
+        /// With --plan-id: the run to follow; default: the plan's latest run.
+        #[arg(long, default_value = "", requires = "plan_id")]
         run: String,
+    },
+    /// Every run since the coordinator started: run, plan, name, status, rounds, start and end.
+    List {
+        /// lead.toml or auditor.toml.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One run: status, round, each participant's state, the last round's metrics, ε, the reason
+    /// it ended. ID: a run id, or a plan id (its latest run), or a unique prefix of either.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a running run (lead only): it fails with "cancelled by <lead>" and its nodes are told.
+    Cancel {
+        #[arg(long)]
+        config: PathBuf,
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodesCommand {
+    /// Every node seen: connected or not, last seen, version, device, the runs it takes part in.
+    List {
+        /// lead.toml or auditor.toml.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Write a finished run's final model (safetensors) to FILE and its manifest (the hash chain
+    /// of every round's model) to FILE.manifest.json, after checking the model against it.
+    Export {
+        #[arg(long)]
+        config: PathBuf,
+        /// A run id, or a plan id (its latest run), or a unique prefix of either.
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -321,7 +383,9 @@ async fn follow_remote(
         finished.reason
     );
     for m in &finished.final_metrics {
-        println!("  {:<14} {} {:.4} on {} test samples", m.node, finished.metric_name, m.value, m.samples);
+        // Each metric under its own name (a node reports every metric of its task).
+        let name = if m.name.is_empty() { &finished.metric_name } else { &m.name };
+        println!("  {:<14} {name} {:.4} on {} test samples", m.node, m.value, m.samples);
     }
     if finished.client_epsilon > 0.0 {
         println!(
@@ -361,6 +425,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     evaluation_deadline: Duration::from_secs(cfg.evaluation_deadline_secs),
                     revocation_list: cfg.revocation_list.as_ref().map(|p| config::resolve(base, p)),
                     limits: cfg.limits.clone(),
+                    store: cfg.store.resolve_paths(base),
                 },
                 &material,
             )?;
@@ -460,9 +525,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // Only this run's events: a plan that ran before has its own history.
             follow_remote(&mut client, &submitted.plan_id, &submitted.run, parsed.rounds).await
         }
-        Command::Plan(PlanCommand::Watch { config: path, plan_id, run }) => {
+        Command::Plan(PlanCommand::Watch { config: path, id, plan_id, run }) => {
+            let (plan_id, run, rounds) = match (id, plan_id) {
+                (Some(id), _) => {
+                    let status = admin_cli::status_of(&path, &id).await?;
+                    let p = status.plan.unwrap_or_default();
+                    (p.plan_id, p.run, p.rounds_planned)
+                }
+                (None, Some(plan_id)) => (plan_id, run, 0),
+                (None, None) => anyhow::bail!("give the run to watch: `plan watch ID` (see `plan list`)"),
+            };
             let mut client = lead_client(&path).await?;
-            follow_remote(&mut client, &plan_id, &run, 0).await
+            follow_remote(&mut client, &plan_id, &run, rounds).await
+        }
+        Command::Plan(PlanCommand::List { config, json }) => {
+            println!("{}", admin_cli::plan_list(&config, json).await?.trim_end());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan(PlanCommand::Status { config, id, json }) => {
+            println!("{}", admin_cli::plan_status(&config, &id, json).await?.trim_end());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan(PlanCommand::Cancel { config, id, json }) => {
+            println!("{}", admin_cli::plan_cancel(&config, &id, json).await?.trim_end());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Nodes(NodesCommand::List { config, json }) => {
+            println!("{}", admin_cli::nodes_list(&config, json).await?.trim_end());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Model(ModelCommand::Export { config, id, out, json }) => {
+            println!("{}", admin_cli::model_export(&config, &id, &out, json).await?.trim_end());
+            Ok(ExitCode::SUCCESS)
         }
         Command::Privacy(cmd) => {
             println!("{}", sanctum_protocol::privacy::cli::run(&cmd)?);

@@ -1,4 +1,6 @@
-//! The auditor's read-only service: the coordinator's audit log and the list of plans.
+//! The auditor's read-only service (the lead may call it too): the coordinator's audit log, the
+//! list of plans, one run's status and the nodes seen. Nothing here changes anything; the
+//! handlers take a snapshot under the locks and leave the assembling to [`crate::status`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,6 +59,50 @@ impl audit_server::Audit for AuditApi {
         _request: Request<proto::ListPlansRequest>,
     ) -> Result<Response<proto::ListPlansResponse>, Status> {
         Ok(Response::new(proto::ListPlansResponse { plans: lock(&self.inner.plans).clone() }))
+    }
+
+    async fn plan_status(
+        &self,
+        request: Request<proto::PlanStatusRequest>,
+    ) -> Result<Response<proto::PlanStatusResponse>, Status> {
+        let summary = resolve_run(&self.inner, &request.get_ref().id)?;
+        let (events, kept) = {
+            let history = lock(&self.inner.history);
+            (history.events(&summary.run), history.contains_key(&summary.run))
+        };
+        Ok(Response::new(crate::status::plan_status(&summary, &events, kept)))
+    }
+
+    async fn list_nodes(
+        &self,
+        _request: Request<proto::ListNodesRequest>,
+    ) -> Result<Response<proto::ListNodesResponse>, Status> {
+        let seen: std::collections::BTreeMap<String, crate::status::NodeSeen> =
+            lock(&self.inner.seen).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let connected: BTreeSet<String> = lock(&self.inner.nodes).keys().cloned().collect();
+        let plans = lock(&self.inner.plans).clone();
+        let runs: Vec<(&proto::PlanSummary, BTreeSet<String>)> = plans
+            .iter()
+            .map(|p| {
+                let events = lock(&self.inner.history).events(&p.run);
+                (p, crate::status::run_members(p, &events))
+            })
+            .collect();
+        let now = unix_ms(std::time::SystemTime::now());
+        Ok(Response::new(crate::status::node_list(&seen, &connected, &runs, now)))
+    }
+}
+
+/// The run `id` names (a run id, a plan id or a unique prefix; see [`crate::status::resolve`]),
+/// or the status that says why none: NOT_FOUND, or INVALID_ARGUMENT for an empty, malformed or
+/// ambiguous id.
+pub(super) fn resolve_run(inner: &Inner, id: &str) -> Result<proto::PlanSummary, Status> {
+    use crate::status::ResolveError;
+    let plans = lock(&inner.plans);
+    match crate::status::resolve(&plans, id) {
+        Ok(p) => Ok(p.clone()),
+        Err(e @ ResolveError::NotFound { .. }) => Err(Status::not_found(e.to_string())),
+        Err(e) => Err(Status::invalid_argument(e.to_string())),
     }
 }
 

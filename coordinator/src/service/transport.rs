@@ -77,6 +77,18 @@ impl Coordinator {
         let incoming = tls::mtls_incoming(listener, material.server_config()?, options);
         let call_guard = tls::CallGuard { revoked, refusals: Arc::clone(&refusals), on_itemised: Some(on_itemised) };
         let guard = |roles: &'static [Role]| tls::role_guard(roles, call_guard.clone());
+        // A node's every call that passes its guard marks it seen (for `nodes list`): one lock
+        // per call, not per message of a stream.
+        let node_guard = {
+            let (mut check, inner) = (guard(&[Role::Node]), self.inner.clone());
+            move |request: tonic::Request<()>| {
+                let request = check(request)?;
+                if let Ok(p) = tls::peer(&request) {
+                    inner.node_called(&p.identity.name);
+                }
+                Ok(request)
+            }
+        };
         // A record per period at most: the sleep between two takes is a whole period.
         let reporter = {
             let (inner, refusals) = (self.inner.clone(), Arc::clone(&refusals));
@@ -118,8 +130,10 @@ impl Coordinator {
             .http2_adaptive_window(Some(false))
             .http2_max_header_list_size(16 * 1024)
             .http2_max_pending_accept_reset_streams(Some(20))
-            .add_service(tonic::service::interceptor::InterceptedService::new(federation, guard(&[Role::Node])))
+            .add_service(tonic::service::interceptor::InterceptedService::new(federation, node_guard))
             .add_service(tonic::service::interceptor::InterceptedService::new(lead, guard(&[Role::Lead])))
+            // Read-only calls (the audit log, plan list and status, nodes list): auditors and the
+            // lead. Everything that changes state is on `Lead`, for the lead alone.
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 audit,
                 guard(&[Role::Auditor, Role::Lead]),
