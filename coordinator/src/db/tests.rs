@@ -84,7 +84,11 @@ const PG_ENV: &str = "SANCTUM_TEST_POSTGRES";
 /// The PostgreSQL harness, or `None` (said on stderr) when no server is named.
 fn postgres() -> Option<Postgres> {
     let Ok(url) = std::env::var(PG_ENV) else {
-        eprintln!("skipped: {PG_ENV} is not set (scripts/test starts a PostgreSQL server and sets it)");
+        // Straight to the process's stderr: libtest captures eprintln! and shows it only on
+        // failure, and a skip must never be silent.
+        use std::io::Write;
+        let line = format!("skipped: {PG_ENV} is not set (scripts/test starts a PostgreSQL server and sets it)\n");
+        let _ = std::io::stderr().write_all(line.as_bytes());
         return None;
     };
     let mut config: ::postgres::Config = url.parse().unwrap_or_else(|e| panic!("{PG_ENV}={url:?}: {e}"));
