@@ -1,0 +1,286 @@
+//! Plain rounds: the decision on a `StartRound` ([`crate::rounds`]), the model fetched (one in
+//! memory at a time), local training on a blocking thread, then store → charge → send, in that
+//! order, and the round's metrics as `policy.test_metrics` lets them leave.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sanctum_protocol::hash::ContentHash;
+use sanctum_protocol::model::Weights;
+use sanctum_protocol::plan::{Plan, PrivacyMode};
+use sanctum_protocol::privacy::noise::SecureGaussian;
+use sanctum_protocol::prost::Message;
+use sanctum_protocol::proto::{self, UpdateHeader};
+use sanctum_protocol::transfer;
+use serde_json::json;
+
+use super::charge::crash_after_charge;
+use super::{Node, Trained, name_seed, short};
+use crate::budget::{self, Cost, DpPlan};
+use crate::data::LocalData;
+use crate::egress::Rule;
+use crate::release::Released;
+use crate::rounds::{self, RoundDecision, RoundState, Stored};
+use crate::train;
+
+impl Node {
+    /// A model by hash, from the one-model cache or the coordinator.
+    pub(super) async fn fetch(&mut self, plan_id: &str, hash_hex: &str, size: u64) -> anyhow::Result<Arc<Vec<u8>>> {
+        let hash = ContentHash::parse(hash_hex).map_err(anyhow::Error::msg)?;
+        if let Some((h, bytes)) = &self.cached
+            && *h == hash
+        {
+            return Ok(Arc::clone(bytes));
+        }
+        // Drop the previous model before fetching the next one: one model in memory at a time.
+        self.cached = None;
+        let bytes = Arc::new(self.link.fetch_model(plan_id, hash_hex, size).await?);
+        self.cached = Some((hash, Arc::clone(&bytes)));
+        Ok(bytes)
+    }
+
+    /// What this node's own state says about a `StartRound` (see [`rounds::start_round`]).
+    pub(super) fn round_decision(&self, start: &proto::StartRound) -> anyhow::Result<RoundDecision> {
+        let Some(accepted) = self.plans.get(&start.plan_id) else {
+            return Ok(RoundDecision::Refuse(format!(
+                "round for plan {} which this node did not accept",
+                start.plan_id
+            )));
+        };
+        let view = accepted.view();
+        let with_setup = start.secure_aggregation.is_some();
+        if start.run != accepted.run {
+            return Ok(rounds::start_round(&view, &start.run, start.round, with_setup, RoundState::default()));
+        }
+        // Only whether a release is stored, not its bytes (an update can be hundreds of MB).
+        let stored = self
+            .releases
+            .stored(&start.plan_id, &accepted.run, start.round)
+            .map(|masked| if masked { Stored::Masked } else { Stored::Update });
+        let released = self.releases.released_rounds(&start.plan_id, &accepted.run)?;
+        let state = RoundState {
+            stored,
+            charged: self.ledger.is_charged(&start.plan_id, &accepted.run, start.round),
+            released_ever: released.contains(&start.round),
+            released_before: self.count_before(&released, &start.plan_id, &accepted.run, start.round),
+        };
+        Ok(rounds::start_round(&view, &start.run, start.round, with_setup, state))
+    }
+
+    pub(super) async fn run_round(&mut self, start: &proto::StartRound) -> anyhow::Result<()> {
+        let decision = self.round_decision(start)?;
+        if let RoundDecision::Refuse(reason) = &decision {
+            self.refuse_directive("StartRound", &start.plan_id, start.round, reason)?;
+            anyhow::bail!("{reason}");
+        }
+        let Some(accepted) = self.plans.get(&start.plan_id) else {
+            anyhow::bail!("round for plan {} which this node did not accept", start.plan_id);
+        };
+        let run = accepted.run.clone();
+        match decision {
+            RoundDecision::Resend | RoundDecision::ChargeAndSend => {
+                let Some(Released::Update { header, payload }) =
+                    self.releases.get(&start.plan_id, &run, start.round)?
+                else {
+                    anyhow::bail!("round {}'s stored release disappeared", start.round);
+                };
+                let header = UpdateHeader::decode(header.as_slice())
+                    .map_err(|e| anyhow::anyhow!("round {}'s stored release is damaged: {e}", start.round))?;
+                // The same round asked for again must name the model it was trained on.
+                if header.base_model_sha256 != start.model_sha256 {
+                    let reason = format!(
+                        "round {} was trained on model {}, not {}; it is re-sent only as it was",
+                        start.round,
+                        short(&header.base_model_sha256),
+                        short(&start.model_sha256)
+                    );
+                    self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
+                    anyhow::bail!("{reason}");
+                }
+                if decision == RoundDecision::ChargeAndSend {
+                    if let Some(cost) = self.round_cost(&start.plan_id, start.round)? {
+                        self.charge_cost(&start.plan_id, start.round, &cost)?;
+                    }
+                    tracing::info!(round = start.round, "sending the stored update, charged now (it never left)");
+                    self.send_update(header, payload, Rule::ModelUpdate).await?;
+                    self.note_round(start);
+                    return Ok(());
+                }
+                tracing::info!(
+                    round = start.round,
+                    "round asked for again: re-sending the same bytes (no new release)"
+                );
+                self.send_update(header, payload, Rule::ModelUpdateResend).await?;
+                self.note_round(start);
+                Ok(())
+            }
+            RoundDecision::Train => {
+                self.train_and_send(start, &run).await?;
+                self.note_round(start);
+                Ok(())
+            }
+            RoundDecision::Refuse(_) => Ok(()),
+        }
+    }
+
+    /// Trains a round, then stores, charges and sends its update, in that order.
+    pub(super) async fn train_and_send(&mut self, start: &proto::StartRound, run: &str) -> anyhow::Result<()> {
+        let Some(accepted) = self.plans.get(&start.plan_id) else {
+            anyhow::bail!("round for plan {} which this node did not accept", start.plan_id);
+        };
+        if let Err(reason) = self.still_approved(&accepted.plan) {
+            self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
+            anyhow::bail!("{reason}");
+        }
+        let plan = accepted.plan.clone();
+        let data = accepted.data.clone();
+        let dp = accepted.dp;
+        let script = accepted.script.clone();
+        let bytes = self.fetch(&start.plan_id, &start.model_sha256, start.model_bytes).await?;
+        let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
+        let job = self.training_job(plan, global, data, dp, start.round, script);
+        let (metric, result) = tokio::task::spawn_blocking(job).await??;
+        tracing::info!(
+            round = start.round,
+            metric_before = format!("{:.4}", metric.primary().unwrap_or(f64::NAN)),
+            loss = format!("{:.4}", result.mean_loss),
+            seconds = format!("{:.2}", result.seconds),
+            "local training done"
+        );
+        let cost = self.round_cost(&start.plan_id, start.round)?;
+        let header = UpdateHeader {
+            plan_id: start.plan_id.clone(),
+            round: start.round,
+            base_model_sha256: start.model_sha256.clone(),
+            num_params: result.delta.len() as u64,
+            sample_count: if self.cfg.policy.share_sample_counts {
+                self.plans.get(&start.plan_id).map_or(0, |a| a.data.train_len() as u64)
+            } else {
+                0
+            },
+            payload_sha256: String::new(),
+            metrics: self.round_metrics(&start.plan_id, &metric, cost.as_ref())?,
+            masked: false,
+        };
+        let payload = transfer::f32_to_le_bytes(&result.delta);
+        // Stored first, so a repeated round gets these bytes back; then charged, durably, before
+        // anything about this round leaves.
+        self.releases.put(
+            &start.plan_id,
+            run,
+            start.round,
+            &Released::Update { header: header.encode_to_vec(), payload: payload.clone() },
+        )?;
+        if let Some(cost) = &cost {
+            self.charge_cost(&start.plan_id, start.round, cost)?;
+            crash_after_charge();
+        }
+        self.send_update(header, payload, Rule::ModelUpdate).await
+    }
+
+    /// The metrics that may go with a round's update: the starting model's test metric only as
+    /// `policy.test_metrics` allows, ε spent only when it reveals nothing of the data's size.
+    pub(super) fn round_metrics(
+        &mut self,
+        plan_id: &str,
+        metric: &train::Evaluation,
+        cost: Option<&Cost>,
+    ) -> anyhow::Result<Vec<proto::Metric>> {
+        let mut m: Vec<proto::Metric> = self.release_metric(plan_id, metric)?;
+        // With sizes withheld, the cost is accounted at the public bound: it reveals nothing.
+        if let Some(cost) = cost {
+            m.push(proto::Metric { name: "epsilon_spent".into(), value: cost.epsilon, samples: cost.steps });
+        }
+        Ok(m)
+    }
+
+    /// Test-split metrics as `policy.test_metrics` lets them leave ([`crate::metrics::release`]):
+    /// not at all, exact, or the accuracy noised and charged to the ledger first.
+    pub(super) fn release_metric(
+        &mut self,
+        plan_id: &str,
+        eval: &train::Evaluation,
+    ) -> anyhow::Result<Vec<proto::Metric>> {
+        let Some(accepted) = self.plans.get(plan_id) else {
+            return Ok(vec![]);
+        };
+        let dp = accepted.plan.privacy.mode != PrivacyMode::None;
+        let share = self.cfg.policy.share_sample_counts;
+        let (accuracy, samples, noise, delta) =
+            match crate::metrics::release(&self.cfg.policy, dp, accepted.plan.privacy.delta, eval) {
+                crate::metrics::Release::Withheld(why) => {
+                    tracing::info!("no test metric sent: {why}");
+                    return Ok(vec![]);
+                }
+                crate::metrics::Release::Exact(m) => {
+                    return Ok(m
+                        .into_iter()
+                        .map(|(name, value, samples)| proto::Metric { name: name.into(), value, samples })
+                        .collect());
+                }
+                crate::metrics::Release::Noised { accuracy, samples, noise, delta } => {
+                    (accuracy, samples, noise, delta)
+                }
+            };
+        let key = format!("{}/metrics", accepted.run);
+        let releases = self.ledger.releases(plan_id, &key) + 1;
+        let cost = budget::metric_cost(noise, releases, delta)?;
+        self.charge_to(plan_id, &key, releases, &cost)?;
+        let noised = crate::metrics::noised_accuracy(accuracy, samples, noise, &mut SecureGaussian::from_os());
+        Ok(vec![proto::Metric {
+            name: "accuracy".into(),
+            value: noised.value,
+            samples: if share { noised.samples } else { 0 },
+        }])
+    }
+
+    /// One round's work for a blocking thread: evaluate the starting model, then train (DP-SGD
+    /// when the plan asks for example-level privacy).
+    pub(super) fn training_job(
+        &self,
+        plan: Plan,
+        global: Weights,
+        data: Arc<LocalData>,
+        dp: Option<DpPlan>,
+        round: u32,
+        script: Option<PathBuf>,
+    ) -> impl FnOnce() -> Trained + Send + 'static {
+        let device = self.device;
+        // Each node and round gets its own batch order, reproducible from the plan's seed.
+        let seed = plan.seed
+            ^ u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ name_seed(&self.material.identity().name);
+        move || {
+            let script = script.as_deref();
+            let metric = train::evaluate(&plan.model, &global, &data, device, script)?;
+            let result = match &dp {
+                Some(dp) => train::train_round_dp(&plan, &global, &data, device, &dp.setup, script)?,
+                None => train::train_round(&plan, &global, &data, device, seed, script)?,
+            };
+            Ok((metric, result))
+        }
+    }
+
+    /// Uploads an update (plain or masked), then remembers and audits what left: its hash and size.
+    pub(super) async fn send_update(
+        &mut self,
+        header: UpdateHeader,
+        payload: Vec<u8>,
+        rule: Rule,
+    ) -> anyhow::Result<()> {
+        let (plan_id, round, masked) = (header.plan_id.clone(), header.round, header.masked);
+        let (hash, bytes) = self.link.upload(header, payload, rule).await?;
+        self.sent.insert((plan_id.clone(), round), (hash.clone(), bytes));
+        self.audit(
+            "update_sent",
+            [
+                ("plan_id", json!(plan_id)),
+                ("round", json!(round)),
+                ("payload_sha256", json!(hash)),
+                ("bytes", json!(bytes)),
+                ("masked", json!(masked)),
+                ("resend", json!(matches!(rule, Rule::ModelUpdateResend))),
+            ],
+        )
+    }
+}
