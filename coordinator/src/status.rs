@@ -42,9 +42,7 @@ pub enum ResolveError {
         "an id is 1 to {ID_CHARS} characters of [A-Za-z0-9_-] (got {len} bytes that are not); run `sanctum-coordinator plan list` to see the runs"
     )]
     Malformed { len: usize },
-    #[error(
-        "no run matches '{id}': run `sanctum-coordinator plan list` to see the runs this coordinator started since it started"
-    )]
+    #[error("no run matches '{id}': run `sanctum-coordinator plan list` to see the runs since the coordinator started")]
     NotFound { id: String },
     #[error("'{id}' matches {count} runs or plans ({candidates}): give more characters of the one you mean")]
     Ambiguous { id: String, count: usize, candidates: String },
@@ -315,7 +313,7 @@ mod tests {
         let e = resolve(&plans, "abc").unwrap_err().to_string();
         assert_eq!(
             e,
-            "no run matches 'abc': run `sanctum-coordinator plan list` to see the runs this coordinator started since it started"
+            "no run matches 'abc': run `sanctum-coordinator plan list` to see the runs since the coordinator started"
         );
         assert_eq!(resolve(&plans, "  "), Err(ResolveError::Empty));
         // What is not an id is never echoed.
