@@ -119,7 +119,7 @@ impl Accumulator {
 /// update noise.) With r of the n participants reporting, U of them unclipped,
 /// b̃ = U/n + (n − r)/(2n) before noise: a participant that never reported counts as half an
 /// unclipped update, as in TF Privacy with `expected_num_records`.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ClientDp {
     clip: f64,
     update_sigma: f64,
@@ -205,6 +205,26 @@ pub struct ServerState {
 }
 
 impl ServerState {
+    /// The moments as bytes (m then v, little-endian f64), for a checkpoint; empty for FedAvg.
+    pub fn moments_bytes(&self) -> Vec<u8> {
+        self.m.iter().chain(&self.v).flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    /// The state a checkpoint saved with [`ServerState::moments_bytes`]; refused unless it holds
+    /// exactly the moments this strategy keeps for `num_params` parameters.
+    pub fn with_moments(strategy: Strategy, num_params: usize, bytes: &[u8]) -> Result<Self, AggregateError> {
+        let mut state = Self::new(strategy, num_params);
+        let want = (state.m.len() + state.v.len()) * 8;
+        if bytes.len() != want {
+            return Err(AggregateError::Shape { got: bytes.len() / 8, want: want / 8 });
+        }
+        let mut values = bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
+        for x in state.m.iter_mut().chain(state.v.iter_mut()) {
+            *x = values.next().unwrap_or(0.0);
+        }
+        Ok(state)
+    }
+
     pub fn new(strategy: Strategy, num_params: usize) -> Self {
         // FedAvg keeps no moments: no memory for them either.
         let (n, tau) = match &strategy {

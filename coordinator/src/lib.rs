@@ -26,6 +26,7 @@ pub mod admin_cli;
 pub mod aggregate;
 pub mod config;
 pub mod db;
+pub mod engine;
 pub mod pki;
 pub mod plan_files;
 pub mod receipts;

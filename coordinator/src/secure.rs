@@ -32,6 +32,7 @@ impl SecAggRound {
     /// Opens secure aggregation for a round among `participants` (sorted).
     /// `noise` is the plan's distributed-noise multiplier (computed once per plan); the masked
     /// inputs are due by `deadline`.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         plan: &Plan,
         plan_id: &str,
@@ -39,9 +40,9 @@ impl SecAggRound {
         participants: &[String],
         num_params: usize,
         noise: Option<f64>,
+        now: Instant,
         deadline: Instant,
     ) -> Result<Self, String> {
-        let now = Instant::now();
         let n = participants.len();
         let t = plan.secagg_threshold(n);
         if t > n {
@@ -122,13 +123,13 @@ kind = "fedavg"
             (None, 2, 2, 2),
         ] {
             let round =
-                SecAggRound::open(&plan(threshold, min_nodes), "p", 1, &names(n), 14, None, Instant::now()).unwrap();
+                SecAggRound::open(&plan(threshold, min_nodes), "p", 1, &names(n), 14, None, Instant::now(), Instant::now()).unwrap();
             assert_eq!(round.setup.threshold as usize, want, "threshold {threshold:?} of {n}");
             assert_eq!(round.server.params().threshold, want);
             assert!(2 * want > n);
         }
         // A floor above the round's participants cannot run, and says so.
-        let e = SecAggRound::open(&plan(Some(4), 2), "p", 1, &names(3), 14, None, Instant::now()).err().unwrap();
+        let e = SecAggRound::open(&plan(Some(4), 2), "p", 1, &names(3), 14, None, Instant::now(), Instant::now()).err().unwrap();
         assert!(e.contains("3 participant(s), the threshold is 4"), "{e}");
     }
 }

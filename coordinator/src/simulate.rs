@@ -139,6 +139,7 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
             evaluation_deadline: Duration::from_secs(plan.round_deadline_secs),
             revocation_list: None,
             limits: crate::config::Limits::default(),
+            store: crate::db::StoreConfig::default(),
         },
         &material,
     )?;

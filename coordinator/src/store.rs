@@ -19,7 +19,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating) the layout under `root`.
     pub fn open(root: &Path) -> io::Result<Self> {
-        for sub in ["models", "spool", "exports"] {
+        for sub in ["models", "spool", "exports", "checkpoints"] {
             fs::create_dir_all(root.join(sub))?;
         }
         // Spooled uploads from a previous process were never admitted: drop them.
@@ -55,6 +55,21 @@ impl Store {
         let file = File::open(self.model_path(hash))?;
         let len = file.metadata()?.len();
         Ok((file, len))
+    }
+
+    /// Stores a checkpoint's blob (a server optimizer's moments) under its hash (idempotent).
+    pub fn put_blob(&self, bytes: &[u8]) -> io::Result<ContentHash> {
+        let hash = ContentHash::of(bytes);
+        let path = self.root.join("checkpoints").join(format!("{hash}.bin"));
+        if !path.exists() {
+            write_atomic(&path, bytes)?;
+        }
+        Ok(hash)
+    }
+
+    /// Reads a checkpoint's blob; `NotFound` if none has that hash.
+    pub fn read_blob(&self, hash: &ContentHash) -> io::Result<Vec<u8>> {
+        fs::read(self.root.join("checkpoints").join(format!("{hash}.bin")))
     }
 
     /// A fresh spool file for an incoming upload; it is removed when dropped.

@@ -219,6 +219,36 @@ impl CoordinatorProcess {
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Kills it with SIGKILL (no chance to flush or drain), as a crash or `kill -9` would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port, config and state directory (after [`Self::kill9`]), so
+    /// the nodes' configured address reaches it; the log goes on in the same file.
+    pub fn restart(&mut self) {
+        let config = self.dir.join("coordinator.toml");
+        let text = std::fs::read_to_string(&config).expect("config");
+        let port = self.addr.port();
+        let text = text.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1);
+        std::fs::write(&config, text).expect("config");
+        let log = std::fs::OpenOptions::new().append(true).open(&self.log).expect("log");
+        let mut child = Command::new(bin("sanctum-coordinator"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn coordinator");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read");
+        assert!(line.starts_with("listening on "), "the coordinator did not restart: {line:?}\n{}", self.log_text());
+        self.child = child;
+    }
 }
 
 impl Drop for CoordinatorProcess {

@@ -223,6 +223,7 @@ impl federation_server::Federation for FederationApi {
             conn,
             events: self.inner.events.clone(),
         };
+        self.inner.node_hello(&node, &version, &device);
         // A subscribe loop is itemised within the node's quota, then only counted.
         if self.inner.audit_member(
             &node,
@@ -306,13 +307,19 @@ impl federation_server::Federation for FederationApi {
         bounds::sha256_field("plan_id", &header.plan_id).map_err(reject)?;
         bounds::sha256_field("base_model_sha256", &header.base_model_sha256).map_err(reject)?;
         bounds::sha256_field("payload_sha256", &header.payload_sha256).map_err(reject)?;
-        let info = self
-            .inner
-            .round
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| reject(Status::failed_precondition("no round is open")))?;
+        let info = {
+            let rounds = self.inner.rounds.read().unwrap_or_else(|p| p.into_inner());
+            match rounds.get(&header.plan_id) {
+                Some(info) => info.clone(),
+                // Named by the one open round when there is one, so a node with a stale plan id
+                // hears which plan is training (as when one plan ran at a time).
+                None => match rounds.values().next() {
+                    Some(open) if rounds.len() == 1 => open.clone(),
+                    Some(_) => return Err(reject(Status::failed_precondition("no round of this plan is open"))),
+                    None => return Err(reject(Status::failed_precondition("no round is open"))),
+                },
+            }
+        };
         if header.plan_id != info.plan_id || header.round != info.round {
             return Err(reject(Status::failed_precondition(format!(
                 "update is for plan {} round {}, but round {} of plan {} is open",
@@ -366,11 +373,11 @@ impl federation_server::Federation for FederationApi {
             // upload must not hold a spool, and its slot, past its round.
             let still_open = self
                 .inner
-                .round
+                .rounds
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-                .is_some_and(|open| open.plan_id == info.plan_id && open.round == info.round);
+                .get(&info.plan_id)
+                .is_some_and(|open| open.round == info.round);
             if !still_open {
                 return Err(reject(Status::failed_precondition(format!(
                     "round {} of plan {} closed while this update was being uploaded; it was dropped and its spool freed",

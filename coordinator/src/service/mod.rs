@@ -33,12 +33,13 @@ use sanctum_protocol::audit::AuditLog;
 use serde_json::json;
 
 use crate::config::Limits;
-use crate::runs::{RunFile, RunRegistry};
+use crate::runs::RunRegistry;
 use crate::store::Store;
 
 mod audit_api;
 mod bounds;
 mod driver;
+mod durable;
 mod federation;
 mod history;
 mod lead;
@@ -66,6 +67,8 @@ pub struct CoordinatorOptions {
     pub revocation_list: Option<PathBuf>,
     /// Bounds on what one peer can make the coordinator hold (`[limits]` in its config).
     pub limits: Limits,
+    /// The durable store (`[store]` in its config): SQLite in the state directory by default.
+    pub store: crate::db::StoreConfig,
 }
 
 /// A handle on a running coordinator; cheap to clone.
@@ -85,8 +88,9 @@ struct Inner {
     events: mpsc::Sender<Event>,
     /// Open directive streams, one per connected node (a reconnect replaces the old one).
     nodes: Mutex<HashMap<String, NodeConn>>,
-    /// What the open round accepts, so uploads are refused before they are spooled.
-    round: RwLock<Option<RoundInfo>>,
+    /// What each running plan's open round accepts, by plan id, so uploads are refused before
+    /// they are spooled.
+    rounds: RwLock<HashMap<String, RoundInfo>>,
     /// Everything that happens to plans, keyed by run id, for `WatchPlan` and the simulator.
     plan_events: broadcast::Sender<(String, PlanEvent)>,
     /// The events of the runs this process started, by run id, in order, within
@@ -96,7 +100,8 @@ struct Inner {
     history: Mutex<History>,
     /// Every run of every plan, kept in `state/runs.json` across restarts.
     runs: Mutex<RunRegistry>,
-    runs_file: RunFile,
+    /// The durable store (runs, rounds, checkpoints), on its own thread.
+    db: durable::Durable,
     store: Store,
     next_conn: AtomicU64,
     /// The coordinator's signed, hash-chained audit log.
@@ -113,6 +118,10 @@ struct Inner {
     /// Open `FetchModel` streams per node, at most `limits.fetch_streams_per_node` each; a node
     /// with none has no entry, so the map is bounded by the nodes streaming now.
     fetch_streams: Mutex<HashMap<String, usize>>,
+    /// Every node seen since start (version, device, last call), for `nodes list`. Keyed by
+    /// certificate name and created only for callers past the node role guard, so bounded by the
+    /// nodes the CA admitted; the durable store will persist it.
+    seen: Mutex<HashMap<String, crate::status::NodeSeen>>,
 }
 
 /// Room in the handlers → driver channel. The driver handles an event in microseconds (an
@@ -268,6 +277,14 @@ enum Event {
         msg: SecAggMessage,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// The lead cancels `run`: it ends as failed, "cancelled by `lead`".
+    Cancel {
+        run: String,
+        /// The lead's certificate name (in the reason) and fingerprint (the audit actor).
+        lead: String,
+        actor: String,
+        reply: oneshot::Sender<Result<proto::CancelPlanResponse, Status>>,
+    },
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -292,25 +309,46 @@ impl Coordinator {
         let audit = AuditLog::open_for(&options.state_dir.join("audit"), material)?;
         let (events, rx) = mpsc::channel(EVENTS_QUEUE);
         let (plan_events, _) = broadcast::channel(1024);
-        let runs_file = RunFile::new(&options.state_dir);
-        let runs = runs_file.load()?;
+        let db = durable::Durable::open(&options.store, &options.state_dir)?;
+        let rows = db.call(|s| s.runs())?;
+        let runs = RunRegistry::from_rows(&rows);
+        let mut plans = Vec::new();
+        for row in &rows {
+            let run_id = row.run_id.clone();
+            let rounds = db.call(move |s| s.rounds(&run_id))?;
+            plans.push(proto::PlanSummary {
+                plan_id: row.plan_id.clone(),
+                run: row.run_id.clone(),
+                run_number: row.number,
+                name: row.name.clone(),
+                status: row.status.as_str().into(),
+                rounds_planned: row.rounds_planned,
+                rounds_completed: rounds.last().map_or(0, |r| r.round),
+                final_model_sha256: row.final_model.clone().unwrap_or_default(),
+                reason: row.reason.clone(),
+                started_unix_ms: row.submitted_ms,
+                finished_unix_ms: row.finished_ms.unwrap_or(0),
+                ..Default::default()
+            });
+        }
         let inner = Arc::new(Inner {
             limits: options.limits.clone(),
             events,
             nodes: Mutex::new(HashMap::new()),
-            round: RwLock::new(None),
+            rounds: RwLock::new(HashMap::new()),
             plan_events,
             history: Mutex::new(History::new(options.limits.events_per_run, options.limits.runs_in_memory)),
             runs: Mutex::new(runs),
-            runs_file,
+            db,
             store,
             next_conn: AtomicU64::new(1),
             audit: Mutex::new(audit),
             audit_quota: Mutex::new(quota::AuditQuota::new(Duration::from_secs(options.limits.refusal_report_secs))),
             revoked: Arc::new(tls::Revocations::default()),
-            plans: Mutex::new(Vec::new()),
+            plans: Mutex::new(plans),
             receipts: Mutex::new(crate::receipts::Awaiting::default()),
             fetch_streams: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
         });
         if let Some((path, text, list)) = revocations {
             inner.apply_revocations(list);
@@ -415,11 +453,23 @@ impl Inner {
         event: &'static str,
         params: [(&str, serde_json::Value); N],
     ) -> bool {
+        let params = params.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        self.audit_member_params(node, actor, event, params)
+    }
+
+    /// [`Inner::audit_member`] with the parameters as a map (the engine's effects carry one).
+    fn audit_member_params(
+        &self,
+        node: &str,
+        actor: &str,
+        event: &'static str,
+        params: std::collections::BTreeMap<String, serde_json::Value>,
+    ) -> bool {
         let now = std::time::Instant::now();
         let itemise = lock(&self.audit_quota).admit(node, event, now);
         self.flush_audit_quota(now);
-        if itemise {
-            self.audit(actor, event, params);
+        if itemise && let Err(e) = lock(&self.audit).append(actor, event, params) {
+            tracing::error!("audit log: {e}");
         }
         itemise
     }
@@ -463,6 +513,30 @@ impl Inner {
         lock(&self.plans).iter().rev().find(|p| p.plan_id == plan_id).is_some_and(|p| p.status == "running")
     }
 
+    /// A call from node `node` passed the role guard: it was seen now. One lock and, after its
+    /// first call, no allocation.
+    fn node_called(&self, node: &str) {
+        let now = unix_ms(SystemTime::now());
+        let mut seen = lock(&self.seen);
+        match seen.get_mut(node) {
+            Some(s) => s.last_seen_unix_ms = now,
+            None => {
+                seen.insert(
+                    node.to_string(),
+                    crate::status::NodeSeen { last_seen_unix_ms: now, ..Default::default() },
+                );
+            }
+        }
+    }
+
+    /// What a node said of itself at `Subscribe` (already bounded by `bounds::label`).
+    fn node_hello(&self, node: &str, version: &str, device: &str) {
+        let now = unix_ms(SystemTime::now());
+        let mut seen = lock(&self.seen);
+        let s = seen.entry(node.to_string()).or_default();
+        (s.version, s.device, s.last_seen_unix_ms) = (version.to_string(), device.to_string(), now);
+    }
+
     /// The certificate fingerprint of a connected node (its audit actor).
     fn fingerprint(&self, node: &str) -> String {
         lock(&self.nodes).get(node).map(|c| c.fingerprint.clone()).unwrap_or_else(|| format!("node:{node}"))
@@ -498,11 +572,17 @@ impl Inner {
     }
 
     fn publish(&self, plan_id: &str, kind: plan_event::Kind) {
-        // One plan runs at a time, so a plan's events belong to its latest run.
+        // A plan has at most one run going on, so a plan's events belong to its latest run.
         let Some(run) = lock(&self.runs).latest(plan_id).map(str::to_string) else {
             return;
         };
-        // What the lead is told about rounds and the plan's end is also what the audit keeps.
+        self.publish_run(plan_id, &run, kind);
+    }
+
+    /// Publishes an event of run `run` of plan `plan_id` to its watchers and history; what the lead
+    /// is told about rounds and the plan's end is also what the audit log keeps.
+    fn publish_run(&self, plan_id: &str, run: &str, kind: plan_event::Kind) {
+        let run = run.to_string();
         let own = lock(&self.audit).own_fingerprint().to_string();
         match &kind {
             plan_event::Kind::RoundClosed(r) => {
@@ -535,6 +615,7 @@ impl Inner {
             plan_event::Kind::PlanFinished(f) => {
                 if let Some(p) = lock(&self.plans).iter_mut().find(|p| p.run == run) {
                     p.status = if f.success { "succeeded" } else { "failed" }.into();
+                    p.finished_unix_ms = unix_ms(SystemTime::now());
                     p.rounds_completed = f.rounds_completed;
                     p.final_model_sha256 = f.final_model_sha256.clone();
                     p.reason = f.reason.clone();

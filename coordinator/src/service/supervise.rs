@@ -98,6 +98,7 @@ mod tests {
             evaluation_deadline: Duration::from_secs(5),
             revocation_list: None,
             limits: crate::config::Limits::default(),
+            store: crate::db::StoreConfig::default(),
         };
         (super::super::Coordinator::start(options, &material).unwrap(), material)
     }

@@ -1,0 +1,193 @@
+//! What a run keeps across a coordinator restart: its state at the end of its last completed
+//! round (or at its start), serialised as JSON. The global model and the server optimizer's
+//! moments are content-addressed files named here by hash, so a checkpoint is small whatever the
+//! model's size. A restored run offers itself again to the nodes that had accepted and opens the
+//! round after the last completed one: a round in flight at the crash is run again from its start,
+//! and nodes answer a round they already released with the same bytes (their ledgers charge each
+//! round once), so no round is lost or counted twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sanctum_protocol::hash::ContentHash;
+use sanctum_protocol::model::Weights;
+use sanctum_protocol::plan::Plan;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::effects::{Actor, Effect};
+use super::run::{Prepared, RunEngine};
+use super::{Engine, Millis, NodeName, params, short};
+use crate::aggregate::{ClientDp, ServerState};
+use crate::round::{PlanRun, RunConfig};
+
+/// The checkpoint format this build writes and reads.
+pub const FORMAT: u32 = 1;
+
+/// A run's state at a round boundary.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunCheckpoint {
+    pub format: u32,
+    pub plan_id: String,
+    pub run_id: String,
+    pub run_number: u32,
+    /// The plan as it was offered (its SHA-256 is the plan id).
+    pub wire_toml: String,
+    pub rounds_completed: u32,
+    /// SHA-256 of the global model after `rounds_completed` rounds, and its size.
+    pub model: String,
+    pub model_bytes: u64,
+    /// Hash of the initial model and of every completed round's result.
+    pub lineage: Vec<String>,
+    /// SHA-256 of the server optimizer's moments (adaptive strategies only).
+    pub moments: Option<String>,
+    pub accepted: BTreeSet<NodeName>,
+    pub refused: BTreeMap<NodeName, String>,
+    /// Client-level DP's state (its adaptive clip norm moves from round to round).
+    pub client_dp: Option<ClientDp>,
+    /// zCDP ρ released so far under distributed DP.
+    pub secagg_rho: f64,
+}
+
+/// The round a checkpoint closes, as the store records it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClosedRound {
+    pub round: u32,
+    pub model_sha256: String,
+    pub reported: Vec<String>,
+    pub dropped: Vec<String>,
+}
+
+/// Why a checkpoint cannot be restored; the run is marked interrupted with this reason.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RestoreError {
+    #[error(
+        "checkpoint format {found} is not the format {FORMAT} this coordinator reads; run it with the version that wrote it"
+    )]
+    Format { found: u32 },
+    #[error("the checkpoint's plan no longer parses ({0}); the run cannot go on")]
+    Plan(String),
+    #[error("the checkpoint's plan hashes to {found}, not to its plan id {plan_id}: the checkpoint is corrupt")]
+    PlanId { plan_id: String, found: String },
+    #[error("global model {model}: {reason}")]
+    Model { model: String, reason: String },
+    #[error("server optimizer moments: {0}")]
+    Moments(String),
+    #[error("a run of plan {0} is already going on")]
+    AlreadyRunning(String),
+}
+
+impl RunEngine {
+    /// This run's checkpoint, and the moments' bytes it names (stored by the executor).
+    pub(super) fn checkpoint(&self) -> (RunCheckpoint, Option<Arc<Vec<u8>>>) {
+        let moments = self.server.moments_bytes();
+        let moments = (!moments.is_empty()).then(|| Arc::new(moments));
+        let cp = RunCheckpoint {
+            format: FORMAT,
+            plan_id: self.plan_id.clone(),
+            run_id: self.run_id.clone(),
+            run_number: self.run_number,
+            wire_toml: self.wire_toml.clone(),
+            rounds_completed: self.run.rounds_completed(),
+            model: self.model.to_hex(),
+            model_bytes: self.model_bytes,
+            lineage: self.lineage.iter().map(|h| h.to_hex()).collect(),
+            moments: moments.as_ref().map(|m| ContentHash::of(m).to_hex()),
+            accepted: self.run.accepted().clone(),
+            refused: self.run.refusals().clone(),
+            client_dp: self.client_dp.as_ref().map(|(dp, _)| dp.clone()),
+            secagg_rho: self.secagg_rho,
+        };
+        (cp, moments)
+    }
+
+    /// The effect that makes this run's state durable, with the round it closes (if any).
+    pub(super) fn checkpoint_effect(&self, closed: Option<ClosedRound>) -> Effect {
+        let (state, moments) = self.checkpoint();
+        Effect::Checkpoint { state: Box::new(state), moments, closed }
+    }
+}
+
+impl Engine {
+    /// Restores a run from its checkpoint, given the bytes of the model and moments it names;
+    /// returns what to do (offer the run again to the connected nodes that had accepted it).
+    pub fn restore(
+        &mut self,
+        now: Millis,
+        cp: RunCheckpoint,
+        model: &[u8],
+        moments: Option<&[u8]>,
+    ) -> Result<Vec<Effect>, RestoreError> {
+        if cp.format != FORMAT {
+            return Err(RestoreError::Format { found: cp.format });
+        }
+        if self.running().any(|r| r.plan_id() == cp.plan_id) {
+            return Err(RestoreError::AlreadyRunning(short(&cp.plan_id).to_string()));
+        }
+        let plan = Plan::parse(&cp.wire_toml).map_err(|e| RestoreError::Plan(e.to_string()))?;
+        let prepared = Prepared::new(plan, &[]).map_err(|e| RestoreError::Plan(e.to_string()))?;
+        if prepared.plan_id != cp.plan_id {
+            return Err(RestoreError::PlanId { plan_id: cp.plan_id, found: prepared.plan_id });
+        }
+        let model_err = |reason: String| RestoreError::Model { model: short(&cp.model).to_string(), reason };
+        if ContentHash::of(model).to_hex() != cp.model {
+            return Err(model_err("the stored file does not hash to the checkpoint's model".into()));
+        }
+        let global = Weights::from_safetensors(model, &prepared.plan.model.layout())
+            .map_err(|e| model_err(format!("{e} (it is not the plan's model)")))?;
+        let num_params = global.values().len();
+        let server = match (&cp.moments, moments) {
+            (None, _) => ServerState::new(prepared.plan.strategy.clone(), num_params),
+            (Some(hash), Some(bytes)) if ContentHash::of(bytes).to_hex() == *hash => {
+                ServerState::with_moments(prepared.plan.strategy.clone(), num_params, bytes)
+                    .map_err(|e| RestoreError::Moments(e.to_string()))?
+            }
+            (Some(hash), _) => {
+                return Err(RestoreError::Moments(format!("file {} is missing or does not match", short(hash))));
+            }
+        };
+        let cfg = RunConfig {
+            rounds: prepared.plan.rounds,
+            min_nodes: prepared.plan.min_nodes,
+            recruit_deadline: Duration::from_secs(prepared.plan.recruit_deadline_secs),
+            round_deadline: Duration::from_secs(prepared.plan.round_deadline_secs),
+            evaluation_deadline: self.evaluation_deadline,
+        };
+        let (run, actions) = PlanRun::resume(
+            cfg,
+            cp.accepted.clone(),
+            cp.refused.clone(),
+            cp.rounds_completed,
+            self.connected.iter().cloned(),
+            0,
+        );
+        let lineage = cp
+            .lineage
+            .iter()
+            .map(|h| ContentHash::parse(h).map_err(|e| model_err(format!("lineage: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut fx = vec![Effect::Audit {
+            actor: Actor::Coordinator,
+            event: "plan_resumed",
+            params: params([
+                ("plan_id", json!(cp.plan_id)),
+                ("run", json!(cp.run_id)),
+                ("rounds_completed", json!(cp.rounds_completed)),
+                ("model_sha256", json!(cp.model)),
+            ]),
+        }];
+        tracing::info!(
+            plan = prepared.plan.name,
+            run = short(&cp.run_id),
+            rounds_completed = cp.rounds_completed,
+            "run resumed from its checkpoint"
+        );
+        let mut engine =
+            RunEngine::restored(prepared, &cp, run, global, server, lineage, now, (self.epoch, self.epoch_unix_ms));
+        engine.apply(actions, now, &mut fx);
+        self.runs.insert(cp.run_id.clone(), engine);
+        Ok(fx)
+    }
+}

@@ -1,0 +1,280 @@
+//! The engine driven by hand: inputs in, effects out, no tokio, no files, time as a number.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use sanctum_protocol::plan::Plan;
+use sanctum_protocol::proto::{self, directive};
+
+use super::*;
+
+fn plan(name: &str, rounds: u32, min_nodes: usize) -> Plan {
+    Plan::parse(&format!(
+        r#"
+name = "{name}"
+rounds = {rounds}
+min_nodes = {min_nodes}
+round_deadline_secs = 30
+recruit_deadline_secs = 10
+[model]
+kind = "logistic_regression"
+inputs = 3
+[data]
+schema = "heart_disease"
+schema_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+[local]
+steps = 1
+batch_size = 4
+learning_rate = 0.01
+[strategy]
+kind = "fedavg"
+"#
+    ))
+    .unwrap()
+}
+
+fn engine() -> Engine {
+    Engine::new(Instant::now(), 1_000_000, Duration::from_secs(5))
+}
+
+/// Starts `plan` as run `run` at `now`.
+fn start(e: &mut Engine, plan: Plan, run: &str, now: Millis) -> (String, Vec<Effect>) {
+    let prepared = e.prepare(plan, &[]).unwrap();
+    let plan_id = prepared.plan_id.clone();
+    let fx = e
+        .step(
+            now,
+            Input::Start { prepared: Box::new(prepared), run_id: run.into(), run_number: 1, actor: "lead-fp".into() },
+        )
+        .unwrap();
+    (plan_id, fx)
+}
+
+fn accept(plan_id: &str, run: &str) -> PlanResponse {
+    PlanResponse { plan_id: plan_id.into(), run: run.into(), accept: true, ..Default::default() }
+}
+
+/// The directives sent, by node, in order.
+fn sent(fx: &[Effect]) -> BTreeMap<String, Vec<&directive::Kind>> {
+    let mut m: BTreeMap<String, Vec<&directive::Kind>> = BTreeMap::new();
+    for f in fx {
+        if let Effect::Send { node, kind } = f {
+            m.entry(node.clone()).or_default().push(kind);
+        }
+    }
+    m
+}
+
+fn start_round_of(fx: &[Effect]) -> Option<proto::StartRound> {
+    fx.iter().find_map(|f| match f {
+        Effect::Send { kind: directive::Kind::StartRound(s), .. } => Some(s.clone()),
+        _ => None,
+    })
+}
+
+fn update(plan_id: &str, s: &proto::StartRound, value: f32) -> Box<Update> {
+    let payload: Vec<u8> = (0..4).flat_map(|_| value.to_le_bytes()).collect();
+    Box::new(Update {
+        round: s.round,
+        plan_id: plan_id.into(),
+        base_model: s.model_sha256.clone(),
+        sample_count: 10,
+        metrics: vec![],
+        masked: false,
+        payload_sha256: "00".repeat(32),
+        bytes: payload.len() as u64,
+        payload,
+    })
+}
+
+fn events(fx: &[Effect]) -> Vec<&'static str> {
+    fx.iter()
+        .filter_map(|f| match f {
+            Effect::Audit { event, .. } | Effect::AuditMember { event, .. } => Some(*event),
+            Effect::RoundRecord { .. } => Some("round_record"),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_whole_run_is_inputs_in_and_effects_out() {
+    let mut e = engine();
+    for n in ["a", "b"] {
+        e.step(0, Input::Connected { node: n.into() }).unwrap();
+    }
+    let (plan_id, fx) = start(&mut e, plan("p", 2, 2), "r1", 0);
+    // The initial model is stored before the plan is offered.
+    assert!(matches!(fx.first(), Some(Effect::StoreModel { .. })));
+    assert_eq!(events(&fx), ["plan_submitted"]);
+    let offers = sent(&fx);
+    assert_eq!(offers.keys().collect::<Vec<_>>(), ["a", "b"]);
+    assert!(matches!(offers["a"][..], [directive::Kind::OfferPlan(o)] if o.run == "r1"));
+
+    assert!(e.step(10, Input::Decision { node: "a".into(), response: accept(&plan_id, "r1") }).is_ok());
+    let fx = e.step(20, Input::Decision { node: "b".into(), response: accept(&plan_id, "r1") }).unwrap();
+    let s = start_round_of(&fx).expect("round 1 opens when both accepted");
+    assert_eq!(s.round, 1);
+    // Deadline = the engine's epoch in Unix ms + now + 30 s.
+    assert_eq!(s.deadline_unix_ms, 1_000_000 + 20 + 30_000);
+    assert!(fx.iter().any(|f| matches!(f, Effect::OpenUploads(u) if u.round == 1 && u.participants.len() == 2)));
+
+    e.step(30, Input::Update { node: "a".into(), update: update(&plan_id, &s, 1.0) }).unwrap();
+    // A second update from the same node is refused and changes nothing.
+    let dup = e.step(31, Input::Update { node: "a".into(), update: update(&plan_id, &s, 9.0) });
+    assert!(matches!(dup, Err(Refused::Round(crate::round::Rejection::Duplicate(_)))), "{dup:?}");
+    let fx = e.step(40, Input::Update { node: "b".into(), update: update(&plan_id, &s, 3.0) }).unwrap();
+    // The round closes: the new model is stored before round 2 names it.
+    let stored = fx.iter().position(|f| matches!(f, Effect::StoreModel { .. })).unwrap();
+    let record = fx.iter().position(|f| matches!(f, Effect::RoundRecord { round: 1, .. })).unwrap();
+    let s2 = start_round_of(&fx).expect("round 2 opens");
+    let opened =
+        fx.iter().position(|f| matches!(f, Effect::Send { kind: directive::Kind::StartRound(_), .. })).unwrap();
+    assert!(stored < record && record < opened);
+    assert_eq!(s2.round, 2);
+    assert_ne!(s2.model_sha256, s.model_sha256);
+
+    e.step(50, Input::Update { node: "a".into(), update: update(&plan_id, &s2, 1.0) }).unwrap();
+    let fx = e.step(60, Input::Update { node: "b".into(), update: update(&plan_id, &s2, 1.0) }).unwrap();
+    let evaluate = fx.iter().find_map(|f| match f {
+        Effect::Send { kind: directive::Kind::Evaluate(ev), .. } => Some(ev.clone()),
+        _ => None,
+    });
+    let ev = evaluate.expect("the final model is evaluated");
+    for n in ["a", "b"] {
+        let report = proto::EvaluationReport {
+            plan_id: plan_id.clone(),
+            model_sha256: ev.model_sha256.clone(),
+            metrics: vec![proto::Metric { name: "accuracy".into(), value: 0.8, samples: 5 }],
+        };
+        let fx = e.step(70, Input::Evaluation { node: n.into(), report }).unwrap();
+        if n == "b" {
+            let Some(Effect::Finish { export, finished, notify, .. }) =
+                fx.iter().find(|f| matches!(f, Effect::Finish { .. }))
+            else {
+                panic!("the run finishes: {fx:?}");
+            };
+            assert!(finished.success, "{}", finished.reason);
+            assert_eq!(finished.rounds_completed, 2);
+            assert_eq!(finished.final_metrics.len(), 2);
+            assert_eq!(notify, &["a".to_string(), "b".to_string()]);
+            let job = export.as_ref().expect("a successful run is exported");
+            assert_eq!(job.manifest["lineage"].as_array().map(Vec::len), Some(3), "initial model and two rounds");
+        }
+    }
+    assert!(e.is_idle(), "the finished run left the engine");
+}
+
+#[test]
+fn a_late_node_is_dropped_at_the_deadline_in_logical_time_and_the_round_goes_on() {
+    let mut e = engine();
+    for n in ["a", "b", "c"] {
+        e.step(0, Input::Connected { node: n.into() }).unwrap();
+    }
+    // The run starts at 5 s on the engine's clock: its deadlines count from there.
+    let (plan_id, _) = start(&mut e, plan("p", 2, 2), "r1", 5_000);
+    let mut fx = Vec::new();
+    for n in ["a", "b", "c"] {
+        fx = e.step(5_000, Input::Decision { node: n.into(), response: accept(&plan_id, "r1") }).unwrap();
+    }
+    let s = start_round_of(&fx).unwrap();
+    e.step(6_000, Input::Update { node: "a".into(), update: update(&plan_id, &s, 1.0) }).unwrap();
+    e.step(6_000, Input::Update { node: "b".into(), update: update(&plan_id, &s, 1.0) }).unwrap();
+    assert!(e.step(34_999, Input::Tick).unwrap().iter().all(|f| !matches!(f, Effect::RoundRecord { .. })));
+    let fx = e.step(35_000, Input::Tick).unwrap();
+    let Some(Effect::RoundRecord { params, .. }) = fx.iter().find(|f| matches!(f, Effect::RoundRecord { .. })) else {
+        panic!("the round closes at its deadline: {fx:?}");
+    };
+    assert_eq!(params["dropped"], serde_json::json!(["c"]));
+    // The late node takes part in the next round.
+    let s2 = start_round_of(&fx).unwrap();
+    assert_eq!(s2.round, 2);
+    let to: Vec<String> = sent(&fx)
+        .into_iter()
+        .filter(|(_, k)| k.iter().any(|k| matches!(k, directive::Kind::StartRound(_))))
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(to, ["a", "b", "c"], "round 2 goes to a, b and c");
+    let late = e.step(35_001, Input::Update { node: "c".into(), update: update(&plan_id, &s, 1.0) });
+    assert!(late.is_err(), "round 1's update from c is refused once round 2 is open");
+}
+
+#[test]
+fn two_plans_run_at_once_on_the_same_nodes_each_with_its_own_rounds() {
+    let mut e = engine();
+    for n in ["a", "b"] {
+        e.step(0, Input::Connected { node: n.into() }).unwrap();
+    }
+    let (p1, _) = start(&mut e, plan("one", 1, 2), "r1", 0);
+    let (p2, _) = start(&mut e, plan("two", 1, 2), "r2", 0);
+    assert_ne!(p1, p2);
+    // The same plan cannot have two runs going on.
+    let again = e.prepare(plan("one", 1, 2), &[]);
+    assert!(matches!(again, Err(SubmitRefused::AlreadyRunning { ref run, .. }) if run == "r1"), "{again:?}");
+    let mut s1 = None;
+    let mut s2 = None;
+    for n in ["a", "b"] {
+        s1 =
+            start_round_of(&e.step(1, Input::Decision { node: n.into(), response: accept(&p1, "r1") }).unwrap()).or(s1);
+        s2 =
+            start_round_of(&e.step(1, Input::Decision { node: n.into(), response: accept(&p2, "r2") }).unwrap()).or(s2);
+    }
+    let (s1, s2) = (s1.unwrap(), s2.unwrap());
+    assert_eq!((s1.plan_id.as_str(), s2.plan_id.as_str()), (p1.as_str(), p2.as_str()));
+    // An update goes to its own plan's round; one for plan two with plan one's model is refused.
+    e.step(2, Input::Update { node: "a".into(), update: update(&p1, &s1, 1.0) }).unwrap();
+    let mut crossed = update(&p2, &s2, 1.0);
+    crossed.base_model = s1.model_sha256.clone();
+    if s1.model_sha256 != s2.model_sha256 {
+        assert_eq!(
+            e.step(2, Input::Update { node: "a".into(), update: crossed }).err(),
+            Some(Refused::OtherPlanOrModel)
+        );
+    }
+    e.step(2, Input::Update { node: "a".into(), update: update(&p2, &s2, 1.0) }).unwrap();
+    let fx = e.step(3, Input::Update { node: "b".into(), update: update(&p1, &s1, 1.0) }).unwrap();
+    assert!(fx.iter().any(|f| matches!(f, Effect::RoundRecord { plan_id, .. } if *plan_id == p1)));
+    assert!(fx.iter().all(|f| !matches!(f, Effect::RoundRecord { plan_id, .. } if *plan_id == p2)));
+    assert_eq!(e.running().count(), 2);
+}
+
+#[test]
+fn a_cancel_ends_the_run_for_every_connected_node_and_a_second_is_refused() {
+    let mut e = engine();
+    e.step(0, Input::Connected { node: "a".into() }).unwrap();
+    let (plan_id, _) = start(&mut e, plan("p", 3, 1), "r1", 0);
+    e.step(1, Input::Decision { node: "a".into(), response: accept(&plan_id, "r1") }).unwrap();
+    let fx = e.step(2, Input::Cancel { run_id: "r1".into(), actor: "lead-fp".into(), by: "lead".into() }).unwrap();
+    assert_eq!(events(&fx), ["plan_cancelled"]);
+    let Some(Effect::Finish { finished, notify, export, .. }) = fx.iter().find(|f| matches!(f, Effect::Finish { .. }))
+    else {
+        panic!("{fx:?}");
+    };
+    assert!(!finished.success);
+    assert_eq!(finished.reason, "cancelled by lead");
+    assert_eq!(notify, &["a".to_string()]);
+    assert!(export.is_none(), "a cancelled run is not exported");
+    assert!(fx.iter().any(|f| matches!(f, Effect::CloseUploads { .. })));
+    let again = e.step(3, Input::Cancel { run_id: "r1".into(), actor: "lead-fp".into(), by: "lead".into() });
+    assert_eq!(again.err(), Some(Refused::RunNotRunning("r1".into())));
+}
+
+#[test]
+fn a_model_that_cannot_be_stored_fails_its_plan_with_the_reason() {
+    let mut e = engine();
+    e.step(0, Input::Connected { node: "a".into() }).unwrap();
+    let (plan_id, _) = start(&mut e, plan("p", 3, 1), "r1", 0);
+    let fx = e.step(1, Input::StorageFailed { plan_id, reason: "disk full".into() }).unwrap();
+    assert!(fx.iter().any(|f| matches!(f, Effect::Finish { finished, .. } if finished.reason == "disk full")));
+    assert!(e.is_idle());
+}
+
+#[test]
+fn inputs_for_no_run_are_refused_with_the_reason() {
+    let mut e = engine();
+    let s = proto::StartRound { round: 1, model_sha256: "00".repeat(32), ..Default::default() };
+    let r = e.step(0, Input::Update { node: "a".into(), update: update(&"ab".repeat(32), &s, 1.0) });
+    assert_eq!(r.err(), Some(Refused::NoPlanRunning));
+    // A decision for a run that is not running is discarded quietly.
+    assert!(e.step(0, Input::Decision { node: "a".into(), response: accept("x", "y") }).unwrap().is_empty());
+}
