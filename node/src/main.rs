@@ -1,5 +1,6 @@
-//! `sanctum-node`: parse → load and validate config → build → run. Bad configuration exits with
-//! code 64 before anything connects.
+//! `sanctum-node`: parse → load and validate config → build → run until SIGTERM or SIGINT, which
+//! drain (the directive in flight finishes, a `node_stopped` audit record, exit 0). Bad
+//! configuration exits with code 64 before anything connects.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,8 +77,38 @@ enum PkiCommand {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async_main());
+    // A drained node may leave a training thread running whose result nobody waits for (nothing
+    // of it was charged or sent): do not wait for it to exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
+}
+
+/// Resolves with the signal's name at the first SIGTERM or SIGINT.
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        },
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGTERM ({e}); only SIGINT drains the node");
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
+    }
+}
+
+async fn async_main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sanctum_node=info"));
@@ -147,10 +178,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let node =
                 Node::new(cfg, material, device, exit_after_plan).context("cannot open the node's state directory")?;
-            tokio::select! {
-                r = node.run() => r,
-                _ = tokio::signal::ctrl_c() => { tracing::info!("stopping"); Ok(()) }
-            }
+            let (ask, stop) = tokio::sync::watch::channel(None);
+            tokio::spawn(async move {
+                let signal = stop_signal().await;
+                let _ = ask.send(Some(signal));
+            });
+            node.run(stop).await
         }
         Command::Check { config } => {
             let (cfg, material, device) = load(&config)?;

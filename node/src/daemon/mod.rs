@@ -10,6 +10,7 @@
 //! evaluations and countersigned round records.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,7 @@ use tch::Device;
 use sanctum_protocol::audit::AuditLog;
 use serde_json::json;
 
+use crate::backoff::{BASE, CAP};
 use crate::budget::{DdgPlan, DpPlan};
 use crate::config::NodeConfig;
 use crate::data::LocalData;
@@ -116,6 +118,47 @@ enum SessionEnd {
     Lost(String),
     /// `exit_after_plan` and the plan closed.
     Done,
+    /// A stop was asked for (SIGTERM or SIGINT) and the directive in flight is finished.
+    Stopped,
+}
+
+/// Set once to the name of the signal that asks the node to stop (`None` while it runs).
+pub type Stop = tokio::sync::watch::Receiver<Option<&'static str>>;
+
+/// How long a stopping node lets the directive in flight run on (training included) before it
+/// abandons it. Abandoning happens only at an await point: every ledger, egress and audit write
+/// is synchronous and fsync'd between awaits, and a charge and its audit record are written with
+/// nothing awaited between them, so none is ever cut; at worst a release is charged and not
+/// sent, which the ledger allows (it may show more than left, never less).
+const DRAIN_GRACE: Duration = Duration::from_secs(20);
+
+/// Resolves once a stop is asked for; never, if the sender is gone without asking.
+async fn stop_requested(stop: &mut Stop) -> &'static str {
+    match stop.wait_for(Option::is_some).await {
+        Ok(signal) => signal.unwrap_or("signal"),
+        Err(_) => std::future::pending().await,
+    }
+}
+
+/// Runs `work` (a directive being handled) to its end; when a stop is asked for meanwhile, lets
+/// it run on for at most [`DRAIN_GRACE`]. Returns its output (`None` when abandoned) and whether
+/// a stop was asked for.
+async fn finish_or_drain<F: Future>(work: F, stop: &mut Stop) -> (Option<F::Output>, bool) {
+    tokio::pin!(work);
+    tokio::select! {
+        biased;
+        out = &mut work => (Some(out), false),
+        signal = stop_requested(stop) => {
+            tracing::info!("{signal}: stopping once the directive in flight is done (at most {} s)", DRAIN_GRACE.as_secs());
+            match tokio::time::timeout(DRAIN_GRACE, work).await {
+                Ok(out) => (Some(out), true),
+                Err(_) => {
+                    tracing::warn!("the directive in flight did not finish within {} s; abandoned", DRAIN_GRACE.as_secs());
+                    (None, true)
+                }
+            }
+        }
+    }
 }
 
 impl Node {
@@ -145,22 +188,34 @@ impl Node {
         })
     }
 
-    /// Runs until the process is stopped (or, with `exit_after_plan`, the plan closes).
-    pub async fn run(mut self) -> anyhow::Result<()> {
-        let mut backoff = Duration::from_millis(500);
+    /// Runs until `stop` asks it to (it drains: the directive in flight finishes, then a
+    /// `node_stopped` audit record) or, with `exit_after_plan`, the plan closes. Reconnects after
+    /// a randomised delay ([`crate::backoff::full_jitter`]) so that nodes do not come back in
+    /// lock-step after a coordinator restart.
+    pub async fn run(mut self, mut stop: Stop) -> anyhow::Result<()> {
+        let mut attempt: u32 = 0;
         loop {
-            match tls::connect(&self.cfg.coordinator, &self.material).await {
+            let mut backoff = crate::backoff::full_jitter(BASE, CAP, attempt, rand::random::<f64>());
+            attempt = attempt.saturating_add(1);
+            let connected = tokio::select! {
+                biased;
+                signal = stop_requested(&mut stop) => return self.stopped(signal),
+                connected = tls::connect(&self.cfg.coordinator, &self.material) => connected,
+            };
+            match connected {
                 Ok(channel) => {
-                    backoff = Duration::from_millis(500);
+                    attempt = 0;
                     self.link.connect(channel);
-                    let end = self.session().await;
+                    let end = self.session(&mut stop).await;
                     self.link.disconnect();
                     match end {
                         SessionEnd::Done => return Ok(()),
+                        SessionEnd::Stopped => return self.stopped(stop_requested(&mut stop).await),
                         SessionEnd::Lost(why) => {
                             tracing::warn!("connection to the coordinator lost: {why}; reconnecting")
                         }
                     }
+                    backoff = crate::backoff::full_jitter(BASE, CAP, 0, rand::random::<f64>());
                 }
                 Err(e) if e.to_string().contains("Expired") => tracing::error!(
                     "{e}: the coordinator refused this node's certificate as expired; ask the consortium lead to renew it (`sanctum-coordinator pki renew --dir PKI {}`) and replace {}; retrying in {:.1} s",
@@ -170,9 +225,24 @@ impl Node {
                 ),
                 Err(e) => tracing::warn!("{e}; retrying in {:.1} s", backoff.as_secs_f64()),
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(30));
+            tokio::select! {
+                biased;
+                signal = stop_requested(&mut stop) => return self.stopped(signal),
+                () = tokio::time::sleep(backoff) => {}
+            }
         }
+    }
+
+    /// The last record of a drained node: why it stopped. Nothing is in flight any more.
+    fn stopped(&mut self, signal: &'static str) -> anyhow::Result<()> {
+        if self.training.take().is_some() {
+            tracing::info!(
+                "the secure-aggregation round being trained is left unfinished: nothing of it was charged or sent"
+            );
+        }
+        self.audit("node_stopped", [("reason", json!("signal")), ("signal", json!(signal))])?;
+        tracing::info!("{signal}: stopped");
+        Ok(())
     }
 
     /// Appends to the audit log; this node's own action, so its own certificate is the actor.
@@ -183,7 +253,7 @@ impl Node {
         Ok(())
     }
 
-    async fn session(&mut self) -> SessionEnd {
+    async fn session(&mut self, stop: &mut Stop) -> SessionEnd {
         let hello = SubscribeRequest {
             software_version: sanctum_protocol::VERSION.to_string(),
             device: train::device_name(self.device),
@@ -198,19 +268,30 @@ impl Node {
             return SessionEnd::Lost(format!("audit log: {e}"));
         }
         loop {
+            // A stop comes first: no new directive is taken once it is asked for.
             let wake = match self.training.as_mut() {
                 Some(handle) => tokio::select! {
+                    biased;
+                    _ = stop_requested(stop) => return SessionEnd::Stopped,
                     joined = handle => Wake::Trained(joined),
                     msg = stream.message() => Wake::Directive(msg),
                 },
-                None => Wake::Directive(stream.message().await),
+                None => tokio::select! {
+                    biased;
+                    _ = stop_requested(stop) => return SessionEnd::Stopped,
+                    msg = stream.message() => Wake::Directive(msg),
+                },
             };
             let msg = match wake {
                 Wake::Trained(joined) => {
                     self.training = None;
-                    if let Err(e) = self.secagg_trained(joined).await {
+                    let (done, stopping) = finish_or_drain(self.secagg_trained(joined), stop).await;
+                    if let Some(Err(e)) = done {
                         tracing::error!("secure-aggregation round not completed: {e:#}");
                         self.secagg = None;
+                    }
+                    if stopping {
+                        return SessionEnd::Stopped;
                     }
                     continue;
                 }
@@ -218,8 +299,12 @@ impl Node {
             };
             match msg {
                 Ok(Some(Directive { kind: Some(kind) })) => {
-                    if let Some(end) = self.handle(kind).await {
+                    let (end, stopping) = finish_or_drain(self.handle(kind), stop).await;
+                    if let Some(Some(end)) = end {
                         return end;
+                    }
+                    if stopping {
+                        return SessionEnd::Stopped;
                     }
                 }
                 Ok(Some(Directive { kind: None })) => tracing::warn!("empty directive ignored"),
