@@ -122,14 +122,25 @@ kind = "fedavg"
             (None, 4, 4, 4),
             (None, 2, 2, 2),
         ] {
-            let round =
-                SecAggRound::open(&plan(threshold, min_nodes), "p", 1, &names(n), 14, None, Instant::now(), Instant::now()).unwrap();
+            let round = SecAggRound::open(
+                &plan(threshold, min_nodes),
+                "p",
+                1,
+                &names(n),
+                14,
+                None,
+                Instant::now(),
+                Instant::now(),
+            )
+            .unwrap();
             assert_eq!(round.setup.threshold as usize, want, "threshold {threshold:?} of {n}");
             assert_eq!(round.server.params().threshold, want);
             assert!(2 * want > n);
         }
         // A floor above the round's participants cannot run, and says so.
-        let e = SecAggRound::open(&plan(Some(4), 2), "p", 1, &names(3), 14, None, Instant::now(), Instant::now()).err().unwrap();
+        let e = SecAggRound::open(&plan(Some(4), 2), "p", 1, &names(3), 14, None, Instant::now(), Instant::now())
+            .err()
+            .unwrap();
         assert!(e.contains("3 participant(s), the threshold is 4"), "{e}");
     }
 }

@@ -521,10 +521,7 @@ impl Inner {
         match seen.get_mut(node) {
             Some(s) => s.last_seen_unix_ms = now,
             None => {
-                seen.insert(
-                    node.to_string(),
-                    crate::status::NodeSeen { last_seen_unix_ms: now, ..Default::default() },
-                );
+                seen.insert(node.to_string(), crate::status::NodeSeen { last_seen_unix_ms: now, ..Default::default() });
             }
         }
     }
