@@ -32,6 +32,13 @@ pub struct Plan {
     /// Seconds the coordinator waits for nodes to accept or refuse the plan.
     #[serde(default = "default_recruit_deadline")]
     pub recruit_deadline_secs: u64,
+    /// How many times a round that ends with fewer than `min_nodes` reports (or cannot open with
+    /// `min_nodes` connected) is tried again: the same round, on the same global model, with the
+    /// nodes connected then. 0 (the default) fails the plan at the first such round. At most
+    /// [`limits::MAX_RETRIES`]. Left out of the wire form at 0, so a plan written before this
+    /// field keeps its id.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u32,
     pub model: ModelSpec,
     pub data: DataSpec,
     pub local: LocalTraining,
@@ -56,6 +63,9 @@ fn default_round_deadline() -> u64 {
 }
 fn default_recruit_deadline() -> u64 {
     120
+}
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// Which data the plan trains on.
@@ -382,6 +392,9 @@ pub mod limits {
     pub const MAX_ROUNDS: u32 = 10_000;
     /// Most nodes `min_nodes` or `secagg.threshold` may ask for.
     pub const MAX_NODES: usize = 10_000;
+    /// Most `retries` a plan may ask for, per round: a round that fails ten times running has a
+    /// cause that another attempt will not fix (a hospital down, a policy that refuses).
+    pub const MAX_RETRIES: u32 = 10;
     /// Most parameters a plan's model may have: 2²⁸, 1 GiB as `f32` (the coordinator holds a
     /// few copies of it, each node one model and its update).
     pub const MAX_MODEL_PARAMETERS: u64 = 1 << 28;
@@ -491,6 +504,12 @@ impl Plan {
         check_count("min_nodes", self.min_nodes as u64, limits::MAX_NODES as u64)?;
         check_deadline("round_deadline_secs", self.round_deadline_secs)?;
         check_deadline("recruit_deadline_secs", self.recruit_deadline_secs)?;
+        if self.retries > limits::MAX_RETRIES {
+            return Err(invalid(
+                "retries",
+                format!("is {}; it must be 0 to {} (attempts after a failed round)", self.retries, limits::MAX_RETRIES),
+            ));
+        }
         // The size first: `inputs()` and the layout multiply the model's dimensions unchecked.
         self.validate_model_size()?;
         self.validate_data()?;
@@ -951,6 +970,26 @@ server_learning_rate = 0.01
         Plan::parse(&format!("{cox}{client}")).unwrap().check_schema(&survival).unwrap();
     }
 
+    /// The plan id is the SHA-256 of the wire form: a field added with a default must be left
+    /// out of it at that default, or every plan written before gets a new id (and a node's
+    /// ledger and releases, keyed by plan id, would no longer find it). The id below was
+    /// computed from `PLAN` before `retries` existed (commit 8381a30).
+    #[test]
+    fn a_plan_written_before_retries_keeps_its_id() {
+        let plan = Plan::parse(PLAN).unwrap();
+        let wire = plan.to_wire_toml().unwrap();
+        assert!(!wire.contains("retries"), "{wire}");
+        assert_eq!(Plan::id_of(&wire).to_hex(), "eefc5694b55d69b7b269de24ac5bbe0db01e633592f8036fad54362dd89400a7");
+        let explicit_zero = Plan::parse(&PLAN.replace("min_nodes = 1", "min_nodes = 1\nretries = 0")).unwrap();
+        assert_eq!(explicit_zero.to_wire_toml().unwrap(), wire, "retries = 0 is the default, the same plan");
+        // Retries change what the run does, so they are part of the plan (and of its id).
+        let retried = Plan::parse(&PLAN.replace("min_nodes = 1", "min_nodes = 1\nretries = 2")).unwrap();
+        let retried_wire = retried.to_wire_toml().unwrap();
+        assert!(retried_wire.contains("retries = 2"), "{retried_wire}");
+        assert_eq!(Plan::parse(&retried_wire).unwrap(), retried);
+        assert_ne!(Plan::id_of(&retried_wire), Plan::id_of(&wire));
+    }
+
     #[test]
     fn parses_and_roundtrips_through_the_wire_form() {
         let plan = Plan::parse(PLAN).unwrap();
@@ -1038,6 +1077,8 @@ server_learning_rate = 0.01
             (with("rounds = 2", "rounds = 10001"), "rounds"),
             (with("rounds = 2", "rounds = 4294967295"), "rounds"),
             (with("min_nodes = 1", "min_nodes = 10001"), "min_nodes"),
+            (head("retries = 11"), "retries"),
+            (head("retries = -1"), "line"),
             (with("steps = 3", "steps = 100001"), "local.steps"),
             (with("steps = 3", "steps = 4294967295"), "local.steps"),
             (with("batch_size = 4", "batch_size = 1048577"), "local.batch_size"),
@@ -1084,6 +1125,7 @@ server_learning_rate = 0.01
         // The bounds themselves are accepted.
         assert!(head("round_deadline_secs = 2592000\nrecruit_deadline_secs = 2592000").is_ok());
         assert!(with("rounds = 2", "rounds = 10000").is_ok());
+        assert!(head("retries = 10").is_ok());
         assert!(with("steps = 3", "steps = 100000").is_ok());
         assert!(secagg("step_timeout_secs = 2592000").is_ok());
         let big =
