@@ -27,6 +27,11 @@ pub enum Rule {
     SecAgg,
     /// A countersignature of the coordinator's record of a round.
     Receipt,
+    /// "Still training this round": plan id, round, run and phase, nothing of the data.
+    Heartbeat,
+    /// Asking how much of an interrupted upload the coordinator holds: plan, round and the
+    /// payload's hash, which its upload's header carries anyway.
+    UploadStatus,
 }
 
 impl Rule {
@@ -39,7 +44,9 @@ impl Rule {
             Rule::Evaluation => "aggregate test metric of a global model",
             Rule::ModelRequest => "model request by content hash",
             Rule::Receipt => "countersignature of a round record (hashes only)",
+            Rule::Heartbeat => "heartbeat while training: plan, round, run and phase only",
             Rule::SecAgg => "secure-aggregation keys, encrypted shares or signatures for an accepted plan",
+            Rule::UploadStatus => "where to resume an upload: plan, round and payload hash only",
         }
     }
 }
@@ -72,8 +79,34 @@ impl EgressLog {
         bytes: usize,
         rule: Rule,
     ) -> std::io::Result<()> {
+        self.write(call, plan_id, round, bytes, rule, None)
+    }
+
+    /// Records an upload about to leave: `bytes` is what this attempt sends (the header and the
+    /// data from `offset` on), `offset` the payload bytes the coordinator already held, which a
+    /// resumed upload does not send again.
+    pub fn record_upload(
+        &mut self,
+        plan_id: &str,
+        round: u32,
+        bytes: usize,
+        offset: u64,
+        rule: Rule,
+    ) -> std::io::Result<()> {
+        self.write("SubmitUpdate", plan_id, Some(round), bytes, rule, Some(offset))
+    }
+
+    fn write(
+        &mut self,
+        call: &str,
+        plan_id: &str,
+        round: Option<u32>,
+        bytes: usize,
+        rule: Rule,
+        offset: Option<u64>,
+    ) -> std::io::Result<()> {
         let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "time_unix_ms": t as u64,
             "call": call,
             "plan_id": plan_id,
@@ -81,6 +114,9 @@ impl EgressLog {
             "bytes": bytes,
             "rule": rule.as_str(),
         });
+        if let (Some(offset), Some(fields)) = (offset, line.as_object_mut()) {
+            fields.insert("offset".into(), offset.into());
+        }
         writeln!(self.file, "{line}")?;
         self.file.sync_data()
     }

@@ -12,6 +12,7 @@
 //! - [`scores`]: the metrics of every task (pure), agreeing with scikit-learn and lifelines.
 //! - [`loss`]: the loss of every task on tensors (per example, and the batch's).
 //! - [`dp_stats`]: standardisation statistics released under DP (`[standardize] with = "dp"`).
+//! - [`download`]: a model download kept on disk while it arrives, so a broken one resumes.
 //! - [`dpsgd`]: DP-SGD's per-example clipping by ghost norms (no loop over examples).
 //! - [`torchscript`]: TorchScript models by hash, checked against the plan, DP-SGD by micro-batches.
 //! - [`approvals`]: the hospital's approved TorchScript models (by SHA-256), fail closed.
@@ -40,6 +41,7 @@ pub mod config;
 pub mod daemon;
 pub mod data;
 pub mod dp_stats;
+pub mod download;
 pub mod dpsgd;
 pub mod egress;
 pub mod ledger;

@@ -170,11 +170,15 @@ impl Node {
         let releases = ReleaseStore::open(&cfg.state_dir)?;
         let verifier = material.node_cert_verifier()?;
         let audit = AuditLog::open_for(&cfg.state_dir.join("audit"), &material)?;
+        #[allow(unused_mut)]
+        let mut link = Link::new(egress, &cfg.state_dir);
+        #[cfg(feature = "fault-injection")]
+        link.cut_uploads(training::upload_cut());
         Ok(Self {
             cfg,
             material,
             device,
-            link: Link::new(egress),
+            link,
             ledger,
             releases,
             exit_after_plan,

@@ -175,6 +175,8 @@ impl Node {
             payload_sha256: String::new(),
             metrics: std::mem::take(&mut round.metrics),
             masked: true,
+            // The link sets it: where the coordinator says a resumed upload starts.
+            offset: 0,
         };
         self.send_update(header, wire::words_to_le(&masked), Rule::ModelUpdate).await?;
         self.note_round(&start);

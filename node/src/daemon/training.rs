@@ -161,6 +161,8 @@ impl Node {
             payload_sha256: String::new(),
             metrics: self.round_metrics(&start.plan_id, &metric, cost.as_ref())?,
             masked: false,
+            // The link sets it: where the coordinator says a resumed upload starts.
+            offset: 0,
         };
         let payload = transfer::f32_to_le_bytes(&result.delta);
         // Stored first, so a repeated round gets these bytes back; then charged, durably, before
@@ -283,4 +285,21 @@ impl Node {
             ],
         )
     }
+}
+
+/// Test hook for the resumable-upload test (`SANCTUM_FAULT_UPLOAD_EXIT_AT_PERCENT=P`, 1 to 100):
+/// the node exits once the coordinator has acknowledged P % of an upload's bytes. Only in
+/// `fault-injection` builds; never set in production.
+#[cfg(feature = "fault-injection")]
+pub(super) fn upload_cut() -> Option<crate::link::UploadCut> {
+    let percent = std::env::var("SANCTUM_FAULT_UPLOAD_EXIT_AT_PERCENT").ok()?.parse::<u8>().ok()?;
+    (1..=100).contains(&percent).then_some(crate::link::UploadCut { percent, then: exit_at_cut })
+}
+
+#[cfg(feature = "fault-injection")]
+fn exit_at_cut(acknowledged: u64, total: u64) {
+    tracing::error!(
+        "SANCTUM_FAULT_UPLOAD_EXIT_AT_PERCENT is set: exiting with {acknowledged} of {total} upload bytes acknowledged"
+    );
+    std::process::exit(71);
 }
