@@ -128,6 +128,11 @@ pub fn status_json(s: &PlanStatusResponse) -> Value {
     v["metric_name"] = json!(s.metric_name);
     v["final_metrics"] = s.final_metrics.iter().map(metric_json).collect();
     v["events_kept"] = json!(s.events_kept);
+    v["round_failures"] = s
+        .round_failures
+        .iter()
+        .map(|f| json!({"round": f.round, "attempt": f.attempt, "reason": f.reason, "retrying": f.retrying}))
+        .collect();
     v
 }
 
@@ -169,6 +174,10 @@ pub fn status_text(s: &PlanStatusResponse) -> String {
     }
     if !s.events_kept {
         out += "  (this run's events are no longer kept: participants are from its round records)\n";
+    }
+    for f in &s.round_failures {
+        let next = if f.retrying { "retried" } else { "no retry left" };
+        out += &format!("round {} attempt {} FAILED ({next}): {}\n", f.round, f.attempt, f.reason);
     }
     if let Some(r) = &s.last_round {
         out += &format!(
@@ -472,6 +481,14 @@ mod tests {
             client_epsilon: 2.5,
             client_delta: 1e-5,
             events_kept: true,
+            round_failures: vec![proto::RoundFailed {
+                round: 2,
+                attempt: 1,
+                reason:
+                    "round 2 failed: 1 node(s) reported, min_nodes is 2; dropped: hungarian (no heartbeat for 30 s)"
+                        .into(),
+                retrying: true,
+            }],
             ..Default::default()
         };
         let text = status_text(&s);
@@ -484,6 +501,7 @@ mod tests {
             "last round 2: 1 reported, 1 dropped (hungarian)",
             "accuracy 0.8125 on 61 samples",
             "ε = 2.500",
+            "round 2 attempt 1 FAILED (retried): round 2 failed: 1 node(s) reported, min_nodes is 2; dropped: hungarian (no heartbeat for 30 s)",
         ] {
             assert!(text.contains(want), "{want:?} missing:\n{text}");
         }
@@ -491,6 +509,7 @@ mod tests {
         assert_eq!(v["participants"][1]["reason"], "ε over the cap");
         assert_eq!(v["last_round"]["dropped"][0], "hungarian");
         assert_eq!(v["client_epsilon"], 2.5);
+        assert_eq!(v["round_failures"][0]["retrying"], true);
     }
 
     #[test]

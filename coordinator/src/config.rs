@@ -136,6 +136,10 @@ pub struct Limits {
     /// Events kept per run for late watchers, and runs whose events are kept in memory.
     pub events_per_run: usize,
     pub runs_in_memory: usize,
+    /// Seconds a participant that sends heartbeats while it trains may go without one before it
+    /// is dropped from the round (so the round need not wait for its deadline). Nodes are asked
+    /// for one every third of this; 1 to 3600.
+    pub heartbeat_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -157,6 +161,7 @@ impl Default for Limits {
             fetch_streams_per_node: 4,
             events_per_run: 10_000,
             runs_in_memory: 64,
+            heartbeat_timeout_secs: 30,
         }
     }
 }
@@ -181,9 +186,16 @@ impl Limits {
             ("fetch_streams_per_node", self.fetch_streams_per_node as u64),
             ("events_per_run", self.events_per_run as u64),
             ("runs_in_memory", self.runs_in_memory as u64),
+            ("heartbeat_timeout_secs", self.heartbeat_timeout_secs),
         ];
         if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
             return Err(format!("limits.{name} must be at least 1"));
+        }
+        if self.heartbeat_timeout_secs > 3600 {
+            return Err(format!(
+                "limits.heartbeat_timeout_secs ({}) must be at most 3600: a round's deadline bounds a slower node",
+                self.heartbeat_timeout_secs
+            ));
         }
         // The first byte is part of the handshake: a longer wait for it would never apply.
         if self.first_byte_timeout_secs > self.handshake_timeout_secs {

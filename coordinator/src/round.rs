@@ -2,8 +2,18 @@
 //! happened (with the time as an argument) and carries out the [`Action`]s it returns.
 //!
 //! Phases: recruiting (nodes accept or refuse the plan) → rounds (train, report, aggregate) →
-//! evaluation of the final model → finished. Late nodes are dropped from a round at its deadline;
-//! a round with fewer than `min_nodes` reports fails the plan cleanly.
+//! evaluation of the final model → finished. Late nodes are dropped from a round at its deadline,
+//! and a participant that stops sending heartbeats while it trains is dropped once it has been
+//! silent for `heartbeat_timeout`; either takes part in the next round. A round that ends with
+//! fewer than `min_nodes` reports (or cannot open with that many connected) is an attempt that
+//! failed: the same round opens again, on the same global model, up to `retries` times, and only
+//! then does the plan fail, with the last reason.
+//!
+//! # Heartbeats
+//! A participant is watched from its first heartbeat of the attempt until it says it is
+//! uploading: before the first one it is fetching the model (or is a node that sends none), and
+//! an upload's time depends on its size and the link; the round's deadline bounds both. A
+//! heartbeat never moves the deadline. At most one a second counts ([`HEARTBEAT_MIN_GAP`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -26,6 +36,77 @@ pub struct RunConfig {
     pub round_deadline: Duration,
     /// How long the final evaluation waits for nodes.
     pub evaluation_deadline: Duration,
+    /// Attempts after a failed one, per round (the plan's `retries`).
+    #[serde(default)]
+    pub retries: u32,
+    /// A watched participant silent this long is dropped from the round (coordinator
+    /// `limits.heartbeat_timeout_secs`).
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout: Duration,
+}
+
+fn default_heartbeat_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn first_attempt() -> u32 {
+    1
+}
+
+/// Heartbeats closer together than this do not count (and are refused): a node cannot make the
+/// coordinator do work at the rate it likes.
+pub const HEARTBEAT_MIN_GAP: Millis = 1000;
+
+/// What a participant says it is doing, in its heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activity {
+    Training,
+    Uploading,
+}
+
+/// A participant's state in the open round, as published to the lead (`ParticipantState`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ParticipantPhase {
+    Training,
+    Uploading,
+    /// The deadline passed before its update.
+    Late,
+    /// Out of the round for the reason given.
+    Dropped(String),
+}
+
+impl ParticipantPhase {
+    /// The state's name in `ParticipantState.state` and `plan status`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ParticipantPhase::Training => "training",
+            ParticipantPhase::Uploading => "uploading",
+            ParticipantPhase::Late => "late",
+            ParticipantPhase::Dropped(_) => "dropped",
+        }
+    }
+
+    /// Why, for a drop; empty otherwise.
+    pub fn reason(&self) -> &str {
+        match self {
+            ParticipantPhase::Dropped(why) => why,
+            ParticipantPhase::Late => "the round's deadline passed before its update",
+            _ => "",
+        }
+    }
+}
+
+/// Why a heartbeat did not count; nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HeartbeatRefused {
+    #[error("no round is open")]
+    NoOpenRound,
+    #[error("heartbeat is for round {got} but round {open} is open")]
+    WrongRound { got: u32, open: u32 },
+    #[error("'{0}' is not a participant of this round (or was dropped from it)")]
+    NotParticipant(NodeName),
+    #[error("at most one heartbeat a second counts")]
+    TooFrequent,
 }
 
 /// What the service must do next.
@@ -41,6 +122,12 @@ pub enum Action {
     Rejoin { node: NodeName, round: u32, deadline: Millis },
     /// The round is over: aggregate what was accepted, then call [`PlanRun::round_aggregated`].
     CloseRound { round: u32, reported: Vec<NodeName>, dropped: Vec<NodeName> },
+    /// An attempt at `round` failed (below `min_nodes`): tell the lead and the audit log. When
+    /// `retrying`, an `OpenRound` for the same round follows (now or once enough nodes are
+    /// connected); otherwise `Finish` follows.
+    RoundFailed { round: u32, attempt: u32, reason: String, retrying: bool },
+    /// A participant of the open round changed state (never sent for a repeated heartbeat).
+    Participant { round: u32, node: NodeName, phase: ParticipantPhase },
     /// Ask these nodes to evaluate the final global model.
     Evaluate(Vec<NodeName>),
     /// The plan is over.
@@ -72,9 +159,25 @@ enum Phase {
         participants: BTreeSet<NodeName>,
         reported: BTreeSet<NodeName>,
         /// Participants that can no longer report this round (secure aggregation went on without
-        /// them); they are listed as dropped when it closes.
+        /// them, or their heartbeats stopped); they are listed as dropped when it closes.
         left: BTreeSet<NodeName>,
         deadline: Millis,
+        /// 1 for the first attempt at this round, +1 for each retry.
+        #[serde(default = "first_attempt")]
+        attempt: u32,
+        /// Each participant's last heartbeat that counted, and what it said.
+        #[serde(default)]
+        heard: BTreeMap<NodeName, (Millis, Activity)>,
+        /// Why each participant that left did (for the failure's reason).
+        #[serde(default)]
+        why: BTreeMap<NodeName, String>,
+    },
+    /// An attempt at `round` failed and another is due: it opens as soon as `min_nodes` accepted
+    /// nodes are connected, or fails in turn at `until`.
+    Retrying {
+        round: u32,
+        attempt: u32,
+        until: Millis,
     },
     Aggregating {
         round: u32,
@@ -208,7 +311,7 @@ impl PlanRun {
         let mut actions = vec![Action::Reoffer(node.to_string())];
         // A participant of the open round gets the round again: it may still report before the
         // deadline (a second upload is refused as a duplicate).
-        if let Phase::Training { round, participants, reported, left, deadline } = &self.phase
+        if let Phase::Training { round, participants, reported, left, deadline, .. } = &self.phase
             && participants.contains(node)
             && !reported.contains(node)
             && !left.contains(node)
@@ -216,6 +319,8 @@ impl PlanRun {
         {
             actions.push(Action::Rejoin { node: node.to_string(), round: *round, deadline: *deadline });
         }
+        // A retry waiting for nodes may open now.
+        actions.extend(self.advance(now));
         actions
     }
 
@@ -269,7 +374,7 @@ impl PlanRun {
     /// service asks first when admitting has a side effect it cannot undo (a masked input joins
     /// the secure-aggregation sum), so nothing is in the sum of a node told it was refused.
     pub fn can_admit(&self, node: &str, round: u32, now: Millis) -> Result<(), Rejection> {
-        let Phase::Training { round: open, participants, reported, left, deadline } = &self.phase else {
+        let Phase::Training { round: open, participants, reported, left, deadline, .. } = &self.phase else {
             return Err(Rejection::NoOpenRound);
         };
         if round != *open {
@@ -300,13 +405,64 @@ impl PlanRun {
     /// A participant can no longer report in the open round (it missed a secure-aggregation step):
     /// the round stops waiting for it.
     pub fn leave_round(&mut self, node: &str, now: Millis) -> Vec<Action> {
-        if let Phase::Training { participants, reported, left, .. } = &mut self.phase
+        if let Phase::Training { participants, reported, left, why, .. } = &mut self.phase
             && participants.contains(node)
             && !reported.contains(node)
         {
             left.insert(node.to_string());
+            why.entry(node.to_string()).or_insert_with(|| "it missed a secure-aggregation step".into());
         }
         self.advance(now)
+    }
+
+    /// How often a participant should send heartbeats: a third of the timeout (so two may be lost
+    /// before it is dropped), never more often than one counts.
+    pub fn heartbeat_interval(&self) -> Millis {
+        let timeout = u64::try_from(self.cfg.heartbeat_timeout.as_millis()).unwrap_or(u64::MAX);
+        (timeout / 3).max(HEARTBEAT_MIN_GAP)
+    }
+
+    /// A participant says it is alive and what it is doing. Counts at most once a second; a
+    /// change of activity is published. Never moves the deadline.
+    pub fn heartbeat(
+        &mut self,
+        node: &str,
+        round: u32,
+        activity: Activity,
+        now: Millis,
+    ) -> Result<Vec<Action>, HeartbeatRefused> {
+        let Phase::Training { round: open, participants, reported, left, heard, .. } = &mut self.phase else {
+            return Err(HeartbeatRefused::NoOpenRound);
+        };
+        if round != *open {
+            return Err(HeartbeatRefused::WrongRound { got: round, open: *open });
+        }
+        if !participants.contains(node) || left.contains(node) || reported.contains(node) {
+            return Err(HeartbeatRefused::NotParticipant(node.to_string()));
+        }
+        let previous = heard.get(node).copied();
+        if previous.is_some_and(|(at, _)| now < at.saturating_add(HEARTBEAT_MIN_GAP)) {
+            return Err(HeartbeatRefused::TooFrequent);
+        }
+        heard.insert(node.to_string(), (now, activity));
+        let round = *open;
+        let mut actions = Vec::new();
+        if previous.map(|(_, a)| a) != Some(activity) {
+            let phase = match activity {
+                Activity::Training => ParticipantPhase::Training,
+                Activity::Uploading => ParticipantPhase::Uploading,
+            };
+            actions.push(Action::Participant { round, node: node.to_string(), phase });
+        }
+        Ok(actions)
+    }
+
+    /// The attempt at the open round (1 for the first), or `None` with no round open.
+    pub fn attempt(&self) -> Option<u32> {
+        match &self.phase {
+            Phase::Training { attempt, .. } => Some(*attempt),
+            _ => None,
+        }
     }
 
     /// The service finished aggregating `round`.
@@ -358,17 +514,20 @@ impl PlanRun {
     }
 
     fn open_round_now(&mut self, round: u32, now: Millis) -> Vec<Action> {
+        self.open_attempt(round, 1, now)
+    }
+
+    /// Opens attempt `attempt` at `round` with the accepted nodes connected now, or fails it.
+    fn open_attempt(&mut self, round: u32, attempt: u32, now: Millis) -> Vec<Action> {
         let participants: BTreeSet<NodeName> = self.accepted.intersection(&self.online).cloned().collect();
         if participants.len() < self.cfg.min_nodes {
-            return self.finish(
-                false,
-                format!(
-                    "round {round} cannot start: {} of the {} nodes that accepted are connected, min_nodes is {}",
-                    participants.len(),
-                    self.accepted.len(),
-                    self.cfg.min_nodes
-                ),
+            let reason = format!(
+                "round {round} cannot start: {} of the {} nodes that accepted are connected, min_nodes is {}",
+                participants.len(),
+                self.accepted.len(),
+                self.cfg.min_nodes
             );
+            return self.fail_attempt(round, attempt, reason, now);
         }
         let deadline = later(now, self.cfg.round_deadline);
         self.phase = Phase::Training {
@@ -377,8 +536,53 @@ impl PlanRun {
             reported: BTreeSet::new(),
             left: BTreeSet::new(),
             deadline,
+            attempt,
+            heard: BTreeMap::new(),
+            why: BTreeMap::new(),
         };
         vec![Action::OpenRound { round, participants: participants.into_iter().collect(), deadline }]
+    }
+
+    /// Attempt `attempt` at `round` failed: another follows while retries remain (it opens once
+    /// `min_nodes` accepted nodes are connected, waiting at most a round's deadline for them);
+    /// otherwise the plan fails with this reason.
+    fn fail_attempt(&mut self, round: u32, attempt: u32, reason: String, now: Millis) -> Vec<Action> {
+        let retrying = attempt <= self.cfg.retries;
+        let mut actions = vec![Action::RoundFailed { round, attempt, reason: reason.clone(), retrying }];
+        if retrying {
+            self.phase = Phase::Retrying { round, attempt: attempt + 1, until: later(now, self.cfg.round_deadline) };
+            actions.extend(self.advance(now));
+        } else {
+            let reason = if attempt > 1 { format!("{reason} (attempt {attempt}; no retry left)") } else { reason };
+            actions.extend(self.finish(false, reason));
+        }
+        actions
+    }
+
+    /// Drops the watched participants of the open round whose heartbeats stopped.
+    fn drop_silent(&mut self, now: Millis) -> Vec<Action> {
+        let timeout = u64::try_from(self.cfg.heartbeat_timeout.as_millis()).unwrap_or(u64::MAX);
+        let Phase::Training { round, reported, left, heard, why, .. } = &mut self.phase else {
+            return vec![];
+        };
+        let silent: Vec<(NodeName, Millis)> = heard
+            .iter()
+            .filter(|(n, (at, activity))| {
+                *activity == Activity::Training
+                    && now >= at.saturating_add(timeout)
+                    && !reported.contains(*n)
+                    && !left.contains(*n)
+            })
+            .map(|(n, (at, _))| (n.clone(), *at))
+            .collect();
+        let mut actions = Vec::new();
+        for (node, at) in silent {
+            let reason = format!("no heartbeat for {} s", (now - at) / 1000);
+            left.insert(node.clone());
+            why.insert(node.clone(), reason.clone());
+            actions.push(Action::Participant { round: *round, node, phase: ParticipantPhase::Dropped(reason) });
+        }
+        actions
     }
 
     fn finish(&mut self, success: bool, reason: String) -> Vec<Action> {
@@ -415,30 +619,57 @@ impl PlanRun {
                 }
                 vec![]
             }
-            Phase::Training { round, participants, reported, left, deadline } => {
+            Phase::Training { .. } => {
+                let mut actions = self.drop_silent(now);
+                let Phase::Training { round, participants, reported, left, deadline, attempt, why, .. } = &self.phase
+                else {
+                    return actions;
+                };
                 // A participant that went away or left the plan or the round no longer holds it up.
                 let all_in = participants.iter().all(|p| {
                     reported.contains(p) || !self.online.contains(p) || !self.accepted.contains(p) || left.contains(p)
                 });
                 if !all_in && now < *deadline {
-                    return vec![];
+                    return actions;
                 }
-                let round = *round;
+                let (round, attempt) = (*round, *attempt);
                 let reported_list: Vec<NodeName> = reported.iter().cloned().collect();
                 let dropped: Vec<NodeName> = participants.difference(reported).cloned().collect();
+                // Why each dropped participant is out, for the lead.
+                let mut reasons = Vec::new();
+                for p in &dropped {
+                    let reason = match why.get(p) {
+                        Some(w) => w.clone(),
+                        None if !self.accepted.contains(p) => "it left the plan".into(),
+                        None if !self.online.contains(p) => "disconnected".into(),
+                        None => {
+                            actions.push(Action::Participant { round, node: p.clone(), phase: ParticipantPhase::Late });
+                            "late (the deadline passed)".into()
+                        }
+                    };
+                    reasons.push(format!("{p} ({reason})"));
+                }
                 if reported.len() < self.cfg.min_nodes {
-                    return self.finish(
-                        false,
-                        format!(
-                            "round {round} failed: {} node(s) reported, min_nodes is {}; dropped: {}",
-                            reported.len(),
-                            self.cfg.min_nodes,
-                            if dropped.is_empty() { "none".to_string() } else { dropped.join(", ") }
-                        ),
+                    let reason = format!(
+                        "round {round} failed: {} node(s) reported, min_nodes is {}; dropped: {}",
+                        reported.len(),
+                        self.cfg.min_nodes,
+                        if reasons.is_empty() { "none".to_string() } else { reasons.join(", ") }
                     );
+                    actions.extend(self.fail_attempt(round, attempt, reason, now));
+                    return actions;
                 }
                 self.phase = Phase::Aggregating { round };
-                vec![Action::CloseRound { round, reported: reported_list, dropped }]
+                actions.push(Action::CloseRound { round, reported: reported_list, dropped });
+                actions
+            }
+            Phase::Retrying { round, attempt, until } => {
+                let (round, attempt, until) = (*round, *attempt, *until);
+                let connected = self.accepted.intersection(&self.online).count();
+                if connected >= self.cfg.min_nodes || now >= until {
+                    return self.open_attempt(round, attempt, now);
+                }
+                vec![]
             }
             Phase::Evaluating { pending, deadline } => {
                 if pending.is_empty() || now >= *deadline {
@@ -468,7 +699,187 @@ mod tests {
             recruit_deadline: Duration::from_secs(10),
             round_deadline: Duration::from_secs(30),
             evaluation_deadline: Duration::from_secs(5),
+            retries: 0,
+            heartbeat_timeout: Duration::from_secs(30),
         }
+    }
+
+    fn retrying(rounds: u32, min_nodes: usize, retries: u32) -> RunConfig {
+        RunConfig { retries, heartbeat_timeout: Duration::from_secs(5), ..cfg(rounds, min_nodes) }
+    }
+
+    /// A run of `c` with a, b and c accepted and round 1 open at 0.
+    fn three_in_round_one(c: RunConfig) -> PlanRun {
+        let (mut run, _) = PlanRun::start(c, names(&["a", "b", "c"]), 0);
+        for n in ["a", "b", "c"] {
+            run.decision(n, true, "", 0);
+        }
+        assert_eq!(run.open_round(), Some(1));
+        run
+    }
+
+    #[test]
+    fn a_round_below_min_nodes_is_retried_as_the_same_round_with_the_nodes_connected_then() {
+        let mut run = three_in_round_one(retrying(2, 3, 1));
+        run.admit_update("a", 1, 0).unwrap();
+        run.admit_update("b", 1, 0).unwrap();
+        // c is late: at the deadline the attempt fails and the same round opens again at once.
+        let a = run.tick(30_000);
+        match &a[..] {
+            [
+                Action::Participant { round: 1, node, phase: ParticipantPhase::Late },
+                Action::RoundFailed { round: 1, attempt: 1, reason, retrying: true },
+                Action::OpenRound { round: 1, participants, deadline: 60_000 },
+            ] => {
+                assert_eq!(node, "c");
+                assert_eq!(
+                    reason,
+                    "round 1 failed: 2 node(s) reported, min_nodes is 3; dropped: c (late (the deadline passed))"
+                );
+                assert_eq!(participants, &names(&["a", "b", "c"]));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!((run.open_round(), run.attempt(), run.rounds_completed()), (Some(1), Some(2), 0));
+        // The retry is a fresh attempt: a and b report again (a node re-sends the same bytes).
+        run.admit_update("a", 1, 30_001).unwrap();
+        run.admit_update("c", 1, 30_002).unwrap();
+        let a = run.admit_update("b", 1, 30_003).unwrap();
+        assert_eq!(a, vec![Action::CloseRound { round: 1, reported: names(&["a", "b", "c"]), dropped: vec![] }]);
+        // The next round starts again at attempt 1 with the full retries.
+        assert!(matches!(&run.round_aggregated(1, 30_004)[..], [Action::OpenRound { round: 2, .. }]));
+        assert_eq!(run.attempt(), Some(1));
+    }
+
+    #[test]
+    fn only_when_the_retries_are_spent_does_the_plan_fail_with_the_last_reason() {
+        let mut run = three_in_round_one(retrying(2, 3, 1));
+        run.admit_update("a", 1, 0).unwrap();
+        assert!(matches!(
+            &run.tick(30_000)[..],
+            [.., Action::RoundFailed { attempt: 1, retrying: true, .. }, Action::OpenRound { .. }]
+        ));
+        run.admit_update("a", 1, 30_000).unwrap();
+        run.admit_update("b", 1, 30_000).unwrap();
+        // c goes away in the retry: the round stops waiting and the last attempt fails.
+        let a = run.node_disconnected("c", 31_000);
+        match &a[..] {
+            [
+                Action::RoundFailed { round: 1, attempt: 2, reason, retrying: false },
+                Action::Finish { success: false, reason: last },
+            ] => {
+                assert!(reason.contains("dropped: c (disconnected)"), "{reason}");
+                assert_eq!(last, &format!("{reason} (attempt 2; no retry left)"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(run.is_finished());
+    }
+
+    #[test]
+    fn without_retries_a_failed_round_fails_the_plan_at_once_as_before() {
+        let mut run = three_in_round_one(cfg(2, 3));
+        run.admit_update("a", 1, 0).unwrap();
+        let a = run.tick(30_000);
+        assert!(
+            matches!(&a[..], [.., Action::RoundFailed { attempt: 1, retrying: false, .. }, Action::Finish { success: false, reason }]
+                if reason.starts_with("round 1 failed: 1 node(s) reported, min_nodes is 3; dropped: b (late")),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_retry_waits_for_enough_connected_nodes_and_fails_in_turn_at_a_round_deadline() {
+        let mut run = three_in_round_one(retrying(1, 3, 2));
+        run.admit_update("a", 1, 0).unwrap();
+        run.admit_update("b", 1, 0).unwrap();
+        // c crashed: attempt 1 fails at once and attempt 2 cannot open with two connected.
+        let a = run.node_disconnected("c", 1_000);
+        assert!(matches!(&a[..], [Action::RoundFailed { attempt: 1, retrying: true, .. }]), "{a:?}");
+        assert_eq!(run.open_round(), None, "waiting for a third node");
+        assert!(run.tick(20_000).is_empty());
+        // c comes back within the wait: offered the plan again, then the round opens with it.
+        let a = run.node_connected("c", 20_000);
+        assert!(
+            matches!(&a[..], [Action::Reoffer(n), Action::OpenRound { round: 1, participants, .. }] if n == "c" && participants.len() == 3),
+            "{a:?}"
+        );
+        assert_eq!(run.attempt(), Some(2));
+        // Attempt 2 fails too (c drops again); attempt 3 cannot open and, at its deadline, fails
+        // with the reason that nothing was connected.
+        run.admit_update("a", 1, 21_000).unwrap();
+        run.admit_update("b", 1, 21_000).unwrap();
+        assert!(matches!(
+            &run.node_disconnected("c", 22_000)[..],
+            [Action::RoundFailed { attempt: 2, retrying: true, .. }]
+        ));
+        assert!(run.tick(51_999).is_empty());
+        let a = run.tick(52_000);
+        assert!(
+            matches!(&a[..], [Action::RoundFailed { attempt: 3, retrying: false, reason, .. }, Action::Finish { success: false, .. }]
+                if reason == "round 1 cannot start: 2 of the 3 nodes that accepted are connected, min_nodes is 3"),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_participant_silent_past_the_heartbeat_timeout_is_dropped_before_the_deadline() {
+        let mut run = three_in_round_one(retrying(2, 2, 0));
+        assert_eq!(run.heartbeat_interval(), 1_666, "a third of 5 s");
+        // a and c are heard from; b never is (it is fetching, or sends no heartbeats).
+        let a = run.heartbeat("a", 1, Activity::Training, 1_000).unwrap();
+        assert_eq!(a, vec![Action::Participant { round: 1, node: "a".into(), phase: ParticipantPhase::Training }]);
+        assert!(!run.heartbeat("c", 1, Activity::Training, 1_000).unwrap().is_empty());
+        // Repeats count once a second at most and publish nothing.
+        assert_eq!(run.heartbeat("a", 1, Activity::Training, 1_999), Err(HeartbeatRefused::TooFrequent));
+        assert_eq!(run.heartbeat("a", 1, Activity::Training, 2_000), Ok(vec![]));
+        assert_eq!(run.heartbeat("a", 1, Activity::Training, 5_000), Ok(vec![]));
+        assert_eq!(
+            run.heartbeat("a", 2, Activity::Training, 5_000),
+            Err(HeartbeatRefused::WrongRound { got: 2, open: 1 })
+        );
+        assert_eq!(run.heartbeat("x", 1, Activity::Training, 5_000), Err(HeartbeatRefused::NotParticipant("x".into())));
+        run.admit_update("a", 1, 5_500).unwrap();
+        assert!(run.tick(5_999).is_empty(), "c was heard at 1 s: silent for 4.999 s");
+        // c has been silent for 5 s: dropped; b (never heard) still holds the round.
+        let a = run.tick(6_000);
+        assert_eq!(
+            a,
+            vec![Action::Participant {
+                round: 1,
+                node: "c".into(),
+                phase: ParticipantPhase::Dropped("no heartbeat for 5 s".into())
+            }]
+        );
+        assert_eq!(run.admit_update("c", 1, 6_100), Err(Rejection::NotParticipant("c".into())));
+        assert_eq!(run.heartbeat("c", 1, Activity::Training, 6_100), Err(HeartbeatRefused::NotParticipant("c".into())));
+        // b says it is uploading: from here only the deadline bounds it, however long it is silent.
+        assert!(matches!(
+            &run.heartbeat("b", 1, Activity::Uploading, 7_000).unwrap()[..],
+            [Action::Participant { phase: ParticipantPhase::Uploading, .. }]
+        ));
+        assert!(run.tick(29_999).is_empty(), "a heartbeat never moves the deadline, nor does silence while uploading");
+        let a = run.admit_update("b", 1, 29_999).unwrap();
+        assert_eq!(a, vec![Action::CloseRound { round: 1, reported: names(&["a", "b"]), dropped: names(&["c"]) }]);
+        // c takes part in the next round, its silence forgotten.
+        let a = run.round_aggregated(1, 30_000);
+        assert!(matches!(&a[..], [Action::OpenRound { round: 2, participants, .. }] if participants.len() == 3));
+        assert!(run.heartbeat("c", 2, Activity::Training, 30_000).is_ok());
+    }
+
+    #[test]
+    fn heartbeats_cannot_keep_a_round_past_its_deadline() {
+        let mut run = three_in_round_one(retrying(1, 1, 0));
+        run.admit_update("a", 1, 0).unwrap();
+        for t in (0..30_000).step_by(1_000) {
+            run.heartbeat("b", 1, Activity::Training, t).unwrap();
+            run.heartbeat("c", 1, Activity::Training, t).unwrap();
+        }
+        let a = run.tick(30_000);
+        assert!(
+            matches!(a.last(), Some(Action::CloseRound { dropped, .. }) if dropped == &names(&["b", "c"])),
+            "{a:?}"
+        );
     }
 
     fn names(v: &[&str]) -> Vec<NodeName> {
@@ -537,7 +948,13 @@ mod tests {
         let late = t0 + 31 * 1000;
         assert_eq!(run.admit_update("c", 1, late), Err(Rejection::Late));
         let a = run.tick(late);
-        assert_eq!(a, vec![Action::CloseRound { round: 1, reported: names(&["a", "b"]), dropped: names(&["c"]) }]);
+        assert_eq!(
+            a,
+            vec![
+                Action::Participant { round: 1, node: "c".into(), phase: ParticipantPhase::Late },
+                Action::CloseRound { round: 1, reported: names(&["a", "b"]), dropped: names(&["c"]) }
+            ]
+        );
     }
 
     #[test]
@@ -569,7 +986,10 @@ mod tests {
         run.round_aggregated(1, t0);
         run.admit_update("a", 2, t0).unwrap();
         let a = run.tick(t0 + 31 * 1000);
-        assert!(matches!(&a[..], [Action::Finish { success: false, reason }] if reason.contains("round 2 failed")));
+        assert!(
+            matches!(&a[..], [.., Action::RoundFailed { round: 2, retrying: false, .. }, Action::Finish { success: false, reason }] if reason.contains("round 2 failed")),
+            "{a:?}"
+        );
         assert!(run.is_finished());
     }
 

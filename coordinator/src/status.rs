@@ -107,11 +107,20 @@ pub fn head(s: &str, n: usize) -> &str {
 pub mod state {
     pub const ACCEPTED: &str = "accepted";
     pub const REFUSED: &str = "refused";
-    /// In the round open now, its outcome not known yet (its update may have arrived).
+    /// In the round open now, not heard from yet (fetching the model, or a node that sends no
+    /// heartbeats); its update may have arrived.
     pub const IN_ROUND: &str = "in_round";
+    /// In the open round, training or uploading as its heartbeats say (`round::ParticipantPhase`).
+    pub const TRAINING: &str = "training";
+    pub const UPLOADING: &str = "uploading";
     pub const REPORTED: &str = "reported";
+    /// Dropped because the round's deadline passed before its update.
+    pub const LATE: &str = "late";
     pub const DROPPED: &str = "dropped";
 }
+
+/// Failed round attempts a status carries, the latest.
+pub const FAILURES_SHOWN: usize = 16;
 
 /// A run's status from its summary and the events kept of it (`events_kept`: whether the run's
 /// history is still held; when not, participants come from the round records alone).
@@ -121,6 +130,8 @@ pub fn plan_status(summary: &PlanSummary, events: &[PlanEvent], events_kept: boo
     let mut participants: BTreeMap<String, ParticipantStatus> = BTreeMap::new();
     let mut open: Option<(u32, Vec<String>)> = None;
     let mut rejected: BTreeMap<String, String> = BTreeMap::new();
+    // The latest state each participant of a round's current attempt was published in.
+    let mut phases: BTreeMap<(u32, String), (String, String)> = BTreeMap::new();
     let mut out = PlanStatusResponse { events_kept, ..Default::default() };
     for ev in events {
         match &ev.kind {
@@ -139,6 +150,17 @@ pub fn plan_status(summary: &PlanSummary, events: &[PlanEvent], events_kept: boo
             Some(plan_event::Kind::RoundOpened(r)) => {
                 open = Some((r.round, r.participants.clone()));
                 rejected.clear();
+                // A retry of the round starts its participants afresh.
+                phases.retain(|(round, _), _| *round != r.round);
+            }
+            Some(plan_event::Kind::ParticipantState(p)) => {
+                phases.insert((p.round, p.node.clone()), (p.state.clone(), p.reason.clone()));
+            }
+            Some(plan_event::Kind::RoundFailed(f)) => {
+                if out.round_failures.len() == FAILURES_SHOWN {
+                    out.round_failures.remove(0);
+                }
+                out.round_failures.push(f.clone());
             }
             Some(plan_event::Kind::UpdateRejected(r)) if open.as_ref().is_some_and(|(n, _)| *n == r.round) => {
                 rejected.insert(r.node.clone(), format!("update rejected: {}", r.reason));
@@ -163,10 +185,18 @@ pub fn plan_status(summary: &PlanSummary, events: &[PlanEvent], events_kept: boo
     if let Some(r) = &last_round {
         for (nodes, s) in [(&r.reported, state::REPORTED), (&r.dropped, state::DROPPED)] {
             for n in nodes {
+                let published = phases.get(&(r.round, n.clone()));
                 let p = entry(&mut participants, n);
                 p.state = s.into();
                 p.round = r.round;
                 p.reason.clear();
+                // A dropped node says why: late, or dropped with the reason.
+                if s == state::DROPPED
+                    && let Some((st, why)) = published.filter(|(st, _)| st == state::LATE || st == state::DROPPED)
+                {
+                    p.state = st.clone();
+                    p.reason = why.clone();
+                }
             }
         }
     }
@@ -175,10 +205,12 @@ pub fn plan_status(summary: &PlanSummary, events: &[PlanEvent], events_kept: boo
     {
         out.current_round = round;
         for n in &nodes {
+            let (st, why) =
+                phases.get(&(round, n.clone())).cloned().unwrap_or_else(|| (state::IN_ROUND.into(), String::new()));
             let p = entry(&mut participants, n);
-            p.state = state::IN_ROUND.into();
+            p.state = st;
             p.round = round;
-            p.reason = rejected.get(n).cloned().unwrap_or_default();
+            p.reason = rejected.get(n).cloned().unwrap_or(why);
         }
     }
     let mut plan = summary.clone();
@@ -364,6 +396,65 @@ mod tests {
         assert_eq!(plan.rounds.len(), 1, "only the last round travels");
         assert_eq!((plan.rounds_completed, plan.rounds_planned), (2, 3));
         assert!(s.events_kept);
+    }
+
+    fn participant(round: u32, node: &str, state: &str, reason: &str) -> PlanEvent {
+        ev(plan_event::Kind::ParticipantState(sanctum_protocol::proto::ParticipantState {
+            round,
+            node: node.into(),
+            state: state.into(),
+            reason: reason.into(),
+        }))
+    }
+
+    #[test]
+    fn participants_show_training_uploading_late_and_dropped_and_failed_attempts_are_listed() {
+        let mut summary = run('a', '1', "heart", "running");
+        summary.rounds = vec![closed(1, &["a"], &["b", "c"])];
+        let failed = sanctum_protocol::proto::RoundFailed {
+            round: 2,
+            attempt: 1,
+            reason: "round 2 failed: 2 node(s) reported, min_nodes is 3; dropped: c (no heartbeat for 5 s)".into(),
+            retrying: true,
+        };
+        let events = vec![
+            decision("a", true, ""),
+            decision("b", true, ""),
+            decision("c", true, ""),
+            decision("d", true, ""),
+            opened(1, &["a", "b", "c"]),
+            participant(1, "b", "late", "the round's deadline passed before its update"),
+            participant(1, "c", "dropped", "no heartbeat for 5 s"),
+            opened(2, &["a", "b", "c", "d"]),
+            participant(2, "c", "dropped", "no heartbeat for 5 s"),
+            ev(plan_event::Kind::RoundFailed(failed.clone())),
+            // The retry: c's drop in the failed attempt is forgotten.
+            opened(2, &["a", "b", "c", "d"]),
+            participant(2, "a", "training", ""),
+            participant(2, "b", "training", ""),
+            participant(2, "b", "uploading", ""),
+        ];
+        let s = plan_status(&summary, &events, true);
+        let states: Vec<(&str, &str, u32, &str)> =
+            s.participants.iter().map(|p| (p.node.as_str(), p.state.as_str(), p.round, p.reason.as_str())).collect();
+        assert_eq!(
+            states,
+            [("a", "training", 2, ""), ("b", "uploading", 2, ""), ("c", "in_round", 2, ""), ("d", "in_round", 2, "")]
+        );
+        assert_eq!(s.round_failures, [failed]);
+        // Once round 2 is over, the last closed round tells a late node from a dropped one.
+        let s = plan_status(&summary, &events[..7], true);
+        let states: Vec<(&str, &str, &str)> =
+            s.participants.iter().map(|p| (p.node.as_str(), p.state.as_str(), p.reason.as_str())).collect();
+        assert_eq!(
+            states,
+            [
+                ("a", "reported", ""),
+                ("b", "late", "the round's deadline passed before its update"),
+                ("c", "dropped", "no heartbeat for 5 s"),
+                ("d", "accepted", ""),
+            ]
+        );
     }
 
     #[test]

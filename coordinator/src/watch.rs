@@ -64,6 +64,14 @@ pub async fn follow(events: impl Stream<Item = PlanEvent>, rounds: u32, metric: 
                 ));
                 bar.inc(1);
             }
+            Some(plan_event::Kind::RoundFailed(f)) => {
+                let next = if f.retrying { "retrying the round" } else { "no retry left" };
+                say(format!("round {:>3}/{rounds} FAILED (attempt {}): {}; {next}", f.round, f.attempt, f.reason));
+            }
+            Some(plan_event::Kind::ParticipantState(p)) if !p.reason.is_empty() => {
+                say(format!("  round {}: {} {}: {}", p.round, p.node, p.state, p.reason));
+            }
+            Some(plan_event::Kind::ParticipantState(_)) => {}
             Some(plan_event::Kind::PlanFinished(f)) => {
                 bar.finish_and_clear();
                 return Some(f);

@@ -8,7 +8,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Duration;
 
 use sanctum_protocol::hash::ContentHash;
 use sanctum_protocol::model::Weights;
@@ -20,7 +19,7 @@ use super::effects::{Actor, Effect};
 use super::run::{Prepared, RunEngine};
 use super::{Engine, Millis, NodeName, params, short};
 use crate::aggregate::{ClientDp, ServerState};
-use crate::round::{PlanRun, RunConfig};
+use crate::round::PlanRun;
 
 /// The checkpoint format this build writes and reads.
 pub const FORMAT: u32 = 1;
@@ -148,13 +147,7 @@ impl Engine {
                 return Err(RestoreError::Moments(format!("file {} is missing or does not match", short(hash))));
             }
         };
-        let cfg = RunConfig {
-            rounds: prepared.plan.rounds,
-            min_nodes: prepared.plan.min_nodes,
-            recruit_deadline: Duration::from_secs(prepared.plan.recruit_deadline_secs),
-            round_deadline: Duration::from_secs(prepared.plan.round_deadline_secs),
-            evaluation_deadline: self.evaluation_deadline,
-        };
+        let cfg = super::run::run_config(&prepared.plan, self.evaluation_deadline, self.heartbeat_timeout);
         let (run, actions) = PlanRun::resume(
             cfg,
             cp.accepted.clone(),

@@ -76,6 +76,8 @@ pub enum Input {
     Cancel { run_id: String, actor: String, by: String },
     /// The executor could not carry out an effect the run depends on (a model not stored).
     StorageFailed { plan_id: String, reason: String },
+    /// A participant says it is alive (`Heartbeat`); never audited.
+    Heartbeat { node: NodeName, plan_id: String, run: String, round: u32, activity: crate::round::Activity },
     /// Time passed.
     Tick,
 }
@@ -95,6 +97,8 @@ pub enum Refused {
     NoSecAggRound,
     #[error("{0}")]
     Round(#[from] crate::round::Rejection),
+    #[error("{0}")]
+    Heartbeat(#[from] crate::round::HeartbeatRefused),
     /// The reason from a component that words its own (aggregation, secure aggregation, the
     /// update's encoding).
     #[error("{0}")]
@@ -119,13 +123,28 @@ pub struct Engine {
     /// The Unix time (ms) at `epoch`, for the deadlines nodes are told.
     pub(super) epoch_unix_ms: u64,
     pub(super) evaluation_deadline: Duration,
+    /// A participant that stops sending heartbeats while it trains is dropped after this.
+    pub(super) heartbeat_timeout: Duration,
 }
 
 impl Engine {
     /// An engine with no run. `epoch` is the `Instant` the executor's clock counts from (only the
     /// secure-aggregation server, which takes `Instant`s, sees it).
     pub fn new(epoch: Instant, epoch_unix_ms: u64, evaluation_deadline: Duration) -> Self {
-        Self { runs: BTreeMap::new(), connected: BTreeSet::new(), epoch, epoch_unix_ms, evaluation_deadline }
+        Self {
+            runs: BTreeMap::new(),
+            connected: BTreeSet::new(),
+            epoch,
+            epoch_unix_ms,
+            evaluation_deadline,
+            heartbeat_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The heartbeat timeout of the runs started or restored from now on (default 30 s).
+    pub fn with_heartbeat_timeout(mut self, timeout: Duration) -> Self {
+        self.heartbeat_timeout = timeout;
+        self
     }
 
     /// Whether any run is going on.
@@ -190,7 +209,7 @@ impl Engine {
                     run_number,
                     &actor,
                     &self.connected,
-                    self.evaluation_deadline,
+                    (self.evaluation_deadline, self.heartbeat_timeout),
                     now,
                     (self.epoch, self.epoch_unix_ms),
                     fx,
@@ -240,6 +259,14 @@ impl Engine {
                     r.fail(&reason, &self.connected, fx);
                 }
                 Ok(())
+            }
+            Input::Heartbeat { node, plan_id, run, round, activity } => {
+                let r = self
+                    .runs
+                    .values_mut()
+                    .find(|r| r.plan_id() == plan_id && r.run_id() == run)
+                    .ok_or_else(|| Refused::RunNotRunning(short(&run).to_string()))?;
+                r.heartbeat(&node, round, activity, now, fx)
             }
             Input::Tick => {
                 for r in self.runs.values_mut() {

@@ -81,6 +81,20 @@ fn client_dp_for(plan: &Plan) -> Result<Option<(ClientDp, ClientDpCost)>, String
     Ok(Some((dp, ClientDpCost { noise_multiplier: sigma, epsilon, delta })))
 }
 
+/// What the plan state machine needs of a plan; `evaluation_deadline` and `heartbeat_timeout`
+/// are the coordinator's.
+pub(super) fn run_config(plan: &Plan, evaluation_deadline: Duration, heartbeat_timeout: Duration) -> RunConfig {
+    RunConfig {
+        rounds: plan.rounds,
+        min_nodes: plan.min_nodes,
+        recruit_deadline: Duration::from_secs(plan.recruit_deadline_secs),
+        round_deadline: Duration::from_secs(plan.round_deadline_secs),
+        evaluation_deadline,
+        retries: plan.retries,
+        heartbeat_timeout,
+    }
+}
+
 /// One run and everything the engine keeps for it.
 pub struct RunEngine {
     pub(super) plan_id: String,
@@ -138,7 +152,7 @@ impl RunEngine {
         run_number: u32,
         actor: &str,
         connected: &BTreeSet<NodeName>,
-        evaluation_deadline: Duration,
+        (evaluation_deadline, heartbeat_timeout): (Duration, Duration),
         now: Millis,
         (epoch, epoch_unix_ms): (Instant, u64),
         fx: &mut Vec<Effect>,
@@ -152,13 +166,7 @@ impl RunEngine {
         let model_bytes = bytes.len() as u64;
         fx.push(Effect::StoreModel { plan_id: plan_id.clone(), hash: model, bytes: Arc::new(bytes) });
         let num_params = global.values().len();
-        let cfg = RunConfig {
-            rounds: plan.rounds,
-            min_nodes: plan.min_nodes,
-            recruit_deadline: Duration::from_secs(plan.recruit_deadline_secs),
-            round_deadline: Duration::from_secs(plan.round_deadline_secs),
-            evaluation_deadline,
-        };
+        let cfg = run_config(&plan, evaluation_deadline, heartbeat_timeout);
         // Under secure aggregation client-level noise is added by the nodes, not here.
         if let Some(sigma) = secagg_noise {
             tracing::info!(
@@ -378,6 +386,21 @@ impl RunEngine {
         self.apply(actions, now, fx);
     }
 
+    /// A participant's heartbeat: the plan state machine decides whether it counts; a change of
+    /// state is published (never audited: heartbeats would flood the log).
+    pub(super) fn heartbeat(
+        &mut self,
+        node: &str,
+        round: u32,
+        activity: crate::round::Activity,
+        now: Millis,
+        fx: &mut Vec<Effect>,
+    ) -> Result<(), Refused> {
+        let actions = self.run.heartbeat(node, round, activity, self.logical(now))?;
+        self.apply(actions, now, fx);
+        Ok(())
+    }
+
     pub(super) fn evaluation(&mut self, node: &str, report: EvaluationReport, now: Millis, fx: &mut Vec<Effect>) {
         if report.model_sha256 != self.model.to_hex() {
             tracing::warn!(node, "evaluation of a model that is not this plan's final model; ignored");
@@ -435,16 +458,24 @@ impl RunEngine {
         let entry = json!({"node": node, "payload_sha256": update.payload_sha256, "bytes": update.bytes});
         let round = update.round;
         let mut later = Vec::new();
-        self.admit_checked(node, update, now, &mut later)?;
+        self.admit_checked(node, update, entry, now, &mut later)?;
         // No further upload of this node is spooled this round (the handlers' pre-spool check).
         fx.push(Effect::Admitted { plan_id: self.plan_id.clone(), round, node: node.to_string() });
-        self.round_updates.push(entry);
         fx.push(Effect::Audit { actor: Actor::Node(node.to_string()), event: "update_received", params: received });
         fx.append(&mut later);
         Ok(())
     }
 
-    fn admit_checked(&mut self, node: &str, update: Update, now: Millis, fx: &mut Vec<Effect>) -> Result<(), Refused> {
+    /// Admits an update, listing `entry` in the round's updates before anything else happens: the
+    /// update that closes the round is in the record its sender countersigns.
+    fn admit_checked(
+        &mut self,
+        node: &str,
+        update: Update,
+        entry: serde_json::Value,
+        now: Millis,
+        fx: &mut Vec<Effect>,
+    ) -> Result<(), Refused> {
         if update.plan_id != self.plan_id || update.base_model != self.model.to_hex() {
             return Err(Refused::OtherPlanOrModel);
         }
@@ -469,6 +500,7 @@ impl RunEngine {
                 self.round_metrics.insert(node.to_string(), m);
             }
             tracing::info!(node, round = update.round, "masked input accepted");
+            self.round_updates.push(entry);
             self.apply_secagg(sa_actions, now, fx);
             self.apply(actions, now, fx);
             return Ok(());
@@ -494,6 +526,7 @@ impl RunEngine {
             self.round_metrics.insert(node.to_string(), m);
         }
         tracing::info!(node, round = update.round, "update accepted");
+        self.round_updates.push(entry);
         self.apply(actions, now, fx);
         Ok(())
     }
@@ -647,6 +680,47 @@ impl RunEngine {
                         self.send(fx, &n, ev.clone());
                     }
                 }
+                Action::RoundFailed { round, attempt, reason, retrying } => {
+                    // Nothing of the failed attempt is aggregated: its uploads close, and a retry
+                    // starts from the same global model with a fresh accumulator (`OpenRound`).
+                    fx.push(Effect::CloseUploads { plan_id: plan_id.clone() });
+                    self.secagg = None;
+                    if retrying {
+                        tracing::warn!(round, attempt, "round failed; retrying: {reason}");
+                    } else {
+                        tracing::error!(round, attempt, "round failed; no retry left: {reason}");
+                    }
+                    fx.push(Effect::Audit {
+                        actor: Actor::Coordinator,
+                        event: "round_failed",
+                        params: params([
+                            ("plan_id", json!(plan_id)),
+                            ("run", json!(self.run_id)),
+                            ("round", json!(round)),
+                            ("attempt", json!(attempt)),
+                            ("reason", json!(reason)),
+                            ("retrying", json!(retrying)),
+                        ]),
+                    });
+                    self.publish(
+                        fx,
+                        plan_event::Kind::RoundFailed(proto::RoundFailed { round, attempt, reason, retrying }),
+                    );
+                }
+                Action::Participant { round, node, phase } => {
+                    if let crate::round::ParticipantPhase::Dropped(why) = &phase {
+                        tracing::warn!(node, round, "participant dropped from the round: {why}");
+                    }
+                    self.publish(
+                        fx,
+                        plan_event::Kind::ParticipantState(proto::ParticipantState {
+                            round,
+                            node,
+                            state: phase.name().into(),
+                            reason: phase.reason().into(),
+                        }),
+                    );
+                }
                 Action::Finish { success, reason } => {
                     self.finishing = Some((success, reason));
                     return;
@@ -666,6 +740,7 @@ impl RunEngine {
             deadline_unix_ms: self.epoch_unix_ms.saturating_add(deadline),
             secure_aggregation: self.secagg.as_ref().map(|sa| sa.setup.clone()),
             run: self.run_id.clone(),
+            heartbeat_interval_ms: self.run.heartbeat_interval(),
         })
     }
 

@@ -278,3 +278,155 @@ fn inputs_for_no_run_are_refused_with_the_reason() {
     // A decision for a run that is not running is discarded quietly.
     assert!(e.step(0, Input::Decision { node: "a".into(), response: accept("x", "y") }).unwrap().is_empty());
 }
+
+/// `plan` with `retries` and a short deadline for the straggler tests.
+fn plan_with_retries(rounds: u32, min_nodes: usize, retries: u32) -> Plan {
+    let mut p = plan("p", rounds, min_nodes);
+    p.retries = retries;
+    p
+}
+
+fn published(fx: &[Effect]) -> Vec<&proto::plan_event::Kind> {
+    fx.iter()
+        .filter_map(|f| match f {
+            Effect::Publish { kind, .. } => Some(kind),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_round_below_min_nodes_is_retried_on_the_same_model_and_the_same_bytes_are_admitted_again() {
+    let mut e = engine();
+    for n in ["a", "b", "c"] {
+        e.step(0, Input::Connected { node: n.into() }).unwrap();
+    }
+    let (plan_id, _) = start(&mut e, plan_with_retries(2, 3, 1), "r1", 0);
+    let mut fx = Vec::new();
+    for n in ["a", "b", "c"] {
+        fx = e.step(0, Input::Decision { node: n.into(), response: accept(&plan_id, "r1") }).unwrap();
+    }
+    let s1 = start_round_of(&fx).unwrap();
+    assert_eq!(s1.heartbeat_interval_ms, 10_000, "a third of the default 30 s timeout");
+    e.step(1_000, Input::Update { node: "a".into(), update: update(&plan_id, &s1, 1.0) }).unwrap();
+    e.step(1_000, Input::Update { node: "b".into(), update: update(&plan_id, &s1, 3.0) }).unwrap();
+    // c stalls past the deadline: the attempt fails, is audited and published, and round 1 opens
+    // again at once for a, b and c, on the same global model.
+    let fx = e.step(30_000, Input::Tick).unwrap();
+    assert_eq!(events(&fx), ["round_failed", "round_opened"]);
+    let Some(Effect::Audit { params, .. }) =
+        fx.iter().find(|f| matches!(f, Effect::Audit { event: "round_failed", .. }))
+    else {
+        panic!("{fx:?}");
+    };
+    assert_eq!(params["attempt"], serde_json::json!(1));
+    assert_eq!(params["retrying"], serde_json::json!(true));
+    let reason = params["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("2 node(s) reported, min_nodes is 3; dropped: c (late"), "{reason}");
+    assert!(
+        published(&fx).iter().any(|k| matches!(k,
+        proto::plan_event::Kind::RoundFailed(f) if f.round == 1 && f.attempt == 1 && f.retrying && f.reason == reason))
+    );
+    assert!(
+        fx.iter().all(|f| !matches!(f, Effect::RoundRecord { .. } | Effect::StoreModel { .. })),
+        "nothing aggregated"
+    );
+    let s1b = start_round_of(&fx).expect("the retry opens");
+    assert_eq!((s1b.round, &s1b.model_sha256), (1, &s1.model_sha256), "same round, same model");
+    assert_eq!(sent(&fx).len(), 3, "a, b and c are asked again");
+    // A node that already released round 1 sends the same bytes again (node/src/rounds.rs:
+    // Resend, or ChargeAndSend without DP, nothing new charged): admitted in the new attempt.
+    e.step(30_100, Input::Update { node: "a".into(), update: update(&plan_id, &s1, 1.0) }).unwrap();
+    e.step(30_200, Input::Update { node: "b".into(), update: update(&plan_id, &s1, 3.0) }).unwrap();
+    let fx = e.step(30_300, Input::Update { node: "c".into(), update: update(&plan_id, &s1, 5.0) }).unwrap();
+    let Some(Effect::RoundRecord { params, .. }) = fx.iter().find(|f| matches!(f, Effect::RoundRecord { .. })) else {
+        panic!("the retry completes: {fx:?}");
+    };
+    assert_eq!(params["reported"], serde_json::json!(["a", "b", "c"]));
+    assert_eq!(params["updates"].as_array().map(Vec::len), Some(3), "only the retry's updates are in the record");
+    assert_eq!(start_round_of(&fx).map(|s| s.round), Some(2));
+}
+
+#[test]
+fn without_retries_the_same_failure_ends_the_plan_with_the_reason() {
+    let mut e = engine();
+    for n in ["a", "b", "c"] {
+        e.step(0, Input::Connected { node: n.into() }).unwrap();
+    }
+    let (plan_id, _) = start(&mut e, plan_with_retries(2, 3, 0), "r1", 0);
+    let mut fx = Vec::new();
+    for n in ["a", "b", "c"] {
+        fx = e.step(0, Input::Decision { node: n.into(), response: accept(&plan_id, "r1") }).unwrap();
+    }
+    let s1 = start_round_of(&fx).unwrap();
+    e.step(1_000, Input::Update { node: "a".into(), update: update(&plan_id, &s1, 1.0) }).unwrap();
+    e.step(1_000, Input::Update { node: "b".into(), update: update(&plan_id, &s1, 1.0) }).unwrap();
+    let fx = e.step(30_000, Input::Tick).unwrap();
+    assert_eq!(events(&fx), ["round_failed"]);
+    let Some(Effect::Finish { finished, .. }) = fx.iter().find(|f| matches!(f, Effect::Finish { .. })) else {
+        panic!("{fx:?}");
+    };
+    assert!(!finished.success);
+    assert!(
+        finished.reason.starts_with("round 1 failed: 2 node(s) reported, min_nodes is 3; dropped: c (late"),
+        "{}",
+        finished.reason
+    );
+    assert!(e.is_idle());
+}
+
+#[test]
+fn a_participant_whose_heartbeats_stop_is_dropped_before_the_deadline_and_rejoins_the_next_round() {
+    let mut e =
+        Engine::new(Instant::now(), 1_000_000, Duration::from_secs(5)).with_heartbeat_timeout(Duration::from_secs(6));
+    for n in ["a", "b", "c"] {
+        e.step(0, Input::Connected { node: n.into() }).unwrap();
+    }
+    let (plan_id, _) = start(&mut e, plan("p", 2, 2), "r1", 0);
+    let mut fx = Vec::new();
+    for n in ["a", "b", "c"] {
+        fx = e.step(0, Input::Decision { node: n.into(), response: accept(&plan_id, "r1") }).unwrap();
+    }
+    let s1 = start_round_of(&fx).unwrap();
+    assert_eq!(s1.heartbeat_interval_ms, 2_000);
+    let hb = |node: &str, activity| Input::Heartbeat {
+        node: node.into(),
+        plan_id: plan_id.clone(),
+        run: "r1".into(),
+        round: 1,
+        activity,
+    };
+    use crate::round::Activity;
+    let fx = e.step(1_000, hb("c", Activity::Training)).unwrap();
+    assert!(events(&fx).is_empty(), "heartbeats are never audited");
+    assert!(matches!(published(&fx)[..], [proto::plan_event::Kind::ParticipantState(p)] if p.state == "training"));
+    assert!(matches!(
+        e.step(1_500, hb("c", Activity::Training)),
+        Err(Refused::Heartbeat(crate::round::HeartbeatRefused::TooFrequent))
+    ));
+    let wrong_run = Input::Heartbeat {
+        node: "c".into(),
+        plan_id: plan_id.clone(),
+        run: "r9".into(),
+        round: 1,
+        activity: Activity::Training,
+    };
+    assert!(matches!(e.step(1_600, wrong_run), Err(Refused::RunNotRunning(_))));
+    e.step(2_000, Input::Update { node: "a".into(), update: update(&plan_id, &s1, 1.0) }).unwrap();
+    e.step(2_000, Input::Update { node: "b".into(), update: update(&plan_id, &s1, 1.0) }).unwrap();
+    // c stalls (connected, silent): dropped 6 s after its last heartbeat, long before the 30 s
+    // deadline, and the round closes with a and b.
+    assert!(e.step(6_999, Input::Tick).unwrap().iter().all(|f| !matches!(f, Effect::RoundRecord { .. })));
+    let fx = e.step(7_000, Input::Tick).unwrap();
+    assert!(published(&fx).iter().any(|k| matches!(k,
+        proto::plan_event::Kind::ParticipantState(p) if p.node == "c" && p.state == "dropped" && p.reason == "no heartbeat for 6 s")));
+    let Some(Effect::RoundRecord { params, .. }) = fx.iter().find(|f| matches!(f, Effect::RoundRecord { .. })) else {
+        panic!("{fx:?}");
+    };
+    assert_eq!(params["dropped"], serde_json::json!(["c"]));
+    let s2 = start_round_of(&fx).unwrap();
+    assert_eq!(s2.round, 2);
+    assert!(sent(&fx).get("c").is_some_and(|k| k.iter().any(|k| matches!(k, directive::Kind::StartRound(_)))));
+    // c takes part in round 2.
+    e.step(8_000, Input::Update { node: "c".into(), update: update(&plan_id, &s2, 1.0) }).unwrap();
+}
