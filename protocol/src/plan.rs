@@ -831,6 +831,14 @@ impl Plan {
                 "must be at least 2 with secure aggregation (a sum of one is that update)",
             ));
         }
+        if self.retries > 0 {
+            // A retry would need each node that sent its masked input to mask the same update
+            // again under the retry's new keys, and a node never sends a masked input twice.
+            return Err(invalid(
+                "retries",
+                "must be 0 with secure aggregation: a node never sends a round's masked input twice, so a retried round could not count the nodes that reported",
+            ));
+        }
         if let Some(t) = s.threshold
             && t < 2
         {
@@ -1122,6 +1130,9 @@ server_learning_rate = 0.01
         };
         assert!(secagg(&format!("step_timeout_secs = {max_i64}")).unwrap_err().contains("secagg.step_timeout_secs"));
         assert!(secagg("threshold = 10001").unwrap_err().contains("secagg.threshold"));
+        let retried = PLAN.replace("min_nodes = 1", "min_nodes = 2\nretries = 1");
+        let e = Plan::parse(&format!("secure_aggregation = true\n{retried}")).unwrap_err().to_string();
+        assert!(e.contains("retries") && e.contains("masked input twice"), "{e}");
         // The bounds themselves are accepted.
         assert!(head("round_deadline_secs = 2592000\nrecruit_deadline_secs = 2592000").is_ok());
         assert!(with("rounds = 2", "rounds = 10000").is_ok());

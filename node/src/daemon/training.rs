@@ -139,7 +139,7 @@ impl Node {
         let bytes = self.fetch(&start.plan_id, &start.model_sha256, start.model_bytes).await?;
         let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
         let job = self.training_job(plan, global, data, dp, start.round, script);
-        let (metric, result) = tokio::task::spawn_blocking(job).await??;
+        let (metric, result) = self.train_alive(start, job).await?;
         tracing::info!(
             round = start.round,
             metric_before = format!("{:.4}", metric.primary().unwrap_or(f64::NAN)),
