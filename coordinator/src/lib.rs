@@ -30,6 +30,7 @@ pub mod engine;
 pub mod pki;
 pub mod plan_files;
 pub mod receipts;
+pub mod recovery;
 pub mod report;
 pub mod round;
 pub mod runs;

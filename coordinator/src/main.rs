@@ -338,7 +338,8 @@ fn plan_line(p: &sanctum_protocol::proto::PlanSummary) -> String {
     )
 }
 
-async fn shutdown_signal() {
+/// Waits for SIGINT or SIGTERM; returns which.
+async fn shutdown_signal() -> &'static str {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -346,13 +347,16 @@ async fn shutdown_signal() {
             Ok(s) => s,
             Err(_) => {
                 let _ = ctrl_c.await;
-                return;
+                return "SIGINT";
             }
         };
-        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        tokio::select! { _ = ctrl_c => "SIGINT", _ = term.recv() => "SIGTERM" }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    {
+        let _ = ctrl_c.await;
+        "SIGINT"
+    }
 }
 
 async fn lead_client(config_path: &std::path::Path) -> anyhow::Result<LeadClient<tonic::transport::Channel>> {
@@ -434,7 +438,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
             // Tests and scripts read the bound address from this line (listen on port 0 works).
             println!("listening on {}", listener.local_addr()?);
-            coordinator.serve(listener, &material, shutdown_signal()).await?;
+            // On SIGTERM or SIGINT the driver records the stop and lets the nodes go (running runs
+            // resume at the next start), then the server drains.
+            let draining = coordinator.clone();
+            let shutdown = async move {
+                let signal = shutdown_signal().await;
+                draining.drain(signal).await;
+            };
+            coordinator.serve(listener, &material, shutdown).await?;
             eprintln!("coordinator stopped");
             Ok(ExitCode::SUCCESS)
         }

@@ -1,6 +1,10 @@
 //! The plan and round state machine, without I/O and without a clock: the service feeds it what
 //! happened (with the time as an argument) and carries out the [`Action`]s it returns.
 //!
+//! Length: one state machine. Its phases, their transitions and the invariants between them
+//! (who may report, when a round closes, fails or is retried) are read and reviewed together;
+//! split, a transition would live apart from the phase it leaves.
+//!
 //! Phases: recruiting (nodes accept or refuse the plan) → rounds (train, report, aggregate) →
 //! evaluation of the final model → finished. Late nodes are dropped from a round at its deadline,
 //! and a participant that stops sending heartbeats while it trains is dropped once it has been

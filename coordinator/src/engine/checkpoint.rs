@@ -48,15 +48,23 @@ pub struct RunCheckpoint {
     pub client_dp: Option<ClientDp>,
     /// zCDP ρ released so far under distributed DP.
     pub secagg_rho: f64,
+    /// The round this checkpoint closed, with its record: a restart writes whatever of its audit
+    /// records a crash right after the commit left out (`crate::recovery`).
+    #[serde(default)]
+    pub last_round: Option<ClosedRound>,
 }
 
 /// The round a checkpoint closes, as the store records it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ClosedRound {
     pub round: u32,
     pub model_sha256: String,
     pub reported: Vec<String>,
     pub dropped: Vec<String>,
+    /// The parameters of its `round_record` audit record, which the nodes that reported
+    /// countersign.
+    pub record: super::Params,
 }
 
 /// Why a checkpoint cannot be restored; the run is marked interrupted with this reason.
@@ -80,7 +88,7 @@ pub enum RestoreError {
 
 impl RunEngine {
     /// This run's checkpoint, and the moments' bytes it names (stored by the executor).
-    pub(super) fn checkpoint(&self) -> (RunCheckpoint, Option<Arc<Vec<u8>>>) {
+    pub(super) fn checkpoint(&self, last_round: Option<ClosedRound>) -> (RunCheckpoint, Option<Arc<Vec<u8>>>) {
         let moments = self.server.moments_bytes();
         let moments = (!moments.is_empty()).then(|| Arc::new(moments));
         let cp = RunCheckpoint {
@@ -98,13 +106,14 @@ impl RunEngine {
             refused: self.run.refusals().clone(),
             client_dp: self.client_dp.as_ref().map(|(dp, _)| dp.clone()),
             secagg_rho: self.secagg_rho,
+            last_round,
         };
         (cp, moments)
     }
 
     /// The effect that makes this run's state durable, with the round it closes (if any).
     pub(super) fn checkpoint_effect(&self, closed: Option<ClosedRound>) -> Effect {
-        let (state, moments) = self.checkpoint();
+        let (state, moments) = self.checkpoint(closed.clone());
         Effect::Checkpoint { state: Box::new(state), moments, closed }
     }
 }

@@ -788,11 +788,20 @@ impl RunEngine {
         // The round is durable (with the state after it) before anyone is told it closed. The
         // plan state machine is asked first, so the checkpoint holds the completed round.
         let next = self.run.round_aggregated(round, self.logical(now));
+        let record = params([
+            ("plan_id", json!(self.plan_id)),
+            ("round", json!(round)),
+            ("model_sha256", json!(self.model.to_hex())),
+            ("updates", json!(self.round_updates)),
+            ("reported", json!(reported)),
+            ("dropped", json!(dropped)),
+        ]);
         fx.push(self.checkpoint_effect(Some(super::checkpoint::ClosedRound {
             round,
             model_sha256: self.model.to_hex(),
             reported: reported.to_vec(),
             dropped: dropped.to_vec(),
+            record: record.clone(),
         })));
         let metrics = self
             .round_metrics
@@ -817,14 +826,7 @@ impl RunEngine {
         fx.push(Effect::RoundRecord {
             plan_id: self.plan_id.clone(),
             round,
-            params: params([
-                ("plan_id", json!(self.plan_id)),
-                ("round", json!(round)),
-                ("model_sha256", json!(self.model.to_hex())),
-                ("updates", json!(self.round_updates)),
-                ("reported", json!(reported)),
-                ("dropped", json!(dropped)),
-            ]),
+            params: record,
             countersigners: reported.to_vec(),
         });
         next

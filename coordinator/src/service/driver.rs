@@ -34,7 +34,8 @@ pub(super) struct Driver {
 impl Driver {
     pub(super) fn new(inner: Arc<Inner>, evaluation_deadline: Duration) -> Self {
         let epoch = Instant::now();
-        let engine = Engine::new(epoch, unix_ms(SystemTime::now()), evaluation_deadline);
+        let engine = Engine::new(epoch, unix_ms(SystemTime::now()), evaluation_deadline)
+            .with_heartbeat_timeout(Duration::from_secs(inner.limits.heartbeat_timeout_secs));
         Self { inner, engine, epoch }
     }
 
@@ -120,6 +121,16 @@ impl Driver {
             Event::Evaluation { node, report } => {
                 let _ = self.step(Input::Evaluation { node, report });
             }
+            Event::Heartbeat { node, plan_id, run, round, activity } => {
+                if let Err(why) = self.step(Input::Heartbeat { node: node.clone(), plan_id, run, round, activity }) {
+                    // Debug only: a node decides how many it sends.
+                    tracing::debug!(node, round, "heartbeat not counted: {why}");
+                }
+            }
+            Event::Drain { signal, reply } => {
+                self.drain(signal);
+                let _ = reply.send(());
+            }
             Event::Cancel { run, lead, actor, reply } => {
                 let _ = reply.send(self.cancel(&run, &lead, &actor));
             }
@@ -185,6 +196,22 @@ impl Driver {
         // Starting refuses nothing: the checks were `prepare`'s.
         let _ = self.step(input);
         Ok(Submitted { plan_id, run: new_run.id, run_number: new_run.number })
+    }
+
+    /// The process is stopping: every event before this one was carried out in full (the driver
+    /// handles one at a time), so what remains is to say so and let the nodes go. Their directive
+    /// streams end here; they reconnect, with jittered backoff, to the next process, which resumes
+    /// every running run from its last completed round.
+    fn drain(&mut self, signal: &str) {
+        let running: Vec<String> = self.engine.running().map(|r| r.run_id().to_string()).collect();
+        tracing::info!(signal, runs = running.len(), "stopping: running runs resume at the next start");
+        let own = lock(&self.inner.audit).own_fingerprint().to_string();
+        self.inner.audit(
+            &own,
+            "coordinator_stopped",
+            [("reason", json!("signal")), ("signal", json!(signal)), ("running", json!(running))],
+        );
+        lock(&self.inner.nodes).clear();
     }
 
     /// The lead `lead` (audit actor `actor`) cancels `run`: audited as `plan_cancelled`, then the
@@ -379,8 +406,78 @@ impl Driver {
             }
             None => None,
         };
+        if let Some(last) = &state.last_round {
+            self.complete_round_records(&state.plan_id, &state.run_id, last);
+        }
         let now = self.now();
         self.engine.restore(now, state, &model, moments.as_deref()).map_err(|e| e.to_string())
+    }
+
+    /// Writes the audit records of a run's last committed round that a crash right after its
+    /// commit left out (`crate::recovery`), and awaits the nodes' receipts for its record again.
+    fn complete_round_records(&self, plan_id: &str, run_id: &str, last: &engine::checkpoint::ClosedRound) {
+        let path = lock(&self.inner.audit).path().to_path_buf();
+        let records = match sanctum_protocol::audit::read_records(&path) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("audit log {}: {e}; the last round's records are not checked", path.display());
+                return;
+            }
+        };
+        let missing = crate::recovery::missing(&records, plan_id, run_id, last.round);
+        let own = lock(&self.inner.audit).own_fingerprint().to_string();
+        if missing.any() {
+            tracing::warn!(round = last.round, ?missing, "writing the audit records a crash left out");
+        }
+        if missing.round_closed {
+            self.inner.audit(
+                &own,
+                "round_closed",
+                [
+                    ("plan_id", json!(plan_id)),
+                    ("run", json!(run_id)),
+                    ("round", json!(last.round)),
+                    ("reported", json!(last.reported)),
+                    ("dropped", json!(last.dropped)),
+                ],
+            );
+        }
+        if missing.aggregate_released {
+            self.inner.audit(
+                &own,
+                "aggregate_released",
+                [
+                    ("plan_id", json!(plan_id)),
+                    ("round", json!(last.round)),
+                    ("model_sha256", json!(last.model_sha256)),
+                    ("contributors", json!(last.reported.len())),
+                ],
+            );
+        }
+        let line = if missing.round_record {
+            let appended = lock(&self.inner.audit).append_line(&own, "round_record", last.record.clone());
+            match appended {
+                Ok((_, line)) => Some(line),
+                Err(e) => {
+                    tracing::error!("audit log: {e}");
+                    None
+                }
+            }
+        } else {
+            records
+                .iter()
+                .rev()
+                .find(|r| {
+                    r.event == "round_record"
+                        && r.params.get("plan_id").and_then(|v| v.as_str()) == Some(plan_id)
+                        && r.params.get("round").and_then(|v| v.as_u64()) == Some(u64::from(last.round))
+                })
+                .map(|r| r.line())
+        };
+        // The nodes that reported may still countersign the record after the restart.
+        if let Some(line) = line {
+            lock(&self.inner.receipts).insert((plan_id.to_string(), last.round), line);
+        }
     }
 
     fn actor(&self, actor: &Actor) -> String {

@@ -1,8 +1,12 @@
 //! The node-facing service (`Federation`): subscribe, plan decisions, model downloads, uploads,
 //! evaluations, receipts and secure-aggregation messages.
+//!
+//! Length: one tonic service is one trait impl block, every handler in it. The resumable upload's
+//! spooling (`submit_update`, `upload_status`, `open_partial`) is the part to move into a file of
+//! its own next (ARCHITECTURE.md, "Not yet").
 
 use std::future::Future;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,10 +17,11 @@ use sanctum_protocol::hash::{ContentHash, Hasher};
 use sanctum_protocol::pki::Identity;
 use sanctum_protocol::proto::{
     self, Ack, Directive, EvaluationReport, FetchModelRequest, ModelChunk, PlanResponse, SecAggMessage,
-    SubscribeRequest, UpdateChunk, UpdateReceipt, federation_server, update_chunk,
+    SubscribeRequest, UpdateChunk, UpdateReceipt, UploadStatusRequest, UploadStatusResponse, federation_server,
+    update_chunk,
 };
 use sanctum_protocol::tls;
-use sanctum_protocol::transfer::CHUNK_BYTES;
+use sanctum_protocol::transfer::{self, CHUNK_BYTES};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,6 +31,7 @@ use serde_json::json;
 
 use super::*;
 use crate::receipts;
+use crate::store::{PartialKey, PartialUpload};
 
 /// A node's directive stream; tells the driver when it is dropped (the node went away, or a
 /// reconnect replaced it), whatever ended it.
@@ -173,6 +179,31 @@ pub(super) struct FederationApi {
     pub(super) inner: Arc<Inner>,
 }
 
+/// Opens the partial upload `key` of `total` bytes on the blocking pool, resumes it at `offset`
+/// (checked against what it holds: see [`transfer::check_upload_offset`]) and hashes what it
+/// already holds, so the final check covers the whole payload.
+async fn open_partial(
+    store: &crate::store::Store,
+    key: PartialKey,
+    total: u64,
+    offset: u64,
+) -> std::io::Result<Result<(PartialUpload, Hasher), transfer::ResumeError>> {
+    let store = store.clone();
+    let opened = tokio::task::spawn_blocking(move || {
+        let mut partial = store.open_partial(&key, total)?;
+        if let Err(e) = transfer::check_upload_offset(offset, partial.acknowledged(), total) {
+            return Ok(Err(e));
+        }
+        if offset < partial.acknowledged() {
+            partial.rewind(offset)?;
+        }
+        let hasher = partial.hash_held()?;
+        Ok(Ok((partial, hasher)))
+    })
+    .await;
+    opened.map_err(std::io::Error::other)?
+}
+
 /// Waits for the next message of an upload, at most `idle`; `None` when the time ran out.
 async fn next_chunk(
     stream: &mut Streaming<UpdateChunk>,
@@ -262,18 +293,64 @@ impl federation_server::Federation for FederationApi {
         bounds::sha256_field("sha256", &request.get_ref().sha256)?;
         let hash = ContentHash::parse(&request.get_ref().sha256).map_err(Status::invalid_argument)?;
         let permit = FetchPermit::take(&self.inner, &node)?;
-        let (file, total) = match self.inner.store.open_model(&hash) {
+        let (mut file, total) = match self.inner.store.open_model(&hash) {
             Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(Status::not_found(format!("no model with hash {hash}")));
             }
             Err(e) => return Err(Status::internal(format!("cannot read model {hash}: {e}"))),
         };
+        // A resumed download: the node holds `offset` bytes already and asks for the rest.
+        let offset = request.get_ref().offset;
+        transfer::check_download_offset(offset, total)
+            .map_err(|e| Status::out_of_range(format!("model {}: {e}", hash.short())))?;
+        if offset > 0 {
+            use std::io::Seek;
+            file.seek(std::io::SeekFrom::Start(offset))
+                .map_err(|e| Status::internal(format!("cannot read model {hash}: {e}")))?;
+            tracing::info!(
+                node,
+                model = hash.short(),
+                offset,
+                total,
+                "resuming model download at offset {offset} of {total} bytes"
+            );
+        }
         let caller = tls::peer(&request)?.identity.clone();
         let inner = Arc::clone(&self.inner);
-        let stream =
-            ModelFileStream { file: Some(file), reading: None, offset: 0, total, _permit: permit, caller, inner };
+        let stream = ModelFileStream { file: Some(file), reading: None, offset, total, _permit: permit, caller, inner };
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn upload_status(
+        &self,
+        request: Request<UploadStatusRequest>,
+    ) -> Result<Response<UploadStatusResponse>, Status> {
+        let node = caller(&request)?;
+        let req = request.into_inner();
+        bounds::sha256_field("plan_id", &req.plan_id)?;
+        bounds::sha256_field("payload_sha256", &req.payload_sha256)?;
+        let payload = ContentHash::parse(&req.payload_sha256)
+            .map_err(|e| Status::invalid_argument(format!("payload_sha256: {e}")))?;
+        let info = self.inner.rounds.read().unwrap_or_else(|p| p.into_inner()).get(&req.plan_id).cloned();
+        let Some(info) = info.filter(|i| i.round == req.round) else {
+            return Err(Status::failed_precondition(format!(
+                "round {} of plan {} is not open: there is no upload of it to resume",
+                req.round,
+                short(&req.plan_id)
+            )));
+        };
+        if !info.participants.contains(&node) {
+            return Err(Status::permission_denied(format!("'{node}' is not a participant of round {}", info.round)));
+        }
+        let total = (info.num_params + usize::from(info.masked)) as u64 * 4;
+        let key = PartialKey { node, plan_id: info.plan_id.clone(), round: info.round, payload };
+        let acknowledged = self
+            .inner
+            .store
+            .partial_acknowledged(&key, total)
+            .map_err(|e| Status::internal(format!("partial upload: {e}")))?;
+        Ok(Response::new(UploadStatusResponse { acknowledged_bytes: acknowledged, total_bytes: total }))
     }
 
     async fn submit_update(&self, request: Request<Streaming<UpdateChunk>>) -> Result<Response<UpdateReceipt>, Status> {
@@ -283,7 +360,8 @@ impl federation_server::Federation for FederationApi {
         let idle = Duration::from_secs(idle_secs);
         let stalled = || {
             Status::deadline_exceeded(format!(
-                "upload sent nothing for {idle_secs} s (limits.upload_idle_timeout_secs); it was dropped and its spool freed"
+                "upload sent nothing for {idle_secs} s (limits.upload_idle_timeout_secs); it was dropped, and what was \
+                 acknowledged is kept for UploadStatus to resume"
             ))
         };
         let mut stream = request.into_inner();
@@ -356,10 +434,33 @@ impl federation_server::Federation for FederationApi {
         // Held until this call returns: one upload per participant is spooled at a time.
         let _slot = info.claim(&node).map_err(reject)?;
         let expected = words as u64 * 4;
-        let mut spool = self.inner.store.spool().map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
-        let mut hasher = Hasher::default();
-        let mut received = 0u64;
-        // Returning drops `spool` (its file is removed) and the slot, however the upload ends.
+        // The round's partial uploads go when it closes; earlier rounds' leftovers (a coordinator
+        // that restarted mid-round) go now.
+        info.sweep_partials_on_close(&self.inner.store);
+        if let Err(e) = self.inner.store.drop_partials(&info.plan_id, Some(info.round)) {
+            tracing::warn!("partial uploads of earlier rounds: {e}");
+        }
+        let key =
+            PartialKey { node: node.clone(), plan_id: info.plan_id.clone(), round: info.round, payload: payload_hash };
+        let offset = header.offset;
+        let (mut partial, mut hasher) = match open_partial(&self.inner.store, key, expected, offset).await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) => return Err(reject(Status::failed_precondition(format!("upload offset: {e}")))),
+            Err(e) => return Err(reject(Status::internal(format!("partial upload: {e}")))),
+        };
+        if offset > 0 {
+            tracing::info!(
+                node,
+                round = info.round,
+                offset,
+                total = expected,
+                "resuming upload from {node} for round {} at offset {offset} of {expected} bytes",
+                info.round
+            );
+        }
+        let mut received = offset;
+        // Returning keeps the partial file (a node may resume it) unless the upload broke a rule or
+        // its round closed; it always frees the slot. A complete upload moves to the spool.
         loop {
             let msg = match next_chunk(&mut stream, idle).await {
                 None => return Err(reject(stalled())),
@@ -379,6 +480,7 @@ impl federation_server::Federation for FederationApi {
                 .get(&info.plan_id)
                 .is_some_and(|open| open.round == info.round);
             if !still_open {
+                partial.discard();
                 return Err(reject(Status::failed_precondition(format!(
                     "round {} of plan {} closed while this update was being uploaded; it was dropped and its spool freed",
                     info.round,
@@ -388,10 +490,12 @@ impl federation_server::Federation for FederationApi {
             let data = match msg.part {
                 Some(update_chunk::Part::Data(d)) => d,
                 _ => {
+                    partial.discard();
                     return Err(reject(Status::invalid_argument("an upload carries one header, then only data")));
                 }
             };
             if data.len() > CHUNK_BYTES || data.len() % 4 != 0 {
+                partial.discard();
                 return Err(reject(Status::invalid_argument(format!(
                     "data chunk of {} bytes: chunks are whole f32 values and at most {CHUNK_BYTES} bytes",
                     data.len()
@@ -399,20 +503,34 @@ impl federation_server::Federation for FederationApi {
             }
             received += data.len() as u64;
             if received > expected {
+                partial.discard();
                 return Err(reject(Status::invalid_argument(format!(
                     "upload carries more than the {expected} bytes its {words} values need"
                 ))));
             }
             hasher.update(&data);
-            spool.write_all(&data).map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
+            // Written and, at each chunk boundary, fsync'd off the async workers.
+            partial = tokio::task::spawn_blocking(move || partial.append(&data).map(|()| partial))
+                .await
+                .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?
+                .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
         }
         if received != expected {
+            // Kept: the node may resume it (UploadStatus says from where).
             return Err(reject(Status::invalid_argument(format!("upload ended after {received} of {expected} bytes"))));
         }
         if hasher.finish() != payload_hash {
-            return Err(reject(Status::invalid_argument("payload does not match payload_sha256")));
+            partial.discard();
+            return Err(reject(Status::invalid_argument(if offset > 0 {
+                format!("payload does not match payload_sha256 (resumed at offset {offset}); send it again from 0")
+            } else {
+                "payload does not match payload_sha256".to_string()
+            })));
         }
-        spool.flush().map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
+        let spool = tokio::task::spawn_blocking(move || partial.into_spool())
+            .await
+            .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?
+            .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
         let update = SpooledUpdate {
             round: header.round,
             plan_id: header.plan_id.clone(),
@@ -481,7 +599,42 @@ impl federation_server::Federation for FederationApi {
             );
         }
         self.inner.audit(&fingerprint, "receipt", accepted.params());
+        self.inner.record_receipt(&accepted);
         Ok(Response::new(Ack {}))
+    }
+
+    async fn heartbeat(&self, request: Request<proto::HeartbeatRequest>) -> Result<Response<Ack>, Status> {
+        let node = caller(&request)?;
+        let hb = request.into_inner();
+        bounds::sha256_field("plan_id", &hb.plan_id)?;
+        bounds::run_field(&hb.run)?;
+        // One a second per node on average (a token bucket) goes on to the driver; checked
+        // first, under one lock, so a flood costs a map lookup a call and no queue slot.
+        {
+            let now = std::time::Instant::now();
+            let per_sec = 1000.0 / crate::round::HEARTBEAT_MIN_GAP as f64;
+            let mut buckets = lock(&self.inner.heartbeats);
+            let (tokens, at) = buckets.entry(node.clone()).or_insert((super::HEARTBEAT_BURST, now));
+            *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_sec).min(super::HEARTBEAT_BURST);
+            *at = now;
+            if *tokens < 1.0 {
+                return Err(Status::resource_exhausted(
+                    "at most one heartbeat a second counts; send one every heartbeat_interval_ms",
+                ));
+            }
+            *tokens -= 1.0;
+        }
+        let activity = match proto::HeartbeatPhase::try_from(hb.phase) {
+            Ok(proto::HeartbeatPhase::Uploading) => crate::round::Activity::Uploading,
+            _ => crate::round::Activity::Training,
+        };
+        // Never waits for room: a heartbeat the driver has no room for is dropped (the next one
+        // comes within an interval), and the node is told so.
+        let ev = Event::Heartbeat { node, plan_id: hb.plan_id, run: hb.run, round: hb.round, activity };
+        match self.inner.events.try_send(ev) {
+            Ok(()) => Ok(Response::new(Ack {})),
+            Err(_) => Err(Status::unavailable("coordinator busy: heartbeat dropped; send the next one as usual")),
+        }
     }
 
     async fn sec_agg(&self, request: Request<SecAggMessage>) -> Result<Response<Ack>, Status> {

@@ -122,12 +122,22 @@ struct Inner {
     /// certificate name and created only for callers past the node role guard, so bounded by the
     /// nodes the CA admitted; the durable store will persist it.
     seen: Mutex<HashMap<String, crate::status::NodeSeen>>,
+    /// Each node's heartbeat allowance (tokens, when last refilled): one a second on average
+    /// reaches the driver, with a burst of [`HEARTBEAT_BURST`] so that a round's "uploading"
+    /// and the next round's first heartbeat both pass; the rest are refused here without a
+    /// queue slot. Which heartbeats count is the plan state machine's rule (one a second per
+    /// participant and round). Keyed by certificate name past the node role guard, so bounded
+    /// like `seen`.
+    heartbeats: Mutex<HashMap<String, (f64, std::time::Instant)>>,
 }
 
 /// Room in the handlers → driver channel. The driver handles an event in microseconds (an
 /// update's admission reads its spool, a few ms): 1024 is far more than a consortium's calls in
 /// flight, and small enough that a flood waits in its handlers rather than in memory.
 const EVENTS_QUEUE: usize = 1024;
+
+/// Heartbeats a node may send at once before the one-a-second rate applies.
+const HEARTBEAT_BURST: f64 = 4.0;
 
 struct NodeConn {
     /// Distinguishes a reconnect from the stream it replaced.
@@ -159,6 +169,9 @@ struct RoundInfo {
 struct RoundUploads {
     in_flight: HashSet<String>,
     admitted: HashSet<String>,
+    /// Removes the round's partial uploads once the round is gone (the driver dropped its
+    /// `RoundInfo` and no handler holds a clone): set by the first upload of the round.
+    partials: Option<crate::store::PartialSweep>,
 }
 
 impl RoundInfo {
@@ -206,6 +219,14 @@ impl RoundInfo {
             )));
         }
         Ok(UploadSlot { uploads: Arc::clone(&self.uploads), node: node.to_string() })
+    }
+
+    /// Partial uploads of this round are removed from `store` when the round closes.
+    fn sweep_partials_on_close(&self, store: &crate::store::Store) {
+        let mut uploads = lock(&self.uploads);
+        if uploads.partials.is_none() {
+            uploads.partials = Some(store.sweep_on_close(&self.plan_id, self.round));
+        }
     }
 
     /// The driver admitted `node`'s update: no further upload of its is spooled this round. The
@@ -277,6 +298,21 @@ enum Event {
         msg: SecAggMessage,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// A participant's heartbeat (no reply: it is dropped when the queue is full).
+    Heartbeat {
+        node: String,
+        plan_id: String,
+        run: String,
+        round: u32,
+        activity: crate::round::Activity,
+    },
+    /// The process is stopping (SIGTERM or SIGINT): record it, and end every node's directive
+    /// stream so the server can drain. Running runs stay running in the store and resume at the
+    /// next start.
+    Drain {
+        signal: &'static str,
+        reply: oneshot::Sender<()>,
+    },
     /// The lead cancels `run`: it ends as failed, "cancelled by `lead`".
     Cancel {
         run: String,
@@ -312,6 +348,16 @@ impl Coordinator {
         let db = durable::Durable::open(&options.store, &options.state_dir)?;
         let rows = db.call(|s| s.runs())?;
         let runs = RunRegistry::from_rows(&rows);
+        // Every node seen before this start, for `nodes list` (not connected until it calls).
+        let seen: HashMap<String, crate::status::NodeSeen> = db
+            .call(|s| s.nodes())?
+            .into_iter()
+            .map(|n| {
+                let s =
+                    crate::status::NodeSeen { version: n.version, device: n.device, last_seen_unix_ms: n.last_seen_ms };
+                (n.name, s)
+            })
+            .collect();
         let mut plans = Vec::new();
         for row in &rows {
             let run_id = row.run_id.clone();
@@ -348,7 +394,8 @@ impl Coordinator {
             plans: Mutex::new(plans),
             receipts: Mutex::new(crate::receipts::Awaiting::default()),
             fetch_streams: Mutex::new(HashMap::new()),
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::new(seen),
+            heartbeats: Mutex::new(HashMap::new()),
         });
         if let Some((path, text, list)) = revocations {
             inner.apply_revocations(list);
@@ -382,6 +429,15 @@ impl Coordinator {
         watch_stream(&self.inner, run)
     }
 
+    /// Tells the driver the process is stopping and waits until it has recorded it and closed
+    /// every node's directive stream (see `Event::Drain`).
+    pub async fn drain(&self, signal: &'static str) {
+        let (reply, done) = oneshot::channel();
+        if self.inner.events.send(Event::Drain { signal, reply }).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
     /// Names of the nodes connected now.
     pub fn connected_nodes(&self) -> Vec<String> {
         let mut v: Vec<String> = lock(&self.inner.nodes).keys().cloned().collect();
@@ -400,10 +456,24 @@ pub struct Submitted {
 }
 
 fn watch_stream(inner: &Arc<Inner>, run: &str) -> impl Stream<Item = PlanEvent> + Send + 'static {
-    let (past, mut rx) = {
+    let (mut past, mut rx) = {
         let history = lock(&inner.history);
         (history.events(run), inner.plan_events.subscribe())
     };
+    if past.is_empty() {
+        // A run of an earlier process (finished, or resumed with nothing new yet): its events
+        // from the store, within the same bound as the history's.
+        let (id, limit) = (run.to_string(), inner.limits.events_per_run);
+        match inner.db.call(move |s| s.events(&id, 0, limit)) {
+            Ok(stored) => {
+                past = stored
+                    .into_iter()
+                    .filter_map(|(_, bytes)| <PlanEvent as sanctum_protocol::prost::Message>::decode(&bytes[..]).ok())
+                    .collect();
+            }
+            Err(e) => tracing::error!("store: {e}; the watcher gets new events only"),
+        }
+    }
     let plan_id = run.to_string();
     let (tx, out) = mpsc::channel(256);
     tokio::spawn(async move {
@@ -529,9 +599,24 @@ impl Inner {
     /// What a node said of itself at `Subscribe` (already bounded by `bounds::label`).
     fn node_hello(&self, node: &str, version: &str, device: &str) {
         let now = unix_ms(SystemTime::now());
-        let mut seen = lock(&self.seen);
-        let s = seen.entry(node.to_string()).or_default();
-        (s.version, s.device, s.last_seen_unix_ms) = (version.to_string(), device.to_string(), now);
+        {
+            let mut seen = lock(&self.seen);
+            let s = seen.entry(node.to_string()).or_default();
+            (s.version, s.device, s.last_seen_unix_ms) = (version.to_string(), device.to_string(), now);
+        }
+        // Kept in the store at each connection (not at each call), so `nodes list` knows every
+        // node ever seen across restarts.
+        let row = crate::db::NodeRow {
+            name: node.to_string(),
+            fingerprint: self.fingerprint(node),
+            version: version.to_string(),
+            device: device.to_string(),
+            first_seen_ms: now,
+            last_seen_ms: now,
+        };
+        if let Err(e) = self.db.call(move |s| s.upsert_node(&row)) {
+            tracing::error!("store: {e}; the node is remembered until the next restart only");
+        }
     }
 
     /// The certificate fingerprint of a connected node (its audit actor).
@@ -645,12 +730,57 @@ impl Inner {
             }
             _ => {}
         }
+        if let plan_event::Kind::NodeDecision(d) = &kind {
+            self.record_decision(&run, d);
+        }
         let ev = PlanEvent { kind: Some(kind) };
         let mut history = lock(&self.history);
         // What the history refuses as junk (events after the run's end, a node's rejected updates
         // beyond its quota) is not broadcast either: live and late watchers see the same run.
         if history.push(&run, ev.clone()) {
+            // Kept in the store too, so a watcher after a restart sees the run from its start.
+            let (id, bytes) = (run.clone(), sanctum_protocol::prost::Message::encode_to_vec(&ev));
+            if let Err(e) = self.db.call(move |s| s.append_event(&id, &bytes)) {
+                tracing::error!("store: {e}; the event is kept in memory only");
+            }
             let _ = self.plan_events.send((run, ev));
+        }
+    }
+
+    /// A node's counted answer to a run's offer, kept in the store (the latest per node wins;
+    /// earlier answers stay as history).
+    fn record_decision(&self, run: &str, d: &proto::NodeDecision) {
+        let finite = |x: f64| (x.is_finite() && x >= 0.0).then_some(x);
+        let row = crate::db::DecisionRow {
+            run_id: run.to_string(),
+            node: d.node.clone(),
+            accept: d.accepted,
+            reason: bounds::clip_bytes(&d.reason, bounds::REASON_BYTES).into_owned(),
+            epsilon: d.privacy.as_ref().and_then(|p| finite(p.epsilon)),
+            delta: d.privacy.as_ref().and_then(|p| finite(p.delta)),
+            at_ms: unix_ms(SystemTime::now()),
+        };
+        if let Err(e) = self.db.call(move |s| s.record_decision(&row)) {
+            tracing::error!("store: {e}; the decision is in the audit log only");
+        }
+    }
+
+    /// A countersignature the coordinator took, kept in the store beside its round.
+    fn record_receipt(&self, accepted: &crate::receipts::Accepted) {
+        let Some(run) = lock(&self.runs).latest(&accepted.plan_id).map(str::to_string) else {
+            return;
+        };
+        let row = crate::db::ReceiptRow {
+            run_id: run,
+            round: accepted.round,
+            node: accepted.node.clone(),
+            agrees: accepted.agrees,
+            reason: bounds::clip_bytes(&accepted.reason, bounds::REASON_BYTES).into_owned(),
+            signature: accepted.signature.clone(),
+            at_ms: unix_ms(SystemTime::now()),
+        };
+        if let Err(e) = self.db.call(move |s| s.record_receipt(&row)) {
+            tracing::error!("store: {e}; the receipt is in the audit log only");
         }
     }
 

@@ -45,6 +45,9 @@ fn audit_refusals(inner: &Inner, report: &tls::RefusalReport) {
     );
 }
 
+/// How long a stopping server waits for open streams (a lead's watch, a download) to end.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
 impl Coordinator {
     /// Serves both gRPC services on `listener` over mutual TLS until `shutdown` completes.
     pub async fn serve(
@@ -75,6 +78,19 @@ impl Coordinator {
             refusals: Arc::clone(&refusals),
         };
         let incoming = tls::mtls_incoming(listener, material.server_config()?, options);
+        // Once asked to stop, the server drains for at most `DRAIN_GRACE`: a lead's `plan watch`
+        // or an auditor's stream would otherwise hold the process open.
+        let (stopping, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = async move {
+            shutdown.await;
+            let _ = stopping.send(());
+        };
+        let grace = async move {
+            match stopped.await {
+                Ok(()) => tokio::time::sleep(DRAIN_GRACE).await,
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
         let call_guard = tls::CallGuard { revoked, refusals: Arc::clone(&refusals), on_itemised: Some(on_itemised) };
         let guard = |roles: &'static [Role]| tls::role_guard(roles, call_guard.clone());
         // A node's every call that passes its guard marks it seen (for `nodes list`): one lock
@@ -143,6 +159,10 @@ impl Coordinator {
         // with its reason instead (without draining: node streams never end on their own).
         let result = tokio::select! {
             served = server => served.map_err(anyhow::Error::from),
+            () = grace => {
+                tracing::warn!("streams still open {} s after the stop; closing them", DRAIN_GRACE.as_secs());
+                Ok(())
+            }
             reason = self.driver.ended() => Err(anyhow::anyhow!("{reason}; the coordinator stopped serving")),
         };
         // What was counted since the last report is not lost at shutdown.

@@ -38,6 +38,7 @@ use crate::rounds::{Lineage, RunView};
 use crate::train;
 
 mod charge;
+mod heartbeat;
 mod offer;
 mod reports;
 mod secagg;
