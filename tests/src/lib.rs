@@ -12,11 +12,14 @@
 //!   real node any directive a test scripts and records everything the node sends.
 //! - [`peer`]: rogue peers of the coordinator: a client with a node certificate, one with the
 //!   lead's, and a raw TCP client with none.
+//! - [`runs`]: whole runs from outside: the coordinator's store (SQLite or a PostgreSQL schema of
+//!   the test's own) read back, the lead's CLI, a run's final accuracy.
 
 #![allow(clippy::expect_used, clippy::panic)]
 
 pub mod peer;
 pub mod rogue;
+pub mod runs;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -192,6 +195,11 @@ impl CoordinatorProcess {
         read_audit_records(&self.state_dir().join("audit"))
     }
 
+    /// Partial uploads it holds now, kept so an interrupted upload resumes (`state/partial/`).
+    pub fn partial_files(&self) -> usize {
+        std::fs::read_dir(self.state_dir().join("partial")).map(|d| d.count()).unwrap_or(0)
+    }
+
     /// Files in its upload spool now.
     pub fn spool_files(&self) -> usize {
         std::fs::read_dir(self.state_dir().join("spool")).map(|d| d.count()).unwrap_or(0)
@@ -218,6 +226,18 @@ impl CoordinatorProcess {
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `timeout` for it to exit on its own (after a signal); its status, or `None`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// Kills it with SIGKILL (no chance to flush or drain), as a crash or `kill -9` would.
@@ -316,6 +336,19 @@ impl NodeProcess {
     /// (`allowed_models` included).
     pub fn start_with_datasets(c: &Consortium, name: &str, coordinator: &str, datasets: &str, policy: &str) -> Self {
         Self::start_configured_with(c, name, coordinator, datasets, policy, &[], false)
+    }
+
+    /// Like [`NodeProcess::start_with_datasets`], with extra environment variables (fault hooks);
+    /// [`NodeProcess::restart`] starts it again without them.
+    pub fn start_with_datasets_env(
+        c: &Consortium,
+        name: &str,
+        coordinator: &str,
+        datasets: &str,
+        policy: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::start_configured_with(c, name, coordinator, datasets, policy, env, false)
     }
 
     fn start_configured_with(

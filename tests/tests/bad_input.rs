@@ -105,6 +105,7 @@ fn header(plan_id: &str, round: u32, model: &str, num_params: u64, payload: &[u8
             payload_sha256: ContentHash::of(payload).to_hex(),
             metrics: vec![],
             masked: false,
+            offset: 0,
         })),
     }
 }

@@ -9,6 +9,8 @@
 //! stays open, deterministically, until the restarted node has resumed: it uploads only when the
 //! test lets it. Needs the `fault-injection` builds of both binaries.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed step is a failed test
+
 use std::time::Duration;
 
 use sanctum_protocol::hash::ContentHash;
@@ -238,7 +240,7 @@ async fn an_upload_cut_at_60_percent_resumes_after_a_restart_from_the_last_ackno
     let resend = uploads[1];
     assert!(resend.is_resend());
     assert_eq!(resend.raw["offset"], offset);
-    assert!(resend.bytes < (total - offset) as u64 + 1024 && resend.bytes >= total - offset, "{}", resend.bytes);
+    assert!(resend.bytes < (total - offset) + 1024 && resend.bytes >= total - offset, "{}", resend.bytes);
     assert!(uploads[0].bytes >= total);
     assert!(egress.iter().any(|e| e.call == "UploadStatus"), "the node asked where to resume");
     assert_eq!(egress_before.iter().filter(|e| e.call == "SubmitUpdate").count(), 1);

@@ -75,6 +75,7 @@ fn header(plan_id: &str, start: &StartRound, payload: &[u8], num_params: u64, sa
             payload_sha256: ContentHash::of(payload).to_hex(),
             metrics: vec![],
             masked: false,
+            offset: 0,
         })),
     }
 }
@@ -116,7 +117,8 @@ async fn scripted_node(
 
 /// Downloads a stored model and decodes it with `plan`'s layout.
 async fn fetch_weights(client: &mut FederationClient<Channel>, hash: &str, plan: &Plan) -> Vec<f32> {
-    let mut stream = client.fetch_model(FetchModelRequest { sha256: hash.into() }).await.unwrap().into_inner();
+    let mut stream =
+        client.fetch_model(FetchModelRequest { sha256: hash.into(), offset: 0 }).await.unwrap().into_inner();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.message().await.unwrap() {
         assert_eq!(chunk.offset, bytes.len() as u64);
@@ -185,7 +187,7 @@ async fn a_hundred_plan_ids_of_two_mib_each_leave_the_coordinators_memory_and_lo
                 .await
                 .map(drop),
             "SecAgg" => rogue.sec_agg(SecAggMessage { plan_id: id, round: 1, step: None }).await.map(drop),
-            "FetchModel" => rogue.fetch_model(FetchModelRequest { sha256: id }).await.map(drop),
+            "FetchModel" => rogue.fetch_model(FetchModelRequest { sha256: id, offset: 0 }).await.map(drop),
             // Free text, not a name: cut, never refused (the node still connects).
             _ => rogue
                 .subscribe(SubscribeRequest {
@@ -256,7 +258,7 @@ async fn two_hundred_fetch_model_streams_that_never_read_hold_bounded_memory() {
         let calls = (0..200).map(|i| {
             let mut cl = clients[i % clients.len()].clone();
             let hash = hash.clone();
-            tokio::spawn(async move { cl.fetch_model(FetchModelRequest { sha256: hash }).await })
+            tokio::spawn(async move { cl.fetch_model(FetchModelRequest { sha256: hash, offset: 0 }).await })
         });
         let mut open = Vec::new();
         let mut refused = Vec::new();
@@ -288,7 +290,8 @@ async fn two_hundred_fetch_model_streams_that_never_read_hold_bounded_memory() {
         // hold their connections' HTTP/2 windows, which would starve a reader sharing one.)
         drop(open);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let mut stream = reader.fetch_model(FetchModelRequest { sha256: hash.clone() }).await.unwrap().into_inner();
+        let mut stream =
+            reader.fetch_model(FetchModelRequest { sha256: hash.clone(), offset: 0 }).await.unwrap().into_inner();
         let mut got = Vec::new();
         while let Some(chunk) = stream.message().await.unwrap() {
             assert!(chunk.data.len() <= transfer::CHUNK_BYTES && chunk.total_bytes == bytes.len() as u64);
@@ -330,15 +333,18 @@ async fn two_hundred_uploads_that_stop_four_bytes_short_free_their_spool() {
             _ => {}
         }
     };
-    // The spool, sampled every 10 ms from now until the attack is over.
+    // The spool and the partial uploads kept for resuming, sampled every 10 ms from now until the
+    // attack is over.
     let spool_dir = coord.state_dir().join("spool");
+    let partial_dir = coord.state_dir().join("partial");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
         let stop = stop.clone();
         std::thread::spawn(move || {
             let mut most = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                most = most.max(std::fs::read_dir(&spool_dir).map(|d| d.count()).unwrap_or(0));
+                let count = |d: &std::path::Path| std::fs::read_dir(d).map(|d| d.count()).unwrap_or(0);
+                most = most.max(count(&spool_dir) + count(&partial_dir));
                 std::thread::sleep(Duration::from_millis(10));
             }
             most
@@ -388,8 +394,10 @@ async fn two_hundred_uploads_that_stop_four_bytes_short_free_their_spool() {
         "200 stalled uploads: {codes:?}; most spool files at once {most}; all answered within {slowest:?}; spool empty afterwards: {drained}"
     );
     println!("idle upload: {idle_message}");
-    assert!(most <= 3, "at most one upload in flight per node (3 nodes) is spooled; saw {most}");
+    assert!(most <= 3, "at most one upload in flight or held per node (3 nodes) is on disk; saw {most}");
     assert!(drained, "the stalled upload's spool file was not removed");
+    // What the stalled upload sent is kept so it could resume, one partial for the node and round.
+    assert!(coord.partial_files() <= 1, "one partial per participant and round: {}", coord.partial_files());
     assert!(codes.get("DeadlineExceeded").copied().unwrap_or(0) >= 1, "{codes:?}");
     assert!(codes.get("AlreadyExists").copied().unwrap_or(0) >= 190, "duplicates refused before spooling: {codes:?}");
     assert!(idle_message.contains("upload_idle_timeout_secs"), "{idle_message}");
@@ -412,6 +420,12 @@ async fn two_hundred_uploads_that_stop_four_bytes_short_free_their_spool() {
     let mut reported = closed[0].reported.clone();
     reported.sort();
     assert_eq!(reported, ["cleveland", "hungarian"]);
+    // The round closed: its partial uploads are gone with it.
+    assert!(
+        sanctum_tests::wait_until(Duration::from_secs(10), || coord.partial_files() == 0),
+        "the closed round's partial uploads were not removed: {}",
+        coord.partial_files()
+    );
     drop(honest);
 }
 

@@ -24,7 +24,7 @@ use tokio::io::AsyncReadExt;
 /// A model hash nobody stored: `FetchModel` answers `NotFound` after one look at the disk, which
 /// makes it a cheap call that still goes through the guard and a handler.
 fn no_such_model() -> FetchModelRequest {
-    FetchModelRequest { sha256: "00".repeat(32) }
+    FetchModelRequest { sha256: "00".repeat(32), offset: 0 }
 }
 
 /// Waits (without blocking the runtime) until the periodic refusal records satisfy `done`.
