@@ -217,6 +217,11 @@ pub struct PlanRun {
     /// it. `None` for a run recruiting from scratch.
     #[serde(default)]
     eligible: Option<BTreeSet<NodeName>>,
+    /// A resumed run that no node had accepted yet (the coordinator stopped while recruiting):
+    /// it recruits anew and waits for `min_nodes` acceptances until the recruiting deadline, since
+    /// the nodes come back one by one after the restart.
+    #[serde(default)]
+    recruit_anew: bool,
 }
 
 impl PlanRun {
@@ -232,6 +237,7 @@ impl PlanRun {
             online: offered.clone(),
             rounds_completed: 0,
             eligible: None,
+            recruit_anew: false,
         };
         let actions = if offered.is_empty() { vec![] } else { vec![Action::Offer(offered.into_iter().collect())] };
         (run, actions)
@@ -274,7 +280,10 @@ impl PlanRun {
         now: Millis,
     ) -> (Self, Vec<Action>) {
         let online: BTreeSet<NodeName> = connected.into_iter().collect();
-        let offered: BTreeSet<NodeName> = online.intersection(&accepted).cloned().collect();
+        // Stopped before any node accepted: recruit anew among every node that connects.
+        let recruit_anew = accepted.is_empty();
+        let offered: BTreeSet<NodeName> =
+            if recruit_anew { online.clone() } else { online.intersection(&accepted).cloned().collect() };
         let run = Self {
             phase: Phase::Recruiting { deadline: later(now, cfg.recruit_deadline) },
             cfg,
@@ -283,7 +292,8 @@ impl PlanRun {
             refused,
             online,
             rounds_completed,
-            eligible: Some(accepted),
+            eligible: (!recruit_anew).then_some(accepted),
+            recruit_anew,
         };
         let actions = if offered.is_empty() { vec![] } else { vec![Action::Offer(offered.into_iter().collect())] };
         (run, actions)
@@ -602,7 +612,10 @@ impl PlanRun {
                     // A resumed run waits for every node that had accepted, connected or not: after
                     // a coordinator restart they come back one by one, with jittered backoff.
                     Some(eligible) => eligible.iter().any(|n| !answered(n)),
-                    None => self.offered.iter().filter(|n| self.online.contains(*n)).any(|n| !answered(n)),
+                    None => {
+                        self.offered.iter().filter(|n| self.online.contains(*n)).any(|n| !answered(n))
+                            || (self.recruit_anew && self.accepted.len() < self.cfg.min_nodes)
+                    }
                 };
                 if undecided && now < *deadline {
                     return vec![];

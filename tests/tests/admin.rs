@@ -179,11 +179,13 @@ async fn a_running_plan_is_listed_inspected_and_cancelled_and_an_auditor_only_re
         .iter()
         .map(|p| (p["node"].as_str().unwrap().to_string(), p["state"].as_str().unwrap().to_string()))
         .collect();
-    assert_eq!(
-        states,
-        [("cleveland", "in_round"), ("hungarian", "in_round"), ("slow", "in_round")]
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-    );
+    // The real hospitals may already have said they train (heartbeats); the scripted node has not.
+    let names: Vec<&str> = states.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["cleveland", "hungarian", "slow"], "{states:?}");
+    for (node, state) in &states {
+        let allowed: &[&str] = if node == "slow" { &["in_round"] } else { &["in_round", "training", "uploading"] };
+        assert!(allowed.contains(&state.as_str()), "{node} is {state}: {states:?}");
+    }
     let text = cli(&auditor, &["plan", "status", &run]).await;
     assert!(text.ok && text.stdout.contains("status: running") && text.stdout.contains("round 0/3 (round 1 open)"));
     let list = cli(&auditor, &["plan", "list"]).await;

@@ -563,6 +563,11 @@ impl RunEngine {
                     }
                 }
                 Action::OpenRound { round, participants, deadline } => {
+                    if self.run.rounds_completed() == 0 {
+                        // Recruiting is over: who accepted is durable before round 1 starts, so a
+                        // restart during round 1 offers the run again to exactly them.
+                        fx.push(self.checkpoint_effect(None));
+                    }
                     self.acc = Accumulator::new(self.global.values().len());
                     self.round_metrics.clear();
                     self.round_updates.clear();

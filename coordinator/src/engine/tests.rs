@@ -430,3 +430,88 @@ fn a_participant_whose_heartbeats_stop_is_dropped_before_the_deadline_and_rejoin
     // c takes part in round 2.
     e.step(8_000, Input::Update { node: "c".into(), update: update(&plan_id, &s2, 1.0) }).unwrap();
 }
+
+/// The checkpoint and stored models among `fx`: the last checkpoint, and every model by hash.
+fn durable(fx: &[Effect]) -> (Option<checkpoint::RunCheckpoint>, BTreeMap<String, Vec<u8>>) {
+    let mut cp = None;
+    let mut models = BTreeMap::new();
+    for f in fx {
+        match f {
+            Effect::Checkpoint { state, .. } => cp = Some((**state).clone()),
+            Effect::StoreModel { hash, bytes, .. } => {
+                models.insert(hash.to_hex(), bytes.to_vec());
+            }
+            _ => {}
+        }
+    }
+    (cp, models)
+}
+
+#[test]
+fn a_run_stopped_during_round_1_resumes_with_the_nodes_that_had_accepted() {
+    let mut e = engine();
+    for n in ["a", "b", "c"] {
+        e.step(0, Input::Connected { node: n.into() }).unwrap();
+    }
+    let (plan_id, start_fx) = start(&mut e, plan("p", 2, 2), "r1", 0);
+    let (_, mut models) = durable(&start_fx);
+    e.step(1, Input::Decision { node: "a".into(), response: accept(&plan_id, "r1") }).unwrap();
+    e.step(1, Input::Decision { node: "b".into(), response: accept(&plan_id, "r1") }).unwrap();
+    let refuse = PlanResponse { accept: false, reason: "no".into(), ..accept(&plan_id, "r1") };
+    let fx = e.step(2, Input::Decision { node: "c".into(), response: refuse }).unwrap();
+    let (cp, more) = durable(&fx);
+    models.extend(more);
+    let cp = cp.expect("recruiting's end is checkpointed when round 1 opens");
+    assert_eq!(cp.rounds_completed, 0);
+    assert_eq!(cp.accepted.iter().map(String::as_str).collect::<Vec<_>>(), ["a", "b"]);
+
+    // A new process: nobody is connected yet; the run waits for the nodes that had accepted.
+    let mut e = engine();
+    let model = models[&cp.model].clone();
+    e.restore(0, cp, &model, None).unwrap();
+    assert!(e.step(5_000, Input::Tick).unwrap().is_empty(), "still waiting for a and b");
+    assert!(sent(&e.step(5_001, Input::Connected { node: "c".into() }).unwrap()).is_empty(), "c refused: not offered");
+    let fx = e.step(6_000, Input::Connected { node: "a".into() }).unwrap();
+    assert!(matches!(sent(&fx)["a"][..], [directive::Kind::OfferPlan(_)]));
+    e.step(6_001, Input::Connected { node: "b".into() }).unwrap();
+    e.step(6_002, Input::Decision { node: "a".into(), response: accept(&plan_id, "r1") }).unwrap();
+    let fx = e.step(6_003, Input::Decision { node: "b".into(), response: accept(&plan_id, "r1") }).unwrap();
+    let s = start_round_of(&fx).expect("round 1 opens again with a and b");
+    assert_eq!(s.round, 1);
+    assert_eq!(sent(&fx).len(), 2);
+}
+
+#[test]
+fn a_run_stopped_while_recruiting_recruits_anew_after_the_restart() {
+    let mut e = engine();
+    let (plan_id, fx) = start(&mut e, plan("p", 1, 2), "r1", 0);
+    let (cp, models) = durable(&fx);
+    let cp = cp.expect("the run's start is checkpointed");
+    assert!(cp.accepted.is_empty());
+    let mut e = engine();
+    let model = models[&cp.model].clone();
+    e.restore(0, cp, &model, None).unwrap();
+    // No node is back yet: the run waits (it used to fail at the first tick, nobody having
+    // accepted).
+    assert!(e.step(100, Input::Tick).unwrap().is_empty());
+    assert!(!e.is_idle());
+    e.step(200, Input::Connected { node: "a".into() }).unwrap();
+    assert!(
+        start_round_of(&e.step(300, Input::Decision { node: "a".into(), response: accept(&plan_id, "r1") }).unwrap())
+            .is_none(),
+        "one of min_nodes 2"
+    );
+    e.step(400, Input::Connected { node: "b".into() }).unwrap();
+    let fx = e.step(500, Input::Decision { node: "b".into(), response: accept(&plan_id, "r1") }).unwrap();
+    assert_eq!(start_round_of(&fx).map(|s| s.round), Some(1));
+    // Past the recruiting deadline with too few, it fails as a fresh run would.
+    let mut e = engine();
+    let (_, fx) = start(&mut e, plan("q", 1, 2), "r2", 0);
+    let (cp, models) = durable(&fx);
+    let cp = cp.unwrap();
+    let model = models[&cp.model].clone();
+    let mut e2 = engine();
+    e2.restore(0, cp, &model, None).unwrap();
+    let fx = e2.step(10_001, Input::Tick).unwrap();
+    assert!(fx.iter().any(|f| matches!(f, Effect::Finish { finished, .. } if !finished.success)), "{fx:?}");
+}

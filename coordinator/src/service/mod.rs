@@ -738,9 +738,12 @@ impl Inner {
         // What the history refuses as junk (events after the run's end, a node's rejected updates
         // beyond its quota) is not broadcast either: live and late watchers see the same run.
         if history.push(&run, ev.clone()) {
-            // Kept in the store too, so a watcher after a restart sees the run from its start.
+            // Kept in the store too, so a watcher after a restart sees the run from its start;
+            // not a node's rejected uploads, which a node can cause at will (they are in the audit
+            // log, within its quota): what the store keeps grows with rounds and nodes only.
+            let rejected = matches!(ev.kind, Some(plan_event::Kind::UpdateRejected(_)));
             let (id, bytes) = (run.clone(), sanctum_protocol::prost::Message::encode_to_vec(&ev));
-            if let Err(e) = self.db.call(move |s| s.append_event(&id, &bytes)) {
+            if !rejected && let Err(e) = self.db.call(move |s| s.append_event(&id, &bytes)) {
                 tracing::error!("store: {e}; the event is kept in memory only");
             }
             let _ = self.plan_events.send((run, ev));
@@ -802,8 +805,11 @@ impl Inner {
             tracing::warn!(node, round, plan = short(plan_id), "rejected update: {reason}");
         }
         // An upload that never named its plan has no watcher to tell, and one for a plan that is
-        // not running must not grow (or end) a finished run's history.
-        if plan_id.is_empty() || !self.is_running(plan_id) {
+        // not running must not grow (or end) a finished run's history. Only a rejection within the
+        // node's quota, and for the round the plan has open, reaches the watchers: a node choosing
+        // a new round number for each header must not choose how large the history grows.
+        let open_round = self.rounds.read().unwrap_or_else(|p| p.into_inner()).get(plan_id).map(|i| i.round);
+        if plan_id.is_empty() || !itemised || open_round != Some(round) || !self.is_running(plan_id) {
             return status;
         }
         self.publish(
