@@ -150,24 +150,34 @@ impl CoordinatorProcess {
         )
         .expect("write config");
         let log = dir.join("coordinator.log");
+        let (child, addr) = Self::serve(&config, std::fs::File::create(&log).expect("log"), env)
+            .map_err(|line| format!("stdout {line:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default()))?;
+        Ok(Self { child, addr, log, dir })
+    }
+
+    /// Spawns `serve --config CONFIG` with its log going to `stderr` and waits for the address it
+    /// bound; the first line of its stdout when it is not that address (the process is then gone).
+    fn serve(config: &Path, stderr: std::fs::File, env: &[(&str, &str)]) -> Result<(Child, SocketAddr), String> {
         let mut child = Command::new(bin("sanctum-coordinator"))
             .args(["serve", "--config"])
-            .arg(&config)
+            .arg(config)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log"))
+            .stderr(stderr)
             .spawn()
             .expect("spawn coordinator");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("read");
-        let Some(addr) = line.trim().strip_prefix("listening on ").and_then(|a| a.parse().ok()) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("stdout {line:?}\n{}", std::fs::read_to_string(&log).unwrap_or_default()));
-        };
-        Ok(Self { child, addr, log, dir })
+        match line.trim().strip_prefix("listening on ").and_then(|a| a.parse().ok()) {
+            Some(addr) => Ok((child, addr)),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(line)
+            }
+        }
     }
 
     /// The process id, e.g. to read its memory from `/proc`.
@@ -255,18 +265,8 @@ impl CoordinatorProcess {
         let text = text.replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""), 1);
         std::fs::write(&config, text).expect("config");
         let log = std::fs::OpenOptions::new().append(true).open(&self.log).expect("log");
-        let mut child = Command::new(bin("sanctum-coordinator"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn coordinator");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read");
-        assert!(line.starts_with("listening on "), "the coordinator did not restart: {line:?}\n{}", self.log_text());
+        let (child, _) = Self::serve(&config, log, &[])
+            .unwrap_or_else(|line| panic!("the coordinator did not restart: {line:?}\n{}", self.log_text()));
         self.child = child;
     }
 }
