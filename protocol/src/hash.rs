@@ -4,6 +4,15 @@ use std::fmt;
 
 use ring::digest;
 
+/// Why a text is not a [`ContentHash`]; the text is quoted as given, so a log shows what was sent.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ParseHashError {
+    #[error("'{text}' is not a hex SHA-256: {source}; a content address is 64 hex characters")]
+    NotHex { text: String, source: hex::FromHexError },
+    #[error("'{text}' is not a SHA-256: expected 64 hex characters (32 bytes), got {bytes} bytes")]
+    WrongLength { text: String, bytes: usize },
+}
+
 /// A SHA-256 digest, shown and sent as 64 lowercase hex characters.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ContentHash([u8; 32]);
@@ -18,10 +27,10 @@ impl ContentHash {
     }
 
     /// Parses 64 hex characters; anything else is refused with the reason.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let bytes = hex::decode(text).map_err(|e| format!("'{text}' is not a hex SHA-256: {e}"))?;
+    pub fn parse(text: &str) -> Result<Self, ParseHashError> {
+        let bytes = hex::decode(text).map_err(|source| ParseHashError::NotHex { text: text.to_string(), source })?;
         let arr: [u8; 32] =
-            bytes.try_into().map_err(|_| format!("'{text}' is not a SHA-256: expected 64 hex characters"))?;
+            bytes.try_into().map_err(|b: Vec<u8>| ParseHashError::WrongLength { text: text.to_string(), bytes: b.len() })?;
         Ok(Self(arr))
     }
 
@@ -86,7 +95,12 @@ mod tests {
         inc.update(b"bc");
         assert_eq!(inc.finish(), h);
         assert_eq!(ContentHash::parse(&h.to_hex()), Ok(h));
-        assert!(ContentHash::parse("abc").is_err());
-        assert!(ContentHash::parse(&"zz".repeat(32)).is_err());
+        assert!(matches!(ContentHash::parse("abc"), Err(ParseHashError::NotHex { .. })));
+        assert!(matches!(ContentHash::parse(&"zz".repeat(32)), Err(ParseHashError::NotHex { .. })));
+        let short = ContentHash::parse("abcd").err().map(|e| e.to_string());
+        assert_eq!(
+            short.as_deref(),
+            Some("'abcd' is not a SHA-256: expected 64 hex characters (32 bytes), got 2 bytes")
+        );
     }
 }

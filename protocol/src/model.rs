@@ -422,7 +422,7 @@ impl Weights {
                     dtype: format!("{:?}", t.dtype()),
                 });
             }
-            values.extend(crate::transfer::le_bytes_to_f32(t.data()).map_err(ModelError::Format)?);
+            values.extend(crate::transfer::le_bytes_to_f32(t.data()).map_err(|e| ModelError::Format(e.to_string()))?);
         }
         Self::new(layout.to_vec(), values)
     }

@@ -77,10 +77,19 @@ pub fn f32_to_le_bytes(values: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Why bytes are not a list of little-endian `f32` values.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum F32BytesError {
+    #[error(
+        "chunk of {bytes} bytes is not a whole number of f32 values (4 bytes each): the payload was cut or is not f32; send it again whole"
+    )]
+    Ragged { bytes: usize },
+}
+
 /// Decodes little-endian `f32` values; the length must be a multiple of four.
-pub fn le_bytes_to_f32(bytes: &[u8]) -> Result<Vec<f32>, String> {
+pub fn le_bytes_to_f32(bytes: &[u8]) -> Result<Vec<f32>, F32BytesError> {
     if !bytes.len().is_multiple_of(4) {
-        return Err(format!("chunk of {} bytes is not a whole number of f32 values", bytes.len()));
+        return Err(F32BytesError::Ragged { bytes: bytes.len() });
     }
     Ok(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
 }

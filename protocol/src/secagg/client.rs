@@ -154,7 +154,29 @@ pub struct EncryptedShare {
 pub trait PeerVerifier {
     /// `Ok` if `cert_der` is a valid node certificate for `node` and `signature` is its key's
     /// signature over `message`.
-    fn verify(&self, node: &str, cert_der: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String>;
+    fn verify(&self, node: &str, cert_der: &[u8], message: &[u8], signature: &[u8]) -> Result<(), PeerRefusal>;
+}
+
+/// Why a [`PeerVerifier`] refuses a peer's certificate or signature. The round aborts with it
+/// ([`SecAggError::Peer`] names the peer), so each says what is wrong with what the peer sent.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerRefusal {
+    /// The certificate does not chain to the consortium CA, has expired or is not yet valid
+    /// (the verifier's wording).
+    #[error("certificate refused: {0}")]
+    Certificate(String),
+    /// The certificate chains, but names another party or role.
+    #[error("the certificate is {found}'s, not node '{node}''s")]
+    WrongIdentity { found: String, node: String },
+    /// The identity cannot be read from the certificate.
+    #[error(transparent)]
+    Identity(#[from] crate::pki::PkiError),
+    /// Not the certificate this verifier knows for the node (the simulation's own members).
+    #[error("unknown certificate")]
+    UnknownCertificate,
+    /// The signature does not verify against the certified key, or the certificate is unreadable.
+    #[error(transparent)]
+    Signature(#[from] super::keys::KeySignatureError),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -293,7 +315,7 @@ impl Client {
             // with another participant list or threshold fail here.
             let message = self.params.keys_message(&a.keys);
             if let Err(why) = verifier.verify(&a.keys.node, &a.cert_der, &message, &a.signature) {
-                return self.abort(SecAggError::Peer(a.keys.node.clone(), why));
+                return self.abort(SecAggError::Peer(a.keys.node.clone(), why.to_string()));
             }
             if a.keys.share_key == a.keys.mask_key {
                 return self.abort(SecAggError::Peer(a.keys.node.clone(), "share and mask keys are equal".into()));

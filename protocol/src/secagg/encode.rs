@@ -245,49 +245,67 @@ pub fn input_dimension(plan: &Plan) -> usize {
     plan.model.num_params() + 1
 }
 
+/// Why a plan's client-level distributed DP cannot be set up.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum PlanNoiseError {
+    /// A `[privacy]` field client-level DP needs is missing.
+    #[error("client-level privacy needs privacy.{0}: add it to the plan's [privacy] section")]
+    Missing(&'static str),
+    #[error(
+        "client-level privacy needs noise_multiplier or target_epsilon: set one of them in the plan's [privacy] section"
+    )]
+    NoNoise,
+    /// The theorem's preconditions or the accountant refused the numbers (its own wording).
+    #[error(transparent)]
+    Privacy(#[from] PrivacyError),
+}
+
 /// One round's ρ for `plan` at noise multiplier σ ([`round_rho`] with the plan's clip norm and
 /// input size).
-pub fn plan_round_rho(plan: &Plan, noise_multiplier: f64) -> Result<f64, String> {
-    let clip = plan.privacy.clip_norm.ok_or("client-level privacy needs privacy.clip_norm")?;
-    round_rho(noise_multiplier, clip, input_dimension(plan)).map_err(|e| e.to_string())
+pub fn plan_round_rho(plan: &Plan, noise_multiplier: f64) -> Result<f64, PlanNoiseError> {
+    let clip = plan.privacy.clip_norm.ok_or(PlanNoiseError::Missing("clip_norm"))?;
+    Ok(round_rho(noise_multiplier, clip, input_dimension(plan))?)
 }
 
 /// ε at δ after `rounds` releases of `plan` with distributed noise at multiplier σ: what a node
 /// charges, and what the coordinator reports after as many released rounds.
-pub fn distributed_epsilon(plan: &Plan, noise_multiplier: f64, rounds: u32, delta: f64) -> Result<f64, String> {
-    distributed::epsilon_after_rounds(plan_round_rho(plan, noise_multiplier)?, rounds, delta).map_err(|e| e.to_string())
+pub fn distributed_epsilon(
+    plan: &Plan,
+    noise_multiplier: f64,
+    rounds: u32,
+    delta: f64,
+) -> Result<f64, PlanNoiseError> {
+    Ok(distributed::epsilon_after_rounds(plan_round_rho(plan, noise_multiplier)?, rounds, delta)?)
 }
 
 /// The noise multiplier of client-level distributed DP for a plan (from the plan, checked against
 /// the theorem's preconditions, or the smallest that meets its target over all rounds); `None`
 /// without client-level privacy.
-pub fn distributed_noise(plan: &Plan) -> Result<Option<f64>, String> {
+pub fn distributed_noise(plan: &Plan) -> Result<Option<f64>, PlanNoiseError> {
     let p = &plan.privacy;
     if !plan.secure_aggregation || p.mode != PrivacyMode::Client {
         return Ok(None);
     }
-    let delta = p.delta.ok_or("client-level privacy needs privacy.delta")?;
+    let delta = p.delta.ok_or(PlanNoiseError::Missing("delta"))?;
     match (p.noise_multiplier, p.target_epsilon) {
         (Some(s), _) => plan_round_rho(plan, s).map(|_| Some(s)),
         (None, Some(target)) => {
-            let clip = p.clip_norm.ok_or("client-level privacy needs privacy.clip_norm")?;
+            let clip = p.clip_norm.ok_or(PlanNoiseError::Missing("clip_norm"))?;
             let d = input_dimension(plan);
-            distributed::noise_for_epsilon(target, plan.rounds, delta, |s| round_rho(s, clip, d))
-                .map(Some)
-                .map_err(|e| e.to_string())
+            Ok(Some(distributed::noise_for_epsilon(target, plan.rounds, delta, |s| round_rho(s, clip, d))?))
         }
-        (None, None) => Err("client-level privacy needs noise_multiplier or target_epsilon".into()),
+        (None, None) => Err(PlanNoiseError::NoNoise),
     }
 }
 
 /// The encoding every party derives for a round with `participants` nodes and threshold `t`.
-pub fn encoding_for(plan: &Plan, participants: usize, t: usize, noise: Option<f64>) -> Result<Encoding, String> {
+pub fn encoding_for(plan: &Plan, participants: usize, t: usize, noise: Option<f64>) -> Result<Encoding, SecAggError> {
     let s = plan.secagg_settings();
     let clip = match (noise, plan.privacy.clip_norm) {
         (Some(_), Some(c)) => c,
         _ => s.clip_norm,
     };
-    Encoding::new(clip, s.max_samples, participants, t, noise).map_err(|e| e.to_string())
+    Encoding::new(clip, s.max_samples, participants, t, noise)
 }
 
 #[cfg(test)]
@@ -420,7 +438,8 @@ mod tests {
         let mut plan = dp_plan(1.0, 1.0);
         plan.privacy.noise_multiplier = Some(tiny);
         let e = distributed_noise(&plan).unwrap_err();
-        assert!(e.contains("below ½"), "{e}");
+        assert!(matches!(e, PlanNoiseError::Privacy(PrivacyError::Theorem(_))), "{e:?}");
+        assert!(e.to_string().contains("below ½"), "{e}");
         assert!(distributed_noise(&dp_plan(1.0, 1.0)).unwrap() == Some(1.0));
     }
 

@@ -176,7 +176,7 @@ impl Server {
         // Under this round's own roster digest, not one relayed with the keys.
         verifier
             .verify(node, &keys.cert_der, &self.params.keys_message(&keys.keys), &keys.signature)
-            .map_err(|why| SecAggError::Peer(node.into(), why))?;
+            .map_err(|why| SecAggError::Peer(node.into(), why.to_string()))?;
         if self.keys.contains_key(&id) {
             return Err(SecAggError::Peer(node.into(), "keys were already advertised".into()));
         }

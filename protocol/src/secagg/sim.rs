@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::client::{AdvertisedKeys, Client, EncryptedShare, PeerVerifier, RoundParams};
+use super::client::{AdvertisedKeys, Client, EncryptedShare, PeerRefusal, PeerVerifier, RoundParams};
 use super::keys::{self, RoundKeys};
 use super::server::{Outcome, Server, ServerAction};
 use super::{SecAggError, UnmaskShare};
@@ -60,11 +60,11 @@ impl Members {
 
 /// Checks signatures against the simulation's certificates (which the test issued itself).
 impl PeerVerifier for Members {
-    fn verify(&self, node: &str, cert_der: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String> {
+    fn verify(&self, node: &str, cert_der: &[u8], message: &[u8], signature: &[u8]) -> Result<(), PeerRefusal> {
         if self.certs.get(node).map(Vec::as_slice) != Some(cert_der) {
-            return Err("unknown certificate".into());
+            return Err(PeerRefusal::UnknownCertificate);
         }
-        keys::verify_message(message, signature, cert_der).map_err(|e| e.to_string())
+        Ok(keys::verify_message(message, signature, cert_der)?)
     }
 }
 
