@@ -3,16 +3,21 @@
 //! spent, accept with the run's planned privacy cost or refuse with a reason. The daemon reads
 //! files (the data, the approvals, the ledger) and asks here; the reason it sends the coordinator
 //! is a [`Refusal`]'s text, which never holds a value of the data (with sizes withheld, every
-//! figure is accounted at the public bound on the rows).
+//! figure is accounted at the public bound on the rows). [`admit`] decides, from the schema
+//! alone, which statistics a plan's privacy lets the features be standardised with.
 
+use sanctum_protocol::dataset::{PatientRows, PrivacyUnit, Schema, SplitRule, Standardization};
 use sanctum_protocol::plan::limits::{MAX_DELTA, MIN_DELTA};
 use sanctum_protocol::plan::{Plan, PlanError, PrivacyMode};
 use sanctum_protocol::privacy::{self, Accountant};
 use sanctum_protocol::secagg::encode::distributed_noise;
 
+use crate::approvals::ModelRefused;
 use crate::budget::{self, BudgetError, DdgPlan, DpPlan};
 use crate::config::Policy;
+use crate::data::Standardize;
 use crate::ledger::Spent;
+use crate::policy::PolicyRefused;
 use crate::train::DpSetup;
 
 /// Why this node refuses an offered plan; the text is the reason the coordinator gets.
@@ -29,11 +34,11 @@ pub enum Refusal {
     #[error("plan is not valid: {0}")]
     InvalidPlan(#[source] PlanError),
     /// The hospital's policy ([`crate::policy::check`]), in its words.
-    #[error("{0}")]
-    Policy(String),
+    #[error(transparent)]
+    Policy(#[from] PolicyRefused),
     /// The TorchScript approvals ([`crate::approvals::check_model`]), in their words.
-    #[error("{0}")]
-    Model(String),
+    #[error(transparent)]
+    Model(#[from] ModelRefused),
     #[error("this hospital's schema file for the plan was not read")]
     SchemaNotRead,
     #[error("plan does not fit schema '{schema}': {reason}")]
@@ -131,6 +136,75 @@ pub fn check_features(local: usize, model: usize) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// A schema-level rule that refuses a plan's privacy before any data is read. The message names
+/// the rule and the schema and nothing of the hospital's data, so it may go to the lead as it is.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RuleBroken {
+    #[error(
+        "rule dp-split-by-id: schema '{schema}' splits train from test by a hash of the row number, so one row added or removed moves many others between the splits and DP-SGD's ε would not hold; the consortium should key the split by a patient id ([privacy] id_column), or use client-level DP"
+    )]
+    HashSplitWithoutId { schema: String },
+    #[error(
+        "rule dp-public-standardization: under differential privacy a node standardises only with public statistics declared with the schema, and schema '{schema}' declares none (its own train-split mean and standard deviation would leave in the model uncharged); run the plan without DP or declare the statistics in the schema"
+    )]
+    NoDeclaredStatistics { schema: String },
+    #[error(
+        "rule dp-privacy-unit: schema '{schema}' protects patients and a patient may have several rows (column '{id_column}'), but DP-SGD here samples and clips rows, so ε would not bound what the model reveals about a patient; use client-level DP or a plan without DP"
+    )]
+    SeveralRowsPerPatient { schema: String, id_column: String },
+}
+
+/// The standardisation a plan with this privacy may use on `schema`, or the rule that refuses
+/// the plan. Plans without DP keep per-node statistics so non-DP results stay FLamby's.
+/// Client-level DP is not refused for several rows per patient: it clips and noises a hospital's
+/// whole update, which bounds every row of every patient at once.
+pub fn admit(schema: &Schema, privacy: PrivacyMode) -> Result<Standardize, RuleBroken> {
+    if let (PrivacyMode::Example, PrivacyUnit::Patient(PatientRows::Several { id_column })) =
+        (privacy, schema.privacy_unit())
+    {
+        let id_column = schema.columns().get(id_column).map(|c| c.name().to_string()).unwrap_or_default();
+        return Err(RuleBroken::SeveralRowsPerPatient { schema: schema.name().to_string(), id_column });
+    }
+    // A hash split keyed by the row number: adding or removing one row shifts every later row's
+    // key, so neighbouring tables differ in many train rows, not one, and DP-SGD's ε would not
+    // hold. Keyed by a patient id, one patient moves only themself.
+    if privacy == PrivacyMode::Example
+        && matches!(schema.split(), SplitRule::Hash { .. })
+        && schema.privacy_unit().id_column().is_none()
+    {
+        return Err(RuleBroken::HashSplitWithoutId { schema: schema.name().to_string() });
+    }
+    match (schema.standardization(), privacy) {
+        (Standardization::None, _) => Ok(Standardize::Off),
+        (Standardization::PerNodeTrain | Standardization::Declared(_), PrivacyMode::None) => Ok(Standardize::PerNode),
+        (Standardization::Declared(stats), PrivacyMode::Example | PrivacyMode::Client) => {
+            Ok(Standardize::Declared(stats.clone()))
+        }
+        (Standardization::PerNodeTrain, PrivacyMode::Example | PrivacyMode::Client) => {
+            Err(RuleBroken::NoDeclaredStatistics { schema: schema.name().to_string() })
+        }
+        // Charged whatever the plan's privacy: the consortium chose to count what they reveal.
+        (Standardization::Dp { epsilon }, _) => Ok(Standardize::EstimateDp { epsilon: *epsilon }),
+    }
+}
+
+/// [`admit`] with the plan's own choice of statistics (`[data] standardize`): `declared` uses the
+/// schema's public statistics also without DP; `per_node` is refused under DP.
+pub fn admit_plan(schema: &Schema, plan: &sanctum_protocol::plan::Plan) -> Result<Standardize, RuleBroken> {
+    use sanctum_protocol::plan::StandardizeWith;
+    let default = admit(schema, plan.privacy.mode)?;
+    let refuse = || RuleBroken::NoDeclaredStatistics { schema: schema.name().to_string() };
+    match (plan.data.standardize, plan.privacy.mode, schema.standardization()) {
+        (None, ..) => Ok(default),
+        (Some(StandardizeWith::Declared), _, Standardization::Declared(stats)) => {
+            Ok(Standardize::Declared(stats.clone()))
+        }
+        (Some(StandardizeWith::Declared), ..) => Err(refuse()),
+        (Some(StandardizeWith::PerNode), PrivacyMode::None, _) => Ok(default),
+        (Some(StandardizeWith::PerNode), ..) => Err(refuse()),
+    }
+}
+
 /// Derives this node's DP-SGD settings for a plan from its `train_rows` and checks them against
 /// the policy's caps, with `already` what every other run spent on the dataset. `None` when the
 /// plan has no example-level DP and the policy allows that.
@@ -189,7 +263,7 @@ pub fn example_dp(plan: &Plan, policy: &Policy, train_rows: usize, already: &Spe
 /// Client-level DP by distributed noise (secure aggregation): the node adds its own share of
 /// the noise, so it can account and cap it like DP-SGD. `None` for any other plan.
 pub fn distributed_dp(plan: &Plan, policy: &Policy, already: &Spent) -> Result<Option<DdgPlan>, Refusal> {
-    let Some(sigma) = distributed_noise(plan).map_err(Refusal::Distributed)? else {
+    let Some(sigma) = distributed_noise(plan).map_err(|e| Refusal::Distributed(e.to_string()))? else {
         return Ok(None);
     };
     let delta = plan.privacy.delta.ok_or(Refusal::MissingDelta)?;

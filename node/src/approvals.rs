@@ -93,10 +93,50 @@ pub enum ApprovalError {
     AlreadyApproved { sha256: String, by: String, at: String },
     #[error("model {0} is not approved here; `sanctum-node model list --config node.toml` shows what is")]
     NotApproved(String),
-    #[error("{0}")]
-    Invalid(String),
+    #[error(transparent)]
+    Invalid(#[from] InvalidApproval),
+    #[error("cannot encode {what}: {reason}; this is a bug, please report it")]
+    Encode { what: &'static str, reason: String },
     #[error("audit log: {0}")]
     Audit(#[from] sanctum_protocol::audit::AuditError),
+}
+
+/// What makes an approvals file, or one of its entries, invalid (the reason inside
+/// [`ApprovalError::Malformed`], or a refused [`Approvals::approve`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidApproval {
+    /// The TOML parser's message, on one line.
+    #[error("{0}")]
+    Toml(String),
+    /// The first 80 characters of the value.
+    #[error("sha256 '{0}' is not 64 lowercase hex digits")]
+    Sha256(String),
+    #[error("{field} must be 1 to 200 characters without control characters")]
+    Text { field: String },
+    #[error("{field} is not an RFC 3339 UTC time (2026-05-01T09:30:00Z)")]
+    Time { field: String },
+    #[error("model {sha256}: revoked_by and revoked_at go together")]
+    HalfRevoked { sha256: String },
+    #[error("model {sha256} is approved twice; revoke one entry or remove it")]
+    ApprovedTwice { sha256: String },
+    #[error("model {sha256} has two approvals at {at}; remove one of them")]
+    SameTime { sha256: String, at: String },
+}
+
+/// Why a plan's model may not be trained here ([`check_model`]); the text is the refusal's
+/// reason the coordinator gets.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ModelRefused {
+    #[error(
+        "model {sha256} is not approved at this hospital: review the file and run `sanctum-node model approve FILE --config node.toml`"
+    )]
+    NotApproved { sha256: String },
+    /// `declared` is `None` when the plan's count overflows a u64.
+    #[error(
+        "model {sha256} was approved with {approved} parameters, the plan declares {}: the plan does not describe the approved file",
+        declared.map_or("more than 2^64".to_string(), |d| d.to_string())
+    )]
+    Parameters { sha256: String, approved: u64, declared: Option<u64> },
 }
 
 /// `YYYY-MM-DDTHH:MM:SS[.fff…]Z`, with plausible fields.
@@ -137,37 +177,34 @@ fn is_sha256_hex(s: &str) -> bool {
 }
 
 /// A person's or a model's name: 1 to 200 characters, no control characters.
-fn check_text(field: &str, s: &str) -> Result<(), String> {
+fn check_text(field: &str, s: &str) -> Result<(), InvalidApproval> {
     if s.trim().is_empty() || s.chars().count() > 200 || s.chars().any(char::is_control) {
-        return Err(format!("{field} must be 1 to 200 characters without control characters"));
+        return Err(InvalidApproval::Text { field: field.to_string() });
     }
     Ok(())
 }
 
 impl Approval {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), InvalidApproval> {
         if !is_sha256_hex(&self.sha256) {
-            return Err(format!(
-                "sha256 '{}' is not 64 lowercase hex digits",
-                self.sha256.chars().take(80).collect::<String>()
-            ));
+            return Err(InvalidApproval::Sha256(self.sha256.chars().take(80).collect()));
         }
         let what = |f: &str| format!("{f} of model {}", self.sha256);
         check_text(&what("name"), &self.name)?;
         check_text(&what("approved_by"), &self.approved_by)?;
         if !is_rfc3339_utc(&self.approved_at) {
-            return Err(format!("{} is not an RFC 3339 UTC time (2026-05-01T09:30:00Z)", what("approved_at")));
+            return Err(InvalidApproval::Time { field: what("approved_at") });
         }
         match (&self.revoked_by, &self.revoked_at) {
             (None, None) => Ok(()),
             (Some(by), Some(at)) => {
                 check_text(&what("revoked_by"), by)?;
                 if !is_rfc3339_utc(at) {
-                    return Err(format!("{} is not an RFC 3339 UTC time", what("revoked_at")));
+                    return Err(InvalidApproval::Time { field: what("revoked_at") });
                 }
                 Ok(())
             }
-            _ => Err(format!("model {}: revoked_by and revoked_at go together", self.sha256)),
+            _ => Err(InvalidApproval::HalfRevoked { sha256: self.sha256.clone() }),
         }
     }
 }
@@ -180,7 +217,7 @@ impl Approvals {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(source) => return Err(ApprovalError::Io { path: path.to_path_buf(), source }),
         };
-        Self::parse(&text).map_err(|reason| ApprovalError::Malformed { path: path.to_path_buf(), reason })
+        Self::parse(&text).map_err(|e| ApprovalError::Malformed { path: path.to_path_buf(), reason: e.to_string() })
     }
 
     /// [`Approvals::load`] for the node: on any error, nothing is approved, and the error says why.
@@ -192,17 +229,18 @@ impl Approvals {
     }
 
     /// Parses and validates the TOML text.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let a: Approvals = toml::from_str(text).map_err(|e| e.to_string().trim().replace('\n', " "))?;
+    pub fn parse(text: &str) -> Result<Self, InvalidApproval> {
+        let a: Approvals =
+            toml::from_str(text).map_err(|e| InvalidApproval::Toml(e.to_string().trim().replace('\n', " ")))?;
         let mut active = BTreeSet::new();
         let mut keys = BTreeSet::new();
         for e in &a.entries {
             e.validate()?;
             if e.is_active() && !active.insert(e.sha256.as_str()) {
-                return Err(format!("model {} is approved twice", e.sha256));
+                return Err(InvalidApproval::ApprovedTwice { sha256: e.sha256.clone() });
             }
             if !keys.insert(e.approved_key()) {
-                return Err(format!("model {} has two approvals at {}", e.sha256, e.approved_at));
+                return Err(InvalidApproval::SameTime { sha256: e.sha256.clone(), at: e.approved_at.clone() });
             }
         }
         Ok(a)
@@ -220,7 +258,7 @@ impl Approvals {
 
     /// Adds an approval; refused if the hash is approved already or the entry is malformed.
     pub fn approve(&mut self, approval: Approval) -> Result<(), ApprovalError> {
-        approval.validate().map_err(ApprovalError::Invalid)?;
+        approval.validate()?;
         if let Some(e) = self.is_approved(&approval.sha256) {
             return Err(ApprovalError::AlreadyApproved {
                 sha256: e.sha256.clone(),
@@ -234,7 +272,7 @@ impl Approvals {
 
     /// Revokes the standing approval of `sha256`; the entry stays, marked, as history.
     pub fn revoke(&mut self, sha256: &str, by: &str, at: &str) -> Result<Approval, ApprovalError> {
-        check_text("revoked_by", by).map_err(ApprovalError::Invalid)?;
+        check_text("revoked_by", by)?;
         let e = self
             .entries
             .iter_mut()
@@ -247,7 +285,8 @@ impl Approvals {
 
     /// The file's text.
     pub fn to_toml(&self) -> Result<String, ApprovalError> {
-        let body = toml::to_string(self).map_err(|e| ApprovalError::Invalid(e.to_string()))?;
+        let body = toml::to_string(self)
+            .map_err(|e| ApprovalError::Encode { what: "the approvals file", reason: e.to_string() })?;
         Ok(format!(
             "# Approved TorchScript models, written by `sanctum-node model approve` / `model revoke`.\n# A plan's model is trained here only if its sha256 is listed without revoked_at.\n\n{body}"
         ))
@@ -303,24 +342,16 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ApprovalError> {
 
 /// The policy decision for a plan's model: a TorchScript model must be approved here (and the
 /// plan's parameter count must be the approved file's); zoo models need no approval.
-pub fn check_model(plan_model: &ModelSpec, approvals: &Approvals) -> Result<(), String> {
+pub fn check_model(plan_model: &ModelSpec, approvals: &Approvals) -> Result<(), ModelRefused> {
     let ModelSpec::Torchscript(t) = plan_model else {
         return Ok(());
     };
     let Some(a) = approvals.is_approved(&t.sha256) else {
-        return Err(format!(
-            "model {} is not approved at this hospital: review the file and run `sanctum-node model approve FILE --config node.toml`",
-            t.sha256
-        ));
+        return Err(ModelRefused::NotApproved { sha256: t.sha256.clone() });
     };
     let declared = plan_model.checked_num_params();
     if declared != Some(a.parameters) {
-        return Err(format!(
-            "model {} was approved with {} parameters, the plan declares {}: the plan does not describe the approved file",
-            t.sha256,
-            a.parameters,
-            declared.map_or("more than 2^64".to_string(), |d| d.to_string())
-        ));
+        return Err(ModelRefused::Parameters { sha256: t.sha256.clone(), approved: a.parameters, declared });
     }
     Ok(())
 }
@@ -355,7 +386,8 @@ impl Audited {
 
     fn save(&self, state_dir: &Path) -> Result<(), ApprovalError> {
         let path = state_dir.join(AUDITED_FILE);
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| ApprovalError::Invalid(e.to_string()))?;
+        let bytes = serde_json::to_vec_pretty(self)
+            .map_err(|e| ApprovalError::Encode { what: "the audited approvals", reason: e.to_string() })?;
         write_atomic(&path, &bytes)
     }
 
@@ -451,8 +483,9 @@ mod tests {
         let sha = "0123456789abcdef".repeat(4);
         let none = Approvals::default();
         let e = check_model(&plan_model(&sha), &none).unwrap_err();
+        assert_eq!(e, ModelRefused::NotApproved { sha256: sha.clone() });
         assert_eq!(
-            e,
+            e.to_string(),
             format!(
                 "model {sha} is not approved at this hospital: review the file and run `sanctum-node model approve FILE --config node.toml`"
             )
@@ -467,10 +500,15 @@ mod tests {
         if let ModelSpec::Torchscript(t) = &mut wrong {
             t.parameters[0].shape = vec![2, 13];
         }
-        assert!(check_model(&wrong, &a).unwrap_err().contains("approved with 14 parameters, the plan declares 27"));
+        assert!(
+            check_model(&wrong, &a)
+                .unwrap_err()
+                .to_string()
+                .contains("approved with 14 parameters, the plan declares 27")
+        );
         // Revoked: refused again.
         a.revoke(&sha, "Dr. Other", "2026-05-02T10:00:00Z").unwrap();
-        assert!(check_model(&plan_model(&sha), &a).unwrap_err().contains("is not approved at this hospital"));
+        assert!(matches!(check_model(&plan_model(&sha), &a), Err(ModelRefused::NotApproved { .. })));
     }
 
     #[test]

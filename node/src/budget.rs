@@ -92,7 +92,8 @@ pub enum BudgetError {
 /// of `encode::round_rho`, the same function the coordinator's reported ε comes from; an error
 /// (the plan or round is refused) where Kairouz et al.'s theorem does not apply.
 pub fn ddg_epsilon(plan: &Plan, sigma: f64, rounds: u32, delta: f64) -> Result<f64, BudgetError> {
-    sanctum_protocol::secagg::encode::distributed_epsilon(plan, sigma, rounds, delta).map_err(BudgetError::Distributed)
+    sanctum_protocol::secagg::encode::distributed_epsilon(plan, sigma, rounds, delta)
+        .map_err(|e| BudgetError::Distributed(e.to_string()))
 }
 
 /// Rounds of a run released before `round`: by the release store (`released`, every round it

@@ -85,7 +85,7 @@ pub enum EvaluateError {
     #[error("{0}")]
     Data(String),
     #[error("{0}")]
-    Device(String),
+    Device(#[from] crate::train::DeviceError),
     #[error("evaluation failed: {0}")]
     Train(String),
 }

@@ -87,7 +87,7 @@ impl DatasetConfig {
     }
 
     /// Reads the schema file named by `schema` (already resolved).
-    fn read_schema(&mut self, index: usize) -> Result<(), String> {
+    fn read_schema(&mut self, index: usize) -> Result<(), ConfigProblem> {
         match Schema::load(&self.schema) {
             Ok(s) => {
                 self.loaded = Some(Arc::new(s));
@@ -96,12 +96,9 @@ impl DatasetConfig {
             Err(sanctum_protocol::dataset::SchemaError::Read { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
-                Err(format!(
-                    "datasets[{index}].schema: there is no schema file at {}; a schema is a TOML file your consortium distributes (README, \"Bring your own data\"): put the file next to node.toml and give its path here",
-                    self.schema.display()
-                ))
+                Err(ConfigProblem::NoSchemaFile { index, path: self.schema.clone() })
             }
-            Err(e) => Err(format!("datasets[{index}].schema: {e}")),
+            Err(reason) => Err(ConfigProblem::Schema { index, reason }),
         }
     }
 }
@@ -241,20 +238,74 @@ impl Default for Policy {
     }
 }
 
-/// A config that cannot be used.
+/// A config that cannot be used: the file, and what is wrong in it.
 #[derive(Debug, thiserror::Error)]
-#[error("config {path}: {reason}")]
+#[error("config {path}: {problem}")]
 pub struct ConfigError {
     pub path: PathBuf,
-    pub reason: String,
+    pub problem: ConfigProblem,
+}
+
+/// What is wrong in a node config, naming the field and what to write instead.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigProblem {
+    #[error("cannot read: {0}")]
+    Read(std::io::Error),
+    /// The TOML parser's message (it names the line and the field).
+    #[error("{0}")]
+    Toml(toml::de::Error),
+    #[error(
+        "datasets[{index}].schema: there is no schema file at {}; a schema is a TOML file your consortium distributes (README, \"Bring your own data\"): put the file next to node.toml and give its path here",
+        path.display()
+    )]
+    NoSchemaFile { index: usize, path: PathBuf },
+    #[error("datasets[{index}].schema: {reason}")]
+    Schema { index: usize, reason: sanctum_protocol::dataset::SchemaError },
+    #[error(
+        "datasets[{index}]: another dataset already follows a schema named '{name}'; each schema name may have one dataset (its privacy budget is kept by that name)"
+    )]
+    SharedSchemaName { index: usize, name: String },
+    #[error("device: {0}")]
+    Device(#[from] crate::train::DeviceError),
+    #[error("threads must be at least 1")]
+    NoThreads,
+    #[error("policy.max_epsilon is {0}; it must be a positive number")]
+    MaxEpsilon(f64),
+    #[error("policy.max_delta is {0}; it must be in (0, 1)")]
+    MaxDelta(f64),
+    #[error(
+        "policy.test_metrics = \"noised\" needs policy.test_metric_noise (the noise's standard deviation per count, e.g. 5.0)"
+    )]
+    NoisedWithoutNoise,
+    #[error("policy.test_metric_noise is {0}; it must be a positive number")]
+    MetricNoise(f64),
+    #[error(
+        "policy.test_metric_noise is set but policy.test_metrics is not \"noised\"; remove it or set test_metrics = \"noised\""
+    )]
+    NoiseWithoutNoised,
+    #[error(
+        "policy.test_metrics = \"exact\" with share_sample_counts = false: an exact accuracy is a fraction whose denominator is the test split's size; use \"noised\" or \"none\""
+    )]
+    ExactWithoutSampleCounts,
+    #[error("policy.public_min_train_rows must be at least 1")]
+    NoPublicRows,
+    #[error(
+        "policy.public_min_train_rows applies only with share_sample_counts = false; remove it or set share_sample_counts = false"
+    )]
+    PublicRowsWhileSharing,
+    /// A cap of zero would refuse every plan: `field` is the policy's key.
+    #[error("policy.{field} must be at least 1")]
+    ZeroCap { field: &'static str },
+    #[error("policy.min_cohort must be at least 2 (a sum of one hospital is its update)")]
+    MinCohort,
 }
 
 impl NodeConfig {
     /// Reads, resolves relative paths and validates.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let err = |reason: String| ConfigError { path: path.to_path_buf(), reason };
-        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let err = |problem: ConfigProblem| ConfigError { path: path.to_path_buf(), problem };
+        let text = std::fs::read_to_string(path).map_err(|e| err(ConfigProblem::Read(e)))?;
+        let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| err(ConfigProblem::Toml(e)))?;
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let resolve = |p: &Path| {
             if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
@@ -271,62 +322,55 @@ impl NodeConfig {
         Ok(cfg)
     }
 
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigProblem> {
         // The ledger keys budgets by the schema's name: two tables under one name would share
         // (and confuse) one budget.
         let mut names = std::collections::BTreeSet::new();
         for (i, d) in self.datasets.iter().enumerate() {
             if d.schema().is_some() && !names.insert(d.name()) {
-                return Err(format!(
-                    "datasets[{i}]: another dataset already follows a schema named '{}'; each schema name may have one dataset (its privacy budget is kept by that name)",
-                    d.name()
-                ));
+                return Err(ConfigProblem::SharedSchemaName { index: i, name: d.name() });
             }
         }
-        crate::train::parse_device(&self.device).map_err(|e| format!("device: {e}"))?;
+        crate::train::parse_device(&self.device)?;
         if self.threads == Some(0) {
-            return Err("threads must be at least 1".into());
+            return Err(ConfigProblem::NoThreads);
         }
         let p = &self.policy;
         if let Some(e) = p.max_epsilon
             && !(e.is_finite() && e > 0.0)
         {
-            return Err(format!("policy.max_epsilon is {e}; it must be a positive number"));
+            return Err(ConfigProblem::MaxEpsilon(e));
         }
         if let Some(d) = p.max_delta
             && !(d > 0.0 && d < 1.0)
         {
-            return Err(format!("policy.max_delta is {d}; it must be in (0, 1)"));
+            return Err(ConfigProblem::MaxDelta(d));
         }
         match (p.test_metrics, p.test_metric_noise) {
-            (TestMetrics::Noised, None) => {
-                return Err("policy.test_metrics = \"noised\" needs policy.test_metric_noise (the noise's standard deviation per count, e.g. 5.0)".into());
-            }
+            (TestMetrics::Noised, None) => return Err(ConfigProblem::NoisedWithoutNoise),
             (TestMetrics::Noised, Some(s)) if !(s.is_finite() && s > 0.0) => {
-                return Err(format!("policy.test_metric_noise is {s}; it must be a positive number"));
+                return Err(ConfigProblem::MetricNoise(s));
             }
             (TestMetrics::Noised, Some(_)) | (_, None) => {}
-            (_, Some(_)) => {
-                return Err("policy.test_metric_noise is set but policy.test_metrics is not \"noised\"".into());
-            }
+            (_, Some(_)) => return Err(ConfigProblem::NoiseWithoutNoised),
         }
         if p.test_metrics == TestMetrics::Exact && !p.share_sample_counts {
-            return Err("policy.test_metrics = \"exact\" with share_sample_counts = false: an exact accuracy is a fraction whose denominator is the test split's size; use \"noised\" or \"none\"".into());
+            return Err(ConfigProblem::ExactWithoutSampleCounts);
         }
         if p.public_min_train_rows == Some(0) {
-            return Err("policy.public_min_train_rows must be at least 1".into());
+            return Err(ConfigProblem::NoPublicRows);
         }
         if p.public_min_train_rows.is_some() && p.share_sample_counts {
-            return Err("policy.public_min_train_rows applies only with share_sample_counts = false".into());
+            return Err(ConfigProblem::PublicRowsWhileSharing);
         }
         if p.max_model_parameters == 0 {
-            return Err("policy.max_model_parameters must be at least 1".into());
+            return Err(ConfigProblem::ZeroCap { field: "max_model_parameters" });
         }
         if p.max_local_steps == 0 {
-            return Err("policy.max_local_steps must be at least 1".into());
+            return Err(ConfigProblem::ZeroCap { field: "max_local_steps" });
         }
         if p.min_cohort.is_some_and(|m| m < 2) {
-            return Err("policy.min_cohort must be at least 2 (a sum of one hospital is its update)".into());
+            return Err(ConfigProblem::MinCohort);
         }
         Ok(())
     }

@@ -5,6 +5,10 @@
 //! constant), categorical features are one-hot encoded, the split is the schema's column or hash
 //! rule, and the features are standardised as [`admit`] decides from the plan's privacy.
 //!
+//! Layout: this file opens the table against the schema and reads it row by row ([`load`],
+//! [`check`]); [`error`] holds [`DataError`] and its public wording; [`standardize`] the
+//! statistics the features are standardised with. [`admit`] lives in [`crate::admission`].
+//!
 //! Errors come in two forms: the full one (`Display`: path, position, column, the offending value)
 //! for the node's own log, so the data steward can fix the row, and [`DataError::public_reason`]
 //! for the lead, which names the rule, the file name, the line (or row group) and the schema's
@@ -12,16 +16,23 @@
 //! counts, per column, present, missing, out-of-range and unknown-level cells (`data check`).
 
 use std::collections::{BTreeMap, HashSet};
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use sanctum_protocol::dataset::{
-    CellProblem, CellValue, Column, ColumnKind, DeclaredStatistics, PatientRows, PrivacyUnit, Role, Schema, Split,
-    SplitRule, Standardization, Target, Task, split_of,
+    CellProblem, CellValue, Column, ColumnKind, PatientRows, PrivacyUnit, Role, Schema, Split, SplitRule, Target, Task,
+    split_of,
 };
-use sanctum_protocol::plan::PrivacyMode;
 
-use crate::table::{Format, Position, RawCell, TableError, TableReader};
+use crate::table::{Format, Position, RawCell, TableReader};
+
+mod error;
+mod standardize;
+
+// What a plan's privacy allows is an admission decision; re-exported so `data::admit` still names it.
+pub use crate::admission::{RuleBroken, admit, admit_plan};
+pub use error::DataError;
+pub use standardize::{Standardize, UnboundedFeature, dp_features, standardize_with};
+use standardize::{rescale, train_statistics};
 
 /// A validated, standardised local dataset (row-major features).
 #[derive(Debug, Clone)]
@@ -70,212 +81,6 @@ impl TableSource {
     pub fn plain(path: impl Into<PathBuf>) -> Self {
         TableSource { path: path.into(), ..TableSource::default() }
     }
-}
-
-/// Which statistics [`load`] standardises the features with.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Standardize {
-    /// Features as they are (the schema standardises nothing).
-    Off,
-    /// The node's own train-split mean and standard deviation (FLamby's per-center
-    /// normalisation): only for plans without DP, since the model's scale then depends on them.
-    PerNode,
-    /// The schema's public statistics, the same at every node.
-    Declared(DeclaredStatistics),
-    /// Statistics this node releases under DP spending `epsilon` ([`crate::dp_stats`]), under DP
-    /// plans and without DP alike: [`load`] leaves the features as they are, and the caller
-    /// estimates, charges and applies them ([`dp_features`], [`standardize_with`]).
-    EstimateDp { epsilon: f64 },
-}
-
-impl fmt::Display for Standardize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Standardize::Off => f.write_str("no standardisation"),
-            Standardize::PerNode => f.write_str("this node's own train-split mean and standard deviation"),
-            Standardize::Declared(stats) => write!(f, "the schema's declared statistics ({})", stats.provenance),
-            Standardize::EstimateDp { epsilon } => {
-                write!(f, "statistics estimated under differential privacy (ε = {epsilon}, charged)")
-            }
-        }
-    }
-}
-
-/// A schema-level rule that refuses a plan's privacy before any data is read. The message names
-/// the rule and the schema and nothing of the hospital's data, so it may go to the lead as it is.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum RuleBroken {
-    #[error(
-        "rule dp-split-by-id: schema '{schema}' splits train from test by a hash of the row number, so one row added or removed moves many others between the splits and DP-SGD's ε would not hold; the consortium should key the split by a patient id ([privacy] id_column), or use client-level DP"
-    )]
-    HashSplitWithoutId { schema: String },
-    #[error(
-        "rule dp-public-standardization: under differential privacy a node standardises only with public statistics declared with the schema, and schema '{schema}' declares none (its own train-split mean and standard deviation would leave in the model uncharged); run the plan without DP or declare the statistics in the schema"
-    )]
-    NoDeclaredStatistics { schema: String },
-    #[error(
-        "rule dp-privacy-unit: schema '{schema}' protects patients and a patient may have several rows (column '{id_column}'), but DP-SGD here samples and clips rows, so ε would not bound what the model reveals about a patient; use client-level DP or a plan without DP"
-    )]
-    SeveralRowsPerPatient { schema: String, id_column: String },
-}
-
-/// The standardisation a plan with this privacy may use on `schema`, or the rule that refuses
-/// the plan. Plans without DP keep per-node statistics so non-DP results stay FLamby's.
-/// Client-level DP is not refused for several rows per patient: it clips and noises a hospital's
-/// whole update, which bounds every row of every patient at once.
-pub fn admit(schema: &Schema, privacy: PrivacyMode) -> Result<Standardize, RuleBroken> {
-    if let (PrivacyMode::Example, PrivacyUnit::Patient(PatientRows::Several { id_column })) =
-        (privacy, schema.privacy_unit())
-    {
-        let id_column = schema.columns().get(id_column).map(|c| c.name().to_string()).unwrap_or_default();
-        return Err(RuleBroken::SeveralRowsPerPatient { schema: schema.name().to_string(), id_column });
-    }
-    // A hash split keyed by the row number: adding or removing one row shifts every later row's
-    // key, so neighbouring tables differ in many train rows, not one, and DP-SGD's ε would not
-    // hold. Keyed by a patient id, one patient moves only themself.
-    if privacy == PrivacyMode::Example
-        && matches!(schema.split(), SplitRule::Hash { .. })
-        && schema.privacy_unit().id_column().is_none()
-    {
-        return Err(RuleBroken::HashSplitWithoutId { schema: schema.name().to_string() });
-    }
-    match (schema.standardization(), privacy) {
-        (Standardization::None, _) => Ok(Standardize::Off),
-        (Standardization::PerNodeTrain | Standardization::Declared(_), PrivacyMode::None) => Ok(Standardize::PerNode),
-        (Standardization::Declared(stats), PrivacyMode::Example | PrivacyMode::Client) => {
-            Ok(Standardize::Declared(stats.clone()))
-        }
-        (Standardization::PerNodeTrain, PrivacyMode::Example | PrivacyMode::Client) => {
-            Err(RuleBroken::NoDeclaredStatistics { schema: schema.name().to_string() })
-        }
-        // Charged whatever the plan's privacy: the consortium chose to count what they reveal.
-        (Standardization::Dp { epsilon }, _) => Ok(Standardize::EstimateDp { epsilon: *epsilon }),
-    }
-}
-
-/// [`admit`] with the plan's own choice of statistics (`[data] standardize`): `declared` uses the
-/// schema's public statistics also without DP; `per_node` is refused under DP.
-pub fn admit_plan(schema: &Schema, plan: &sanctum_protocol::plan::Plan) -> Result<Standardize, RuleBroken> {
-    use sanctum_protocol::plan::StandardizeWith;
-    let default = admit(schema, plan.privacy.mode)?;
-    let refuse = || RuleBroken::NoDeclaredStatistics { schema: schema.name().to_string() };
-    match (plan.data.standardize, plan.privacy.mode, schema.standardization()) {
-        (None, ..) => Ok(default),
-        (Some(StandardizeWith::Declared), _, Standardization::Declared(stats)) => {
-            Ok(Standardize::Declared(stats.clone()))
-        }
-        (Some(StandardizeWith::Declared), ..) => Err(refuse()),
-        (Some(StandardizeWith::PerNode), PrivacyMode::None, _) => Ok(default),
-        (Some(StandardizeWith::PerNode), ..) => Err(refuse()),
-    }
-}
-
-/// Why a data file cannot be used. `Display` is the full detail for the node's own log;
-/// [`DataError::public_reason`] is what may be sent to the lead.
-#[derive(Debug, thiserror::Error)]
-pub enum DataError {
-    #[error("{0}")]
-    Table(#[from] TableError),
-    #[error(
-        "{path}: column '{file_column}' (schema column '{column}' of schema '{schema}') is missing (the file's header has: {found}); rename the column, or map it in the node config under [datasets.columns] {column} = \"<your column>\""
-    )]
-    MissingColumn { path: PathBuf, column: String, file_column: String, schema: String, found: Box<str> },
-    #[error(
-        "the node config's [datasets.columns] maps '{key}', which schema '{schema}' has no column of; its columns are: {known}"
-    )]
-    UnknownMapping { key: String, schema: String, known: String },
-    #[error("{path}: the header names column {column} the same as an earlier column; give every column its own name")]
-    DuplicateColumn { path: PathBuf, column: usize },
-    #[error(
-        "{path}: schema columns '{first}' and '{second}' would both be read from one column of the table; fix [datasets.columns] so each schema column has its own"
-    )]
-    MappedTwice { path: PathBuf, first: String, second: String },
-    /// `column` is the file's column, 1-based; `name` the schema's name for it.
-    #[error("{path} {position}, column {column} ({name}): {problem}")]
-    Cell { path: PathBuf, position: Position, column: usize, name: String, problem: Box<CellProblem> },
-    #[error(
-        "{path} {position}, column {column} ({name}): the Parquet column holds {found}, but schema column '{name}' is {expected}; export the table with the schema's types"
-    )]
-    ParquetType {
-        path: PathBuf,
-        position: Position,
-        column: usize,
-        name: String,
-        expected: &'static str,
-        found: &'static str,
-    },
-    #[error(
-        "{path}: the {split} split is empty ({rows} rows kept); the schema's split needs rows in both train and test"
-    )]
-    EmptySplit { path: PathBuf, split: &'static str, rows: u64 },
-}
-
-impl DataError {
-    /// The refusal reason for the lead: the rule broken, the file's name (not its path), the
-    /// position and the schema's column name. Never a cell value nor a header the schema does not
-    /// name: those can be patient data, and the full message is in the node's log. With `lines`
-    /// false (the policy withholds dataset sizes) not the position either: a line number is a
-    /// lower bound on the number of rows.
-    pub fn public_reason(&self, lines: bool) -> String {
-        const SEE_LOG: &str = "the hospital's node log has the detail";
-        let at = |p: &Position| if lines { p.to_string() } else { "a row".to_string() };
-        match self {
-            DataError::Table(e) => e.public_reason(lines),
-            DataError::MissingColumn { path, column, schema, .. } => format!(
-                "rule schema-columns: '{}' has no column for '{column}', which schema '{schema}' requires; {SEE_LOG}",
-                file_name(path)
-            ),
-            DataError::DuplicateColumn { path, column } => format!(
-                "rule header-unique: '{}' names column {column} like an earlier one; {SEE_LOG}",
-                file_name(path)
-            ),
-            DataError::MappedTwice { path, first, second } => format!(
-                "rule column-mapping: '{}': schema columns '{first}' and '{second}' map to one column of the table; the hospital should fix [datasets.columns]",
-                file_name(path)
-            ),
-            DataError::UnknownMapping { key, schema, .. } => format!(
-                "rule column-mapping: the node config maps '{key}', which schema '{schema}' has no column of; the hospital should fix [datasets.columns]"
-            ),
-            DataError::Cell { path, position, column, name, problem } => format!(
-                "rule {}: '{}' {}, column {column} ({name}): {}; {SEE_LOG}",
-                problem.rule(),
-                file_name(path),
-                at(position),
-                problem.public()
-            ),
-            DataError::ParquetType { path, position, column, name, expected, found } => format!(
-                "rule parquet-column-types: '{}' {}, column {column} ({name}): the Parquet column holds {found}, the schema's column is {expected}; {SEE_LOG}",
-                file_name(path),
-                at(position)
-            ),
-            DataError::EmptySplit { path, split, .. } => {
-                format!("rule splits-non-empty: '{}' has no {split} row; {SEE_LOG}", file_name(path))
-            }
-        }
-    }
-}
-
-impl DataError {
-    /// The wording for the data steward at `sanctum-node data check`: the full path, the
-    /// position, the column and what to do, still never a cell value (the output may be pasted
-    /// into a ticket). Only a cell problem's own `Display` shows the value, so a cell problem is
-    /// worded as for the lead; every other error's `Display` holds no cell value.
-    pub fn steward_reason(&self) -> String {
-        match self {
-            DataError::Cell { path, position, column, name, problem } => format!(
-                "{} {position}, column {column} ({name}): {} (rule {}); fix the cell, or change the column's `missing` policy or bounds in the schema if the consortium agrees",
-                path.display(),
-                problem.public(),
-                problem.rule()
-            ),
-            other => other.to_string(),
-        }
-    }
-}
-
-/// The last component of `path`: a data file's directory can name a project or a person.
-fn file_name(path: &Path) -> String {
-    path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// A table opened against a schema: the table, and which file column holds each schema column.
@@ -709,76 +514,6 @@ pub fn check(source: &TableSource, schema: &Schema) -> Result<CheckReport, DataE
     }
     report.columns = schema.columns().iter().map(|c| c.name().to_string()).zip(counts).collect();
     Ok(report)
-}
-
-/// The mean and sample standard deviation (ddof = 1, as FLamby) of each feature of the
-/// row-major `train` rows.
-fn train_statistics(train: &[f32], d: usize) -> (Vec<f64>, Vec<f64>) {
-    let n = train.len() / d.max(1);
-    let (mut means, mut stds) = (Vec::with_capacity(d), Vec::with_capacity(d));
-    for j in 0..d {
-        let mean = (0..n).map(|i| f64::from(train[i * d + j])).sum::<f64>() / n.max(1) as f64;
-        let var = if n > 1 {
-            (0..n).map(|i| (f64::from(train[i * d + j]) - mean).powi(2)).sum::<f64>() / (n - 1) as f64
-        } else {
-            0.0
-        };
-        means.push(mean);
-        stds.push(var.sqrt());
-    }
-    (means, stds)
-}
-
-/// The standardised features with their declared bounds, for [`crate::dp_stats::estimate`] over
-/// [`LocalData::train_x`]. The schema checked that under `with = "dp"` every standardised column
-/// declares min and max; a feature without them is an error, never an unbounded contribution.
-pub fn dp_features(schema: &Schema) -> Result<Vec<crate::dp_stats::Bounded>, String> {
-    let mut out = Vec::new();
-    for (index, f) in schema.features().iter().enumerate().filter(|(_, f)| f.standardize) {
-        let column = &schema.columns()[f.column];
-        let (min, max) = match *column.kind() {
-            ColumnKind::Numeric { min: Some(lo), max: Some(hi) } => (lo, hi),
-            ColumnKind::Integer { min: Some(lo), max: Some(hi) } => (lo as f64, hi as f64),
-            _ => {
-                return Err(format!(
-                    "schema '{}' column '{}' is standardised under DP without declared min and max",
-                    schema.name(),
-                    column.name()
-                ));
-            }
-        };
-        out.push(crate::dp_stats::Bounded { index, min, max });
-    }
-    Ok(out)
-}
-
-/// Standardises `data` (loaded with [`Standardize::EstimateDp`]) with released statistics: for
-/// each `features[k]`, x ← (x − mean[k]) / std[k] on every train and test row; the other inputs
-/// stay as they are. Like [`Standardize::Declared`], nothing in the map depends on the data
-/// beyond what was released.
-pub fn standardize_with(
-    data: &mut LocalData,
-    features: &[crate::dp_stats::Bounded],
-    released: &crate::dp_stats::Released,
-) {
-    let mut mean = vec![0.0; data.features];
-    let mut scale = vec![1.0; data.features];
-    for ((f, m), s) in features.iter().zip(&released.mean).zip(&released.std) {
-        if let (Some(mj), Some(sj)) = (mean.get_mut(f.index), scale.get_mut(f.index)) {
-            (*mj, *sj) = (*m, *s);
-        }
-    }
-    rescale(&mut data.train_x, &mut data.test_x, &mean, &scale);
-}
-
-/// x ← (x − mean[j]) / scale[j] for feature j of every train and test row, in f64.
-fn rescale(train: &mut [f32], test: &mut [f32], mean: &[f64], scale: &[f64]) {
-    let d = mean.len();
-    for (j, (m, s)) in mean.iter().zip(scale).enumerate() {
-        for x in train.iter_mut().skip(j).step_by(d).chain(test.iter_mut().skip(j).step_by(d)) {
-            *x = ((f64::from(*x) - m) / s) as f32;
-        }
-    }
 }
 
 #[cfg(test)]

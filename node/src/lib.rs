@@ -9,6 +9,7 @@
 //! - [`admission`]: accept an offered plan with its planned privacy cost, or refuse it (pure).
 //! - [`budget`]: what a release costs its run and whether the caps let it be charged (pure).
 //! - [`train`]: the model zoo on tch, local training and evaluation.
+//! - [`device`]: the libtorch device setting (`auto`, `cpu`, `cuda:N`) and its checks.
 //! - [`scores`]: the metrics of every task (pure), agreeing with scikit-learn and lifelines.
 //! - [`loss`]: the loss of every task on tensors (per example, and the batch's).
 //! - [`dp_stats`]: standardisation statistics released under DP (`[standardize] with = "dp"`).
@@ -29,6 +30,8 @@
 //! - [`link`]: the only holder of the gRPC client; records each message in the egress log first.
 //! - [`backoff`]: reconnect delays with full jitter (pure).
 //! - [`daemon`]: the gRPC client loop that ties them together.
+//! - `faults` (only with the `fault-injection` feature): the end-to-end tests' hooks, handed to
+//!   the daemon by `main` as a `FaultOptions`.
 
 pub mod admission;
 pub mod approvals;
@@ -40,10 +43,13 @@ pub mod cli_model;
 pub mod config;
 pub mod daemon;
 pub mod data;
+pub mod device;
 pub mod download;
 pub mod dp_stats;
 pub mod dpsgd;
 pub mod egress;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod ledger;
 pub mod link;
 pub mod loss;

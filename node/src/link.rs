@@ -126,7 +126,7 @@ impl Link {
     /// in a partial file: a broken stream, or the next fetch after a restart, asks only for the
     /// rest.
     pub async fn fetch_model(&mut self, plan_id: &str, hash_hex: &str, size: u64) -> Result<Vec<u8>, LinkError> {
-        let hash = ContentHash::parse(hash_hex).map_err(LinkError::BadHash)?;
+        let hash = ContentHash::parse(hash_hex).map_err(|e| LinkError::BadHash(e.to_string()))?;
         let mut partial = PartialDownload::open(&self.downloads, &hash, size)?;
         let mut attempt = 1;
         loop {

@@ -151,9 +151,12 @@ fn check_not_expired(cfg: &NodeConfig, material: &TlsMaterial) -> anyhow::Result
 fn load(config: &std::path::Path) -> anyhow::Result<(NodeConfig, TlsMaterial, tch::Device)> {
     let cfg = NodeConfig::load(config)?;
     let material = TlsMaterial::load(&cfg.tls)?;
-    let device = train::parse_device(&cfg.device).map_err(anyhow::Error::msg)?;
-    train::check_device(device)
-        .map_err(|e| sanctum_node::config::ConfigError { path: config.to_path_buf(), reason: e })?;
+    let config_error = |e: train::DeviceError| sanctum_node::config::ConfigError {
+        path: config.to_path_buf(),
+        problem: sanctum_node::config::ConfigProblem::Device(e),
+    };
+    let device = train::parse_device(&cfg.device).map_err(config_error)?;
+    train::check_device(device).map_err(config_error)?;
     if let Some(n) = cfg.threads {
         tch::set_num_threads(n as i32);
     }
@@ -176,8 +179,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "starting; training on {}{why}",
                 train::device_name(device)
             );
+            // The end-to-end tests' hooks, read here only: the library never reads the environment.
+            #[cfg(feature = "fault-injection")]
+            let faults = sanctum_node::faults::FaultOptions::from_lookup(|var| std::env::var(var).ok())?;
             let node =
                 Node::new(cfg, material, device, exit_after_plan).context("cannot open the node's state directory")?;
+            #[cfg(feature = "fault-injection")]
+            let node = node.with_faults(faults);
             let (ask, stop) = tokio::sync::watch::channel(None);
             tokio::spawn(async move {
                 let signal = stop_signal().await;

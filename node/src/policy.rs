@@ -5,65 +5,85 @@ use sanctum_protocol::plan::{Plan, Weighting};
 
 use crate::config::{DatasetConfig, NodeConfig};
 
+/// Why the hospital's policy refuses a plan; the text is the reason the coordinator gets, so it
+/// names the plan's figures and the policy's settings, never anything of the data.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyRefused {
+    /// `allowed` is the policy's list, comma-separated, or "empty".
+    #[error("model '{model}' is not in this hospital's policy.allowed_models ({allowed})")]
+    Model { model: String, allowed: String },
+    #[error("plan asks for {asked} rounds; policy.max_rounds is {max}")]
+    Rounds { asked: u32, max: u32 },
+    #[error("plan's model has {parameters} parameters; this hospital's policy.max_model_parameters is {max}")]
+    Parameters { parameters: u64, max: u64 },
+    #[error("plan asks for {asked} local steps per round; this hospital's policy.max_local_steps is {max}")]
+    LocalSteps { asked: u32, max: u32 },
+    #[error(
+        "plan sends each hospital's update in the clear; this hospital's policy.min_cohort = {min} requires secure aggregation (secure_aggregation = true)"
+    )]
+    InTheClear { min: usize },
+    #[error(
+        "plan lets secure aggregation release the sum of as few as {least} hospitals' updates; this hospital's policy.min_cohort is {min} (raise secagg.threshold or min_nodes)"
+    )]
+    SmallCohort { least: usize, min: usize },
+    #[error(
+        "plan weights updates by sample count, which this hospital's policy withholds (policy.share_sample_counts = false)"
+    )]
+    SampleCounts,
+    #[error("plan names no schema file (data.schema_sha256); this node trains only on a schema it holds")]
+    NoSchemaHash,
+    /// One wording whether or not a schema of that name is held here (see [`check`]).
+    #[error("this hospital has no dataset with schema '{schema}' (SHA-256 {sha256})")]
+    NoDataset { schema: String, sha256: String },
+}
+
 /// Checks a plan against the node's policy; returns the dataset to use or the reason to refuse.
-pub fn check<'a>(plan: &Plan, cfg: &'a NodeConfig) -> Result<&'a DatasetConfig, String> {
+pub fn check<'a>(plan: &Plan, cfg: &'a NodeConfig) -> Result<&'a DatasetConfig, PolicyRefused> {
     let model = plan.model.name();
     if !cfg.policy.allowed_models.iter().any(|m| m == model) {
-        return Err(format!(
-            "model '{model}' is not in this hospital's policy.allowed_models ({})",
-            if cfg.policy.allowed_models.is_empty() {
-                "empty".to_string()
-            } else {
-                cfg.policy.allowed_models.join(", ")
-            }
-        ));
+        let allowed = if cfg.policy.allowed_models.is_empty() {
+            "empty".to_string()
+        } else {
+            cfg.policy.allowed_models.join(", ")
+        };
+        return Err(PolicyRefused::Model { model: model.to_string(), allowed });
     }
     if plan.rounds > cfg.policy.max_rounds {
-        return Err(format!("plan asks for {} rounds; policy.max_rounds is {}", plan.rounds, cfg.policy.max_rounds));
+        return Err(PolicyRefused::Rounds { asked: plan.rounds, max: cfg.policy.max_rounds });
     }
     // Both figures are the plan's and the policy's own: nothing of the data.
     let parameters = plan.model_parameters();
     if parameters > cfg.policy.max_model_parameters {
-        return Err(format!(
-            "plan's model has {parameters} parameters; this hospital's policy.max_model_parameters is {}",
-            cfg.policy.max_model_parameters
-        ));
+        return Err(PolicyRefused::Parameters { parameters, max: cfg.policy.max_model_parameters });
     }
     if plan.local.steps > cfg.policy.max_local_steps {
-        return Err(format!(
-            "plan asks for {} local steps per round; this hospital's policy.max_local_steps is {}",
-            plan.local.steps, cfg.policy.max_local_steps
-        ));
+        return Err(PolicyRefused::LocalSteps { asked: plan.local.steps, max: cfg.policy.max_local_steps });
     }
     if let Some(min) = cfg.policy.min_cohort {
         if !plan.secure_aggregation {
-            return Err(format!(
-                "plan sends each hospital's update in the clear; this hospital's policy.min_cohort = {min} requires secure aggregation (secure_aggregation = true)"
-            ));
+            return Err(PolicyRefused::InTheClear { min });
         }
         // The smallest threshold any round of the plan can have (a round with n participants uses
         // at least this).
         let least = plan.secagg_threshold(0);
         if least < min {
-            return Err(format!(
-                "plan lets secure aggregation release the sum of as few as {least} hospitals' updates; this hospital's policy.min_cohort is {min} (raise secagg.threshold or min_nodes)"
-            ));
+            return Err(PolicyRefused::SmallCohort { least, min });
         }
     }
     // Even masked, sample weights leak: the decoded sum holds Σ n / max_samples over each round's
     // survivors, and a coordinator choosing the participants can solve for every hospital's n.
     if plan.strategy.weighting() == Weighting::Samples && !cfg.policy.share_sample_counts {
-        return Err("plan weights updates by sample count, which this hospital's policy withholds (policy.share_sample_counts = false)".into());
+        return Err(PolicyRefused::SampleCounts);
     }
     let Some(sha) = plan.data.schema_sha256.as_deref() else {
-        return Err("plan names no schema file (data.schema_sha256); this node trains only on a schema it holds".into());
+        return Err(PolicyRefused::NoSchemaHash);
     };
     if let Some(d) = cfg.dataset_with_schema(sha) {
         return Ok(d);
     }
     // One wording whether or not a schema of that name is held here: a coordinator guessing names
     // learns nothing of what else this hospital holds ([`other_version`] tells the local log).
-    Err(format!("this hospital has no dataset with schema '{}' (SHA-256 {sha})", plan.data.schema))
+    Err(PolicyRefused::NoDataset { schema: plan.data.schema.clone(), sha256: sha.to_string() })
 }
 
 /// For the node's own log when a plan is refused for its schema: the hash of the schema of the
@@ -136,6 +156,7 @@ mod tests {
             match (want, got) {
                 (None, Ok(schema)) => assert_eq!(schema, "heart_disease"),
                 (Some(words), Err(reason)) => {
+                    let reason = reason.to_string();
                     assert!(reason.contains(words), "{policy:?} {model:?} {steps}: {reason}");
                     // The reason leaves the hospital: it names the plan's figures and the policy's
                     // cap, never the dataset.
@@ -159,8 +180,8 @@ mod tests {
             p.data.schema_sha256 = Some(other.clone());
             p
         };
-        let held_name = check(&with("heart_disease"), &cfg).unwrap_err();
-        let unknown = check(&with("breast_cancer"), &cfg).unwrap_err();
+        let held_name = check(&with("heart_disease"), &cfg).unwrap_err().to_string();
+        let unknown = check(&with("breast_cancer"), &cfg).unwrap_err().to_string();
         assert_eq!(held_name.replace("heart_disease", "X"), unknown.replace("breast_cancer", "X"));
         assert!(!held_name.contains(&heart().sha256().to_hex()), "{held_name}");
         // The node's own log may say which version it holds.
@@ -173,9 +194,9 @@ mod tests {
         let cfg = config("");
         assert_eq!((cfg.policy.max_model_parameters, cfg.policy.max_local_steps), (1 << 27, 10_000));
         assert!(cfg.validate().is_ok());
-        let e = config("max_model_parameters = 0").validate().unwrap_err();
+        let e = config("max_model_parameters = 0").validate().unwrap_err().to_string();
         assert!(e.contains("policy.max_model_parameters"), "{e}");
-        let e = config("max_local_steps = 0").validate().unwrap_err();
+        let e = config("max_local_steps = 0").validate().unwrap_err().to_string();
         assert!(e.contains("policy.max_local_steps"), "{e}");
     }
 }

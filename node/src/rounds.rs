@@ -89,6 +89,22 @@ pub fn start_round(view: &RunView<'_>, run: &str, round: u32, with_setup: bool, 
     }
 }
 
+/// Why the node declines an evaluation request ([`Lineage::evaluate`]); the text is the reason
+/// the coordinator gets. Models are named by the first 12 hex digits of their hash.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EvaluationRefused {
+    #[error("evaluation for run {run:?}, but this node accepted run {accepted:?} of the plan")]
+    OtherRun { run: String, accepted: String },
+    #[error("model {model} was already evaluated in this run")]
+    AlreadyEvaluated { model: String },
+    #[error(
+        "model {model} is not of this run's lineage (the initial model or one this node trained on) and the run's last round has not been sent; only the final model is evaluated after it"
+    )]
+    NotInLineage { model: String },
+    #[error("this run's final model ({model}) was already evaluated")]
+    FinalDone { model: String },
+}
+
 /// What the node tracks per accepted run to decide on evaluation requests.
 #[derive(Clone, Debug, Default)]
 pub struct Lineage {
@@ -105,24 +121,21 @@ pub struct Lineage {
 impl Lineage {
     /// Decides on `Evaluate(run, hash)`: only models of this run's lineage, each at most once,
     /// and at most one final model (the result of the last round), after the last round.
-    pub fn evaluate(&self, view: &RunView<'_>, run: &str, hash: &str) -> Result<(), String> {
+    pub fn evaluate(&self, view: &RunView<'_>, run: &str, hash: &str) -> Result<(), EvaluationRefused> {
         if run != view.run {
-            return Err(format!("evaluation for run {run:?}, but this node accepted run {:?} of the plan", view.run));
+            return Err(EvaluationRefused::OtherRun { run: run.to_string(), accepted: view.run.to_string() });
         }
         if self.evaluated.contains(hash) {
-            return Err(format!("model {} was already evaluated in this run", short(hash)));
+            return Err(EvaluationRefused::AlreadyEvaluated { model: short(hash).to_string() });
         }
         if self.models.contains(hash) {
             return Ok(());
         }
         if !self.saw_last_round {
-            return Err(format!(
-                "model {} is not of this run's lineage (the initial model or one this node trained on) and the run's last round has not been sent; only the final model is evaluated after it",
-                short(hash)
-            ));
+            return Err(EvaluationRefused::NotInLineage { model: short(hash).to_string() });
         }
         if let Some(f) = &self.final_model {
-            return Err(format!("this run's final model ({}) was already evaluated", short(f)));
+            return Err(EvaluationRefused::FinalDone { model: short(f).to_string() });
         }
         Ok(())
     }
@@ -183,14 +196,14 @@ mod tests {
         l.models.insert("m1".into());
         assert!(l.evaluate(&VIEW, "r1", "m1").is_ok());
         l.record_evaluation("m1");
-        assert!(l.evaluate(&VIEW, "r1", "m1").unwrap_err().contains("already evaluated"));
-        assert!(l.evaluate(&VIEW, "r2", "init").unwrap_err().contains("accepted run"));
-        let e = l.evaluate(&VIEW, "r1", "random").unwrap_err();
+        assert!(l.evaluate(&VIEW, "r1", "m1").unwrap_err().to_string().contains("already evaluated"));
+        assert!(l.evaluate(&VIEW, "r2", "init").unwrap_err().to_string().contains("accepted run"));
+        let e = l.evaluate(&VIEW, "r1", "random").unwrap_err().to_string();
         assert!(e.contains("not of this run's lineage"), "{e}");
         l.saw_last_round = true;
         assert!(l.evaluate(&VIEW, "r1", "final").is_ok());
         l.record_evaluation("final");
-        assert!(l.evaluate(&VIEW, "r1", "another").unwrap_err().contains("final model"));
+        assert!(l.evaluate(&VIEW, "r1", "another").unwrap_err().to_string().contains("final model"));
         assert!(l.evaluate(&VIEW, "r1", "init").is_ok(), "lineage models stay evaluable once");
     }
 }

@@ -30,38 +30,8 @@ pub enum TrainError {
     Diverged,
 }
 
-/// Parses a `device` setting; `auto` picks the first GPU when there is one.
-pub fn parse_device(s: &str) -> Result<Device, String> {
-    match s {
-        "auto" => Ok(Device::cuda_if_available()),
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Ok(Device::Cuda(n)),
-            _ => Err(format!("'{other}' is not a device; use auto, cpu, cuda or cuda:N")),
-        },
-    }
-}
-
-/// A human name for a device, as logs and the coordinator show it.
-pub fn device_name(d: Device) -> String {
-    match d {
-        Device::Cpu => "cpu".into(),
-        Device::Cuda(n) => format!("cuda:{n}"),
-        other => format!("{other:?}").to_lowercase(),
-    }
-}
-
-/// Checks that a requested GPU exists.
-pub fn check_device(d: Device) -> Result<(), String> {
-    match d {
-        Device::Cuda(n) if n >= tch::Cuda::device_count().max(0) as usize => Err(format!(
-            "device cuda:{n} requested but libtorch sees {} CUDA device(s); use device = \"auto\" or \"cpu\"",
-            tch::Cuda::device_count()
-        )),
-        _ => Ok(()),
-    }
-}
+// The device setting moved to its own module; re-exported so `train::parse_device` still names it.
+pub use crate::device::{DeviceError, check_device, device_name, parse_device};
 
 /// One trainable layer: its weight and bias, and what kind of layer the weight's shape says.
 pub(crate) enum Layer {
@@ -708,12 +678,5 @@ mod tests {
         let r = train_round(&plan, &w, &data, Device::Cpu, 1, None).unwrap();
         let trained = applied(&w, &r);
         assert!(evaluate(&plan.model, &trained, &data, Device::Cpu, None).unwrap().primary().unwrap() >= 0.95);
-    }
-
-    #[test]
-    fn devices_parse() {
-        assert_eq!(parse_device("cpu"), Ok(Device::Cpu));
-        assert_eq!(parse_device("cuda:1"), Ok(Device::Cuda(1)));
-        assert!(parse_device("tpu").is_err());
     }
 }

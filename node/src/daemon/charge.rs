@@ -108,12 +108,3 @@ impl Node {
         Ok(())
     }
 }
-
-/// Test hook for the crash-between-charge-and-send fault test
-/// (`SANCTUM_FAULT_CRASH_AFTER_CHARGE`); never set in production.
-pub(super) fn crash_after_charge() {
-    if std::env::var_os("SANCTUM_FAULT_CRASH_AFTER_CHARGE").is_some() {
-        tracing::error!("SANCTUM_FAULT_CRASH_AFTER_CHARGE is set: exiting before the update is sent");
-        std::process::exit(70);
-    }
-}

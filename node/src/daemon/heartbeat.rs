@@ -28,7 +28,8 @@ impl Node {
         if interval.is_some() {
             self.heartbeat(start, HeartbeatPhase::Training).await;
         }
-        stall_before_training(start.round).await;
+        #[cfg(feature = "fault-injection")]
+        self.faults.stall_before_training(start.round).await;
         let mut handle = tokio::task::spawn_blocking(job);
         let trained = match interval {
             None => handle.await?,
@@ -65,23 +66,4 @@ impl Node {
             Err(_) => tracing::debug!(round = start.round, "heartbeat timed out"),
         }
     }
-}
-
-/// Test hook for the straggler tests (`SANCTUM_FAULT_STALL_ROUND=N`, `SANCTUM_FAULT_STALL_SECS=S`):
-/// the node sleeps S seconds before training round N, sending no heartbeat meanwhile. Only in
-/// `fault-injection` builds; never set in production.
-async fn stall_before_training(round: u32) {
-    #[cfg(feature = "fault-injection")]
-    {
-        let stall_round = std::env::var("SANCTUM_FAULT_STALL_ROUND").ok().and_then(|r| r.parse::<u32>().ok());
-        let secs = std::env::var("SANCTUM_FAULT_STALL_SECS").ok().and_then(|s| s.parse::<u64>().ok());
-        if let (Some(r), Some(secs)) = (stall_round, secs)
-            && r == round
-        {
-            tracing::warn!(round, secs, "SANCTUM_FAULT_STALL_ROUND is set: stalling before training");
-            tokio::time::sleep(Duration::from_secs(secs)).await;
-        }
-    }
-    #[cfg(not(feature = "fault-injection"))]
-    let _ = round;
 }

@@ -105,6 +105,9 @@ pub struct Node {
     audit: AuditLog,
     /// What this node sent per (plan, round): payload hash and size, to check round records.
     sent: HashMap<(String, u32), (String, usize)>,
+    /// The end-to-end tests' hooks ([`Node::with_faults`]); none unless `main` sets them.
+    #[cfg(feature = "fault-injection")]
+    faults: crate::faults::FaultOptions,
 }
 
 /// What the session loop woke up for.
@@ -171,10 +174,7 @@ impl Node {
         let releases = ReleaseStore::open(&cfg.state_dir)?;
         let verifier = material.node_cert_verifier()?;
         let audit = AuditLog::open_for(&cfg.state_dir.join("audit"), &material)?;
-        #[allow(unused_mut)]
-        let mut link = Link::new(egress, &cfg.state_dir);
-        #[cfg(feature = "fault-injection")]
-        link.cut_uploads(training::upload_cut());
+        let link = Link::new(egress, &cfg.state_dir);
         Ok(Self {
             cfg,
             material,
@@ -190,7 +190,18 @@ impl Node {
             training: None,
             audit,
             sent: HashMap::new(),
+            #[cfg(feature = "fault-injection")]
+            faults: crate::faults::FaultOptions::default(),
         })
+    }
+
+    /// Switches the end-to-end tests' hooks on (`fault-injection` builds only; `main` reads them
+    /// from the environment, [`crate::faults::FaultOptions::from_lookup`]).
+    #[cfg(feature = "fault-injection")]
+    pub fn with_faults(mut self, faults: crate::faults::FaultOptions) -> Self {
+        self.link.cut_uploads(faults.upload_cut());
+        self.faults = faults;
+        self
     }
 
     /// Runs until `stop` asks it to (it drains: the directive in flight finishes, then a

@@ -100,7 +100,7 @@ impl Node {
         data: &mut LocalData,
     ) -> Result<(), Refusal> {
         let delta = admission::statistics_delta(plan, schema.name(), epsilon)?;
-        let features = data::dp_features(schema).map_err(Refusal::Statistics)?;
+        let features = data::dp_features(schema).map_err(|e| Refusal::Statistics(e.to_string()))?;
         let key = format!("{run}/statistics");
         let releases = self.ledger.releases(plan_id, &key) + 1;
         let stats = crate::dp_stats::cost_for(epsilon, delta).map_err(|e| Refusal::Statistics(e.to_string()))?;
@@ -127,7 +127,7 @@ impl Node {
     /// A TorchScript run trains and evaluates only while its model stays approved here: a
     /// revocation stops the run's next round and its evaluation (the approvals file is read
     /// each time, fail closed). Zoo models need no approval.
-    pub(super) fn still_approved(&self, plan: &Plan) -> Result<(), String> {
+    pub(super) fn still_approved(&self, plan: &Plan) -> Result<(), approvals::ModelRefused> {
         if !matches!(plan.model, ModelSpec::Torchscript(_)) {
             return Ok(());
         }

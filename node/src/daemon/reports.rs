@@ -68,10 +68,10 @@ impl Node {
         };
         let view = accepted.view();
         if let Err(reason) = accepted.lineage.evaluate(&view, &ev.run, &ev.model_sha256) {
-            return self.decline_evaluation(ev, &reason).await;
+            return self.decline_evaluation(ev, &reason.to_string()).await;
         }
         if let Err(reason) = self.still_approved(&accepted.plan) {
-            return self.decline_evaluation(ev, &reason).await;
+            return self.decline_evaluation(ev, &reason.to_string()).await;
         }
         let allowed = self
             .cfg

@@ -8,7 +8,6 @@ use sanctum_protocol::secagg::client::{Client as SecAggClient, RoundParams};
 use sanctum_protocol::secagg::encode::{Weight, encoding_for};
 use sanctum_protocol::secagg::wire;
 
-use super::charge::crash_after_charge;
 use super::{Node, SecAggRound, Trained};
 use crate::egress::Rule;
 use crate::release::Released;
@@ -24,7 +23,7 @@ impl Node {
         if let Some(accepted) = self.plans.get(&start.plan_id)
             && let Err(reason) = self.still_approved(&accepted.plan)
         {
-            self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
+            self.refuse_directive("StartRound", &start.plan_id, start.round, &reason.to_string())?;
             anyhow::bail!("{reason}");
         }
         // A masked input is made once per (run, round) and never re-sent.
@@ -128,7 +127,8 @@ impl Node {
         self.releases.put(&start.plan_id, &run, start.round, &Released::Masked)?;
         if let Some(cost) = &cost {
             self.charge_cost(&start.plan_id, start.round, cost)?;
-            crash_after_charge();
+            #[cfg(feature = "fault-injection")]
+            self.faults.crash_after_charge();
         }
         let metrics = self.round_metrics(&start.plan_id, &metric, cost.as_ref())?;
         let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
@@ -146,7 +146,8 @@ impl Node {
             update_norm = format!("{norm:.4}"),
             "update encoded for secure aggregation"
         );
-        test_dump_input(&self.material.identity().name, start.round, &words);
+        #[cfg(feature = "fault-injection")]
+        self.faults.dump_secagg_input(&self.material.identity().name, start.round, &words);
         round.input = Some(words);
         round.metrics = metrics;
         if round.client.ready_to_mask() {
@@ -163,7 +164,8 @@ impl Node {
         let Some(words) = round.input.take() else {
             return Ok(());
         };
-        test_fault("before_input", round.start.round);
+        #[cfg(feature = "fault-injection")]
+        self.faults.secagg_exit(crate::faults::SecAggPoint::BeforeInput, round.start.round);
         let masked = round.client.masked_input(&words)?;
         let start = round.start.clone();
         let header = UpdateHeader {
@@ -180,7 +182,8 @@ impl Node {
         };
         self.send_update(header, wire::words_to_le(&masked), Rule::ModelUpdate).await?;
         self.note_round(&start);
-        test_fault("after_input", start.round);
+        #[cfg(feature = "fault-injection")]
+        self.faults.secagg_exit(crate::faults::SecAggPoint::AfterInput, start.round);
         Ok(())
     }
 
@@ -236,28 +239,5 @@ impl Node {
             }
         }
         Ok(())
-    }
-}
-
-/// Test hook for the secure-aggregation dropout tests (`SANCTUM_FAULT_SECAGG_EXIT` =
-/// `before_input` | `after_input`, in the first round that gets there or, with
-/// `SANCTUM_FAULT_SECAGG_ROUND=R`, only in round R, so one test can drop nodes in different rounds
-/// of one plan); never set in production.
-fn test_fault(at: &str, round: u32) {
-    let in_round = std::env::var("SANCTUM_FAULT_SECAGG_ROUND").ok().is_none_or(|r| r == round.to_string());
-    if in_round && std::env::var("SANCTUM_FAULT_SECAGG_EXIT").is_ok_and(|v| v == at) {
-        tracing::error!("SANCTUM_FAULT_SECAGG_EXIT={at} in round {round}: exiting");
-        std::process::exit(71);
-    }
-}
-
-/// Test hook: with `SANCTUM_TEST_SECAGG_DUMP=DIR` the quantised input is also written to
-/// `DIR/NAME-round-R.u32` so a test can check the aggregate out of band; never set in production.
-fn test_dump_input(name: &str, round: u32, words: &[u32]) {
-    if let Some(dir) = std::env::var_os("SANCTUM_TEST_SECAGG_DUMP") {
-        let path = std::path::Path::new(&dir).join(format!("{name}-round-{round}.u32"));
-        if let Err(e) = std::fs::write(&path, wire::words_to_le(words)) {
-            tracing::warn!("test dump {}: {e}", path.display());
-        }
     }
 }

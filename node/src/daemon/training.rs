@@ -14,7 +14,6 @@ use sanctum_protocol::proto::{self, UpdateHeader};
 use sanctum_protocol::transfer;
 use serde_json::json;
 
-use super::charge::crash_after_charge;
 use super::{Node, Trained, name_seed, short};
 use crate::budget::{self, Cost, DpPlan};
 use crate::data::LocalData;
@@ -129,7 +128,7 @@ impl Node {
             anyhow::bail!("round for plan {} which this node did not accept", start.plan_id);
         };
         if let Err(reason) = self.still_approved(&accepted.plan) {
-            self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
+            self.refuse_directive("StartRound", &start.plan_id, start.round, &reason.to_string())?;
             anyhow::bail!("{reason}");
         }
         let plan = accepted.plan.clone();
@@ -175,7 +174,8 @@ impl Node {
         )?;
         if let Some(cost) = &cost {
             self.charge_cost(&start.plan_id, start.round, cost)?;
-            crash_after_charge();
+            #[cfg(feature = "fault-injection")]
+            self.faults.crash_after_charge();
         }
         self.send_update(header, payload, Rule::ModelUpdate).await
     }
@@ -285,21 +285,4 @@ impl Node {
             ],
         )
     }
-}
-
-/// Test hook for the resumable-upload test (`SANCTUM_FAULT_UPLOAD_EXIT_AT_PERCENT=P`, 1 to 100):
-/// the node exits once the coordinator has acknowledged P % of an upload's bytes. Only in
-/// `fault-injection` builds; never set in production.
-#[cfg(feature = "fault-injection")]
-pub(super) fn upload_cut() -> Option<crate::link::UploadCut> {
-    let percent = std::env::var("SANCTUM_FAULT_UPLOAD_EXIT_AT_PERCENT").ok()?.parse::<u8>().ok()?;
-    (1..=100).contains(&percent).then_some(crate::link::UploadCut { percent, then: exit_at_cut })
-}
-
-#[cfg(feature = "fault-injection")]
-fn exit_at_cut(acknowledged: u64, total: u64) {
-    tracing::error!(
-        "SANCTUM_FAULT_UPLOAD_EXIT_AT_PERCENT is set: exiting with {acknowledged} of {total} upload bytes acknowledged"
-    );
-    std::process::exit(71);
 }

@@ -6,7 +6,8 @@ use std::io::Write;
 use std::path::Path;
 
 use proptest::prelude::*;
-use sanctum_protocol::dataset::Schema;
+use sanctum_protocol::dataset::{Schema, Standardization};
+use sanctum_protocol::plan::PrivacyMode;
 
 use super::*;
 
