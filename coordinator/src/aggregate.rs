@@ -130,19 +130,30 @@ pub struct ClientDp {
     clipped: u64,
 }
 
+/// Why DP-FedAvg cannot be set up for a plan.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ClientDpError {
+    /// The count query would need all of the plan's noise budget or more: σ_Δ⁻² = σ⁻² − (2σ_b)⁻²
+    /// must be positive.
+    #[error(
+        "adaptive clipping's count_noise_multiplier {count_noise_multiplier} must exceed half the noise multiplier {sigma}: raise privacy.adaptive_clipping.count_noise_multiplier or privacy.noise_multiplier"
+    )]
+    CountNoiseTooSmall { count_noise_multiplier: f64, sigma: f64 },
+}
+
 impl ClientDp {
     /// `sigma` is the plan's noise multiplier; adaptive clipping needs 2σ_b > σ.
-    pub fn new(sigma: f64, clip: f64, adaptive: Option<AdaptiveClipping>) -> Result<Self, String> {
+    pub fn new(sigma: f64, clip: f64, adaptive: Option<AdaptiveClipping>) -> Result<Self, ClientDpError> {
         let update_sigma = match &adaptive {
             None => sigma,
             Some(a) => {
                 // The count query's noise multiplier is σ_b / (sensitivity ½) = 2σ_b.
                 let rest = sigma.powi(-2) - (2.0 * a.count_noise_multiplier).powi(-2);
                 if rest <= 0.0 {
-                    return Err(format!(
-                        "adaptive clipping's count_noise_multiplier {} must exceed half the noise multiplier {sigma}",
-                        a.count_noise_multiplier
-                    ));
+                    return Err(ClientDpError::CountNoiseTooSmall {
+                        count_noise_multiplier: a.count_noise_multiplier,
+                        sigma,
+                    });
                 }
                 rest.powf(-0.5)
             }
@@ -386,7 +397,10 @@ mod tests {
         }
         dp.release(&[0.0, 0.0], 4, &mut |_| 0.0);
         assert!((dp.clip_norm() - (-0.2f64 * 0.5).exp()).abs() < 1e-12, "{}", dp.clip_norm());
-        assert!(ClientDp::new(1.0, 1.0, Some(AdaptiveClipping { count_noise_multiplier: 0.4, ..adaptive })).is_err());
+        assert_eq!(
+            ClientDp::new(1.0, 1.0, Some(AdaptiveClipping { count_noise_multiplier: 0.4, ..adaptive })).err(),
+            Some(ClientDpError::CountNoiseTooSmall { count_noise_multiplier: 0.4, sigma: 1.0 })
+        );
     }
 
     /// One round of adaptive DP-FedAvg on updates of the given norms (a one-coordinate model), with

@@ -61,22 +61,22 @@ impl StoreConfig {
     /// Refuses what cannot work or would leak: a PostgreSQL backend without `url`, a `url` that
     /// does not parse or holds a password, PostgreSQL fields under the SQLite backend. Each error
     /// names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SettingError> {
         match self.backend {
             StoreBackend::Sqlite => {
                 if self.url.is_some() || self.password_file.is_some() {
-                    return Err("store.url and store.password_file are for backend = \"postgres\"; remove them or set store.backend = \"postgres\"".into());
+                    return Err(SettingError::PostgresFieldsUnderSqlite);
                 }
             }
             StoreBackend::Postgres => {
                 let Some(url) = &self.url else {
-                    return Err("store.url is required with store.backend = \"postgres\", e.g. url = \"host=/run/postgresql user=sanctum dbname=sanctum\"".into());
+                    return Err(SettingError::NoPostgresUrl);
                 };
-                let parsed = url.parse::<postgres::Config>().map_err(|e| {
-                    format!("store.url is not a PostgreSQL connection string ({e}); write it as key=value pairs, e.g. \"host=/run/postgresql user=sanctum dbname=sanctum\"")
-                })?;
+                let parsed = url
+                    .parse::<postgres::Config>()
+                    .map_err(|e| SettingError::BadPostgresUrl { reason: e.to_string() })?;
                 if parsed.get_password().is_some() {
-                    return Err("store.url must not hold a password (it would sit in the config in clear): put the password alone in a file readable only by the coordinator and name it in store.password_file".into());
+                    return Err(SettingError::PasswordInUrl);
                 }
             }
         }
@@ -168,7 +168,7 @@ impl Default for Limits {
 
 impl Limits {
     /// Refuses a zero where zero would stop the service, naming the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SettingError> {
         let nonzero = [
             ("max_handshakes_in_flight", self.max_handshakes_in_flight as u64),
             ("max_connections", self.max_connections as u64),
@@ -189,20 +189,17 @@ impl Limits {
             ("heartbeat_timeout_secs", self.heartbeat_timeout_secs),
         ];
         if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("limits.{name} must be at least 1"));
+            return Err(SettingError::Zero(name));
         }
         if self.heartbeat_timeout_secs > 3600 {
-            return Err(format!(
-                "limits.heartbeat_timeout_secs ({}) must be at most 3600: a round's deadline bounds a slower node",
-                self.heartbeat_timeout_secs
-            ));
+            return Err(SettingError::HeartbeatTimeoutTooLong(self.heartbeat_timeout_secs));
         }
         // The first byte is part of the handshake: a longer wait for it would never apply.
         if self.first_byte_timeout_secs > self.handshake_timeout_secs {
-            return Err(format!(
-                "limits.first_byte_timeout_secs ({}) must not exceed limits.handshake_timeout_secs ({})",
-                self.first_byte_timeout_secs, self.handshake_timeout_secs
-            ));
+            return Err(SettingError::FirstByteAfterHandshake {
+                first_byte: self.first_byte_timeout_secs,
+                handshake: self.handshake_timeout_secs,
+            });
         }
         Ok(())
     }
@@ -219,6 +216,37 @@ pub struct LeadConfig {
     /// `host:port` of the coordinator; `host` must be in its certificate.
     pub coordinator: String,
     pub tls: TlsFiles,
+}
+
+/// A setting of `coordinator.toml` that parses but cannot work; each names its field and what to
+/// write instead. [`load_coordinator`] adds the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingError {
+    #[error("limits.{0} must be at least 1")]
+    Zero(&'static str),
+    #[error("limits.heartbeat_timeout_secs ({0}) must be at most 3600: a round's deadline bounds a slower node")]
+    HeartbeatTimeoutTooLong(u64),
+    #[error(
+        "limits.first_byte_timeout_secs ({first_byte}) must not exceed limits.handshake_timeout_secs ({handshake})"
+    )]
+    FirstByteAfterHandshake { first_byte: u64, handshake: u64 },
+    #[error(
+        "store.url and store.password_file are for backend = \"postgres\"; remove them or set store.backend = \"postgres\""
+    )]
+    PostgresFieldsUnderSqlite,
+    #[error(
+        "store.url is required with store.backend = \"postgres\", e.g. url = \"host=/run/postgresql user=sanctum dbname=sanctum\""
+    )]
+    NoPostgresUrl,
+    /// The connection string does not parse (the driver's reason, which names no password).
+    #[error(
+        "store.url is not a PostgreSQL connection string ({reason}); write it as key=value pairs, e.g. \"host=/run/postgresql user=sanctum dbname=sanctum\""
+    )]
+    BadPostgresUrl { reason: String },
+    #[error(
+        "store.url must not hold a password (it would sit in the config in clear): put the password alone in a file readable only by the coordinator and name it in store.password_file"
+    )]
+    PasswordInUrl,
 }
 
 /// A config file that cannot be used, with where and why.
@@ -240,8 +268,9 @@ pub fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigErro
 /// work).
 pub fn load_coordinator(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
     let cfg: CoordinatorConfig = load(path)?;
-    cfg.limits.validate().map_err(|reason| ConfigError { path: path.to_path_buf(), reason })?;
-    cfg.store.validate().map_err(|reason| ConfigError { path: path.to_path_buf(), reason })?;
+    let err = |e: SettingError| ConfigError { path: path.to_path_buf(), reason: e.to_string() };
+    cfg.limits.validate().map_err(err)?;
+    cfg.store.validate().map_err(err)?;
     Ok(cfg)
 }
 
@@ -264,13 +293,18 @@ mod tests {
     fn the_default_limits_are_valid_and_a_zero_or_an_inverted_timeout_is_refused_by_name() {
         assert_eq!(Limits::default().validate(), Ok(()));
         let zero = Limits { handshakes_per_ip: 0, ..Limits::default() };
-        assert_eq!(zero.validate(), Err("limits.handshakes_per_ip must be at least 1".into()));
+        assert_eq!(
+            zero.validate().map_err(|e| e.to_string()),
+            Err("limits.handshakes_per_ip must be at least 1".into())
+        );
         let zero = Limits { connections_per_identity: 0, ..Limits::default() };
-        assert_eq!(zero.validate(), Err("limits.connections_per_identity must be at least 1".into()));
+        assert_eq!(zero.validate(), Err(SettingError::Zero("connections_per_identity")));
         let zero = Limits { first_byte_timeout_secs: 0, ..Limits::default() };
-        assert_eq!(zero.validate(), Err("limits.first_byte_timeout_secs must be at least 1".into()));
+        assert_eq!(zero.validate(), Err(SettingError::Zero("first_byte_timeout_secs")));
         let inverted = Limits { first_byte_timeout_secs: 11, ..Limits::default() };
-        assert!(inverted.validate().is_err_and(|e| e.contains("must not exceed limits.handshake_timeout_secs")));
+        assert!(
+            inverted.validate().is_err_and(|e| e.to_string().contains("must not exceed limits.handshake_timeout_secs"))
+        );
     }
 
     #[test]
@@ -297,13 +331,13 @@ mod tests {
         );
 
         let no_url = StoreConfig { backend: StoreBackend::Postgres, ..StoreConfig::default() };
-        assert!(no_url.validate().is_err_and(|e| e.starts_with("store.url is required")));
+        assert!(no_url.validate().is_err_and(|e| e.to_string().starts_with("store.url is required")));
         for url in [
             "host=/run/postgresql user=sanctum password=hunter2",
             "postgresql://sanctum:hunter2@db.example.org/sanctum",
         ] {
             let inline = StoreConfig { backend: StoreBackend::Postgres, url: Some(url.into()), password_file: None };
-            let e = inline.validate().unwrap_err();
+            let e = inline.validate().unwrap_err().to_string();
             assert!(e.starts_with("store.url must not hold a password") && e.contains("store.password_file"), "{e}");
             assert!(!e.contains("hunter2"), "the error must not repeat the password: {e}");
         }
@@ -312,9 +346,11 @@ mod tests {
             url: Some("host='unterminated".into()),
             password_file: None,
         };
-        assert!(bad.validate().is_err_and(|e| e.starts_with("store.url is not a PostgreSQL connection string")));
+        assert!(
+            bad.validate().is_err_and(|e| e.to_string().starts_with("store.url is not a PostgreSQL connection string"))
+        );
         let stray = StoreConfig { url: Some("host=x".into()), ..StoreConfig::default() };
-        assert!(stray.validate().is_err_and(|e| e.contains("backend = \"postgres\"")));
+        assert!(stray.validate().is_err_and(|e| e.to_string().contains("backend = \"postgres\"")));
         assert!(toml::from_str::<StoreConfig>("backend = \"mysql\"\n").is_err());
         assert!(toml::from_str::<StoreConfig>("passwd = \"x\"\n").is_err(), "unknown fields are refused");
     }

@@ -21,13 +21,19 @@
 //!   service holds, and the resolution of a run id, plan id or prefix into one run.
 //! - [`admin_cli`]: the lead's and auditors' admin commands (`plan list | status | cancel | watch`,
 //!   `nodes list`, `model export`): calls, text and JSON output, the export's hash checks.
+//! - [`plan_cli`], [`pki_cli`], [`audit_cli`]: the binary's `plan`/`nodes`/`model`, `pki` and
+//!   `audit` subcommands (clap types and what each runs and prints), so `main.rs` only parses,
+//!   serves and dispatches.
 
 pub mod admin_cli;
 pub mod aggregate;
+pub mod audit_cli;
 pub mod config;
 pub mod db;
 pub mod engine;
 pub mod pki;
+pub mod pki_cli;
+pub mod plan_cli;
 pub mod plan_files;
 pub mod receipts;
 pub mod recovery;

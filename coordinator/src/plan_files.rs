@@ -37,8 +37,25 @@ pub enum PlanFileError {
     NoModelFile,
     #[error("{0}")]
     Plan(#[from] sanctum_protocol::plan::PlanError),
-    #[error("{0}")]
-    ModelFile(String),
+    #[error(transparent)]
+    ModelFile(#[from] ModelFileError),
+}
+
+/// Why a submission's model file does not go with its plan ([`check_model_file`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelFileError {
+    #[error(
+        "the plan's model is TorchScript {sha256} but the submission carries no model file; submit it with `sanctum-coordinator plan submit` (which reads model.file)"
+    )]
+    Missing { sha256: String },
+    #[error("the model file has {bytes} bytes; a plan's TorchScript file may have at most {max}")]
+    TooLarge { bytes: usize, max: usize },
+    #[error(
+        "the model file's SHA-256 is {got} but the plan's model.sha256 is {want}: the plan was written for another file"
+    )]
+    HashMismatch { got: String, want: String },
+    #[error("the submission carries a model file but the plan's model is not TorchScript; send none")]
+    NotTorchScript,
 }
 
 /// Reads the files `plan` names relative to `base` (the plan file's directory): fills
@@ -62,7 +79,7 @@ pub fn resolve(plan: &mut Plan, base: &Path) -> Result<Resolved, PlanFileError> 
         let path = if file.is_absolute() { file } else { base.join(file) };
         let bytes = std::fs::read(&path)
             .map_err(|source| PlanFileError::ModelRead { path: path.display().to_string(), source })?;
-        check_model_file(plan, &bytes).map_err(PlanFileError::ModelFile)?;
+        check_model_file(plan, &bytes)?;
         resolved.model_file = bytes;
     }
     Ok(resolved)
@@ -70,33 +87,22 @@ pub fn resolve(plan: &mut Plan, base: &Path) -> Result<Resolved, PlanFileError> 
 
 /// The coordinator's check of a submission's model file: a TorchScript plan needs the file whose
 /// SHA-256 its `model.sha256` names, within [`MAX_MODEL_FILE_BYTES`]; a zoo plan takes none.
-pub fn check_model_file(plan: &Plan, bytes: &[u8]) -> Result<(), String> {
+pub fn check_model_file(plan: &Plan, bytes: &[u8]) -> Result<(), ModelFileError> {
     match &plan.model {
         ModelSpec::Torchscript(spec) => {
             if bytes.is_empty() {
-                return Err(format!(
-                    "the plan's model is TorchScript {} but the submission carries no model file; submit it with `sanctum-coordinator plan submit` (which reads model.file)",
-                    spec.sha256
-                ));
+                return Err(ModelFileError::Missing { sha256: spec.sha256.clone() });
             }
             if bytes.len() > MAX_MODEL_FILE_BYTES {
-                return Err(format!(
-                    "the model file has {} bytes; a plan's TorchScript file may have at most {MAX_MODEL_FILE_BYTES}",
-                    bytes.len()
-                ));
+                return Err(ModelFileError::TooLarge { bytes: bytes.len(), max: MAX_MODEL_FILE_BYTES });
             }
             let got = ContentHash::of(bytes).to_hex();
             if got != spec.sha256 {
-                return Err(format!(
-                    "the model file's SHA-256 is {got} but the plan's model.sha256 is {}: the plan was written for another file",
-                    spec.sha256
-                ));
+                return Err(ModelFileError::HashMismatch { got, want: spec.sha256.clone() });
             }
             Ok(())
         }
-        _ if !bytes.is_empty() => {
-            Err("the submission carries a model file but the plan's model is not TorchScript; send none".into())
-        }
+        _ if !bytes.is_empty() => Err(ModelFileError::NotTorchScript),
         _ => Ok(()),
     }
 }

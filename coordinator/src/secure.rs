@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use sanctum_protocol::plan::Plan;
 use sanctum_protocol::proto;
-use sanctum_protocol::secagg::client::{PeerVerifier, RoundParams};
+use sanctum_protocol::secagg::SecAggError;
+use sanctum_protocol::secagg::client::{PeerRefusal, PeerVerifier, RoundParams};
 use sanctum_protocol::secagg::encode::{Encoding, encoding_for};
 use sanctum_protocol::secagg::keys;
 use sanctum_protocol::secagg::server::Server;
@@ -16,9 +17,23 @@ use sanctum_protocol::secagg::server::Server;
 pub struct SessionCertVerifier;
 
 impl PeerVerifier for SessionCertVerifier {
-    fn verify(&self, _node: &str, cert_der: &[u8], message: &[u8], signature: &[u8]) -> Result<(), String> {
-        keys::verify_message(message, signature, cert_der).map_err(|e| e.to_string())
+    fn verify(&self, _node: &str, cert_der: &[u8], message: &[u8], signature: &[u8]) -> Result<(), PeerRefusal> {
+        Ok(keys::verify_message(message, signature, cert_der)?)
     }
+}
+
+/// Why a round cannot open secure aggregation; the plan round fails with it (and is retried as
+/// the plan says).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SecAggOpenError {
+    /// The plan's threshold floor (or `min_nodes`) is above the round's participants.
+    #[error(
+        "round {round} cannot run secure aggregation: {participants} participant(s), the threshold is {threshold}; lower secagg.threshold or min_nodes in the plan, or recruit more hospitals"
+    )]
+    TooFewParticipants { round: u32, participants: usize, threshold: usize },
+    /// The encoding or the protocol's own parameter checks refused the round.
+    #[error(transparent)]
+    SecAgg(#[from] SecAggError),
 }
 
 /// One round's secure aggregation at the coordinator.
@@ -42,13 +57,11 @@ impl SecAggRound {
         noise: Option<f64>,
         now: Instant,
         deadline: Instant,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, SecAggOpenError> {
         let n = participants.len();
         let t = plan.secagg_threshold(n);
         if t > n {
-            return Err(format!(
-                "round {round} cannot run secure aggregation: {n} participant(s), the threshold is {t}"
-            ));
+            return Err(SecAggOpenError::TooFewParticipants { round, participants: n, threshold: t });
         }
         let settings = plan.secagg_settings();
         let params =
@@ -58,7 +71,7 @@ impl SecAggRound {
         // The plan round's own deadline ends the masked-input step (`Server::end_inputs` when the
         // round closes), so the plan and the protocol never disagree on who was in time.
         let inputs_until = deadline + Duration::from_secs(86_400);
-        let server = Server::new(params, num_params + 1, step_timeout, inputs_until, now).map_err(|e| e.to_string())?;
+        let server = Server::new(params, num_params + 1, step_timeout, inputs_until, now)?;
         let setup = proto::SecAggSetup {
             participants: participants.to_vec(),
             threshold: t as u32,
@@ -141,6 +154,7 @@ kind = "fedavg"
         let e = SecAggRound::open(&plan(Some(4), 2), "p", 1, &names(3), 14, None, Instant::now(), Instant::now())
             .err()
             .unwrap();
-        assert!(e.contains("3 participant(s), the threshold is 4"), "{e}");
+        assert_eq!(e, SecAggOpenError::TooFewParticipants { round: 1, participants: 3, threshold: 4 });
+        assert!(e.to_string().contains("3 participant(s), the threshold is 4"), "{e}");
     }
 }
