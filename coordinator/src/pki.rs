@@ -4,10 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use sanctum_protocol::audit::{self, AuditLog};
+use sanctum_protocol::audit::{self, AuditEvent, AuditLog};
 use sanctum_protocol::pki::{self, Role, SignSpec};
 use sanctum_protocol::tls::RevokedCert;
-use serde_json::json;
 
 /// Writes a file readable only by its owner (private keys).
 pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
@@ -48,8 +47,8 @@ pub fn init(dir: &Path, consortium: &str, hosts: &[String], lead: &str, days: i6
     write_private(&dir.join("lead.key"), &lead_cert.key_pem)?;
     write_public(&dir.join("lead.pem"), &lead_cert.cert_pem)?;
     write_public(&dir.join("revoked.json"), "[]")?;
-    record(dir, "certificate_issued", &coord.cert_pem, &[("days", json!(days))])?;
-    record(dir, "certificate_issued", &lead_cert.cert_pem, &[("days", json!(days))])?;
+    record(dir, &coord.cert_pem, |s| s.issued(days))?;
+    record(dir, &lead_cert.cert_pem, |s| s.issued(days))?;
     Ok(InitOutput {
         ca_cert: dir.join("ca.pem"),
         coordinator_cert: dir.join("coordinator.pem"),
@@ -78,7 +77,7 @@ pub fn sign(dir: &Path, csr: &Path, name: &str, role: Role, days: i64) -> anyhow
     if stored.as_path() != csr {
         write_public(&stored, &csr_pem)?;
     }
-    record(dir, "certificate_issued", &pem, &[("days", json!(days))])?;
+    record(dir, &pem, |s| s.issued(days))?;
     Ok(pem)
 }
 
@@ -97,16 +96,16 @@ fn refuse_name_held_by_another_key(dir: &Path, name: &str, role: Role, csr_pem: 
             continue;
         }
         let reason = format!("'{name}' is already issued to a different key");
-        record(
-            dir,
-            "certificate_refused",
-            &pem,
-            &[
-                ("reason", json!(reason)),
-                ("requested_role", json!(role.as_str())),
-                ("requested_key_sha256", json!(sanctum_protocol::hash::ContentHash::of(&key).to_hex())),
-            ],
-        )?;
+        let requested_key_sha256 = sanctum_protocol::hash::ContentHash::of(&key).to_hex();
+        record(dir, &pem, |s| AuditEvent::CertificateRefused {
+            name: s.name,
+            role: s.role,
+            fingerprint: s.fingerprint,
+            not_after: s.not_after,
+            reason: reason.clone(),
+            requested_role: role.as_str().to_string(),
+            requested_key_sha256,
+        })?;
         bail!(
             "{reason} (certificate {}, {}, fingerprint {}): revoke it first with `sanctum-coordinator pki revoke {name}` if this request replaces it, or sign this request under another name",
             held.file.display(),
@@ -144,28 +143,45 @@ fn ca_audit(dir: &Path) -> anyhow::Result<AuditLog> {
     let ca_key = std::fs::read_to_string(dir.join("ca.key"))
         .with_context(|| format!("cannot read the CA key in {}", dir.display()))?;
     let der = sanctum_protocol::secagg::keys::cert_der_from_pem(&ca_cert)?;
-    let sign = |m: &[u8]| sanctum_protocol::secagg::keys::sign_message(m, &ca_key).map_err(|e| e.to_string());
+    let sign = |m: &[u8]| sanctum_protocol::secagg::keys::sign_message(m, &ca_key).map_err(audit::SignError::from);
     let writer = audit::Writer { name: "ca", role: "ca", cert_der: &der, sign_with_cert_key: &sign };
     Ok(AuditLog::open(&dir.join("audit"), &writer)?)
 }
 
-/// Records a certificate event in the CA's audit log.
-pub fn record(dir: &Path, event: &str, cert_pem: &str, extra: &[(&str, serde_json::Value)]) -> anyhow::Result<()> {
+/// Who a certificate event is about, read from the certificate itself.
+pub struct Subject {
+    pub name: String,
+    pub role: String,
+    pub fingerprint: String,
+    pub not_after: String,
+}
+
+impl Subject {
+    fn issued(self, days: i64) -> AuditEvent {
+        AuditEvent::CertificateIssued {
+            name: self.name,
+            role: self.role,
+            fingerprint: self.fingerprint,
+            not_after: self.not_after,
+            days,
+        }
+    }
+}
+
+/// Records a certificate event in the CA's audit log: `event` builds it from the certificate's
+/// subject.
+pub fn record(dir: &Path, cert_pem: &str, event: impl FnOnce(Subject) -> AuditEvent) -> anyhow::Result<()> {
     let mut log = ca_audit(dir)?;
     let der = sanctum_protocol::secagg::keys::cert_der_from_pem(cert_pem)?;
     let id = pki::identity_from_der(&der)?;
-    let mut params: std::collections::BTreeMap<String, serde_json::Value> = [
-        ("name".to_string(), json!(id.name)),
-        ("role".to_string(), json!(id.role.as_str())),
-        ("fingerprint".to_string(), json!(id.fingerprint.to_hex())),
-        ("not_after".to_string(), json!(pki::not_after(&der)?.to_string())),
-    ]
-    .into();
-    for (k, v) in extra {
-        params.insert(k.to_string(), v.clone());
-    }
+    let subject = Subject {
+        name: id.name,
+        role: id.role.as_str().to_string(),
+        fingerprint: id.fingerprint.to_hex(),
+        not_after: pki::not_after(&der)?.to_string(),
+    };
     let own = log.own_fingerprint().to_string();
-    log.append(&own, event, params)?;
+    log.append_event(&own, &event(subject))?;
     Ok(())
 }
 
@@ -264,7 +280,13 @@ pub fn revoke(dir: &Path, name: &str, reason: &str) -> anyhow::Result<Vec<Revoke
     std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))?;
     for t in &targets {
         let pem = std::fs::read_to_string(&t.file)?;
-        record(dir, "certificate_revoked", &pem, &[("reason", json!(reason))])?;
+        record(dir, &pem, |s| AuditEvent::CertificateRevoked {
+            name: s.name,
+            role: s.role,
+            fingerprint: s.fingerprint,
+            not_after: s.not_after,
+            reason: reason.to_string(),
+        })?;
     }
     Ok(fresh)
 }
@@ -288,6 +310,12 @@ pub fn renew(dir: &Path, name: &str, days: i64) -> anyhow::Result<(String, PathB
     }
     let pem = sign(dir, &csr, name, id.role, days)?;
     keep_issued(dir, name, &pem)?;
-    record(dir, "certificate_renewed", &pem, &[("previous_fingerprint", json!(id.fingerprint.to_hex()))])?;
+    record(dir, &pem, |s| AuditEvent::CertificateRenewed {
+        name: s.name,
+        role: s.role,
+        fingerprint: s.fingerprint,
+        not_after: s.not_after,
+        previous_fingerprint: id.fingerprint.to_hex(),
+    })?;
     Ok((pem, current))
 }

@@ -5,7 +5,13 @@
 //! closes that round again, so the restart writes exactly the missing ones, once. Pure: it reads
 //! the records, the caller appends.
 
-use sanctum_protocol::audit::Record;
+use sanctum_protocol::audit::{AuditEvent, EventError, Params, Record};
+
+/// The `round_record` a checkpoint keeps (as its parameters: the store's format), typed again to
+/// be appended. An error names record 0: the parameters come from the store, not from a log.
+pub fn round_record(params: &Params) -> Result<AuditEvent, EventError> {
+    AuditEvent::from_parts(0, "round_record", params)
+}
 
 /// Which of a round's audit records are not in the log.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

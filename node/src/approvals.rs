@@ -28,10 +28,9 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use sanctum_protocol::audit::AuditLog;
+use sanctum_protocol::audit::{AuditEvent, AuditLog};
 use sanctum_protocol::model::ModelSpec;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 /// The file in the state directory that lists the approval events already audited.
 pub const AUDITED_FILE: &str = "model_approvals_audited.json";
@@ -359,12 +358,10 @@ pub fn check_model(plan_model: &ModelSpec, approvals: &Approvals) -> Result<(), 
 /// An approval event the audit log does not hold yet.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PendingAudit {
-    /// `model_approved` or `model_revoked`.
-    pub event: &'static str,
-    /// Its key in the audited file (also written into the record, so a record can be matched).
+    /// `model_approved` or `model_revoked` (its `key` is in it too, so a record can be matched).
+    pub event: AuditEvent,
+    /// Its key in the audited file.
     pub key: String,
-    /// sha256, name, approved_by (and revoked_by, at) as the record's parameters.
-    pub params: std::collections::BTreeMap<String, Value>,
 }
 
 /// The keys of the approval events already in the audit log
@@ -401,29 +398,32 @@ impl Audited {
 pub fn pending_audit(approvals: &Approvals, audited: &Audited) -> Vec<PendingAudit> {
     let mut out = Vec::new();
     for a in &approvals.entries {
-        let base = |key: &str| {
-            let mut p = std::collections::BTreeMap::new();
-            p.insert("sha256".to_string(), Value::from(a.sha256.clone()));
-            p.insert("name".to_string(), Value::from(a.name.clone()));
-            p.insert("approved_by".to_string(), Value::from(a.approved_by.clone()));
-            p.insert("approved_at".to_string(), Value::from(a.approved_at.clone()));
-            p.insert("key".to_string(), Value::from(key.to_string()));
-            p
-        };
         let key = a.approved_key();
         if !audited.contains(&key) {
-            let mut params = base(&key);
-            params.insert("parameters".to_string(), Value::from(a.parameters));
-            params.insert("file".to_string(), Value::from(a.file.clone()));
-            out.push(PendingAudit { event: "model_approved", params, key });
+            let event = AuditEvent::ModelApproved {
+                sha256: a.sha256.clone(),
+                name: a.name.clone(),
+                approved_by: a.approved_by.clone(),
+                approved_at: a.approved_at.clone(),
+                key: key.clone(),
+                parameters: a.parameters,
+                file: a.file.clone(),
+            };
+            out.push(PendingAudit { event, key });
         }
         if let (Some(key), Some(by), Some(at)) = (a.revoked_key(), &a.revoked_by, &a.revoked_at)
             && !audited.contains(&key)
         {
-            let mut params = base(&key);
-            params.insert("revoked_by".to_string(), Value::from(by.clone()));
-            params.insert("revoked_at".to_string(), Value::from(at.clone()));
-            out.push(PendingAudit { event: "model_revoked", params, key });
+            let event = AuditEvent::ModelRevoked {
+                sha256: a.sha256.clone(),
+                name: a.name.clone(),
+                approved_by: a.approved_by.clone(),
+                approved_at: a.approved_at.clone(),
+                key: key.clone(),
+                revoked_by: by.clone(),
+                revoked_at: at.clone(),
+            };
+            out.push(PendingAudit { event, key });
         }
     }
     out
@@ -439,7 +439,7 @@ pub fn audit_pending(approvals: &Approvals, state_dir: &Path, log: &mut AuditLog
     let pending = pending_audit(approvals, &audited);
     let own = log.own_fingerprint().to_string();
     for p in &pending {
-        log.append(&own, p.event, p.params.clone())?;
+        log.append_event(&own, &p.event)?;
         audited.0.insert(p.key.clone());
         audited.save(state_dir)?;
     }
@@ -449,6 +449,7 @@ pub fn audit_pending(approvals: &Approvals, state_dir: &Path, log: &mut AuditLog
 #[cfg(test)]
 mod tests {
     use sanctum_protocol::model::{ParameterSpec, TorchScriptSpec};
+    use serde_json::Value;
 
     use super::*;
 
@@ -574,18 +575,19 @@ mod tests {
         let mut audited = Audited::default();
         let p = pending_audit(&a, &audited);
         assert_eq!(p.len(), 1);
-        assert_eq!(p[0].event, "model_approved");
-        assert_eq!(p[0].params["sha256"], Value::from(sha.clone()));
-        assert_eq!(p[0].params["approved_by"], Value::from("Dr. Steward"));
+        assert_eq!(p[0].event.name(), "model_approved");
+        let params = p[0].event.to_parts().unwrap().1;
+        assert_eq!(params["sha256"], Value::from(sha.clone()));
+        assert_eq!(params["approved_by"], Value::from("Dr. Steward"));
         audited.0.insert(p[0].key.clone());
         assert!(pending_audit(&a, &audited).is_empty());
         a.revoke(&sha, "Dr. Other", "2026-05-02T10:00:00Z").unwrap();
         let p = pending_audit(&a, &audited);
-        assert_eq!(p.iter().map(|p| p.event).collect::<Vec<_>>(), ["model_revoked"]);
-        assert_eq!(p[0].params["revoked_by"], Value::from("Dr. Other"));
+        assert_eq!(p.iter().map(|p| p.event.name()).collect::<Vec<_>>(), ["model_revoked"]);
+        assert_eq!(p[0].event.to_parts().unwrap().1["revoked_by"], Value::from("Dr. Other"));
         // Nothing audited yet: the approval comes before its revocation.
         let p = pending_audit(&a, &Audited::default());
-        assert_eq!(p.iter().map(|p| p.event).collect::<Vec<_>>(), ["model_approved", "model_revoked"]);
+        assert_eq!(p.iter().map(|p| p.event.name()).collect::<Vec<_>>(), ["model_approved", "model_revoked"]);
     }
 
     #[test]

@@ -125,7 +125,7 @@ fn forge(run: &Run, into: &Path, rewrite: impl Fn(&mut BTreeMap<String, Value>) 
     std::fs::write(into.join("audit.jsonl"), kept).unwrap();
     // The binding exists already, so the certificate key is never asked for: the audit key alone
     // re-signs, which is all a dishonest coordinator needs.
-    let refuse = |_: &[u8]| Err::<Vec<u8>, String>("not needed".into());
+    let refuse = |_: &[u8]| Err::<Vec<u8>, audit::SignError>("not needed".into());
     let writer = Writer { name: "coordinator", role: "coordinator", cert_der: &[], sign_with_cert_key: &refuse };
     let mut log = AuditLog::open(into, &writer).unwrap();
     let mut original = records[target].clone();

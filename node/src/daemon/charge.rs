@@ -2,7 +2,7 @@
 //! its record, the ledger line (fsync'd) and the audit record written together, with nothing
 //! awaited between them, before anything of the release leaves.
 
-use serde_json::json;
+use sanctum_protocol::audit::AuditEvent;
 
 use super::Node;
 use crate::budget::{self, Cost};
@@ -84,18 +84,15 @@ impl Node {
         };
         let fresh = self.ledger.charge(charge)?;
         if fresh {
-            self.audit(
-                "epsilon_charged",
-                [
-                    ("plan_id", json!(plan_id)),
-                    ("run", json!(run)),
-                    ("round", json!(round)),
-                    ("epsilon", json!(cost.epsilon)),
-                    ("delta", json!(cost.delta)),
-                    ("accountant", json!(cost.accountant)),
-                    ("epsilon_cap", json!(self.cfg.policy.max_epsilon)),
-                ],
-            )?;
+            self.audit(AuditEvent::EpsilonCharged {
+                plan_id: plan_id.to_string(),
+                run: Some(run.to_string()),
+                round: u64::from(round),
+                epsilon: cost.epsilon,
+                delta: cost.delta,
+                accountant: cost.accountant.to_string(),
+                epsilon_cap: self.cfg.policy.max_epsilon,
+            })?;
         }
         tracing::info!(
             round,

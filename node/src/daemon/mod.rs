@@ -23,8 +23,7 @@ use sanctum_protocol::secagg::encode::Encoding;
 use sanctum_protocol::tls::{self, NodeCertVerifier, TlsMaterial};
 use tch::Device;
 
-use sanctum_protocol::audit::AuditLog;
-use serde_json::json;
+use sanctum_protocol::audit::{AuditEvent, AuditLog, PlanDecision};
 
 use crate::backoff::{BASE, CAP};
 use crate::budget::{DdgPlan, DpPlan};
@@ -256,16 +255,15 @@ impl Node {
                 "the secure-aggregation round being trained is left unfinished: nothing of it was charged or sent"
             );
         }
-        self.audit("node_stopped", [("reason", json!("signal")), ("signal", json!(signal))])?;
+        self.audit(AuditEvent::NodeStopped { reason: "signal".into(), signal: signal.to_string() })?;
         tracing::info!("{signal}: stopped");
         Ok(())
     }
 
     /// Appends to the audit log; this node's own action, so its own certificate is the actor.
-    fn audit<const N: usize>(&mut self, event: &str, params: [(&str, serde_json::Value); N]) -> anyhow::Result<()> {
-        let params = params.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    fn audit(&mut self, event: AuditEvent) -> anyhow::Result<()> {
         let own = self.audit.own_fingerprint().to_string();
-        self.audit.append(&own, event, params)?;
+        self.audit.append_event(&own, &event)?;
         Ok(())
     }
 
@@ -280,7 +278,7 @@ impl Node {
             Err(e) => return SessionEnd::Lost(e.to_string()),
         };
         tracing::info!(coordinator = self.cfg.coordinator, "connected; waiting for plans");
-        if let Err(e) = self.audit("connected", [("coordinator", json!(self.cfg.coordinator))]) {
+        if let Err(e) = self.audit(AuditEvent::Connected { coordinator: self.cfg.coordinator.clone() }) {
             return SessionEnd::Lost(format!("audit log: {e}"));
         }
         loop {
@@ -384,16 +382,16 @@ impl Node {
                         noise_multiplier: d.noise_multiplier,
                     })
                 });
-                if let Err(e) = self.audit(
-                    if accept { "plan_accepted" } else { "plan_refused" },
-                    [
-                        ("plan_id", json!(offer.plan_id)),
-                        ("run", json!(offer.run)),
-                        ("reason", json!(reason)),
-                        ("epsilon", json!(privacy.as_ref().map(|p| p.epsilon))),
-                        ("delta", json!(privacy.as_ref().map(|p| p.delta))),
-                    ],
-                ) {
+                let decision = PlanDecision {
+                    node: None,
+                    plan_id: offer.plan_id.clone(),
+                    run: Some(offer.run.clone()),
+                    reason: reason.clone(),
+                    epsilon: privacy.as_ref().map(|p| p.epsilon),
+                    delta: privacy.as_ref().map(|p| p.delta),
+                };
+                let event = if accept { AuditEvent::PlanAccepted(decision) } else { AuditEvent::PlanRefused(decision) };
+                if let Err(e) = self.audit(event) {
                     return Some(SessionEnd::Lost(format!("audit log: {e}")));
                 }
                 let msg =
@@ -453,15 +451,12 @@ impl Node {
                 {
                     tracing::error!("{e}");
                 }
-                if let Err(e) = self.audit(
-                    "plan_closed",
-                    [
-                        ("plan_id", json!(closed.plan_id)),
-                        ("run", json!(closed.run)),
-                        ("success", json!(closed.success)),
-                        ("reason", json!(closed.reason)),
-                    ],
-                ) {
+                if let Err(e) = self.audit(AuditEvent::PlanClosed {
+                    plan_id: closed.plan_id.clone(),
+                    run: closed.run.clone(),
+                    success: closed.success,
+                    reason: closed.reason.clone(),
+                }) {
                     return Some(SessionEnd::Lost(format!("audit log: {e}")));
                 }
                 tracing::info!(
@@ -482,15 +477,12 @@ impl Node {
     /// Refuses a directive: logged and audited here, nothing sent.
     fn refuse_directive(&mut self, what: &str, plan_id: &str, round: u32, reason: &str) -> anyhow::Result<()> {
         tracing::warn!(plan = plan_id, round, "{what} refused: {reason}");
-        self.audit(
-            "directive_refused",
-            [
-                ("directive", json!(what)),
-                ("plan_id", json!(plan_id)),
-                ("round", json!(round)),
-                ("reason", json!(reason)),
-            ],
-        )
+        self.audit(AuditEvent::DirectiveRefused {
+            directive: what.to_string(),
+            plan_id: plan_id.to_string(),
+            round: u64::from(round),
+            reason: reason.to_string(),
+        })
     }
 
     /// Whether the open secure-aggregation round is (plan, round).

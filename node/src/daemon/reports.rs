@@ -1,10 +1,10 @@
 //! What the node reports back besides updates: evaluations of models of a run's lineage (or a
 //! refusal without a value) and countersigned round records ([`crate::receipt`] judges them).
 
+use sanctum_protocol::audit::AuditEvent;
 use sanctum_protocol::model::Weights;
 use sanctum_protocol::plan::PrivacyMode;
 use sanctum_protocol::proto::{self, EvaluationReport};
-use serde_json::json;
 
 use super::Node;
 use crate::train;
@@ -19,17 +19,14 @@ impl Node {
         let sent = sent.map(|(hash, bytes)| crate::receipt::Sent { payload_sha256: hash, bytes: *bytes as u64 });
         let verdict = crate::receipt::judge(&receipt.record, &receipt.plan_id, receipt.round, &me, sent);
         let signature = verdict.statement(&receipt.plan_id, receipt.round).sign(|m| self.material.sign(m))?;
-        self.audit(
-            "receipt_signed",
-            [
-                ("plan_id", json!(receipt.plan_id)),
-                ("round", json!(receipt.round)),
-                ("record_sha256", json!(verdict.record_sha256.to_hex())),
-                ("agrees", json!(verdict.agrees)),
-                ("reason", json!(verdict.reason)),
-                ("signature", json!(crate::receipt::hex(&signature))),
-            ],
-        )?;
+        self.audit(AuditEvent::ReceiptSigned {
+            plan_id: receipt.plan_id.clone(),
+            round: u64::from(receipt.round),
+            record_sha256: verdict.record_sha256.to_hex(),
+            agrees: verdict.agrees,
+            reason: verdict.reason.clone(),
+            signature: Some(crate::receipt::hex(&signature)),
+        })?;
         if !verdict.agrees {
             tracing::error!(
                 round = receipt.round,
@@ -104,16 +101,13 @@ impl Node {
         // An answer without a value tells the coordinator not to wait for this node.
         let report = EvaluationReport { plan_id: ev.plan_id.clone(), model_sha256: ev.model_sha256.clone(), metrics };
         let first = report.metrics.first();
-        self.audit(
-            "evaluation_sent",
-            [
-                ("plan_id", json!(ev.plan_id)),
-                ("run", json!(ev.run)),
-                ("model_sha256", json!(ev.model_sha256)),
-                ("value", json!(first.map(|m| m.value))),
-                ("samples", json!(first.map(|m| m.samples))),
-            ],
-        )?;
+        self.audit(AuditEvent::EvaluationSent {
+            plan_id: ev.plan_id.clone(),
+            run: ev.run.clone(),
+            model_sha256: ev.model_sha256.clone(),
+            value: first.map(|m| m.value),
+            samples: first.map(|m| m.samples),
+        })?;
         self.link.report_evaluation(report).await?;
         Ok(())
     }

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use sanctum_protocol::audit::AuditEvent;
 use sanctum_protocol::hash::ContentHash;
 use sanctum_protocol::model::Weights;
 use sanctum_protocol::plan::{Plan, PrivacyMode};
@@ -12,7 +13,6 @@ use sanctum_protocol::privacy::noise::SecureGaussian;
 use sanctum_protocol::prost::Message;
 use sanctum_protocol::proto::{self, UpdateHeader};
 use sanctum_protocol::transfer;
-use serde_json::json;
 
 use super::{Node, Trained, name_seed, short};
 use crate::budget::{self, Cost, DpPlan};
@@ -273,16 +273,13 @@ impl Node {
         let (plan_id, round, masked) = (header.plan_id.clone(), header.round, header.masked);
         let (hash, bytes) = self.link.upload(header, payload, rule).await?;
         self.sent.insert((plan_id.clone(), round), (hash.clone(), bytes));
-        self.audit(
-            "update_sent",
-            [
-                ("plan_id", json!(plan_id)),
-                ("round", json!(round)),
-                ("payload_sha256", json!(hash)),
-                ("bytes", json!(bytes)),
-                ("masked", json!(masked)),
-                ("resend", json!(matches!(rule, Rule::ModelUpdateResend))),
-            ],
-        )
+        self.audit(AuditEvent::UpdateSent {
+            plan_id,
+            round: u64::from(round),
+            payload_sha256: hash,
+            bytes: bytes as u64,
+            masked,
+            resend: matches!(rule, Rule::ModelUpdateResend),
+        })
     }
 }
