@@ -11,6 +11,7 @@
 //! - [`model`]: the model zoo's parameter layouts, initialisation and the safetensors encoding.
 //! - [`secagg`]: secure-aggregation primitives (Shamir sharing, pairwise masks), no I/O.
 //! - [`hash`]: SHA-256 content addresses for models, plans and updates.
+//! - [`ids`]: typed ids (`PlanId`, `RunId`, `NodeName`), each parsed once at the trust boundary.
 //! - [`transfer`]: chunking rules shared by uploads and downloads (no message-size ceiling).
 //! - [`receipt`]: the message a hospital signs to countersign a round record (record hash, verdict,
 //!   reason), and its check.
@@ -20,6 +21,7 @@
 pub mod audit;
 pub mod dataset;
 pub mod hash;
+pub mod ids;
 pub mod model;
 pub mod pki;
 pub mod plan;
