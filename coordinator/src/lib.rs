@@ -31,6 +31,8 @@ pub mod audit_cli;
 pub mod config;
 pub mod db;
 pub mod engine;
+#[cfg(feature = "fault-injection")]
+pub mod faults;
 pub mod pki;
 pub mod pki_cli;
 pub mod plan_cli;
@@ -45,4 +47,6 @@ pub mod service;
 pub mod simulate;
 pub mod status;
 pub mod store;
+#[cfg(test)]
+mod test_ids;
 pub mod watch;

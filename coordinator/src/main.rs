@@ -160,6 +160,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     revocation_list: cfg.revocation_list.as_ref().map(|p| config::resolve(base, p)),
                     limits: cfg.limits.clone(),
                     store: cfg.store.resolve_paths(base),
+                    // The test hooks, only in a `fault-injection` build; only `main` reads the
+                    // environment for them.
+                    #[cfg(feature = "fault-injection")]
+                    faults: sanctum_coordinator::faults::FaultOptions::from_lookup(|v| std::env::var(v).ok())?,
                 },
                 &material,
             )?;

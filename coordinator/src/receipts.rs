@@ -12,16 +12,19 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sanctum_protocol::audit::{CertCheck, Record};
+use sanctum_protocol::audit::{AuditEvent, CertCheck, Record};
 use sanctum_protocol::hash::ContentHash;
 use sanctum_protocol::pki;
 use sanctum_protocol::receipt::{MAX_REASON_BYTES, Statement};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// A round record sent to nodes, waiting for their countersignatures.
 #[derive(Debug)]
 struct Pending {
+    /// The run whose round it records: a plan's runs record the same round numbers.
+    run: String,
     /// The record's exact line in the audit log: what was sent and what is countersigned.
+    line: String,
     hash: ContentHash,
     /// The nodes the record was sent to (its `reported` list): only they countersign it.
     recipients: HashSet<String>,
@@ -29,13 +32,31 @@ struct Pending {
     /// refused. By name, not fingerprint: a renewed node holds two valid certificates, and still
     /// countersigns a round once.
     signed: HashSet<String>,
+    /// The recipients the record was sent to. A record the coordinator wrote after a crash (the
+    /// round was committed, its record was not) reached nobody: each recipient is sent it when it
+    /// next connects.
+    delivered: HashSet<String>,
 }
 
-/// The round records awaiting receipts, by (plan, round). A later record for the same plan and
-/// round (the plan's next run) replaces the earlier one, and with it who has signed.
+/// The records of this many runs of a plan are awaited per round; an older run's go (a node that
+/// countersigns one that late is told it is not awaited).
+pub const RUNS_AWAITED: usize = 4;
+
+/// Whether a record was sent to its recipients when it was registered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivered {
+    /// Sent to every recipient now.
+    All,
+    /// Sent to nobody yet (written while recovering): each gets it when it connects.
+    None,
+}
+
+/// The round records awaiting receipts, by (plan, round), one per run (the newest
+/// [`RUNS_AWAITED`] runs), told apart by the record's hash, which every countersignature names:
+/// a late receipt for an earlier run's round goes to that run's record, never to a later run's.
 #[derive(Debug, Default)]
 pub struct Awaiting {
-    records: HashMap<(String, u32), Pending>,
+    records: HashMap<(String, u32), Vec<Pending>>,
 }
 
 /// Who countersigns: read from the verified TLS client certificate.
@@ -80,6 +101,8 @@ pub enum Refusal {
 pub struct Accepted {
     pub node: String,
     pub plan_id: String,
+    /// The run whose round record was countersigned.
+    pub run: String,
     pub round: u32,
     pub record_sha256: String,
     pub signature: Vec<u8>,
@@ -89,18 +112,18 @@ pub struct Accepted {
 }
 
 impl Accepted {
-    /// The `receipt` record's parameters.
-    pub fn params(&self) -> [(&'static str, Value); 8] {
-        [
-            ("node", json!(self.node)),
-            ("plan_id", json!(self.plan_id)),
-            ("round", json!(self.round)),
-            ("record_sha256", json!(self.record_sha256)),
-            ("signature", json!(hex::encode(&self.signature))),
-            ("agrees", json!(self.agrees)),
-            ("reason", json!(self.reason)),
-            ("certificate", json!(hex::encode(&self.cert_der))),
-        ]
+    /// The `receipt` record.
+    pub fn event(&self) -> AuditEvent {
+        AuditEvent::Receipt {
+            node: self.node.clone(),
+            plan_id: self.plan_id.clone(),
+            round: u64::from(self.round),
+            record_sha256: self.record_sha256.clone(),
+            signature: hex::encode(&self.signature),
+            agrees: self.agrees,
+            reason: self.reason.clone(),
+            certificate: Some(hex::encode(&self.cert_der)),
+        }
     }
 }
 
@@ -109,29 +132,69 @@ fn short(hex: &str) -> String {
 }
 
 impl Awaiting {
-    /// Registers the exact line of a round record sent for countersigning (same shape as
-    /// `HashMap::insert`: it returns the line it replaced, if any, by its hash).
-    pub fn insert(&mut self, key: (String, u32), line: String) -> Option<ContentHash> {
-        let recipients = serde_json::from_str::<Record>(&line)
+    /// Registers the exact line of run `run`'s record of `round` for countersigning. It returns
+    /// the hash of the record it replaced (the same run's record of the round, written again), if
+    /// any; the records of other runs stay, up to [`RUNS_AWAITED`] per round.
+    pub fn insert(
+        &mut self,
+        plan_id: &str,
+        run: &str,
+        round: u32,
+        line: String,
+        sent: Delivered,
+    ) -> Option<ContentHash> {
+        let recipients: HashSet<String> = serde_json::from_str::<Record>(&line)
             .ok()
             .and_then(|r| r.params.get("reported").and_then(Value::as_array).cloned())
             .unwrap_or_default()
             .iter()
             .filter_map(|v| v.as_str().map(str::to_string))
             .collect();
-        let pending = Pending { hash: ContentHash::of(line.as_bytes()), recipients, signed: HashSet::new() };
-        self.records.insert(key, pending).map(|p| p.hash)
+        let delivered = if sent == Delivered::All { recipients.clone() } else { HashSet::new() };
+        let hash = ContentHash::of(line.as_bytes());
+        let pending = Pending { run: run.to_string(), line, hash, recipients, signed: HashSet::new(), delivered };
+        let runs = self.records.entry((plan_id.to_string(), round)).or_default();
+        let replaced = runs.iter().position(|p| p.run == run).map(|i| runs.remove(i).hash);
+        runs.push(pending);
+        if runs.len() > RUNS_AWAITED {
+            runs.remove(0);
+        }
+        replaced
+    }
+
+    /// Marks `names` as having countersigned the record with this hash already (read back from
+    /// the audit log after a restart), so a second receipt from them is refused.
+    pub fn already_signed<'a>(&mut self, hash: &ContentHash, names: impl IntoIterator<Item = &'a str>) {
+        if let Some(p) = self.records.values_mut().flatten().find(|p| p.hash == *hash) {
+            p.signed.extend(names.into_iter().map(str::to_string));
+        }
+    }
+
+    /// The records `node` is a recipient of and was never sent, as (plan, round, line), now
+    /// marked sent: what to send it as it connects.
+    pub fn undelivered_to(&mut self, node: &str) -> Vec<(String, u32, String)> {
+        let mut out = Vec::new();
+        for ((plan_id, round), runs) in &mut self.records {
+            for p in runs.iter_mut() {
+                if p.recipients.contains(node) && !p.signed.contains(node) && p.delivered.insert(node.to_string()) {
+                    out.push((plan_id.clone(), *round, p.line.clone()));
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     /// Decides on one countersignature, and on success marks the signer as having signed (so the
     /// check and the mark are one step under the caller's lock).
     pub fn accept(&mut self, signer: Signer<'_>, c: Countersignature<'_>) -> Result<Accepted, Refusal> {
         let key = (c.plan_id.to_string(), c.round);
-        let pending =
-            self.records.get_mut(&key).ok_or_else(|| Refusal::NotAwaited { plan: short(c.plan_id), round: c.round })?;
-        if pending.hash.to_hex() != c.record_sha256 {
-            return Err(Refusal::WrongRecord);
-        }
+        let runs = self
+            .records
+            .get_mut(&key)
+            .filter(|runs| !runs.is_empty())
+            .ok_or_else(|| Refusal::NotAwaited { plan: short(c.plan_id), round: c.round })?;
+        let pending = runs.iter_mut().find(|p| p.hash.to_hex() == c.record_sha256).ok_or(Refusal::WrongRecord)?;
         if !pending.recipients.contains(signer.name) {
             return Err(Refusal::NotARecipient { node: signer.name.to_string() });
         }
@@ -156,6 +219,7 @@ impl Awaiting {
         Ok(Accepted {
             node: signer.name.to_string(),
             plan_id: c.plan_id.to_string(),
+            run: pending.run.clone(),
             round: c.round,
             record_sha256: c.record_sha256.to_string(),
             signature: c.signature.to_vec(),
@@ -330,6 +394,7 @@ mod tests {
     use sanctum_protocol::audit::GENESIS_PREV;
     use sanctum_protocol::pki::{Role, SignSpec};
     use sanctum_protocol::secagg::keys;
+    use serde_json::json;
 
     use super::*;
 
@@ -394,7 +459,7 @@ mod tests {
         let (cle, hun, lead) = (&ms[0], &ms[1], &ms[2]);
         let line = round_record(&["cleveland", "hungarian"]);
         let mut awaiting = Awaiting::default();
-        assert_eq!(awaiting.insert(("p".into(), 1), line.clone()), None);
+        assert_eq!(awaiting.insert("p", "run1", 1, line.clone(), Delivered::All), None);
         let (hash, good) = signed(cle, &line, true, "");
         let (_, disputing) = signed(hun, &line, false, "the record lists an update this node never sent");
         let (_, by_lead) = signed(lead, &line, true, "");
@@ -466,11 +531,62 @@ mod tests {
             Err(Refusal::AlreadyCountersigned { node: "cleveland".into(), plan: "p".into(), round: 1 }),
             "a second certificate of the same node"
         );
-        // The plan's next run records round 1 again: a new record, and a new receipt is taken.
-        let rerun = round_record(&["cleveland"]).replace("\"seq\":5", "\"seq\":9");
-        assert_eq!(awaiting.insert(("p".into(), 1), rerun.clone()).map(|h| h.to_hex()), Some(hash.clone()));
+        // The plan's next run records round 1 again: a new record, and a new receipt is taken,
+        // charged to that run; a late receipt for the first run's record still goes to the first.
+        let rerun = round_record(&["cleveland", "hungarian"]).replace("\"seq\":5", "\"seq\":9");
+        assert_eq!(awaiting.insert("p", "run2", 1, rerun.clone(), Delivered::All), None);
         let (hash2, sig2) = signed(cle, &rerun, true, "");
-        assert!(awaiting.accept(signer(cle), cs(&hash2, &sig2, true, "")).is_ok());
+        assert_eq!(awaiting.accept(signer(cle), cs(&hash2, &sig2, true, "")).map(|a| a.run), Ok("run2".into()));
+        assert!(matches!(
+            awaiting.accept(signer(cle), cs(&hash2, &sig2, true, "")),
+            Err(Refusal::AlreadyCountersigned { .. })
+        ));
+        let (_, late) = signed(hun, &line, true, "");
+        let late = awaiting.accept(signer(hun), cs(&hash, &late, true, ""));
+        assert_eq!(
+            late.map(|a| a.run),
+            Err(Refusal::AlreadyCountersigned { node: "hungarian".into(), plan: "p".into(), round: 1 })
+        );
+        let (_, hun2) = signed(hun, &rerun, true, "");
+        assert_eq!(awaiting.accept(signer(hun), cs(&hash2, &hun2, true, "")).map(|a| a.run), Ok("run2".into()));
+        // Writing the same run's record again replaces it (and says which it replaced).
+        assert_eq!(awaiting.insert("p", "run2", 1, rerun.clone(), Delivered::All).map(|h| h.to_hex()), Some(hash2));
+        // Only the newest RUNS_AWAITED runs' records are awaited per round.
+        for n in 3..=(2 + RUNS_AWAITED) {
+            let line = round_record(&["cleveland"]).replace("\"seq\":5", &format!("\"seq\":{}", 10 + n));
+            awaiting.insert("p", &format!("run{n}"), 1, line, Delivered::All);
+        }
+        let (_, again) = signed(cle, &line, true, "");
+        assert_eq!(awaiting.accept(signer(cle), cs(&hash, &again, true, "")).map(|_| ()), Err(Refusal::WrongRecord));
+    }
+
+    /// A record written while recovering (the round was committed, its record was not) reaches
+    /// each recipient once, when it connects; those the audit log shows as having signed it are
+    /// neither sent it again nor let sign it twice.
+    #[test]
+    fn a_record_written_after_a_crash_reaches_each_recipient_once_as_it_connects() {
+        let (_, ms) = consortium();
+        let (cle, hun) = (&ms[0], &ms[1]);
+        let line = round_record(&["cleveland", "hungarian"]);
+        let mut awaiting = Awaiting::default();
+        awaiting.insert("p", "run1", 1, line.clone(), Delivered::None);
+        let hash = ContentHash::of(line.as_bytes());
+        awaiting.already_signed(&hash, ["hungarian"]);
+        assert_eq!(awaiting.undelivered_to("cleveland"), vec![("p".to_string(), 1, line.clone())]);
+        assert!(awaiting.undelivered_to("cleveland").is_empty(), "sent once");
+        assert!(awaiting.undelivered_to("hungarian").is_empty(), "it already signed");
+        assert!(awaiting.undelivered_to("lead").is_empty(), "not a recipient");
+        let (h, sig) = signed(hun, &line, true, "");
+        assert!(matches!(
+            awaiting.accept(signer(hun), cs(&h, &sig, true, "")),
+            Err(Refusal::AlreadyCountersigned { .. })
+        ));
+        let (h, sig) = signed(cle, &line, true, "");
+        assert_eq!(awaiting.accept(signer(cle), cs(&h, &sig, true, "")).map(|a| a.run), Ok("run1".into()));
+        // A record sent when it was written is not sent again at a reconnect.
+        let sent = round_record(&["cleveland"]).replace("\"seq\":5", "\"seq\":7");
+        awaiting.insert("p", "run1", 2, sent, Delivered::All);
+        assert!(awaiting.undelivered_to("cleveland").is_empty());
     }
 
     fn receipt_record(a: &Accepted, actor: &str) -> Record {
@@ -479,7 +595,7 @@ mod tests {
             time: "t".into(),
             actor: actor.into(),
             event: "receipt".into(),
-            params: a.params().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            params: a.event().to_parts().unwrap().1,
             prev: GENESIS_PREV.into(),
             sig: "00".into(),
         }
@@ -493,7 +609,7 @@ mod tests {
         let (cle, hun) = (&ms[0], &ms[1]);
         let line = round_record(&["cleveland", "hungarian"]);
         let mut awaiting = Awaiting::default();
-        awaiting.insert(("p".into(), 1), line.clone());
+        awaiting.insert("p", "run1", 1, line.clone(), Delivered::All);
         let (hash, sig) = signed(cle, &line, true, "");
         let accepted = awaiting.accept(signer(cle), cs(&hash, &sig, true, "")).unwrap();
         let ca_check = |der: &[u8]| sanctum_protocol::audit::issued_by(&ca.cert_pem, der);

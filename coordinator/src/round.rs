@@ -25,7 +25,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// A node's name, as its certificate says.
-pub type NodeName = String;
+pub use sanctum_protocol::ids::NodeName;
 
 /// Logical time: milliseconds since the plan's run started (the engine converts its own clock).
 /// Plain numbers, so the state serialises and a test moves time by adding to it.
@@ -305,14 +305,14 @@ impl PlanRun {
     }
 
     /// A node connected (or reconnected).
-    pub fn node_connected(&mut self, node: &str, now: Millis) -> Vec<Action> {
-        self.online.insert(node.to_string());
+    pub fn node_connected(&mut self, node: &NodeName, now: Millis) -> Vec<Action> {
+        self.online.insert(node.clone());
         if let Phase::Recruiting { .. } = self.phase {
             if self.eligible.as_ref().is_some_and(|e| !e.contains(node)) {
                 return self.tick(now);
             }
-            if self.offered.insert(node.to_string()) {
-                return vec![Action::Offer(vec![node.to_string()])];
+            if self.offered.insert(node.clone()) {
+                return vec![Action::Offer(vec![node.clone()])];
             }
             return self.tick(now);
         }
@@ -322,7 +322,7 @@ impl PlanRun {
         // A node that accepted and comes back (a restart loses what it knew) is offered the plan
         // again first, so the directives that follow make sense to it; if it now refuses it
         // leaves the plan (see `decision`).
-        let mut actions = vec![Action::Reoffer(node.to_string())];
+        let mut actions = vec![Action::Reoffer(node.clone())];
         // A participant of the open round gets the round again: it may still report before the
         // deadline (a second upload is refused as a duplicate).
         if let Phase::Training { round, participants, reported, left, deadline, .. } = &self.phase
@@ -331,7 +331,7 @@ impl PlanRun {
             && !left.contains(node)
             && now < *deadline
         {
-            actions.push(Action::Rejoin { node: node.to_string(), round: *round, deadline: *deadline });
+            actions.push(Action::Rejoin { node: node.clone(), round: *round, deadline: *deadline });
         }
         // A retry waiting for nodes may open now.
         actions.extend(self.advance(now));
@@ -339,7 +339,7 @@ impl PlanRun {
     }
 
     /// A node's connection went away.
-    pub fn node_disconnected(&mut self, node: &str, now: Millis) -> Vec<Action> {
+    pub fn node_disconnected(&mut self, node: &NodeName, now: Millis) -> Vec<Action> {
         self.online.remove(node);
         if let Phase::Evaluating { pending, .. } = &mut self.phase {
             pending.remove(node);
@@ -350,7 +350,7 @@ impl PlanRun {
     }
 
     /// A node accepted or refused the plan.
-    pub fn decision(&mut self, node: &str, accept: bool, reason: &str, now: Millis) -> Vec<Action> {
+    pub fn decision(&mut self, node: &NodeName, accept: bool, reason: &str, now: Millis) -> Vec<Action> {
         self.decide(node, accept, reason, now).unwrap_or_default()
     }
 
@@ -358,11 +358,11 @@ impl PlanRun {
     /// `None` if it was discarded (a repeat of the node's standing answer, an answer from a node
     /// the plan was not offered to, an acceptance once recruiting is over). The service audits
     /// and publishes only a decision that counted, so repeating an answer costs nothing.
-    pub fn decide(&mut self, node: &str, accept: bool, reason: &str, now: Millis) -> Option<Vec<Action>> {
+    pub fn decide(&mut self, node: &NodeName, accept: bool, reason: &str, now: Millis) -> Option<Vec<Action>> {
         if !matches!(self.phase, Phase::Recruiting { .. }) {
             // An answer to a re-offer: a node that now refuses leaves the plan.
             if !accept && self.accepted.remove(node) {
-                self.refused.insert(node.to_string(), reason.to_string());
+                self.refused.insert(node.clone(), reason.to_string());
                 return Some(self.advance(now));
             }
             return None;
@@ -376,10 +376,10 @@ impl PlanRun {
         }
         if accept {
             self.refused.remove(node);
-            self.accepted.insert(node.to_string());
+            self.accepted.insert(node.clone());
         } else {
             self.accepted.remove(node);
-            self.refused.insert(node.to_string(), reason.to_string());
+            self.refused.insert(node.clone(), reason.to_string());
         }
         Some(self.advance(now))
     }
@@ -387,7 +387,7 @@ impl PlanRun {
     /// Whether [`PlanRun::admit_update`] would admit this update now, changing nothing: the
     /// service asks first when admitting has a side effect it cannot undo (a masked input joins
     /// the secure-aggregation sum), so nothing is in the sum of a node told it was refused.
-    pub fn can_admit(&self, node: &str, round: u32, now: Millis) -> Result<(), Rejection> {
+    pub fn can_admit(&self, node: &NodeName, round: u32, now: Millis) -> Result<(), Rejection> {
         let Phase::Training { round: open, participants, reported, left, deadline, .. } = &self.phase else {
             return Err(Rejection::NoOpenRound);
         };
@@ -395,10 +395,10 @@ impl PlanRun {
             return Err(Rejection::WrongRound { got: round, open: *open });
         }
         if reported.contains(node) {
-            return Err(Rejection::Duplicate(node.to_string()));
+            return Err(Rejection::Duplicate(node.clone()));
         }
         if !participants.contains(node) || left.contains(node) {
-            return Err(Rejection::NotParticipant(node.to_string()));
+            return Err(Rejection::NotParticipant(node.clone()));
         }
         if now >= *deadline {
             return Err(Rejection::Late);
@@ -408,23 +408,23 @@ impl PlanRun {
 
     /// Asks whether an update may enter the round; on `Ok` the node counts as reported and the
     /// service must apply the update before anything else happens.
-    pub fn admit_update(&mut self, node: &str, round: u32, now: Millis) -> Result<Vec<Action>, Rejection> {
+    pub fn admit_update(&mut self, node: &NodeName, round: u32, now: Millis) -> Result<Vec<Action>, Rejection> {
         self.can_admit(node, round, now)?;
         if let Phase::Training { reported, .. } = &mut self.phase {
-            reported.insert(node.to_string());
+            reported.insert(node.clone());
         }
         Ok(self.advance(now))
     }
 
     /// A participant can no longer report in the open round (it missed a secure-aggregation step):
     /// the round stops waiting for it.
-    pub fn leave_round(&mut self, node: &str, now: Millis) -> Vec<Action> {
+    pub fn leave_round(&mut self, node: &NodeName, now: Millis) -> Vec<Action> {
         if let Phase::Training { participants, reported, left, why, .. } = &mut self.phase
             && participants.contains(node)
             && !reported.contains(node)
         {
-            left.insert(node.to_string());
-            why.entry(node.to_string()).or_insert_with(|| "it missed a secure-aggregation step".into());
+            left.insert(node.clone());
+            why.entry(node.clone()).or_insert_with(|| "it missed a secure-aggregation step".into());
         }
         self.advance(now)
     }
@@ -440,7 +440,7 @@ impl PlanRun {
     /// change of activity is published. Never moves the deadline.
     pub fn heartbeat(
         &mut self,
-        node: &str,
+        node: &NodeName,
         round: u32,
         activity: Activity,
         now: Millis,
@@ -452,13 +452,13 @@ impl PlanRun {
             return Err(HeartbeatRefused::WrongRound { got: round, open: *open });
         }
         if !participants.contains(node) || left.contains(node) || reported.contains(node) {
-            return Err(HeartbeatRefused::NotParticipant(node.to_string()));
+            return Err(HeartbeatRefused::NotParticipant(node.clone()));
         }
         let previous = heard.get(node).copied();
         if previous.is_some_and(|(at, _)| now < at.saturating_add(HEARTBEAT_MIN_GAP)) {
             return Err(HeartbeatRefused::TooFrequent);
         }
-        heard.insert(node.to_string(), (now, activity));
+        heard.insert(node.clone(), (now, activity));
         let round = *open;
         let mut actions = Vec::new();
         if previous.map(|(_, a)| a) != Some(activity) {
@@ -466,7 +466,7 @@ impl PlanRun {
                 Activity::Training => ParticipantPhase::Training,
                 Activity::Uploading => ParticipantPhase::Uploading,
             };
-            actions.push(Action::Participant { round, node: node.to_string(), phase });
+            actions.push(Action::Participant { round, node: node.clone(), phase });
         }
         Ok(actions)
     }
@@ -506,8 +506,13 @@ impl PlanRun {
         self.finish(false, reason.to_string())
     }
 
+    /// Whether the final evaluation is waiting for `node`'s report.
+    pub fn awaits_evaluation(&self, node: &NodeName) -> bool {
+        matches!(&self.phase, Phase::Evaluating { pending, .. } if pending.contains(node))
+    }
+
     /// A node reported its evaluation of the final model.
-    pub fn evaluated(&mut self, node: &str, now: Millis) -> Vec<Action> {
+    pub fn evaluated(&mut self, node: &NodeName, now: Millis) -> Vec<Action> {
         if let Phase::Evaluating { pending, .. } = &mut self.phase {
             pending.remove(node);
         }
@@ -708,6 +713,7 @@ impl PlanRun {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_ids::node;
 
     fn cfg(rounds: u32, min_nodes: usize) -> RunConfig {
         RunConfig {
@@ -729,7 +735,7 @@ mod tests {
     fn three_in_round_one(c: RunConfig) -> PlanRun {
         let (mut run, _) = PlanRun::start(c, names(&["a", "b", "c"]), 0);
         for n in ["a", "b", "c"] {
-            run.decision(n, true, "", 0);
+            run.decision(&node(n), true, "", 0);
         }
         assert_eq!(run.open_round(), Some(1));
         run
@@ -738,8 +744,8 @@ mod tests {
     #[test]
     fn a_round_below_min_nodes_is_retried_as_the_same_round_with_the_nodes_connected_then() {
         let mut run = three_in_round_one(retrying(2, 3, 1));
-        run.admit_update("a", 1, 0).unwrap();
-        run.admit_update("b", 1, 0).unwrap();
+        run.admit_update(&node("a"), 1, 0).unwrap();
+        run.admit_update(&node("b"), 1, 0).unwrap();
         // c is late: at the deadline the attempt fails and the same round opens again at once.
         let a = run.tick(30_000);
         match &a[..] {
@@ -759,9 +765,9 @@ mod tests {
         }
         assert_eq!((run.open_round(), run.attempt(), run.rounds_completed()), (Some(1), Some(2), 0));
         // The retry is a fresh attempt: a and b report again (a node re-sends the same bytes).
-        run.admit_update("a", 1, 30_001).unwrap();
-        run.admit_update("c", 1, 30_002).unwrap();
-        let a = run.admit_update("b", 1, 30_003).unwrap();
+        run.admit_update(&node("a"), 1, 30_001).unwrap();
+        run.admit_update(&node("c"), 1, 30_002).unwrap();
+        let a = run.admit_update(&node("b"), 1, 30_003).unwrap();
         assert_eq!(a, vec![Action::CloseRound { round: 1, reported: names(&["a", "b", "c"]), dropped: vec![] }]);
         // The next round starts again at attempt 1 with the full retries.
         assert!(matches!(&run.round_aggregated(1, 30_004)[..], [Action::OpenRound { round: 2, .. }]));
@@ -771,15 +777,15 @@ mod tests {
     #[test]
     fn only_when_the_retries_are_spent_does_the_plan_fail_with_the_last_reason() {
         let mut run = three_in_round_one(retrying(2, 3, 1));
-        run.admit_update("a", 1, 0).unwrap();
+        run.admit_update(&node("a"), 1, 0).unwrap();
         assert!(matches!(
             &run.tick(30_000)[..],
             [.., Action::RoundFailed { attempt: 1, retrying: true, .. }, Action::OpenRound { .. }]
         ));
-        run.admit_update("a", 1, 30_000).unwrap();
-        run.admit_update("b", 1, 30_000).unwrap();
+        run.admit_update(&node("a"), 1, 30_000).unwrap();
+        run.admit_update(&node("b"), 1, 30_000).unwrap();
         // c goes away in the retry: the round stops waiting and the last attempt fails.
-        let a = run.node_disconnected("c", 31_000);
+        let a = run.node_disconnected(&node("c"), 31_000);
         match &a[..] {
             [
                 Action::RoundFailed { round: 1, attempt: 2, reason, retrying: false },
@@ -796,7 +802,7 @@ mod tests {
     #[test]
     fn without_retries_a_failed_round_fails_the_plan_at_once_as_before() {
         let mut run = three_in_round_one(cfg(2, 3));
-        run.admit_update("a", 1, 0).unwrap();
+        run.admit_update(&node("a"), 1, 0).unwrap();
         let a = run.tick(30_000);
         assert!(
             matches!(&a[..], [.., Action::RoundFailed { attempt: 1, retrying: false, .. }, Action::Finish { success: false, reason }]
@@ -808,15 +814,15 @@ mod tests {
     #[test]
     fn a_retry_waits_for_enough_connected_nodes_and_fails_in_turn_at_a_round_deadline() {
         let mut run = three_in_round_one(retrying(1, 3, 2));
-        run.admit_update("a", 1, 0).unwrap();
-        run.admit_update("b", 1, 0).unwrap();
+        run.admit_update(&node("a"), 1, 0).unwrap();
+        run.admit_update(&node("b"), 1, 0).unwrap();
         // c crashed: attempt 1 fails at once and attempt 2 cannot open with two connected.
-        let a = run.node_disconnected("c", 1_000);
+        let a = run.node_disconnected(&node("c"), 1_000);
         assert!(matches!(&a[..], [Action::RoundFailed { attempt: 1, retrying: true, .. }]), "{a:?}");
         assert_eq!(run.open_round(), None, "waiting for a third node");
         assert!(run.tick(20_000).is_empty());
         // c comes back within the wait: offered the plan again, then the round opens with it.
-        let a = run.node_connected("c", 20_000);
+        let a = run.node_connected(&node("c"), 20_000);
         assert!(
             matches!(&a[..], [Action::Reoffer(n), Action::OpenRound { round: 1, participants, .. }] if n == "c" && participants.len() == 3),
             "{a:?}"
@@ -824,10 +830,10 @@ mod tests {
         assert_eq!(run.attempt(), Some(2));
         // Attempt 2 fails too (c drops again); attempt 3 cannot open and, at its deadline, fails
         // with the reason that nothing was connected.
-        run.admit_update("a", 1, 21_000).unwrap();
-        run.admit_update("b", 1, 21_000).unwrap();
+        run.admit_update(&node("a"), 1, 21_000).unwrap();
+        run.admit_update(&node("b"), 1, 21_000).unwrap();
         assert!(matches!(
-            &run.node_disconnected("c", 22_000)[..],
+            &run.node_disconnected(&node("c"), 22_000)[..],
             [Action::RoundFailed { attempt: 2, retrying: true, .. }]
         ));
         assert!(run.tick(51_999).is_empty());
@@ -844,19 +850,22 @@ mod tests {
         let mut run = three_in_round_one(retrying(2, 2, 0));
         assert_eq!(run.heartbeat_interval(), 1_666, "a third of 5 s");
         // a and c are heard from; b never is (it is fetching, or sends no heartbeats).
-        let a = run.heartbeat("a", 1, Activity::Training, 1_000).unwrap();
-        assert_eq!(a, vec![Action::Participant { round: 1, node: "a".into(), phase: ParticipantPhase::Training }]);
-        assert!(!run.heartbeat("c", 1, Activity::Training, 1_000).unwrap().is_empty());
+        let a = run.heartbeat(&node("a"), 1, Activity::Training, 1_000).unwrap();
+        assert_eq!(a, vec![Action::Participant { round: 1, node: node("a"), phase: ParticipantPhase::Training }]);
+        assert!(!run.heartbeat(&node("c"), 1, Activity::Training, 1_000).unwrap().is_empty());
         // Repeats count once a second at most and publish nothing.
-        assert_eq!(run.heartbeat("a", 1, Activity::Training, 1_999), Err(HeartbeatRefused::TooFrequent));
-        assert_eq!(run.heartbeat("a", 1, Activity::Training, 2_000), Ok(vec![]));
-        assert_eq!(run.heartbeat("a", 1, Activity::Training, 5_000), Ok(vec![]));
+        assert_eq!(run.heartbeat(&node("a"), 1, Activity::Training, 1_999), Err(HeartbeatRefused::TooFrequent));
+        assert_eq!(run.heartbeat(&node("a"), 1, Activity::Training, 2_000), Ok(vec![]));
+        assert_eq!(run.heartbeat(&node("a"), 1, Activity::Training, 5_000), Ok(vec![]));
         assert_eq!(
-            run.heartbeat("a", 2, Activity::Training, 5_000),
+            run.heartbeat(&node("a"), 2, Activity::Training, 5_000),
             Err(HeartbeatRefused::WrongRound { got: 2, open: 1 })
         );
-        assert_eq!(run.heartbeat("x", 1, Activity::Training, 5_000), Err(HeartbeatRefused::NotParticipant("x".into())));
-        run.admit_update("a", 1, 5_500).unwrap();
+        assert_eq!(
+            run.heartbeat(&node("x"), 1, Activity::Training, 5_000),
+            Err(HeartbeatRefused::NotParticipant(node("x")))
+        );
+        run.admit_update(&node("a"), 1, 5_500).unwrap();
         assert!(run.tick(5_999).is_empty(), "c was heard at 1 s: silent for 4.999 s");
         // c has been silent for 5 s: dropped; b (never heard) still holds the round.
         let a = run.tick(6_000);
@@ -864,33 +873,36 @@ mod tests {
             a,
             vec![Action::Participant {
                 round: 1,
-                node: "c".into(),
+                node: node("c"),
                 phase: ParticipantPhase::Dropped("no heartbeat for 5 s".into())
             }]
         );
-        assert_eq!(run.admit_update("c", 1, 6_100), Err(Rejection::NotParticipant("c".into())));
-        assert_eq!(run.heartbeat("c", 1, Activity::Training, 6_100), Err(HeartbeatRefused::NotParticipant("c".into())));
+        assert_eq!(run.admit_update(&node("c"), 1, 6_100), Err(Rejection::NotParticipant(node("c"))));
+        assert_eq!(
+            run.heartbeat(&node("c"), 1, Activity::Training, 6_100),
+            Err(HeartbeatRefused::NotParticipant(node("c")))
+        );
         // b says it is uploading: from here only the deadline bounds it, however long it is silent.
         assert!(matches!(
-            &run.heartbeat("b", 1, Activity::Uploading, 7_000).unwrap()[..],
+            &run.heartbeat(&node("b"), 1, Activity::Uploading, 7_000).unwrap()[..],
             [Action::Participant { phase: ParticipantPhase::Uploading, .. }]
         ));
         assert!(run.tick(29_999).is_empty(), "a heartbeat never moves the deadline, nor does silence while uploading");
-        let a = run.admit_update("b", 1, 29_999).unwrap();
+        let a = run.admit_update(&node("b"), 1, 29_999).unwrap();
         assert_eq!(a, vec![Action::CloseRound { round: 1, reported: names(&["a", "b"]), dropped: names(&["c"]) }]);
         // c takes part in the next round, its silence forgotten.
         let a = run.round_aggregated(1, 30_000);
         assert!(matches!(&a[..], [Action::OpenRound { round: 2, participants, .. }] if participants.len() == 3));
-        assert!(run.heartbeat("c", 2, Activity::Training, 30_000).is_ok());
+        assert!(run.heartbeat(&node("c"), 2, Activity::Training, 30_000).is_ok());
     }
 
     #[test]
     fn heartbeats_cannot_keep_a_round_past_its_deadline() {
         let mut run = three_in_round_one(retrying(1, 1, 0));
-        run.admit_update("a", 1, 0).unwrap();
+        run.admit_update(&node("a"), 1, 0).unwrap();
         for t in (0..30_000).step_by(1_000) {
-            run.heartbeat("b", 1, Activity::Training, t).unwrap();
-            run.heartbeat("c", 1, Activity::Training, t).unwrap();
+            run.heartbeat(&node("b"), 1, Activity::Training, t).unwrap();
+            run.heartbeat(&node("c"), 1, Activity::Training, t).unwrap();
         }
         let a = run.tick(30_000);
         assert!(
@@ -900,7 +912,7 @@ mod tests {
     }
 
     fn names(v: &[&str]) -> Vec<NodeName> {
-        v.iter().map(|s| s.to_string()).collect()
+        v.iter().map(|s| node(s)).collect()
     }
 
     #[test]
@@ -908,25 +920,25 @@ mod tests {
         let t0: Millis = 0;
         let (mut run, a) = PlanRun::start(cfg(2, 2), names(&["a", "b"]), t0);
         assert_eq!(a, vec![Action::Offer(names(&["a", "b"]))]);
-        assert!(run.decision("a", true, "", t0).is_empty());
-        let a = run.decision("b", true, "", t0);
+        assert!(run.decision(&node("a"), true, "", t0).is_empty());
+        let a = run.decision(&node("b"), true, "", t0);
         assert!(
             matches!(&a[..], [Action::OpenRound { round: 1, participants, .. }] if participants == &names(&["a", "b"]))
         );
-        assert!(run.admit_update("a", 1, t0).unwrap().is_empty());
-        assert_eq!(run.admit_update("a", 1, t0), Err(Rejection::Duplicate("a".into())));
-        let a = run.admit_update("b", 1, t0).unwrap();
+        assert!(run.admit_update(&node("a"), 1, t0).unwrap().is_empty());
+        assert_eq!(run.admit_update(&node("a"), 1, t0), Err(Rejection::Duplicate(node("a"))));
+        let a = run.admit_update(&node("b"), 1, t0).unwrap();
         assert_eq!(a, vec![Action::CloseRound { round: 1, reported: names(&["a", "b"]), dropped: vec![] }]);
-        assert_eq!(run.admit_update("a", 1, t0), Err(Rejection::NoOpenRound));
+        assert_eq!(run.admit_update(&node("a"), 1, t0), Err(Rejection::NoOpenRound));
         let a = run.round_aggregated(1, t0);
         assert!(matches!(&a[..], [Action::OpenRound { round: 2, .. }]));
-        assert_eq!(run.admit_update("a", 1, t0), Err(Rejection::WrongRound { got: 1, open: 2 }));
-        run.admit_update("a", 2, t0).unwrap();
-        run.admit_update("b", 2, t0).unwrap();
+        assert_eq!(run.admit_update(&node("a"), 1, t0), Err(Rejection::WrongRound { got: 1, open: 2 }));
+        run.admit_update(&node("a"), 2, t0).unwrap();
+        run.admit_update(&node("b"), 2, t0).unwrap();
         let a = run.round_aggregated(2, t0);
         assert_eq!(a, vec![Action::Evaluate(names(&["a", "b"]))]);
-        run.evaluated("a", t0);
-        let a = run.evaluated("b", t0);
+        run.evaluated(&node("a"), t0);
+        let a = run.evaluated(&node("b"), t0);
         assert_eq!(a, vec![Action::Finish { success: true, reason: "completed".into() }]);
         assert_eq!(run.rounds_completed(), 2);
     }
@@ -940,15 +952,15 @@ mod tests {
                 RunConfig { recruit_deadline: wait, round_deadline: wait, evaluation_deadline: wait, ..cfg(1, 1) };
             let (mut run, a) = PlanRun::start(long, names(&["a"]), t0);
             assert_eq!(a, vec![Action::Offer(names(&["a"]))]);
-            let a = run.decision("a", true, "", t0);
+            let a = run.decision(&node("a"), true, "", t0);
             let Some(Action::OpenRound { deadline, .. }) = a.first() else {
                 panic!("the round opens: {a:?}");
             };
             assert!(*deadline > t0 + 100 * 365 * 86_400 * 1000, "as far ahead as an Instant goes");
             assert!(run.tick(t0 + 86_400 * 1000).is_empty(), "still waiting a day later");
-            assert!(matches!(&run.admit_update("a", 1, t0).unwrap()[..], [Action::CloseRound { round: 1, .. }]));
+            assert!(matches!(&run.admit_update(&node("a"), 1, t0).unwrap()[..], [Action::CloseRound { round: 1, .. }]));
             assert_eq!(run.round_aggregated(1, t0), vec![Action::Evaluate(names(&["a"]))]);
-            assert!(matches!(&run.evaluated("a", t0)[..], [Action::Finish { success: true, .. }]));
+            assert!(matches!(&run.evaluated(&node("a"), t0)[..], [Action::Finish { success: true, .. }]));
         }
     }
 
@@ -957,18 +969,18 @@ mod tests {
         let t0: Millis = 0;
         let (mut run, _) = PlanRun::start(cfg(1, 2), names(&["a", "b", "c"]), t0);
         for n in ["a", "b", "c"] {
-            run.decision(n, true, "", t0);
+            run.decision(&node(n), true, "", t0);
         }
-        run.admit_update("a", 1, t0).unwrap();
-        run.admit_update("b", 1, t0).unwrap();
+        run.admit_update(&node("a"), 1, t0).unwrap();
+        run.admit_update(&node("b"), 1, t0).unwrap();
         assert!(run.tick(t0 + 29 * 1000).is_empty());
         let late = t0 + 31 * 1000;
-        assert_eq!(run.admit_update("c", 1, late), Err(Rejection::Late));
+        assert_eq!(run.admit_update(&node("c"), 1, late), Err(Rejection::Late));
         let a = run.tick(late);
         assert_eq!(
             a,
             vec![
-                Action::Participant { round: 1, node: "c".into(), phase: ParticipantPhase::Late },
+                Action::Participant { round: 1, node: node("c"), phase: ParticipantPhase::Late },
                 Action::CloseRound { round: 1, reported: names(&["a", "b"]), dropped: names(&["c"]) }
             ]
         );
@@ -978,8 +990,8 @@ mod tests {
     fn refusals_below_min_nodes_fail_with_the_reasons() {
         let t0: Millis = 0;
         let (mut run, _) = PlanRun::start(cfg(1, 2), names(&["a", "b"]), t0);
-        run.decision("a", true, "", t0);
-        let a = run.decision("b", false, "schema mismatch: column 'age' missing", t0);
+        run.decision(&node("a"), true, "", t0);
+        let a = run.decision(&node("b"), false, "schema mismatch: column 'age' missing", t0);
         match &a[..] {
             [Action::Finish { success: false, reason }] => {
                 assert!(reason.contains("b refused: schema mismatch"), "{reason}")
@@ -993,15 +1005,15 @@ mod tests {
         let t0: Millis = 0;
         let (mut run, _) = PlanRun::start(cfg(3, 2), names(&["a", "b", "c"]), t0);
         for n in ["a", "b", "c"] {
-            run.decision(n, true, "", t0);
+            run.decision(&node(n), true, "", t0);
         }
-        run.admit_update("a", 1, t0).unwrap();
-        run.admit_update("b", 1, t0).unwrap();
+        run.admit_update(&node("a"), 1, t0).unwrap();
+        run.admit_update(&node("b"), 1, t0).unwrap();
         // c crashes: the round closes without waiting for the deadline.
-        let a = run.node_disconnected("c", t0);
+        let a = run.node_disconnected(&node("c"), t0);
         assert_eq!(a, vec![Action::CloseRound { round: 1, reported: names(&["a", "b"]), dropped: names(&["c"]) }]);
         run.round_aggregated(1, t0);
-        run.admit_update("a", 2, t0).unwrap();
+        run.admit_update(&node("a"), 2, t0).unwrap();
         let a = run.tick(t0 + 31 * 1000);
         assert!(
             matches!(&a[..], [.., Action::RoundFailed { round: 2, retrying: false, .. }, Action::Finish { success: false, reason }] if reason.contains("round 2 failed")),
@@ -1015,17 +1027,17 @@ mod tests {
         let t0: Millis = 0;
         let (mut run, _) = PlanRun::start(cfg(1, 2), names(&["a", "b", "c"]), t0);
         for n in ["a", "b", "c"] {
-            run.decision(n, true, "", t0);
+            run.decision(&node(n), true, "", t0);
         }
-        run.admit_update("a", 1, t0).unwrap();
-        assert!(run.node_disconnected("c", t0).is_empty(), "b has not reported yet");
-        let a = run.node_connected("c", t0);
+        run.admit_update(&node("a"), 1, t0).unwrap();
+        assert!(run.node_disconnected(&node("c"), t0).is_empty(), "b has not reported yet");
+        let a = run.node_connected(&node("c"), t0);
         assert!(
             matches!(&a[..], [Action::Reoffer(r), Action::Rejoin { node, round: 1, .. }] if r == "c" && node == "c"),
             "{a:?}"
         );
-        run.admit_update("c", 1, t0).unwrap();
-        let a = run.admit_update("b", 1, t0).unwrap();
+        run.admit_update(&node("c"), 1, t0).unwrap();
+        let a = run.admit_update(&node("b"), 1, t0).unwrap();
         assert_eq!(a, vec![Action::CloseRound { round: 1, reported: names(&["a", "b", "c"]), dropped: vec![] }]);
     }
 
@@ -1034,20 +1046,20 @@ mod tests {
         let t0: Millis = 0;
         let (mut run, _) = PlanRun::start(cfg(2, 2), names(&["a", "b", "c"]), t0);
         for n in ["a", "b", "c"] {
-            run.decision(n, true, "", t0);
+            run.decision(&node(n), true, "", t0);
         }
-        run.admit_update("a", 1, t0).unwrap();
-        run.admit_update("b", 1, t0).unwrap();
-        run.node_disconnected("c", t0);
+        run.admit_update(&node("a"), 1, t0).unwrap();
+        run.admit_update(&node("b"), 1, t0).unwrap();
+        run.node_disconnected(&node("c"), t0);
         run.round_aggregated(1, t0);
         // c restarts during round 2 (it was not a participant): it is only offered the plan again.
-        let a = run.node_connected("c", t0);
-        assert_eq!(a, vec![Action::Reoffer("c".into())]);
+        let a = run.node_connected(&node("c"), t0);
+        assert_eq!(a, vec![Action::Reoffer(node("c"))]);
         // c refuses the re-offer (say its policy changed): it leaves the plan.
-        assert!(run.decision("c", false, "policy changed", t0).is_empty());
+        assert!(run.decision(&node("c"), false, "policy changed", t0).is_empty());
         assert_eq!(run.refusals().get("c").map(String::as_str), Some("policy changed"));
-        run.admit_update("a", 2, t0).unwrap();
-        let a = run.admit_update("b", 2, t0).unwrap();
+        run.admit_update(&node("a"), 2, t0).unwrap();
+        let a = run.admit_update(&node("b"), 2, t0).unwrap();
         assert!(matches!(&a[..], [Action::CloseRound { round: 2, .. }]), "{a:?}");
     }
 
@@ -1055,50 +1067,50 @@ mod tests {
     fn recruiting_waits_for_the_deadline_when_nodes_are_silent() {
         let t0: Millis = 0;
         let (mut run, _) = PlanRun::start(cfg(1, 1), names(&["a", "b"]), t0);
-        assert!(run.decision("a", true, "", t0).is_empty());
+        assert!(run.decision(&node("a"), true, "", t0).is_empty());
         let a = run.tick(t0 + 11 * 1000);
         assert!(matches!(&a[..], [Action::OpenRound { round: 1, participants, .. }] if participants == &names(&["a"])));
         // b never answered and is not a participant.
-        assert_eq!(run.admit_update("b", 1, t0 + 12 * 1000), Err(Rejection::NotParticipant("b".into())));
+        assert_eq!(run.admit_update(&node("b"), 1, t0 + 12 * 1000), Err(Rejection::NotParticipant(node("b"))));
     }
 
     #[test]
     fn a_repeated_answer_does_not_count_and_says_so() {
         let t0: Millis = 0;
         let (mut run, _) = PlanRun::start(cfg(1, 2), names(&["a", "b", "c"]), t0);
-        assert_eq!(run.decide("a", true, "", t0), Some(vec![]));
+        assert_eq!(run.decide(&node("a"), true, "", t0), Some(vec![]));
         for _ in 0..1000 {
             assert_eq!(
-                run.decide("a", true, "", t0),
+                run.decide(&node("a"), true, "", t0),
                 None,
                 "a repeat is discarded, so it is neither audited nor published"
             );
         }
-        assert_eq!(run.decide("c", false, "no", t0), Some(vec![]));
-        assert_eq!(run.decide("c", false, "still no", t0), None);
-        assert_eq!(run.decide("rogue", true, "", t0), None, "not offered");
+        assert_eq!(run.decide(&node("c"), false, "no", t0), Some(vec![]));
+        assert_eq!(run.decide(&node("c"), false, "still no", t0), None);
+        assert_eq!(run.decide(&node("rogue"), true, "", t0), None, "not offered");
         // Changing one's answer while recruiting counts.
-        assert!(run.decide("c", true, "", t0).is_some());
-        assert!(run.decide("b", true, "", t0).is_some_and(|a| matches!(&a[..], [Action::OpenRound { .. }])));
-        assert_eq!(run.decide("b", true, "", t0), None, "an acceptance after recruiting does not count");
-        assert!(run.decide("a", false, "changed my mind", t0).is_some(), "a refusal of a re-offer does");
-        assert_eq!(run.decide("a", false, "again", t0), None);
+        assert!(run.decide(&node("c"), true, "", t0).is_some());
+        assert!(run.decide(&node("b"), true, "", t0).is_some_and(|a| matches!(&a[..], [Action::OpenRound { .. }])));
+        assert_eq!(run.decide(&node("b"), true, "", t0), None, "an acceptance after recruiting does not count");
+        assert!(run.decide(&node("a"), false, "changed my mind", t0).is_some(), "a refusal of a re-offer does");
+        assert_eq!(run.decide(&node("a"), false, "again", t0), None);
     }
 
     #[test]
     fn can_admit_answers_as_admit_update_would_and_changes_nothing() {
         let t0: Millis = 0;
         let (mut run, _) = PlanRun::start(cfg(1, 1), names(&["a", "b"]), t0);
-        run.decision("a", true, "", t0);
-        run.decision("b", true, "", t0);
+        run.decision(&node("a"), true, "", t0);
+        run.decision(&node("b"), true, "", t0);
         let late = t0 + 31 * 1000;
-        assert_eq!(run.can_admit("a", 1, late), Err(Rejection::Late));
-        assert_eq!(run.can_admit("a", 2, t0), Err(Rejection::WrongRound { got: 2, open: 1 }));
-        assert_eq!(run.can_admit("x", 1, t0), Err(Rejection::NotParticipant("x".into())));
+        assert_eq!(run.can_admit(&node("a"), 1, late), Err(Rejection::Late));
+        assert_eq!(run.can_admit(&node("a"), 2, t0), Err(Rejection::WrongRound { got: 2, open: 1 }));
+        assert_eq!(run.can_admit(&node("x"), 1, t0), Err(Rejection::NotParticipant(node("x"))));
         for _ in 0..3 {
-            assert_eq!(run.can_admit("a", 1, t0), Ok(()), "asking twice changes nothing");
+            assert_eq!(run.can_admit(&node("a"), 1, t0), Ok(()), "asking twice changes nothing");
         }
-        assert!(run.admit_update("a", 1, t0).is_ok());
-        assert_eq!(run.can_admit("a", 1, t0), Err(Rejection::Duplicate("a".into())));
+        assert!(run.admit_update(&node("a"), 1, t0).is_ok());
+        assert_eq!(run.can_admit(&node("a"), 1, t0), Err(Rejection::Duplicate(node("a"))));
     }
 }

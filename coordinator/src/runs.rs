@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use sanctum_protocol::ids::{PlanId, RunId};
 use serde::{Deserialize, Serialize};
 
 /// Every run of every plan this coordinator started, in order per plan.
@@ -17,13 +18,13 @@ use serde::{Deserialize, Serialize};
 pub struct RunRegistry {
     /// Plan id (SHA-256 of the plan) → its run ids, oldest first. Never shrinks: a run id, once
     /// given out, is never given to another run.
-    pub plans: BTreeMap<String, Vec<String>>,
+    pub plans: BTreeMap<PlanId, Vec<RunId>>,
 }
 
 /// A run the registry admitted: its id and its number among the plan's runs (1 for the first).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NewRun {
-    pub id: String,
+    pub id: RunId,
     pub number: u32,
 }
 
@@ -33,14 +34,14 @@ pub enum RunRefused {
     #[error(
         "plan '{name}' ({short}) already ran {runs} time(s) on this coordinator (last run {last}); submit it again with `--again` to start a new run, which every hospital accounts in full against its privacy budget"
     )]
-    AlreadyRan { name: String, short: String, runs: usize, last: String },
+    AlreadyRan { name: String, short: String, runs: usize, last: RunId },
 }
 
 impl RunRegistry {
     /// The registry the durable store holds: every run id of every plan, by run number, so
     /// [`RunRegistry::admit`] decides on the store's runs as it did on `runs.json`.
     pub fn from_rows(rows: &[crate::db::RunRow]) -> Self {
-        let mut by_plan: BTreeMap<String, Vec<(u32, String)>> = BTreeMap::new();
+        let mut by_plan: BTreeMap<PlanId, Vec<(u32, RunId)>> = BTreeMap::new();
         for row in rows {
             by_plan.entry(row.plan_id.clone()).or_default().push((row.number, row.run_id.clone()));
         }
@@ -56,14 +57,14 @@ impl RunRegistry {
 
     /// Decides whether `plan_id` may start a run and, if so, records it under `fresh_id` (a
     /// random id the caller drew). A plan that already ran starts again only when `again`.
-    pub fn admit(&mut self, plan_id: &str, name: &str, again: bool, fresh_id: String) -> Result<NewRun, RunRefused> {
-        let runs = self.plans.entry(plan_id.to_string()).or_default();
+    pub fn admit(&mut self, plan_id: &PlanId, name: &str, again: bool, fresh_id: RunId) -> Result<NewRun, RunRefused> {
+        let runs = self.plans.entry(plan_id.clone()).or_default();
         if let Some(last) = runs.last()
             && !again
         {
             return Err(RunRefused::AlreadyRan {
                 name: name.to_string(),
-                short: plan_id.get(..12).unwrap_or(plan_id).to_string(),
+                short: plan_id[..12].to_string(),
                 runs: runs.len(),
                 last: last.clone(),
             });
@@ -73,17 +74,17 @@ impl RunRegistry {
     }
 
     /// The latest run of a plan.
-    pub fn latest(&self, plan_id: &str) -> Option<&str> {
-        self.plans.get(plan_id).and_then(|r| r.last()).map(String::as_str)
+    pub fn latest(&self, plan_id: &PlanId) -> Option<&RunId> {
+        self.plans.get(plan_id).and_then(|r| r.last())
     }
 
     /// Whether `run` is a run of `plan_id`.
-    pub fn has(&self, plan_id: &str, run: &str) -> bool {
+    pub fn has(&self, plan_id: &PlanId, run: &RunId) -> bool {
         self.plans.get(plan_id).is_some_and(|r| r.iter().any(|x| x == run))
     }
 
     /// The number of a run among its plan's runs.
-    pub fn number(&self, plan_id: &str, run: &str) -> Option<u32> {
+    pub fn number(&self, plan_id: &PlanId, run: &RunId) -> Option<u32> {
         let pos = self.plans.get(plan_id)?.iter().position(|x| x == run)?;
         u32::try_from(pos + 1).ok()
     }
@@ -91,9 +92,9 @@ impl RunRegistry {
 
 /// A fresh run id: 128 random bits, in hex. Random rather than counted so that a
 /// coordinator that lost its state still never reuses an id a hospital has already seen.
-pub fn fresh_run_id() -> String {
+pub fn fresh_run_id() -> RunId {
     // `rand::random` draws from the thread-local CSPRNG, seeded (and reseeded) by the OS.
-    format!("{:032x}", rand::random::<u128>())
+    RunId::from_bits(rand::random::<u128>())
 }
 
 /// What went wrong with `runs.json`.
@@ -138,22 +139,24 @@ impl RunFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_ids::{plan, run};
 
     #[test]
     fn a_plan_runs_again_only_when_asked_and_each_run_is_new() {
         let mut r = RunRegistry::default();
-        let first = r.admit("p", "heart", false, "r1".into()).unwrap();
-        assert_eq!(first, NewRun { id: "r1".into(), number: 1 });
-        let e = r.admit("p", "heart", false, "r2".into()).unwrap_err().to_string();
-        assert!(e.contains("already ran 1 time(s)") && e.contains("--again") && e.contains("r1"), "{e}");
-        assert_eq!(r.latest("p"), Some("r1"), "a refused submission records nothing");
-        let second = r.admit("p", "heart", true, "r2".into()).unwrap();
+        let first = r.admit(&plan("p"), "heart", false, run("r1")).unwrap();
+        assert_eq!(first, NewRun { id: run("r1"), number: 1 });
+        let e = r.admit(&plan("p"), "heart", false, run("r2")).unwrap_err().to_string();
+        assert!(e.contains("already ran 1 time(s)") && e.contains("--again") && e.contains(run("r1").as_str()), "{e}");
+        assert_eq!(r.latest(&plan("p")), Some(&run("r1")), "a refused submission records nothing");
+        let second = r.admit(&plan("p"), "heart", true, run("r2")).unwrap();
         assert_eq!(second.number, 2);
-        assert_eq!(r.latest("p"), Some("r2"));
-        assert!(r.has("p", "r1") && r.has("p", "r2") && !r.has("p", "r3") && !r.has("q", "r1"));
-        assert_eq!(r.number("p", "r1"), Some(1));
+        assert_eq!(r.latest(&plan("p")), Some(&run("r2")));
+        let (p, q) = (plan("p"), plan("q"));
+        assert!(r.has(&p, &run("r1")) && r.has(&p, &run("r2")) && !r.has(&p, &run("r3")) && !r.has(&q, &run("r1")));
+        assert_eq!(r.number(&p, &run("r1")), Some(1));
         // `again` on a plan that never ran is simply its first run.
-        assert_eq!(r.admit("q", "other", true, "r3".into()).unwrap().number, 1);
+        assert_eq!(r.admit(&plan("q"), "other", true, run("r3")).unwrap().number, 1);
     }
 
     #[test]
@@ -162,11 +165,11 @@ mod tests {
         let file = RunFile::new(dir.path());
         assert_eq!(file.load().unwrap(), RunRegistry::default());
         let mut r = RunRegistry::default();
-        r.admit("p", "heart", false, fresh_run_id()).unwrap();
+        r.admit(&plan("p"), "heart", false, fresh_run_id()).unwrap();
         file.save(&r).unwrap();
         let mut again = file.load().unwrap();
         assert_eq!(again, r);
-        assert!(again.admit("p", "heart", false, fresh_run_id()).is_err(), "the earlier run is remembered");
+        assert!(again.admit(&plan("p"), "heart", false, fresh_run_id()).is_err(), "the earlier run is remembered");
         std::fs::write(dir.path().join("runs.json"), "{not json").unwrap();
         let e = file.load().unwrap_err().to_string();
         assert!(e.contains("restore it from backup"), "{e}");
@@ -176,7 +179,7 @@ mod tests {
     fn run_ids_are_random_128_bit_hex() {
         let (a, b) = (fresh_run_id(), fresh_run_id());
         assert_eq!(a.len(), 32);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(RunId::parse(&a), Ok(a.clone()), "of the run id's form");
         assert_ne!(a, b);
     }
 }

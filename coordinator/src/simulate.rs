@@ -140,6 +140,8 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
             revocation_list: None,
             limits: crate::config::Limits::default(),
             store: crate::db::StoreConfig::default(),
+            #[cfg(feature = "fault-injection")]
+            faults: crate::faults::FaultOptions::default(),
         },
         &material,
     )?;

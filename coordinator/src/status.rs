@@ -8,6 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use sanctum_protocol::ids::NodeName;
+
 use sanctum_protocol::proto::{
     ListNodesResponse, NodeInfo, NodeRun, ParticipantStatus, PlanEvent, PlanStatusResponse, PlanSummary, plan_event,
 };
@@ -241,19 +243,19 @@ pub fn run_members(summary: &PlanSummary, events: &[PlanEvent]) -> BTreeSet<Stri
 /// node: its stream is open), version, device, and the runs (`runs`: each run's summary with
 /// [`run_members`]) it takes part in, oldest first.
 pub fn node_list(
-    seen: &BTreeMap<String, NodeSeen>,
-    connected: &BTreeSet<String>,
+    seen: &BTreeMap<NodeName, NodeSeen>,
+    connected: &BTreeSet<NodeName>,
     runs: &[(&PlanSummary, BTreeSet<String>)],
     now_unix_ms: u64,
 ) -> ListNodesResponse {
-    let names: BTreeSet<&String> = seen.keys().chain(connected.iter()).collect();
+    let names: BTreeSet<&NodeName> = seen.keys().chain(connected.iter()).collect();
     let nodes = names
         .into_iter()
         .map(|name| {
             let s = seen.get(name).cloned().unwrap_or_default();
             let is_connected = connected.contains(name);
             NodeInfo {
-                name: name.clone(),
+                name: name.to_string(),
                 connected: is_connected,
                 last_seen_unix_ms: if is_connected {
                     now_unix_ms.max(s.last_seen_unix_ms)
@@ -264,7 +266,7 @@ pub fn node_list(
                 device: s.device,
                 runs: runs
                     .iter()
-                    .filter(|(_, members)| members.contains(name))
+                    .filter(|(_, members)| members.contains(name.as_str()))
                     .map(|(p, _)| NodeRun {
                         plan_id: p.plan_id.clone(),
                         run: p.run.clone(),
@@ -502,15 +504,15 @@ mod tests {
         let members1 = run_members(&r1, &[decision("a", true, ""), decision("c", false, "no")]);
         assert_eq!(members1, ["a", "b"].map(String::from).into_iter().collect(), "a refusal is no part in a run");
         let members2 = run_members(&r2, &[decision("a", true, ""), opened(1, &["a", "c"])]);
-        let seen: BTreeMap<String, NodeSeen> = [
+        let seen: BTreeMap<NodeName, NodeSeen> = [
             ("a", NodeSeen { version: "0.1.0".into(), device: "cpu".into(), last_seen_unix_ms: 100 }),
             ("b", NodeSeen { version: "0.1.0".into(), device: "cuda:0".into(), last_seen_unix_ms: 200 }),
         ]
         .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
+        .map(|(k, v)| (crate::test_ids::node(k), v))
         .collect();
         // "c" connected but has no seen entry yet (a race at start-up): listed all the same.
-        let connected: BTreeSet<String> = ["a", "c"].map(String::from).into_iter().collect();
+        let connected: BTreeSet<NodeName> = crate::test_ids::nodes(&["a", "c"]).into_iter().collect();
         let list = node_list(&seen, &connected, &[(&r1, members1), (&r2, members2)], 1000);
         let rows: Vec<(&str, bool, u64, &str, Vec<&str>)> = list
             .nodes

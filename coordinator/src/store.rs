@@ -33,26 +33,34 @@ pub struct Store {
     acknowledged: Arc<Mutex<HashMap<String, u64>>>,
 }
 
-/// Whose partial upload: the node (from its certificate), the plan and round, and the payload's
-/// declared SHA-256. A different payload for the same node and round replaces it.
+/// Whose partial upload: the node (from its certificate), the plan, round and attempt at the
+/// round, and the payload's declared SHA-256. A different payload for the same node and attempt
+/// replaces it. The attempt is part of the key so that a retry of a round (which reopens the same
+/// round number) never shares a file with, or is swept by, the attempt that failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PartialKey {
     pub node: String,
     pub plan_id: String,
     pub round: u32,
+    pub attempt: u32,
     pub payload: ContentHash,
 }
 
 impl PartialKey {
-    /// `PLAN-rROUND-NODE-`: names come from certificates and ids from the wire, so both are
-    /// hashed rather than used as paths.
+    /// `PLAN-rROUND-aATTEMPT-NODE-`: names come from certificates and ids from the wire, so both
+    /// are hashed rather than used as paths.
     fn prefix(&self) -> String {
-        format!("{}-r{}-{}-", plan_stem(&self.plan_id), self.round, short_hash(&self.node))
+        format!("{}-a{}-{}-", round_prefix(&self.plan_id, self.round), self.attempt, short_hash(&self.node))
     }
 
     fn file_name(&self) -> String {
         format!("{}{}.part", self.prefix(), self.payload.to_hex())
     }
+}
+
+/// `PLAN-rROUND`: what every partial of one round's attempts starts with.
+fn round_prefix(plan_id: &str, round: u32) -> String {
+    format!("{}-r{round}", plan_stem(plan_id))
 }
 
 fn short_hash(text: &str) -> String {
@@ -142,7 +150,7 @@ impl Store {
     /// `None`): their rounds closed, so no node can resume them. Returns how many went.
     pub fn drop_partials(&self, plan_id: &str, keep: Option<u32>) -> io::Result<usize> {
         let plan = format!("{}-r", plan_stem(plan_id));
-        let keep = keep.map(|r| format!("{plan}{r}-"));
+        let keep = keep.map(|r| format!("{}-", round_prefix(plan_id, r)));
         let mut removed = 0;
         for entry in fs::read_dir(self.partial_dir())? {
             let entry = entry?;
@@ -159,10 +167,11 @@ impl Store {
         Ok(removed)
     }
 
-    /// A guard that removes round `round` of `plan_id`'s partial uploads when it is dropped: the
-    /// service keeps one with the open round, so they go when the round closes.
-    pub fn sweep_on_close(&self, plan_id: &str, round: u32) -> PartialSweep {
-        PartialSweep { store: self.clone(), plan_id: plan_id.to_string(), round }
+    /// A guard that removes attempt `attempt` at round `round` of `plan_id`'s partial uploads
+    /// when it is dropped: the service keeps one with the open round, so they go when that
+    /// attempt closes (and not a retry's, which is open by then).
+    pub fn sweep_on_close(&self, plan_id: &str, round: u32, attempt: u32) -> PartialSweep {
+        PartialSweep { store: self.clone(), plan_id: plan_id.to_string(), round, attempt }
     }
 
     /// How many partial uploads there are (for tests and the status of a stuck upload).
@@ -345,11 +354,12 @@ pub struct PartialSweep {
     store: Store,
     plan_id: String,
     round: u32,
+    attempt: u32,
 }
 
 impl Drop for PartialSweep {
     fn drop(&mut self) {
-        let plan = format!("{}-r{}-", plan_stem(&self.plan_id), self.round);
+        let plan = format!("{}-a{}-", round_prefix(&self.plan_id, self.round), self.attempt);
         let Ok(entries) = fs::read_dir(self.store.partial_dir()) else {
             return;
         };
@@ -422,7 +432,7 @@ mod tests {
     }
 
     fn key(node: &str, round: u32, payload: &[u8]) -> PartialKey {
-        PartialKey { node: node.into(), plan_id: "ab".repeat(32), round, payload: ContentHash::of(payload) }
+        PartialKey { node: node.into(), plan_id: "ab".repeat(32), round, attempt: 1, payload: ContentHash::of(payload) }
     }
 
     #[test]
@@ -465,6 +475,33 @@ mod tests {
     }
 
     #[test]
+    fn a_retry_of_a_round_keeps_its_own_partials_when_the_failed_attempt_is_swept() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::open(dir.path())?;
+        let total = 4 * CHUNK_BYTES as u64;
+        let chunk = vec![1u8; CHUNK_BYTES];
+        let failed = key("cleveland", 3, b"same bytes");
+        let retry = PartialKey { attempt: 2, ..failed.clone() };
+        let mut first = store.open_partial(&failed, total)?;
+        first.append(&chunk)?;
+        drop(first);
+        // The retry's upload of the same payload is its own file, not the failed attempt's.
+        let mut second = store.open_partial(&retry, total)?;
+        assert_eq!(second.acknowledged(), 0);
+        second.append(&chunk)?;
+        second.append(&chunk)?;
+        drop(second);
+        assert_eq!(store.partial_files()?, 2);
+        // The failed attempt's sweep (its last handler went) leaves the retry's file whole.
+        drop(store.sweep_on_close(&failed.plan_id, 3, 1));
+        assert_eq!(store.partial_files()?, 1);
+        assert_eq!(store.partial_acknowledged(&retry, total)?, 2 * CHUNK_BYTES as u64);
+        // A new round keeps nothing of round 3.
+        assert_eq!(store.drop_partials(&failed.plan_id, Some(4))?, 1);
+        Ok(())
+    }
+
+    #[test]
     fn one_partial_per_participant_and_round_and_none_after_its_round() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
         let store = Store::open(dir.path())?;
@@ -494,7 +531,7 @@ mod tests {
         again.rewind(CHUNK_BYTES as u64)?;
         assert_eq!(store.partial_acknowledged(&key("cleveland", 2, b"next"), total)?, CHUNK_BYTES as u64);
         drop(again);
-        drop(store.sweep_on_close(&"ab".repeat(32), 2));
+        drop(store.sweep_on_close(&"ab".repeat(32), 2, 1));
         assert_eq!(store.partial_files()?, 0);
         let discarded = store.open_partial(&key("cleveland", 3, b"bad"), total)?;
         discarded.discard();

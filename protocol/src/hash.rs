@@ -29,8 +29,9 @@ impl ContentHash {
     /// Parses 64 hex characters; anything else is refused with the reason.
     pub fn parse(text: &str) -> Result<Self, ParseHashError> {
         let bytes = hex::decode(text).map_err(|source| ParseHashError::NotHex { text: text.to_string(), source })?;
-        let arr: [u8; 32] =
-            bytes.try_into().map_err(|b: Vec<u8>| ParseHashError::WrongLength { text: text.to_string(), bytes: b.len() })?;
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|b: Vec<u8>| ParseHashError::WrongLength { text: text.to_string(), bytes: b.len() })?;
         Ok(Self(arr))
     }
 

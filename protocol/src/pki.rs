@@ -106,12 +106,9 @@ pub enum PkiError {
 const URI_PREFIX: &str = "urn:sanctum:";
 
 /// Checks a member name: it becomes part of certificates, file names and log lines.
+/// The rule is [`crate::ids::NodeName`]'s, so a name read from a certificate is a `NodeName`.
 pub fn validate_name(name: &str) -> Result<(), PkiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-    if ok { Ok(()) } else { Err(PkiError::InvalidName(name.to_string())) }
+    crate::ids::NodeName::parse(name).map(drop).map_err(|_| PkiError::InvalidName(name.to_string()))
 }
 
 /// A PEM certificate and its PEM private key.

@@ -46,7 +46,7 @@ mod guard;
 mod listener;
 pub mod refusals;
 
-pub use guard::{CallGuard, RefusalHook, RevokedCert, Revocations, peer, role_guard};
+pub use guard::{CallGuard, RefusalHook, Revocations, RevokedCert, peer, role_guard};
 pub use listener::{AuthenticatedStream, IncomingOptions, PeerInfo, mtls_incoming};
 pub use refusals::{RefusalClass, RefusalReport, Refusals};
 

@@ -28,6 +28,8 @@ mod tests;
 
 use std::path::{Path, PathBuf};
 
+use sanctum_protocol::ids::{IdError, NodeName, PlanId, RunId};
+
 pub use crate::config::{StoreBackend, StoreConfig};
 use crate::runs::{RunFile, RunFileError};
 
@@ -83,9 +85,9 @@ impl std::fmt::Display for RunStatus {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunRow {
     /// 128 random bits in hex ([`crate::runs::fresh_run_id`]); unique in the store, for ever.
-    pub run_id: String,
+    pub run_id: RunId,
     /// SHA-256 of the plan.
-    pub plan_id: String,
+    pub plan_id: PlanId,
     /// The run's number among its plan's runs, from 1; unique per plan.
     pub number: u32,
     pub name: String,
@@ -106,13 +108,13 @@ pub struct RunRow {
 /// A closed round.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RoundRow {
-    pub run_id: String,
+    pub run_id: RunId,
     pub round: u32,
     /// SHA-256 of the model the round produced.
     pub model_sha256: String,
     /// Nodes whose update went into the model, and nodes dropped from the round.
-    pub reported: Vec<String>,
-    pub dropped: Vec<String>,
+    pub reported: Vec<NodeName>,
+    pub dropped: Vec<NodeName>,
     /// The signed audit line of the round, as written to the audit log.
     pub record_line: String,
     pub closed_ms: u64,
@@ -121,7 +123,7 @@ pub struct RoundRow {
 /// The engine's serialised state; one per run, the latest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checkpoint {
-    pub run_id: String,
+    pub run_id: RunId,
     pub rounds_completed: u32,
     /// Opaque here: the engine's serde_json.
     pub state: Vec<u8>,
@@ -131,8 +133,8 @@ pub struct Checkpoint {
 /// A node's answer to a plan offer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DecisionRow {
-    pub run_id: String,
-    pub node: String,
+    pub run_id: RunId,
+    pub node: NodeName,
     pub accept: bool,
     pub reason: String,
     /// The privacy spend the node accepted, when the plan has one; finite and non-negative.
@@ -144,9 +146,9 @@ pub struct DecisionRow {
 /// A node's countersignature of a round record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReceiptRow {
-    pub run_id: String,
+    pub run_id: RunId,
     pub round: u32,
-    pub node: String,
+    pub node: NodeName,
     pub agrees: bool,
     pub reason: String,
     pub signature: Vec<u8>,
@@ -156,7 +158,7 @@ pub struct ReceiptRow {
 /// A node that connected at least once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeRow {
-    pub name: String,
+    pub name: NodeName,
     /// SHA-256 fingerprint of its current certificate.
     pub fingerprint: String,
     pub version: String,
@@ -238,13 +240,13 @@ pub trait StateStore: Send {
     fn insert_run(&mut self, run: &RunRow) -> Result<(), DbError>;
     /// Every run, oldest first (in the order they were inserted).
     fn runs(&mut self) -> Result<Vec<RunRow>, DbError>;
-    fn run(&mut self, run_id: &str) -> Result<Option<RunRow>, DbError>;
+    fn run(&mut self, run_id: &RunId) -> Result<Option<RunRow>, DbError>;
     /// A plan's runs, by number.
-    fn runs_of_plan(&mut self, plan_id: &str) -> Result<Vec<RunRow>, DbError>;
+    fn runs_of_plan(&mut self, plan_id: &PlanId) -> Result<Vec<RunRow>, DbError>;
     /// Ends a running run; a run that already finished is refused ([`DbError::AlreadyFinished`]).
     fn finish_run(
         &mut self,
-        run_id: &str,
+        run_id: &RunId,
         status: RunStatus,
         reason: &str,
         final_model: Option<&str>,
@@ -256,25 +258,25 @@ pub trait StateStore: Send {
     fn commit_round(&mut self, round: &RoundRow, checkpoint: &Checkpoint) -> Result<(), DbError>;
     /// Replaces the run's checkpoint outside a round boundary (recruiting done, etc.).
     fn save_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), DbError>;
-    fn checkpoint(&mut self, run_id: &str) -> Result<Option<Checkpoint>, DbError>;
+    fn checkpoint(&mut self, run_id: &RunId) -> Result<Option<Checkpoint>, DbError>;
     /// A run's closed rounds, by round.
-    fn rounds(&mut self, run_id: &str) -> Result<Vec<RoundRow>, DbError>;
+    fn rounds(&mut self, run_id: &RunId) -> Result<Vec<RoundRow>, DbError>;
     /// Records a node's decision; the latest per (run, node) is the one in force, earlier ones
     /// stay as history.
     fn record_decision(&mut self, d: &DecisionRow) -> Result<(), DbError>;
     /// The decision in force per node of a run (the latest recorded), by node name.
-    fn decisions(&mut self, run_id: &str) -> Result<Vec<DecisionRow>, DbError>;
+    fn decisions(&mut self, run_id: &RunId) -> Result<Vec<DecisionRow>, DbError>;
     /// Every decision of a run, in the order recorded.
-    fn decision_history(&mut self, run_id: &str) -> Result<Vec<DecisionRow>, DbError>;
+    fn decision_history(&mut self, run_id: &RunId) -> Result<Vec<DecisionRow>, DbError>;
     /// Records a receipt; one per (run, round, node), a second is [`DbError::ReceiptExists`].
     fn record_receipt(&mut self, r: &ReceiptRow) -> Result<(), DbError>;
     /// A run's receipts, by round then node.
-    fn receipts(&mut self, run_id: &str) -> Result<Vec<ReceiptRow>, DbError>;
+    fn receipts(&mut self, run_id: &RunId) -> Result<Vec<ReceiptRow>, DbError>;
     /// Appends an event (opaque bytes: a prost-encoded `PlanEvent`); returns its number in the
     /// run, 1 for the first.
-    fn append_event(&mut self, run_id: &str, event: &[u8]) -> Result<u64, DbError>;
+    fn append_event(&mut self, run_id: &RunId, event: &[u8]) -> Result<u64, DbError>;
     /// At most `limit` events of a run numbered after `after_seq`, in order.
-    fn events(&mut self, run_id: &str, after_seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, DbError>;
+    fn events(&mut self, run_id: &RunId, after_seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, DbError>;
     /// Records a node, or updates it: fingerprint, version and device are the latest given,
     /// `first_seen_ms` the earliest and `last_seen_ms` the latest ever given.
     fn upsert_node(&mut self, n: &NodeRow) -> Result<(), DbError>;
@@ -286,7 +288,7 @@ pub trait StateStore: Send {
 /// `state_dir/coordinator.sqlite3`; `state_dir/runs.json`, if any, is imported either way.
 /// Call it from the thread that will use the store, never from an async worker.
 pub fn open(cfg: &StoreConfig, state_dir: &Path) -> Result<Box<dyn StateStore>, DbError> {
-    cfg.validate().map_err(DbError::Config)?;
+    cfg.validate().map_err(|e| DbError::Config(e.to_string()))?;
     match cfg.backend {
         StoreBackend::Sqlite => Ok(Box::new(sqlite::SqliteStore::open(state_dir)?)),
         StoreBackend::Postgres => Ok(Box::new(postgres::PgStore::open(postgres::connect_config(cfg)?, state_dir)?)),
@@ -375,12 +377,18 @@ fn u32_of(what: &'static str, v: i64) -> Result<u32, DbError> {
     u32::try_from(v).map_err(|_| DbError::Corrupt { what, reason: format!("{v} is not a 32-bit count") })
 }
 
-fn names_json(names: &[String]) -> Result<String, DbError> {
+fn names_json(names: &[NodeName]) -> Result<String, DbError> {
     serde_json::to_string(names).map_err(|e| DbError::Invalid { field: "node names", reason: e.to_string() })
 }
 
-fn names_of(what: &'static str, text: &str) -> Result<Vec<String>, DbError> {
+/// A list of node names as stored (a JSON array of strings); each is checked as it is read.
+fn names_of(what: &'static str, text: &str) -> Result<Vec<NodeName>, DbError> {
     serde_json::from_str(text).map_err(|e| DbError::Corrupt { what, reason: e.to_string() })
+}
+
+/// A stored id read back: one not of its form was written outside sanctum-coordinator.
+fn id_of<T: TryFrom<String, Error = IdError>>(what: &'static str, text: String) -> Result<T, DbError> {
+    T::try_from(text).map_err(|e| DbError::Corrupt { what, reason: e.to_string() })
 }
 
 /// Refuses what a database would not give back unchanged (SQLite stores NaN as NULL).
@@ -395,7 +403,7 @@ fn check_decision(d: &DecisionRow) -> Result<(), DbError> {
     Ok(())
 }
 
-fn check_final(run_id: &str, status: RunStatus) -> Result<(), DbError> {
+fn check_final(run_id: &RunId, status: RunStatus) -> Result<(), DbError> {
     if status == RunStatus::Running {
         return Err(DbError::NotFinal { run_id: run_id.to_string() });
     }
@@ -404,7 +412,10 @@ fn check_final(run_id: &str, status: RunStatus) -> Result<(), DbError> {
 
 fn check_pair(round: &RoundRow, checkpoint: &Checkpoint) -> Result<(), DbError> {
     if round.run_id != checkpoint.run_id {
-        return Err(DbError::Mismatch { round_run: round.run_id.clone(), checkpoint_run: checkpoint.run_id.clone() });
+        return Err(DbError::Mismatch {
+            round_run: round.run_id.to_string(),
+            checkpoint_run: checkpoint.run_id.to_string(),
+        });
     }
     Ok(())
 }
@@ -439,8 +450,8 @@ impl RawRun {
                 reason: format!("unknown status '{}'", self.status),
             })?,
             finished_ms: self.finished_ms.map(|v| u64_of("runs.finished_ms", v)).transpose()?,
-            run_id: self.run_id,
-            plan_id: self.plan_id,
+            run_id: id_of("runs.run_id", self.run_id)?,
+            plan_id: id_of("runs.plan_id", self.plan_id)?,
             name: self.name,
             wire_toml: self.wire_toml,
             submitted_by: self.submitted_by,
@@ -469,7 +480,7 @@ impl RawRound {
             reported: names_of("rounds.reported", &self.reported)?,
             dropped: names_of("rounds.dropped", &self.dropped)?,
             closed_ms: u64_of("rounds.closed_ms", self.closed_ms)?,
-            run_id: self.run_id,
+            run_id: id_of("rounds.run_id", self.run_id)?,
             model_sha256: self.model_sha256,
             record_line: self.record_line,
         })
@@ -490,5 +501,13 @@ fn decision_row(
     delta: Option<f64>,
     at_ms: i64,
 ) -> Result<DecisionRow, DbError> {
-    Ok(DecisionRow { run_id, node, accept, reason, epsilon, delta, at_ms: u64_of("decisions.at_ms", at_ms)? })
+    Ok(DecisionRow {
+        run_id: id_of("decisions.run_id", run_id)?,
+        node: id_of("decisions.node", node)?,
+        accept,
+        reason,
+        epsilon,
+        delta,
+        at_ms: u64_of("decisions.at_ms", at_ms)?,
+    })
 }

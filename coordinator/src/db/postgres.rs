@@ -13,6 +13,7 @@
 use std::path::Path;
 
 use ::postgres::{Client, Config, GenericClient, NoTls, Row, Transaction};
+use sanctum_protocol::ids::{PlanId, RunId};
 
 use super::{
     Checkpoint, DECISION_COLUMNS, DbError, DecisionRow, Legacy, Migration, NODE_COLUMNS, NodeRow, RECEIPT_COLUMNS,
@@ -128,7 +129,7 @@ impl PgStore {
                 let mut missing = Vec::new();
                 for row in &legacy.rows {
                     if find_run(&mut tx, &row.run_id)?.is_none() {
-                        missing.push(row.run_id.clone());
+                        missing.push(row.run_id.to_string());
                     }
                 }
                 if let Some(example) = missing.first() {
@@ -181,15 +182,15 @@ fn find_run(c: &mut impl GenericClient, run_id: &str) -> Result<Option<RunRow>, 
 
 fn insert_run(c: &mut impl GenericClient, run: &RunRow) -> Result<(), DbError> {
     if find_run(c, &run.run_id)?.is_some() {
-        return Err(DbError::DuplicateRun { run_id: run.run_id.clone() });
+        return Err(DbError::DuplicateRun { run_id: run.run_id.to_string() });
     }
     let number = i64::from(run.number);
     let existing = c
-        .query_opt("SELECT run_id FROM runs WHERE plan_id = $1 AND number = $2", &[&run.plan_id, &number])
+        .query_opt("SELECT run_id FROM runs WHERE plan_id = $1 AND number = $2", &[&run.plan_id.as_str(), &number])
         .map_err(err("read a run"))?;
     if let Some(existing) = existing {
         return Err(DbError::DuplicateRunNumber {
-            plan_id: run.plan_id.clone(),
+            plan_id: run.plan_id.to_string(),
             number: run.number,
             existing: first(&existing, "read a run")?,
         });
@@ -197,8 +198,8 @@ fn insert_run(c: &mut impl GenericClient, run: &RunRow) -> Result<(), DbError> {
     c.execute(
         &format!("INSERT INTO runs ({RUN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"),
         &[
-            &run.run_id,
-            &run.plan_id,
+            &run.run_id.as_str(),
+            &run.plan_id.as_str(),
             &number,
             &run.name,
             &run.wire_toml,
@@ -230,7 +231,7 @@ fn put_checkpoint(tx: &mut Transaction<'_>, c: &Checkpoint) -> Result<(), DbErro
         "INSERT INTO checkpoints (run_id, rounds_completed, state, saved_ms) VALUES ($1, $2, $3, $4)
          ON CONFLICT (run_id) DO UPDATE SET rounds_completed = excluded.rounds_completed,
              state = excluded.state, saved_ms = excluded.saved_ms",
-        &[&c.run_id, &i64::from(c.rounds_completed), &c.state, &int("saved_ms", c.saved_ms)?],
+        &[&c.run_id.as_str(), &i64::from(c.rounds_completed), &c.state, &int("saved_ms", c.saved_ms)?],
     )
     .map_err(err("save a checkpoint"))?;
     Ok(())
@@ -273,11 +274,12 @@ impl StateStore for PgStore {
         rows.iter().map(|r| raw_run(r)?.into_row()).collect()
     }
 
-    fn run(&mut self, run_id: &str) -> Result<Option<RunRow>, DbError> {
+    fn run(&mut self, run_id: &RunId) -> Result<Option<RunRow>, DbError> {
         find_run(self.client()?, run_id)
     }
 
-    fn runs_of_plan(&mut self, plan_id: &str) -> Result<Vec<RunRow>, DbError> {
+    fn runs_of_plan(&mut self, plan_id: &PlanId) -> Result<Vec<RunRow>, DbError> {
+        let plan_id = plan_id.as_str();
         let rows = self
             .client()?
             .query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE plan_id = $1 ORDER BY number"), &[&plan_id])
@@ -287,13 +289,14 @@ impl StateStore for PgStore {
 
     fn finish_run(
         &mut self,
-        run_id: &str,
+        run_id: &RunId,
         status: RunStatus,
         reason: &str,
         final_model: Option<&str>,
         finished_ms: u64,
     ) -> Result<(), DbError> {
         super::check_final(run_id, status)?;
+        let run_id = run_id.as_str();
         let mut tx = self.write()?;
         let now = lock_run(&mut tx, run_id)?;
         if now != RunStatus::Running {
@@ -312,19 +315,19 @@ impl StateStore for PgStore {
         let mut tx = self.write()?;
         let status = lock_run(&mut tx, &round.run_id)?;
         if status != RunStatus::Running {
-            return Err(DbError::AlreadyFinished { run_id: round.run_id.clone(), status });
+            return Err(DbError::AlreadyFinished { run_id: round.run_id.to_string(), status });
         }
         let number = i64::from(round.round);
         let exists = tx
-            .query_opt("SELECT 1 FROM rounds WHERE run_id = $1 AND round = $2", &[&round.run_id, &number])
+            .query_opt("SELECT 1 FROM rounds WHERE run_id = $1 AND round = $2", &[&round.run_id.as_str(), &number])
             .map_err(err("read a round"))?;
         if exists.is_some() {
-            return Err(DbError::RoundExists { run_id: round.run_id.clone(), round: round.round });
+            return Err(DbError::RoundExists { run_id: round.run_id.to_string(), round: round.round });
         }
         tx.execute(
             &format!("INSERT INTO rounds ({ROUND_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"),
             &[
-                &round.run_id,
+                &round.run_id.as_str(),
                 &number,
                 &round.model_sha256,
                 &names_json(&round.reported)?,
@@ -345,7 +348,8 @@ impl StateStore for PgStore {
         tx.commit().map_err(err("commit a checkpoint"))
     }
 
-    fn checkpoint(&mut self, run_id: &str) -> Result<Option<Checkpoint>, DbError> {
+    fn checkpoint(&mut self, run_id: &RunId) -> Result<Option<Checkpoint>, DbError> {
+        let run_id = run_id.as_str();
         let row = self
             .client()?
             .query_opt(
@@ -356,7 +360,7 @@ impl StateStore for PgStore {
         row.map(|r| {
             let get = |e| DbError::Postgres { op: "read a checkpoint", source: e };
             Ok(Checkpoint {
-                run_id: r.try_get(0).map_err(get)?,
+                run_id: super::id_of("checkpoints.run_id", r.try_get(0).map_err(get)?)?,
                 rounds_completed: u32_of("checkpoints.rounds_completed", r.try_get(1).map_err(get)?)?,
                 state: r.try_get(2).map_err(get)?,
                 saved_ms: u64_of("checkpoints.saved_ms", r.try_get(3).map_err(get)?)?,
@@ -365,7 +369,8 @@ impl StateStore for PgStore {
         .transpose()
     }
 
-    fn rounds(&mut self, run_id: &str) -> Result<Vec<RoundRow>, DbError> {
+    fn rounds(&mut self, run_id: &RunId) -> Result<Vec<RoundRow>, DbError> {
+        let run_id = run_id.as_str();
         let rows = self
             .client()?
             .query(&format!("SELECT {ROUND_COLUMNS} FROM rounds WHERE run_id = $1 ORDER BY round"), &[&run_id])
@@ -393,13 +398,21 @@ impl StateStore for PgStore {
         lock_run(&mut tx, &d.run_id)?;
         tx.execute(
             &format!("INSERT INTO decisions ({DECISION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"),
-            &[&d.run_id, &d.node, &d.accept, &d.reason, &d.epsilon, &d.delta, &int("at_ms", d.at_ms)?],
+            &[
+                &d.run_id.as_str(),
+                &d.node.as_str(),
+                &d.accept,
+                &d.reason,
+                &d.epsilon,
+                &d.delta,
+                &int("at_ms", d.at_ms)?,
+            ],
         )
         .map_err(err("insert a decision"))?;
         tx.commit().map_err(err("commit a decision"))
     }
 
-    fn decisions(&mut self, run_id: &str) -> Result<Vec<DecisionRow>, DbError> {
+    fn decisions(&mut self, run_id: &RunId) -> Result<Vec<DecisionRow>, DbError> {
         // "Latest" is the last recorded (seq), not the largest at_ms: a clock step back must not
         // resurrect an older answer.
         let sql = format!(
@@ -410,7 +423,7 @@ impl StateStore for PgStore {
         query_decisions(self.client()?, &sql, run_id)
     }
 
-    fn decision_history(&mut self, run_id: &str) -> Result<Vec<DecisionRow>, DbError> {
+    fn decision_history(&mut self, run_id: &RunId) -> Result<Vec<DecisionRow>, DbError> {
         let sql = format!("SELECT {DECISION_COLUMNS} FROM decisions WHERE run_id = $1 ORDER BY seq");
         query_decisions(self.client()?, &sql, run_id)
     }
@@ -422,21 +435,34 @@ impl StateStore for PgStore {
         let exists = tx
             .query_opt(
                 "SELECT 1 FROM receipts WHERE run_id = $1 AND round = $2 AND node = $3",
-                &[&r.run_id, &round, &r.node],
+                &[&r.run_id.as_str(), &round, &r.node.as_str()],
             )
             .map_err(err("read a receipt"))?;
         if exists.is_some() {
-            return Err(DbError::ReceiptExists { run_id: r.run_id.clone(), round: r.round, node: r.node.clone() });
+            return Err(DbError::ReceiptExists {
+                run_id: r.run_id.to_string(),
+                round: r.round,
+                node: r.node.to_string(),
+            });
         }
         tx.execute(
             &format!("INSERT INTO receipts ({RECEIPT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"),
-            &[&r.run_id, &round, &r.node, &r.agrees, &r.reason, &r.signature, &int("at_ms", r.at_ms)?],
+            &[
+                &r.run_id.as_str(),
+                &round,
+                &r.node.as_str(),
+                &r.agrees,
+                &r.reason,
+                &r.signature,
+                &int("at_ms", r.at_ms)?,
+            ],
         )
         .map_err(err("insert a receipt"))?;
         tx.commit().map_err(err("commit a receipt"))
     }
 
-    fn receipts(&mut self, run_id: &str) -> Result<Vec<ReceiptRow>, DbError> {
+    fn receipts(&mut self, run_id: &RunId) -> Result<Vec<ReceiptRow>, DbError> {
+        let run_id = run_id.as_str();
         let rows = self
             .client()?
             .query(
@@ -448,9 +474,9 @@ impl StateStore for PgStore {
             .map(|r| {
                 let get = |e| DbError::Postgres { op: "read receipts", source: e };
                 Ok(ReceiptRow {
-                    run_id: r.try_get(0).map_err(get)?,
+                    run_id: super::id_of("receipts.run_id", r.try_get(0).map_err(get)?)?,
                     round: u32_of("receipts.round", r.try_get(1).map_err(get)?)?,
-                    node: r.try_get(2).map_err(get)?,
+                    node: super::id_of("receipts.node", r.try_get(2).map_err(get)?)?,
                     agrees: r.try_get(3).map_err(get)?,
                     reason: r.try_get(4).map_err(get)?,
                     signature: r.try_get(5).map_err(get)?,
@@ -460,7 +486,8 @@ impl StateStore for PgStore {
             .collect()
     }
 
-    fn append_event(&mut self, run_id: &str, event: &[u8]) -> Result<u64, DbError> {
+    fn append_event(&mut self, run_id: &RunId, event: &[u8]) -> Result<u64, DbError> {
+        let run_id = run_id.as_str();
         let mut tx = self.write()?;
         // The UPDATE locks the run's row, so two writers of one run number their events in turn.
         let row = tx
@@ -477,7 +504,8 @@ impl StateStore for PgStore {
         u64_of("events.seq", seq)
     }
 
-    fn events(&mut self, run_id: &str, after_seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, DbError> {
+    fn events(&mut self, run_id: &RunId, after_seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, DbError> {
+        let run_id = run_id.as_str();
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let after = int("after_seq", after_seq)?;
         let rows = self
@@ -506,7 +534,7 @@ impl StateStore for PgStore {
                          first_seen_ms = LEAST(nodes.first_seen_ms, excluded.first_seen_ms),
                          last_seen_ms = GREATEST(nodes.last_seen_ms, excluded.last_seen_ms)"
                 ),
-                &[&n.name, &n.fingerprint, &n.version, &n.device, &first, &last],
+                &[&n.name.as_str(), &n.fingerprint, &n.version, &n.device, &first, &last],
             )
             .map_err(err("record a node"))?;
         Ok(())
@@ -521,7 +549,7 @@ impl StateStore for PgStore {
             .map(|r| {
                 let get = |e| DbError::Postgres { op: "read nodes", source: e };
                 Ok(NodeRow {
-                    name: r.try_get(0).map_err(get)?,
+                    name: super::id_of("nodes.name", r.try_get(0).map_err(get)?)?,
                     fingerprint: r.try_get(1).map_err(get)?,
                     version: r.try_get(2).map_err(get)?,
                     device: r.try_get(3).map_err(get)?,

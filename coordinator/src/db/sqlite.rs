@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use sanctum_protocol::ids::{PlanId, RunId};
 
 use super::{
     Checkpoint, DECISION_COLUMNS, DbError, DecisionRow, Legacy, Migration, NODE_COLUMNS, NodeRow, RECEIPT_COLUMNS,
@@ -109,7 +110,7 @@ impl SqliteStore {
                 let mut missing = Vec::new();
                 for row in &legacy.rows {
                     if find_run(&tx, path, &row.run_id)?.is_none() {
-                        missing.push(row.run_id.clone());
+                        missing.push(row.run_id.to_string());
                     }
                 }
                 if let Some(example) = missing.first() {
@@ -185,24 +186,24 @@ fn query_runs(
 
 fn insert_run(conn: &Connection, path: &Path, run: &RunRow) -> Result<(), DbError> {
     if find_run(conn, path, &run.run_id)?.is_some() {
-        return Err(DbError::DuplicateRun { run_id: run.run_id.clone() });
+        return Err(DbError::DuplicateRun { run_id: run.run_id.to_string() });
     }
     let existing: Option<String> = conn
         .query_row(
             "SELECT run_id FROM runs WHERE plan_id = ?1 AND number = ?2",
-            params![run.plan_id, run.number],
+            params![run.plan_id.as_str(), run.number],
             |r| r.get(0),
         )
         .optional()
         .map_err(err(path, "read a run"))?;
     if let Some(existing) = existing {
-        return Err(DbError::DuplicateRunNumber { plan_id: run.plan_id.clone(), number: run.number, existing });
+        return Err(DbError::DuplicateRunNumber { plan_id: run.plan_id.to_string(), number: run.number, existing });
     }
     conn.execute(
         &format!("INSERT INTO runs ({RUN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
         params![
-            run.run_id,
-            run.plan_id,
+            run.run_id.as_str(),
+            run.plan_id.as_str(),
             run.number,
             run.name,
             run.wire_toml,
@@ -235,7 +236,7 @@ fn put_checkpoint(conn: &Connection, path: &Path, c: &Checkpoint) -> Result<(), 
         "INSERT INTO checkpoints (run_id, rounds_completed, state, saved_ms) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (run_id) DO UPDATE SET rounds_completed = excluded.rounds_completed,
              state = excluded.state, saved_ms = excluded.saved_ms",
-        params![c.run_id, c.rounds_completed, c.state, int("saved_ms", c.saved_ms)?],
+        params![c.run_id.as_str(), c.rounds_completed, c.state, int("saved_ms", c.saved_ms)?],
     )
     .map_err(err(path, "save a checkpoint"))?;
     Ok(())
@@ -264,18 +265,18 @@ impl StateStore for SqliteStore {
         query_runs(&self.conn, &self.path, &format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY seq"), &[])
     }
 
-    fn run(&mut self, run_id: &str) -> Result<Option<RunRow>, DbError> {
+    fn run(&mut self, run_id: &RunId) -> Result<Option<RunRow>, DbError> {
         find_run(&self.conn, &self.path, run_id)
     }
 
-    fn runs_of_plan(&mut self, plan_id: &str) -> Result<Vec<RunRow>, DbError> {
+    fn runs_of_plan(&mut self, plan_id: &PlanId) -> Result<Vec<RunRow>, DbError> {
         let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE plan_id = ?1 ORDER BY number");
-        query_runs(&self.conn, &self.path, &sql, &[&plan_id])
+        query_runs(&self.conn, &self.path, &sql, &[&plan_id.as_str()])
     }
 
     fn finish_run(
         &mut self,
-        run_id: &str,
+        run_id: &RunId,
         status: RunStatus,
         reason: &str,
         final_model: Option<&str>,
@@ -289,7 +290,7 @@ impl StateStore for SqliteStore {
         }
         tx.execute(
             "UPDATE runs SET status = ?2, reason = ?3, final_model = ?4, finished_ms = ?5 WHERE run_id = ?1",
-            params![run_id, status.as_str(), reason, final_model, int("finished_ms", finished_ms)?],
+            params![run_id.as_str(), status.as_str(), reason, final_model, int("finished_ms", finished_ms)?],
         )
         .map_err(err(path, "finish a run"))?;
         tx.commit().map_err(err(path, "commit a finished run"))
@@ -300,23 +301,23 @@ impl StateStore for SqliteStore {
         let (tx, path) = self.write()?;
         let status = status_of(&tx, path, &round.run_id)?;
         if status != RunStatus::Running {
-            return Err(DbError::AlreadyFinished { run_id: round.run_id.clone(), status });
+            return Err(DbError::AlreadyFinished { run_id: round.run_id.to_string(), status });
         }
         let exists = tx
             .query_row(
                 "SELECT 1 FROM rounds WHERE run_id = ?1 AND round = ?2",
-                params![round.run_id, round.round],
+                params![round.run_id.as_str(), round.round],
                 |_| Ok(()),
             )
             .optional()
             .map_err(err(path, "read a round"))?;
         if exists.is_some() {
-            return Err(DbError::RoundExists { run_id: round.run_id.clone(), round: round.round });
+            return Err(DbError::RoundExists { run_id: round.run_id.to_string(), round: round.round });
         }
         tx.execute(
             &format!("INSERT INTO rounds ({ROUND_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
             params![
-                round.run_id,
+                round.run_id.as_str(),
                 round.round,
                 round.model_sha256,
                 names_json(&round.reported)?,
@@ -337,20 +338,20 @@ impl StateStore for SqliteStore {
         tx.commit().map_err(err(path, "commit a checkpoint"))
     }
 
-    fn checkpoint(&mut self, run_id: &str) -> Result<Option<Checkpoint>, DbError> {
+    fn checkpoint(&mut self, run_id: &RunId) -> Result<Option<Checkpoint>, DbError> {
         let path = &self.path;
         let raw: Option<(String, i64, Vec<u8>, i64)> = self
             .conn
             .query_row(
                 "SELECT run_id, rounds_completed, state, saved_ms FROM checkpoints WHERE run_id = ?1",
-                [run_id],
+                [run_id.as_str()],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()
             .map_err(err(path, "read a checkpoint"))?;
         raw.map(|(run_id, rounds, state, saved)| {
             Ok(Checkpoint {
-                run_id,
+                run_id: super::id_of("checkpoints.run_id", run_id)?,
                 rounds_completed: u32_of("checkpoints.rounds_completed", rounds)?,
                 state,
                 saved_ms: u64_of("checkpoints.saved_ms", saved)?,
@@ -359,14 +360,14 @@ impl StateStore for SqliteStore {
         .transpose()
     }
 
-    fn rounds(&mut self, run_id: &str) -> Result<Vec<RoundRow>, DbError> {
+    fn rounds(&mut self, run_id: &RunId) -> Result<Vec<RoundRow>, DbError> {
         let path = &self.path;
         let mut stmt = self
             .conn
             .prepare(&format!("SELECT {ROUND_COLUMNS} FROM rounds WHERE run_id = ?1 ORDER BY round"))
             .map_err(err(path, "read rounds"))?;
         let raws = stmt
-            .query_map([run_id], |r| {
+            .query_map([run_id.as_str()], |r| {
                 Ok(RawRound {
                     run_id: r.get(0)?,
                     round: r.get(1)?,
@@ -387,13 +388,13 @@ impl StateStore for SqliteStore {
         status_of(&tx, path, &d.run_id)?;
         tx.execute(
             &format!("INSERT INTO decisions ({DECISION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
-            params![d.run_id, d.node, d.accept, d.reason, d.epsilon, d.delta, int("at_ms", d.at_ms)?],
+            params![d.run_id.as_str(), d.node.as_str(), d.accept, d.reason, d.epsilon, d.delta, int("at_ms", d.at_ms)?],
         )
         .map_err(err(path, "insert a decision"))?;
         tx.commit().map_err(err(path, "commit a decision"))
     }
 
-    fn decisions(&mut self, run_id: &str) -> Result<Vec<DecisionRow>, DbError> {
+    fn decisions(&mut self, run_id: &RunId) -> Result<Vec<DecisionRow>, DbError> {
         // "Latest" is the last recorded (seq), not the largest at_ms: a clock step back on the
         // node or here must not resurrect an older answer.
         let sql = format!(
@@ -404,7 +405,7 @@ impl StateStore for SqliteStore {
         query_decisions(&self.conn, &self.path, &sql, run_id)
     }
 
-    fn decision_history(&mut self, run_id: &str) -> Result<Vec<DecisionRow>, DbError> {
+    fn decision_history(&mut self, run_id: &RunId) -> Result<Vec<DecisionRow>, DbError> {
         let sql = format!("SELECT {DECISION_COLUMNS} FROM decisions WHERE run_id = ?1 ORDER BY seq");
         query_decisions(&self.conn, &self.path, &sql, run_id)
     }
@@ -415,39 +416,59 @@ impl StateStore for SqliteStore {
         let exists = tx
             .query_row(
                 "SELECT 1 FROM receipts WHERE run_id = ?1 AND round = ?2 AND node = ?3",
-                params![r.run_id, r.round, r.node],
+                params![r.run_id.as_str(), r.round, r.node.as_str()],
                 |_| Ok(()),
             )
             .optional()
             .map_err(err(path, "read a receipt"))?;
         if exists.is_some() {
-            return Err(DbError::ReceiptExists { run_id: r.run_id.clone(), round: r.round, node: r.node.clone() });
+            return Err(DbError::ReceiptExists {
+                run_id: r.run_id.to_string(),
+                round: r.round,
+                node: r.node.to_string(),
+            });
         }
         tx.execute(
             &format!("INSERT INTO receipts ({RECEIPT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
-            params![r.run_id, r.round, r.node, r.agrees, r.reason, r.signature, int("at_ms", r.at_ms)?],
+            params![
+                r.run_id.as_str(),
+                r.round,
+                r.node.as_str(),
+                r.agrees,
+                r.reason,
+                r.signature,
+                int("at_ms", r.at_ms)?
+            ],
         )
         .map_err(err(path, "insert a receipt"))?;
         tx.commit().map_err(err(path, "commit a receipt"))
     }
 
-    fn receipts(&mut self, run_id: &str) -> Result<Vec<ReceiptRow>, DbError> {
+    fn receipts(&mut self, run_id: &RunId) -> Result<Vec<ReceiptRow>, DbError> {
         let path = &self.path;
         let mut stmt = self
             .conn
             .prepare(&format!("SELECT {RECEIPT_COLUMNS} FROM receipts WHERE run_id = ?1 ORDER BY round, node"))
             .map_err(err(path, "read receipts"))?;
         let rows = stmt
-            .query_map([run_id], |r| {
-                Ok((r.get(0)?, r.get::<_, i64>(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get::<_, i64>(6)?))
+            .query_map([run_id.as_str()], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get::<_, i64>(6)?,
+                ))
             })
             .map_err(err(path, "read receipts"))?;
         rows.map(|r| {
             let (run_id, round, node, agrees, reason, signature, at_ms) = r.map_err(err(path, "read receipts"))?;
             Ok(ReceiptRow {
-                run_id,
+                run_id: super::id_of("receipts.run_id", run_id)?,
                 round: u32_of("receipts.round", round)?,
-                node,
+                node: super::id_of("receipts.node", node)?,
                 agrees,
                 reason,
                 signature,
@@ -457,24 +478,24 @@ impl StateStore for SqliteStore {
         .collect()
     }
 
-    fn append_event(&mut self, run_id: &str, event: &[u8]) -> Result<u64, DbError> {
+    fn append_event(&mut self, run_id: &RunId, event: &[u8]) -> Result<u64, DbError> {
         let (tx, path) = self.write()?;
         let seq: Option<i64> = tx
             .query_row(
                 "UPDATE runs SET last_event_seq = last_event_seq + 1 WHERE run_id = ?1 RETURNING last_event_seq",
-                [run_id],
+                [run_id.as_str()],
                 |r| r.get(0),
             )
             .optional()
             .map_err(err(path, "number an event"))?;
         let seq = seq.ok_or_else(|| DbError::UnknownRun { run_id: run_id.to_string() })?;
-        tx.execute("INSERT INTO events (run_id, seq, event) VALUES (?1, ?2, ?3)", params![run_id, seq, event])
+        tx.execute("INSERT INTO events (run_id, seq, event) VALUES (?1, ?2, ?3)", params![run_id.as_str(), seq, event])
             .map_err(err(path, "insert an event"))?;
         tx.commit().map_err(err(path, "commit an event"))?;
         u64_of("events.seq", seq)
     }
 
-    fn events(&mut self, run_id: &str, after_seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, DbError> {
+    fn events(&mut self, run_id: &RunId, after_seq: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, DbError> {
         let path = &self.path;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut stmt = self
@@ -482,7 +503,9 @@ impl StateStore for SqliteStore {
             .prepare("SELECT seq, event FROM events WHERE run_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")
             .map_err(err(path, "read events"))?;
         let rows = stmt
-            .query_map(params![run_id, int("after_seq", after_seq)?, limit], |r| Ok((r.get::<_, i64>(0)?, r.get(1)?)))
+            .query_map(params![run_id.as_str(), int("after_seq", after_seq)?, limit], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get(1)?))
+            })
             .map_err(err(path, "read events"))?;
         rows.map(|r| {
             let (seq, event) = r.map_err(err(path, "read events"))?;
@@ -502,7 +525,7 @@ impl StateStore for SqliteStore {
                      last_seen_ms = max(nodes.last_seen_ms, excluded.last_seen_ms)"
             ),
             params![
-                n.name,
+                n.name.as_str(),
                 n.fingerprint,
                 n.version,
                 n.device,
@@ -522,13 +545,13 @@ impl StateStore for SqliteStore {
             .map_err(err(path, "read nodes"))?;
         let rows = stmt
             .query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get::<_, i64>(4)?, r.get::<_, i64>(5)?))
+                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get::<_, i64>(4)?, r.get::<_, i64>(5)?))
             })
             .map_err(err(path, "read nodes"))?;
         rows.map(|r| {
             let (name, fingerprint, version, device, first, last) = r.map_err(err(path, "read nodes"))?;
             Ok(NodeRow {
-                name,
+                name: super::id_of("nodes.name", name)?,
                 fingerprint,
                 version,
                 device,

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use super::*;
+use crate::test_ids as ids;
 
 /// A backend under test: opens stores on one database and state directory, and changes the
 /// database behind the store's back where a test needs it.
@@ -100,8 +101,8 @@ fn postgres() -> Option<Postgres> {
 
 fn run_row(run_id: &str, plan_id: &str, number: u32) -> RunRow {
     RunRow {
-        run_id: run_id.into(),
-        plan_id: plan_id.into(),
+        run_id: ids::run(run_id),
+        plan_id: ids::plan(plan_id),
         number,
         name: "heart-fedavg".into(),
         wire_toml: "name = \"heart-fedavg\"\nrounds = 15\n".into(),
@@ -117,11 +118,11 @@ fn run_row(run_id: &str, plan_id: &str, number: u32) -> RunRow {
 
 fn round_row(run_id: &str, round: u32) -> RoundRow {
     RoundRow {
-        run_id: run_id.into(),
+        run_id: ids::run(run_id),
         round,
         model_sha256: format!("{round:064x}"),
-        reported: vec!["cleveland".into(), "hungary".into()],
-        dropped: if round.is_multiple_of(2) { vec!["va".into()] } else { Vec::new() },
+        reported: ids::nodes(&["cleveland", "hungary"]),
+        dropped: if round.is_multiple_of(2) { ids::nodes(&["va"]) } else { Vec::new() },
         record_line: format!("{{\"event\":\"round_closed\",\"round\":{round},\"sig\":\"…\"}}"),
         closed_ms: 1_780_000_100_000 + u64::from(round),
     }
@@ -130,7 +131,7 @@ fn round_row(run_id: &str, round: u32) -> RoundRow {
 fn checkpoint_of(run_id: &str, rounds: u32, size: usize) -> Checkpoint {
     let state = (0..size).map(|i| (i as u64).wrapping_mul(31).wrapping_add(u64::from(rounds) * 7) as u8).collect();
     Checkpoint {
-        run_id: run_id.into(),
+        run_id: ids::run(run_id),
         rounds_completed: rounds,
         state,
         saved_ms: 1_780_000_200_000 + u64::from(rounds),
@@ -146,29 +147,33 @@ fn every_row_type_round_trips(h: &dyn Harness) {
         s.insert_run(r).unwrap();
     }
     assert_eq!(s.runs().unwrap(), vec![a.clone(), b.clone(), c.clone()], "oldest first");
-    assert_eq!(s.run("r-b").unwrap(), Some(b.clone()));
-    assert_eq!(s.run("nope").unwrap(), None);
-    assert_eq!(s.runs_of_plan("plan-1").unwrap(), vec![a.clone(), c.clone()]);
+    assert_eq!(s.run(&ids::run("r-b")).unwrap(), Some(b.clone()));
+    assert_eq!(s.run(&ids::run("nope")).unwrap(), None);
+    assert_eq!(s.runs_of_plan(&ids::plan("plan-1")).unwrap(), vec![a.clone(), c.clone()]);
     let dup = s.insert_run(&run_row("r-a", "plan-9", 1)).unwrap_err();
     assert!(matches!(dup, DbError::DuplicateRun { .. }) && dup.to_string().contains("never given out twice"), "{dup}");
     assert!(matches!(s.insert_run(&run_row("r-d", "plan-1", 2)), Err(DbError::DuplicateRunNumber { .. })));
 
-    s.finish_run("r-a", RunStatus::Succeeded, "15 rounds", Some(&"ef".repeat(32)), 1_780_000_900_000).unwrap();
+    s.finish_run(&ids::run("r-a"), RunStatus::Succeeded, "15 rounds", Some(&"ef".repeat(32)), 1_780_000_900_000)
+        .unwrap();
     (a.status, a.reason, a.final_model, a.finished_ms) =
         (RunStatus::Succeeded, "15 rounds".into(), Some("ef".repeat(32)), Some(1_780_000_900_000));
-    assert_eq!(s.run("r-a").unwrap(), Some(a.clone()));
-    assert!(matches!(s.finish_run("r-a", RunStatus::Cancelled, "", None, 1), Err(DbError::AlreadyFinished { .. })));
-    assert!(matches!(s.finish_run("r-c", RunStatus::Running, "", None, 1), Err(DbError::NotFinal { .. })));
-    assert!(matches!(s.finish_run("zz", RunStatus::Failed, "", None, 1), Err(DbError::UnknownRun { .. })));
+    assert_eq!(s.run(&ids::run("r-a")).unwrap(), Some(a.clone()));
+    assert!(matches!(
+        s.finish_run(&ids::run("r-a"), RunStatus::Cancelled, "", None, 1),
+        Err(DbError::AlreadyFinished { .. })
+    ));
+    assert!(matches!(s.finish_run(&ids::run("r-c"), RunStatus::Running, "", None, 1), Err(DbError::NotFinal { .. })));
+    assert!(matches!(s.finish_run(&ids::run("zz"), RunStatus::Failed, "", None, 1), Err(DbError::UnknownRun { .. })));
 
     for round in 1..=3 {
         s.commit_round(&round_row("r-c", round), &checkpoint_of("r-c", round, 100)).unwrap();
     }
-    assert_eq!(s.rounds("r-c").unwrap(), (1..=3).map(|r| round_row("r-c", r)).collect::<Vec<_>>());
-    assert_eq!(s.checkpoint("r-c").unwrap(), Some(checkpoint_of("r-c", 3, 100)));
-    assert_eq!(s.checkpoint("r-b").unwrap(), None);
+    assert_eq!(s.rounds(&ids::run("r-c")).unwrap(), (1..=3).map(|r| round_row("r-c", r)).collect::<Vec<_>>());
+    assert_eq!(s.checkpoint(&ids::run("r-c")).unwrap(), Some(checkpoint_of("r-c", 3, 100)));
+    assert_eq!(s.checkpoint(&ids::run("r-b")).unwrap(), None);
     s.save_checkpoint(&checkpoint_of("r-b", 0, 7)).unwrap();
-    assert_eq!(s.checkpoint("r-b").unwrap(), Some(checkpoint_of("r-b", 0, 7)));
+    assert_eq!(s.checkpoint(&ids::run("r-b")).unwrap(), Some(checkpoint_of("r-b", 0, 7)));
     assert!(matches!(
         s.commit_round(&round_row("r-a", 1), &checkpoint_of("r-a", 1, 1)),
         Err(DbError::AlreadyFinished { .. })
@@ -178,9 +183,9 @@ fn every_row_type_round_trips(h: &dyn Harness) {
     assert!(matches!(s.save_checkpoint(&checkpoint_of("zz", 0, 1)), Err(DbError::UnknownRun { .. })));
 
     let receipt = |round, node: &str| ReceiptRow {
-        run_id: "r-c".into(),
+        run_id: ids::run("r-c"),
         round,
-        node: node.into(),
+        node: ids::node(node),
         agrees: node != "va",
         reason: if node == "va" { "model hash differs".into() } else { String::new() },
         signature: vec![round as u8, 0, 255, 7],
@@ -189,17 +194,20 @@ fn every_row_type_round_trips(h: &dyn Harness) {
     for (round, node) in [(2, "hungary"), (1, "va"), (1, "cleveland")] {
         s.record_receipt(&receipt(round, node)).unwrap();
     }
-    assert_eq!(s.receipts("r-c").unwrap(), vec![receipt(1, "cleveland"), receipt(1, "va"), receipt(2, "hungary")]);
+    assert_eq!(
+        s.receipts(&ids::run("r-c")).unwrap(),
+        vec![receipt(1, "cleveland"), receipt(1, "va"), receipt(2, "hungary")]
+    );
     let again = ReceiptRow { agrees: false, ..receipt(1, "cleveland") };
     assert!(matches!(s.record_receipt(&again), Err(DbError::ReceiptExists { .. })));
-    assert_eq!(s.receipts("r-c").unwrap()[0], receipt(1, "cleveland"), "the first receipt is kept");
+    assert_eq!(s.receipts(&ids::run("r-c")).unwrap()[0], receipt(1, "cleveland"), "the first receipt is kept");
     assert!(matches!(
-        s.record_receipt(&ReceiptRow { run_id: "zz".into(), ..receipt(1, "va") }),
+        s.record_receipt(&ReceiptRow { run_id: ids::run("zz"), ..receipt(1, "va") }),
         Err(DbError::UnknownRun { .. })
     ));
 
     let node = |name: &str, first, last, version: &str| NodeRow {
-        name: name.into(),
+        name: ids::node(name),
         fingerprint: format!("fp-{version}"),
         version: version.into(),
         device: "cuda:0".into(),
@@ -216,7 +224,7 @@ fn every_row_type_round_trips(h: &dyn Harness) {
     drop(s);
     let mut s = h.open().unwrap();
     assert_eq!(s.runs().unwrap().len(), 3, "{}: everything is there after a reopen", h.backend());
-    assert_eq!(s.rounds("r-c").unwrap().len(), 3);
+    assert_eq!(s.rounds(&ids::run("r-c")).unwrap().len(), 3);
 }
 
 fn a_repeated_round_is_refused_and_changes_nothing(h: &dyn Harness) {
@@ -227,9 +235,14 @@ fn a_repeated_round_is_refused_and_changes_nothing(h: &dyn Harness) {
     let other = RoundRow { model_sha256: "ff".repeat(32), ..round_row("r", 2) };
     let e = s.commit_round(&other, &checkpoint_of("r", 3, 9)).unwrap_err();
     assert!(matches!(e, DbError::RoundExists { round: 2, .. }), "{e}");
-    assert!(e.to_string().contains("round 2 of run r is already committed; nothing was changed"), "{e}");
-    assert_eq!(s.rounds("r").unwrap(), vec![round_row("r", 1), round_row("r", 2)]);
-    assert_eq!(s.checkpoint("r").unwrap(), Some(checkpoint_of("r", 2, 64)), "the checkpoint is not replaced either");
+    let want = format!("round 2 of run {} is already committed; nothing was changed", ids::run("r"));
+    assert!(e.to_string().contains(&want), "{e}");
+    assert_eq!(s.rounds(&ids::run("r")).unwrap(), vec![round_row("r", 1), round_row("r", 2)]);
+    assert_eq!(
+        s.checkpoint(&ids::run("r")).unwrap(),
+        Some(checkpoint_of("r", 2, 64)),
+        "the checkpoint is not replaced either"
+    );
 }
 
 fn events_are_numbered_per_run_and_paged(h: &dyn Harness) {
@@ -237,23 +250,23 @@ fn events_are_numbered_per_run_and_paged(h: &dyn Harness) {
     s.insert_run(&run_row("a", "p", 1)).unwrap();
     s.insert_run(&run_row("b", "p", 2)).unwrap();
     for i in 1..=25u64 {
-        assert_eq!(s.append_event("a", &[i as u8; 3]).unwrap(), i);
+        assert_eq!(s.append_event(&ids::run("a"), &[i as u8; 3]).unwrap(), i);
         if i.is_multiple_of(5) {
-            assert_eq!(s.append_event("b", &[0xb0, i as u8]).unwrap(), i / 5, "each run counts its own");
+            assert_eq!(s.append_event(&ids::run("b"), &[0xb0, i as u8]).unwrap(), i / 5, "each run counts its own");
         }
     }
     let want = |from: u64, to: u64| (from..=to).map(|i| (i, vec![i as u8; 3])).collect::<Vec<_>>();
-    assert_eq!(s.events("a", 0, 10).unwrap(), want(1, 10));
-    assert_eq!(s.events("a", 10, 10).unwrap(), want(11, 20));
-    assert_eq!(s.events("a", 20, 10).unwrap(), want(21, 25));
-    assert_eq!(s.events("a", 25, 10).unwrap(), vec![]);
-    assert_eq!(s.events("a", 0, 0).unwrap(), vec![]);
-    assert_eq!(s.events("b", 0, 100).unwrap().iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
-    assert_eq!(s.events("nope", 0, 100).unwrap(), vec![]);
-    assert!(matches!(s.append_event("nope", b"x"), Err(DbError::UnknownRun { .. })));
+    assert_eq!(s.events(&ids::run("a"), 0, 10).unwrap(), want(1, 10));
+    assert_eq!(s.events(&ids::run("a"), 10, 10).unwrap(), want(11, 20));
+    assert_eq!(s.events(&ids::run("a"), 20, 10).unwrap(), want(21, 25));
+    assert_eq!(s.events(&ids::run("a"), 25, 10).unwrap(), vec![]);
+    assert_eq!(s.events(&ids::run("a"), 0, 0).unwrap(), vec![]);
+    assert_eq!(s.events(&ids::run("b"), 0, 100).unwrap().iter().map(|e| e.0).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(s.events(&ids::run("nope"), 0, 100).unwrap(), vec![]);
+    assert!(matches!(s.append_event(&ids::run("nope"), b"x"), Err(DbError::UnknownRun { .. })));
     drop(s);
     let mut s = h.open().unwrap();
-    assert_eq!(s.append_event("a", b"after a restart").unwrap(), 26, "numbering goes on across a reopen");
+    assert_eq!(s.append_event(&ids::run("a"), b"after a restart").unwrap(), 26, "numbering goes on across a reopen");
 }
 
 fn the_latest_decision_wins_and_history_is_kept(h: &dyn Harness) {
@@ -261,8 +274,8 @@ fn the_latest_decision_wins_and_history_is_kept(h: &dyn Harness) {
     s.insert_run(&run_row("r", "p", 1)).unwrap();
     s.insert_run(&run_row("other", "p", 2)).unwrap();
     let d = |node: &str, accept, at_ms, epsilon| DecisionRow {
-        run_id: "r".into(),
-        node: node.into(),
+        run_id: ids::run("r"),
+        node: ids::node(node),
         accept,
         reason: if accept { String::new() } else { "budget exhausted".into() },
         epsilon,
@@ -279,18 +292,18 @@ fn the_latest_decision_wins_and_history_is_kept(h: &dyn Harness) {
     for x in &history {
         s.record_decision(x).unwrap();
     }
-    s.record_decision(&DecisionRow { run_id: "other".into(), ..d("va", true, 1, Some(3.0)) }).unwrap();
-    assert_eq!(s.decisions("r").unwrap(), vec![history[3].clone(), history[2].clone()]);
-    assert_eq!(s.decision_history("r").unwrap(), history.to_vec());
+    s.record_decision(&DecisionRow { run_id: ids::run("other"), ..d("va", true, 1, Some(3.0)) }).unwrap();
+    assert_eq!(s.decisions(&ids::run("r")).unwrap(), vec![history[3].clone(), history[2].clone()]);
+    assert_eq!(s.decision_history(&ids::run("r")).unwrap(), history.to_vec());
     for bad in [f64::NAN, f64::INFINITY, -1.0] {
         let e = s.record_decision(&d("va", true, 1, Some(bad))).unwrap_err();
         assert!(matches!(e, DbError::Invalid { field: "decision epsilon", .. }), "{e}");
     }
     assert!(matches!(
-        s.record_decision(&DecisionRow { run_id: "zz".into(), ..d("va", true, 1, None) }),
+        s.record_decision(&DecisionRow { run_id: ids::run("zz"), ..d("va", true, 1, None) }),
         Err(DbError::UnknownRun { .. })
     ));
-    assert_eq!(s.decision_history("r").unwrap().len(), 4, "refused decisions leave no row");
+    assert_eq!(s.decision_history(&ids::run("r")).unwrap().len(), 4, "refused decisions leave no row");
 }
 
 fn a_fresh_database_is_migrated_and_reopening_changes_nothing(h: &dyn Harness) {
@@ -320,14 +333,19 @@ fn a_database_newer_than_the_binary_is_refused_naming_both_versions(h: &dyn Harn
 
 fn runs_json_is_imported_once_as_interrupted_runs(h: &dyn Harness) {
     let mut registry = crate::runs::RunRegistry::default();
-    registry.admit("plan-b", "b", false, "run-b1".into()).unwrap();
-    registry.admit("plan-a", "a", false, "run-a1".into()).unwrap();
-    registry.admit("plan-a", "a", true, "run-a2".into()).unwrap();
+    registry.admit(&ids::plan("plan-b"), "b", false, ids::run("run-b1")).unwrap();
+    registry.admit(&ids::plan("plan-a"), "a", false, ids::run("run-a1")).unwrap();
+    registry.admit(&ids::plan("plan-a"), "a", true, ids::run("run-a2")).unwrap();
     crate::runs::RunFile::new(h.state_dir()).save(&registry).unwrap();
     let mut s = h.open().unwrap();
     let runs = s.runs().unwrap();
-    let got: Vec<_> = runs.iter().map(|r| (r.plan_id.as_str(), r.run_id.as_str(), r.number)).collect();
-    assert_eq!(got, vec![("plan-a", "run-a1", 1), ("plan-a", "run-a2", 2), ("plan-b", "run-b1", 1)]);
+    let got: std::collections::BTreeSet<_> =
+        runs.iter().map(|r| (r.plan_id.clone(), r.run_id.clone(), r.number)).collect();
+    let want = [("plan-a", "run-a1", 1), ("plan-a", "run-a2", 2), ("plan-b", "run-b1", 1)]
+        .map(|(p, r, n)| (ids::plan(p), ids::run(r), n))
+        .into_iter()
+        .collect();
+    assert_eq!(got, want);
     assert!(runs.iter().all(|r| r.status == RunStatus::Interrupted && r.reason == "imported from runs.json"));
     assert!(!h.state_dir().join("runs.json").exists());
     assert!(h.state_dir().join("runs.json.imported").exists());
@@ -349,16 +367,23 @@ fn runs_json_is_imported_once_as_interrupted_runs(h: &dyn Harness) {
     drop(s);
 
     // A runs.json with runs the database lacks (an old binary ran after the upgrade) is refused.
-    registry.admit("plan-z", "z", false, "run-z1".into()).unwrap();
+    registry.admit(&ids::plan("plan-z"), "z", false, ids::run("run-z1")).unwrap();
     crate::runs::RunFile::new(h.state_dir()).save(&registry).unwrap();
     let e = h.open().err().expect("a diverged runs.json must be refused").to_string();
-    assert!(e.contains("holds 1 run(s) that the database does not (e.g. run-z1)") && e.contains("move it away"), "{e}");
+    let want = format!("holds 1 run(s) that the database does not (e.g. {})", ids::run("run-z1"));
+    assert!(e.contains(&want) && e.contains("move it away"), "{e}");
     assert!(h.state_dir().join("runs.json").exists(), "a refused file is left where it is");
 
     // A corrupt runs.json stops the open and names the next step.
     std::fs::write(h.state_dir().join("runs.json"), "{not json").unwrap();
     let e = h.open().err().expect("a corrupt runs.json must be refused").to_string();
     assert!(e.contains("cannot import the old run registry") && e.contains("restore it from backup"), "{e}");
+
+    // So does one whose ids are not of their form (reading it back checks them).
+    std::fs::write(h.state_dir().join("runs.json"), r#"{"plans":{"../../etc":["00000000000000000000000000000001"]}}"#)
+        .unwrap();
+    let e = h.open().err().expect("a runs.json with a malformed plan id must be refused").to_string();
+    assert!(e.contains("cannot import the old run registry") && e.contains("plan id has a path character"), "{e}");
 }
 
 /// Each conformance function becomes one test per backend: `db::tests::sqlite::NAME` and
@@ -431,15 +456,15 @@ fn a_postgres_password_comes_from_its_file_only() {
 fn crash_child() {
     let Ok(dir) = std::env::var(CRASH_DIR_ENV) else { return };
     let mut s = open(&StoreConfig::default(), Path::new(&dir)).unwrap();
-    if s.run(CRASH_RUN).unwrap().is_none() {
+    if s.run(&ids::run(CRASH_RUN)).unwrap().is_none() {
         s.insert_run(&run_row(CRASH_RUN, "p", 1)).unwrap();
     }
-    let mut k = s.checkpoint(CRASH_RUN).unwrap().map_or(0, |c| c.rounds_completed);
+    let mut k = s.checkpoint(&ids::run(CRASH_RUN)).unwrap().map_or(0, |c| c.rounds_completed);
     // Bounded, so a parent that fails to kill it does not leave it running for ever.
     for _ in 0..20_000 {
         k += 1;
         s.commit_round(&round_row(CRASH_RUN, k), &checkpoint_of(CRASH_RUN, k, CRASH_STATE_BYTES)).unwrap();
-        s.append_event(CRASH_RUN, &k.to_le_bytes()).unwrap();
+        s.append_event(&ids::run(CRASH_RUN), &k.to_le_bytes()).unwrap();
     }
 }
 
@@ -452,14 +477,14 @@ const CRASH_STATE_BYTES: usize = 256 * 1024;
 /// events numbered without gaps whose last names round k or k-1 (killed between the two commits).
 fn check_prefix(dir: &Path) -> u32 {
     let mut s = open(&StoreConfig::default(), dir).unwrap();
-    let Some(checkpoint) = s.checkpoint(CRASH_RUN).unwrap() else {
-        assert!(s.rounds(CRASH_RUN).unwrap().is_empty());
+    let Some(checkpoint) = s.checkpoint(&ids::run(CRASH_RUN)).unwrap() else {
+        assert!(s.rounds(&ids::run(CRASH_RUN)).unwrap().is_empty());
         return 0;
     };
     let k = checkpoint.rounds_completed;
     assert_eq!(checkpoint, checkpoint_of(CRASH_RUN, k, CRASH_STATE_BYTES), "the checkpoint is whole");
-    assert_eq!(s.rounds(CRASH_RUN).unwrap(), (1..=k).map(|r| round_row(CRASH_RUN, r)).collect::<Vec<_>>());
-    let events = s.events(CRASH_RUN, 0, usize::MAX).unwrap();
+    assert_eq!(s.rounds(&ids::run(CRASH_RUN)).unwrap(), (1..=k).map(|r| round_row(CRASH_RUN, r)).collect::<Vec<_>>());
+    let events = s.events(&ids::run(CRASH_RUN), 0, usize::MAX).unwrap();
     assert!(events.iter().enumerate().all(|(i, (seq, _))| *seq == i as u64 + 1), "event numbers have no gap");
     if let Some((_, last)) = events.last() {
         let last = u32::from_le_bytes(last.as_slice().try_into().unwrap());

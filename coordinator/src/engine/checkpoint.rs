@@ -9,15 +9,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use sanctum_protocol::audit::AuditEvent;
 use sanctum_protocol::hash::ContentHash;
 use sanctum_protocol::model::Weights;
 use sanctum_protocol::plan::Plan;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::effects::{Actor, Effect};
 use super::run::{Prepared, RunEngine};
-use super::{Engine, Millis, NodeName, params, short};
+use super::{Engine, Millis, NodeName, PlanId, RunId, short};
 use crate::aggregate::{ClientDp, ServerState};
 use crate::round::PlanRun;
 
@@ -29,8 +29,8 @@ pub const FORMAT: u32 = 1;
 #[serde(deny_unknown_fields)]
 pub struct RunCheckpoint {
     pub format: u32,
-    pub plan_id: String,
-    pub run_id: String,
+    pub plan_id: PlanId,
+    pub run_id: RunId,
     pub run_number: u32,
     /// The plan as it was offered (its SHA-256 is the plan id).
     pub wire_toml: String,
@@ -52,6 +52,36 @@ pub struct RunCheckpoint {
     /// records a crash right after the commit left out (`crate::recovery`).
     #[serde(default)]
     pub last_round: Option<ClosedRound>,
+    /// The final evaluation's metrics received so far, by node (after the last round only): a
+    /// restart during the final evaluation asks only the nodes not in here, since a node
+    /// evaluates a model once and refuses a second request.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub final_metrics: BTreeMap<NodeName, Vec<SavedMetric>>,
+}
+
+/// A metric a node reported on the final model, as a checkpoint keeps it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedMetric {
+    pub name: String,
+    pub value: f64,
+    pub samples: u64,
+}
+
+/// The engine's final metrics from a checkpoint's.
+pub(super) fn metrics_from_saved(
+    saved: &BTreeMap<NodeName, Vec<SavedMetric>>,
+) -> BTreeMap<NodeName, Vec<sanctum_protocol::proto::Metric>> {
+    saved
+        .iter()
+        .map(|(node, ms)| {
+            let ms = ms
+                .iter()
+                .map(|m| sanctum_protocol::proto::Metric { name: m.name.clone(), value: m.value, samples: m.samples })
+                .collect();
+            (node.clone(), ms)
+        })
+        .collect()
 }
 
 /// The round a checkpoint closes, as the store records it.
@@ -60,8 +90,8 @@ pub struct RunCheckpoint {
 pub struct ClosedRound {
     pub round: u32,
     pub model_sha256: String,
-    pub reported: Vec<String>,
-    pub dropped: Vec<String>,
+    pub reported: Vec<NodeName>,
+    pub dropped: Vec<NodeName>,
     /// The parameters of its `round_record` audit record, which the nodes that reported
     /// countersign.
     pub record: super::Params,
@@ -77,7 +107,7 @@ pub enum RestoreError {
     #[error("the checkpoint's plan no longer parses ({0}); the run cannot go on")]
     Plan(String),
     #[error("the checkpoint's plan hashes to {found}, not to its plan id {plan_id}: the checkpoint is corrupt")]
-    PlanId { plan_id: String, found: String },
+    PlanId { plan_id: PlanId, found: PlanId },
     #[error("global model {model}: {reason}")]
     Model { model: String, reason: String },
     #[error("server optimizer moments: {0}")]
@@ -106,15 +136,30 @@ impl RunEngine {
             refused: self.run.refusals().clone(),
             client_dp: self.client_dp.as_ref().map(|(dp, _)| dp.clone()),
             secagg_rho: self.secagg_rho,
-            last_round,
+            last_round: last_round.or_else(|| self.last_closed.clone()),
+            final_metrics: self
+                .final_metrics
+                .iter()
+                .map(|(node, ms)| {
+                    let ms = ms
+                        .iter()
+                        .map(|m| SavedMetric { name: m.name.clone(), value: m.value, samples: m.samples })
+                        .collect();
+                    (node.clone(), ms)
+                })
+                .collect(),
         };
         (cp, moments)
     }
 
-    /// The effect that makes this run's state durable, with the round it closes (if any).
-    pub(super) fn checkpoint_effect(&self, closed: Option<ClosedRound>) -> Effect {
+    /// The effect that makes this run's state durable, with the round it closes (if any; a later
+    /// checkpoint of the run keeps naming it).
+    pub(super) fn checkpoint_effect(&mut self, closed: Option<ClosedRound>) -> Effect {
+        if closed.is_some() {
+            self.last_closed = closed.clone();
+        }
         let (state, moments) = self.checkpoint(closed.clone());
-        Effect::Checkpoint { state: Box::new(state), moments, closed }
+        Effect::Checkpoint { state: Box::new(state), moments, closed, required: true }
     }
 }
 
@@ -131,7 +176,7 @@ impl Engine {
         if cp.format != FORMAT {
             return Err(RestoreError::Format { found: cp.format });
         }
-        if self.running().any(|r| r.plan_id() == cp.plan_id) {
+        if self.running().any(|r| *r.plan_id() == cp.plan_id) {
             return Err(RestoreError::AlreadyRunning(short(&cp.plan_id).to_string()));
         }
         let plan = Plan::parse(&cp.wire_toml).map_err(|e| RestoreError::Plan(e.to_string()))?;
@@ -172,13 +217,12 @@ impl Engine {
             .collect::<Result<Vec<_>, _>>()?;
         let mut fx = vec![Effect::Audit {
             actor: Actor::Coordinator,
-            event: "plan_resumed",
-            params: params([
-                ("plan_id", json!(cp.plan_id)),
-                ("run", json!(cp.run_id)),
-                ("rounds_completed", json!(cp.rounds_completed)),
-                ("model_sha256", json!(cp.model)),
-            ]),
+            event: AuditEvent::PlanResumed {
+                plan_id: cp.plan_id.to_string(),
+                run: cp.run_id.to_string(),
+                rounds_completed: cp.rounds_completed,
+                model_sha256: cp.model.to_string(),
+            },
         }];
         tracing::info!(
             plan = prepared.plan.name,

@@ -5,11 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use sanctum_protocol::audit::AuditEvent;
 use sanctum_protocol::hash::ContentHash;
 use sanctum_protocol::proto::{self, directive, plan_event};
 use serde_json::Value;
 
-use super::NodeName;
+use super::{NodeName, PlanId, RunId};
 
 /// An audit record's parameters.
 pub type Params = BTreeMap<String, Value>;
@@ -28,8 +29,11 @@ pub enum Actor {
 /// What the open round of a plan accepts, so the service refuses an upload before it spools it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UploadRound {
-    pub plan_id: String,
+    pub plan_id: PlanId,
     pub round: u32,
+    /// 1 for the first attempt at `round`, +1 for each retry: a retry reopens the same round
+    /// number, and nothing of a failed attempt's uploads may run on into it.
+    pub attempt: u32,
     pub model: ContentHash,
     pub num_params: usize,
     /// Uploads are masked secure-aggregation inputs.
@@ -54,27 +58,27 @@ pub enum Effect {
     Send { node: NodeName, kind: directive::Kind },
     /// Store a model under its hash (`hash` is the SHA-256 of `bytes`). If it cannot be stored the
     /// executor tells the engine `Input::StorageFailed` and skips the plan's remaining effects.
-    StoreModel { plan_id: String, hash: ContentHash, bytes: Arc<Vec<u8>> },
+    StoreModel { plan_id: PlanId, hash: ContentHash, bytes: Arc<Vec<u8>> },
     /// Append an audit record.
-    Audit { actor: Actor, event: &'static str, params: Params },
+    Audit { actor: Actor, event: AuditEvent },
     /// Append an audit record a member caused, within its quota per period (counted beyond it).
-    AuditMember { node: NodeName, event: &'static str, params: Params },
+    AuditMember { node: NodeName, event: AuditEvent },
     /// Tell the run's watchers (and the run's history) what happened.
-    Publish { plan_id: String, run_id: String, kind: plan_event::Kind },
+    Publish { plan_id: PlanId, run_id: RunId, kind: plan_event::Kind },
     /// A round opened: uploads for it may be spooled.
     OpenUploads(UploadRound),
     /// The plan's round closed for uploads.
-    CloseUploads { plan_id: String },
+    CloseUploads { plan_id: PlanId },
     /// A node's update was admitted: no further upload of its is spooled this round.
-    Admitted { plan_id: String, round: u32, node: NodeName },
+    Admitted { plan_id: PlanId, round: u32, node: NodeName },
     /// Append the round's record to the audit log and send that exact line to `countersigners`
     /// for their receipts.
-    RoundRecord { plan_id: String, round: u32, params: Params, countersigners: Vec<NodeName> },
+    RoundRecord { plan_id: PlanId, run_id: RunId, round: u32, record: AuditEvent, countersigners: Vec<NodeName> },
     /// Write the final model and its manifest (when `export` is set), then publish `finished`
     /// (with the exported path) and send `closed` to every node in `notify`.
     Finish {
-        plan_id: String,
-        run_id: String,
+        plan_id: PlanId,
+        run_id: RunId,
         export: Option<Box<ExportJob>>,
         finished: Box<proto::PlanFinished>,
         closed: Box<directive::Kind>,
@@ -89,6 +93,9 @@ pub enum Effect {
         state: Box<super::checkpoint::RunCheckpoint>,
         moments: Option<Arc<Vec<u8>>>,
         closed: Option<super::checkpoint::ClosedRound>,
+        /// A checkpoint the run cannot go on without (its start, a round's close): when it fails
+        /// the run stops. One that only saves work (an evaluation report) is logged if it fails.
+        required: bool,
     },
     /// Fault injection: the unmasked sum of a secure-aggregation round, for tests that check it
     /// out of band.

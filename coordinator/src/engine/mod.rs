@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use sanctum_protocol::plan::Plan;
 use sanctum_protocol::proto::{self, EvaluationReport, PlanResponse, SecAggMessage};
-use serde_json::Value;
 
 pub mod checkpoint;
 mod effects;
@@ -36,14 +35,16 @@ use run::{Prepared, RunEngine};
 /// The engine's clock: milliseconds on the executor's monotonic clock.
 pub type Millis = u64;
 
-/// A node's name, as its certificate says.
-pub type NodeName = String;
+pub use crate::round::NodeName;
+pub use sanctum_protocol::ids::{PlanId, RunId};
 
 /// The header of an update the service spooled, with its payload read back.
 #[derive(Clone, Debug)]
 pub struct Update {
     pub round: u32,
-    pub plan_id: String,
+    /// The attempt at `round` the upload was made in (a retry reopens the same round number).
+    pub attempt: u32,
+    pub plan_id: PlanId,
     pub base_model: String,
     pub sample_count: u64,
     pub metrics: Vec<proto::Metric>,
@@ -62,7 +63,7 @@ pub enum Input {
     /// A node's current directive stream ended.
     Disconnected { node: NodeName },
     /// A submission that [`Engine::prepare`] accepted and the executor recorded as a run.
-    Start { prepared: Box<Prepared>, run_id: String, run_number: u32, actor: String },
+    Start { prepared: Box<Prepared>, run_id: RunId, run_number: u32, actor: String },
     /// A node answered an offer.
     Decision { node: NodeName, response: PlanResponse },
     /// A node's update, spooled and read back.
@@ -73,11 +74,11 @@ pub enum Input {
     /// A node's evaluation of a final model.
     Evaluation { node: NodeName, report: EvaluationReport },
     /// The lead cancels a run.
-    Cancel { run_id: String, actor: String, by: String },
+    Cancel { run_id: RunId, actor: String, by: String },
     /// The executor could not carry out an effect the run depends on (a model not stored).
-    StorageFailed { plan_id: String, reason: String },
+    StorageFailed { plan_id: PlanId, reason: String },
     /// A participant says it is alive (`Heartbeat`); never audited.
-    Heartbeat { node: NodeName, plan_id: String, run: String, round: u32, activity: crate::round::Activity },
+    Heartbeat { node: NodeName, plan_id: PlanId, run: RunId, round: u32, activity: crate::round::Activity },
     /// Time passed.
     Tick,
 }
@@ -95,6 +96,10 @@ pub enum Refused {
     OtherPlanOrModel,
     #[error("no secure-aggregation round is open")]
     NoSecAggRound,
+    #[error(
+        "the update was sent in attempt {sent} at round {round}, which failed; attempt {open} is open: send it again"
+    )]
+    FailedAttempt { round: u32, sent: u32, open: u32 },
     #[error("{0}")]
     Round(#[from] crate::round::Rejection),
     #[error("{0}")]
@@ -117,7 +122,7 @@ pub enum SubmitRefused {
 
 /// Every running run, and the nodes connected now.
 pub struct Engine {
-    pub(super) runs: BTreeMap<String, RunEngine>,
+    pub(super) runs: BTreeMap<RunId, RunEngine>,
     pub(super) connected: BTreeSet<NodeName>,
     pub(super) epoch: Instant,
     /// The Unix time (ms) at `epoch`, for the deadlines nodes are told.
@@ -166,7 +171,7 @@ impl Engine {
     /// model file, and that the plan has no run going on.
     pub fn prepare(&self, plan: Plan, model_file: &[u8]) -> Result<Prepared, SubmitRefused> {
         let prepared = Prepared::new(plan, model_file)?;
-        if let Some(r) = self.runs.values().find(|r| r.plan_id() == prepared.plan_id) {
+        if let Some(r) = self.runs.values().find(|r| *r.plan_id() == prepared.plan_id) {
             return Err(SubmitRefused::AlreadyRunning {
                 name: r.plan().name.clone(),
                 short: short(r.plan_id()).to_string(),
@@ -219,12 +224,12 @@ impl Engine {
             }
             Input::Decision { node, response } => {
                 let Some(r) =
-                    self.runs.values_mut().find(|r| r.plan_id() == response.plan_id && r.run_id() == response.run)
+                    self.runs.values_mut().find(|r| *r.plan_id() == response.plan_id && *r.run_id() == response.run)
                 else {
                     // Debug only: a node can send these as fast as it likes (answers to a run that
                     // ended), and the log must not grow with them.
                     tracing::debug!(
-                        node,
+                        node = %node,
                         plan = short(&response.plan_id),
                         run = short(&response.run),
                         "decision for a run that is not running"
@@ -243,19 +248,19 @@ impl Engine {
                 r.secagg_message(&node, &cert_der, msg, now, fx)
             }
             Input::Evaluation { node, report } => {
-                match self.runs.values_mut().find(|r| r.plan_id() == report.plan_id) {
+                match self.runs.values_mut().find(|r| *r.plan_id() == report.plan_id) {
                     Some(r) => r.evaluation(&node, report, now, fx),
-                    None => tracing::warn!(node, "evaluation of a model that is not this plan's final model; ignored"),
+                    None => tracing::warn!(node = %node, "evaluation of a model that is not this plan's final model; ignored"),
                 }
                 Ok(())
             }
             Input::Cancel { run_id, actor, by } => {
-                let r = self.runs.get_mut(&run_id).ok_or_else(|| Refused::RunNotRunning(run_id.clone()))?;
+                let r = self.runs.get_mut(&run_id).ok_or_else(|| Refused::RunNotRunning(run_id.to_string()))?;
                 r.cancel(&actor, &by, &self.connected, fx);
                 Ok(())
             }
             Input::StorageFailed { plan_id, reason } => {
-                if let Some(r) = self.runs.values_mut().find(|r| r.plan_id() == plan_id) {
+                if let Some(r) = self.runs.values_mut().find(|r| *r.plan_id() == plan_id) {
                     r.fail(&reason, &self.connected, fx);
                 }
                 Ok(())
@@ -264,7 +269,7 @@ impl Engine {
                 let r = self
                     .runs
                     .values_mut()
-                    .find(|r| r.plan_id() == plan_id && r.run_id() == run)
+                    .find(|r| *r.plan_id() == plan_id && *r.run_id() == run)
                     .ok_or_else(|| Refused::RunNotRunning(short(&run).to_string()))?;
                 r.heartbeat(&node, round, activity, now, fx)
             }
@@ -303,9 +308,4 @@ fn instant(epoch: Instant, now: Millis) -> Instant {
 pub fn short(hex: &str) -> &str {
     let end = hex.char_indices().nth(12).map_or(hex.len(), |(i, _)| i);
     &hex[..end]
-}
-
-/// A `(key, value)` list for an audit record's parameters.
-fn params<const N: usize>(p: [(&str, Value); N]) -> Params {
-    p.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sanctum_protocol::audit::{AuditEvent, PlanDecision, RoundUpdate};
 use sanctum_protocol::hash::ContentHash;
 use sanctum_protocol::model::Weights;
 use sanctum_protocol::plan::{Plan, PrivacyMode, Weighting};
@@ -17,7 +18,7 @@ use sanctum_protocol::transfer;
 use serde_json::json;
 
 use super::effects::{Actor, Effect, ExportJob, UploadRound};
-use super::{Millis, NodeName, Refused, SubmitRefused, Update, instant, params, short};
+use super::{Millis, NodeName, PlanId, Refused, RunId, SubmitRefused, Update, instant, short};
 use crate::aggregate::{Accumulator, ClientDp, ServerState, sample_weight};
 use crate::round::{Action, PlanRun, RunConfig};
 use crate::secure::SecAggRound;
@@ -34,7 +35,7 @@ pub(super) struct ClientDpCost {
 #[derive(Debug)]
 pub struct Prepared {
     pub plan: Plan,
-    pub plan_id: String,
+    pub plan_id: PlanId,
     pub wire_toml: String,
     client_dp: Option<(ClientDp, ClientDpCost)>,
     secagg_noise: Option<f64>,
@@ -48,10 +49,11 @@ impl Prepared {
         // every number the run computes with must be within the plan limits.
         plan.validate().map_err(|e| invalid(e.to_string()))?;
         let wire_toml = plan.to_wire_toml().map_err(|e| invalid(e.to_string()))?;
-        let plan_id = Plan::id_of(&wire_toml).to_hex();
+        let plan_id = PlanId::of_hash(&Plan::id_of(&wire_toml));
         let client_dp = if plan.secure_aggregation { None } else { client_dp_for(&plan).map_err(invalid)? };
-        let secagg_noise = sanctum_protocol::secagg::encode::distributed_noise(&plan).map_err(invalid)?;
-        crate::plan_files::check_model_file(&plan, model_file).map_err(invalid)?;
+        let secagg_noise =
+            sanctum_protocol::secagg::encode::distributed_noise(&plan).map_err(|e| invalid(e.to_string()))?;
+        crate::plan_files::check_model_file(&plan, model_file).map_err(|e| invalid(e.to_string()))?;
         Ok(Self { plan, plan_id, wire_toml, client_dp, secagg_noise })
     }
 }
@@ -77,7 +79,7 @@ fn client_dp_for(plan: &Plan) -> Result<Option<(ClientDp, ClientDpCost)>, String
     };
     let run = SampledGaussian { sampling_rate: 1.0, noise_multiplier: sigma, steps: rounds };
     let epsilon = privacy::epsilon_with(Accountant::Pld, &run, delta).map_err(|e| e.to_string())?;
-    let dp = ClientDp::new(sigma, clip, p.adaptive_clipping.clone())?;
+    let dp = ClientDp::new(sigma, clip, p.adaptive_clipping.clone()).map_err(|e| e.to_string())?;
     Ok(Some((dp, ClientDpCost { noise_multiplier: sigma, epsilon, delta })))
 }
 
@@ -97,9 +99,9 @@ pub(super) fn run_config(plan: &Plan, evaluation_deadline: Duration, heartbeat_t
 
 /// One run and everything the engine keeps for it.
 pub struct RunEngine {
-    pub(super) plan_id: String,
+    pub(super) plan_id: PlanId,
     /// This run's id (`OfferPlan.run`), unique per submission.
-    pub(super) run_id: String,
+    pub(super) run_id: RunId,
     pub(super) run_number: u32,
     pub(super) plan: Plan,
     pub(super) wire_toml: String,
@@ -119,10 +121,13 @@ pub struct RunEngine {
     pub(super) round_metrics: BTreeMap<String, proto::Metric>,
     /// Every metric each node reported on the final model, in its order (the first is the task's
     /// headline metric).
-    pub(super) final_metrics: BTreeMap<String, Vec<proto::Metric>>,
+    pub(super) final_metrics: BTreeMap<NodeName, Vec<proto::Metric>>,
+    /// The last round a checkpoint closed, kept in every later checkpoint of the run (one during
+    /// the final evaluation too) so a restart still completes its audit records.
+    pub(super) last_closed: Option<super::checkpoint::ClosedRound>,
     /// Hash of the initial model and of every round's result, in order.
     pub(super) lineage: Vec<ContentHash>,
-    pub(super) participants: Vec<String>,
+    pub(super) participants: Vec<NodeName>,
     /// Client-level DP (DP-FedAvg) when the plan asks for it, with the ε it gives the plan.
     pub(super) client_dp: Option<(ClientDp, ClientDpCost)>,
     /// Noise for DP-FedAvg: OS-seeded ChaCha20 (seeded once at the run's start: randomness, not I/O).
@@ -134,7 +139,7 @@ pub struct RunEngine {
     pub(super) secagg_noise: Option<f64>,
     pub(super) secagg_rho: f64,
     /// The open round's accepted updates (node, payload hash, bytes), for its receipt.
-    pub(super) round_updates: Vec<serde_json::Value>,
+    pub(super) round_updates: Vec<RoundUpdate>,
     /// The plan state machine asked to finish: carried out once the connected nodes are known.
     finishing: Option<(bool, String)>,
     finished: bool,
@@ -148,7 +153,7 @@ impl RunEngine {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         prepared: Prepared,
-        run_id: String,
+        run_id: RunId,
         run_number: u32,
         actor: &str,
         connected: &BTreeSet<NodeName>,
@@ -186,22 +191,21 @@ impl RunEngine {
         tracing::info!(plan = plan.name, id = short(&plan_id), run = run_number, model = %model.short(), "plan started");
         fx.push(Effect::Audit {
             actor: Actor::Fingerprint(actor.to_string()),
-            event: "plan_submitted",
-            params: params([
-                ("plan_id", json!(plan_id)),
-                ("run", json!(run_id)),
-                ("run_number", json!(run_number)),
-                ("name", json!(plan.name)),
-                ("plan_sha256", json!(plan_id)),
-                ("rounds", json!(plan.rounds)),
-                ("strategy", json!(plan.strategy.name())),
-                ("privacy", json!(plan.privacy.mode)),
-                ("noise_multiplier", json!(plan.privacy.noise_multiplier)),
-                ("target_epsilon", json!(plan.privacy.target_epsilon)),
-                ("delta", json!(plan.privacy.delta)),
-                ("secure_aggregation", json!(plan.secure_aggregation)),
-                ("initial_model", json!(model.to_hex())),
-            ]),
+            event: AuditEvent::PlanSubmitted {
+                plan_id: plan_id.to_string(),
+                run: Some(run_id.to_string()),
+                run_number: Some(run_number),
+                name: plan.name.clone(),
+                plan_sha256: plan_id.to_string(),
+                rounds: plan.rounds,
+                strategy: plan.strategy.name().to_string(),
+                privacy: plan.privacy.mode,
+                noise_multiplier: plan.privacy.noise_multiplier,
+                target_epsilon: plan.privacy.target_epsilon,
+                delta: plan.privacy.delta,
+                secure_aggregation: plan.secure_aggregation,
+                initial_model: model.to_hex(),
+            },
         });
         let mut this = Self {
             plan_id,
@@ -220,6 +224,7 @@ impl RunEngine {
             model_bytes,
             round_metrics: BTreeMap::new(),
             final_metrics: BTreeMap::new(),
+            last_closed: None,
             lineage: vec![model],
             participants: vec![],
             client_dp,
@@ -275,7 +280,8 @@ impl RunEngine {
             server,
             acc: Accumulator::new(num_params),
             round_metrics: BTreeMap::new(),
-            final_metrics: BTreeMap::new(),
+            final_metrics: super::checkpoint::metrics_from_saved(&cp.final_metrics),
+            last_closed: cp.last_round.clone(),
             lineage,
             participants: vec![],
             client_dp,
@@ -290,11 +296,11 @@ impl RunEngine {
         }
     }
 
-    pub fn plan_id(&self) -> &str {
+    pub fn plan_id(&self) -> &PlanId {
         &self.plan_id
     }
 
-    pub fn run_id(&self) -> &str {
+    pub fn run_id(&self) -> &RunId {
         &self.run_id
     }
 
@@ -327,12 +333,12 @@ impl RunEngine {
         now.saturating_sub(self.started)
     }
 
-    pub(super) fn node_connected(&mut self, node: &str, now: Millis, fx: &mut Vec<Effect>) {
+    pub(super) fn node_connected(&mut self, node: &NodeName, now: Millis, fx: &mut Vec<Effect>) {
         let actions = self.run.node_connected(node, self.logical(now));
         self.apply(actions, now, fx);
     }
 
-    pub(super) fn node_disconnected(&mut self, node: &str, now: Millis, fx: &mut Vec<Effect>) {
+    pub(super) fn node_disconnected(&mut self, node: &NodeName, now: Millis, fx: &mut Vec<Effect>) {
         let actions = self.run.node_disconnected(node, self.logical(now));
         self.apply(actions, now, fx);
         let at = self.instant(now);
@@ -348,32 +354,32 @@ impl RunEngine {
         self.apply_secagg(sa.unwrap_or_default(), now, fx);
     }
 
-    pub(super) fn decision(&mut self, node: &str, response: PlanResponse, now: Millis, fx: &mut Vec<Effect>) {
+    pub(super) fn decision(&mut self, node: &NodeName, response: PlanResponse, now: Millis, fx: &mut Vec<Effect>) {
         // Only an answer the run counted is audited and published: repeating one's answer (or
         // answering after recruiting) changes nothing and costs no record.
         let t = self.logical(now);
         let Some(actions) = self.run.decide(node, response.accept, &response.reason, t) else {
-            tracing::debug!(node, "repeated or late answer to the offer; discarded");
+            tracing::debug!(node = %node, "repeated or late answer to the offer; discarded");
             return;
         };
         if response.accept {
-            tracing::info!(node, "accepted the plan");
+            tracing::info!(node = %node, "accepted the plan");
         } else {
-            tracing::warn!(node, reason = response.reason, "refused the plan");
+            tracing::warn!(node = %node, reason = response.reason, "refused the plan");
         }
         // Counted against the node's quota all the same: accept/refuse/accept… changes the answer
         // each time.
-        fx.push(Effect::AuditMember {
-            node: node.to_string(),
-            event: if response.accept { "plan_accepted" } else { "plan_refused" },
-            params: params([
-                ("node", json!(node)),
-                ("plan_id", json!(response.plan_id)),
-                ("reason", json!(response.reason)),
-                ("epsilon", json!(response.privacy.as_ref().map(|p| p.epsilon))),
-                ("delta", json!(response.privacy.as_ref().map(|p| p.delta))),
-            ]),
-        });
+        let decision = PlanDecision {
+            node: Some(node.to_string()),
+            plan_id: response.plan_id.clone(),
+            run: None,
+            reason: response.reason.clone(),
+            epsilon: response.privacy.as_ref().map(|p| p.epsilon),
+            delta: response.privacy.as_ref().map(|p| p.delta),
+        };
+        let event =
+            if response.accept { AuditEvent::PlanAccepted(decision) } else { AuditEvent::PlanRefused(decision) };
+        fx.push(Effect::AuditMember { node: node.clone(), event });
         self.publish(
             fx,
             plan_event::Kind::NodeDecision(proto::NodeDecision {
@@ -390,7 +396,7 @@ impl RunEngine {
     /// state is published (never audited: heartbeats would flood the log).
     pub(super) fn heartbeat(
         &mut self,
-        node: &str,
+        node: &NodeName,
         round: u32,
         activity: crate::round::Activity,
         now: Millis,
@@ -401,16 +407,27 @@ impl RunEngine {
         Ok(())
     }
 
-    pub(super) fn evaluation(&mut self, node: &str, report: EvaluationReport, now: Millis, fx: &mut Vec<Effect>) {
+    pub(super) fn evaluation(&mut self, node: &NodeName, report: EvaluationReport, now: Millis, fx: &mut Vec<Effect>) {
         if report.model_sha256 != self.model.to_hex() {
-            tracing::warn!(node, "evaluation of a model that is not this plan's final model; ignored");
+            tracing::warn!(node = %node, "evaluation of a model that is not this plan's final model; ignored");
             return;
         }
-        if !report.metrics.is_empty() {
-            self.final_metrics.insert(node.to_string(), report.metrics);
+        let kept = !report.metrics.is_empty() && self.run.awaits_evaluation(node);
+        if kept {
+            self.final_metrics.insert(node.clone(), report.metrics);
         }
         let actions = self.run.evaluated(node, self.logical(now));
         self.apply(actions, now, fx);
+        // Saved while the evaluation goes on (not after the last report: the run's end follows):
+        // a node evaluates a model once, so a restart must not need this node's metrics again.
+        // Only work saved: a failure to write it is logged, and the run goes on.
+        if kept && !self.finished && self.finishing.is_none() {
+            let mut cp = self.checkpoint_effect(None);
+            if let Effect::Checkpoint { required, .. } = &mut cp {
+                *required = false;
+            }
+            fx.push(cp);
+        }
     }
 
     /// The lead ends the run: it fails with the lead's name as the reason.
@@ -418,13 +435,12 @@ impl RunEngine {
         let reason = format!("cancelled by {by}");
         fx.push(Effect::Audit {
             actor: Actor::Fingerprint(actor.to_string()),
-            event: "plan_cancelled",
-            params: params([
-                ("plan_id", json!(self.plan_id)),
-                ("run", json!(self.run_id)),
-                ("by", json!(by)),
-                ("rounds_completed", json!(self.run.rounds_completed())),
-            ]),
+            event: AuditEvent::PlanCancelled {
+                plan_id: self.plan_id.to_string(),
+                run: self.run_id.to_string(),
+                by: by.to_string(),
+                rounds_completed: self.run.rounds_completed(),
+            },
         });
         self.cancelled = true;
         let actions = self.run.cancel(&reason);
@@ -442,26 +458,27 @@ impl RunEngine {
     /// Checks an update against the plan and folds it in; the round goes on either way.
     pub(super) fn update(
         &mut self,
-        node: &str,
+        node: &NodeName,
         update: Update,
         now: Millis,
         fx: &mut Vec<Effect>,
     ) -> Result<(), Refused> {
-        let received = params([
-            ("node", json!(node)),
-            ("plan_id", json!(update.plan_id)),
-            ("round", json!(update.round)),
-            ("payload_sha256", json!(update.payload_sha256)),
-            ("bytes", json!(update.bytes)),
-            ("masked", json!(update.masked)),
-        ]);
-        let entry = json!({"node": node, "payload_sha256": update.payload_sha256, "bytes": update.bytes});
+        let received = AuditEvent::UpdateReceived {
+            node: node.to_string(),
+            plan_id: update.plan_id.to_string(),
+            round: u64::from(update.round),
+            payload_sha256: update.payload_sha256.clone(),
+            bytes: update.bytes,
+            masked: update.masked,
+        };
+        let entry =
+            RoundUpdate { node: node.to_string(), payload_sha256: update.payload_sha256.clone(), bytes: update.bytes };
         let round = update.round;
         let mut later = Vec::new();
         self.admit_checked(node, update, entry, now, &mut later)?;
         // No further upload of this node is spooled this round (the handlers' pre-spool check).
-        fx.push(Effect::Admitted { plan_id: self.plan_id.clone(), round, node: node.to_string() });
-        fx.push(Effect::Audit { actor: Actor::Node(node.to_string()), event: "update_received", params: received });
+        fx.push(Effect::Admitted { plan_id: self.plan_id.clone(), round, node: node.clone() });
+        fx.push(Effect::Audit { actor: Actor::Node(node.clone()), event: received });
         fx.append(&mut later);
         Ok(())
     }
@@ -470,14 +487,22 @@ impl RunEngine {
     /// update that closes the round is in the record its sender countersigns.
     fn admit_checked(
         &mut self,
-        node: &str,
+        node: &NodeName,
         update: Update,
-        entry: serde_json::Value,
+        entry: RoundUpdate,
         now: Millis,
         fx: &mut Vec<Effect>,
     ) -> Result<(), Refused> {
         if update.plan_id != self.plan_id || update.base_model != self.model.to_hex() {
             return Err(Refused::OtherPlanOrModel);
+        }
+        // Nothing of a failed attempt is aggregated, even an upload that completed as the retry
+        // opened (the retry reopens the same round number on the same model).
+        if let Some(open) = self.run.attempt()
+            && self.run.open_round() == Some(update.round)
+            && open != update.attempt
+        {
+            return Err(Refused::FailedAttempt { round: update.round, sent: update.attempt, open });
         }
         let t = self.logical(now);
         let at = self.instant(now);
@@ -499,7 +524,7 @@ impl RunEngine {
             if let Some(m) = update.metrics.into_iter().next() {
                 self.round_metrics.insert(node.to_string(), m);
             }
-            tracing::info!(node, round = update.round, "masked input accepted");
+            tracing::info!(node = %node, round = update.round, "masked input accepted");
             self.round_updates.push(entry);
             self.apply_secagg(sa_actions, now, fx);
             self.apply(actions, now, fx);
@@ -514,25 +539,25 @@ impl RunEngine {
             Weighting::Samples => sample_weight(update.sample_count, self.plan.secagg_settings().max_samples),
             Weighting::Uniform => 1.0,
         };
-        let mut values = transfer::le_bytes_to_f32(&update.payload).map_err(Refused::Invalid)?;
+        let mut values = transfer::le_bytes_to_f32(&update.payload).map_err(|e| Refused::Invalid(e.to_string()))?;
         self.acc.check(&values).map_err(|e| Refused::Invalid(e.to_string()))?;
         let actions = self.run.admit_update(node, update.round, t)?;
         if let Some((dp, _)) = self.client_dp.as_mut() {
             let norm = dp.clip(&mut values);
-            tracing::debug!(node, norm, clip = dp.clip_norm(), "update clipped for client-level DP");
+            tracing::debug!(node = %node, norm, clip = dp.clip_norm(), "update clipped for client-level DP");
         }
         self.acc.add(&values, weight).map_err(|e| Refused::Invalid(e.to_string()))?;
         if let Some(m) = update.metrics.into_iter().next() {
             self.round_metrics.insert(node.to_string(), m);
         }
-        tracing::info!(node, round = update.round, "update accepted");
+        tracing::info!(node = %node, round = update.round, "update accepted");
         self.round_updates.push(entry);
         self.apply(actions, now, fx);
         Ok(())
     }
 
-    fn send(&self, fx: &mut Vec<Effect>, node: &str, kind: directive::Kind) {
-        fx.push(Effect::Send { node: node.to_string(), kind });
+    fn send(&self, fx: &mut Vec<Effect>, node: &NodeName, kind: directive::Kind) {
+        fx.push(Effect::Send { node: node.clone(), kind });
     }
 
     pub(super) fn publish(&self, fx: &mut Vec<Effect>, kind: plan_event::Kind) {
@@ -541,9 +566,9 @@ impl RunEngine {
 
     fn offer(&self) -> directive::Kind {
         directive::Kind::OfferPlan(proto::OfferPlan {
-            plan_id: self.plan_id.clone(),
+            plan_id: self.plan_id.to_string(),
             plan_toml: self.wire_toml.clone(),
-            run: self.run_id.clone(),
+            run: self.run_id.to_string(),
         })
     }
 
@@ -580,7 +605,7 @@ impl RunEngine {
                             &self.plan,
                             &plan_id,
                             round,
-                            &participants,
+                            &participants.iter().map(NodeName::to_string).collect::<Vec<_>>(),
                             num_params,
                             self.secagg_noise,
                             self.instant(now),
@@ -597,7 +622,7 @@ impl RunEngine {
                                 self.secagg = Some(sa);
                             }
                             Err(reason) => {
-                                queue.extend(self.run.aggregation_failed(&reason));
+                                queue.extend(self.run.aggregation_failed(&reason.to_string()));
                                 continue;
                             }
                         }
@@ -605,6 +630,7 @@ impl RunEngine {
                     fx.push(Effect::OpenUploads(UploadRound {
                         plan_id: plan_id.clone(),
                         round,
+                        attempt: self.run.attempt().unwrap_or(1),
                         model: self.model,
                         num_params: self.global.values().len(),
                         masked: self.secagg.is_some(),
@@ -614,21 +640,20 @@ impl RunEngine {
                     tracing::info!(round, nodes = participants.len(), model = %self.model.short(), "round opened");
                     fx.push(Effect::Audit {
                         actor: Actor::Coordinator,
-                        event: "round_opened",
-                        params: params([
-                            ("plan_id", json!(plan_id)),
-                            ("round", json!(round)),
-                            ("participants", json!(participants)),
-                            ("model_sha256", json!(self.model.to_hex())),
-                            ("secure_aggregation", json!(self.secagg.as_ref().map(|sa| &sa.setup.participants))),
-                            ("threshold", json!(self.secagg.as_ref().map(|sa| sa.setup.threshold))),
-                        ]),
+                        event: AuditEvent::RoundOpened {
+                            plan_id: plan_id.to_string(),
+                            round: u64::from(round),
+                            participants: participants.iter().map(ToString::to_string).collect(),
+                            model_sha256: self.model.to_hex(),
+                            secure_aggregation: self.secagg.as_ref().map(|sa| sa.setup.participants.clone()),
+                            threshold: self.secagg.as_ref().map(|sa| sa.setup.threshold as u64),
+                        },
                     });
                     self.publish(
                         fx,
                         plan_event::Kind::RoundOpened(proto::RoundOpened {
                             round,
-                            participants: participants.clone(),
+                            participants: participants.iter().map(NodeName::to_string).collect(),
                             model_sha256: self.model.to_hex(),
                         }),
                     );
@@ -637,19 +662,19 @@ impl RunEngine {
                     }
                 }
                 Action::Reoffer(node) => {
-                    tracing::info!(node, "node reconnected during the plan; offering it again");
+                    tracing::info!(node = %node, "node reconnected during the plan; offering it again");
                     let offer = self.offer();
                     self.send(fx, &node, offer);
                 }
                 Action::Rejoin { node, .. } if self.secagg.is_some() => {
                     // Its round keys and shares were lost with its process: it cannot rejoin this
                     // secure-aggregation round, and the round stops waiting for it.
-                    tracing::info!(node, "participant reconnected; it rejoins at the next round (secure aggregation)");
+                    tracing::info!(node = %node, "participant reconnected; it rejoins at the next round (secure aggregation)");
                     let t = self.logical(now);
                     queue.extend(self.run.leave_round(&node, t));
                 }
                 Action::Rejoin { node, round, deadline } => {
-                    tracing::info!(node, round, "participant reconnected; sending the round again");
+                    tracing::info!(node = %node, round, "participant reconnected; sending the round again");
                     let start = self.start_round(round, self.started.saturating_add(deadline));
                     self.send(fx, &node, start);
                 }
@@ -676,13 +701,18 @@ impl RunEngine {
                 }
                 Action::Evaluate(nodes) => {
                     let ev = directive::Kind::Evaluate(proto::Evaluate {
-                        plan_id: plan_id.clone(),
+                        plan_id: plan_id.to_string(),
                         model_sha256: self.model.to_hex(),
                         model_bytes: self.model_bytes,
-                        run: self.run_id.clone(),
+                        run: self.run_id.to_string(),
                     });
                     for n in nodes {
-                        self.send(fx, &n, ev.clone());
+                        if self.final_metrics.contains_key(&n) {
+                            // Its metrics came before a restart (and are in the checkpoint).
+                            queue.extend(self.run.evaluated(&n, self.logical(now)));
+                        } else {
+                            self.send(fx, &n, ev.clone());
+                        }
                     }
                 }
                 Action::RoundFailed { round, attempt, reason, retrying } => {
@@ -697,15 +727,14 @@ impl RunEngine {
                     }
                     fx.push(Effect::Audit {
                         actor: Actor::Coordinator,
-                        event: "round_failed",
-                        params: params([
-                            ("plan_id", json!(plan_id)),
-                            ("run", json!(self.run_id)),
-                            ("round", json!(round)),
-                            ("attempt", json!(attempt)),
-                            ("reason", json!(reason)),
-                            ("retrying", json!(retrying)),
-                        ]),
+                        event: AuditEvent::RoundFailed {
+                            plan_id: plan_id.to_string(),
+                            run: self.run_id.to_string(),
+                            round: u64::from(round),
+                            attempt,
+                            reason: reason.clone(),
+                            retrying,
+                        },
                     });
                     self.publish(
                         fx,
@@ -714,13 +743,13 @@ impl RunEngine {
                 }
                 Action::Participant { round, node, phase } => {
                     if let crate::round::ParticipantPhase::Dropped(why) = &phase {
-                        tracing::warn!(node, round, "participant dropped from the round: {why}");
+                        tracing::warn!(node = %node, round, "participant dropped from the round: {why}");
                     }
                     self.publish(
                         fx,
                         plan_event::Kind::ParticipantState(proto::ParticipantState {
                             round,
-                            node,
+                            node: node.into_string(),
                             state: phase.name().into(),
                             reason: phase.reason().into(),
                         }),
@@ -738,13 +767,13 @@ impl RunEngine {
     /// `deadline` on the engine's clock.
     fn start_round(&self, round: u32, deadline: Millis) -> directive::Kind {
         directive::Kind::StartRound(proto::StartRound {
-            plan_id: self.plan_id.clone(),
+            plan_id: self.plan_id.to_string(),
             round,
             model_sha256: self.model.to_hex(),
             model_bytes: self.model_bytes,
             deadline_unix_ms: self.epoch_unix_ms.saturating_add(deadline),
             secure_aggregation: self.secagg.as_ref().map(|sa| sa.setup.clone()),
-            run: self.run_id.clone(),
+            run: self.run_id.to_string(),
             heartbeat_interval_ms: self.run.heartbeat_interval(),
         })
     }
@@ -785,28 +814,29 @@ impl RunEngine {
     pub(super) fn publish_round_closed(
         &mut self,
         round: u32,
-        reported: &[String],
-        dropped: &[String],
+        reported: &[NodeName],
+        dropped: &[NodeName],
         now: Millis,
         fx: &mut Vec<Effect>,
     ) -> Vec<Action> {
         // The round is durable (with the state after it) before anyone is told it closed. The
         // plan state machine is asked first, so the checkpoint holds the completed round.
         let next = self.run.round_aggregated(round, self.logical(now));
-        let record = params([
-            ("plan_id", json!(self.plan_id)),
-            ("round", json!(round)),
-            ("model_sha256", json!(self.model.to_hex())),
-            ("updates", json!(self.round_updates)),
-            ("reported", json!(reported)),
-            ("dropped", json!(dropped)),
-        ]);
+        let record = AuditEvent::RoundRecord {
+            plan_id: self.plan_id.to_string(),
+            round: u64::from(round),
+            model_sha256: self.model.to_hex(),
+            updates: self.round_updates.clone(),
+            reported: reported.iter().map(ToString::to_string).collect(),
+            dropped: dropped.iter().map(ToString::to_string).collect(),
+        };
         fx.push(self.checkpoint_effect(Some(super::checkpoint::ClosedRound {
             round,
             model_sha256: self.model.to_hex(),
             reported: reported.to_vec(),
             dropped: dropped.to_vec(),
-            record: record.clone(),
+            // Cannot fail: the record's fields are strings, numbers and lists of them.
+            record: record.to_parts().map(|(_, params)| params).unwrap_or_default(),
         })));
         let metrics = self
             .round_metrics
@@ -822,16 +852,17 @@ impl RunEngine {
             fx,
             plan_event::Kind::RoundClosed(proto::RoundClosed {
                 round,
-                reported: reported.to_vec(),
-                dropped: dropped.to_vec(),
+                reported: reported.iter().map(NodeName::to_string).collect(),
+                dropped: dropped.iter().map(NodeName::to_string).collect(),
                 metrics,
                 new_model_sha256: self.model.to_hex(),
             }),
         );
         fx.push(Effect::RoundRecord {
             plan_id: self.plan_id.clone(),
+            run_id: self.run_id.clone(),
             round,
-            params: record,
+            record,
             countersigners: reported.to_vec(),
         });
         next
@@ -867,7 +898,7 @@ impl RunEngine {
                 .iter()
                 .flat_map(|(node, ms)| {
                     ms.iter().map(|m| proto::NodeMetric {
-                        node: node.clone(),
+                        node: node.to_string(),
                         value: m.value,
                         samples: m.samples,
                         name: m.name.clone(),
@@ -894,10 +925,10 @@ impl RunEngine {
             tracing::error!(plan = self.plan.name, "plan failed: {reason}");
         }
         let closed = directive::Kind::PlanClosed(proto::PlanClosed {
-            plan_id: self.plan_id.clone(),
+            plan_id: self.plan_id.to_string(),
             success,
             reason,
-            run: self.run_id.clone(),
+            run: self.run_id.to_string(),
         });
         fx.push(Effect::Finish {
             plan_id: self.plan_id.clone(),
@@ -921,7 +952,7 @@ impl RunEngine {
                     .iter()
                     .map(|m| json!({"name": m.name, "value": m.value, "samples": m.samples}))
                     .collect::<Vec<_>>();
-                (n.clone(), list.into())
+                (n.to_string(), list.into())
             })
             .collect();
         for (k, v) in [

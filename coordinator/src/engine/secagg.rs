@@ -8,7 +8,7 @@ use sanctum_protocol::secagg::wire;
 
 use super::effects::Effect;
 use super::run::RunEngine;
-use super::{Millis, Refused, short};
+use super::{Millis, NodeName, Refused, short};
 use crate::round::Action;
 use crate::secure::SessionCertVerifier;
 
@@ -16,7 +16,7 @@ impl RunEngine {
     /// A node's secure-aggregation message, handed to the round's state machine.
     pub(super) fn secagg_message(
         &mut self,
-        node: &str,
+        node: &NodeName,
         cert_der: &[u8],
         msg: SecAggMessage,
         now: Millis,
@@ -72,9 +72,13 @@ impl RunEngine {
                     step: Some(step),
                 })
             };
-            let name = |id: u32| params.name_of(id).unwrap_or_default().to_string();
+            // The setup's names are the participants' `NodeName`s, so each parses; an id the
+            // setup does not name is sent nothing (as a send to no connected node was).
+            let name = |id: u32| params.name_of(id).and_then(|n| NodeName::parse(n).ok());
             let send = |fx: &mut Vec<Effect>, id: u32, kind: directive::Kind| {
-                fx.push(Effect::Send { node: name(id), kind });
+                if let Some(node) = name(id) {
+                    fx.push(Effect::Send { node, kind });
+                }
             };
             match action {
                 ServerAction::SendPeers { to, keys } => {
@@ -87,11 +91,11 @@ impl RunEngine {
                 }
                 ServerAction::SendShares { u2, per_node } => {
                     // Participants that did not share cannot send a masked input this round.
-                    let left: Vec<String> = params
+                    let left: Vec<NodeName> = params
                         .participants
                         .iter()
                         .filter(|p| params.id_of(p).is_some_and(|id| !u2.contains(&id)))
-                        .cloned()
+                        .filter_map(|p| NodeName::parse(p).ok())
                         .collect();
                     for id in &u2 {
                         let shares =
@@ -105,7 +109,7 @@ impl RunEngine {
                     let mut plan_actions = Vec::new();
                     let t = self.logical(now);
                     for node in left {
-                        tracing::warn!(node, "did not share its keys in time; left out of this round");
+                        tracing::warn!(node = %node, "did not share its keys in time; left out of this round");
                         plan_actions.extend(self.run.leave_round(&node, t));
                     }
                     self.apply(plan_actions, now, fx);
@@ -176,8 +180,11 @@ impl RunEngine {
             self.secagg_rho += rho;
         }
         self.store_global(fx)?;
-        let reported = sa.names(&outcome.survivors);
-        let dropped = sa.names(&outcome.dropped);
+        // The setup's names are the participants' `NodeName`s: each parses.
+        let typed =
+            |names: Vec<String>| -> Vec<NodeName> { names.iter().filter_map(|n| NodeName::parse(n).ok()).collect() };
+        let reported = typed(sa.names(&outcome.survivors));
+        let dropped = typed(sa.names(&outcome.dropped));
         tracing::info!(round, survivors = reported.len(), model = %self.model.short(), "round aggregated securely");
         Ok(self.publish_round_closed(round, &reported, &dropped, now, fx))
     }

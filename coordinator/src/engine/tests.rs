@@ -7,6 +7,7 @@ use sanctum_protocol::plan::Plan;
 use sanctum_protocol::proto::{self, directive};
 
 use super::*;
+use crate::test_ids as ids;
 
 fn plan(name: &str, rounds: u32, min_nodes: usize) -> Plan {
     Plan::parse(&format!(
@@ -38,20 +39,25 @@ fn engine() -> Engine {
 }
 
 /// Starts `plan` as run `run` at `now`.
-fn start(e: &mut Engine, plan: Plan, run: &str, now: Millis) -> (String, Vec<Effect>) {
+fn start(e: &mut Engine, plan: Plan, run: &str, now: Millis) -> (PlanId, Vec<Effect>) {
     let prepared = e.prepare(plan, &[]).unwrap();
     let plan_id = prepared.plan_id.clone();
     let fx = e
         .step(
             now,
-            Input::Start { prepared: Box::new(prepared), run_id: run.into(), run_number: 1, actor: "lead-fp".into() },
+            Input::Start {
+                prepared: Box::new(prepared),
+                run_id: ids::run(run),
+                run_number: 1,
+                actor: "lead-fp".into(),
+            },
         )
         .unwrap();
     (plan_id, fx)
 }
 
 fn accept(plan_id: &str, run: &str) -> PlanResponse {
-    PlanResponse { plan_id: plan_id.into(), run: run.into(), accept: true, ..Default::default() }
+    PlanResponse { plan_id: plan_id.into(), run: ids::run(run).into_string(), accept: true, ..Default::default() }
 }
 
 /// The directives sent, by node, in order.
@@ -59,7 +65,7 @@ fn sent(fx: &[Effect]) -> BTreeMap<String, Vec<&directive::Kind>> {
     let mut m: BTreeMap<String, Vec<&directive::Kind>> = BTreeMap::new();
     for f in fx {
         if let Effect::Send { node, kind } = f {
-            m.entry(node.clone()).or_default().push(kind);
+            m.entry(node.to_string()).or_default().push(kind);
         }
     }
     m
@@ -76,7 +82,8 @@ fn update(plan_id: &str, s: &proto::StartRound, value: f32) -> Box<Update> {
     let payload: Vec<u8> = (0..4).flat_map(|_| value.to_le_bytes()).collect();
     Box::new(Update {
         round: s.round,
-        plan_id: plan_id.into(),
+        attempt: 1,
+        plan_id: PlanId::parse(plan_id).unwrap(),
         base_model: s.model_sha256.clone(),
         sample_count: 10,
         metrics: vec![],
@@ -87,11 +94,11 @@ fn update(plan_id: &str, s: &proto::StartRound, value: f32) -> Box<Update> {
     })
 }
 
-fn events(fx: &[Effect]) -> Vec<&'static str> {
+fn events(fx: &[Effect]) -> Vec<&str> {
     fx.iter()
         .filter_map(|f| match f {
-            Effect::Audit { event, .. } | Effect::AuditMember { event, .. } => Some(*event),
-            Effect::RoundRecord { .. } => Some("round_record"),
+            Effect::Audit { event, .. } | Effect::AuditMember { event, .. } => Some(event.name()),
+            Effect::RoundRecord { record, .. } => Some(record.name()),
             _ => None,
         })
         .collect()
@@ -101,7 +108,7 @@ fn events(fx: &[Effect]) -> Vec<&'static str> {
 fn a_whole_run_is_inputs_in_and_effects_out() {
     let mut e = engine();
     for n in ["a", "b"] {
-        e.step(0, Input::Connected { node: n.into() }).unwrap();
+        e.step(0, Input::Connected { node: ids::node(n) }).unwrap();
     }
     let (plan_id, fx) = start(&mut e, plan("p", 2, 2), "r1", 0);
     // The initial model is stored before the plan is offered.
@@ -109,21 +116,21 @@ fn a_whole_run_is_inputs_in_and_effects_out() {
     assert_eq!(events(&fx), ["plan_submitted"]);
     let offers = sent(&fx);
     assert_eq!(offers.keys().collect::<Vec<_>>(), ["a", "b"]);
-    assert!(matches!(offers["a"][..], [directive::Kind::OfferPlan(o)] if o.run == "r1"));
+    assert!(matches!(offers["a"][..], [directive::Kind::OfferPlan(o)] if o.run == ids::run("r1")));
 
-    assert!(e.step(10, Input::Decision { node: "a".into(), response: accept(&plan_id, "r1") }).is_ok());
-    let fx = e.step(20, Input::Decision { node: "b".into(), response: accept(&plan_id, "r1") }).unwrap();
+    assert!(e.step(10, Input::Decision { node: ids::node("a"), response: accept(&plan_id, "r1") }).is_ok());
+    let fx = e.step(20, Input::Decision { node: ids::node("b"), response: accept(&plan_id, "r1") }).unwrap();
     let s = start_round_of(&fx).expect("round 1 opens when both accepted");
     assert_eq!(s.round, 1);
     // Deadline = the engine's epoch in Unix ms + now + 30 s.
     assert_eq!(s.deadline_unix_ms, 1_000_000 + 20 + 30_000);
     assert!(fx.iter().any(|f| matches!(f, Effect::OpenUploads(u) if u.round == 1 && u.participants.len() == 2)));
 
-    e.step(30, Input::Update { node: "a".into(), update: update(&plan_id, &s, 1.0) }).unwrap();
+    e.step(30, Input::Update { node: ids::node("a"), update: update(&plan_id, &s, 1.0) }).unwrap();
     // A second update from the same node is refused and changes nothing.
-    let dup = e.step(31, Input::Update { node: "a".into(), update: update(&plan_id, &s, 9.0) });
+    let dup = e.step(31, Input::Update { node: ids::node("a"), update: update(&plan_id, &s, 9.0) });
     assert!(matches!(dup, Err(Refused::Round(crate::round::Rejection::Duplicate(_)))), "{dup:?}");
-    let fx = e.step(40, Input::Update { node: "b".into(), update: update(&plan_id, &s, 3.0) }).unwrap();
+    let fx = e.step(40, Input::Update { node: ids::node("b"), update: update(&plan_id, &s, 3.0) }).unwrap();
     // The round closes: the new model is stored before round 2 names it.
     let stored = fx.iter().position(|f| matches!(f, Effect::StoreModel { .. })).unwrap();
     let record = fx.iter().position(|f| matches!(f, Effect::RoundRecord { round: 1, .. })).unwrap();
@@ -134,8 +141,8 @@ fn a_whole_run_is_inputs_in_and_effects_out() {
     assert_eq!(s2.round, 2);
     assert_ne!(s2.model_sha256, s.model_sha256);
 
-    e.step(50, Input::Update { node: "a".into(), update: update(&plan_id, &s2, 1.0) }).unwrap();
-    let fx = e.step(60, Input::Update { node: "b".into(), update: update(&plan_id, &s2, 1.0) }).unwrap();
+    e.step(50, Input::Update { node: ids::node("a"), update: update(&plan_id, &s2, 1.0) }).unwrap();
+    let fx = e.step(60, Input::Update { node: ids::node("b"), update: update(&plan_id, &s2, 1.0) }).unwrap();
     let evaluate = fx.iter().find_map(|f| match f {
         Effect::Send { kind: directive::Kind::Evaluate(ev), .. } => Some(ev.clone()),
         _ => None,
@@ -143,11 +150,11 @@ fn a_whole_run_is_inputs_in_and_effects_out() {
     let ev = evaluate.expect("the final model is evaluated");
     for n in ["a", "b"] {
         let report = proto::EvaluationReport {
-            plan_id: plan_id.clone(),
+            plan_id: plan_id.to_string(),
             model_sha256: ev.model_sha256.clone(),
             metrics: vec![proto::Metric { name: "accuracy".into(), value: 0.8, samples: 5 }],
         };
-        let fx = e.step(70, Input::Evaluation { node: n.into(), report }).unwrap();
+        let fx = e.step(70, Input::Evaluation { node: ids::node(n), report }).unwrap();
         if n == "b" {
             let Some(Effect::Finish { export, finished, notify, .. }) =
                 fx.iter().find(|f| matches!(f, Effect::Finish { .. }))
@@ -169,22 +176,23 @@ fn a_whole_run_is_inputs_in_and_effects_out() {
 fn a_late_node_is_dropped_at_the_deadline_in_logical_time_and_the_round_goes_on() {
     let mut e = engine();
     for n in ["a", "b", "c"] {
-        e.step(0, Input::Connected { node: n.into() }).unwrap();
+        e.step(0, Input::Connected { node: ids::node(n) }).unwrap();
     }
     // The run starts at 5 s on the engine's clock: its deadlines count from there.
     let (plan_id, _) = start(&mut e, plan("p", 2, 2), "r1", 5_000);
     let mut fx = Vec::new();
     for n in ["a", "b", "c"] {
-        fx = e.step(5_000, Input::Decision { node: n.into(), response: accept(&plan_id, "r1") }).unwrap();
+        fx = e.step(5_000, Input::Decision { node: ids::node(n), response: accept(&plan_id, "r1") }).unwrap();
     }
     let s = start_round_of(&fx).unwrap();
-    e.step(6_000, Input::Update { node: "a".into(), update: update(&plan_id, &s, 1.0) }).unwrap();
-    e.step(6_000, Input::Update { node: "b".into(), update: update(&plan_id, &s, 1.0) }).unwrap();
+    e.step(6_000, Input::Update { node: ids::node("a"), update: update(&plan_id, &s, 1.0) }).unwrap();
+    e.step(6_000, Input::Update { node: ids::node("b"), update: update(&plan_id, &s, 1.0) }).unwrap();
     assert!(e.step(34_999, Input::Tick).unwrap().iter().all(|f| !matches!(f, Effect::RoundRecord { .. })));
     let fx = e.step(35_000, Input::Tick).unwrap();
-    let Some(Effect::RoundRecord { params, .. }) = fx.iter().find(|f| matches!(f, Effect::RoundRecord { .. })) else {
+    let Some(Effect::RoundRecord { record, .. }) = fx.iter().find(|f| matches!(f, Effect::RoundRecord { .. })) else {
         panic!("the round closes at its deadline: {fx:?}");
     };
+    let params = record.to_parts().unwrap().1;
     assert_eq!(params["dropped"], serde_json::json!(["c"]));
     // The late node takes part in the next round.
     let s2 = start_round_of(&fx).unwrap();
@@ -195,7 +203,7 @@ fn a_late_node_is_dropped_at_the_deadline_in_logical_time_and_the_round_goes_on(
         .map(|(n, _)| n)
         .collect();
     assert_eq!(to, ["a", "b", "c"], "round 2 goes to a, b and c");
-    let late = e.step(35_001, Input::Update { node: "c".into(), update: update(&plan_id, &s, 1.0) });
+    let late = e.step(35_001, Input::Update { node: ids::node("c"), update: update(&plan_id, &s, 1.0) });
     assert!(late.is_err(), "round 1's update from c is refused once round 2 is open");
 }
 
@@ -203,36 +211,36 @@ fn a_late_node_is_dropped_at_the_deadline_in_logical_time_and_the_round_goes_on(
 fn two_plans_run_at_once_on_the_same_nodes_each_with_its_own_rounds() {
     let mut e = engine();
     for n in ["a", "b"] {
-        e.step(0, Input::Connected { node: n.into() }).unwrap();
+        e.step(0, Input::Connected { node: ids::node(n) }).unwrap();
     }
     let (p1, _) = start(&mut e, plan("one", 1, 2), "r1", 0);
     let (p2, _) = start(&mut e, plan("two", 1, 2), "r2", 0);
     assert_ne!(p1, p2);
     // The same plan cannot have two runs going on.
     let again = e.prepare(plan("one", 1, 2), &[]);
-    assert!(matches!(again, Err(SubmitRefused::AlreadyRunning { ref run, .. }) if run == "r1"), "{again:?}");
+    assert!(matches!(again, Err(SubmitRefused::AlreadyRunning { ref run, .. }) if *run == ids::run("r1")), "{again:?}");
     let mut s1 = None;
     let mut s2 = None;
     for n in ["a", "b"] {
-        s1 =
-            start_round_of(&e.step(1, Input::Decision { node: n.into(), response: accept(&p1, "r1") }).unwrap()).or(s1);
-        s2 =
-            start_round_of(&e.step(1, Input::Decision { node: n.into(), response: accept(&p2, "r2") }).unwrap()).or(s2);
+        s1 = start_round_of(&e.step(1, Input::Decision { node: ids::node(n), response: accept(&p1, "r1") }).unwrap())
+            .or(s1);
+        s2 = start_round_of(&e.step(1, Input::Decision { node: ids::node(n), response: accept(&p2, "r2") }).unwrap())
+            .or(s2);
     }
     let (s1, s2) = (s1.unwrap(), s2.unwrap());
     assert_eq!((s1.plan_id.as_str(), s2.plan_id.as_str()), (p1.as_str(), p2.as_str()));
     // An update goes to its own plan's round; one for plan two with plan one's model is refused.
-    e.step(2, Input::Update { node: "a".into(), update: update(&p1, &s1, 1.0) }).unwrap();
+    e.step(2, Input::Update { node: ids::node("a"), update: update(&p1, &s1, 1.0) }).unwrap();
     let mut crossed = update(&p2, &s2, 1.0);
     crossed.base_model = s1.model_sha256.clone();
     if s1.model_sha256 != s2.model_sha256 {
         assert_eq!(
-            e.step(2, Input::Update { node: "a".into(), update: crossed }).err(),
+            e.step(2, Input::Update { node: ids::node("a"), update: crossed }).err(),
             Some(Refused::OtherPlanOrModel)
         );
     }
-    e.step(2, Input::Update { node: "a".into(), update: update(&p2, &s2, 1.0) }).unwrap();
-    let fx = e.step(3, Input::Update { node: "b".into(), update: update(&p1, &s1, 1.0) }).unwrap();
+    e.step(2, Input::Update { node: ids::node("a"), update: update(&p2, &s2, 1.0) }).unwrap();
+    let fx = e.step(3, Input::Update { node: ids::node("b"), update: update(&p1, &s1, 1.0) }).unwrap();
     assert!(fx.iter().any(|f| matches!(f, Effect::RoundRecord { plan_id, .. } if *plan_id == p1)));
     assert!(fx.iter().all(|f| !matches!(f, Effect::RoundRecord { plan_id, .. } if *plan_id == p2)));
     assert_eq!(e.running().count(), 2);
@@ -241,10 +249,10 @@ fn two_plans_run_at_once_on_the_same_nodes_each_with_its_own_rounds() {
 #[test]
 fn a_cancel_ends_the_run_for_every_connected_node_and_a_second_is_refused() {
     let mut e = engine();
-    e.step(0, Input::Connected { node: "a".into() }).unwrap();
+    e.step(0, Input::Connected { node: ids::node("a") }).unwrap();
     let (plan_id, _) = start(&mut e, plan("p", 3, 1), "r1", 0);
-    e.step(1, Input::Decision { node: "a".into(), response: accept(&plan_id, "r1") }).unwrap();
-    let fx = e.step(2, Input::Cancel { run_id: "r1".into(), actor: "lead-fp".into(), by: "lead".into() }).unwrap();
+    e.step(1, Input::Decision { node: ids::node("a"), response: accept(&plan_id, "r1") }).unwrap();
+    let fx = e.step(2, Input::Cancel { run_id: ids::run("r1"), actor: "lead-fp".into(), by: "lead".into() }).unwrap();
     assert_eq!(events(&fx), ["plan_cancelled"]);
     let Some(Effect::Finish { finished, notify, export, .. }) = fx.iter().find(|f| matches!(f, Effect::Finish { .. }))
     else {
@@ -255,14 +263,14 @@ fn a_cancel_ends_the_run_for_every_connected_node_and_a_second_is_refused() {
     assert_eq!(notify, &["a".to_string()]);
     assert!(export.is_none(), "a cancelled run is not exported");
     assert!(fx.iter().any(|f| matches!(f, Effect::CloseUploads { .. })));
-    let again = e.step(3, Input::Cancel { run_id: "r1".into(), actor: "lead-fp".into(), by: "lead".into() });
-    assert_eq!(again.err(), Some(Refused::RunNotRunning("r1".into())));
+    let again = e.step(3, Input::Cancel { run_id: ids::run("r1"), actor: "lead-fp".into(), by: "lead".into() });
+    assert_eq!(again.err(), Some(Refused::RunNotRunning(ids::run("r1").to_string())));
 }
 
 #[test]
 fn a_model_that_cannot_be_stored_fails_its_plan_with_the_reason() {
     let mut e = engine();
-    e.step(0, Input::Connected { node: "a".into() }).unwrap();
+    e.step(0, Input::Connected { node: ids::node("a") }).unwrap();
     let (plan_id, _) = start(&mut e, plan("p", 3, 1), "r1", 0);
     let fx = e.step(1, Input::StorageFailed { plan_id, reason: "disk full".into() }).unwrap();
     assert!(fx.iter().any(|f| matches!(f, Effect::Finish { finished, .. } if finished.reason == "disk full")));
@@ -273,10 +281,10 @@ fn a_model_that_cannot_be_stored_fails_its_plan_with_the_reason() {
 fn inputs_for_no_run_are_refused_with_the_reason() {
     let mut e = engine();
     let s = proto::StartRound { round: 1, model_sha256: "00".repeat(32), ..Default::default() };
-    let r = e.step(0, Input::Update { node: "a".into(), update: update(&"ab".repeat(32), &s, 1.0) });
+    let r = e.step(0, Input::Update { node: ids::node("a"), update: update(&"ab".repeat(32), &s, 1.0) });
     assert_eq!(r.err(), Some(Refused::NoPlanRunning));
     // A decision for a run that is not running is discarded quietly.
-    assert!(e.step(0, Input::Decision { node: "a".into(), response: accept("x", "y") }).unwrap().is_empty());
+    assert!(e.step(0, Input::Decision { node: ids::node("a"), response: accept("x", "y") }).unwrap().is_empty());
 }
 
 /// `plan` with `retries` and a short deadline for the straggler tests.
@@ -299,26 +307,27 @@ fn published(fx: &[Effect]) -> Vec<&proto::plan_event::Kind> {
 fn a_round_below_min_nodes_is_retried_on_the_same_model_and_the_same_bytes_are_admitted_again() {
     let mut e = engine();
     for n in ["a", "b", "c"] {
-        e.step(0, Input::Connected { node: n.into() }).unwrap();
+        e.step(0, Input::Connected { node: ids::node(n) }).unwrap();
     }
     let (plan_id, _) = start(&mut e, plan_with_retries(2, 3, 1), "r1", 0);
     let mut fx = Vec::new();
     for n in ["a", "b", "c"] {
-        fx = e.step(0, Input::Decision { node: n.into(), response: accept(&plan_id, "r1") }).unwrap();
+        fx = e.step(0, Input::Decision { node: ids::node(n), response: accept(&plan_id, "r1") }).unwrap();
     }
     let s1 = start_round_of(&fx).unwrap();
     assert_eq!(s1.heartbeat_interval_ms, 10_000, "a third of the default 30 s timeout");
-    e.step(1_000, Input::Update { node: "a".into(), update: update(&plan_id, &s1, 1.0) }).unwrap();
-    e.step(1_000, Input::Update { node: "b".into(), update: update(&plan_id, &s1, 3.0) }).unwrap();
+    e.step(1_000, Input::Update { node: ids::node("a"), update: update(&plan_id, &s1, 1.0) }).unwrap();
+    e.step(1_000, Input::Update { node: ids::node("b"), update: update(&plan_id, &s1, 3.0) }).unwrap();
     // c stalls past the deadline: the attempt fails, is audited and published, and round 1 opens
     // again at once for a, b and c, on the same global model.
     let fx = e.step(30_000, Input::Tick).unwrap();
     assert_eq!(events(&fx), ["round_failed", "round_opened"]);
-    let Some(Effect::Audit { params, .. }) =
-        fx.iter().find(|f| matches!(f, Effect::Audit { event: "round_failed", .. }))
+    let Some(Effect::Audit { event, .. }) =
+        fx.iter().find(|f| matches!(f, Effect::Audit { event, .. } if event.name() == "round_failed"))
     else {
         panic!("{fx:?}");
     };
+    let params = event.to_parts().unwrap().1;
     assert_eq!(params["attempt"], serde_json::json!(1));
     assert_eq!(params["retrying"], serde_json::json!(true));
     let reason = params["reason"].as_str().unwrap_or_default();
@@ -334,14 +343,19 @@ fn a_round_below_min_nodes_is_retried_on_the_same_model_and_the_same_bytes_are_a
     let s1b = start_round_of(&fx).expect("the retry opens");
     assert_eq!((s1b.round, &s1b.model_sha256), (1, &s1.model_sha256), "same round, same model");
     assert_eq!(sent(&fx).len(), 3, "a, b and c are asked again");
+    // An upload of the failed attempt that completes as the retry opens is not admitted into it.
+    let stale = e.step(30_050, Input::Update { node: ids::node("c"), update: update(&plan_id, &s1, 5.0) });
+    assert!(matches!(stale, Err(Refused::FailedAttempt { round: 1, sent: 1, open: 2 })), "{stale:?}");
     // A node that already released round 1 sends the same bytes again (node/src/rounds.rs:
     // Resend, or ChargeAndSend without DP, nothing new charged): admitted in the new attempt.
-    e.step(30_100, Input::Update { node: "a".into(), update: update(&plan_id, &s1, 1.0) }).unwrap();
-    e.step(30_200, Input::Update { node: "b".into(), update: update(&plan_id, &s1, 3.0) }).unwrap();
-    let fx = e.step(30_300, Input::Update { node: "c".into(), update: update(&plan_id, &s1, 5.0) }).unwrap();
-    let Some(Effect::RoundRecord { params, .. }) = fx.iter().find(|f| matches!(f, Effect::RoundRecord { .. })) else {
+    let retry = |value| Box::new(Update { attempt: 2, ..*update(&plan_id, &s1, value) });
+    e.step(30_100, Input::Update { node: ids::node("a"), update: retry(1.0) }).unwrap();
+    e.step(30_200, Input::Update { node: ids::node("b"), update: retry(3.0) }).unwrap();
+    let fx = e.step(30_300, Input::Update { node: ids::node("c"), update: retry(5.0) }).unwrap();
+    let Some(Effect::RoundRecord { record, .. }) = fx.iter().find(|f| matches!(f, Effect::RoundRecord { .. })) else {
         panic!("the retry completes: {fx:?}");
     };
+    let params = record.to_parts().unwrap().1;
     assert_eq!(params["reported"], serde_json::json!(["a", "b", "c"]));
     assert_eq!(params["updates"].as_array().map(Vec::len), Some(3), "only the retry's updates are in the record");
     assert_eq!(start_round_of(&fx).map(|s| s.round), Some(2));
@@ -351,16 +365,16 @@ fn a_round_below_min_nodes_is_retried_on_the_same_model_and_the_same_bytes_are_a
 fn without_retries_the_same_failure_ends_the_plan_with_the_reason() {
     let mut e = engine();
     for n in ["a", "b", "c"] {
-        e.step(0, Input::Connected { node: n.into() }).unwrap();
+        e.step(0, Input::Connected { node: ids::node(n) }).unwrap();
     }
     let (plan_id, _) = start(&mut e, plan_with_retries(2, 3, 0), "r1", 0);
     let mut fx = Vec::new();
     for n in ["a", "b", "c"] {
-        fx = e.step(0, Input::Decision { node: n.into(), response: accept(&plan_id, "r1") }).unwrap();
+        fx = e.step(0, Input::Decision { node: ids::node(n), response: accept(&plan_id, "r1") }).unwrap();
     }
     let s1 = start_round_of(&fx).unwrap();
-    e.step(1_000, Input::Update { node: "a".into(), update: update(&plan_id, &s1, 1.0) }).unwrap();
-    e.step(1_000, Input::Update { node: "b".into(), update: update(&plan_id, &s1, 1.0) }).unwrap();
+    e.step(1_000, Input::Update { node: ids::node("a"), update: update(&plan_id, &s1, 1.0) }).unwrap();
+    e.step(1_000, Input::Update { node: ids::node("b"), update: update(&plan_id, &s1, 1.0) }).unwrap();
     let fx = e.step(30_000, Input::Tick).unwrap();
     assert_eq!(events(&fx), ["round_failed"]);
     let Some(Effect::Finish { finished, .. }) = fx.iter().find(|f| matches!(f, Effect::Finish { .. })) else {
@@ -380,19 +394,19 @@ fn a_participant_whose_heartbeats_stop_is_dropped_before_the_deadline_and_rejoin
     let mut e =
         Engine::new(Instant::now(), 1_000_000, Duration::from_secs(5)).with_heartbeat_timeout(Duration::from_secs(6));
     for n in ["a", "b", "c"] {
-        e.step(0, Input::Connected { node: n.into() }).unwrap();
+        e.step(0, Input::Connected { node: ids::node(n) }).unwrap();
     }
     let (plan_id, _) = start(&mut e, plan("p", 2, 2), "r1", 0);
     let mut fx = Vec::new();
     for n in ["a", "b", "c"] {
-        fx = e.step(0, Input::Decision { node: n.into(), response: accept(&plan_id, "r1") }).unwrap();
+        fx = e.step(0, Input::Decision { node: ids::node(n), response: accept(&plan_id, "r1") }).unwrap();
     }
     let s1 = start_round_of(&fx).unwrap();
     assert_eq!(s1.heartbeat_interval_ms, 2_000);
     let hb = |node: &str, activity| Input::Heartbeat {
-        node: node.into(),
+        node: ids::node(node),
         plan_id: plan_id.clone(),
-        run: "r1".into(),
+        run: ids::run("r1"),
         round: 1,
         activity,
     };
@@ -405,30 +419,31 @@ fn a_participant_whose_heartbeats_stop_is_dropped_before_the_deadline_and_rejoin
         Err(Refused::Heartbeat(crate::round::HeartbeatRefused::TooFrequent))
     ));
     let wrong_run = Input::Heartbeat {
-        node: "c".into(),
+        node: ids::node("c"),
         plan_id: plan_id.clone(),
-        run: "r9".into(),
+        run: ids::run("r9"),
         round: 1,
         activity: Activity::Training,
     };
     assert!(matches!(e.step(1_600, wrong_run), Err(Refused::RunNotRunning(_))));
-    e.step(2_000, Input::Update { node: "a".into(), update: update(&plan_id, &s1, 1.0) }).unwrap();
-    e.step(2_000, Input::Update { node: "b".into(), update: update(&plan_id, &s1, 1.0) }).unwrap();
+    e.step(2_000, Input::Update { node: ids::node("a"), update: update(&plan_id, &s1, 1.0) }).unwrap();
+    e.step(2_000, Input::Update { node: ids::node("b"), update: update(&plan_id, &s1, 1.0) }).unwrap();
     // c stalls (connected, silent): dropped 6 s after its last heartbeat, long before the 30 s
     // deadline, and the round closes with a and b.
     assert!(e.step(6_999, Input::Tick).unwrap().iter().all(|f| !matches!(f, Effect::RoundRecord { .. })));
     let fx = e.step(7_000, Input::Tick).unwrap();
     assert!(published(&fx).iter().any(|k| matches!(k,
         proto::plan_event::Kind::ParticipantState(p) if p.node == "c" && p.state == "dropped" && p.reason == "no heartbeat for 6 s")));
-    let Some(Effect::RoundRecord { params, .. }) = fx.iter().find(|f| matches!(f, Effect::RoundRecord { .. })) else {
+    let Some(Effect::RoundRecord { record, .. }) = fx.iter().find(|f| matches!(f, Effect::RoundRecord { .. })) else {
         panic!("{fx:?}");
     };
+    let params = record.to_parts().unwrap().1;
     assert_eq!(params["dropped"], serde_json::json!(["c"]));
     let s2 = start_round_of(&fx).unwrap();
     assert_eq!(s2.round, 2);
     assert!(sent(&fx).get("c").is_some_and(|k| k.iter().any(|k| matches!(k, directive::Kind::StartRound(_)))));
     // c takes part in round 2.
-    e.step(8_000, Input::Update { node: "c".into(), update: update(&plan_id, &s2, 1.0) }).unwrap();
+    e.step(8_000, Input::Update { node: ids::node("c"), update: update(&plan_id, &s2, 1.0) }).unwrap();
 }
 
 /// The checkpoint and stored models among `fx`: the last checkpoint, and every model by hash.
@@ -451,31 +466,34 @@ fn durable(fx: &[Effect]) -> (Option<checkpoint::RunCheckpoint>, BTreeMap<String
 fn a_run_stopped_during_round_1_resumes_with_the_nodes_that_had_accepted() {
     let mut e = engine();
     for n in ["a", "b", "c"] {
-        e.step(0, Input::Connected { node: n.into() }).unwrap();
+        e.step(0, Input::Connected { node: ids::node(n) }).unwrap();
     }
     let (plan_id, start_fx) = start(&mut e, plan("p", 2, 2), "r1", 0);
     let (_, mut models) = durable(&start_fx);
-    e.step(1, Input::Decision { node: "a".into(), response: accept(&plan_id, "r1") }).unwrap();
-    e.step(1, Input::Decision { node: "b".into(), response: accept(&plan_id, "r1") }).unwrap();
+    e.step(1, Input::Decision { node: ids::node("a"), response: accept(&plan_id, "r1") }).unwrap();
+    e.step(1, Input::Decision { node: ids::node("b"), response: accept(&plan_id, "r1") }).unwrap();
     let refuse = PlanResponse { accept: false, reason: "no".into(), ..accept(&plan_id, "r1") };
-    let fx = e.step(2, Input::Decision { node: "c".into(), response: refuse }).unwrap();
+    let fx = e.step(2, Input::Decision { node: ids::node("c"), response: refuse }).unwrap();
     let (cp, more) = durable(&fx);
     models.extend(more);
     let cp = cp.expect("recruiting's end is checkpointed when round 1 opens");
     assert_eq!(cp.rounds_completed, 0);
-    assert_eq!(cp.accepted.iter().map(String::as_str).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(cp.accepted.iter().map(NodeName::as_str).collect::<Vec<_>>(), ["a", "b"]);
 
     // A new process: nobody is connected yet; the run waits for the nodes that had accepted.
     let mut e = engine();
     let model = models[&cp.model].clone();
     e.restore(0, cp, &model, None).unwrap();
     assert!(e.step(5_000, Input::Tick).unwrap().is_empty(), "still waiting for a and b");
-    assert!(sent(&e.step(5_001, Input::Connected { node: "c".into() }).unwrap()).is_empty(), "c refused: not offered");
-    let fx = e.step(6_000, Input::Connected { node: "a".into() }).unwrap();
+    assert!(
+        sent(&e.step(5_001, Input::Connected { node: ids::node("c") }).unwrap()).is_empty(),
+        "c refused: not offered"
+    );
+    let fx = e.step(6_000, Input::Connected { node: ids::node("a") }).unwrap();
     assert!(matches!(sent(&fx)["a"][..], [directive::Kind::OfferPlan(_)]));
-    e.step(6_001, Input::Connected { node: "b".into() }).unwrap();
-    e.step(6_002, Input::Decision { node: "a".into(), response: accept(&plan_id, "r1") }).unwrap();
-    let fx = e.step(6_003, Input::Decision { node: "b".into(), response: accept(&plan_id, "r1") }).unwrap();
+    e.step(6_001, Input::Connected { node: ids::node("b") }).unwrap();
+    e.step(6_002, Input::Decision { node: ids::node("a"), response: accept(&plan_id, "r1") }).unwrap();
+    let fx = e.step(6_003, Input::Decision { node: ids::node("b"), response: accept(&plan_id, "r1") }).unwrap();
     let s = start_round_of(&fx).expect("round 1 opens again with a and b");
     assert_eq!(s.round, 1);
     assert_eq!(sent(&fx).len(), 2);
@@ -495,14 +513,16 @@ fn a_run_stopped_while_recruiting_recruits_anew_after_the_restart() {
     // accepted).
     assert!(e.step(100, Input::Tick).unwrap().is_empty());
     assert!(!e.is_idle());
-    e.step(200, Input::Connected { node: "a".into() }).unwrap();
+    e.step(200, Input::Connected { node: ids::node("a") }).unwrap();
     assert!(
-        start_round_of(&e.step(300, Input::Decision { node: "a".into(), response: accept(&plan_id, "r1") }).unwrap())
-            .is_none(),
+        start_round_of(
+            &e.step(300, Input::Decision { node: ids::node("a"), response: accept(&plan_id, "r1") }).unwrap()
+        )
+        .is_none(),
         "one of min_nodes 2"
     );
-    e.step(400, Input::Connected { node: "b".into() }).unwrap();
-    let fx = e.step(500, Input::Decision { node: "b".into(), response: accept(&plan_id, "r1") }).unwrap();
+    e.step(400, Input::Connected { node: ids::node("b") }).unwrap();
+    let fx = e.step(500, Input::Decision { node: ids::node("b"), response: accept(&plan_id, "r1") }).unwrap();
     assert_eq!(start_round_of(&fx).map(|s| s.round), Some(1));
     // Past the recruiting deadline with too few, it fails as a fresh run would.
     let mut e = engine();
@@ -514,4 +534,71 @@ fn a_run_stopped_while_recruiting_recruits_anew_after_the_restart() {
     e2.restore(0, cp, &model, None).unwrap();
     let fx = e2.step(10_001, Input::Tick).unwrap();
     assert!(fx.iter().any(|f| matches!(f, Effect::Finish { finished, .. } if !finished.success)), "{fx:?}");
+}
+
+/// A restart during the final evaluation keeps the metrics that came before it (they are in the
+/// checkpoint) and asks only the nodes that had not reported: a node evaluates a model once, so
+/// asking it again would only be refused, and the run would end without its metrics.
+#[test]
+fn a_run_stopped_during_its_final_evaluation_keeps_the_metrics_that_came_and_asks_only_the_rest() {
+    let mut e = engine();
+    for n in ["a", "b"] {
+        e.step(0, Input::Connected { node: ids::node(n) }).unwrap();
+    }
+    let (plan_id, start_fx) = start(&mut e, plan("p", 1, 2), "r1", 0);
+    let (_, mut models) = durable(&start_fx);
+    e.step(1, Input::Decision { node: ids::node("a"), response: accept(&plan_id, "r1") }).unwrap();
+    let fx = e.step(2, Input::Decision { node: ids::node("b"), response: accept(&plan_id, "r1") }).unwrap();
+    let s = start_round_of(&fx).unwrap();
+    e.step(3, Input::Update { node: ids::node("a"), update: update(&plan_id, &s, 1.0) }).unwrap();
+    let fx = e.step(4, Input::Update { node: ids::node("b"), update: update(&plan_id, &s, 3.0) }).unwrap();
+    models.extend(durable(&fx).1);
+    let ev = fx
+        .iter()
+        .find_map(|f| match f {
+            Effect::Send { kind: directive::Kind::Evaluate(ev), .. } => Some(ev.clone()),
+            _ => None,
+        })
+        .expect("the final model is evaluated");
+    let report = |value: f64| proto::EvaluationReport {
+        plan_id: plan_id.to_string(),
+        model_sha256: ev.model_sha256.clone(),
+        metrics: vec![proto::Metric { name: "accuracy".into(), value, samples: 5 }],
+    };
+    let fx = e.step(5, Input::Evaluation { node: ids::node("a"), report: report(0.75) }).unwrap();
+    let (cp, _) = durable(&fx);
+    let cp = cp.expect("an evaluation report is made durable before it counts");
+    assert_eq!(cp.rounds_completed, 1);
+    assert_eq!(cp.final_metrics.keys().map(|n| n.to_string()).collect::<Vec<_>>(), ["a"]);
+    assert!(cp.last_round.is_some(), "the last closed round is still named");
+    // A second report of the same node changes nothing (the first is the one kept).
+    let again = e.step(6, Input::Evaluation { node: ids::node("a"), report: report(0.1) }).unwrap();
+    assert!(durable(&again).0.is_none());
+
+    // A new process; a and b come back and accept the run again.
+    let mut e = engine();
+    let model = models[&cp.model].clone();
+    e.restore(0, cp, &model, None).unwrap();
+    for n in ["a", "b"] {
+        e.step(10, Input::Connected { node: ids::node(n) }).unwrap();
+    }
+    e.step(11, Input::Decision { node: ids::node("a"), response: accept(&plan_id, "r1") }).unwrap();
+    let fx = e.step(12, Input::Decision { node: ids::node("b"), response: accept(&plan_id, "r1") }).unwrap();
+    let asked: Vec<String> = sent(&fx)
+        .into_iter()
+        .filter(|(_, k)| k.iter().any(|k| matches!(k, directive::Kind::Evaluate(_))))
+        .map(|(n, _)| n.to_string())
+        .collect();
+    assert_eq!(asked, ["b"], "only the node that had not reported is asked");
+    assert!(start_round_of(&fx).is_none(), "no round runs again");
+    let fx = e.step(13, Input::Evaluation { node: ids::node("b"), report: report(0.85) }).unwrap();
+    let Some(Effect::Finish { finished, export, .. }) = fx.iter().find(|f| matches!(f, Effect::Finish { .. })) else {
+        panic!("the run finishes: {fx:?}");
+    };
+    assert!(finished.success, "{}", finished.reason);
+    let mut got: Vec<(String, f64)> = finished.final_metrics.iter().map(|m| (m.node.clone(), m.value)).collect();
+    got.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(got, [("a".to_string(), 0.75), ("b".to_string(), 0.85)]);
+    let manifest = &export.as_ref().expect("exported").manifest;
+    assert_eq!(manifest["final_metrics"]["a"][0]["value"], serde_json::json!(0.75));
 }

@@ -14,7 +14,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use sanctum_protocol::audit::{self};
-use serde_json::json;
 
 use super::*;
 
@@ -46,8 +45,7 @@ impl audit_server::Audit for AuditApi {
         };
         self.inner.audit(
             &who.fingerprint.to_hex(),
-            "audit_log_read",
-            [("reader", json!(who.name)), ("role", json!(who.role.as_str())), ("bytes", json!(len))],
+            AuditEvent::AuditLogRead { reader: who.name.clone(), role: who.role.as_str().to_string(), bytes: len },
         );
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(stream_log(path, len, head, tx));
@@ -77,9 +75,9 @@ impl audit_server::Audit for AuditApi {
         &self,
         _request: Request<proto::ListNodesRequest>,
     ) -> Result<Response<proto::ListNodesResponse>, Status> {
-        let seen: std::collections::BTreeMap<String, crate::status::NodeSeen> =
+        let seen: std::collections::BTreeMap<NodeName, crate::status::NodeSeen> =
             lock(&self.inner.seen).iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let connected: BTreeSet<String> = lock(&self.inner.nodes).keys().cloned().collect();
+        let connected: BTreeSet<NodeName> = lock(&self.inner.nodes).keys().cloned().collect();
         let plans = lock(&self.inner.plans).clone();
         let runs: Vec<(&proto::PlanSummary, BTreeSet<String>)> = plans
             .iter()

@@ -5,7 +5,9 @@
 //! - **Names of things** (plan ids, run ids, model and payload hashes) are refused when they are
 //!   not of their form: a plan id is 64 lowercase hex characters or it names no plan at all, so an
 //!   answer carrying anything else cannot be a legitimate decision and nothing is lost by refusing
-//!   it. The refusal names the field and the form, never echoes the value.
+//!   it. Plan and run ids are decoded here into `PlanId` and `RunId` ([`plan_id`], [`run_id`]),
+//!   so the driver and the engine never see a wire string as an id. The refusal names the field
+//!   and what was wrong, never echoes the value.
 //! - **Free text** (a refusal's reason, a device or software version, a metric's name) is cut on a
 //!   character boundary, marked with `…`, and control characters are replaced: refusing would lose
 //!   a legitimate decision (a node that refuses a plan with a long reason has still refused it, and
@@ -13,6 +15,7 @@
 
 use std::borrow::Cow;
 
+use sanctum_protocol::ids::{PlanId, RunId};
 use sanctum_protocol::proto::Metric;
 use tonic::Status;
 
@@ -24,8 +27,6 @@ pub(super) const LABEL_CHARS: usize = 128;
 pub(super) const METRIC_NAME_CHARS: usize = 64;
 /// The most metrics one report carries past the handler (a node sends one today).
 pub(super) const METRICS_PER_REPORT: usize = 8;
-/// The longest run id (`OfferPlan.run`); the coordinator's own are 32 hex characters.
-pub(super) const RUN_ID_CHARS: usize = 128;
 
 /// Whether `s` is a SHA-256 as the coordinator writes one: 64 lowercase hex characters (plan ids,
 /// model and payload hashes).
@@ -33,9 +34,20 @@ pub(super) fn is_sha256_hex(s: &str) -> bool {
     sanctum_protocol::plan::is_sha256_hex(s)
 }
 
-/// Whether `s` has the form of a run id: `[A-Za-z0-9_-]{1,128}`.
-pub(super) fn is_run_id(s: &str) -> bool {
-    (1..=RUN_ID_CHARS).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+/// Decodes a wire plan id, or refuses it (`InvalidArgument`) naming the field and what was wrong.
+pub(super) fn plan_id(field: &str, value: &str) -> Result<PlanId, Status> {
+    PlanId::parse(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+/// Decodes a wire run id: empty is protobuf's "not set" and names no run (`None`); anything else
+/// is one of this coordinator's run ids (32 lowercase hex) or it is refused (`InvalidArgument`)
+/// naming the field and what was wrong. A run id of another form names no run here, so nothing a
+/// node could mean is lost by refusing it.
+pub(super) fn run_id(field: &str, value: &str) -> Result<Option<RunId>, Status> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    RunId::parse(value).map(Some).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
 
 /// Refuses a `field` that is not a 64-hex SHA-256 (a plan id or a hash), naming the field and the
@@ -46,18 +58,6 @@ pub(super) fn sha256_field(field: &str, value: &str) -> Result<(), Status> {
     }
     Err(Status::invalid_argument(format!(
         "{field} must be 64 lowercase hex characters (a SHA-256); got {} bytes that are not",
-        value.len()
-    )))
-}
-
-/// Refuses a `run` field that is neither empty (protobuf's "not set", which names no run) nor a
-/// run id (`[A-Za-z0-9_-]{1,128}`), naming the field and the limit.
-pub(super) fn run_field(value: &str) -> Result<(), Status> {
-    if value.is_empty() || is_run_id(value) {
-        return Ok(());
-    }
-    Err(Status::invalid_argument(format!(
-        "run must be 1 to {RUN_ID_CHARS} characters of [A-Za-z0-9_-] (OfferPlan.run); got {} bytes that are not",
         value.len()
     )))
 }
@@ -144,15 +144,28 @@ mod tests {
     }
 
     #[test]
-    fn run_ids_are_a_safe_charset_of_bounded_length() {
-        assert!(is_run_id(&crate::runs::fresh_run_id()));
-        assert!(is_run_id("run_2-a") && is_run_id(&"r".repeat(128)));
-        for bad in ["", "a b", "../x", "ü", "a\n"] {
-            assert!(!is_run_id(bad), "{bad:?}");
+    fn wire_ids_decode_or_are_refused_naming_the_field_and_the_fault() {
+        let run = crate::runs::fresh_run_id();
+        assert_eq!(run_id("run", run.as_str()).unwrap(), Some(run));
+        assert_eq!(run_id("run", "").unwrap(), None, "an unset run is well-formed: it names no run");
+        let id = "ab".repeat(32);
+        assert_eq!(plan_id("plan_id", &id).unwrap().as_str(), id);
+        // Each refused with InvalidArgument, the field named first, the value never echoed.
+        let cases: [(&str, Status); 6] = [
+            ("plan_id", plan_id("plan_id", "../../etc").unwrap_err()),
+            ("plan_id", plan_id("plan_id", &"a".repeat(65)).unwrap_err()),
+            ("plan_id", plan_id("plan_id", "").unwrap_err()),
+            ("run", run_id("run", "run_2-a").unwrap_err()),
+            ("run", run_id("run", &"A".repeat(32)).unwrap_err()),
+            ("run", run_id("run", &"x".repeat(2 << 20)).unwrap_err()),
+        ];
+        for (field, e) in cases {
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().starts_with(&format!("{field}: ")), "{}", e.message());
+            assert!(e.message().len() < 200, "the value is never echoed: {}", e.message());
         }
-        assert!(!is_run_id(&"r".repeat(129)));
-        assert!(run_field(&"x".repeat(4096)).unwrap_err().message().contains("run must be 1 to 128"));
-        assert!(run_field("").is_ok(), "an unset run is well-formed: it names no run");
+        assert!(plan_id("plan_id", "../../etc").unwrap_err().message().contains("a path character"));
+        assert!(plan_id("plan_id", &"a".repeat(65)).unwrap_err().message().contains("has 65 bytes"));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use serde_json::json;
 use crate::db::{Checkpoint, RoundRow, RunStatus};
 use crate::engine::checkpoint::RunCheckpoint;
 use crate::engine::{self, Actor, Effect, Engine, ExportJob, Input, Millis, Refused, SubmitRefused};
+use crate::receipts;
 use crate::runs::fresh_run_id;
 use crate::store::{Store, write_atomic};
 
@@ -75,6 +76,13 @@ impl Driver {
     fn handle(&mut self, ev: Event) {
         match ev {
             Event::Connected { node } => {
+                // Round records written while recovering reached nobody: sent as each recipient
+                // connects, before anything new.
+                let undelivered = lock(&self.inner.receipts).undelivered_to(&node);
+                for (plan_id, round, record) in undelivered {
+                    tracing::info!(node = %node, round, "sending a round record written after a restart, to countersign");
+                    self.send(&node, directive::Kind::RoundReceipt(proto::RoundReceipt { plan_id, round, record }));
+                }
                 let _ = self.step(Input::Connected { node });
             }
             Event::Disconnected { node, conn } => {
@@ -83,8 +91,12 @@ impl Driver {
                     let fingerprint = nodes.remove(&node).map(|c| c.fingerprint).unwrap_or_default();
                     drop(nodes);
                     // A subscribe/disconnect loop is itemised within the node's quota, then counted.
-                    if self.inner.audit_member(&node, &fingerprint, "node_disconnected", [("node", json!(node))]) {
-                        tracing::info!(node, "node disconnected");
+                    if self.inner.audit_member(
+                        &node,
+                        &fingerprint,
+                        AuditEvent::NodeDisconnected { node: node.to_string() },
+                    ) {
+                        tracing::info!(node = %node, "node disconnected");
                     }
                     let _ = self.step(Input::Disconnected { node });
                 }
@@ -95,8 +107,7 @@ impl Driver {
                 if let Err(status) = &result {
                     self.inner.audit(
                         &actor,
-                        "plan_rejected",
-                        [("name", json!(name)), ("reason", json!(status.message()))],
+                        AuditEvent::PlanRejected { lead: None, name: Some(name), reason: status.message().to_string() },
                     );
                 }
                 let _ = reply.send(result);
@@ -114,7 +125,7 @@ impl Driver {
                 let result = self.step(Input::SecAgg { node: node.clone(), cert_der, msg });
                 if let Err(reason) = &result {
                     // The handler's `reject` logs and audits it, within the node's quota.
-                    tracing::debug!(node, "secure-aggregation message refused: {reason}");
+                    tracing::debug!(node = %node, "secure-aggregation message refused: {reason}");
                 }
                 let _ = reply.send(result.map_err(|e| e.to_string()));
             }
@@ -124,7 +135,7 @@ impl Driver {
             Event::Heartbeat { node, plan_id, run, round, activity } => {
                 if let Err(why) = self.step(Input::Heartbeat { node: node.clone(), plan_id, run, round, activity }) {
                     // Debug only: a node decides how many it sends.
-                    tracing::debug!(node, round, "heartbeat not counted: {why}");
+                    tracing::debug!(node = %node, round, "heartbeat not counted: {why}");
                 }
             }
             Event::Drain { signal, reply } => {
@@ -178,8 +189,8 @@ impl Driver {
         };
         lock(&self.inner.history).start(&new_run.id);
         lock(&self.inner.plans).push(proto::PlanSummary {
-            plan_id: plan_id.clone(),
-            run: new_run.id.clone(),
+            plan_id: plan_id.to_string(),
+            run: new_run.id.to_string(),
             run_number: new_run.number,
             name: prepared.plan.name.clone(),
             status: "running".into(),
@@ -208,15 +219,14 @@ impl Driver {
         let own = lock(&self.inner.audit).own_fingerprint().to_string();
         self.inner.audit(
             &own,
-            "coordinator_stopped",
-            [("reason", json!("signal")), ("signal", json!(signal)), ("running", json!(running))],
+            AuditEvent::CoordinatorStopped { reason: "signal".into(), signal: signal.to_string(), running },
         );
         lock(&self.inner.nodes).clear();
     }
 
     /// The lead `lead` (audit actor `actor`) cancels `run`: audited as `plan_cancelled`, then the
     /// run ends as failed ("cancelled by LEAD", nodes get `PlanClosed`) and shows as cancelled.
-    fn cancel(&mut self, run: &str, lead: &str, actor: &str) -> Result<proto::CancelPlanResponse, Status> {
+    fn cancel(&mut self, run: &RunId, lead: &str, actor: &str) -> Result<proto::CancelPlanResponse, Status> {
         let Some(plan_id) = self.engine.running().find(|r| r.run_id() == run).map(|r| r.plan_id().to_string()) else {
             return Err(Status::failed_precondition(format!(
                 "run {} is not running any more (it ended before the cancel arrived); nothing was changed",
@@ -224,9 +234,9 @@ impl Driver {
             )));
         };
         tracing::warn!(run = short(run), lead, "plan cancelled by the lead");
-        let input = Input::Cancel { run_id: run.to_string(), actor: actor.to_string(), by: lead.to_string() };
+        let input = Input::Cancel { run_id: run.clone(), actor: actor.to_string(), by: lead.to_string() };
         self.step(input).map_err(|e| Status::failed_precondition(e.to_string()))?;
-        if let Some(p) = lock(&self.inner.plans).iter_mut().find(|p| p.run == run) {
+        if let Some(p) = lock(&self.inner.plans).iter_mut().find(|p| p.run == *run) {
             p.status = "cancelled".into();
         }
         Ok(proto::CancelPlanResponse { plan_id, run: run.to_string(), reason: format!("cancelled by {lead}") })
@@ -246,21 +256,26 @@ impl Driver {
                         return;
                     }
                 }
-                Effect::Audit { actor, event, params } => {
+                Effect::Audit { actor, event } => {
                     let actor = self.actor(&actor);
-                    if let Err(e) = lock(&self.inner.audit).append(&actor, event, params) {
-                        tracing::error!("audit log: {e}");
-                    }
+                    self.inner.audit(&actor, event);
                 }
-                Effect::AuditMember { node, event, params } => {
+                Effect::AuditMember { node, event } => {
                     let fingerprint = self.inner.fingerprint(&node);
-                    self.inner.audit_member_params(&node, &fingerprint, event, params);
+                    self.inner.audit_member(&node, &fingerprint, event);
                 }
                 Effect::Publish { plan_id, run_id, kind } => self.inner.publish_run(&plan_id, &run_id, kind),
                 Effect::OpenUploads(u) => {
-                    let participants: Vec<String> = u.participants.into_iter().collect();
-                    let info =
-                        RoundInfo::new(u.plan_id.clone(), u.round, u.model, u.num_params, u.masked, &participants);
+                    let participants: Vec<NodeName> = u.participants.into_iter().collect();
+                    let info = RoundInfo::new(
+                        u.plan_id.clone(),
+                        u.round,
+                        u.attempt,
+                        u.model,
+                        u.num_params,
+                        u.masked,
+                        &participants,
+                    );
                     self.inner.rounds.write().unwrap_or_else(|p| p.into_inner()).insert(u.plan_id, info);
                 }
                 Effect::CloseUploads { plan_id } => {
@@ -273,11 +288,17 @@ impl Driver {
                         info.admitted(&node);
                     }
                 }
-                Effect::RoundRecord { plan_id, round, params, countersigners } => {
-                    self.round_record(plan_id, round, params, &countersigners);
+                Effect::RoundRecord { plan_id, run_id, round, record, countersigners } => {
+                    self.round_record(plan_id, &run_id, round, &record, &countersigners);
                 }
-                Effect::Checkpoint { state, moments, closed } => {
+                Effect::Checkpoint { state, moments, closed, required } => {
                     if let Err(reason) = self.checkpoint(&state, moments.as_deref(), closed) {
+                        if !required {
+                            // Only work saved (an evaluation report): the run goes on, and a
+                            // restart would ask that node again.
+                            tracing::error!("{reason}; the run goes on without this checkpoint");
+                            continue;
+                        }
                         tracing::error!("{reason}");
                         let _ = self.step(Input::StorageFailed { plan_id: state.plan_id.clone(), reason });
                         return;
@@ -309,7 +330,11 @@ impl Driver {
                         self.send(&n, (*closed).clone());
                     }
                 }
-                Effect::DumpSum { round, words } => dump_sum(round, &words),
+                // Emitted only in a `fault-injection` build (`engine::secagg`).
+                #[cfg(feature = "fault-injection")]
+                Effect::DumpSum { round, words } => self.inner.faults.dump_sum(round, &words),
+                #[cfg(not(feature = "fault-injection"))]
+                Effect::DumpSum { .. } => {}
             }
         }
     }
@@ -364,8 +389,29 @@ impl Driver {
                 return;
             }
         };
-        for row in rows.into_iter().filter(|r| r.status == RunStatus::Running) {
+        let running: Vec<_> = rows.into_iter().filter(|r| r.status == RunStatus::Running).collect();
+        // A run's end goes to the store, then the audit log; a store write that failed (it is only
+        // logged) must not bring an ended, or cancelled, run back to life at the next start.
+        let ended = if running.is_empty() { Default::default() } else { self.ended_in_audit_log() };
+        for row in running {
             let run_id = row.run_id.clone();
+            if let Some((status, reason, model)) = ended.get(run_id.as_str()).cloned() {
+                tracing::warn!(
+                    run = short(&run_id),
+                    "the audit log shows run {} ended ({}); recorded in the store, not resumed",
+                    row.name,
+                    status.as_str()
+                );
+                if let Some(p) = lock(&self.inner.plans).iter_mut().find(|p| p.run == run_id) {
+                    p.status = status.as_str().into();
+                    p.reason = reason.clone();
+                }
+                let (id, at) = (run_id.clone(), unix_ms(SystemTime::now()));
+                if let Err(e) = self.inner.db.call(move |s| s.finish_run(&id, status, &reason, model.as_deref(), at)) {
+                    tracing::error!("store: {e}");
+                }
+                continue;
+            }
             let result = self.restore_one(&row);
             match result {
                 Ok(effects) => {
@@ -389,6 +435,37 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// The runs whose end the audit log records: status, reason and (on success) final model.
+    fn ended_in_audit_log(&self) -> std::collections::HashMap<String, (RunStatus, String, Option<String>)> {
+        let path = lock(&self.inner.audit).path().to_path_buf();
+        let records = match sanctum_protocol::audit::read_records(&path) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("audit log {}: {e}; runs are resumed as the store says", path.display());
+                return Default::default();
+            }
+        };
+        let mut cancelled = std::collections::HashSet::new();
+        let mut ended = std::collections::HashMap::new();
+        for r in &records {
+            match AuditEvent::from_record(r) {
+                Ok(AuditEvent::PlanCancelled { run, .. }) => {
+                    cancelled.insert(run);
+                }
+                Ok(AuditEvent::PlanFinished { run: Some(run), success, reason, final_model_sha256, .. }) => {
+                    let status = match (success, cancelled.contains(&run)) {
+                        (true, _) => RunStatus::Succeeded,
+                        (false, true) => RunStatus::Cancelled,
+                        (false, false) => RunStatus::Failed,
+                    };
+                    ended.insert(run, (status, reason, success.then_some(final_model_sha256)));
+                }
+                _ => {}
+            }
+        }
+        ended
     }
 
     fn restore_one(&mut self, row: &crate::db::RunRow) -> Result<Vec<Effect>, String> {
@@ -432,30 +509,30 @@ impl Driver {
         if missing.round_closed {
             self.inner.audit(
                 &own,
-                "round_closed",
-                [
-                    ("plan_id", json!(plan_id)),
-                    ("run", json!(run_id)),
-                    ("round", json!(last.round)),
-                    ("reported", json!(last.reported)),
-                    ("dropped", json!(last.dropped)),
-                ],
+                AuditEvent::RoundClosed {
+                    plan_id: plan_id.to_string(),
+                    run: Some(run_id.to_string()),
+                    round: u64::from(last.round),
+                    reported: last.reported.iter().map(ToString::to_string).collect(),
+                    dropped: last.dropped.iter().map(ToString::to_string).collect(),
+                },
             );
         }
         if missing.aggregate_released {
             self.inner.audit(
                 &own,
-                "aggregate_released",
-                [
-                    ("plan_id", json!(plan_id)),
-                    ("round", json!(last.round)),
-                    ("model_sha256", json!(last.model_sha256)),
-                    ("contributors", json!(last.reported.len())),
-                ],
+                AuditEvent::AggregateReleased {
+                    plan_id: plan_id.to_string(),
+                    round: u64::from(last.round),
+                    model_sha256: last.model_sha256.clone(),
+                    contributors: last.reported.len() as u64,
+                },
             );
         }
         let line = if missing.round_record {
-            let appended = lock(&self.inner.audit).append_line(&own, "round_record", last.record.clone());
+            let appended = crate::recovery::round_record(&last.record)
+                .map_err(|e| e.to_string())
+                .and_then(|record| lock(&self.inner.audit).append_event_line(&own, &record).map_err(|e| e.to_string()));
             match appended {
                 Ok((_, line)) => Some(line),
                 Err(e) => {
@@ -474,9 +551,23 @@ impl Driver {
                 })
                 .map(|r| r.line())
         };
-        // The nodes that reported may still countersign the record after the restart.
+        // The nodes that reported may still countersign the record after the restart: a record
+        // written only now reached nobody, so each recipient is sent it as it connects; those
+        // whose receipt the log already holds may not countersign it again.
         if let Some(line) = line {
-            lock(&self.inner.receipts).insert((plan_id.to_string(), last.round), line);
+            let hash = ContentHash::of(line.as_bytes());
+            let hex = hash.to_hex();
+            let signed: Vec<&str> = records
+                .iter()
+                .filter(|r| {
+                    r.event == "receipt" && r.params.get("record_sha256").and_then(|v| v.as_str()) == Some(hex.as_str())
+                })
+                .filter_map(|r| r.params.get("node").and_then(|v| v.as_str()))
+                .collect();
+            let sent = if missing.round_record { receipts::Delivered::None } else { receipts::Delivered::All };
+            let mut awaiting = lock(&self.inner.receipts);
+            awaiting.insert(plan_id, run_id, last.round, line, sent);
+            awaiting.already_signed(&hash, signed);
         }
     }
 
@@ -505,16 +596,27 @@ impl Driver {
 
     /// Records the closed round (model, every accepted update's hash and size, who reported and
     /// who dropped) and sends that exact record to each node that reported, to countersign.
-    fn round_record(&mut self, plan_id: String, round: u32, params: engine::Params, countersigners: &[String]) {
+    fn round_record(
+        &mut self,
+        plan_id: PlanId,
+        run_id: &RunId,
+        round: u32,
+        record: &AuditEvent,
+        countersigners: &[NodeName],
+    ) {
         let line = {
             let mut log = lock(&self.inner.audit);
             let own = log.own_fingerprint().to_string();
-            log.append_line(&own, "round_record", params)
+            log.append_event_line(&own, record)
         };
         match line {
             Ok((_, line)) => {
-                lock(&self.inner.receipts).insert((plan_id.clone(), round), line.clone());
-                let receipt = directive::Kind::RoundReceipt(proto::RoundReceipt { plan_id, round, record: line });
+                lock(&self.inner.receipts).insert(&plan_id, run_id, round, line.clone(), receipts::Delivered::All);
+                let receipt = directive::Kind::RoundReceipt(proto::RoundReceipt {
+                    plan_id: plan_id.into_string(),
+                    round,
+                    record: line,
+                });
                 for n in countersigners {
                     self.send(n, receipt.clone());
                 }
@@ -531,6 +633,7 @@ fn read_spooled(update: SpooledUpdate) -> Result<engine::Update, String> {
     file.read_to_end(&mut payload).map_err(|e| format!("spool: {e}"))?;
     Ok(engine::Update {
         round: update.round,
+        attempt: update.attempt,
         plan_id: update.plan_id,
         base_model: update.base_model,
         sample_count: update.sample_count,
@@ -540,17 +643,6 @@ fn read_spooled(update: SpooledUpdate) -> Result<engine::Update, String> {
         bytes: update.bytes,
         payload,
     })
-}
-
-/// Fault injection: writes a secure-aggregation round's unmasked sum where
-/// `SANCTUM_TEST_SECAGG_DUMP` says (the engine emits the effect only in a `fault-injection` build).
-fn dump_sum(round: u32, words: &[u32]) {
-    if let Some(dir) = std::env::var_os("SANCTUM_TEST_SECAGG_DUMP") {
-        let path = std::path::Path::new(&dir).join(format!("sum-round-{round}.u32"));
-        if let Err(e) = std::fs::write(&path, sanctum_protocol::secagg::wire::words_to_le(words)) {
-            tracing::warn!("test dump {}: {e}", path.display());
-        }
-    }
 }
 
 /// Writes the final model (safetensors) and its manifest: plan, lineage hash chain, metrics.

@@ -27,8 +27,6 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use serde_json::json;
-
 use super::*;
 use crate::receipts;
 use crate::store::{PartialKey, PartialUpload};
@@ -37,7 +35,8 @@ use crate::store::{PartialKey, PartialUpload};
 /// reconnect replaced it), whatever ended it.
 struct DirectiveStream {
     inner: ReceiverStream<Result<Directive, Status>>,
-    node: String,
+    /// Taken by `drop` (hence the `Option`) to tell the driver who went away.
+    node: Option<NodeName>,
     conn: u64,
     events: mpsc::Sender<Event>,
 }
@@ -52,7 +51,9 @@ impl Stream for DirectiveStream {
 impl Drop for DirectiveStream {
     fn drop(&mut self) {
         // A drop cannot await the bounded queue: see `notify_disconnected` for why none is lost.
-        Inner::notify_disconnected(&self.events, std::mem::take(&mut self.node), self.conn);
+        if let Some(node) = self.node.take() {
+            Inner::notify_disconnected(&self.events, node, self.conn);
+        }
     }
 }
 
@@ -60,15 +61,15 @@ impl Drop for DirectiveStream {
 /// until it is dropped (read to the end, cancelled, or its connection gone).
 struct FetchPermit {
     inner: Arc<Inner>,
-    node: String,
+    node: NodeName,
 }
 
 impl FetchPermit {
     /// Counts a new stream for `node`, or refuses it when the node has its limit open.
-    fn take(inner: &Arc<Inner>, node: &str) -> Result<Self, Status> {
+    fn take(inner: &Arc<Inner>, node: &NodeName) -> Result<Self, Status> {
         let limit = inner.limits.fetch_streams_per_node;
         let mut open = lock(&inner.fetch_streams);
-        let n = open.entry(node.to_string()).or_insert(0);
+        let n = open.entry(node.clone()).or_insert(0);
         if *n >= limit {
             return Err(Status::resource_exhausted(format!(
                 "'{node}' already has {n} model downloads open, the most limits.fetch_streams_per_node = {limit} allows; \
@@ -76,7 +77,7 @@ impl FetchPermit {
             )));
         }
         *n += 1;
-        Ok(Self { inner: Arc::clone(inner), node: node.to_string() })
+        Ok(Self { inner: Arc::clone(inner), node: node.clone() })
     }
 }
 
@@ -250,7 +251,7 @@ impl federation_server::Federation for FederationApi {
         // stream still tells the driver, and the node does not stay "connected".
         let stream = DirectiveStream {
             inner: ReceiverStream::new(rx),
-            node: node.clone(),
+            node: Some(node.clone()),
             conn,
             events: self.inner.events.clone(),
         };
@@ -259,10 +260,9 @@ impl federation_server::Federation for FederationApi {
         if self.inner.audit_member(
             &node,
             &fingerprint,
-            "node_connected",
-            [("node", json!(node)), ("device", json!(device)), ("version", json!(version))],
+            AuditEvent::NodeConnected { node: node.to_string(), device: device.clone(), version: version.clone() },
         ) {
-            tracing::info!(node, device, version, "node connected");
+            tracing::info!(node = %node, device, version, "node connected");
         }
         self.inner.send_event(Event::Connected { node }).await?;
         Ok(Response::new(Box::pin(stream)))
@@ -271,14 +271,15 @@ impl federation_server::Federation for FederationApi {
     async fn respond_to_plan(&self, request: Request<PlanResponse>) -> Result<Response<Ack>, Status> {
         let node = caller(&request)?;
         let mut response = request.into_inner();
-        bounds::sha256_field("plan_id", &response.plan_id)?;
-        bounds::run_field(&response.run)?;
+        let plan_id = bounds::plan_id("plan_id", &response.plan_id)?;
+        let run = bounds::run_id("run", &response.run)?;
         // Only a run this coordinator started reaches the driver (and its log lines). A
-        // well-formed answer about any other run is acknowledged and dropped: it creates nothing,
-        // and a node answering an offer as its run ends is not told to reconnect.
-        if !lock(&self.inner.runs).has(&response.plan_id, &response.run) {
+        // well-formed answer about any other run (or none) is acknowledged and dropped: it creates
+        // nothing, and a node answering an offer as its run ends is not told to reconnect.
+        if !run.is_some_and(|run| lock(&self.inner.runs).has(&plan_id, &run)) {
             return Ok(Response::new(Ack {}));
         }
+
         // A long reason is cut, not refused: the refusal itself must count.
         response.reason = bounds::reason(response.reason);
         self.inner.send_event(Event::Decision { node, response }).await?;
@@ -291,7 +292,8 @@ impl federation_server::Federation for FederationApi {
     ) -> Result<Response<Self::FetchModelStream>, Status> {
         let node = caller(&request)?;
         bounds::sha256_field("sha256", &request.get_ref().sha256)?;
-        let hash = ContentHash::parse(&request.get_ref().sha256).map_err(Status::invalid_argument)?;
+        let hash =
+            ContentHash::parse(&request.get_ref().sha256).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let permit = FetchPermit::take(&self.inner, &node)?;
         let (mut file, total) = match self.inner.store.open_model(&hash) {
             Ok(opened) => opened,
@@ -309,7 +311,7 @@ impl federation_server::Federation for FederationApi {
             file.seek(std::io::SeekFrom::Start(offset))
                 .map_err(|e| Status::internal(format!("cannot read model {hash}: {e}")))?;
             tracing::info!(
-                node,
+                node = %node,
                 model = hash.short(),
                 offset,
                 total,
@@ -328,11 +330,11 @@ impl federation_server::Federation for FederationApi {
     ) -> Result<Response<UploadStatusResponse>, Status> {
         let node = caller(&request)?;
         let req = request.into_inner();
-        bounds::sha256_field("plan_id", &req.plan_id)?;
+        let plan_id = bounds::plan_id("plan_id", &req.plan_id)?;
         bounds::sha256_field("payload_sha256", &req.payload_sha256)?;
         let payload = ContentHash::parse(&req.payload_sha256)
             .map_err(|e| Status::invalid_argument(format!("payload_sha256: {e}")))?;
-        let info = self.inner.rounds.read().unwrap_or_else(|p| p.into_inner()).get(&req.plan_id).cloned();
+        let info = self.inner.rounds.read().unwrap_or_else(|p| p.into_inner()).get(&plan_id).cloned();
         let Some(info) = info.filter(|i| i.round == req.round) else {
             return Err(Status::failed_precondition(format!(
                 "round {} of plan {} is not open: there is no upload of it to resume",
@@ -344,7 +346,13 @@ impl federation_server::Federation for FederationApi {
             return Err(Status::permission_denied(format!("'{node}' is not a participant of round {}", info.round)));
         }
         let total = (info.num_params + usize::from(info.masked)) as u64 * 4;
-        let key = PartialKey { node, plan_id: info.plan_id.clone(), round: info.round, payload };
+        let key = PartialKey {
+            node: node.to_string(),
+            plan_id: info.plan_id.to_string(),
+            round: info.round,
+            attempt: info.attempt,
+            payload,
+        };
         let acknowledged = self
             .inner
             .store
@@ -382,12 +390,12 @@ impl federation_server::Federation for FederationApi {
         // Every check that needs no payload comes first: nothing is spooled for an upload that
         // names no plan, the wrong round, a node that is not a participant, or a duplicate.
         let reject = |status: Status| self.inner.reject(&node, &header.plan_id, header.round, status);
-        bounds::sha256_field("plan_id", &header.plan_id).map_err(reject)?;
+        let plan_id = bounds::plan_id("plan_id", &header.plan_id).map_err(reject)?;
         bounds::sha256_field("base_model_sha256", &header.base_model_sha256).map_err(reject)?;
         bounds::sha256_field("payload_sha256", &header.payload_sha256).map_err(reject)?;
         let info = {
             let rounds = self.inner.rounds.read().unwrap_or_else(|p| p.into_inner());
-            match rounds.get(&header.plan_id) {
+            match rounds.get(&plan_id) {
                 Some(info) => info.clone(),
                 // Named by the one open round when there is one, so a node with a stale plan id
                 // hears which plan is training (as when one plan ran at a time).
@@ -398,7 +406,7 @@ impl federation_server::Federation for FederationApi {
                 },
             }
         };
-        if header.plan_id != info.plan_id || header.round != info.round {
+        if plan_id != info.plan_id || header.round != info.round {
             return Err(reject(Status::failed_precondition(format!(
                 "update is for plan {} round {}, but round {} of plan {} is open",
                 short(&header.plan_id),
@@ -432,7 +440,8 @@ impl federation_server::Federation for FederationApi {
         let payload_hash = ContentHash::parse(&header.payload_sha256)
             .map_err(|e| reject(Status::invalid_argument(format!("payload_sha256: {e}"))))?;
         // Held until this call returns: one upload per participant is spooled at a time.
-        let _slot = info.claim(&node).map_err(reject)?;
+        // A newcomer that closes a half-open upload of its own is asked to retry: not a rejection.
+        let slot = info.claim(&node).map_err(|s| if s.code() == tonic::Code::Unavailable { s } else { reject(s) })?;
         let expected = words as u64 * 4;
         // The round's partial uploads go when it closes; earlier rounds' leftovers (a coordinator
         // that restarted mid-round) go now.
@@ -440,8 +449,13 @@ impl federation_server::Federation for FederationApi {
         if let Err(e) = self.inner.store.drop_partials(&info.plan_id, Some(info.round)) {
             tracing::warn!("partial uploads of earlier rounds: {e}");
         }
-        let key =
-            PartialKey { node: node.clone(), plan_id: info.plan_id.clone(), round: info.round, payload: payload_hash };
+        let key = PartialKey {
+            node: node.to_string(),
+            plan_id: info.plan_id.to_string(),
+            round: info.round,
+            attempt: info.attempt,
+            payload: payload_hash,
+        };
         let offset = header.offset;
         let (mut partial, mut hasher) = match open_partial(&self.inner.store, key, expected, offset).await {
             Ok(Ok(opened)) => opened,
@@ -450,7 +464,7 @@ impl federation_server::Federation for FederationApi {
         };
         if offset > 0 {
             tracing::info!(
-                node,
+                node = %node,
                 round = info.round,
                 offset,
                 total = expected,
@@ -462,7 +476,18 @@ impl federation_server::Federation for FederationApi {
         // Returning keeps the partial file (a node may resume it) unless the upload broke a rule or
         // its round closed; it always frees the slot. A complete upload moves to the spool.
         loop {
-            let msg = match next_chunk(&mut stream, idle).await {
+            let next = tokio::select! {
+                next = next_chunk(&mut stream, idle) => next,
+                () = slot.superseded() => {
+                    // Kept: the newer upload resumes from what this one acknowledged.
+                    tracing::info!(node = %node, round = info.round, received, "an upload gave way to a newer one from the same node");
+
+                    return Err(Status::aborted(
+                        "a newer upload of this update from the same node arrived; this one stopped, keeping what it acknowledged",
+                    ));
+                }
+            };
+            let msg = match next {
                 None => return Err(reject(stalled())),
                 Some(Err(e)) => return Err(e),
                 Some(Ok(None)) => break,
@@ -471,14 +496,15 @@ impl federation_server::Federation for FederationApi {
             // An upload from a certificate revoked since it began ends at its next chunk.
             self.inner.still_trusted(&identity).map_err(reject)?;
             // So does one whose round closed (or whose plan ended) while it was being sent: a slow
-            // upload must not hold a spool, and its slot, past its round.
+            // upload must not hold a spool, and its slot, past its round. A retry of the round is
+            // another opening: the failed attempt's upload ends too (nothing of it is aggregated).
             let still_open = self
                 .inner
                 .rounds
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&info.plan_id)
-                .is_some_and(|open| open.round == info.round);
+                .is_some_and(|open| open.same_opening(&info));
             if !still_open {
                 partial.discard();
                 return Err(reject(Status::failed_precondition(format!(
@@ -533,7 +559,8 @@ impl federation_server::Federation for FederationApi {
             .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
         let update = SpooledUpdate {
             round: header.round,
-            plan_id: header.plan_id.clone(),
+            attempt: info.attempt,
+            plan_id,
             base_model: header.base_model_sha256.clone(),
             sample_count: header.sample_count,
             metrics,
@@ -554,10 +581,10 @@ impl federation_server::Federation for FederationApi {
     async fn report_evaluation(&self, request: Request<EvaluationReport>) -> Result<Response<Ack>, Status> {
         let node = caller(&request)?;
         let mut report = request.into_inner();
-        bounds::sha256_field("plan_id", &report.plan_id)?;
+        let plan_id = bounds::plan_id("plan_id", &report.plan_id)?;
         bounds::sha256_field("model_sha256", &report.model_sha256)?;
         // An evaluation of a plan this coordinator never ran is acknowledged and dropped.
-        if lock(&self.inner.runs).latest(&report.plan_id).is_none() {
+        if lock(&self.inner.runs).latest(&plan_id).is_none() {
             return Ok(Response::new(Ack {}));
         }
         report.metrics = bounds::metrics(report.metrics);
@@ -598,7 +625,7 @@ impl federation_server::Federation for FederationApi {
                 bounds::clip_bytes(&accepted.reason, bounds::REASON_BYTES)
             );
         }
-        self.inner.audit(&fingerprint, "receipt", accepted.params());
+        self.inner.audit(&fingerprint, accepted.event());
         self.inner.record_receipt(&accepted);
         Ok(Response::new(Ack {}))
     }
@@ -606,8 +633,8 @@ impl federation_server::Federation for FederationApi {
     async fn heartbeat(&self, request: Request<proto::HeartbeatRequest>) -> Result<Response<Ack>, Status> {
         let node = caller(&request)?;
         let hb = request.into_inner();
-        bounds::sha256_field("plan_id", &hb.plan_id)?;
-        bounds::run_field(&hb.run)?;
+        let plan_id = bounds::plan_id("plan_id", &hb.plan_id)?;
+        let run = bounds::run_id("run", &hb.run)?;
         // One a second per node on average (a token bucket) goes on to the driver; checked
         // first, under one lock, so a flood costs a map lookup a call and no queue slot.
         {
@@ -630,7 +657,12 @@ impl federation_server::Federation for FederationApi {
         };
         // Never waits for room: a heartbeat the driver has no room for is dropped (the next one
         // comes within an interval), and the node is told so.
-        let ev = Event::Heartbeat { node, plan_id: hb.plan_id, run: hb.run, round: hb.round, activity };
+        // A heartbeat that names no run is about nothing running: acknowledged, as the engine
+        // would have ignored it.
+        let Some(run) = run else {
+            return Ok(Response::new(Ack {}));
+        };
+        let ev = Event::Heartbeat { node, plan_id, run, round: hb.round, activity };
         match self.inner.events.try_send(ev) {
             Ok(()) => Ok(Response::new(Ack {})),
             Err(_) => Err(Status::unavailable("coordinator busy: heartbeat dropped; send the next one as usual")),
@@ -638,10 +670,10 @@ impl federation_server::Federation for FederationApi {
     }
 
     async fn sec_agg(&self, request: Request<SecAggMessage>) -> Result<Response<Ack>, Status> {
+        let node = caller(&request)?;
         let peer = tls::peer(&request)?.clone();
-        let node = peer.identity.name.clone();
         let msg = request.into_inner();
-        bounds::sha256_field("plan_id", &msg.plan_id)?;
+        bounds::plan_id("plan_id", &msg.plan_id)?;
         let (plan_id, round) = (msg.plan_id.clone(), msg.round);
         let (reply, rx) = oneshot::channel();
         self.inner.send_event(Event::SecAgg { node: node.clone(), cert_der: peer.cert_der, msg, reply }).await?;

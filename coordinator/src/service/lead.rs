@@ -14,8 +14,6 @@ use tokio::sync::oneshot;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use serde_json::json;
-
 use super::*;
 
 pub(super) struct LeadApi {
@@ -39,28 +37,35 @@ impl lead_server::Lead for LeadApi {
                 self.inner.audit_member(
                     &lead,
                     &actor,
-                    "plan_rejected",
-                    [("lead", json!(lead)), ("reason", json!(reason))],
+                    AuditEvent::PlanRejected { lead: Some(lead.to_string()), name: None, reason: reason.clone() },
                 );
                 return Err(Status::invalid_argument(reason));
             }
         };
-        tracing::info!(lead, plan = plan.name, "plan submitted");
+        tracing::info!(lead = %lead, plan = plan.name, "plan submitted");
         let (reply, rx) = oneshot::channel();
         let again = request.get_ref().again;
         let model_file = request.into_inner().model_file;
         self.inner.send_event(Event::Submit { plan: Box::new(plan), model_file, again, actor, reply }).await?;
         let s = rx.await.map_err(|_| Status::unavailable("coordinator is shutting down"))??;
-        Ok(Response::new(SubmitPlanResponse { plan_id: s.plan_id, run: s.run, run_number: s.run_number }))
+        Ok(Response::new(SubmitPlanResponse {
+            plan_id: s.plan_id.into_string(),
+            run: s.run.into_string(),
+            run_number: s.run_number,
+        }))
     }
 
     async fn watch_plan(&self, request: Request<WatchPlanRequest>) -> Result<Response<Self::WatchPlanStream>, Status> {
         use tokio_stream::StreamExt;
         let WatchPlanRequest { plan_id, run: asked } = request.get_ref();
-        let run = if asked.is_empty() {
-            lock(&self.inner.runs).latest(plan_id).map(str::to_string)
-        } else {
-            Some(asked.clone()).filter(|r| lock(&self.inner.runs).has(plan_id, r))
+        // Ids not of their form name no run: answered NOT_FOUND like any other run never started
+        // here (the lead types these; `plan status` resolves prefixes).
+        let (plan, asked_run) = (PlanId::parse(plan_id).ok(), RunId::parse(asked).ok());
+        let run = match (&plan, &asked_run) {
+            (None, _) => None,
+            (Some(plan), _) if asked.is_empty() => lock(&self.inner.runs).latest(plan).cloned(),
+            (Some(plan), Some(r)) => Some(r.clone()).filter(|r| lock(&self.inner.runs).has(plan, r)),
+            (Some(_), None) => None,
         };
         let Some(run) = run.filter(|r| lock(&self.inner.history).contains_key(r)) else {
             // The ids are the caller's: shown cut and cleaned, never echoed whole.
@@ -82,7 +87,9 @@ impl lead_server::Lead for LeadApi {
             return Err(Status::failed_precondition(not_running(&summary, "cancel")));
         }
         let (reply, rx) = oneshot::channel();
-        self.inner.send_event(Event::Cancel { run: summary.run.clone(), lead, actor, reply }).await?;
+        // The summary is the coordinator's own (its run id is one of ours).
+        let run = RunId::parse(&summary.run).map_err(|e| Status::internal(format!("run {}: {e}", summary.name)))?;
+        self.inner.send_event(Event::Cancel { run, lead: lead.into_string(), actor, reply }).await?;
         let cancelled = rx.await.map_err(|_| Status::unavailable("coordinator is shutting down"))??;
         Ok(Response::new(cancelled))
     }
@@ -104,14 +111,13 @@ impl lead_server::Lead for LeadApi {
             .map_err(|e| Status::internal(format!("cannot read the final model {}: {e}", hash.short())))?;
         self.inner.audit(
             &who.fingerprint.to_hex(),
-            "model_export_read",
-            [
-                ("reader", json!(who.name)),
-                ("plan_id", json!(summary.plan_id)),
-                ("run", json!(summary.run)),
-                ("model_sha256", json!(summary.final_model_sha256)),
-                ("bytes", json!(total)),
-            ],
+            AuditEvent::ModelExportRead {
+                reader: who.name.clone(),
+                plan_id: summary.plan_id.clone(),
+                run: summary.run.clone(),
+                model_sha256: summary.final_model_sha256.clone(),
+                bytes: total,
+            },
         );
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         tokio::spawn(stream_export(tokio::fs::File::from_std(file), total, manifest, tx));

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sanctum_protocol::hash::ContentHash;
+use sanctum_protocol::ids::{NodeName, PlanId, RunId};
 use sanctum_protocol::plan::Plan;
 use sanctum_protocol::proto::{self, Directive, EvaluationReport, PlanEvent, PlanResponse, SecAggMessage, plan_event};
 use sanctum_protocol::tls::{self, TlsMaterial};
@@ -29,8 +30,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status};
 
-use sanctum_protocol::audit::AuditLog;
-use serde_json::json;
+use sanctum_protocol::audit::{AuditEvent, AuditLog};
 
 use crate::config::Limits;
 use crate::runs::RunRegistry;
@@ -69,6 +69,9 @@ pub struct CoordinatorOptions {
     pub limits: Limits,
     /// The durable store (`[store]` in its config): SQLite in the state directory by default.
     pub store: crate::db::StoreConfig,
+    /// The test hooks switched on (`main` reads them from the environment).
+    #[cfg(feature = "fault-injection")]
+    pub faults: crate::faults::FaultOptions,
 }
 
 /// A handle on a running coordinator; cheap to clone.
@@ -82,17 +85,20 @@ pub struct Coordinator {
 struct Inner {
     /// The `[limits]` this coordinator was started with.
     limits: Limits,
+    /// The test hooks switched on.
+    #[cfg(feature = "fault-injection")]
+    faults: crate::faults::FaultOptions,
     /// Handlers → driver. Bounded ([`EVENTS_QUEUE`]): a handler awaits room, so a flood of calls
     /// slows its callers instead of growing a queue (see [`Inner::notify_disconnected`] for the
     /// one sender that cannot await).
     events: mpsc::Sender<Event>,
     /// Open directive streams, one per connected node (a reconnect replaces the old one).
-    nodes: Mutex<HashMap<String, NodeConn>>,
+    nodes: Mutex<HashMap<NodeName, NodeConn>>,
     /// What each running plan's open round accepts, by plan id, so uploads are refused before
     /// they are spooled.
-    rounds: RwLock<HashMap<String, RoundInfo>>,
+    rounds: RwLock<HashMap<PlanId, RoundInfo>>,
     /// Everything that happens to plans, keyed by run id, for `WatchPlan` and the simulator.
-    plan_events: broadcast::Sender<(String, PlanEvent)>,
+    plan_events: broadcast::Sender<(RunId, PlanEvent)>,
     /// The events of the runs this process started, by run id, in order, within
     /// `limits.events_per_run` and `limits.runs_in_memory`: a watcher that subscribes late (or
     /// right after submitting) first gets what it missed, and only its own run's. Publishing
@@ -117,18 +123,18 @@ struct Inner {
     receipts: Mutex<crate::receipts::Awaiting>,
     /// Open `FetchModel` streams per node, at most `limits.fetch_streams_per_node` each; a node
     /// with none has no entry, so the map is bounded by the nodes streaming now.
-    fetch_streams: Mutex<HashMap<String, usize>>,
+    fetch_streams: Mutex<HashMap<NodeName, usize>>,
     /// Every node seen since start (version, device, last call), for `nodes list`. Keyed by
     /// certificate name and created only for callers past the node role guard, so bounded by the
     /// nodes the CA admitted; the durable store will persist it.
-    seen: Mutex<HashMap<String, crate::status::NodeSeen>>,
+    seen: Mutex<HashMap<NodeName, crate::status::NodeSeen>>,
     /// Each node's heartbeat allowance (tokens, when last refilled): one a second on average
     /// reaches the driver, with a burst of [`HEARTBEAT_BURST`] so that a round's "uploading"
     /// and the next round's first heartbeat both pass; the rest are refused here without a
     /// queue slot. Which heartbeats count is the plan state machine's rule (one a second per
     /// participant and round). Keyed by certificate name past the node role guard, so bounded
     /// like `seen`.
-    heartbeats: Mutex<HashMap<String, (f64, std::time::Instant)>>,
+    heartbeats: Mutex<HashMap<NodeName, (f64, std::time::Instant)>>,
 }
 
 /// Room in the handlers → driver channel. The driver handles an event in microseconds (an
@@ -149,14 +155,17 @@ struct NodeConn {
 
 #[derive(Clone, Debug)]
 struct RoundInfo {
-    plan_id: String,
+    plan_id: PlanId,
     round: u32,
+    /// The attempt at `round` (a retry reopens the same round number): an upload of a failed
+    /// attempt does not run on into the retry, and each attempt's partial uploads are its own.
+    attempt: u32,
     model: ContentHash,
     num_params: usize,
     /// Uploads are masked secure-aggregation inputs (num_params + 1 u32 words).
     masked: bool,
     /// The nodes the round opened with: only they may upload.
-    participants: Arc<BTreeSet<String>>,
+    participants: Arc<BTreeSet<NodeName>>,
     /// Who is uploading now and whose update was admitted, shared by every handler of this round
     /// (a clone of the `RoundInfo` holds the same slots); a new round gets fresh ones.
     uploads: Arc<Mutex<RoundUploads>>,
@@ -167,8 +176,11 @@ struct RoundInfo {
 /// authority on admission; this is what lets a handler refuse before it spools a byte.
 #[derive(Debug, Default)]
 struct RoundUploads {
-    in_flight: HashSet<String>,
-    admitted: HashSet<String>,
+    /// Each uploading participant, with the signal that tells its handler a newer upload of the
+    /// same node arrived (the old stream may be half-open: a node that rebooted or lost its
+    /// network leaves no FIN behind, and would otherwise hold its slot until the idle timeout).
+    in_flight: HashMap<NodeName, Arc<tokio::sync::Notify>>,
+    admitted: HashSet<NodeName>,
     /// Removes the round's partial uploads once the round is gone (the driver dropped its
     /// `RoundInfo` and no handler holds a clone): set by the first upload of the round.
     partials: Option<crate::store::PartialSweep>,
@@ -177,16 +189,18 @@ struct RoundUploads {
 impl RoundInfo {
     /// The round a driver opened with these participants, with no upload yet.
     fn new(
-        plan_id: String,
+        plan_id: PlanId,
         round: u32,
+        attempt: u32,
         model: ContentHash,
         num_params: usize,
         masked: bool,
-        participants: &[String],
+        participants: &[NodeName],
     ) -> Self {
         Self {
             plan_id,
             round,
+            attempt,
             model,
             num_params,
             masked,
@@ -195,9 +209,16 @@ impl RoundInfo {
         }
     }
 
+    /// Whether `other` is this same opening of the round (not a retry that reopened its number).
+    fn same_opening(&self, other: &RoundInfo) -> bool {
+        self.round == other.round && self.attempt == other.attempt && Arc::ptr_eq(&self.uploads, &other.uploads)
+    }
+
     /// Takes `node`'s upload slot, or says why it may not upload now: not a participant, its
-    /// update already admitted, or another of its uploads in flight.
-    fn claim(&self, node: &str) -> Result<UploadSlot, Status> {
+    /// update already admitted, or another of its uploads in flight. In the last case the older
+    /// upload is told to stop (it keeps its partial file, so the node resumes from it) and the
+    /// caller is answered `Unavailable`, which a node retries shortly.
+    fn claim(&self, node: &NodeName) -> Result<UploadSlot, Status> {
         if !self.participants.contains(node) {
             return Err(Status::permission_denied(format!(
                 "'{node}' is not a participant of round {} (it opened with {} nodes)",
@@ -212,28 +233,33 @@ impl RoundInfo {
                 self.round
             )));
         }
-        if !uploads.in_flight.insert(node.to_string()) {
-            return Err(Status::already_exists(format!(
-                "an upload from '{node}' for round {} is already in flight; wait for its receipt",
+        if let Some(older) = uploads.in_flight.get(node) {
+            // A stored permit: the older handler sees it even if it is not waiting right now.
+            older.notify_one();
+            return Err(Status::unavailable(format!(
+                "an earlier upload from '{node}' for round {} was still open here; it is being closed and keeps what \
+                 it acknowledged: retry in a moment to resume from there",
                 self.round
             )));
         }
-        Ok(UploadSlot { uploads: Arc::clone(&self.uploads), node: node.to_string() })
+        let superseded = Arc::new(tokio::sync::Notify::new());
+        uploads.in_flight.insert(node.clone(), Arc::clone(&superseded));
+        Ok(UploadSlot { uploads: Arc::clone(&self.uploads), node: node.clone(), superseded })
     }
 
     /// Partial uploads of this round are removed from `store` when the round closes.
     fn sweep_partials_on_close(&self, store: &crate::store::Store) {
         let mut uploads = lock(&self.uploads);
         if uploads.partials.is_none() {
-            uploads.partials = Some(store.sweep_on_close(&self.plan_id, self.round));
+            uploads.partials = Some(store.sweep_on_close(&self.plan_id, self.round, self.attempt));
         }
     }
 
     /// The driver admitted `node`'s update: no further upload of its is spooled this round. The
     /// driver records it (not the handler), so an upload whose caller went away while its update
     /// was being admitted still counts.
-    fn admitted(&self, node: &str) {
-        lock(&self.uploads).admitted.insert(node.to_string());
+    fn admitted(&self, node: &NodeName) {
+        lock(&self.uploads).admitted.insert(node.clone());
     }
 }
 
@@ -241,19 +267,34 @@ impl RoundInfo {
 /// timed out, went away or was admitted (then [`RoundInfo::admitted`] keeps the node out).
 struct UploadSlot {
     uploads: Arc<Mutex<RoundUploads>>,
-    node: String,
+    node: NodeName,
+    /// Notified when a newer upload of the same node arrives: this one should stop.
+    superseded: Arc<tokio::sync::Notify>,
+}
+
+impl UploadSlot {
+    /// Resolves once a newer upload of the same node asked this one to stop.
+    async fn superseded(&self) {
+        self.superseded.notified().await;
+    }
 }
 
 impl Drop for UploadSlot {
     fn drop(&mut self) {
-        lock(&self.uploads).in_flight.remove(&self.node);
+        let mut uploads = lock(&self.uploads);
+        if uploads.in_flight.get(&self.node).is_some_and(|n| Arc::ptr_eq(n, &self.superseded)) {
+            uploads.in_flight.remove(&self.node);
+        }
     }
 }
 
 /// A header that passed the handler's checks, and where its payload was spooled.
 struct SpooledUpdate {
     round: u32,
-    plan_id: String,
+    /// The attempt at the round the upload was made in: a failed attempt's upload is not
+    /// admitted into the retry, even when it completed while the retry opened.
+    attempt: u32,
+    plan_id: PlanId,
     base_model: String,
     sample_count: u64,
     metrics: Vec<proto::Metric>,
@@ -265,10 +306,10 @@ struct SpooledUpdate {
 
 enum Event {
     Connected {
-        node: String,
+        node: NodeName,
     },
     Disconnected {
-        node: String,
+        node: NodeName,
         conn: u64,
     },
     Submit {
@@ -280,29 +321,29 @@ enum Event {
         reply: oneshot::Sender<Result<Submitted, Status>>,
     },
     Decision {
-        node: String,
+        node: NodeName,
         response: PlanResponse,
     },
     Update {
-        node: String,
+        node: NodeName,
         update: SpooledUpdate,
         reply: oneshot::Sender<Result<(), String>>,
     },
     Evaluation {
-        node: String,
+        node: NodeName,
         report: EvaluationReport,
     },
     SecAgg {
-        node: String,
+        node: NodeName,
         cert_der: Arc<Vec<u8>>,
         msg: SecAggMessage,
         reply: oneshot::Sender<Result<(), String>>,
     },
     /// A participant's heartbeat (no reply: it is dropped when the queue is full).
     Heartbeat {
-        node: String,
-        plan_id: String,
-        run: String,
+        node: NodeName,
+        plan_id: PlanId,
+        run: RunId,
         round: u32,
         activity: crate::round::Activity,
     },
@@ -315,7 +356,7 @@ enum Event {
     },
     /// The lead cancels `run`: it ends as failed, "cancelled by `lead`".
     Cancel {
-        run: String,
+        run: RunId,
         /// The lead's certificate name (in the reason) and fingerprint (the audit actor).
         lead: String,
         actor: String,
@@ -349,7 +390,7 @@ impl Coordinator {
         let rows = db.call(|s| s.runs())?;
         let runs = RunRegistry::from_rows(&rows);
         // Every node seen before this start, for `nodes list` (not connected until it calls).
-        let seen: HashMap<String, crate::status::NodeSeen> = db
+        let seen: HashMap<NodeName, crate::status::NodeSeen> = db
             .call(|s| s.nodes())?
             .into_iter()
             .map(|n| {
@@ -363,8 +404,8 @@ impl Coordinator {
             let run_id = row.run_id.clone();
             let rounds = db.call(move |s| s.rounds(&run_id))?;
             plans.push(proto::PlanSummary {
-                plan_id: row.plan_id.clone(),
-                run: row.run_id.clone(),
+                plan_id: row.plan_id.to_string(),
+                run: row.run_id.to_string(),
                 run_number: row.number,
                 name: row.name.clone(),
                 status: row.status.as_str().into(),
@@ -379,6 +420,8 @@ impl Coordinator {
         }
         let inner = Arc::new(Inner {
             limits: options.limits.clone(),
+            #[cfg(feature = "fault-injection")]
+            faults: options.faults.clone(),
             events,
             nodes: Mutex::new(HashMap::new()),
             rounds: RwLock::new(HashMap::new()),
@@ -425,7 +468,7 @@ impl Coordinator {
     }
 
     /// Follows one run's events until it finishes.
-    pub fn watch(&self, run: &str) -> impl Stream<Item = PlanEvent> + Send + 'static {
+    pub fn watch(&self, run: &RunId) -> impl Stream<Item = PlanEvent> + Send + 'static {
         watch_stream(&self.inner, run)
     }
 
@@ -440,7 +483,7 @@ impl Coordinator {
 
     /// Names of the nodes connected now.
     pub fn connected_nodes(&self) -> Vec<String> {
-        let mut v: Vec<String> = lock(&self.inner.nodes).keys().cloned().collect();
+        let mut v: Vec<String> = lock(&self.inner.nodes).keys().map(NodeName::to_string).collect();
         v.sort();
         v
     }
@@ -449,13 +492,13 @@ impl Coordinator {
 /// A submission that started a run.
 #[derive(Clone, Debug)]
 pub struct Submitted {
-    pub plan_id: String,
-    pub run: String,
+    pub plan_id: PlanId,
+    pub run: RunId,
     /// The run's number among the plan's runs (1 for the first).
     pub run_number: u32,
 }
 
-fn watch_stream(inner: &Arc<Inner>, run: &str) -> impl Stream<Item = PlanEvent> + Send + 'static {
+fn watch_stream(inner: &Arc<Inner>, run: &RunId) -> impl Stream<Item = PlanEvent> + Send + 'static {
     let (mut past, mut rx) = {
         let history = lock(&inner.history);
         (history.events(run), inner.plan_events.subscribe())
@@ -463,7 +506,7 @@ fn watch_stream(inner: &Arc<Inner>, run: &str) -> impl Stream<Item = PlanEvent> 
     if past.is_empty() {
         // A run of an earlier process (finished, or resumed with nothing new yet): its events
         // from the store, within the same bound as the history's.
-        let (id, limit) = (run.to_string(), inner.limits.events_per_run);
+        let (id, limit) = (run.clone(), inner.limits.events_per_run);
         match inner.db.call(move |s| s.events(&id, 0, limit)) {
             Ok(stored) => {
                 past = stored
@@ -474,7 +517,7 @@ fn watch_stream(inner: &Arc<Inner>, run: &str) -> impl Stream<Item = PlanEvent> 
             Err(e) => tracing::error!("store: {e}; the watcher gets new events only"),
         }
     }
-    let plan_id = run.to_string();
+    let plan_id = run.clone();
     let (tx, out) = mpsc::channel(256);
     tokio::spawn(async move {
         for ev in past {
@@ -505,9 +548,8 @@ fn watch_stream(inner: &Arc<Inner>, run: &str) -> impl Stream<Item = PlanEvent> 
 impl Inner {
     /// Appends an audit record; a failure to write it is logged loudly (the record is lost, the
     /// service goes on).
-    fn audit<const N: usize>(&self, actor: &str, event: &str, params: [(&str, serde_json::Value); N]) {
-        let params = params.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        if let Err(e) = lock(&self.audit).append(actor, event, params) {
+    fn audit(&self, actor: &str, event: AuditEvent) {
+        if let Err(e) = lock(&self.audit).append_event(actor, &event) {
             tracing::error!("audit log: {e}");
         }
     }
@@ -516,29 +558,13 @@ impl Inner {
     /// (node, event) this period ([`quota::ITEMISED_PER_PERIOD`]); beyond it the record is only
     /// counted, and [`Inner::flush_audit_quota`] writes one summary when the period ends. Returns
     /// whether it was written (callers log only what they audit, so the log is bounded too).
-    fn audit_member<const N: usize>(
-        &self,
-        node: &str,
-        actor: &str,
-        event: &'static str,
-        params: [(&str, serde_json::Value); N],
-    ) -> bool {
-        let params = params.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-        self.audit_member_params(node, actor, event, params)
-    }
-
-    /// [`Inner::audit_member`] with the parameters as a map (the engine's effects carry one).
-    fn audit_member_params(
-        &self,
-        node: &str,
-        actor: &str,
-        event: &'static str,
-        params: std::collections::BTreeMap<String, serde_json::Value>,
-    ) -> bool {
+    fn audit_member(&self, node: &str, actor: &str, event: AuditEvent) -> bool {
+        // The quota counts per kind; members only cause kinds this version writes.
+        let kind = sanctum_protocol::audit::KNOWN_EVENTS.iter().copied().find(|k| *k == event.name());
         let now = std::time::Instant::now();
-        let itemise = lock(&self.audit_quota).admit(node, event, now);
+        let itemise = lock(&self.audit_quota).admit(node, kind.unwrap_or("unknown"), now);
         self.flush_audit_quota(now);
-        if itemise && let Err(e) = lock(&self.audit).append(actor, event, params) {
+        if itemise && let Err(e) = lock(&self.audit).append_event(actor, &event) {
             tracing::error!("audit log: {e}");
         }
         itemise
@@ -565,14 +591,13 @@ impl Inner {
             );
             self.audit(
                 &own,
-                "audit_records_suppressed",
-                [
-                    ("node", json!(s.node)),
-                    ("event", json!(s.event)),
-                    ("suppressed", json!(s.count)),
-                    ("itemised", json!(s.itemised)),
-                    ("period_secs", json!(period.as_secs())),
-                ],
+                AuditEvent::AuditRecordsSuppressed {
+                    node: s.node.to_string(),
+                    event: s.event.to_string(),
+                    suppressed: s.count,
+                    itemised: u64::from(s.itemised),
+                    period_secs: period.as_secs(),
+                },
             );
         }
     }
@@ -585,29 +610,29 @@ impl Inner {
 
     /// A call from node `node` passed the role guard: it was seen now. One lock and, after its
     /// first call, no allocation.
-    fn node_called(&self, node: &str) {
+    fn node_called(&self, node: &NodeName) {
         let now = unix_ms(SystemTime::now());
         let mut seen = lock(&self.seen);
         match seen.get_mut(node) {
             Some(s) => s.last_seen_unix_ms = now,
             None => {
-                seen.insert(node.to_string(), crate::status::NodeSeen { last_seen_unix_ms: now, ..Default::default() });
+                seen.insert(node.clone(), crate::status::NodeSeen { last_seen_unix_ms: now, ..Default::default() });
             }
         }
     }
 
     /// What a node said of itself at `Subscribe` (already bounded by `bounds::label`).
-    fn node_hello(&self, node: &str, version: &str, device: &str) {
+    fn node_hello(&self, node: &NodeName, version: &str, device: &str) {
         let now = unix_ms(SystemTime::now());
         {
             let mut seen = lock(&self.seen);
-            let s = seen.entry(node.to_string()).or_default();
+            let s = seen.entry(node.clone()).or_default();
             (s.version, s.device, s.last_seen_unix_ms) = (version.to_string(), device.to_string(), now);
         }
         // Kept in the store at each connection (not at each call), so `nodes list` knows every
         // node ever seen across restarts.
         let row = crate::db::NodeRow {
-            name: node.to_string(),
+            name: node.clone(),
             fingerprint: self.fingerprint(node),
             version: version.to_string(),
             device: device.to_string(),
@@ -635,7 +660,7 @@ impl Inner {
     /// Those tasks are bounded too: each directive stream sends its disconnect once, and the
     /// streams open at once are bounded by `limits.max_connections` × `max_concurrent_streams`
     /// (and a node's reconnect ends its previous stream).
-    fn notify_disconnected(events: &mpsc::Sender<Event>, node: String, conn: u64) {
+    fn notify_disconnected(events: &mpsc::Sender<Event>, node: NodeName, conn: u64) {
         match events.try_send(Event::Disconnected { node, conn }) {
             Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
             Err(mpsc::error::TrySendError::Full(ev)) => {
@@ -653,9 +678,9 @@ impl Inner {
         }
     }
 
-    fn publish(&self, plan_id: &str, kind: plan_event::Kind) {
+    fn publish(&self, plan_id: &PlanId, kind: plan_event::Kind) {
         // A plan has at most one run going on, so a plan's events belong to its latest run.
-        let Some(run) = lock(&self.runs).latest(plan_id).map(str::to_string) else {
+        let Some(run) = lock(&self.runs).latest(plan_id).cloned() else {
             return;
         };
         self.publish_run(plan_id, &run, kind);
@@ -663,8 +688,8 @@ impl Inner {
 
     /// Publishes an event of run `run` of plan `plan_id` to its watchers and history; what the lead
     /// is told about rounds and the plan's end is also what the audit log keeps.
-    fn publish_run(&self, plan_id: &str, run: &str, kind: plan_event::Kind) {
-        let run = run.to_string();
+    fn publish_run(&self, plan_id: &PlanId, run: &RunId, kind: plan_event::Kind) {
+        let run = run.clone();
         let own = lock(&self.audit).own_fingerprint().to_string();
         match &kind {
             plan_event::Kind::RoundClosed(r) => {
@@ -674,24 +699,22 @@ impl Inner {
                 }
                 self.audit(
                     &own,
-                    "round_closed",
-                    [
-                        ("plan_id", json!(plan_id)),
-                        ("run", json!(run)),
-                        ("round", json!(r.round)),
-                        ("reported", json!(r.reported)),
-                        ("dropped", json!(r.dropped)),
-                    ],
+                    AuditEvent::RoundClosed {
+                        plan_id: plan_id.to_string(),
+                        run: Some(run.to_string()),
+                        round: u64::from(r.round),
+                        reported: r.reported.clone(),
+                        dropped: r.dropped.clone(),
+                    },
                 );
                 self.audit(
                     &own,
-                    "aggregate_released",
-                    [
-                        ("plan_id", json!(plan_id)),
-                        ("round", json!(r.round)),
-                        ("model_sha256", json!(r.new_model_sha256)),
-                        ("contributors", json!(r.reported.len())),
-                    ],
+                    AuditEvent::AggregateReleased {
+                        plan_id: plan_id.to_string(),
+                        round: u64::from(r.round),
+                        model_sha256: r.new_model_sha256.clone(),
+                        contributors: r.reported.len() as u64,
+                    },
                 );
             }
             plan_event::Kind::PlanFinished(f) => {
@@ -705,27 +728,25 @@ impl Inner {
                 if !f.model_path.is_empty() {
                     self.audit(
                         &own,
-                        "model_exported",
-                        [
-                            ("plan_id", json!(plan_id)),
-                            ("model_sha256", json!(f.final_model_sha256)),
-                            ("path", json!(f.model_path)),
-                        ],
+                        AuditEvent::ModelExported {
+                            plan_id: plan_id.to_string(),
+                            model_sha256: f.final_model_sha256.clone(),
+                            path: f.model_path.clone(),
+                        },
                     );
                 }
                 self.audit(
                     &own,
-                    "plan_finished",
-                    [
-                        ("plan_id", json!(plan_id)),
-                        ("run", json!(run)),
-                        ("success", json!(f.success)),
-                        ("reason", json!(f.reason)),
-                        ("rounds_completed", json!(f.rounds_completed)),
-                        ("final_model_sha256", json!(f.final_model_sha256)),
-                        ("client_epsilon", json!(f.client_epsilon)),
-                        ("client_delta", json!(f.client_delta)),
-                    ],
+                    AuditEvent::PlanFinished {
+                        plan_id: plan_id.to_string(),
+                        run: Some(run.to_string()),
+                        success: f.success,
+                        reason: f.reason.clone(),
+                        rounds_completed: f.rounds_completed,
+                        final_model_sha256: f.final_model_sha256.clone(),
+                        client_epsilon: f.client_epsilon,
+                        client_delta: f.client_delta,
+                    },
                 );
             }
             _ => {}
@@ -752,11 +773,16 @@ impl Inner {
 
     /// A node's counted answer to a run's offer, kept in the store (the latest per node wins;
     /// earlier answers stay as history).
-    fn record_decision(&self, run: &str, d: &proto::NodeDecision) {
+    fn record_decision(&self, run: &RunId, d: &proto::NodeDecision) {
         let finite = |x: f64| (x.is_finite() && x >= 0.0).then_some(x);
+        // The engine wrote the event from the node's `NodeName`: it parses back.
+        let Ok(node) = NodeName::parse(&d.node) else {
+            tracing::error!("decision of a node whose name is not a certificate name; not stored");
+            return;
+        };
         let row = crate::db::DecisionRow {
-            run_id: run.to_string(),
-            node: d.node.clone(),
+            run_id: run.clone(),
+            node,
             accept: d.accepted,
             reason: bounds::clip_bytes(&d.reason, bounds::REASON_BYTES).into_owned(),
             epsilon: d.privacy.as_ref().and_then(|p| finite(p.epsilon)),
@@ -770,13 +796,17 @@ impl Inner {
 
     /// A countersignature the coordinator took, kept in the store beside its round.
     fn record_receipt(&self, accepted: &crate::receipts::Accepted) {
-        let Some(run) = lock(&self.runs).latest(&accepted.plan_id).map(str::to_string) else {
+        // The run whose record was countersigned (a late receipt of an earlier run's round is
+        // that run's, not the plan's latest). Both ids were this coordinator's own (the run) and
+        // the verified certificate's (the node), so they parse.
+        let (Ok(run_id), Ok(node)) = (RunId::parse(&accepted.run), NodeName::parse(&accepted.node)) else {
+            tracing::error!("receipt of a run or node whose id is not of its form; not stored");
             return;
         };
         let row = crate::db::ReceiptRow {
-            run_id: run,
+            run_id,
             round: accepted.round,
-            node: accepted.node.clone(),
+            node,
             agrees: accepted.agrees,
             reason: bounds::clip_bytes(&accepted.reason, bounds::REASON_BYTES).into_owned(),
             signature: accepted.signature.clone(),
@@ -798,8 +828,12 @@ impl Inner {
         let itemised = self.audit_member(
             node,
             &self.fingerprint(node),
-            "update_rejected",
-            [("node", json!(node)), ("plan_id", json!(plan_id)), ("round", json!(round)), ("reason", json!(reason))],
+            AuditEvent::UpdateRejected {
+                node: node.to_string(),
+                plan_id: plan_id.to_string(),
+                round: u64::from(round),
+                reason: reason.to_string(),
+            },
         );
         if itemised {
             tracing::warn!(node, round, plan = short(plan_id), "rejected update: {reason}");
@@ -812,8 +846,11 @@ impl Inner {
         if plan_id.is_empty() || !itemised || open_round != Some(round) || !self.is_running(plan_id) {
             return status;
         }
+        let Ok(plan_id) = PlanId::parse(plan_id) else {
+            return status;
+        };
         self.publish(
-            plan_id,
+            &plan_id,
             plan_event::Kind::UpdateRejected(proto::UpdateRejected {
                 round,
                 node: node.to_string(),
@@ -824,8 +861,11 @@ impl Inner {
     }
 }
 
-fn caller<T>(request: &Request<T>) -> Result<String, Status> {
-    Ok(tls::peer(request)?.identity.name.clone())
+/// The caller's name, from its verified certificate. The certificate's name was checked against
+/// the same rule when it was read (`pki::identity_from_der`), so this refuses nothing TLS let in.
+fn caller<T>(request: &Request<T>) -> Result<NodeName, Status> {
+    NodeName::parse(&tls::peer(request)?.identity.name)
+        .map_err(|e| Status::unauthenticated(format!("the certificate's name: {e}")))
 }
 
 /// The first 12 characters of a hash for messages and logs; never more, whatever the input (a
@@ -842,35 +882,78 @@ fn unix_ms(t: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_ids::{node, nodes};
 
     fn round() -> RoundInfo {
-        RoundInfo::new("ab".repeat(32), 3, ContentHash::of(b"model"), 14, false, &["a".into(), "b".into()])
+        attempt(1)
+    }
+
+    fn attempt(attempt: u32) -> RoundInfo {
+        RoundInfo::new(
+            PlanId::parse(&"ab".repeat(32)).unwrap(),
+            3,
+            attempt,
+            ContentHash::of(b"model"),
+            14,
+            false,
+            &nodes(&["a", "b"]),
+        )
     }
 
     #[test]
     fn one_upload_per_participant_is_spooled_and_none_after_admission() {
         let info = round();
-        let e = info.claim("rogue").err().map(|s| (s.code(), s.message().to_string()));
+        let e = info.claim(&node("rogue")).err().map(|s| (s.code(), s.message().to_string()));
         assert_eq!(e.as_ref().map(|e| e.0), Some(tonic::Code::PermissionDenied));
         assert!(e.is_some_and(|e| e.1.contains("not a participant of round 3")));
-        let slot = info.claim("a");
+        let slot = info.claim(&node("a"));
         assert!(slot.is_ok());
         // A clone (what each handler holds) shares the slots.
         let twin = info.clone();
-        let dup = twin.claim("a").err().map(|s| s.message().to_string()).unwrap_or_default();
-        assert!(dup.contains("already in flight"), "{dup}");
-        assert!(twin.claim("b").is_ok(), "another participant is not held up (its slot is freed at once here)");
+        let dup = twin.claim(&node("a")).err().map(|s| (s.code(), s.message().to_string()));
+        assert_eq!(dup.as_ref().map(|e| e.0), Some(tonic::Code::Unavailable), "a node retries Unavailable");
+        assert!(dup.is_some_and(|e| e.1.contains("still open here")));
+        assert!(twin.claim(&node("b")).is_ok(), "another participant is not held up (its slot is freed at once here)");
         drop(slot);
         // The upload failed: the node may try again.
-        let slot = info.claim("a");
+        let slot = info.claim(&node("a"));
         assert!(slot.is_ok());
-        info.admitted("a");
+        info.admitted(&node("a"));
         drop(slot);
-        let again = info.claim("a").err().map(|s| (s.code(), s.message().to_string()));
+        let again = info.claim(&node("a")).err().map(|s| (s.code(), s.message().to_string()));
         assert_eq!(again.as_ref().map(|e| e.0), Some(tonic::Code::AlreadyExists));
         assert!(again.is_some_and(|e| e.1.contains("already had an update admitted")));
         // The next round starts with fresh slots.
-        assert!(round().claim("a").is_ok());
+        assert!(round().claim(&node("a")).is_ok());
+    }
+
+    /// A participant whose earlier upload stream is half-open (its host rebooted, its network
+    /// went) is not locked out until the idle timeout: its new upload tells the old one to stop
+    /// and is asked to retry, and the retry gets the slot once the old handler let go.
+    #[tokio::test]
+    async fn a_new_upload_of_the_same_node_closes_the_one_left_half_open() {
+        let info = round();
+        let old = info.claim(&node("a")).map_err(|s| s.message().to_string()).unwrap();
+        let superseded = tokio::time::timeout(Duration::from_millis(50), old.superseded()).await;
+        assert!(superseded.is_err(), "nobody asked the upload to stop yet");
+        assert_eq!(info.claim(&node("a")).err().map(|s| s.code()), Some(tonic::Code::Unavailable));
+        let superseded = tokio::time::timeout(Duration::from_secs(5), old.superseded()).await;
+        assert!(superseded.is_ok(), "the older upload is told to stop");
+        drop(old);
+        assert!(info.claim(&node("a")).is_ok(), "the retry takes the slot");
+    }
+
+    /// A retry of a round reopens its number: an upload of the failed attempt is not of the
+    /// retry's opening (so it ends at its next chunk), and the retry's slots are its own.
+    #[test]
+    fn a_retry_of_a_round_is_another_opening() {
+        let (first, retry) = (attempt(1), attempt(2));
+        assert!(first.same_opening(&first.clone()));
+        assert!(!first.same_opening(&retry), "same round number, another attempt");
+        assert!(!first.same_opening(&attempt(1)), "a reopening with the same numbers has fresh slots");
+        let held = first.claim(&node("a"));
+        assert!(held.is_ok());
+        assert!(retry.claim(&node("a")).is_ok(), "the failed attempt's upload does not hold the retry's slot");
     }
 
     #[test]

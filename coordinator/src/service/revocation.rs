@@ -14,7 +14,7 @@ use sanctum_protocol::pki::{self, Identity, PkiError};
 use sanctum_protocol::tls;
 use tonic::Status;
 
-use serde_json::json;
+use sanctum_protocol::audit::RevocationListState;
 
 use super::*;
 
@@ -71,12 +71,18 @@ impl Inner {
             let own = lock(&self.audit).own_fingerprint().to_string();
             self.audit(
                 &own,
-                "certificate_revocation_applied",
-                [("name", json!(r.name)), ("fingerprint", json!(r.fingerprint)), ("revoked_at", json!(r.revoked_at))],
+                AuditEvent::CertificateRevocationApplied {
+                    name: r.name.clone(),
+                    fingerprint: r.fingerprint.clone(),
+                    revoked_at: r.revoked_at.clone(),
+                },
             );
-            let open =
-                lock(&self.nodes).get(&r.name).filter(|c| c.fingerprint == r.fingerprint).map(|c| (c.id, c.tx.clone()));
-            if let Some((conn, tx)) = open {
+            // A name not of a certificate name's form has no connection to close.
+            let name = NodeName::parse(&r.name).ok();
+            let open = name.as_ref().and_then(|name| {
+                lock(&self.nodes).get(name).filter(|c| c.fingerprint == r.fingerprint).map(|c| (c.id, c.tx.clone()))
+            });
+            if let (Some((conn, tx)), Some(name)) = (open, name) {
                 // The node learns why its stream ends (if its queue has room; it ends anyway).
                 let _ = tx.try_send(Err(revoked_status(&r.name, &r)));
                 drop(tx);
@@ -85,7 +91,7 @@ impl Inner {
                 // of this notice and the stream's own drop notice comes first acts; the other
                 // finds the connection gone, so the round hears of it exactly once.
                 // `send_event` awaits the bounded queue; this path cannot (see `notify_disconnected`).
-                Inner::notify_disconnected(&self.events, r.name.clone(), conn);
+                Inner::notify_disconnected(&self.events, name, conn);
             }
         }
     }
@@ -128,7 +134,7 @@ pub(super) async fn follow_revocations(inner: Arc<Inner>, path: PathBuf, mut las
                 if let Some((since, _)) = broken.take() {
                     let secs = now.duration_since(since).as_secs();
                     tracing::warn!("revocation list {} is usable again after {secs} s", path.display());
-                    inner.revocation_list_event("revocation_list_restored", &path, None, secs);
+                    inner.revocation_list_event(AuditEvent::RevocationListRestored, &path, None, secs);
                 }
                 if let Some((text, list)) = change {
                     inner.apply_revocations(list);
@@ -140,7 +146,7 @@ pub(super) async fn follow_revocations(inner: Arc<Inner>, path: PathBuf, mut las
                 match broken {
                     None => {
                         tracing::error!("{e}; keeping the last good list ({kept} revoked certificates)");
-                        inner.revocation_list_event("revocation_list_unusable", &path, Some(&e.to_string()), 0);
+                        inner.revocation_list_event(AuditEvent::RevocationListUnusable, &path, Some(&e.to_string()), 0);
                         broken = Some((now, now));
                     }
                     Some((since, logged)) if now.duration_since(logged) >= REPEAT_BROKEN_EVERY => {
@@ -159,17 +165,20 @@ pub(super) async fn follow_revocations(inner: Arc<Inner>, path: PathBuf, mut las
 
 impl Inner {
     /// Audits the list breaking or being fixed (once each, not at every check).
-    fn revocation_list_event(&self, event: &str, path: &Path, error: Option<&str>, broken_secs: u64) {
+    fn revocation_list_event(
+        &self,
+        event: fn(RevocationListState) -> AuditEvent,
+        path: &Path,
+        error: Option<&str>,
+        broken_secs: u64,
+    ) {
         let own = lock(&self.audit).own_fingerprint().to_string();
-        self.audit(
-            &own,
-            event,
-            [
-                ("path", json!(path.display().to_string())),
-                ("error", json!(error.unwrap_or_default())),
-                ("kept_revocations", json!(self.revoked.len())),
-                ("broken_secs", json!(broken_secs)),
-            ],
-        );
+        let state = RevocationListState {
+            path: path.display().to_string(),
+            error: error.unwrap_or_default().to_string(),
+            kept_revocations: self.revoked.len() as u64,
+            broken_secs,
+        };
+        self.audit(&own, event(state));
     }
 }

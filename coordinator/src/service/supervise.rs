@@ -99,6 +99,8 @@ mod tests {
             revocation_list: None,
             limits: crate::config::Limits::default(),
             store: crate::db::StoreConfig::default(),
+            #[cfg(feature = "fault-injection")]
+            faults: crate::faults::FaultOptions::default(),
         };
         (super::super::Coordinator::start(options, &material).unwrap(), material)
     }

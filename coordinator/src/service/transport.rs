@@ -17,31 +17,28 @@ use sanctum_protocol::tls::{self, TlsMaterial};
 use sanctum_protocol::transfer::CHUNK_BYTES;
 use tokio::net::TcpListener;
 
-use serde_json::json;
-
 use super::*;
 
 /// Writes one periodic refusal record (bounded: see [`tls::RefusalReport`]).
 fn audit_refusals(inner: &Inner, report: &tls::RefusalReport) {
-    let by_reason: serde_json::Map<String, serde_json::Value> =
-        report.by_reason.iter().map(|(class, n)| (class.key().to_string(), json!(n))).collect();
+    let by_reason: std::collections::BTreeMap<String, u64> =
+        report.by_reason.iter().map(|(class, n)| (class.key().to_string(), *n)).collect();
     let samples: Vec<String> = report.sample_remotes.iter().map(|ip| ip.to_string()).collect();
     tracing::warn!("refused peers: {} (from {})", report.summary(), report.remotes_summary());
     inner.audit(
         "unauthenticated",
-        "authentication_failed",
-        [
+        AuditEvent::AuthenticationFailed {
             // `remote` and `reason` as one line each, as a single refusal's record had them.
-            ("remote", json!(report.remotes_summary())),
-            ("reason", json!(report.summary())),
-            ("refused", json!(report.refused)),
-            ("by_reason", serde_json::Value::Object(by_reason)),
-            ("distinct_remotes", json!(report.distinct_remotes)),
-            ("distinct_remotes_capped", json!(report.distinct_remotes_capped)),
-            ("sample_remotes", json!(samples)),
-            ("sample_reasons", json!(report.sample_reasons)),
-            ("over_secs", json!(report.over_secs)),
-        ],
+            remote: report.remotes_summary(),
+            reason: report.summary(),
+            refused: Some(report.refused),
+            by_reason: Some(by_reason),
+            distinct_remotes: Some(report.distinct_remotes as u64),
+            distinct_remotes_capped: Some(report.distinct_remotes_capped),
+            sample_remotes: Some(samples),
+            sample_reasons: Some(report.sample_reasons.clone()),
+            over_secs: Some(report.over_secs),
+        },
     );
 }
 
@@ -61,7 +58,10 @@ impl Coordinator {
         let refusals = Arc::new(tls::Refusals::new(period));
         let inner = self.inner.clone();
         let on_itemised: tls::RefusalHook = Arc::new(move |remote: &str, reason: &str| {
-            inner.audit("unauthorised", "call_refused", [("remote", json!(remote)), ("reason", json!(reason))]);
+            inner.audit(
+                "unauthorised",
+                AuditEvent::CallRefused { remote: remote.to_string(), reason: reason.to_string() },
+            );
         });
         let revoked = Arc::clone(&self.inner.revoked);
         let options = tls::IncomingOptions {
@@ -99,9 +99,11 @@ impl Coordinator {
             let (mut check, inner) = (guard(&[Role::Node]), self.inner.clone());
             move |request: tonic::Request<()>| {
                 let request = check(request)?;
-                if let Ok(p) = tls::peer(&request) {
-                    inner.node_called(&p.identity.name);
+                // A certificate's name is a `NodeName` (`pki::identity_from_der` checked it).
+                if let Some(node) = tls::peer(&request).ok().and_then(|p| NodeName::parse(&p.identity.name).ok()) {
+                    inner.node_called(&node);
                 }
+
                 Ok(request)
             }
         };

@@ -106,8 +106,7 @@ fn errors_name_the_field_or_line() {
     assert!(e.contains("data.schema"), "{e}");
     let e = Plan::parse(&PLAN.replace("schema_sha256 = \"0000", "schema_sha256 = \"ZZ00")).unwrap_err().to_string();
     assert!(e.contains("data.schema_sha256"), "{e}");
-    let no_hash: String =
-        PLAN.lines().filter(|l| !l.starts_with("schema_sha256")).map(|l| format!("{l}\n")).collect();
+    let no_hash: String = PLAN.lines().filter(|l| !l.starts_with("schema_sha256")).map(|l| format!("{l}\n")).collect();
     let e = Plan::parse(&no_hash).unwrap_err().to_string();
     assert!(e.contains("data.schema_sha256") && e.contains("schema_file"), "{e}");
     let e = Plan::parse(&PLAN.replace("rounds = 2", "rounds = \"two\"")).unwrap_err().to_string();
@@ -193,10 +192,7 @@ fn numbers_outside_the_limits_are_refused_with_the_field_and_the_bound() {
             "more than 2^64",
         ),
         (
-            with(
-                "kind = \"logistic_regression\"\ninputs = 13",
-                "kind = \"mlp\"\ninputs = 13\nhidden = [16385, 16385]",
-            ),
+            with("kind = \"logistic_regression\"\ninputs = 13", "kind = \"mlp\"\ninputs = 13\nhidden = [16385, 16385]"),
             "268435456",
         ),
         (
@@ -243,12 +239,10 @@ fn numbers_outside_the_limits_are_refused_with_the_field_and_the_bound() {
 /// secure-aggregation sizing, each refused with its field and its bound.
 #[test]
 fn privacy_and_secagg_numbers_outside_the_limits_are_refused_with_the_field_and_the_bound() {
-    let client = PLAN
-        .replace("kind = \"fedadam\"\nserver_learning_rate = 0.01", "kind = \"fedavg\"\nweighting = \"uniform\"");
+    let client =
+        PLAN.replace("kind = \"fedadam\"\nserver_learning_rate = 0.01", "kind = \"fedavg\"\nweighting = \"uniform\"");
     let dp = |mode: &str, body: &str| {
-        Plan::parse(&format!("{client}[privacy]\nmode = \"{mode}\"\n{body}\n"))
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        Plan::parse(&format!("{client}[privacy]\nmode = \"{mode}\"\n{body}\n")).map(|_| ()).map_err(|e| e.to_string())
     };
     let base = "clip_norm = 1.0\ndelta = 1e-5";
     let adaptive = |a: &str| format!("noise_multiplier = 1.0\n{base}\nadaptive_clipping = {{ {a} }}");
@@ -265,12 +259,7 @@ fn privacy_and_secagg_numbers_outside_the_limits_are_refused_with_the_field_and_
         ("example", "noise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 1e-13".into(), "privacy.delta", "1e-12"),
         ("example", "noise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 0.1".into(), "privacy.delta", "0.1"),
         ("example", "noise_multiplier = 1.0\nclip_norm = 1.0".into(), "privacy.delta", "missing"),
-        (
-            "example",
-            "noise_multiplier = 1.0\nclip_norm = 1e7\ndelta = 1e-5".into(),
-            "privacy.clip_norm",
-            "1000000.0",
-        ),
+        ("example", "noise_multiplier = 1.0\nclip_norm = 1e7\ndelta = 1e-5".into(), "privacy.clip_norm", "1000000.0"),
         ("example", "noise_multiplier = 1.0\nclip_norm = 1e-7\ndelta = 1e-5".into(), "privacy.clip_norm", "1e-6"),
         ("example", "noise_multiplier = 1.0\nclip_norm = inf\ndelta = 1e-5".into(), "privacy.clip_norm", "1e-6"),
         ("client", adaptive("count_noise_multiplier = 1e-3"), "count_noise_multiplier", "0.1"),
@@ -330,11 +319,8 @@ fn every_bundled_example_plan_is_within_the_limits() {
                 let text = std::fs::read_to_string(&path).unwrap();
                 let plan = Plan::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 // Every example names its schema file, and fits it.
-                let file = plan
-                    .data
-                    .schema_file
-                    .clone()
-                    .unwrap_or_else(|| panic!("{} has no schema_file", path.display()));
+                let file =
+                    plan.data.schema_file.clone().unwrap_or_else(|| panic!("{} has no schema_file", path.display()));
                 let schema = crate::dataset::Schema::load(&sub.join(file)).unwrap();
                 plan.check_schema(&schema).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 seen += 1;

@@ -269,12 +269,7 @@ pub fn plan_round_rho(plan: &Plan, noise_multiplier: f64) -> Result<f64, PlanNoi
 
 /// ε at δ after `rounds` releases of `plan` with distributed noise at multiplier σ: what a node
 /// charges, and what the coordinator reports after as many released rounds.
-pub fn distributed_epsilon(
-    plan: &Plan,
-    noise_multiplier: f64,
-    rounds: u32,
-    delta: f64,
-) -> Result<f64, PlanNoiseError> {
+pub fn distributed_epsilon(plan: &Plan, noise_multiplier: f64, rounds: u32, delta: f64) -> Result<f64, PlanNoiseError> {
     Ok(distributed::epsilon_after_rounds(plan_round_rho(plan, noise_multiplier)?, rounds, delta)?)
 }
 
