@@ -33,24 +33,26 @@ pub struct Store {
     acknowledged: Arc<Mutex<HashMap<String, u64>>>,
 }
 
-/// Whose partial upload: the node (from its certificate), the plan, round and attempt at the
+/// Whose partial upload: the node (from its certificate), the plan, run, round and attempt at the
 /// round, and the payload's declared SHA-256. A different payload for the same node and attempt
-/// replaces it. The attempt is part of the key so that a retry of a round (which reopens the same
-/// round number) never shares a file with, or is swept by, the attempt that failed.
+/// replaces it. The run and the attempt are part of the key so that a retry of a round (which
+/// reopens the same round number), or the plan's next run, never shares a file with, or is
+/// swept by, the attempt or run before it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PartialKey {
     pub node: String,
     pub plan_id: String,
+    pub run: String,
     pub round: u32,
     pub attempt: u32,
     pub payload: ContentHash,
 }
 
 impl PartialKey {
-    /// `PLAN-rROUND-aATTEMPT-NODE-`: names come from certificates and ids from the wire, so both
-    /// are hashed rather than used as paths.
+    /// `PLAN-rROUND-aATTEMPT-RUN-NODE-`: names come from certificates and ids from the wire, so
+    /// they are hashed rather than used as paths.
     fn prefix(&self) -> String {
-        format!("{}-a{}-{}-", round_prefix(&self.plan_id, self.round), self.attempt, short_hash(&self.node))
+        format!("{}{}-", opening_prefix(&self.plan_id, &self.run, self.round, self.attempt), short_hash(&self.node))
     }
 
     fn file_name(&self) -> String {
@@ -61,6 +63,11 @@ impl PartialKey {
 /// `PLAN-rROUND`: what every partial of one round's attempts starts with.
 fn round_prefix(plan_id: &str, round: u32) -> String {
     format!("{}-r{round}", plan_stem(plan_id))
+}
+
+/// `PLAN-rROUND-aATTEMPT-RUN-`: what every partial of one opening of a round starts with.
+fn opening_prefix(plan_id: &str, run: &str, round: u32, attempt: u32) -> String {
+    format!("{}-a{attempt}-{}-", round_prefix(plan_id, round), short_hash(run))
 }
 
 fn short_hash(text: &str) -> String {
@@ -170,8 +177,8 @@ impl Store {
     /// A guard that removes attempt `attempt` at round `round` of `plan_id`'s partial uploads
     /// when it is dropped: the service keeps one with the open round, so they go when that
     /// attempt closes (and not a retry's, which is open by then).
-    pub fn sweep_on_close(&self, plan_id: &str, round: u32, attempt: u32) -> PartialSweep {
-        PartialSweep { store: self.clone(), plan_id: plan_id.to_string(), round, attempt }
+    pub fn sweep_on_close(&self, plan_id: &str, run: &str, round: u32, attempt: u32) -> PartialSweep {
+        PartialSweep { store: self.clone(), prefix: opening_prefix(plan_id, run, round, attempt) }
     }
 
     /// How many partial uploads there are (for tests and the status of a stuck upload).
@@ -352,20 +359,19 @@ impl PartialUpload {
 #[derive(Debug)]
 pub struct PartialSweep {
     store: Store,
-    plan_id: String,
-    round: u32,
-    attempt: u32,
+    /// What the names of the swept opening's partials start with.
+    prefix: String,
 }
 
 impl Drop for PartialSweep {
     fn drop(&mut self) {
-        let plan = format!("{}-a{}-", round_prefix(&self.plan_id, self.round), self.attempt);
+        let plan = &self.prefix;
         let Ok(entries) = fs::read_dir(self.store.partial_dir()) else {
             return;
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&plan) {
+            if name.starts_with(plan.as_str()) {
                 let _ = fs::remove_file(entry.path());
                 lock(&self.store.acknowledged).remove(&name);
             }
@@ -432,7 +438,14 @@ mod tests {
     }
 
     fn key(node: &str, round: u32, payload: &[u8]) -> PartialKey {
-        PartialKey { node: node.into(), plan_id: "ab".repeat(32), round, attempt: 1, payload: ContentHash::of(payload) }
+        PartialKey {
+            node: node.into(),
+            plan_id: "ab".repeat(32),
+            run: "cd".repeat(16),
+            round,
+            attempt: 1,
+            payload: ContentHash::of(payload),
+        }
     }
 
     #[test]
@@ -493,9 +506,15 @@ mod tests {
         drop(second);
         assert_eq!(store.partial_files()?, 2);
         // The failed attempt's sweep (its last handler went) leaves the retry's file whole.
-        drop(store.sweep_on_close(&failed.plan_id, 3, 1));
+        drop(store.sweep_on_close(&failed.plan_id, &failed.run, 3, 1));
         assert_eq!(store.partial_files()?, 1);
         assert_eq!(store.partial_acknowledged(&retry, total)?, 2 * CHUNK_BYTES as u64);
+        // Nor does the plan's next run share a file with, or sweep, this run's.
+        let next_run = PartialKey { run: "ef".repeat(16), ..retry.clone() };
+        drop(store.open_partial(&next_run, total)?);
+        drop(store.sweep_on_close(&next_run.plan_id, &next_run.run, 3, 2));
+        assert_eq!(store.partial_acknowledged(&retry, total)?, 2 * CHUNK_BYTES as u64);
+        assert_eq!(store.partial_files()?, 1);
         // A new round keeps nothing of round 3.
         assert_eq!(store.drop_partials(&failed.plan_id, Some(4))?, 1);
         Ok(())
@@ -531,7 +550,7 @@ mod tests {
         again.rewind(CHUNK_BYTES as u64)?;
         assert_eq!(store.partial_acknowledged(&key("cleveland", 2, b"next"), total)?, CHUNK_BYTES as u64);
         drop(again);
-        drop(store.sweep_on_close(&"ab".repeat(32), 2, 1));
+        drop(store.sweep_on_close(&"ab".repeat(32), &"cd".repeat(16), 2, 1));
         assert_eq!(store.partial_files()?, 0);
         let discarded = store.open_partial(&key("cleveland", 3, b"bad"), total)?;
         discarded.discard();

@@ -30,6 +30,8 @@ pub enum Actor {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UploadRound {
     pub plan_id: PlanId,
+    /// The run: a plan's runs reuse round numbers, and one run's uploads are never another's.
+    pub run_id: RunId,
     pub round: u32,
     /// 1 for the first attempt at `round`, +1 for each retry: a retry reopens the same round
     /// number, and nothing of a failed attempt's uploads may run on into it.

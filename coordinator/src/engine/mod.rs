@@ -110,6 +110,38 @@ pub enum Refused {
     Invalid(String),
 }
 
+/// Why a round's aggregate was not applied: the round fails with this reason, and the model is
+/// neither stored nor published.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregationFailed {
+    #[error("no update was admitted")]
+    NoUpdate,
+    /// The server step would leave a non-finite model.
+    #[error("round {round}: {source}")]
+    Step { round: u32, source: crate::aggregate::AggregateError },
+    #[error("{0}")]
+    Model(#[from] sanctum_protocol::model::ModelError),
+    #[error("no secure-aggregation round is open")]
+    NoSecAggRound,
+    #[error("{0}")]
+    SecAgg(#[from] sanctum_protocol::secagg::SecAggError),
+    #[error("the unmasked sum is shorter than the model; the round is not applied")]
+    ShortSum,
+}
+
+/// Why a plan's client-level DP cannot be set up; the plan is refused with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientDpSetupError {
+    #[error("client-level privacy needs privacy.delta and privacy.clip_norm")]
+    NoDeltaOrClip,
+    #[error("client-level privacy needs noise_multiplier or target_epsilon")]
+    NoNoise,
+    #[error("{0}")]
+    Accountant(#[from] sanctum_protocol::privacy::PrivacyError),
+    #[error("{0}")]
+    ClientDp(#[from] crate::aggregate::ClientDpError),
+}
+
 /// Why a submission cannot start a run; nothing was recorded.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SubmitRefused {

@@ -50,7 +50,8 @@ impl Prepared {
         plan.validate().map_err(|e| invalid(e.to_string()))?;
         let wire_toml = plan.to_wire_toml().map_err(|e| invalid(e.to_string()))?;
         let plan_id = PlanId::of_hash(&Plan::id_of(&wire_toml));
-        let client_dp = if plan.secure_aggregation { None } else { client_dp_for(&plan).map_err(invalid)? };
+        let client_dp =
+            if plan.secure_aggregation { None } else { client_dp_for(&plan).map_err(|e| invalid(e.to_string()))? };
         let secagg_noise =
             sanctum_protocol::secagg::encode::distributed_noise(&plan).map_err(|e| invalid(e.to_string()))?;
         crate::plan_files::check_model_file(&plan, model_file).map_err(|e| invalid(e.to_string()))?;
@@ -61,25 +62,23 @@ impl Prepared {
 /// Sets up DP-FedAvg for a plan in client mode: the noise multiplier (given, or the smallest that
 /// meets the target over all rounds by the PLD accountant, with every hospital in every round)
 /// and the resulting ε.
-fn client_dp_for(plan: &Plan) -> Result<Option<(ClientDp, ClientDpCost)>, String> {
+fn client_dp_for(plan: &Plan) -> Result<Option<(ClientDp, ClientDpCost)>, super::ClientDpSetupError> {
     let p = &plan.privacy;
     if p.mode != PrivacyMode::Client {
         return Ok(None);
     }
     let (Some(delta), Some(clip)) = (p.delta, p.clip_norm) else {
-        return Err("client-level privacy needs privacy.delta and privacy.clip_norm".into());
+        return Err(super::ClientDpSetupError::NoDeltaOrClip);
     };
     let rounds = u64::from(plan.rounds);
     let sigma = match (p.noise_multiplier, p.target_epsilon) {
         (Some(s), _) => s,
-        (None, Some(target)) => {
-            privacy::noise_for_epsilon(Accountant::Pld, target, 1.0, rounds, delta).map_err(|e| e.to_string())?
-        }
-        (None, None) => return Err("client-level privacy needs noise_multiplier or target_epsilon".into()),
+        (None, Some(target)) => privacy::noise_for_epsilon(Accountant::Pld, target, 1.0, rounds, delta)?,
+        (None, None) => return Err(super::ClientDpSetupError::NoNoise),
     };
     let run = SampledGaussian { sampling_rate: 1.0, noise_multiplier: sigma, steps: rounds };
-    let epsilon = privacy::epsilon_with(Accountant::Pld, &run, delta).map_err(|e| e.to_string())?;
-    let dp = ClientDp::new(sigma, clip, p.adaptive_clipping.clone()).map_err(|e| e.to_string())?;
+    let epsilon = privacy::epsilon_with(Accountant::Pld, &run, delta)?;
+    let dp = ClientDp::new(sigma, clip, p.adaptive_clipping.clone())?;
     Ok(Some((dp, ClientDpCost { noise_multiplier: sigma, epsilon, delta })))
 }
 
@@ -629,6 +628,7 @@ impl RunEngine {
                     }
                     fx.push(Effect::OpenUploads(UploadRound {
                         plan_id: plan_id.clone(),
+                        run_id: self.run_id.clone(),
                         round,
                         attempt: self.run.attempt().unwrap_or(1),
                         model: self.model,
@@ -694,7 +694,7 @@ impl RunEngine {
                         Ok(()) => self.publish_round_closed(round, &reported, &dropped, now, fx),
                         Err(reason) => {
                             tracing::error!(round, "aggregation failed: {reason}");
-                            self.run.aggregation_failed(&reason)
+                            self.run.aggregation_failed(&reason.to_string())
                         }
                     };
                     queue.extend(next);
@@ -779,8 +779,8 @@ impl RunEngine {
     }
 
     /// Stores the new global model and records it in the lineage.
-    pub(super) fn store_global(&mut self, fx: &mut Vec<Effect>) -> Result<(), String> {
-        let bytes = self.global.to_safetensors().map_err(|e| e.to_string())?;
+    pub(super) fn store_global(&mut self, fx: &mut Vec<Effect>) -> Result<(), super::AggregationFailed> {
+        let bytes = self.global.to_safetensors()?;
         self.model = ContentHash::of(&bytes);
         self.model_bytes = bytes.len() as u64;
         self.lineage.push(self.model);
@@ -789,21 +789,23 @@ impl RunEngine {
     }
 
     /// Applies the server step to the admitted updates and stores the new global model.
-    fn close_round(&mut self, round: u32, fx: &mut Vec<Effect>) -> Result<(), String> {
+    fn close_round(&mut self, round: u32, fx: &mut Vec<Effect>) -> Result<(), super::AggregationFailed> {
         if self.acc.count() == 0 {
-            return Err("no update was admitted".into());
+            return Err(super::AggregationFailed::NoUpdate);
         }
         let mean = match self.client_dp.as_mut() {
             Some((dp, _)) => {
                 let secure = &mut self.secure;
                 dp.release(self.acc.sum(), self.participants.len(), &mut |std| secure.sample(std))
             }
-            None => self.acc.mean().ok_or("no update was admitted")?,
+            None => self.acc.mean().ok_or(super::AggregationFailed::NoUpdate)?,
         };
         // A step that would leave a non-finite model (NaN or infinity: FedAdam or FedAvg pushed
         // past f32's range) changes nothing and fails the round with the reason; the model is
         // neither stored nor published.
-        self.server.step(self.global.values_mut(), &mean).map_err(|e| format!("round {round}: {e}"))?;
+        self.server
+            .step(self.global.values_mut(), &mean)
+            .map_err(|source| super::AggregationFailed::Step { round, source })?;
         self.store_global(fx)?;
         tracing::info!(round, updates = self.acc.count(), model = %self.model.short(), "round aggregated");
         Ok(())

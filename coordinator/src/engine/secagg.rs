@@ -138,7 +138,7 @@ impl RunEngine {
                         Ok(actions) => actions,
                         Err(reason) => {
                             tracing::error!(round = params.round, "secure aggregation failed: {reason}");
-                            self.run.aggregation_failed(&reason)
+                            self.run.aggregation_failed(&reason.to_string())
                         }
                     };
                     self.apply(next, now, fx);
@@ -160,23 +160,23 @@ impl RunEngine {
         outcome: Outcome,
         now: Millis,
         fx: &mut Vec<Effect>,
-    ) -> Result<Vec<Action>, String> {
-        let sa = self.secagg.take().ok_or("no secure-aggregation round is open")?;
+    ) -> Result<Vec<Action>, super::AggregationFailed> {
+        let sa = self.secagg.take().ok_or(super::AggregationFailed::NoSecAggRound)?;
         let round = sa.server.params().round;
         if cfg!(feature = "fault-injection") {
             fx.push(Effect::DumpSum { round, words: outcome.sum.clone() });
         }
-        let mean = sa.encoding.decode_mean(&outcome.sum, outcome.survivors.len()).map_err(|e| e.to_string())?;
+        let mean = sa.encoding.decode_mean(&outcome.sum, outcome.survivors.len())?;
         // The sum has num_params + 1 words (the update, then the weight); checked all the same,
         // since a panic here would end the engine.
-        let update = mean
-            .get(..self.global.values().len())
-            .ok_or("the unmasked sum is shorter than the model; the round is not applied")?;
+        let update = mean.get(..self.global.values().len()).ok_or(super::AggregationFailed::ShortSum)?;
         // A step that would leave a non-finite model changes nothing and fails the round: the
         // model is neither stored nor published.
-        self.server.step(self.global.values_mut(), update).map_err(|e| format!("round {round}: {e}"))?;
+        self.server
+            .step(self.global.values_mut(), update)
+            .map_err(|source| super::AggregationFailed::Step { round, source })?;
         // The same per-round ρ the nodes charge (`encode::round_rho`, a function of the plan alone).
-        if let Some(rho) = sa.encoding.round_rho(update.len() + 1).map_err(|e| e.to_string())? {
+        if let Some(rho) = sa.encoding.round_rho(update.len() + 1)? {
             self.secagg_rho += rho;
         }
         self.store_global(fx)?;

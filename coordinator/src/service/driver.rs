@@ -25,6 +25,19 @@ use crate::store::{Store, write_atomic};
 
 use super::*;
 
+mod restore;
+
+/// Why a run's state could not be made durable.
+#[derive(Debug, thiserror::Error)]
+enum CheckpointFailed {
+    #[error("checkpoint store: {0}")]
+    Moments(std::io::Error),
+    #[error("checkpoint: {0}")]
+    Encode(serde_json::Error),
+    #[error("store: {0}; the round is not durable, so the run stops here")]
+    Store(crate::db::DbError),
+}
+
 pub(super) struct Driver {
     inner: Arc<Inner>,
     engine: Engine,
@@ -116,9 +129,9 @@ impl Driver {
                 let _ = self.step(Input::Decision { node, response });
             }
             Event::Update { node, update, reply } => {
-                let result = read_spooled(update).and_then(|update| {
-                    self.step(Input::Update { node, update: Box::new(update) }).map_err(|e| e.to_string())
-                });
+                let result = read_spooled(update)
+                    .map_err(NotTaken::Spool)
+                    .and_then(|update| Ok(self.step(Input::Update { node, update: Box::new(update) })?));
                 let _ = reply.send(result);
             }
             Event::SecAgg { node, cert_der, msg, reply } => {
@@ -127,7 +140,7 @@ impl Driver {
                     // The handler's `reject` logs and audits it, within the node's quota.
                     tracing::debug!(node = %node, "secure-aggregation message refused: {reason}");
                 }
-                let _ = reply.send(result.map_err(|e| e.to_string()));
+                let _ = reply.send(result.map_err(NotTaken::from));
             }
             Event::Evaluation { node, report } => {
                 let _ = self.step(Input::Evaluation { node, report });
@@ -266,17 +279,8 @@ impl Driver {
                 }
                 Effect::Publish { plan_id, run_id, kind } => self.inner.publish_run(&plan_id, &run_id, kind),
                 Effect::OpenUploads(u) => {
-                    let participants: Vec<NodeName> = u.participants.into_iter().collect();
-                    let info = RoundInfo::new(
-                        u.plan_id.clone(),
-                        u.round,
-                        u.attempt,
-                        u.model,
-                        u.num_params,
-                        u.masked,
-                        &participants,
-                    );
-                    self.inner.rounds.write().unwrap_or_else(|p| p.into_inner()).insert(u.plan_id, info);
+                    let plan_id = u.plan_id.clone();
+                    self.inner.rounds.write().unwrap_or_else(|p| p.into_inner()).insert(plan_id, RoundInfo::new(u));
                 }
                 Effect::CloseUploads { plan_id } => {
                     self.inner.rounds.write().unwrap_or_else(|p| p.into_inner()).remove(&plan_id);
@@ -300,7 +304,8 @@ impl Driver {
                             continue;
                         }
                         tracing::error!("{reason}");
-                        let _ = self.step(Input::StorageFailed { plan_id: state.plan_id.clone(), reason });
+                        let _ = self
+                            .step(Input::StorageFailed { plan_id: state.plan_id.clone(), reason: reason.to_string() });
                         return;
                     }
                 }
@@ -346,11 +351,11 @@ impl Driver {
         state: &RunCheckpoint,
         moments: Option<&Vec<u8>>,
         closed: Option<engine::checkpoint::ClosedRound>,
-    ) -> Result<(), String> {
+    ) -> Result<(), CheckpointFailed> {
         if let Some(bytes) = moments {
-            self.inner.store.put_blob(bytes).map_err(|e| format!("checkpoint store: {e}"))?;
+            self.inner.store.put_blob(bytes).map_err(CheckpointFailed::Moments)?;
         }
-        let json = serde_json::to_vec(state).map_err(|e| format!("checkpoint: {e}"))?;
+        let json = serde_json::to_vec(state).map_err(CheckpointFailed::Encode)?;
         let saved_ms = unix_ms(SystemTime::now());
         let cp = Checkpoint {
             run_id: state.run_id.clone(),
@@ -375,200 +380,7 @@ impl Driver {
             }
             None => self.inner.db.call(move |s| s.save_checkpoint(&cp)),
         };
-        result.map_err(|e| format!("store: {e}; the round is not durable, so the run stops here"))
-    }
-
-    /// Restores every run the store says is running (a restart, or a crash): each continues from
-    /// its last completed round. A run that cannot be restored is recorded as interrupted with
-    /// the reason.
-    pub(super) fn restore_runs(&mut self) {
-        let rows = match self.inner.db.call(|s| s.runs()) {
-            Ok(rows) => rows,
-            Err(e) => {
-                tracing::error!("store: {e}; no run is resumed");
-                return;
-            }
-        };
-        let running: Vec<_> = rows.into_iter().filter(|r| r.status == RunStatus::Running).collect();
-        // A run's end goes to the store, then the audit log; a store write that failed (it is only
-        // logged) must not bring an ended, or cancelled, run back to life at the next start.
-        let ended = if running.is_empty() { Default::default() } else { self.ended_in_audit_log() };
-        for row in running {
-            let run_id = row.run_id.clone();
-            if let Some((status, reason, model)) = ended.get(run_id.as_str()).cloned() {
-                tracing::warn!(
-                    run = short(&run_id),
-                    "the audit log shows run {} ended ({}); recorded in the store, not resumed",
-                    row.name,
-                    status.as_str()
-                );
-                if let Some(p) = lock(&self.inner.plans).iter_mut().find(|p| p.run == run_id) {
-                    p.status = status.as_str().into();
-                    p.reason = reason.clone();
-                }
-                let (id, at) = (run_id.clone(), unix_ms(SystemTime::now()));
-                if let Err(e) = self.inner.db.call(move |s| s.finish_run(&id, status, &reason, model.as_deref(), at)) {
-                    tracing::error!("store: {e}");
-                }
-                continue;
-            }
-            let result = self.restore_one(&row);
-            match result {
-                Ok(effects) => {
-                    lock(&self.inner.history).start(&run_id);
-                    self.execute(effects);
-                }
-                Err(reason) => {
-                    tracing::error!(run = short(&run_id), "run {} cannot be resumed: {reason}", row.name);
-                    let at = unix_ms(SystemTime::now());
-                    let why = format!("interrupted by a coordinator restart and not resumed: {reason}");
-                    if let Some(p) = lock(&self.inner.plans).iter_mut().find(|p| p.run == run_id) {
-                        p.status = RunStatus::Interrupted.as_str().into();
-                        p.reason = why.clone();
-                    }
-                    let id = run_id.clone();
-                    if let Err(e) =
-                        self.inner.db.call(move |s| s.finish_run(&id, RunStatus::Interrupted, &why, None, at))
-                    {
-                        tracing::error!("store: {e}");
-                    }
-                }
-            }
-        }
-    }
-
-    /// The runs whose end the audit log records: status, reason and (on success) final model.
-    fn ended_in_audit_log(&self) -> std::collections::HashMap<String, (RunStatus, String, Option<String>)> {
-        let path = lock(&self.inner.audit).path().to_path_buf();
-        let records = match sanctum_protocol::audit::read_records(&path) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("audit log {}: {e}; runs are resumed as the store says", path.display());
-                return Default::default();
-            }
-        };
-        let mut cancelled = std::collections::HashSet::new();
-        let mut ended = std::collections::HashMap::new();
-        for r in &records {
-            match AuditEvent::from_record(r) {
-                Ok(AuditEvent::PlanCancelled { run, .. }) => {
-                    cancelled.insert(run);
-                }
-                Ok(AuditEvent::PlanFinished { run: Some(run), success, reason, final_model_sha256, .. }) => {
-                    let status = match (success, cancelled.contains(&run)) {
-                        (true, _) => RunStatus::Succeeded,
-                        (false, true) => RunStatus::Cancelled,
-                        (false, false) => RunStatus::Failed,
-                    };
-                    ended.insert(run, (status, reason, success.then_some(final_model_sha256)));
-                }
-                _ => {}
-            }
-        }
-        ended
-    }
-
-    fn restore_one(&mut self, row: &crate::db::RunRow) -> Result<Vec<Effect>, String> {
-        let id = row.run_id.clone();
-        let cp = self.inner.db.call(move |s| s.checkpoint(&id)).map_err(|e| e.to_string())?;
-        let cp = cp.ok_or("it has no checkpoint")?;
-        let state: RunCheckpoint = serde_json::from_slice(&cp.state).map_err(|e| format!("checkpoint: {e}"))?;
-        let model_hash = sanctum_protocol::hash::ContentHash::parse(&state.model).map_err(|e| e.to_string())?;
-        let model =
-            self.inner.store.read_model(&model_hash).map_err(|e| format!("model {}: {e}", model_hash.short()))?;
-        let moments = match &state.moments {
-            Some(h) => {
-                let hash = sanctum_protocol::hash::ContentHash::parse(h).map_err(|e| e.to_string())?;
-                Some(self.inner.store.read_blob(&hash).map_err(|e| format!("moments {}: {e}", hash.short()))?)
-            }
-            None => None,
-        };
-        if let Some(last) = &state.last_round {
-            self.complete_round_records(&state.plan_id, &state.run_id, last);
-        }
-        let now = self.now();
-        self.engine.restore(now, state, &model, moments.as_deref()).map_err(|e| e.to_string())
-    }
-
-    /// Writes the audit records of a run's last committed round that a crash right after its
-    /// commit left out (`crate::recovery`), and awaits the nodes' receipts for its record again.
-    fn complete_round_records(&self, plan_id: &str, run_id: &str, last: &engine::checkpoint::ClosedRound) {
-        let path = lock(&self.inner.audit).path().to_path_buf();
-        let records = match sanctum_protocol::audit::read_records(&path) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("audit log {}: {e}; the last round's records are not checked", path.display());
-                return;
-            }
-        };
-        let missing = crate::recovery::missing(&records, plan_id, run_id, last.round);
-        let own = lock(&self.inner.audit).own_fingerprint().to_string();
-        if missing.any() {
-            tracing::warn!(round = last.round, ?missing, "writing the audit records a crash left out");
-        }
-        if missing.round_closed {
-            self.inner.audit(
-                &own,
-                AuditEvent::RoundClosed {
-                    plan_id: plan_id.to_string(),
-                    run: Some(run_id.to_string()),
-                    round: u64::from(last.round),
-                    reported: last.reported.iter().map(ToString::to_string).collect(),
-                    dropped: last.dropped.iter().map(ToString::to_string).collect(),
-                },
-            );
-        }
-        if missing.aggregate_released {
-            self.inner.audit(
-                &own,
-                AuditEvent::AggregateReleased {
-                    plan_id: plan_id.to_string(),
-                    round: u64::from(last.round),
-                    model_sha256: last.model_sha256.clone(),
-                    contributors: last.reported.len() as u64,
-                },
-            );
-        }
-        let line = if missing.round_record {
-            let appended = crate::recovery::round_record(&last.record)
-                .map_err(|e| e.to_string())
-                .and_then(|record| lock(&self.inner.audit).append_event_line(&own, &record).map_err(|e| e.to_string()));
-            match appended {
-                Ok((_, line)) => Some(line),
-                Err(e) => {
-                    tracing::error!("audit log: {e}");
-                    None
-                }
-            }
-        } else {
-            records
-                .iter()
-                .rev()
-                .find(|r| {
-                    r.event == "round_record"
-                        && r.params.get("plan_id").and_then(|v| v.as_str()) == Some(plan_id)
-                        && r.params.get("round").and_then(|v| v.as_u64()) == Some(u64::from(last.round))
-                })
-                .map(|r| r.line())
-        };
-        // The nodes that reported may still countersign the record after the restart: a record
-        // written only now reached nobody, so each recipient is sent it as it connects; those
-        // whose receipt the log already holds may not countersign it again.
-        if let Some(line) = line {
-            let hash = ContentHash::of(line.as_bytes());
-            let hex = hash.to_hex();
-            let signed: Vec<&str> = records
-                .iter()
-                .filter(|r| {
-                    r.event == "receipt" && r.params.get("record_sha256").and_then(|v| v.as_str()) == Some(hex.as_str())
-                })
-                .filter_map(|r| r.params.get("node").and_then(|v| v.as_str()))
-                .collect();
-            let sent = if missing.round_record { receipts::Delivered::None } else { receipts::Delivered::All };
-            let mut awaiting = lock(&self.inner.receipts);
-            awaiting.insert(plan_id, run_id, last.round, line, sent);
-            awaiting.already_signed(&hash, signed);
-        }
+        result.map_err(CheckpointFailed::Store)
     }
 
     fn actor(&self, actor: &Actor) -> String {
@@ -627,10 +439,10 @@ impl Driver {
 }
 
 /// Reads a spooled update back for the engine.
-fn read_spooled(update: SpooledUpdate) -> Result<engine::Update, String> {
+fn read_spooled(update: SpooledUpdate) -> std::io::Result<engine::Update> {
     let mut payload = Vec::new();
-    let mut file = update.spool.reopen().map_err(|e| format!("spool: {e}"))?;
-    file.read_to_end(&mut payload).map_err(|e| format!("spool: {e}"))?;
+    let mut file = update.spool.reopen()?;
+    file.read_to_end(&mut payload)?;
     Ok(engine::Update {
         round: update.round,
         attempt: update.attempt,

@@ -346,13 +346,7 @@ impl federation_server::Federation for FederationApi {
             return Err(Status::permission_denied(format!("'{node}' is not a participant of round {}", info.round)));
         }
         let total = (info.num_params + usize::from(info.masked)) as u64 * 4;
-        let key = PartialKey {
-            node: node.to_string(),
-            plan_id: info.plan_id.to_string(),
-            round: info.round,
-            attempt: info.attempt,
-            payload,
-        };
+        let key = info.partial_key(&node, payload);
         let acknowledged = self
             .inner
             .store
@@ -449,13 +443,7 @@ impl federation_server::Federation for FederationApi {
         if let Err(e) = self.inner.store.drop_partials(&info.plan_id, Some(info.round)) {
             tracing::warn!("partial uploads of earlier rounds: {e}");
         }
-        let key = PartialKey {
-            node: node.to_string(),
-            plan_id: info.plan_id.to_string(),
-            round: info.round,
-            attempt: info.attempt,
-            payload: payload_hash,
-        };
+        let key = info.partial_key(&node, payload_hash);
         let offset = header.offset;
         let (mut partial, mut hasher) = match open_partial(&self.inner.store, key, expected, offset).await {
             Ok(Ok(opened)) => opened,
@@ -573,7 +561,7 @@ impl federation_server::Federation for FederationApi {
         self.inner.send_event(Event::Update { node: node.clone(), update, reply }).await?;
         match rx.await {
             Ok(Ok(())) => Ok(Response::new(UpdateReceipt { accepted: true, reason: String::new() })),
-            Ok(Err(reason)) => Err(reject(Status::failed_precondition(reason))),
+            Ok(Err(reason)) => Err(reject(Status::failed_precondition(reason.to_string()))),
             Err(_) => Err(Status::unavailable("coordinator is shutting down")),
         }
     }
@@ -679,7 +667,9 @@ impl federation_server::Federation for FederationApi {
         self.inner.send_event(Event::SecAgg { node: node.clone(), cert_der: peer.cert_der, msg, reply }).await?;
         match rx.await {
             Ok(Ok(())) => Ok(Response::new(Ack {})),
-            Ok(Err(reason)) => Err(self.inner.reject(&node, &plan_id, round, Status::failed_precondition(reason))),
+            Ok(Err(reason)) => {
+                Err(self.inner.reject(&node, &plan_id, round, Status::failed_precondition(reason.to_string())))
+            }
             Err(_) => Err(Status::unavailable("coordinator is shutting down")),
         }
     }

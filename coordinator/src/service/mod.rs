@@ -156,6 +156,7 @@ struct NodeConn {
 #[derive(Clone, Debug)]
 struct RoundInfo {
     plan_id: PlanId,
+    run_id: RunId,
     round: u32,
     /// The attempt at `round` (a retry reopens the same round number): an upload of a failed
     /// attempt does not run on into the retry, and each attempt's partial uploads are its own.
@@ -188,24 +189,29 @@ struct RoundUploads {
 
 impl RoundInfo {
     /// The round a driver opened with these participants, with no upload yet.
-    fn new(
-        plan_id: PlanId,
-        round: u32,
-        attempt: u32,
-        model: ContentHash,
-        num_params: usize,
-        masked: bool,
-        participants: &[NodeName],
-    ) -> Self {
+    fn new(u: crate::engine::UploadRound) -> Self {
         Self {
-            plan_id,
-            round,
-            attempt,
-            model,
-            num_params,
-            masked,
-            participants: Arc::new(participants.iter().cloned().collect()),
+            plan_id: u.plan_id,
+            run_id: u.run_id,
+            round: u.round,
+            attempt: u.attempt,
+            model: u.model,
+            num_params: u.num_params,
+            masked: u.masked,
+            participants: Arc::new(u.participants),
             uploads: Arc::default(),
+        }
+    }
+
+    /// Whose partial upload of this opening `node`'s payload is.
+    fn partial_key(&self, node: &NodeName, payload: ContentHash) -> crate::store::PartialKey {
+        crate::store::PartialKey {
+            node: node.to_string(),
+            plan_id: self.plan_id.to_string(),
+            run: self.run_id.to_string(),
+            round: self.round,
+            attempt: self.attempt,
+            payload,
         }
     }
 
@@ -251,7 +257,7 @@ impl RoundInfo {
     fn sweep_partials_on_close(&self, store: &crate::store::Store) {
         let mut uploads = lock(&self.uploads);
         if uploads.partials.is_none() {
-            uploads.partials = Some(store.sweep_on_close(&self.plan_id, self.round, self.attempt));
+            uploads.partials = Some(store.sweep_on_close(&self.plan_id, &self.run_id, self.round, self.attempt));
         }
     }
 
@@ -286,6 +292,16 @@ impl Drop for UploadSlot {
             uploads.in_flight.remove(&self.node);
         }
     }
+}
+
+/// Why the driver did not take an upload or a secure-aggregation message: the handler answers
+/// `FailedPrecondition` with it.
+#[derive(Debug, thiserror::Error)]
+enum NotTaken {
+    #[error("spool: {0}")]
+    Spool(std::io::Error),
+    #[error("{0}")]
+    Refused(#[from] crate::engine::Refused),
 }
 
 /// A header that passed the handler's checks, and where its payload was spooled.
@@ -327,7 +343,7 @@ enum Event {
     Update {
         node: NodeName,
         update: SpooledUpdate,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), NotTaken>>,
     },
     Evaluation {
         node: NodeName,
@@ -337,7 +353,7 @@ enum Event {
         node: NodeName,
         cert_der: Arc<Vec<u8>>,
         msg: SecAggMessage,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), NotTaken>>,
     },
     /// A participant's heartbeat (no reply: it is dropped when the queue is full).
     Heartbeat {
@@ -889,15 +905,16 @@ mod tests {
     }
 
     fn attempt(attempt: u32) -> RoundInfo {
-        RoundInfo::new(
-            PlanId::parse(&"ab".repeat(32)).unwrap(),
-            3,
+        RoundInfo::new(crate::engine::UploadRound {
+            plan_id: PlanId::parse(&"ab".repeat(32)).unwrap(),
+            run_id: RunId::parse(&"cd".repeat(16)).unwrap(),
+            round: 3,
             attempt,
-            ContentHash::of(b"model"),
-            14,
-            false,
-            &nodes(&["a", "b"]),
-        )
+            model: ContentHash::of(b"model"),
+            num_params: 14,
+            masked: false,
+            participants: nodes(&["a", "b"]).into_iter().collect(),
+        })
     }
 
     #[test]
