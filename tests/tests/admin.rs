@@ -108,7 +108,7 @@ fn audit_events(coord: &CoordinatorProcess, event: &str) -> Vec<sanctum_protocol
 #[tokio::test]
 async fn a_running_plan_is_listed_inspected_and_cancelled_and_an_auditor_only_reads() {
     let c = Consortium::new();
-    let coord = CoordinatorProcess::start(&c);
+    let mut coord = CoordinatorProcess::start(&c);
     let addr = coord.address();
     let _nodes: Vec<NodeProcess> = ["cleveland", "hungarian"]
         .iter()
@@ -269,6 +269,24 @@ async fn a_running_plan_is_listed_inspected_and_cancelled_and_an_auditor_only_re
     let missing = cli(&lead, &["plan", "status", "abc"]).await;
     assert_eq!(missing.code, Some(1));
     assert!(missing.stderr.contains("no run matches 'abc': run `sanctum-coordinator plan list`"), "{}", missing.stderr);
+
+    // A store that missed the run's end (its write failed, or a crash came between the audit
+    // record and the store's update) does not bring the cancelled run back at the next start:
+    // the audit log, written first, is read before any run is resumed.
+    coord.kill9();
+    let db = rusqlite::Connection::open(coord.state_dir().join("coordinator.sqlite3")).unwrap();
+    let reset = db.execute("UPDATE runs SET status = 'running', reason = '' WHERE run_id = ?1", [&run]).unwrap();
+    assert_eq!(reset, 1, "the run's row is back to running, as if its end had never been stored");
+    drop(db);
+    coord.restart();
+    assert!(
+        wait_until(Duration::from_secs(60), || coord.log_text().contains("recorded in the store, not resumed")),
+        "{}",
+        coord.log_text()
+    );
+    let after = cli(&lead, &["plan", "status", &run, "--json"]).await.json();
+    assert_eq!((&after["status"], &after["reason"]), (&Value::from("cancelled"), &Value::from("cancelled by lead")));
+    assert!(audit_events(&coord, "plan_resumed").is_empty(), "the cancelled run was resumed");
 }
 
 #[tokio::test]
