@@ -90,6 +90,7 @@ fn killed_run(
     nodes: &[NodeProcess],
     lead: &Path,
     plan: &Path,
+    into_round: bool,
 ) -> (String, Vec<String>) {
     let started = Instant::now();
     let (mut cli, run) = submit(lead, plan, false);
@@ -99,7 +100,32 @@ fn killed_run(
         "round {before} never closed:\n{}",
         coord.log_text()
     );
+    // With `into_round` (the DP plan, whose rounds take seconds), into round 7 proper: killed once
+    // a hospital's round-7 update has left (it trained and charged its ledger), so the restarted
+    // coordinator meets nodes that already sent. The plan without DP runs a round in about 0.1 s,
+    // so it is killed as soon as round 6 closed.
+    let plan_id = of_run(&coord.audit_records(), "plan_submitted", &run)
+        .find_map(|r| r.params["plan_id"].as_str().map(str::to_string))
+        .expect("the run's plan_submitted record");
+    let sent_in_flight = || -> Vec<String> {
+        nodes
+            .iter()
+            .zip(HOSPITALS)
+            .filter(|(n, _)| {
+                n.egress().iter().any(|e| e.is_release() && e.plan_id == plan_id && e.round == Some(KILLED_IN))
+            })
+            .map(|(_, name)| name.to_string())
+            .collect()
+    };
+    if into_round {
+        assert!(
+            wait_until(Duration::from_secs(120), || !sent_in_flight().is_empty()),
+            "no hospital sent its round {KILLED_IN} update:\n{}",
+            coord.log_text()
+        );
+    }
     coord.kill9();
+    let sent_at_kill = sent_in_flight();
     let closed_at_kill = rounds_closed(coord, &run);
     let charged_in_flight: Vec<String> = nodes
         .iter()
@@ -108,7 +134,7 @@ fn killed_run(
         .map(|(_, name)| name.to_string())
         .collect();
     println!(
-        "[{}] {}: SIGKILL after {:.1} s, rounds closed {closed_at_kill:?}; round {KILLED_IN} already charged by {charged_in_flight:?}",
+        "[{}] {}: SIGKILL after {:.1} s, rounds closed {closed_at_kill:?}; round {KILLED_IN} already sent by {sent_at_kill:?}, charged by {charged_in_flight:?}",
         backend.name(),
         plan.display(),
         started.elapsed().as_secs_f64()
@@ -219,7 +245,7 @@ fn kill9_during_round_7_of_15(backend: Backend) {
 
     // The DP plan: each round charged once at each hospital.
     let dp_plan = write_plan(&c, "resume-dp", true);
-    let (dp_run, mut problems) = killed_run(&backend, &mut coord, &nodes, &lead, &dp_plan);
+    let (dp_run, mut problems) = killed_run(&backend, &mut coord, &nodes, &lead, &dp_plan, true);
     for (node, name) in nodes.iter().zip(HOSPITALS) {
         let mut per_round: BTreeMap<u32, usize> = BTreeMap::new();
         for charge in node.ledger().iter().filter(|c| c.run.as_deref() == Some(dp_run.as_str())) {
@@ -232,7 +258,7 @@ fn kill9_during_round_7_of_15(backend: Backend) {
 
     // The plan without DP: killed the same way, then run again uninterrupted (same seed).
     let plain_plan = write_plan(&c, "resume-plain", false);
-    let (plain_run, more) = killed_run(&backend, &mut coord, &nodes, &lead, &plain_plan);
+    let (plain_run, more) = killed_run(&backend, &mut coord, &nodes, &lead, &plain_plan, false);
     problems.extend(more);
     let resumed = FinalAccuracy::of_run(&lead, &plain_run);
     let (cli, reference_run) = submit(&lead, &plain_plan, true);
