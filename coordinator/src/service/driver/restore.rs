@@ -142,9 +142,48 @@ impl Driver {
         };
         if let Some(last) = &state.last_round {
             self.complete_round_records(&state.plan_id, &state.run_id, last);
+            self.complete_round_event(&state.run_id, last);
         }
         let now = self.now();
         Ok(self.engine.restore(now, state, &model, moments.as_deref())?)
+    }
+
+    /// Stores the last committed round's `RoundClosed` event when a crash right after the commit
+    /// kept it from the store, so a watcher after the restart replays every round once. Its
+    /// metrics (of the model the round started from) were in memory only; the rest is the
+    /// checkpoint's.
+    fn complete_round_event(&self, run_id: &RunId, last: &engine::checkpoint::ClosedRound) {
+        let id = run_id.clone();
+        let stored = match self.inner.db.call(move |s| s.events(&id, 0, 1 << 24)) {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::error!("store: {e}; the last round's event is not checked");
+                return;
+            }
+        };
+        let present = stored.iter().any(|(_, bytes)| {
+            matches!(
+                <PlanEvent as sanctum_protocol::prost::Message>::decode(&bytes[..]).ok().and_then(|e| e.kind),
+                Some(proto::plan_event::Kind::RoundClosed(c)) if c.round == last.round
+            )
+        });
+        if present {
+            return;
+        }
+        tracing::warn!(round = last.round, "storing the round's closing event a crash left out");
+        let ev = PlanEvent {
+            kind: Some(proto::plan_event::Kind::RoundClosed(proto::RoundClosed {
+                round: last.round,
+                reported: last.reported.iter().map(ToString::to_string).collect(),
+                dropped: last.dropped.iter().map(ToString::to_string).collect(),
+                metrics: Vec::new(),
+                new_model_sha256: last.model_sha256.clone(),
+            })),
+        };
+        let (id, bytes) = (run_id.clone(), sanctum_protocol::prost::Message::encode_to_vec(&ev));
+        if let Err(e) = self.inner.db.call(move |s| s.append_event(&id, &bytes)) {
+            tracing::error!("store: {e}; the round's closing event is not stored");
+        }
     }
 
     /// Writes the audit records of a run's last committed round that a crash right after its
