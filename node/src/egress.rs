@@ -117,7 +117,11 @@ impl EgressLog {
         if let (Some(offset), Some(fields)) = (offset, line.as_object_mut()) {
             fields.insert("offset".into(), offset.into());
         }
-        writeln!(self.file, "{line}")?;
+        // One write per line: `writeln!` on a `File` would issue one write per token, so a reader
+        // (or a crash) could meet half a line.
+        let mut text = line.to_string();
+        text.push('\n');
+        self.file.write_all(text.as_bytes())?;
         self.file.sync_data()
     }
 }

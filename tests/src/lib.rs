@@ -466,11 +466,15 @@ pub fn read_audit_records(dir: &Path) -> Vec<sanctum_protocol::audit::Record> {
 }
 
 /// Parses a JSON Lines file; a missing file is empty, a line that does not parse fails the test.
+/// A last line without its newline is a write still under way (the file is read while the node
+/// runs) and is left for the next read.
 fn json_lines(path: &Path) -> Vec<serde_json::Value> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };
-    text.lines()
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{} has a bad line ({e}): {l}", path.display())))
         .collect()
