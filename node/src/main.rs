@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sanctum_node::config::NodeConfig;
-use sanctum_node::daemon::Node;
+use sanctum_node::daemon::{DaemonError, Node};
 use sanctum_node::ledger::Charges;
 use sanctum_node::{data, train};
 use sanctum_protocol::audit::AuditCommand;
@@ -133,6 +133,15 @@ async fn async_main() -> ExitCode {
     }
 }
 
+/// The daemon's error as `main` reports it: a TLS error stays one, so that it exits with code 64
+/// as bad configuration (`async_main` looks for it), as it did when the daemon's errors were untyped.
+fn daemon_error(e: DaemonError) -> anyhow::Error {
+    match e {
+        DaemonError::Tls(e) => e.into(),
+        e => e.into(),
+    }
+}
+
 /// A node whose certificate expired is refused by the coordinator; say so, and how to renew,
 /// before trying.
 fn check_not_expired(cfg: &NodeConfig, material: &TlsMaterial) -> anyhow::Result<()> {
@@ -182,8 +191,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // The end-to-end tests' hooks, read here only: the library never reads the environment.
             #[cfg(feature = "fault-injection")]
             let faults = sanctum_node::faults::FaultOptions::from_lookup(|var| std::env::var(var).ok())?;
-            let node =
-                Node::new(cfg, material, device, exit_after_plan).context("cannot open the node's state directory")?;
+            let node = Node::new(cfg, material, device, exit_after_plan)
+                .map_err(daemon_error)
+                .context("cannot open the node's state directory")?;
             #[cfg(feature = "fault-injection")]
             let node = node.with_faults(faults);
             let (ask, stop) = tokio::sync::watch::channel(None);
@@ -191,7 +201,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let signal = stop_signal().await;
                 let _ = ask.send(Some(signal));
             });
-            node.run(stop).await
+            node.run(stop).await.map_err(daemon_error)
         }
         Command::Check { config } => {
             let (cfg, material, device) = load(&config)?;

@@ -4,14 +4,14 @@
 
 use sanctum_protocol::audit::AuditEvent;
 
-use super::Node;
+use super::{ChargeError, Node};
 use crate::budget::{self, Cost};
 use crate::ledger::Charge;
 
 impl Node {
     /// Rounds of the run released before `round` (by the release store or the ledger, whichever
     /// counts more: the cost of the next release is never understated).
-    pub(super) fn releases_before(&self, plan_id: &str, run: &str, round: u32) -> anyhow::Result<u32> {
+    pub(super) fn releases_before(&self, plan_id: &str, run: &str, round: u32) -> Result<u32, ChargeError> {
         let released = self.releases.released_rounds(plan_id, run)?;
         Ok(self.count_before(&released, plan_id, run, round))
     }
@@ -31,22 +31,22 @@ impl Node {
     /// What releasing `round` now costs the run under DP: the run's cumulative ε after one more
     /// release than it already made (every step actually taken counts, whatever round numbers
     /// the coordinator uses). `None` without DP.
-    pub(super) fn round_cost(&self, plan_id: &str, round: u32) -> anyhow::Result<Option<Cost>> {
-        let accepted = self.plans.get(plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
+    pub(super) fn round_cost(&self, plan_id: &str, round: u32) -> Result<Option<Cost>, ChargeError> {
+        let accepted = self.plans.get(plan_id).ok_or(ChargeError::PlanClosed)?;
         let before = self.releases_before(plan_id, &accepted.run, round)?;
         Ok(budget::round_cost(&accepted.plan, accepted.dp.as_ref(), accepted.ddg.as_ref(), before)?)
     }
 
     /// Checks a release's cost against the caps and appends it to the ledger (fsync'd) and the
     /// audit log, at most once per (plan, run, round); the caller sends nothing if this fails.
-    pub(super) fn charge_cost(&mut self, plan_id: &str, round: u32, cost: &Cost) -> anyhow::Result<()> {
+    pub(super) fn charge_cost(&mut self, plan_id: &str, round: u32, cost: &Cost) -> Result<(), ChargeError> {
         let run = self.plans.get(plan_id).map(|a| a.run.clone()).unwrap_or_default();
         self.charge_to(plan_id, &run, round, cost)
     }
 
     /// [`Node::charge_cost`] under a ledger run key of its own (`RUN/metrics` for noised metrics).
-    pub(super) fn charge_to(&mut self, plan_id: &str, run: &str, round: u32, cost: &Cost) -> anyhow::Result<()> {
-        let accepted = self.plans.get(plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
+    pub(super) fn charge_to(&mut self, plan_id: &str, run: &str, round: u32, cost: &Cost) -> Result<(), ChargeError> {
+        let accepted = self.plans.get(plan_id).ok_or(ChargeError::PlanClosed)?;
         let (dataset, plan_name) = (accepted.plan.data.schema.clone(), accepted.plan.name.clone());
         self.charge_dataset(&dataset, &plan_name, plan_id, run, round, cost)
     }
@@ -60,7 +60,7 @@ impl Node {
         run: &str,
         round: u32,
         cost: &Cost,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ChargeError> {
         let dataset = dataset.to_string();
         let run = run.to_string();
         let others = self.ledger.spent(&dataset, Some((plan_id, &run)));

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sanctum_protocol::proto::{self, HeartbeatPhase, HeartbeatRequest};
 
-use super::{Node, Trained};
+use super::{DaemonError, Node, Trained};
 
 /// The least time between two heartbeats, whatever the coordinator asks: more often would not
 /// count (`round::HEARTBEAT_MIN_GAP` on the coordinator).
@@ -22,7 +22,7 @@ impl Node {
         &mut self,
         start: &proto::StartRound,
         job: impl FnOnce() -> Trained + Send + 'static,
-    ) -> anyhow::Result<(crate::train::Evaluation, crate::train::RoundResult)> {
+    ) -> Result<(crate::train::Evaluation, crate::train::RoundResult), DaemonError> {
         let interval = (start.heartbeat_interval_ms > 0)
             .then(|| Duration::from_millis(start.heartbeat_interval_ms).max(MIN_INTERVAL));
         if interval.is_some() {

@@ -7,7 +7,7 @@
 //! Here: the node's state, the reconnect loop, the session (directive stream) and the dispatch
 //! of each directive. [`offer`]: plan offers; [`training`]: plain rounds; [`secagg`]:
 //! secure-aggregation rounds; [`charge`]: pricing and charging releases; [`reports`]:
-//! evaluations and countersigned round records.
+//! evaluations and countersigned round records; [`error`]: why a directive was not carried out.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,7 +23,7 @@ use sanctum_protocol::secagg::encode::Encoding;
 use sanctum_protocol::tls::{self, NodeCertVerifier, TlsMaterial};
 use tch::Device;
 
-use sanctum_protocol::audit::{AuditEvent, AuditLog, PlanDecision};
+use sanctum_protocol::audit::{AuditError, AuditEvent, AuditLog, PlanDecision};
 
 use crate::backoff::{BASE, CAP};
 use crate::budget::{DdgPlan, DpPlan};
@@ -37,11 +37,15 @@ use crate::rounds::{Lineage, RunView};
 use crate::train;
 
 mod charge;
+mod error;
 mod heartbeat;
 mod offer;
 mod reports;
 mod secagg;
 mod training;
+
+use error::Chain;
+pub use error::{ChargeError, DaemonError, SecAggRefusal};
 
 /// A run of a plan this node accepted, with its validated data.
 struct Accepted {
@@ -165,10 +169,16 @@ async fn finish_or_drain<F: Future>(work: F, stop: &mut Stop) -> (Option<F::Outp
 }
 
 impl Node {
-    pub fn new(cfg: NodeConfig, material: TlsMaterial, device: Device, exit_after_plan: bool) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: NodeConfig,
+        material: TlsMaterial,
+        device: Device,
+        exit_after_plan: bool,
+    ) -> Result<Self, DaemonError> {
         // First of all: one node process per state directory (two would share one budget).
         let lock = crate::state_lock::StateLock::acquire(&cfg.state_dir)?;
-        let egress = EgressLog::open(&cfg.state_dir)?;
+        let egress = EgressLog::open(&cfg.state_dir)
+            .map_err(|error| DaemonError::EgressOpen { dir: cfg.state_dir.clone(), error })?;
         let ledger = Ledger::open(lock)?;
         let releases = ReleaseStore::open(&cfg.state_dir)?;
         let verifier = material.node_cert_verifier()?;
@@ -207,7 +217,7 @@ impl Node {
     /// `node_stopped` audit record) or, with `exit_after_plan`, the plan closes. Reconnects after
     /// a randomised delay ([`crate::backoff::full_jitter`]) so that nodes do not come back in
     /// lock-step after a coordinator restart.
-    pub async fn run(mut self, mut stop: Stop) -> anyhow::Result<()> {
+    pub async fn run(mut self, mut stop: Stop) -> Result<(), DaemonError> {
         let mut attempt: u32 = 0;
         loop {
             let mut backoff = crate::backoff::full_jitter(BASE, CAP, attempt, rand::random::<f64>());
@@ -249,7 +259,7 @@ impl Node {
     }
 
     /// The last record of a drained node: why it stopped. Nothing is in flight any more.
-    fn stopped(&mut self, signal: &'static str) -> anyhow::Result<()> {
+    fn stopped(&mut self, signal: &'static str) -> Result<(), DaemonError> {
         if self.training.take().is_some() {
             tracing::info!(
                 "the secure-aggregation round being trained is left unfinished: nothing of it was charged or sent"
@@ -261,7 +271,7 @@ impl Node {
     }
 
     /// Appends to the audit log; this node's own action, so its own certificate is the actor.
-    fn audit(&mut self, event: AuditEvent) -> anyhow::Result<()> {
+    fn audit(&mut self, event: AuditEvent) -> Result<(), AuditError> {
         let own = self.audit.own_fingerprint().to_string();
         self.audit.append_event(&own, &event)?;
         Ok(())
@@ -301,7 +311,7 @@ impl Node {
                     self.training = None;
                     let (done, stopping) = finish_or_drain(self.secagg_trained(joined), stop).await;
                     if let Some(Err(e)) = done {
-                        tracing::error!("secure-aggregation round not completed: {e:#}");
+                        tracing::error!("secure-aggregation round not completed: {}", Chain(&e));
                         self.secagg = None;
                     }
                     if stopping {
@@ -404,7 +414,11 @@ impl Node {
             }
             directive::Kind::StartRound(start) if start.secure_aggregation.is_some() => {
                 if let Err(e) = self.start_secagg_round(&start).await {
-                    tracing::error!(round = start.round, "not taking part in this secure-aggregation round: {e:#}");
+                    tracing::error!(
+                        round = start.round,
+                        "not taking part in this secure-aggregation round: {}",
+                        Chain(&e)
+                    );
                     // A refused directive never ends another round this node is in.
                     if self.secagg_is(&start.plan_id, start.round) {
                         self.secagg = None;
@@ -413,18 +427,18 @@ impl Node {
             }
             directive::Kind::StartRound(start) => {
                 if let Err(e) = self.run_round(&start).await {
-                    tracing::error!(round = start.round, "round not completed: {e:#}");
+                    tracing::error!(round = start.round, "round not completed: {}", Chain(&e));
                 }
             }
             directive::Kind::RoundReceipt(receipt) => {
                 if let Err(e) = self.countersign(&receipt).await {
-                    tracing::error!(round = receipt.round, "round record not countersigned: {e:#}");
+                    tracing::error!(round = receipt.round, "round record not countersigned: {}", Chain(&e));
                 }
             }
             directive::Kind::Secagg(step) => {
                 let (plan_id, round) = (step.plan_id.clone(), step.round);
                 if let Err(e) = self.secagg_step(step).await {
-                    tracing::error!("secure-aggregation step refused: {e:#}");
+                    tracing::error!("secure-aggregation step refused: {}", Chain(&e));
                     if self.secagg_is(&plan_id, round) {
                         self.secagg = None;
                     }
@@ -432,7 +446,7 @@ impl Node {
             }
             directive::Kind::Evaluate(ev) => {
                 if let Err(e) = self.evaluate(&ev).await {
-                    tracing::error!("final evaluation not completed: {e:#}");
+                    tracing::error!("final evaluation not completed: {}", Chain(&e));
                 }
             }
             directive::Kind::PlanClosed(closed) => {
@@ -475,7 +489,7 @@ impl Node {
     }
 
     /// Refuses a directive: logged and audited here, nothing sent.
-    fn refuse_directive(&mut self, what: &str, plan_id: &str, round: u32, reason: &str) -> anyhow::Result<()> {
+    fn refuse_directive(&mut self, what: &str, plan_id: &str, round: u32, reason: &str) -> Result<(), AuditError> {
         tracing::warn!(plan = plan_id, round, "{what} refused: {reason}");
         self.audit(AuditEvent::DirectiveRefused {
             directive: what.to_string(),

@@ -10,7 +10,7 @@ use sanctum_protocol::plan::Plan;
 use sanctum_protocol::privacy::noise::SecureGaussian;
 use sanctum_protocol::proto::{self};
 
-use super::{Accepted, Node};
+use super::{Accepted, Chain, DaemonError, Node};
 use crate::admission::{self, Refusal};
 use crate::approvals::{self, Approvals};
 use crate::budget::{self, DdgPlan, DpPlan};
@@ -119,7 +119,7 @@ impl Node {
                 .map_err(|e| Refusal::Statistics(e.to_string()))?;
         let cost = budget::statistics_cost(stats.noise_multiplier, releases, delta, spent);
         self.charge_dataset(&plan.data.schema, &plan.name, plan_id, &key, releases, &cost)
-            .map_err(|e| Refusal::StatisticsCharge(format!("{e:#}")))?;
+            .map_err(|e| Refusal::StatisticsCharge(Chain(&e).to_string()))?;
         data::standardize_with(data, &features, &released);
         Ok(())
     }
@@ -140,7 +140,7 @@ impl Node {
 
     /// Approvals and revocations made with `sanctum-node model` while this node ran reach the
     /// audit log here, each once ([`approvals::audit_pending`]).
-    pub(super) fn audit_approvals(&mut self) -> anyhow::Result<()> {
+    pub(super) fn audit_approvals(&mut self) -> Result<(), DaemonError> {
         let (approvals, _) = Approvals::load_fail_closed(&self.cfg.policy.model_approvals);
         approvals::audit_pending(&approvals, &self.cfg.state_dir, &mut self.audit)?;
         Ok(())

@@ -6,14 +6,14 @@ use sanctum_protocol::model::Weights;
 use sanctum_protocol::plan::PrivacyMode;
 use sanctum_protocol::proto::{self, EvaluationReport};
 
-use super::Node;
+use super::{DaemonError, Node};
 use crate::train;
 
 impl Node {
     /// Checks the coordinator's record of a closed round against what this node sent, and
     /// countersigns it (agreeing or, with the reason, disputing): the decision and the signed
     /// statement are `receipt`'s; this sends it and keeps it in the node's own audit log.
-    pub(super) async fn countersign(&mut self, receipt: &proto::RoundReceipt) -> anyhow::Result<()> {
+    pub(super) async fn countersign(&mut self, receipt: &proto::RoundReceipt) -> Result<(), DaemonError> {
         let me = self.material.identity().name.clone();
         let sent = self.sent.get(&(receipt.plan_id.clone(), receipt.round));
         let sent = sent.map(|(hash, bytes)| crate::receipt::Sent { payload_sha256: hash, bytes: *bytes as u64 });
@@ -48,17 +48,17 @@ impl Node {
 
     /// Refuses an evaluation (audited, logged) and answers it without a value, so an honest
     /// coordinator does not wait for this node; the refusal is returned as the error.
-    pub(super) async fn decline_evaluation(&mut self, ev: &proto::Evaluate, reason: &str) -> anyhow::Result<()> {
+    pub(super) async fn decline_evaluation(&mut self, ev: &proto::Evaluate, reason: &str) -> Result<(), DaemonError> {
         self.refuse_directive("Evaluate", &ev.plan_id, 0, reason)?;
         let report =
             EvaluationReport { plan_id: ev.plan_id.clone(), model_sha256: ev.model_sha256.clone(), metrics: vec![] };
         self.link.report_evaluation(report).await?;
-        anyhow::bail!("{reason}")
+        Err(DaemonError::Refused { directive: "Evaluate", reason: reason.to_string() })
     }
 
     /// Evaluates a model of an accepted run's lineage on the test split, and reports the metric
     /// only as `policy.test_metrics` allows.
-    pub(super) async fn evaluate(&mut self, ev: &proto::Evaluate) -> anyhow::Result<()> {
+    pub(super) async fn evaluate(&mut self, ev: &proto::Evaluate) -> Result<(), DaemonError> {
         let Some(accepted) = self.plans.get(&ev.plan_id) else {
             let reason = format!("evaluation for plan {} which this node did not accept", ev.plan_id);
             return self.decline_evaluation(ev, &reason).await;

@@ -8,7 +8,7 @@ use sanctum_protocol::secagg::client::{Client as SecAggClient, RoundParams};
 use sanctum_protocol::secagg::encode::{Weight, encoding_for};
 use sanctum_protocol::secagg::wire;
 
-use super::{Node, SecAggRound, Trained};
+use super::{DaemonError, Node, SecAggRefusal, SecAggRound, Trained};
 use crate::egress::Rule;
 use crate::release::Released;
 use crate::rounds::RoundDecision;
@@ -16,51 +16,52 @@ use crate::rounds::RoundDecision;
 impl Node {
     /// Starts this node's part in a secure-aggregation round: checks the setup against the plan
     /// and the policy, advertises signed round keys, then trains while the steps go on.
-    pub(super) async fn start_secagg_round(&mut self, start: &proto::StartRound) -> anyhow::Result<()> {
+    pub(super) async fn start_secagg_round(&mut self, start: &proto::StartRound) -> Result<(), DaemonError> {
         let Some(setup) = start.secure_aggregation.clone() else {
-            anyhow::bail!("no secure-aggregation setup");
+            return Err(SecAggRefusal::NoSetup.into());
         };
         if let Some(accepted) = self.plans.get(&start.plan_id)
             && let Err(reason) = self.still_approved(&accepted.plan)
         {
-            self.refuse_directive("StartRound", &start.plan_id, start.round, &reason.to_string())?;
-            anyhow::bail!("{reason}");
+            let reason = reason.to_string();
+            self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
+            return Err(DaemonError::Refused { directive: "StartRound", reason });
         }
         // A masked input is made once per (run, round) and never re-sent.
         match self.round_decision(start)? {
             RoundDecision::Train => {}
             RoundDecision::Refuse(reason) => {
                 self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
-                anyhow::bail!("{reason}");
+                return Err(DaemonError::Refused { directive: "StartRound", reason });
             }
             RoundDecision::Resend | RoundDecision::ChargeAndSend => {
                 let reason = format!("round {}'s input was already made; it is not masked again", start.round);
                 self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
-                anyhow::bail!("{reason}");
+                return Err(DaemonError::Refused { directive: "StartRound", reason });
             }
         }
         let Some(accepted) = self.plans.get(&start.plan_id) else {
-            anyhow::bail!("round for plan {} which this node did not accept", start.plan_id);
+            return Err(DaemonError::NotAccepted { plan_id: start.plan_id.clone() });
         };
         let plan = accepted.plan.clone();
         if !plan.secure_aggregation {
-            anyhow::bail!("the coordinator asks for secure aggregation, which the accepted plan does not use");
+            return Err(SecAggRefusal::NotInPlan.into());
         }
         let me = self.material.identity().name.clone();
         let n = setup.participants.len();
         let t = setup.threshold as usize;
         let wanted = plan.secagg_threshold(n);
         if t < wanted {
-            anyhow::bail!("the coordinator set threshold {t} for {n} participants; the plan requires {wanted}");
+            return Err(SecAggRefusal::ThresholdBelowPlan { threshold: t, participants: n, wanted }.into());
         }
         if let Some(min) = self.cfg.policy.min_cohort
             && t < min
         {
-            anyhow::bail!("threshold {t} would release sums of fewer hospitals than policy.min_cohort = {min}");
+            return Err(SecAggRefusal::ThresholdBelowMinCohort { threshold: t, min_cohort: min }.into());
         }
         let settings = plan.secagg_settings();
         if setup.clip_norm != settings.clip_norm || setup.max_samples != settings.max_samples {
-            anyhow::bail!("the round's clip_norm or max_samples differ from the plan's");
+            return Err(SecAggRefusal::SettingsDiffer.into());
         }
         let params = RoundParams {
             plan_id: start.plan_id.clone(),
@@ -69,7 +70,7 @@ impl Node {
             threshold: t,
         };
         let encoding =
-            encoding_for(&plan, n, t, accepted.ddg.map(|d| d.noise_multiplier)).map_err(anyhow::Error::msg)?;
+            encoding_for(&plan, n, t, accepted.ddg.map(|d| d.noise_multiplier)).map_err(SecAggRefusal::Encoding)?;
         let (sa, keys) = SecAggClient::new(params, &me)?;
         let signature = self.material.sign(&keys.signed_message())?;
         let msg = SecAggMessage {
@@ -86,7 +87,7 @@ impl Node {
         self.link.sec_agg(msg).await?;
         self.secagg = Some(SecAggRound { start: start.clone(), client: sa, encoding, input: None, metrics: vec![] });
         // Train while the key steps go on.
-        let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed"))?;
+        let accepted = self.plans.get(&start.plan_id).ok_or(DaemonError::PlanClosed)?;
         let (data, dp, script) = (accepted.data.clone(), accepted.dp, accepted.script.clone());
         let bytes = self.fetch(&start.plan_id, &start.model_sha256, start.model_bytes).await?;
         let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
@@ -100,18 +101,14 @@ impl Node {
     pub(super) async fn secagg_trained(
         &mut self,
         joined: Result<Trained, tokio::task::JoinError>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), DaemonError> {
         let (metric, result) = joined??;
         let Some(start) = self.secagg.as_ref().map(|r| r.start.clone()) else {
             return Ok(());
         };
-        let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
+        let accepted = self.plans.get(&start.plan_id).ok_or(DaemonError::PlanClosedDuringTraining)?;
         if accepted.run != start.run {
-            anyhow::bail!(
-                "run {:?} was replaced by run {:?} during training; nothing is sent",
-                start.run,
-                accepted.run
-            );
+            return Err(SecAggRefusal::RunReplaced { round_run: start.run, accepted_run: accepted.run.clone() }.into());
         }
         let run = accepted.run.clone();
         tracing::info!(
@@ -131,7 +128,7 @@ impl Node {
             self.faults.crash_after_charge();
         }
         let metrics = self.round_metrics(&start.plan_id, &metric, cost.as_ref())?;
-        let accepted = self.plans.get(&start.plan_id).ok_or_else(|| anyhow::anyhow!("plan closed during training"))?;
+        let accepted = self.plans.get(&start.plan_id).ok_or(DaemonError::PlanClosedDuringTraining)?;
         let weight = match accepted.plan.strategy.weighting() {
             sanctum_protocol::plan::Weighting::Samples => Weight::Samples(accepted.data.train_len() as u64),
             sanctum_protocol::plan::Weighting::Uniform => Weight::Uniform,
@@ -157,7 +154,7 @@ impl Node {
     }
 
     /// Masks the input and uploads it.
-    pub(super) async fn send_masked(&mut self) -> anyhow::Result<()> {
+    pub(super) async fn send_masked(&mut self) -> Result<(), DaemonError> {
         let Some(round) = self.secagg.as_mut() else {
             return Ok(());
         };
@@ -188,19 +185,19 @@ impl Node {
     }
 
     /// One secure-aggregation step relayed by the coordinator.
-    pub(super) async fn secagg_step(&mut self, step: proto::SecAggStep) -> anyhow::Result<()> {
+    pub(super) async fn secagg_step(&mut self, step: proto::SecAggStep) -> Result<(), DaemonError> {
         let Some(round) = self.secagg.as_mut() else {
-            anyhow::bail!("no secure-aggregation round is open here (round {} step ignored)", step.round);
+            return Err(SecAggRefusal::NoRoundOpen { round: step.round }.into());
         };
         if step.plan_id != round.start.plan_id || step.round != round.start.round {
-            anyhow::bail!("step for round {} but this node is in round {}", step.round, round.start.round);
+            return Err(SecAggRefusal::OtherRound { step_round: step.round, open_round: round.start.round }.into());
         }
         let reply = |s: sec_agg_message::Step| SecAggMessage {
             plan_id: step.plan_id.clone(),
             round: step.round,
             step: Some(s),
         };
-        match step.step.clone().ok_or_else(|| anyhow::anyhow!("empty step"))? {
+        match step.step.clone().ok_or(SecAggRefusal::EmptyStep)? {
             sec_agg_step::Step::Peers(p) => {
                 let ads = p
                     .keys

@@ -14,7 +14,7 @@ use sanctum_protocol::prost::Message;
 use sanctum_protocol::proto::{self, UpdateHeader};
 use sanctum_protocol::transfer;
 
-use super::{Node, Trained, name_seed, short};
+use super::{DaemonError, Node, Trained, name_seed, short};
 use crate::budget::{self, Cost, DpPlan};
 use crate::data::LocalData;
 use crate::egress::Rule;
@@ -24,8 +24,13 @@ use crate::train;
 
 impl Node {
     /// A model by hash, from the one-model cache or the coordinator.
-    pub(super) async fn fetch(&mut self, plan_id: &str, hash_hex: &str, size: u64) -> anyhow::Result<Arc<Vec<u8>>> {
-        let hash = ContentHash::parse(hash_hex).map_err(anyhow::Error::msg)?;
+    pub(super) async fn fetch(
+        &mut self,
+        plan_id: &str,
+        hash_hex: &str,
+        size: u64,
+    ) -> Result<Arc<Vec<u8>>, DaemonError> {
+        let hash = ContentHash::parse(hash_hex).map_err(DaemonError::ModelHash)?;
         if let Some((h, bytes)) = &self.cached
             && *h == hash
         {
@@ -39,7 +44,7 @@ impl Node {
     }
 
     /// What this node's own state says about a `StartRound` (see [`rounds::start_round`]).
-    pub(super) fn round_decision(&self, start: &proto::StartRound) -> anyhow::Result<RoundDecision> {
+    pub(super) fn round_decision(&self, start: &proto::StartRound) -> Result<RoundDecision, DaemonError> {
         let Some(accepted) = self.plans.get(&start.plan_id) else {
             return Ok(RoundDecision::Refuse(format!(
                 "round for plan {} which this node did not accept",
@@ -66,14 +71,14 @@ impl Node {
         Ok(rounds::start_round(&view, &start.run, start.round, with_setup, state))
     }
 
-    pub(super) async fn run_round(&mut self, start: &proto::StartRound) -> anyhow::Result<()> {
+    pub(super) async fn run_round(&mut self, start: &proto::StartRound) -> Result<(), DaemonError> {
         let decision = self.round_decision(start)?;
         if let RoundDecision::Refuse(reason) = &decision {
             self.refuse_directive("StartRound", &start.plan_id, start.round, reason)?;
-            anyhow::bail!("{reason}");
+            return Err(DaemonError::Refused { directive: "StartRound", reason: reason.clone() });
         }
         let Some(accepted) = self.plans.get(&start.plan_id) else {
-            anyhow::bail!("round for plan {} which this node did not accept", start.plan_id);
+            return Err(DaemonError::NotAccepted { plan_id: start.plan_id.clone() });
         };
         let run = accepted.run.clone();
         match decision {
@@ -81,10 +86,10 @@ impl Node {
                 let Some(Released::Update { header, payload }) =
                     self.releases.get(&start.plan_id, &run, start.round)?
                 else {
-                    anyhow::bail!("round {}'s stored release disappeared", start.round);
+                    return Err(DaemonError::ReleaseMissing { round: start.round });
                 };
                 let header = UpdateHeader::decode(header.as_slice())
-                    .map_err(|e| anyhow::anyhow!("round {}'s stored release is damaged: {e}", start.round))?;
+                    .map_err(|error| DaemonError::ReleaseDamaged { round: start.round, error })?;
                 // The same round asked for again must name the model it was trained on.
                 if header.base_model_sha256 != start.model_sha256 {
                     let reason = format!(
@@ -94,7 +99,7 @@ impl Node {
                         short(&start.model_sha256)
                     );
                     self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
-                    anyhow::bail!("{reason}");
+                    return Err(DaemonError::Refused { directive: "StartRound", reason });
                 }
                 if decision == RoundDecision::ChargeAndSend {
                     if let Some(cost) = self.round_cost(&start.plan_id, start.round)? {
@@ -123,13 +128,14 @@ impl Node {
     }
 
     /// Trains a round, then stores, charges and sends its update, in that order.
-    pub(super) async fn train_and_send(&mut self, start: &proto::StartRound, run: &str) -> anyhow::Result<()> {
+    pub(super) async fn train_and_send(&mut self, start: &proto::StartRound, run: &str) -> Result<(), DaemonError> {
         let Some(accepted) = self.plans.get(&start.plan_id) else {
-            anyhow::bail!("round for plan {} which this node did not accept", start.plan_id);
+            return Err(DaemonError::NotAccepted { plan_id: start.plan_id.clone() });
         };
         if let Err(reason) = self.still_approved(&accepted.plan) {
-            self.refuse_directive("StartRound", &start.plan_id, start.round, &reason.to_string())?;
-            anyhow::bail!("{reason}");
+            let reason = reason.to_string();
+            self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
+            return Err(DaemonError::Refused { directive: "StartRound", reason });
         }
         let plan = accepted.plan.clone();
         let data = accepted.data.clone();
@@ -187,7 +193,7 @@ impl Node {
         plan_id: &str,
         metric: &train::Evaluation,
         cost: Option<&Cost>,
-    ) -> anyhow::Result<Vec<proto::Metric>> {
+    ) -> Result<Vec<proto::Metric>, DaemonError> {
         let mut m: Vec<proto::Metric> = self.release_metric(plan_id, metric)?;
         // With sizes withheld, the cost is accounted at the public bound: it reveals nothing.
         if let Some(cost) = cost {
@@ -202,7 +208,7 @@ impl Node {
         &mut self,
         plan_id: &str,
         eval: &train::Evaluation,
-    ) -> anyhow::Result<Vec<proto::Metric>> {
+    ) -> Result<Vec<proto::Metric>, DaemonError> {
         let Some(accepted) = self.plans.get(plan_id) else {
             return Ok(vec![]);
         };
@@ -269,17 +275,17 @@ impl Node {
         header: UpdateHeader,
         payload: Vec<u8>,
         rule: Rule,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), DaemonError> {
         let (plan_id, round, masked) = (header.plan_id.clone(), header.round, header.masked);
         let (hash, bytes) = self.link.upload(header, payload, rule).await?;
         self.sent.insert((plan_id.clone(), round), (hash.clone(), bytes));
-        self.audit(AuditEvent::UpdateSent {
+        Ok(self.audit(AuditEvent::UpdateSent {
             plan_id,
             round: u64::from(round),
             payload_sha256: hash,
             bytes: bytes as u64,
             masked,
             resend: matches!(rule, Rule::ModelUpdateResend),
-        })
+        })?)
     }
 }
