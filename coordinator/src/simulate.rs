@@ -4,22 +4,23 @@
 //! mutual TLS and prints the outcome next to the published reference numbers.
 
 use std::collections::BTreeMap;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
 use sanctum_protocol::model::ModelSpec;
-use sanctum_protocol::pki::{self, Role, SignSpec};
-use sanctum_protocol::plan::Plan;
+use sanctum_protocol::pki::{self, PkiError, Role, SignSpec};
+use sanctum_protocol::plan::{Plan, PlanError};
 use sanctum_protocol::proto::PlanFinished;
-use sanctum_protocol::tls::TlsMaterial;
+use sanctum_protocol::tls::{TlsError, TlsMaterial};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
 use crate::config::resolve;
-use crate::pki::{write_private, write_public};
+use crate::pki::{CaError, write_private, write_public};
+use crate::plan_files::PlanFileError;
 use crate::service::{Coordinator, CoordinatorOptions};
 use crate::watch;
 
@@ -53,6 +54,115 @@ pub struct SimulateOptions {
     pub pool: Option<String>,
 }
 
+/// Why a simulation could not run to the plan's end. A wrapped cause is the variant's `source()`,
+/// not part of its message: `main` prints the chain (`{:#}`), so the text reads "MESSAGE: CAUSE".
+/// A plan that runs and fails is not an error: see [`Summary`].
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error("cannot locate this executable")]
+    NoExecutable(#[source] io::Error),
+    #[error(
+        "sanctum-node not found next to {}: build it (`cargo build --release -p sanctum-node`) or pass --node-bin",
+        exe.display()
+    )]
+    NoNodeBinary { exe: PathBuf },
+    #[error("cannot read plan {}", path.display())]
+    ReadPlan { path: PathBuf, source: io::Error },
+    #[error("plan {}", path.display())]
+    Plan { path: PathBuf, source: PlanError },
+    #[error("plan {}", path.display())]
+    PlanFiles { path: PathBuf, source: PlanFileError },
+    #[error("plan {} has no [simulation] section listing the hospitals", path.display())]
+    NoSimulation { path: PathBuf },
+    #[error(
+        "plan {} names its schema only by hash; simulate needs the file itself (data.schema_file) to give each hospital",
+        path.display()
+    )]
+    SchemaByHashOnly { path: PathBuf },
+    #[error("the TorchScript plan names no model.file")]
+    NoModelFile,
+    #[error("cannot resolve {}", path.display())]
+    Resolve { path: PathBuf, source: io::Error },
+    #[error("cannot create {}", path.display())]
+    Create { path: PathBuf, source: io::Error },
+    #[error("cannot write {}", path.display())]
+    Write { path: PathBuf, source: io::Error },
+    #[error("cannot create a temporary work directory")]
+    TempDir(#[source] io::Error),
+    #[error("cannot listen on a loopback port")]
+    Listen(#[source] io::Error),
+    /// The throw-away consortium's keys or certificates (generated here, so not expected).
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The in-process coordinator did not start (its own error, message and causes unchanged).
+    #[error(transparent)]
+    Coordinator(Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot run {}", bin.display())]
+    RunNode { bin: PathBuf, source: io::Error },
+    #[error("hospital '{hospital}' could not approve {}: {stderr}", file.display())]
+    Approve {
+        hospital: String,
+        file: PathBuf,
+        /// What `sanctum-node model approve` wrote to stderr (its reason), trimmed.
+        stderr: String,
+    },
+    #[error("cannot start {}", bin.display())]
+    StartNode { bin: PathBuf, source: io::Error },
+    #[error("cannot wait for node '{name}'")]
+    WaitNode { name: String, source: io::Error },
+    #[error("node '{name}' exited ({status}) before connecting; its log ends with:\n{log_tail}")]
+    NodeExited { name: String, status: ExitStatus, log_tail: String },
+    #[error("not every node connected within 120 s (connected: {connected:?}); logs are in {}", work.display())]
+    NotConnected { connected: Vec<String>, work: PathBuf },
+    /// The coordinator refused the plan (the gRPC status's message, as the lead would read it).
+    #[error("plan refused: {message}")]
+    Refused { message: String },
+    #[error("the coordinator stopped before the plan finished")]
+    CoordinatorStopped,
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("--hospitals: '{name}' is not one of the plan's simulated hospitals ({known})")]
+    UnknownHospital {
+        name: String,
+        /// The plan's simulated hospitals, comma-separated.
+        known: String,
+    },
+    #[error("--hospitals lists no hospital; name at least one of {known}")]
+    NoHospitals {
+        /// The plan's simulated hospitals, comma-separated.
+        known: String,
+    },
+    #[error("--pool {name:?}")]
+    PoolName { name: String, source: PkiError },
+    #[error("the plan with the selected hospitals")]
+    SelectedPlan(#[source] PlanError),
+    #[error(
+        "--pool concatenates CSV tables; {} is not one (convert it to CSV or simulate without --pool)",
+        path.display()
+    )]
+    PoolNotCsv { path: PathBuf },
+    #[error("--pool: cannot read {}", path.display())]
+    PoolRead { path: PathBuf, source: io::Error },
+    #[error(
+        "--pool: {} and {} have different header lines; pooled training needs the same columns in the same order",
+        first.display(),
+        other.display()
+    )]
+    PoolHeaders { first: PathBuf, other: PathBuf },
+}
+
+fn create_dir(path: &Path) -> Result<(), SimulateError> {
+    std::fs::create_dir_all(path).map_err(|source| SimulateError::Create { path: path.into(), source })
+}
+
+fn canonical(path: &Path) -> Result<PathBuf, SimulateError> {
+    std::fs::canonicalize(path).map_err(|source| SimulateError::Resolve { path: path.into(), source })
+}
+
 /// The outcome, as written to the JSON summary.
 #[derive(Debug)]
 pub struct Summary {
@@ -60,20 +170,13 @@ pub struct Summary {
     pub json: serde_json::Value,
 }
 
-fn node_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
+fn node_binary(explicit: Option<&Path>) -> Result<PathBuf, SimulateError> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
     }
-    let exe = std::env::current_exe().context("cannot locate this executable")?;
+    let exe = std::env::current_exe().map_err(SimulateError::NoExecutable)?;
     let candidate = exe.with_file_name("sanctum-node");
-    if candidate.exists() {
-        Ok(candidate)
-    } else {
-        bail!(
-            "sanctum-node not found next to {}: build it (`cargo build --release -p sanctum-node`) or pass --node-bin",
-            exe.display()
-        )
-    }
+    if candidate.exists() { Ok(candidate) } else { Err(SimulateError::NoNodeBinary { exe }) }
 }
 
 fn tail(path: &Path, lines: usize) -> String {
@@ -83,43 +186,37 @@ fn tail(path: &Path, lines: usize) -> String {
 }
 
 /// Runs the simulation; returns the summary (the plan may have failed: see `finished.success`).
-pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
+pub async fn simulate(opts: &SimulateOptions) -> Result<Summary, SimulateError> {
     let started = Instant::now();
-    let text =
-        std::fs::read_to_string(&opts.plan).with_context(|| format!("cannot read plan {}", opts.plan.display()))?;
-    let mut plan = Plan::parse(&text).with_context(|| format!("plan {}", opts.plan.display()))?;
+    let text = std::fs::read_to_string(&opts.plan)
+        .map_err(|source| SimulateError::ReadPlan { path: opts.plan.clone(), source })?;
+    let mut plan = Plan::parse(&text).map_err(|source| SimulateError::Plan { path: opts.plan.clone(), source })?;
     if let Some(seed) = opts.seed {
         plan.seed = seed;
     }
     let plan_dir = opts.plan.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let files =
-        crate::plan_files::resolve(&mut plan, &plan_dir).with_context(|| format!("plan {}", opts.plan.display()))?;
-    let mut sim = plan
-        .simulation
-        .clone()
-        .with_context(|| format!("plan {} has no [simulation] section listing the hospitals", opts.plan.display()))?;
+    let files = crate::plan_files::resolve(&mut plan, &plan_dir)
+        .map_err(|source| SimulateError::PlanFiles { path: opts.plan.clone(), source })?;
+    let mut sim = plan.simulation.clone().ok_or_else(|| SimulateError::NoSimulation { path: opts.plan.clone() })?;
     let node_bin = node_binary(opts.node_bin.as_deref())?;
     // Every simulated hospital holds the plan's schema file, as a real one would.
     let schema_path = match &plan.data.schema_file {
-        Some(f) => std::fs::canonicalize(resolve(&plan_dir, f))?,
-        None => bail!(
-            "plan {} names its schema only by hash; simulate needs the file itself (data.schema_file) to give each hospital",
-            opts.plan.display()
-        ),
+        Some(f) => canonical(&resolve(&plan_dir, f))?,
+        None => return Err(SimulateError::SchemaByHashOnly { path: opts.plan.clone() }),
     };
 
     let _tmp;
     let work = match &opts.workdir {
         Some(w) => {
-            std::fs::create_dir_all(w)?;
+            create_dir(w)?;
             w.clone()
         }
         None => {
-            _tmp = tempfile::Builder::new().prefix("sanctum-sim-").tempdir()?;
+            _tmp = tempfile::Builder::new().prefix("sanctum-sim-").tempdir().map_err(SimulateError::TempDir)?;
             _tmp.path().to_path_buf()
         }
     };
-    let work = std::fs::canonicalize(&work)?;
+    let work = canonical(&work)?;
     select_hospitals(&mut plan, &mut sim, opts, &plan_dir, &work)?;
 
     // A throw-away consortium: CA, coordinator, and each hospital's own key and CSR.
@@ -144,9 +241,10 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
             faults: crate::faults::FaultOptions::default(),
         },
         &material,
-    )?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
+    )
+    .map_err(|e| SimulateError::Coordinator(e.into()))?;
+    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(SimulateError::Listen)?;
+    let port = listener.local_addr().map_err(SimulateError::Listen)?.port();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = {
         let coordinator = coordinator.clone();
@@ -162,7 +260,7 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
     let mut children: Vec<(String, Child, PathBuf)> = Vec::new();
     for h in &sim.hospitals {
         let dir = work.join("nodes").join(&h.name);
-        std::fs::create_dir_all(&dir)?;
+        create_dir(&dir)?;
         let (key_pem, csr_pem) = pki::request(&h.name)?;
         let cert_pem = pki::sign(
             &ca.cert_pem,
@@ -186,13 +284,10 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
             path = toml_str(&data.display().to_string()),
         );
         let config_path = dir.join("node.toml");
-        std::fs::write(&config_path, config)?;
+        std::fs::write(&config_path, config)
+            .map_err(|source| SimulateError::Write { path: config_path.clone(), source })?;
         if let (ModelSpec::Torchscript(spec), true) = (&plan.model, opts.approve_models) {
-            let file = spec
-                .file
-                .as_ref()
-                .map(|f| resolve(&plan_dir, f))
-                .context("the TorchScript plan names no model.file")?;
+            let file = spec.file.as_ref().map(|f| resolve(&plan_dir, f)).ok_or(SimulateError::NoModelFile)?;
             let out = std::process::Command::new(&node_bin)
                 .args(["model", "approve"])
                 .arg(&file)
@@ -201,18 +296,18 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
                 .args(["--by", "simulation", "--inputs", &spec.inputs.to_string()])
                 .env_remove("LD_LIBRARY_PATH")
                 .output()
-                .with_context(|| format!("cannot run {}", node_bin.display()))?;
+                .map_err(|source| SimulateError::RunNode { bin: node_bin.clone(), source })?;
             if !out.status.success() {
-                bail!(
-                    "hospital '{}' could not approve {}: {}",
-                    h.name,
-                    file.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
+                return Err(SimulateError::Approve {
+                    hospital: h.name.clone(),
+                    file,
+                    stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                });
             }
         }
         let log_path = dir.join("node.log");
-        let log = std::fs::File::create(&log_path)?;
+        let log_error = |source| SimulateError::Create { path: log_path.clone(), source };
+        let log = std::fs::File::create(&log_path).map_err(log_error)?;
         let child = Command::new(&node_bin)
             .arg("run")
             .arg("--config")
@@ -221,11 +316,11 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
             .env_remove("LD_LIBRARY_PATH")
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone()?))
+            .stdout(Stdio::from(log.try_clone().map_err(log_error)?))
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("cannot start {}", node_bin.display()))?;
+            .map_err(|source| SimulateError::StartNode { bin: node_bin.clone(), source })?;
         children.push((h.name.clone(), child, log_path));
     }
 
@@ -237,12 +332,13 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
             break;
         }
         for (name, child, log) in &mut children {
-            if let Some(status) = child.try_wait()? {
-                bail!("node '{name}' exited ({status}) before connecting; its log ends with:\n{}", tail(log, 20));
+            let exited = child.try_wait().map_err(|source| SimulateError::WaitNode { name: name.clone(), source })?;
+            if let Some(status) = exited {
+                return Err(SimulateError::NodeExited { name: name.clone(), status, log_tail: tail(log, 20) });
             }
         }
         if Instant::now() > deadline {
-            bail!("not every node connected within 120 s (connected: {connected:?}); logs are in {}", work.display());
+            return Err(SimulateError::NotConnected { connected, work });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -260,10 +356,10 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
     let submitted = coordinator
         .submit_with_model(plan.clone(), files.model_file, false)
         .await
-        .map_err(|s| anyhow::anyhow!("plan refused: {}", s.message()))?;
+        .map_err(|s| SimulateError::Refused { message: s.message().to_string() })?;
     let finished = watch::follow(coordinator.watch(&submitted.run), plan.rounds, metric)
         .await
-        .context("the coordinator stopped before the plan finished")?;
+        .ok_or(SimulateError::CoordinatorStopped)?;
 
     // Nodes exit on their own once the plan is closed.
     for (name, child, log) in &mut children {
@@ -348,7 +444,7 @@ pub async fn simulate(opts: &SimulateOptions) -> anyhow::Result<Summary> {
     });
     if let Some(path) = &opts.json {
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+            .map_err(|source| SimulateError::Write { path: path.clone(), source })?;
     }
     Ok(Summary { finished, json })
 }
@@ -362,21 +458,21 @@ fn select_hospitals(
     opts: &SimulateOptions,
     plan_dir: &Path,
     work: &Path,
-) -> anyhow::Result<()> {
+) -> Result<(), SimulateError> {
     if let Some(only) = &opts.hospitals {
         let known: Vec<&str> = sim.hospitals.iter().map(|h| h.name.as_str()).collect();
         if let Some(bad) = only.iter().find(|n| !known.contains(&n.as_str())) {
-            bail!("--hospitals: '{bad}' is not one of the plan's simulated hospitals ({})", known.join(", "));
+            return Err(SimulateError::UnknownHospital { name: bad.clone(), known: known.join(", ") });
         }
         if only.is_empty() {
-            bail!("--hospitals lists no hospital; name at least one of {}", known.join(", "));
+            return Err(SimulateError::NoHospitals { known: known.join(", ") });
         }
         sim.hospitals.retain(|h| only.contains(&h.name));
     }
     if let Some(name) = &opts.pool {
-        sanctum_protocol::pki::validate_name(name).map_err(|e| anyhow::anyhow!("--pool {name:?}: {e}"))?;
+        pki::validate_name(name).map_err(|source| SimulateError::PoolName { name: name.clone(), source })?;
         let dir = work.join("pooled");
-        std::fs::create_dir_all(&dir)?;
+        create_dir(&dir)?;
         let out = dir.join(format!("{name}.csv"));
         let files: Vec<PathBuf> = sim.hospitals.iter().map(|h| resolve(plan_dir, &h.data)).collect();
         pool_csv(&files, &out)?;
@@ -392,23 +488,20 @@ fn select_hospitals(
             plan.min_nodes = n;
         }
         plan.simulation = Some(sim.clone());
-        plan.validate().context("the plan with the selected hospitals")?;
+        plan.validate().map_err(SimulateError::SelectedPlan)?;
     }
     Ok(())
 }
 
 /// Concatenates CSV tables with the same header line into `out` (the header once).
-fn pool_csv(files: &[PathBuf], out: &Path) -> anyhow::Result<()> {
+fn pool_csv(files: &[PathBuf], out: &Path) -> Result<(), SimulateError> {
     let mut text = String::new();
     let mut header: Option<(String, &Path)> = None;
     for f in files {
         if f.extension().and_then(|e| e.to_str()).is_none_or(|e| !e.eq_ignore_ascii_case("csv")) {
-            bail!(
-                "--pool concatenates CSV tables; {} is not one (convert it to CSV or simulate without --pool)",
-                f.display()
-            );
+            return Err(SimulateError::PoolNotCsv { path: f.clone() });
         }
-        let body = std::fs::read_to_string(f).with_context(|| format!("--pool: cannot read {}", f.display()))?;
+        let body = std::fs::read_to_string(f).map_err(|source| SimulateError::PoolRead { path: f.clone(), source })?;
         let (head, rows) = body.split_once('\n').unwrap_or((body.as_str(), ""));
         let head = head.trim_end_matches('\r');
         match &header {
@@ -417,11 +510,9 @@ fn pool_csv(files: &[PathBuf], out: &Path) -> anyhow::Result<()> {
                 text.push('\n');
                 header = Some((head.to_string(), f));
             }
-            Some((h, first)) if h != head => bail!(
-                "--pool: {} and {} have different header lines; pooled training needs the same columns in the same order",
-                first.display(),
-                f.display()
-            ),
+            Some((h, first)) if h != head => {
+                return Err(SimulateError::PoolHeaders { first: first.to_path_buf(), other: f.clone() });
+            }
             Some(_) => {}
         }
         text.push_str(rows);
@@ -429,7 +520,7 @@ fn pool_csv(files: &[PathBuf], out: &Path) -> anyhow::Result<()> {
             text.push('\n');
         }
     }
-    std::fs::write(out, text).with_context(|| format!("cannot write {}", out.display()))
+    std::fs::write(out, text).map_err(|source| SimulateError::Write { path: out.into(), source })
 }
 
 fn toml_str(s: &str) -> String {
@@ -499,6 +590,28 @@ mod tests {
         assert!(err.contains("is not one"), "{err}");
     }
 
+    /// What `main` prints for an error (`{:#}`): the message, then each cause after ": ".
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut text = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            text = format!("{text}: {c}");
+            cause = c.source();
+        }
+        text
+    }
+
+    #[test]
+    fn a_missing_plan_names_the_file_and_the_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = dir.path().join("plan.toml");
+        let os_gone = std::fs::read(&plan).unwrap_err().to_string();
+        let opts = SimulateOptions { plan: plan.clone(), ..options(None, None) };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let err = runtime.block_on(simulate(&opts)).unwrap_err();
+        assert_eq!(chain(&err), format!("cannot read plan {}: {os_gone}", plan.display()));
+    }
+
     fn options(hospitals: Option<&[&str]>, pool: Option<&str>) -> SimulateOptions {
         SimulateOptions {
             plan: PathBuf::new(),
@@ -547,6 +660,12 @@ mod tests {
             .map(|h| std::fs::read_to_string(dir.join(format!("data/multiclass/{h}.csv"))).unwrap().lines().count() - 1)
             .sum();
         assert_eq!(pooled.lines().count(), rows + 1);
+
+        // A pooled hospital's name is a member name; the refusal reads as the CLI printed it before.
+        let (mut plan, mut sim) = fresh();
+        let err =
+            select_hospitals(&mut plan, &mut sim, &options(None, Some("Bad Name")), &dir, work.path()).unwrap_err();
+        assert_eq!(chain(&err), format!("--pool \"Bad Name\": {}", PkiError::InvalidName("Bad Name".into())));
 
         // The defaults change nothing.
         let (mut plan, mut sim) = fresh();
