@@ -457,8 +457,17 @@ fn read_spooled(update: SpooledUpdate) -> std::io::Result<engine::Update> {
     })
 }
 
+/// Why the final model or its manifest was not exported; the run's end is recorded even so.
+#[derive(Debug, thiserror::Error)]
+enum ExportFailed {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("the manifest does not serialise: {0}")]
+    Manifest(#[from] serde_json::Error),
+}
+
 /// Writes the final model (safetensors) and its manifest: plan, lineage hash chain, metrics.
-fn export_files(store: &Store, job: ExportJob) -> anyhow::Result<PathBuf> {
+fn export_files(store: &Store, job: ExportJob) -> Result<PathBuf, ExportFailed> {
     let model_path = store.export_path(&job.stem, ".safetensors")?;
     let manifest_path = store.export_path(&job.stem, ".manifest.json")?;
     write_atomic(&model_path, &store.read_model(&job.model)?)?;

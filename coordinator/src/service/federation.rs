@@ -1,9 +1,8 @@
 //! The node-facing service (`Federation`): subscribe, plan decisions, model downloads, uploads,
 //! evaluations, receipts and secure-aggregation messages.
 //!
-//! Length: one tonic service is one trait impl block, every handler in it. The resumable upload's
-//! spooling (`submit_update`, `upload_status`, `open_partial`) is the part to move into a file of
-//! its own next (ARCHITECTURE.md, "Not yet").
+//! The resumable upload's handlers (`UploadStatus`, `SubmitUpdate`) are in `uploads.rs`, beside
+//! the upload gates they check.
 
 use std::future::Future;
 use std::io::Read;
@@ -11,17 +10,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use sanctum_protocol::hash::{ContentHash, Hasher};
+use sanctum_protocol::hash::ContentHash;
 use sanctum_protocol::pki::Identity;
 use sanctum_protocol::proto::{
     self, Ack, Directive, EvaluationReport, FetchModelRequest, ModelChunk, PlanResponse, SecAggMessage,
     SubscribeRequest, UpdateChunk, UpdateReceipt, UploadStatusRequest, UploadStatusResponse, federation_server,
-    update_chunk,
 };
 use sanctum_protocol::tls;
-use sanctum_protocol::transfer::{self, CHUNK_BYTES};
+use sanctum_protocol::transfer::{self};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -29,7 +26,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::*;
 use crate::receipts;
-use crate::store::{PartialKey, PartialUpload};
 
 /// A node's directive stream; tells the driver when it is dropped (the node went away, or a
 /// reconnect replaced it), whatever ended it.
@@ -180,39 +176,6 @@ pub(super) struct FederationApi {
     pub(super) inner: Arc<Inner>,
 }
 
-/// Opens the partial upload `key` of `total` bytes on the blocking pool, resumes it at `offset`
-/// (checked against what it holds: see [`transfer::check_upload_offset`]) and hashes what it
-/// already holds, so the final check covers the whole payload.
-async fn open_partial(
-    store: &crate::store::Store,
-    key: PartialKey,
-    total: u64,
-    offset: u64,
-) -> std::io::Result<Result<(PartialUpload, Hasher), transfer::ResumeError>> {
-    let store = store.clone();
-    let opened = tokio::task::spawn_blocking(move || {
-        let mut partial = store.open_partial(&key, total)?;
-        if let Err(e) = transfer::check_upload_offset(offset, partial.acknowledged(), total) {
-            return Ok(Err(e));
-        }
-        if offset < partial.acknowledged() {
-            partial.rewind(offset)?;
-        }
-        let hasher = partial.hash_held()?;
-        Ok(Ok((partial, hasher)))
-    })
-    .await;
-    opened.map_err(std::io::Error::other)?
-}
-
-/// Waits for the next message of an upload, at most `idle`; `None` when the time ran out.
-async fn next_chunk(
-    stream: &mut Streaming<UpdateChunk>,
-    idle: Duration,
-) -> Option<Result<Option<UpdateChunk>, Status>> {
-    tokio::time::timeout(idle, stream.message()).await.ok()
-}
-
 #[tonic::async_trait]
 impl federation_server::Federation for FederationApi {
     type SubscribeStream = Pin<Box<dyn Stream<Item = Result<Directive, Status>> + Send + 'static>>;
@@ -328,242 +291,11 @@ impl federation_server::Federation for FederationApi {
         &self,
         request: Request<UploadStatusRequest>,
     ) -> Result<Response<UploadStatusResponse>, Status> {
-        let node = caller(&request)?;
-        let req = request.into_inner();
-        let plan_id = bounds::plan_id("plan_id", &req.plan_id)?;
-        bounds::sha256_field("payload_sha256", &req.payload_sha256)?;
-        let payload = ContentHash::parse(&req.payload_sha256)
-            .map_err(|e| Status::invalid_argument(format!("payload_sha256: {e}")))?;
-        let info = self.inner.rounds.read().unwrap_or_else(|p| p.into_inner()).get(&plan_id).cloned();
-        let Some(info) = info.filter(|i| i.round == req.round) else {
-            return Err(Status::failed_precondition(format!(
-                "round {} of plan {} is not open: there is no upload of it to resume",
-                req.round,
-                short(&req.plan_id)
-            )));
-        };
-        if !info.participants.contains(&node) {
-            return Err(Status::permission_denied(format!("'{node}' is not a participant of round {}", info.round)));
-        }
-        let total = (info.num_params + usize::from(info.masked)) as u64 * 4;
-        let key = info.partial_key(&node, payload);
-        let acknowledged = self
-            .inner
-            .store
-            .partial_acknowledged(&key, total)
-            .map_err(|e| Status::internal(format!("partial upload: {e}")))?;
-        Ok(Response::new(UploadStatusResponse { acknowledged_bytes: acknowledged, total_bytes: total }))
+        self.resume_point(request).await
     }
 
     async fn submit_update(&self, request: Request<Streaming<UpdateChunk>>) -> Result<Response<UpdateReceipt>, Status> {
-        let node = caller(&request)?;
-        let identity = tls::peer(&request)?.identity.clone();
-        let idle_secs = self.inner.limits.upload_idle_timeout_secs;
-        let idle = Duration::from_secs(idle_secs);
-        let stalled = || {
-            Status::deadline_exceeded(format!(
-                "upload sent nothing for {idle_secs} s (limits.upload_idle_timeout_secs); it was dropped, and what was \
-                 acknowledged is kept for UploadStatus to resume"
-            ))
-        };
-        let mut stream = request.into_inner();
-        let mut header = match next_chunk(&mut stream, idle).await {
-            None => return Err(self.inner.reject(&node, "", 0, stalled())),
-            Some(Ok(Some(UpdateChunk { part: Some(update_chunk::Part::Header(h)) }))) => h,
-            Some(Err(e)) => return Err(e),
-            Some(Ok(_)) => {
-                return Err(self.inner.reject(
-                    &node,
-                    "",
-                    0,
-                    Status::invalid_argument("the first message of an upload must be its header"),
-                ));
-            }
-        };
-        let metrics = bounds::metrics(std::mem::take(&mut header.metrics));
-        // Every check that needs no payload comes first: nothing is spooled for an upload that
-        // names no plan, the wrong round, a node that is not a participant, or a duplicate.
-        let reject = |status: Status| self.inner.reject(&node, &header.plan_id, header.round, status);
-        let plan_id = bounds::plan_id("plan_id", &header.plan_id).map_err(reject)?;
-        bounds::sha256_field("base_model_sha256", &header.base_model_sha256).map_err(reject)?;
-        bounds::sha256_field("payload_sha256", &header.payload_sha256).map_err(reject)?;
-        let info = {
-            let rounds = self.inner.rounds.read().unwrap_or_else(|p| p.into_inner());
-            match rounds.get(&plan_id) {
-                Some(info) => info.clone(),
-                // Named by the one open round when there is one, so a node with a stale plan id
-                // hears which plan is training (as when one plan ran at a time).
-                None => match rounds.values().next() {
-                    Some(open) if rounds.len() == 1 => open.clone(),
-                    Some(_) => return Err(reject(Status::failed_precondition("no round of this plan is open"))),
-                    None => return Err(reject(Status::failed_precondition("no round is open"))),
-                },
-            }
-        };
-        if plan_id != info.plan_id || header.round != info.round {
-            return Err(reject(Status::failed_precondition(format!(
-                "update is for plan {} round {}, but round {} of plan {} is open",
-                short(&header.plan_id),
-                header.round,
-                info.round,
-                short(&info.plan_id)
-            ))));
-        }
-        if header.base_model_sha256 != info.model.to_hex() {
-            return Err(reject(Status::invalid_argument(format!(
-                "update was computed from model {}, but the round's model is {}",
-                short(&header.base_model_sha256),
-                info.model.short()
-            ))));
-        }
-        if header.masked != info.masked {
-            return Err(reject(Status::invalid_argument(if info.masked {
-                "this plan uses secure aggregation: send a masked input".to_string()
-            } else {
-                "this plan does not use secure aggregation: send the plain update".to_string()
-            })));
-        }
-        let words = info.num_params + usize::from(info.masked);
-        if header.num_params != words as u64 {
-            return Err(reject(Status::invalid_argument(if info.masked {
-                format!("masked input has {} words, the round expects {words}", header.num_params)
-            } else {
-                format!("update has {} parameters, the model has {}", header.num_params, info.num_params)
-            })));
-        }
-        let payload_hash = ContentHash::parse(&header.payload_sha256)
-            .map_err(|e| reject(Status::invalid_argument(format!("payload_sha256: {e}"))))?;
-        // Held until this call returns: one upload per participant is spooled at a time.
-        // A newcomer that closes a half-open upload of its own is asked to retry: not a rejection.
-        let slot = info.claim(&node).map_err(|s| if s.code() == tonic::Code::Unavailable { s } else { reject(s) })?;
-        let expected = words as u64 * 4;
-        // The round's partial uploads go when it closes; earlier rounds' leftovers (a coordinator
-        // that restarted mid-round) go now.
-        info.sweep_partials_on_close(&self.inner.store);
-        if let Err(e) = self.inner.store.drop_partials(&info.plan_id, Some(info.round)) {
-            tracing::warn!("partial uploads of earlier rounds: {e}");
-        }
-        let key = info.partial_key(&node, payload_hash);
-        let offset = header.offset;
-        let (mut partial, mut hasher) = match open_partial(&self.inner.store, key, expected, offset).await {
-            Ok(Ok(opened)) => opened,
-            Ok(Err(e)) => return Err(reject(Status::failed_precondition(format!("upload offset: {e}")))),
-            Err(e) => return Err(reject(Status::internal(format!("partial upload: {e}")))),
-        };
-        if offset > 0 {
-            tracing::info!(
-                node = %node,
-                round = info.round,
-                offset,
-                total = expected,
-                "resuming upload from {node} for round {} at offset {offset} of {expected} bytes",
-                info.round
-            );
-        }
-        let mut received = offset;
-        // Returning keeps the partial file (a node may resume it) unless the upload broke a rule or
-        // its round closed; it always frees the slot. A complete upload moves to the spool.
-        loop {
-            let next = tokio::select! {
-                next = next_chunk(&mut stream, idle) => next,
-                () = slot.superseded() => {
-                    // Kept: the newer upload resumes from what this one acknowledged.
-                    tracing::info!(node = %node, round = info.round, received, "an upload gave way to a newer one from the same node");
-
-                    return Err(Status::aborted(
-                        "a newer upload of this update from the same node arrived; this one stopped, keeping what it acknowledged",
-                    ));
-                }
-            };
-            let msg = match next {
-                None => return Err(reject(stalled())),
-                Some(Err(e)) => return Err(e),
-                Some(Ok(None)) => break,
-                Some(Ok(Some(msg))) => msg,
-            };
-            // An upload from a certificate revoked since it began ends at its next chunk.
-            self.inner.still_trusted(&identity).map_err(reject)?;
-            // So does one whose round closed (or whose plan ended) while it was being sent: a slow
-            // upload must not hold a spool, and its slot, past its round. A retry of the round is
-            // another opening: the failed attempt's upload ends too (nothing of it is aggregated).
-            let still_open = self
-                .inner
-                .rounds
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&info.plan_id)
-                .is_some_and(|open| open.same_opening(&info));
-            if !still_open {
-                partial.discard();
-                return Err(reject(Status::failed_precondition(format!(
-                    "round {} of plan {} closed while this update was being uploaded; it was dropped and its spool freed",
-                    info.round,
-                    short(&info.plan_id)
-                ))));
-            }
-            let data = match msg.part {
-                Some(update_chunk::Part::Data(d)) => d,
-                _ => {
-                    partial.discard();
-                    return Err(reject(Status::invalid_argument("an upload carries one header, then only data")));
-                }
-            };
-            if data.len() > CHUNK_BYTES || data.len() % 4 != 0 {
-                partial.discard();
-                return Err(reject(Status::invalid_argument(format!(
-                    "data chunk of {} bytes: chunks are whole f32 values and at most {CHUNK_BYTES} bytes",
-                    data.len()
-                ))));
-            }
-            received += data.len() as u64;
-            if received > expected {
-                partial.discard();
-                return Err(reject(Status::invalid_argument(format!(
-                    "upload carries more than the {expected} bytes its {words} values need"
-                ))));
-            }
-            hasher.update(&data);
-            // Written and, at each chunk boundary, fsync'd off the async workers.
-            partial = tokio::task::spawn_blocking(move || partial.append(&data).map(|()| partial))
-                .await
-                .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?
-                .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
-        }
-        if received != expected {
-            // Kept: the node may resume it (UploadStatus says from where).
-            return Err(reject(Status::invalid_argument(format!("upload ended after {received} of {expected} bytes"))));
-        }
-        if hasher.finish() != payload_hash {
-            partial.discard();
-            return Err(reject(Status::invalid_argument(if offset > 0 {
-                format!("payload does not match payload_sha256 (resumed at offset {offset}); send it again from 0")
-            } else {
-                "payload does not match payload_sha256".to_string()
-            })));
-        }
-        let spool = tokio::task::spawn_blocking(move || partial.into_spool())
-            .await
-            .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?
-            .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
-        let update = SpooledUpdate {
-            round: header.round,
-            attempt: info.attempt,
-            plan_id,
-            base_model: header.base_model_sha256.clone(),
-            sample_count: header.sample_count,
-            metrics,
-            masked: header.masked,
-            payload_sha256: header.payload_sha256.clone(),
-            bytes: received,
-            spool,
-        };
-        let (reply, rx) = oneshot::channel();
-        self.inner.send_event(Event::Update { node: node.clone(), update, reply }).await?;
-        match rx.await {
-            Ok(Ok(())) => Ok(Response::new(UpdateReceipt { accepted: true, reason: String::new() })),
-            Ok(Err(reason)) => Err(reject(Status::failed_precondition(reason.to_string()))),
-            Err(_) => Err(Status::unavailable("coordinator is shutting down")),
-        }
+        self.spool_update(request).await
     }
 
     async fn report_evaluation(&self, request: Request<EvaluationReport>) -> Result<Response<Ack>, Status> {

@@ -42,6 +42,20 @@ fn audit_refusals(inner: &Inner, report: &tls::RefusalReport) {
     );
 }
 
+/// Why the coordinator stopped serving before it was asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The TLS configuration could not be built from the coordinator's material.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Transport(tonic::transport::Error),
+    /// The driver task ended (it panicked or its store failed): a server that answers but never
+    /// moves a plan would be worse than none.
+    #[error("{0}; the coordinator stopped serving")]
+    DriverEnded(String),
+}
+
 /// How long a stopping server waits for open streams (a lead's watch, a download) to end.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
@@ -52,7 +66,7 @@ impl Coordinator {
         listener: TcpListener,
         material: &TlsMaterial,
         shutdown: impl std::future::Future<Output = ()> + Send,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ServeError> {
         let limits = &self.inner.limits;
         let period = Duration::from_secs(limits.refusal_report_secs);
         let refusals = Arc::new(tls::Refusals::new(period));
@@ -160,12 +174,12 @@ impl Coordinator {
         // A driver that ended would leave a server that answers but never moves a plan: stop
         // with its reason instead (without draining: node streams never end on their own).
         let result = tokio::select! {
-            served = server => served.map_err(anyhow::Error::from),
+            served = server => served.map_err(ServeError::Transport),
             () = grace => {
                 tracing::warn!("streams still open {} s after the stop; closing them", DRAIN_GRACE.as_secs());
                 Ok(())
             }
-            reason = self.driver.ended() => Err(anyhow::anyhow!("{reason}; the coordinator stopped serving")),
+            reason = self.driver.ended() => Err(ServeError::DriverEnded(reason)),
         };
         // What was counted since the last report is not lost at shutdown.
         reporter.abort();
