@@ -11,6 +11,8 @@
 //!    lines unless its `//!` header has a `//! Length:` line giving the reason.
 //! 4. `string_errors_only_go_down`: `Result<_, String>` in library code is a ratchet: the count per
 //!    file may only fall, and the table below must follow it down.
+//! 5. `anyhow_only_in_main_and_cli_modules`: library code returns typed errors; `anyhow` is named
+//!    only in `main.rs` and the CLI modules (`cli.rs`, `cli_*.rs`, `*_cli.rs`), outside test code.
 //!
 //! Each rule is a pure function of a file's path and text; the tests at the end feed each one a
 //! small source that breaks it (so the rule can fail) and one that does not.
@@ -69,10 +71,9 @@ const MAX_LINES: usize = 600;
 /// Files over [`MAX_LINES`] today that are to be split: (file, or a directory being split, ending in
 /// `/`; why with a TODO naming issue 12). Each row must still be over the limit without a
 /// `//! Length:` line, or it fails as stale. (node/src/daemon/ came under the limit while this
-/// test was written: it is checked like any other file.)
-const LENGTH_ALLOWED_TODAY: &[(&str, &str)] = &[
-    ("tests/src/lib.rs", "TODO(issue 12): the shared harness, being edited in issue 12; split by what it starts"),
-];
+/// test was written: it is checked like any other file.) Empty since issue 12: every file over
+/// the limit says why at its top.
+const LENGTH_ALLOWED_TODAY: &[(&str, &str)] = &[];
 
 /// `Result<_, String>` in library code today, per file (or per directory being split, ending in
 /// `/`, whose files are counted together): the ratchet. A file's count may only go
@@ -81,7 +82,7 @@ const LENGTH_ALLOWED_TODAY: &[(&str, &str)] = &[
 const STRING_ERRORS_TODAY: &[(&str, usize)] = &[];
 
 // ---------------------------------------------------------------------------------------------
-// The four tests over the real tree.
+// The five tests over the real tree.
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -209,7 +210,7 @@ fn string_errors_only_go_down() {
                 "string-errors",
                 format!(
                     "{} `Result<_, String>` in library code under the row {row} ({list}), the table allows {allowed}: \
-                     return this area's thiserror enum instead (anyhow and strings only in main.rs and cli*.rs)",
+                     return this area's thiserror enum instead (anyhow and strings only in main.rs and the CLI modules)",
                     places.len(),
                 ),
             ));
@@ -368,10 +369,35 @@ fn is_sans_io(path: &str) -> bool {
     SANS_IO.iter().any(|p| if p.ends_with('/') { path.starts_with(p) } else { path == *p })
 }
 
-/// `main.rs` and `cli*.rs`: the edges, where anyhow and string errors are fine.
+/// `main.rs` and the CLI modules (`cli.rs`, `cli_*.rs`, `*_cli.rs`): the edges, where anyhow and
+/// string errors are fine.
 fn is_binary_or_cli(path: &str) -> bool {
     let name = path.rsplit('/').next().unwrap_or(path);
-    name == "main.rs" || name.starts_with("cli")
+    name == "main.rs" || name == "cli.rs" || name.starts_with("cli_") || name.ends_with("_cli.rs")
+}
+
+#[test]
+fn anyhow_only_in_main_and_cli_modules() {
+    let mut failures = Vec::new();
+    for source in Tree::load().sources() {
+        if !["protocol/src/", "coordinator/src/", "node/src/"].iter().any(|d| source.path.starts_with(d))
+            || source.test_only
+            || is_binary_or_cli(&source.path)
+        {
+            continue;
+        }
+        for line in anyhow_lines(&source.text) {
+            failures.push(Failure::new(
+                &source.path,
+                line,
+                "anyhow",
+                "anyhow in library code: return this area's thiserror enum (anyhow only in main.rs and the CLI \
+                 modules, cli.rs, cli_*.rs and *_cli.rs, which turn typed errors into a message)"
+                    .to_string(),
+            ));
+        }
+    }
+    report(failures);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -863,6 +889,16 @@ fn string_error_lines(text: &str) -> Vec<usize> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Rule 5: anyhow at the edges only.
+// ---------------------------------------------------------------------------------------------
+
+/// The lines (from 1) of the non-test code of `text` that name the `anyhow` crate (a path, a
+/// `use`, a macro).
+fn anyhow_lines(text: &str) -> Vec<usize> {
+    non_test_code(text).into_iter().filter(|(_, l)| !path_matches(l, "anyhow").is_empty()).map(|(n, _)| n).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
 // The checkers on small sources: each catches what it is for, and lets clean code pass.
 // ---------------------------------------------------------------------------------------------
 
@@ -925,6 +961,15 @@ fn each_checker_catches_its_violation() {
                fn g(f: impl Fn() -> u8) -> std::result::Result<fn() -> u8, String> { todo() }\n\
                #[cfg(test)]\nmod tests {\n    fn h() -> Result<(), String> { Ok(()) }\n}\n";
     assert_eq!(string_error_lines(src), vec![1, 2, 3, 10]);
+
+    // 5. anyhow: a path, a macro, a use; not a word inside an identifier, comments or tests.
+    let src = "use anyhow::Context;\n\
+               fn a() -> anyhow::Result<()> { anyhow::bail!(\"x\") }\n\
+               fn b() { let not_anyhow = 1; } // anyhow\n\
+               #[cfg(test)]\nmod tests {\n    fn t() -> anyhow::Result<()> { Ok(()) }\n}\n";
+    assert_eq!(anyhow_lines(src), vec![1, 2]);
+    assert!(is_binary_or_cli("coordinator/src/plan_cli.rs") && is_binary_or_cli("node/src/cli_data.rs"));
+    assert!(!is_binary_or_cli("coordinator/src/client.rs"), "a name that merely holds `cli` is library code");
 }
 
 #[test]
@@ -944,6 +989,7 @@ fn a_clean_source_passes_every_checker() {
     assert_eq!(import_failures("node/src/x.rs", src, &["sanctum-coordinator"]), vec![]);
     assert_eq!(length_failure("node/src/x.rs", src, false), None);
     assert_eq!(string_error_lines(src), Vec::<usize>::new());
+    assert_eq!(anyhow_lines(src), Vec::<usize>::new());
     let manifest = "[package]\nname = \"sanctum-node\"\n\n[dependencies]\nsanctum-protocol.workspace = true\n\
                     tokio.workspace = true\n\n[dev-dependencies]\ntempfile.workspace = true\n";
     assert_eq!(dependency_failures("node/Cargo.toml", manifest, &["sanctum-coordinator"]), vec![]);
