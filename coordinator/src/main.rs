@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sanctum_coordinator::config::{self, CoordinatorConfig};
-use sanctum_coordinator::service::{Coordinator, CoordinatorOptions, RevocationListError};
+use sanctum_coordinator::service::{Coordinator, CoordinatorOptions, RevocationListError, StartError};
 use sanctum_coordinator::simulate::{SimulateOptions, simulate};
 use sanctum_coordinator::{audit_cli, pki_cli, plan_cli};
 use sanctum_protocol::privacy::cli::PrivacyCommand;
@@ -116,6 +116,7 @@ async fn main() -> ExitCode {
             if e.downcast_ref::<config::ConfigError>().is_some()
                 || e.downcast_ref::<tls::TlsError>().is_some()
                 || e.downcast_ref::<RevocationListError>().is_some()
+                || matches!(e.downcast_ref::<StartError>(), Some(StartError::RevocationList(_)))
             {
                 ExitCode::from(EXIT_CONFIG)
             } else {
