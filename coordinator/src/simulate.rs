@@ -21,7 +21,7 @@ use tokio::process::{Child, Command};
 use crate::config::resolve;
 use crate::pki::{CaError, write_private, write_public};
 use crate::plan_files::PlanFileError;
-use crate::service::{Coordinator, CoordinatorOptions};
+use crate::service::{Coordinator, CoordinatorOptions, StartError};
 use crate::watch;
 
 /// What `simulate` was asked to do.
@@ -98,9 +98,9 @@ pub enum SimulateError {
     Ca(#[from] CaError),
     #[error(transparent)]
     Tls(#[from] TlsError),
-    /// The in-process coordinator did not start (its own error, message and causes unchanged).
+    /// The in-process coordinator did not start.
     #[error(transparent)]
-    Coordinator(Box<dyn std::error::Error + Send + Sync>),
+    Start(#[from] StartError),
     #[error("cannot run {}", bin.display())]
     RunNode { bin: PathBuf, source: io::Error },
     #[error("hospital '{hospital}' could not approve {}: {stderr}", file.display())]
@@ -241,8 +241,7 @@ pub async fn simulate(opts: &SimulateOptions) -> Result<Summary, SimulateError> 
             faults: crate::faults::FaultOptions::default(),
         },
         &material,
-    )
-    .map_err(|e| SimulateError::Coordinator(e.into()))?;
+    )?;
     let listener = TcpListener::bind("127.0.0.1:0").await.map_err(SimulateError::Listen)?;
     let port = listener.local_addr().map_err(SimulateError::Listen)?.port();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
