@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sanctum_coordinator::config::{self, CoordinatorConfig};
-use sanctum_coordinator::service::{Coordinator, CoordinatorOptions, RevocationListError, StartError};
+use sanctum_coordinator::service::{Coordinator, CoordinatorOptions, RevocationListError, ServeError, StartError};
 use sanctum_coordinator::simulate::{SimulateOptions, simulate};
 use sanctum_coordinator::{audit_cli, pki_cli, plan_cli};
 use sanctum_protocol::privacy::cli::PrivacyCommand;
@@ -113,17 +113,20 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<config::ConfigError>().is_some()
-                || e.downcast_ref::<tls::TlsError>().is_some()
-                || e.downcast_ref::<RevocationListError>().is_some()
-                || matches!(e.downcast_ref::<StartError>(), Some(StartError::RevocationList(_)))
-            {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::FAILURE
-            }
+            if is_config_error(&e) { ExitCode::from(EXIT_CONFIG) } else { ExitCode::FAILURE }
         }
     }
+}
+
+/// Whether `e` is the operator's to fix in a file (a config, TLS material, the revocation list):
+/// exit 64, as `sysexits.h`'s EX_USAGE. Typed errors that wrap one transparently are looked into,
+/// since a transparent wrapper hides the inner error from the chain.
+fn is_config_error(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<config::ConfigError>().is_some()
+        || e.downcast_ref::<tls::TlsError>().is_some()
+        || e.downcast_ref::<RevocationListError>().is_some()
+        || matches!(e.downcast_ref::<StartError>(), Some(StartError::RevocationList(_)))
+        || matches!(e.downcast_ref::<ServeError>(), Some(ServeError::Tls(_)))
 }
 
 /// Waits for SIGINT or SIGTERM; returns which.

@@ -6,7 +6,8 @@
 //! last event) are what a late watcher gets; a watcher that was subscribed all along sees every
 //! event from the broadcast. Members cannot push a run's end out: nothing is kept after a run's
 //! `PlanFinished` (a watcher stops there anyway), eviction never takes it, and a node's rejected
-//! updates are kept only for the first [`REJECTIONS_PER_NODE_ROUND`] per round. Runs beyond the bound go oldest-finished first; the running run is
+//! updates are kept only for the first [`REJECTIONS_PER_NODE_ROUND`] per round, its decisions for the
+//! first [`DECISIONS_PER_NODE_RUN`] of a run. Runs beyond the bound go oldest-finished first; the running run is
 //! never dropped, so its watchers always find it. Events for a run that is not kept create
 //! nothing: only a run the driver started ([`History::start`]) has a history.
 
@@ -16,6 +17,13 @@ use std::collections::{HashMap, VecDeque};
 /// counted. A watcher learns that a node keeps failing from the first few; more would only let one
 /// node flood the run's bounded history.
 pub(super) const REJECTIONS_PER_NODE_ROUND: u32 = 16;
+
+/// `NodeDecision` events kept (broadcast, and stored with their decision row) per node per run.
+/// An honest node answers an offer once, and again only when it reconnects or its policy
+/// changes; a node that flips between accept and refuse as fast as it can call must not choose
+/// how many rows the store writes. Beyond this, its decisions still count in the engine (and in
+/// the audit log, within its quota), but watchers and `plan status` show the last one kept.
+pub(super) const DECISIONS_PER_NODE_RUN: u32 = 16;
 
 use sanctum_protocol::proto::{PlanEvent, plan_event};
 
@@ -29,6 +37,8 @@ struct RunEvents {
     dropped: u64,
     /// `UpdateRejected` events seen per (node, round); bounded by the run's participants × rounds.
     rejections: HashMap<(String, u32), u32>,
+    /// `NodeDecision` events seen per node; bounded by the run's offered nodes.
+    decisions: HashMap<String, u32>,
 }
 
 /// Every kept run's events, in order, with the order runs started in.
@@ -82,6 +92,13 @@ impl History {
                 let n = kept.rejections.entry((r.node.clone(), r.round)).or_insert(0);
                 *n = n.saturating_add(1);
                 if *n > REJECTIONS_PER_NODE_ROUND {
+                    return false;
+                }
+            }
+            Some(plan_event::Kind::NodeDecision(d)) => {
+                let n = kept.decisions.entry(d.node.clone()).or_insert(0);
+                *n = n.saturating_add(1);
+                if *n > DECISIONS_PER_NODE_RUN {
                     return false;
                 }
             }
@@ -174,6 +191,24 @@ mod tests {
         let ev = h.events("r");
         assert_eq!(ev.len(), 2);
         assert!(matches!(ev[1].kind, Some(plan_event::Kind::PlanFinished(_))));
+    }
+
+    #[test]
+    fn a_node_flipping_its_answer_is_kept_for_its_first_few_decisions_of_a_run() {
+        let decided = |node: &str, accepted: bool| PlanEvent {
+            kind: Some(plan_event::Kind::NodeDecision(sanctum_protocol::proto::NodeDecision {
+                node: node.into(),
+                accepted,
+                ..Default::default()
+            })),
+        };
+        let mut h = History::new(1000, 4);
+        h.start("r");
+        let kept = (0..500).filter(|i| h.push("r", decided("rogue", i % 2 == 0))).count();
+        assert_eq!(kept, DECISIONS_PER_NODE_RUN as usize, "500 flips keep (and store) only the first few");
+        assert!(h.push("r", decided("honest", true)), "another node has its own allowance");
+        h.start("r2");
+        assert!(h.push("r2", decided("rogue", true)), "and so has the next run");
     }
 
     #[test]

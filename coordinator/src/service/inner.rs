@@ -88,8 +88,12 @@ impl Inner {
             let s = seen.entry(node.clone()).or_default();
             (s.version, s.device, s.last_seen_unix_ms) = (version.to_string(), device.to_string(), now);
         }
-        // Kept in the store at each connection (not at each call), so `nodes list` knows every
-        // node ever seen across restarts.
+        // Kept in the store at connections (not at each call), so `nodes list` knows every node
+        // ever seen across restarts: at the first since this start, and then as
+        // `quota::NodeRowWrites` allows (a reconnect loop costs no more than a write a second).
+        if !lock(&self.node_rows).due(node, version, device, std::time::Instant::now()) {
+            return;
+        }
         let row = crate::db::NodeRow {
             name: node.clone(),
             fingerprint: self.fingerprint(node),
@@ -210,14 +214,15 @@ impl Inner {
             }
             _ => {}
         }
-        if let plan_event::Kind::NodeDecision(d) = &kind {
-            self.record_decision(&run, d);
-        }
         let ev = PlanEvent { kind: Some(kind) };
         let mut history = lock(&self.history);
         // What the history refuses as junk (events after the run's end, a node's rejected updates
-        // beyond its quota) is not broadcast either: live and late watchers see the same run.
+        // or flip-flopping decisions beyond their bound) is not broadcast or stored either: live
+        // and late watchers see the same run, and a member cannot choose how much the store writes.
         if history.push(&run, ev.clone()) {
+            if let Some(plan_event::Kind::NodeDecision(d)) = &ev.kind {
+                self.record_decision(&run, d);
+            }
             // Kept in the store too, so a watcher after a restart sees the run from its start;
             // not a node's rejected uploads, which a node can cause at will (they are in the audit
             // log, within its quota): what the store keeps grows with rounds and nodes only.

@@ -147,6 +147,9 @@ struct Inner {
     /// participant and round). Keyed by certificate name past the node role guard, so bounded
     /// like `seen`.
     heartbeats: Mutex<HashMap<NodeName, (f64, std::time::Instant)>>,
+    /// When each node's row was last written to the store (`node_hello`), so a reconnect loop
+    /// cannot choose how often the store commits.
+    node_rows: Mutex<quota::NodeRowWrites>,
 }
 
 /// Room in the handlers → driver channel. The driver handles an event in microseconds (an

@@ -1,6 +1,7 @@
 //! How many audit records one member can cause: the first few per (node, event) per period are
 //! itemised, the rest only counted, and one summary per suppressed (node, event) is written when
-//! the period ends.
+//! the period ends. And how often one member can make the store write its row
+//! ([`NodeRowWrites`]).
 //!
 //! Every audit record is signed and fsync'd. A member's certificate lets it call as often as it
 //! likes: a loop of bad upload headers, repeated answers to an offer or a subscribe/disconnect
@@ -96,6 +97,50 @@ impl AuditQuota {
     }
 }
 
+/// How often a node can make the coordinator write its row in the store (`nodes list` across
+/// restarts). A reconnect loop would otherwise cost one fsync'd transaction per `Subscribe` on
+/// the store's one thread, which every round's commit waits behind. A row is written at the
+/// node's first connection since this start, again when its version or device changed (at most
+/// once per [`NODE_ROW_CHANGED_EVERY`]), and otherwise at most once per
+/// [`NODE_ROW_REFRESH_EVERY`] (its last-seen time); between writes the coordinator's memory
+/// holds the newest. Pure: time is an argument.
+#[derive(Debug, Default)]
+pub(super) struct NodeRowWrites {
+    /// Per node: when its row was last written, with the version and device written.
+    written: HashMap<String, (Instant, String, String)>,
+}
+
+/// The least time between two writes of a node's row that says something new.
+pub(super) const NODE_ROW_CHANGED_EVERY: Duration = Duration::from_secs(1);
+/// The least time between two writes of a node's row that only refresh its last-seen time.
+pub(super) const NODE_ROW_REFRESH_EVERY: Duration = Duration::from_secs(60);
+
+impl NodeRowWrites {
+    /// Whether `node`'s row, now saying `version` and `device`, is to be written at `now`; if so,
+    /// it counts as written. Beyond [`MAX_KEYS`] nodes, a node not yet written is written once
+    /// a refresh period, like the others (the map is then cleared and starts again).
+    pub(super) fn due(&mut self, node: &str, version: &str, device: &str, now: Instant) -> bool {
+        let due = match self.written.get(node) {
+            None => true,
+            Some((at, v, d)) => {
+                let since = now.saturating_duration_since(*at);
+                let changed = v != version || d != device;
+                since >= NODE_ROW_REFRESH_EVERY || (changed && since >= NODE_ROW_CHANGED_EVERY)
+            }
+        };
+        if due {
+            if self.written.len() >= MAX_KEYS && !self.written.contains_key(node) {
+                self.written.retain(|_, (at, _, _)| now.saturating_duration_since(*at) < NODE_ROW_REFRESH_EVERY);
+                if self.written.len() >= MAX_KEYS {
+                    return false;
+                }
+            }
+            self.written.insert(node.to_string(), (now, version.to_string(), device.to_string()));
+        }
+        due
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,5 +181,39 @@ mod tests {
         assert_eq!(due.len(), 1);
         assert_eq!((due[0].node.as_str(), due[0].count), (OTHER_NODES, 1000));
         assert!(q.counts.is_empty());
+    }
+
+    #[test]
+    fn a_reconnect_loop_writes_a_nodes_row_once_a_minute_and_a_change_at_most_once_a_second() {
+        let t0 = Instant::now();
+        let mut w = NodeRowWrites::default();
+        assert!(w.due("a", "0.1", "cpu", t0), "the first connection since the start is written");
+        let same = (1..10_000).filter(|i| w.due("a", "0.1", "cpu", t0 + Duration::from_millis(*i))).count();
+        assert_eq!(same, 0, "ten seconds of reconnects with nothing new write nothing");
+        assert!(w.due("b", "0.1", "cpu", t0), "another node has its own row");
+        // A new version is written, but a node alternating versions gets one write a second.
+        assert!(w.due("a", "0.2", "cpu", t0 + Duration::from_secs(11)));
+        let flips = (0..1000)
+            .filter(|i| {
+                let v = if i % 2 == 0 { "0.1" } else { "0.2" };
+                w.due("a", v, "cpu", t0 + Duration::from_secs(11) + Duration::from_millis(10 * i))
+            })
+            .count();
+        assert!(flips <= 10, "1000 alternations over 10 s wrote {flips} rows");
+        assert!(w.due("a", "0.2", "cuda:0", t0 + Duration::from_secs(30)), "a new device after a quiet second");
+        assert!(w.due("a", "0.2", "cuda:0", t0 + Duration::from_secs(90)), "the last-seen time once a minute");
+    }
+
+    #[test]
+    fn the_nodes_whose_rows_are_timed_are_bounded() {
+        let t0 = Instant::now();
+        let mut w = NodeRowWrites::default();
+        for i in 0..MAX_KEYS {
+            assert!(w.due(&format!("n{i}"), "v", "cpu", t0));
+        }
+        assert!(!w.due("late", "v", "cpu", t0), "beyond the bound, within the period: not written");
+        assert!(w.written.len() <= MAX_KEYS);
+        assert!(w.due("late", "v", "cpu", t0 + NODE_ROW_REFRESH_EVERY), "the next period makes room");
+        assert!(w.written.len() <= MAX_KEYS);
     }
 }

@@ -94,6 +94,7 @@ impl Coordinator {
             fetch_streams: Mutex::new(HashMap::new()),
             seen: Mutex::new(seen),
             heartbeats: Mutex::new(HashMap::new()),
+            node_rows: Mutex::new(quota::NodeRowWrites::default()),
         });
         if let Some((path, text, list)) = revocations {
             inner.apply_revocations(list);

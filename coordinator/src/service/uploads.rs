@@ -51,7 +51,8 @@ pub(super) struct RoundUploads {
     pub(super) in_flight: HashMap<NodeName, Arc<tokio::sync::Notify>>,
     pub(super) admitted: HashSet<NodeName>,
     /// Removes the round's partial uploads once the round is gone (the driver dropped its
-    /// `RoundInfo` and no handler holds a clone): set by the first upload of the round.
+    /// `RoundInfo` and no handler holds a clone): set by the first upload of the round, which
+    /// also removes earlier rounds' leftovers (one directory scan per opening, not per call).
     pub(super) partials: Option<crate::store::PartialSweep>,
 }
 
@@ -121,11 +122,16 @@ impl RoundInfo {
         Ok(UploadSlot { uploads: Arc::clone(&self.uploads), node: node.clone(), superseded })
     }
 
-    /// Partial uploads of this round are removed from `store` when the round closes.
-    pub(super) fn sweep_partials_on_close(&self, store: &crate::store::Store) {
+    /// At the opening's first upload: earlier rounds' partial uploads (left by a coordinator that
+    /// restarted mid-round) are removed from `store` now, and this opening's when it closes. Later
+    /// uploads of the opening cost nothing here.
+    pub(super) fn sweep_partials(&self, store: &crate::store::Store) {
         let mut uploads = lock(&self.uploads);
         if uploads.partials.is_none() {
             uploads.partials = Some(store.sweep_on_close(&self.plan_id, &self.run_id, self.round, self.attempt));
+            if let Err(e) = store.drop_partials(&self.plan_id, Some(self.round)) {
+                tracing::warn!("partial uploads of earlier rounds: {e}");
+            }
         }
     }
 
@@ -212,6 +218,16 @@ async fn next_chunk(
 }
 
 impl FederationApi {
+    /// Opens `key`'s partial upload for a `total`-byte payload resumed at `offset`, or says why
+    /// not (the handler passes the status through its `reject`).
+    async fn open_upload(&self, key: PartialKey, total: u64, offset: u64) -> Result<(PartialUpload, Hasher), Status> {
+        match open_partial(&self.inner.store, key, total, offset).await {
+            Ok(Ok(opened)) => Ok(opened),
+            Ok(Err(e)) => Err(Status::failed_precondition(format!("upload offset: {e}"))),
+            Err(e) => Err(Status::internal(format!("partial upload: {e}"))),
+        }
+    }
+
     /// `UploadStatus`: how much of an upload of the open round this node may resume from.
     pub(super) async fn resume_point(
         &self,
@@ -333,18 +349,22 @@ impl FederationApi {
         let slot = info.claim(&node).map_err(|s| if s.code() == tonic::Code::Unavailable { s } else { reject(s) })?;
         let expected = words as u64 * 4;
         // The round's partial uploads go when it closes; earlier rounds' leftovers (a coordinator
-        // that restarted mid-round) go now.
-        info.sweep_partials_on_close(&self.inner.store);
-        if let Err(e) = self.inner.store.drop_partials(&info.plan_id, Some(info.round)) {
-            tracing::warn!("partial uploads of earlier rounds: {e}");
-        }
+        // that restarted mid-round) go at the round's first upload.
+        info.sweep_partials(&self.inner.store);
         let key = info.partial_key(&node, payload_hash);
         let offset = header.offset;
-        let (mut partial, mut hasher) = match open_partial(&self.inner.store, key, expected, offset).await {
-            Ok(Ok(opened)) => opened,
-            Ok(Err(e)) => return Err(reject(Status::failed_precondition(format!("upload offset: {e}")))),
-            Err(e) => return Err(reject(Status::internal(format!("partial upload: {e}")))),
-        };
+        // The offset is checked now against what is held (memory, or one `stat`), but the partial
+        // file is opened, with its fsyncs, only once data arrives: a loop of uploads that send a
+        // header and nothing else costs the disk nothing.
+        let held = self
+            .inner
+            .store
+            .partial_acknowledged(&key, expected)
+            .map_err(|e| reject(Status::internal(format!("partial upload: {e}"))))?;
+        if let Err(e) = transfer::check_upload_offset(offset, held, expected) {
+            return Err(reject(Status::failed_precondition(format!("upload offset: {e}"))));
+        }
+        let mut opened: Option<(PartialUpload, Hasher)> = None;
         if offset > 0 {
             tracing::info!(
                 node = %node,
@@ -389,7 +409,9 @@ impl FederationApi {
                 .get(&info.plan_id)
                 .is_some_and(|open| open.same_opening(&info));
             if !still_open {
-                partial.discard();
+                if let Some((partial, _)) = opened.take() {
+                    partial.discard();
+                }
                 return Err(reject(Status::failed_precondition(format!(
                     "round {} of plan {} closed while this update was being uploaded; it was dropped and its spool freed",
                     info.round,
@@ -399,12 +421,16 @@ impl FederationApi {
             let data = match msg.part {
                 Some(update_chunk::Part::Data(d)) => d,
                 _ => {
-                    partial.discard();
+                    if let Some((partial, _)) = opened.take() {
+                        partial.discard();
+                    }
                     return Err(reject(Status::invalid_argument("an upload carries one header, then only data")));
                 }
             };
             if data.len() > CHUNK_BYTES || data.len() % 4 != 0 {
-                partial.discard();
+                if let Some((partial, _)) = opened.take() {
+                    partial.discard();
+                }
                 return Err(reject(Status::invalid_argument(format!(
                     "data chunk of {} bytes: chunks are whole f32 values and at most {CHUNK_BYTES} bytes",
                     data.len()
@@ -412,22 +438,34 @@ impl FederationApi {
             }
             received += data.len() as u64;
             if received > expected {
-                partial.discard();
+                if let Some((partial, _)) = opened.take() {
+                    partial.discard();
+                }
                 return Err(reject(Status::invalid_argument(format!(
                     "upload carries more than the {expected} bytes its {words} values need"
                 ))));
             }
+            let (mut partial, mut hasher) = match opened.take() {
+                Some(o) => o,
+                None => self.open_upload(key.clone(), expected, offset).await.map_err(reject)?,
+            };
             hasher.update(&data);
             // Written and, at each chunk boundary, fsync'd off the async workers.
-            partial = tokio::task::spawn_blocking(move || partial.append(&data).map(|()| partial))
+            let partial = tokio::task::spawn_blocking(move || partial.append(&data).map(|()| partial))
                 .await
                 .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?
                 .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
+            opened = Some((partial, hasher));
         }
         if received != expected {
             // Kept: the node may resume it (UploadStatus says from where).
             return Err(reject(Status::invalid_argument(format!("upload ended after {received} of {expected} bytes"))));
         }
+        // A resumed upload whose every byte was already held sends no data: opened only now.
+        let (partial, hasher) = match opened {
+            Some(o) => o,
+            None => self.open_upload(key, expected, offset).await.map_err(reject)?,
+        };
         if hasher.finish() != payload_hash {
             partial.discard();
             return Err(reject(Status::invalid_argument(if offset > 0 {
