@@ -352,6 +352,15 @@ async fn two_hundred_uploads_that_stop_four_bytes_short_free_their_spool() {
     };
     // 14 parameters = 56 bytes; each upload sends the header and 52 of them, then stalls.
     let payload = transfer::f32_to_le_bytes(&[0.01f32; 14]);
+    // First 50 uploads that send their header and end: each is refused for its length, and none
+    // costs the coordinator a partial file (opened, with its fsyncs, only once data arrives).
+    for _ in 0..50 {
+        let r = rogue.clone().submit_update(tokio_stream::iter(vec![header(&plan_id, &start, &payload, 14, 10)])).await;
+        let s = r.expect_err("an upload of no data is refused");
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains("ended after 0 of 56 bytes"), "{}", s.message());
+    }
+    assert_eq!(coord.partial_files(), 0, "a header-only upload left a partial file");
     let started = Instant::now();
     let uploads: Vec<_> = (0..200)
         .map(|_| {
