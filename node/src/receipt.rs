@@ -14,6 +14,20 @@ pub struct Sent<'a> {
     pub bytes: u64,
 }
 
+/// What this node's durable state says about its update in one run's round (the daemon looks it
+/// up in [`crate::release`]; a round of a run the node sent nothing in is no candidate at all).
+#[derive(Clone, Copy, Debug)]
+pub enum Knowledge<'a> {
+    /// The upload finished (the coordinator answered it): the record must list exactly this.
+    Sent(Sent<'a>),
+    /// Stored and about to leave when the node last knew (it stopped before the coordinator
+    /// answered): the record may list exactly this, or, if it never arrived, nothing.
+    Leaving(Sent<'a>),
+    /// Released by a node that kept no hash of what it sent (an earlier version): this node
+    /// cannot confirm any record of the round, so it disputes, saying why.
+    NotKnown,
+}
+
 /// The node's verdict on one round record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
@@ -50,6 +64,18 @@ fn clip(mut text: String, max: usize) -> String {
 /// sent in it (`None`: nothing). The record must be that round's `round_record` and list this
 /// node's update exactly once with the same hash and size, or not at all when nothing was sent.
 pub fn judge(record_line: &str, plan_id: &str, round: u32, me: &str, sent: Option<Sent<'_>>) -> Verdict {
+    match sent {
+        Some(s) => judge_runs(record_line, plan_id, round, me, &[Knowledge::Sent(s)]),
+        None => judge_runs(record_line, plan_id, round, me, &[]),
+    }
+}
+
+/// [`judge`] against every run of the plan in which this node has an update for `round` (the
+/// round record and `RoundReceipt` name the plan and the round, not the run): the record is
+/// agreed to when it fits one of them. With no run at all, the record must not list this node.
+/// Runs are told apart by the payload's hash, which differs between any two releases; a record
+/// that leaves this node out fits a run only where its update may not have arrived (`Leaving`).
+pub fn judge_runs(record_line: &str, plan_id: &str, round: u32, me: &str, runs: &[Knowledge<'_>]) -> Verdict {
     let record_sha256 = ContentHash::of(record_line.as_bytes());
     let mut problems = Vec::new();
     match serde_json::from_str::<Record>(record_line) {
@@ -74,19 +100,39 @@ pub fn judge(record_line: &str, plan_id: &str, round: u32, me: &str, sent: Optio
                         .collect()
                 })
                 .unwrap_or_default();
-            match (sent, listed.as_slice()) {
-                (Some(s), [(h, b)]) if h == s.payload_sha256 && *b == s.bytes => {}
-                (Some(s), _) => problems.push(format!(
-                    "this node sent {} bytes with SHA-256 {}, the record lists {listed:?}",
-                    s.bytes, s.payload_sha256
-                )),
-                (None, []) => {}
-                (None, _) => problems.push("the record lists an update this node never sent".to_string()),
+            let misfits: Vec<String> = runs.iter().filter_map(|k| misfit(*k, &listed)).collect();
+            if runs.is_empty() {
+                if !listed.is_empty() {
+                    problems.push("the record lists an update this node never sent".to_string());
+                }
+            } else if misfits.len() == runs.len() {
+                // No run fits: every run's reason, so the dispute says what this node holds.
+                problems.push(misfits.join("; or "));
             }
         }
     }
     let reason = clip(problems.join("; "), MAX_REASON_BYTES);
     Verdict { record_sha256, agrees: problems.is_empty(), reason }
+}
+
+/// Why the record's listing of this node's updates does not fit one run's update (`None`: fits).
+fn misfit(known: Knowledge<'_>, listed: &[(String, u64)]) -> Option<String> {
+    let exactly = |s: &Sent<'_>| matches!(listed, [(h, b)] if h == s.payload_sha256 && *b == s.bytes);
+    match known {
+        Knowledge::Sent(s) if exactly(&s) => None,
+        Knowledge::Sent(s) => {
+            Some(format!("this node sent {} bytes with SHA-256 {}, the record lists {listed:?}", s.bytes, s.payload_sha256))
+        }
+        Knowledge::Leaving(s) if listed.is_empty() || exactly(&s) => None,
+        Knowledge::Leaving(s) => Some(format!(
+            "this node's update of {} bytes with SHA-256 {} may not have arrived, the record lists {listed:?}",
+            s.bytes, s.payload_sha256
+        )),
+        Knowledge::NotKnown => Some(
+            "this node keeps no hash of what it sent in this round (released by an earlier version of the node), so it cannot confirm the record"
+                .to_string(),
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -143,6 +189,45 @@ mod tests {
             assert_eq!(v.agrees, agrees, "{what}: {}", v.reason);
             assert!(v.reason.contains(phrase) && (agrees == v.reason.is_empty()), "{what}: {}", v.reason);
             assert_eq!(v.record_sha256, ContentHash::of(line.as_bytes()), "{what}: the hash of the line as received");
+        }
+    }
+
+    #[test]
+    fn each_run_of_a_plan_is_a_candidate_and_a_record_must_fit_one() {
+        let mine = |h: &str, b: u64| json!({"node": "cleveland", "payload_sha256": h, "bytes": b});
+        let theirs = json!({"node": "hungarian", "payload_sha256": OTHER, "bytes": 8});
+        const THIRD: &str = "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc";
+        let run1 = Knowledge::Sent(Sent { payload_sha256: H, bytes: 56 });
+        let run2 = Knowledge::Sent(Sent { payload_sha256: OTHER, bytes: 56 });
+        let leaving = Knowledge::Leaving(Sent { payload_sha256: H, bytes: 56 });
+        let line = |updates: Value| record("round_record", "p", 2, updates);
+        // (what, record line, the runs this node holds an update of round 2 in, agrees, a phrase)
+        let cases: Vec<(&str, String, Vec<Knowledge<'_>>, bool, &str)> = vec![
+            ("run 1's update", line(json!([mine(H, 56), theirs])), vec![run1, run2], true, ""),
+            ("run 2's update", line(json!([mine(OTHER, 56)])), vec![run1, run2], true, ""),
+            ("neither run's", line(json!([mine(THIRD, 56)])), vec![run1, run2], false, "; or this node sent"),
+            ("left out of both", line(json!([theirs])), vec![run1, run2], false, "the record lists []"),
+            ("run 1's hash, run 2's size", line(json!([mine(H, 57)])), vec![run1, run2], false, "sent 56 bytes"),
+            ("leaving, listed", line(json!([mine(H, 56)])), vec![leaving], true, ""),
+            ("leaving, never arrived", line(json!([theirs])), vec![leaving], true, ""),
+            ("leaving, another hash", line(json!([mine(OTHER, 56)])), vec![leaving], false, "may not have arrived"),
+            ("leaving, another size", line(json!([mine(H, 55)])), vec![leaving], false, "may not have arrived"),
+            ("not known, listed", line(json!([mine(H, 56)])), vec![Knowledge::NotKnown], false, "cannot confirm"),
+            ("not known, left out", line(json!([theirs])), vec![Knowledge::NotKnown], false, "cannot confirm"),
+            ("no run, listed", line(json!([mine(H, 56)])), vec![], false, "never sent"),
+            ("no run, left out", line(json!([theirs])), vec![], true, ""),
+            (
+                "a run fits, another round",
+                record("round_record", "p", 3, json!([mine(H, 56)])),
+                vec![run1],
+                false,
+                "not this round's",
+            ),
+        ];
+        for (what, line, runs, agrees, phrase) in cases {
+            let v = judge_runs(&line, "p", 2, "cleveland", &runs);
+            assert_eq!(v.agrees, agrees, "{what}: {}", v.reason);
+            assert!(v.reason.contains(phrase) && (agrees == v.reason.is_empty()), "{what}: {}", v.reason);
         }
     }
 
