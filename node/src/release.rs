@@ -6,16 +6,26 @@
 //! two (a run id comes from the coordinator and is never used as a path), holding the latest
 //! round's release (`round-N.release`: the encoded header, then the payload; or
 //! `round-N.masked`, a marker that a secure-aggregation input left, which is never re-sent),
-//! `released` (every round of the run ever released, one per line, kept for good) and, once the
-//! run closed, `closed`. A closed run's releases are deleted but its marker stays, so the
-//! same run can never be started again: a plan that runs again is a new run.
+//! `released` (every round of the run ever released, one per line, kept for good),
+//! `uploads` (JSON Lines, kept for good: each round's update as it left, its payload's SHA-256
+//! and size, and whether the coordinator answered the upload; the last line of a round holds),
+//! `run` (the plan and run ids, JSON, so the runs of a plan can be listed) and, once the run
+//! closed, `closed`. A closed run's releases are deleted but its marker stays, so the same run
+//! can never be started again: a plan that runs again is a new run.
+//!
+//! `uploads` is what a round record is judged against ([`crate::receipt`]): the coordinator's
+//! record lists what it received, which for secure aggregation is the masked input, so the
+//! daemon notes a masked input's hash just before it leaves, and a plain update's when it is
+//! stored. A directory written by an earlier node has neither `uploads` nor `run`: it is read as
+//! before, its rounds' uploads are not known, and it is found only under the run the daemon
+//! names (the plan's accepted run).
 //!
 //! Write order for a release: the release file (temp, fsync, rename, fsync of the directory),
 //! then the ledger charge, then the bytes go out. A crash anywhere leaves either nothing (retrain
 //! and charge), a stored release without a charge (charge it, then send), or both (send the same
 //! bytes again).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -40,6 +50,36 @@ pub enum Released {
     Update { header: Vec<u8>, payload: Vec<u8> },
     /// A secure-aggregation masked input left; it is masked with keys of that round only.
     Masked,
+}
+
+/// One round's update as it left (or was about to): what a round record must list.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Upload {
+    pub round: u32,
+    /// SHA-256 (hex) of the payload the coordinator receives (the masked input under secure
+    /// aggregation).
+    pub payload_sha256: String,
+    pub bytes: u64,
+    /// The coordinator answered the upload; `false`: it was stored and about to leave, and may
+    /// or may not have arrived.
+    pub answered: bool,
+}
+
+/// What the store says about one run's update in a round ([`ReleaseStore::round_uploads`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RoundUpload {
+    /// Noted in `uploads`.
+    Known(Upload),
+    /// The round was released, but nothing was noted: written by an earlier node (or a masked
+    /// input's marker whose input was never made).
+    NotKnown,
+}
+
+/// The plan and run a run directory belongs to (its `run` file).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RunId {
+    plan_id: String,
+    run: String,
 }
 
 /// The store in the node's state directory.
@@ -130,6 +170,18 @@ impl ReleaseStore {
             move |source| ReleaseError::Io { path, source }
         };
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        self.name_run(&dir, plan_id, run)?;
+        // Noted before the release is stored, so a released round always has its hash here (a
+        // crash in between leaves a note that the retrained round's note replaces).
+        if let Released::Update { payload, .. } = release {
+            let upload = Upload {
+                round,
+                payload_sha256: ContentHash::of(payload).to_hex(),
+                bytes: payload.len() as u64,
+                answered: false,
+            };
+            self.note_upload(plan_id, run, &upload)?;
+        }
         let (name, bytes) = match release {
             Released::Masked => (format!("round-{round}.masked"), Vec::new()),
             Released::Update { header, payload } => {
@@ -158,6 +210,120 @@ impl ReleaseStore {
         }
         // Earlier rounds are no longer kept: asking for them again is refused.
         self.remove_rounds(&dir, Some(&name));
+        Ok(())
+    }
+
+    /// Notes (durably) a round's update as it leaves or once the coordinator answered it; the
+    /// last note of a round holds.
+    pub fn note_upload(&self, plan_id: &str, run: &str, upload: &Upload) -> Result<(), ReleaseError> {
+        let dir = self.run_dir(plan_id, run);
+        std::fs::create_dir_all(&dir).map_err(|source| ReleaseError::Io { path: dir.clone(), source })?;
+        self.name_run(&dir, plan_id, run)?;
+        let path = dir.join("uploads");
+        let io = |source| ReleaseError::Io { path: path.clone(), source };
+        let line = serde_json::to_string(upload).map_err(|e| ReleaseError::Corrupt {
+            path: path.clone(),
+            reason: format!("cannot write the note ({e})"),
+        })?;
+        let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
+        let len = f.metadata().map_err(io)?.len();
+        // A torn last line (a crash during its write: that note never held) is cut off first.
+        if len > 0 {
+            let text = std::fs::read(&path).map_err(io)?;
+            if !text.ends_with(b"\n") {
+                let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                f.set_len(keep as u64).map_err(io)?;
+            }
+        }
+        f.write_all(format!("{line}\n").as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        if len == 0 {
+            File::open(&dir).and_then(|d| d.sync_all()).map_err(|source| ReleaseError::Io { path: dir, source })?;
+        }
+        Ok(())
+    }
+
+    /// Each round's last note in the run's `uploads` (none for a run written by an earlier node).
+    pub fn uploads(&self, plan_id: &str, run: &str) -> Result<BTreeMap<u32, Upload>, ReleaseError> {
+        let path = self.run_dir(plan_id, run).join("uploads");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(source) => return Err(ReleaseError::Io { path, source }),
+        };
+        let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+        let mut uploads = BTreeMap::new();
+        for line in complete.lines().filter(|l| !l.trim().is_empty()) {
+            let upload: Upload = serde_json::from_str(line)
+                .map_err(|e| ReleaseError::Corrupt { path: path.clone(), reason: format!("line {line:?}: {e}") })?;
+            uploads.insert(upload.round, upload);
+        }
+        Ok(uploads)
+    }
+
+    /// The runs of `plan_id` this store holds a `run` file for, plus `also` (a run named by the
+    /// caller, found even in a directory written by an earlier node), each once.
+    pub fn runs_of(&self, plan_id: &str, also: Option<&str>) -> Result<Vec<String>, ReleaseError> {
+        let mut runs: Vec<String> = Vec::new();
+        let entries =
+            std::fs::read_dir(&self.dir).map_err(|source| ReleaseError::Io { path: self.dir.clone(), source })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| ReleaseError::Io { path: self.dir.clone(), source })?;
+            let path = entry.path().join("run");
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(ReleaseError::Io { path, source }),
+            };
+            let id: RunId = serde_json::from_slice(&bytes)
+                .map_err(|e| ReleaseError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+            if id.plan_id == plan_id && !runs.contains(&id.run) {
+                runs.push(id.run);
+            }
+        }
+        if let Some(run) = also
+            && !runs.iter().any(|r| r == run)
+        {
+            runs.push(run.to_string());
+        }
+        runs.sort();
+        Ok(runs)
+    }
+
+    /// What each run of `plan_id` (see [`ReleaseStore::runs_of`]) holds of this node's update in
+    /// `round`; runs that released nothing in that round are left out.
+    pub fn round_uploads(
+        &self,
+        plan_id: &str,
+        round: u32,
+        also: Option<&str>,
+    ) -> Result<Vec<(String, RoundUpload)>, ReleaseError> {
+        let mut found = Vec::new();
+        for run in self.runs_of(plan_id, also)? {
+            if let Some(upload) = self.uploads(plan_id, &run)?.remove(&round) {
+                found.push((run, RoundUpload::Known(upload)));
+            } else if self.released_rounds(plan_id, &run)?.contains(&round) {
+                found.push((run, RoundUpload::NotKnown));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Writes the run directory's `run` file once (atomically), so the plan's runs can be listed.
+    fn name_run(&self, dir: &Path, plan_id: &str, run: &str) -> Result<(), ReleaseError> {
+        let path = dir.join("run");
+        if path.exists() {
+            return Ok(());
+        }
+        let io = |source| ReleaseError::Io { path: path.clone(), source };
+        let id = RunId { plan_id: plan_id.to_string(), run: run.to_string() };
+        let bytes = serde_json::to_vec(&id)
+            .map_err(|e| ReleaseError::Corrupt { path: path.clone(), reason: format!("cannot write it ({e})") })?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+        tmp.write_all(&bytes).map_err(io)?;
+        tmp.as_file().sync_all().map_err(io)?;
+        tmp.persist(&path).map_err(|e| io(e.error))?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         Ok(())
     }
 
@@ -238,6 +404,93 @@ mod tests {
         s.put("p", "../../escape", 1, &update(1)).unwrap();
         assert!(!dir.path().join("escape").exists() && !dir.path().parent().unwrap().join("escape").exists());
         assert_eq!(s.get("p", "../../escape", 1).unwrap(), Some(update(1)));
+    }
+
+    fn up(round: u32, b: u8, answered: bool) -> Upload {
+        Upload { round, payload_sha256: ContentHash::of(&[b; 10]).to_hex(), bytes: 10, answered }
+    }
+
+    #[test]
+    fn a_stored_update_is_noted_with_its_hash_and_the_notes_outlive_the_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReleaseStore::open(dir.path()).unwrap();
+        s.put("p", "r", 1, &update(1)).unwrap();
+        assert_eq!(s.uploads("p", "r").unwrap(), BTreeMap::from([(1, up(1, 1, false))]), "the payload's hash and size");
+        s.note_upload("p", "r", &up(1, 1, true)).unwrap();
+        s.put("p", "r", 2, &Released::Masked).unwrap();
+        s.note_upload("p", "r", &Upload { round: 2, payload_sha256: "ab".repeat(32), bytes: 40, answered: true })
+            .unwrap();
+        s.close("p", "r").unwrap();
+        let s = ReleaseStore::open(dir.path()).unwrap();
+        let uploads = s.uploads("p", "r").unwrap();
+        assert_eq!(uploads[&1], up(1, 1, true), "the last note of a round holds, after the run closed");
+        assert_eq!((uploads[&2].bytes, uploads[&2].answered), (40, true));
+        assert_eq!(s.uploads("p", "other").unwrap(), BTreeMap::new());
+    }
+
+    #[test]
+    fn the_runs_of_a_plan_are_listed_and_each_holds_its_own_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReleaseStore::open(dir.path()).unwrap();
+        s.put("p", "run-1", 3, &update(1)).unwrap();
+        s.put("p", "run-2", 3, &update(2)).unwrap();
+        s.put("q", "run-1", 3, &update(3)).unwrap();
+        s.put("p", "run-3", 2, &update(4)).unwrap();
+        s.close("p", "run-4").unwrap();
+        let s = ReleaseStore::open(dir.path()).unwrap();
+        assert_eq!(s.runs_of("p", None).unwrap(), ["run-1", "run-2", "run-3"]);
+        assert_eq!(s.runs_of("p", Some("run-9")).unwrap(), ["run-1", "run-2", "run-3", "run-9"]);
+        assert_eq!(s.runs_of("p", Some("run-1")).unwrap().len(), 3, "each once");
+        assert_eq!(
+            s.round_uploads("p", 3, None).unwrap(),
+            vec![
+                ("run-1".to_string(), RoundUpload::Known(up(3, 1, false))),
+                ("run-2".to_string(), RoundUpload::Known(up(3, 2, false))),
+            ],
+            "run 3 released no round 3; plan q is another plan"
+        );
+    }
+
+    #[test]
+    fn a_run_written_by_an_earlier_node_is_read_and_its_uploads_are_not_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReleaseStore::open(dir.path()).unwrap();
+        // The earlier layout: `released` and the round's release, no `uploads`, no `run`.
+        let old = s.run_dir("p", "r");
+        std::fs::create_dir_all(&old).unwrap();
+        std::fs::write(old.join("released"), "1\n2\n").unwrap();
+        let Released::Update { header, payload } = update(2) else { unreachable!() };
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(&header);
+        file.extend_from_slice(&payload);
+        std::fs::write(old.join("round-2.release"), file).unwrap();
+        assert_eq!(s.get("p", "r", 2).unwrap(), Some(update(2)), "its release is read as before");
+        assert_eq!(s.released_rounds("p", "r").unwrap(), BTreeSet::from([1, 2]));
+        assert!(s.runs_of("p", None).unwrap().is_empty(), "it names no run");
+        assert_eq!(s.round_uploads("p", 2, None).unwrap(), vec![]);
+        assert_eq!(s.round_uploads("p", 2, Some("r")).unwrap(), vec![("r".to_string(), RoundUpload::NotKnown)]);
+        // The node goes on with the run: the next round is noted, and the run is named.
+        s.put("p", "r", 3, &update(3)).unwrap();
+        assert_eq!(
+            s.round_uploads("p", 3, None).unwrap(),
+            vec![("r".to_string(), RoundUpload::Known(up(3, 3, false)))]
+        );
+        assert_eq!(s.round_uploads("p", 1, None).unwrap(), vec![("r".to_string(), RoundUpload::NotKnown)]);
+    }
+
+    #[test]
+    fn a_torn_last_note_is_ignored_and_cut_before_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = ReleaseStore::open(dir.path()).unwrap();
+        s.note_upload("p", "r", &up(1, 1, true)).unwrap();
+        let path = s.run_dir("p", "r").join("uploads");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"round\":2,\"payl").unwrap();
+        assert_eq!(s.uploads("p", "r").unwrap().len(), 1, "the torn note never counted");
+        s.note_upload("p", "r", &up(2, 2, true)).unwrap();
+        assert_eq!(s.uploads("p", "r").unwrap(), BTreeMap::from([(1, up(1, 1, true)), (2, up(2, 2, true))]));
+        std::fs::write(&path, "not json\n").unwrap();
+        assert!(s.uploads("p", "r").unwrap_err().to_string().contains("damaged"));
     }
 
     #[test]
