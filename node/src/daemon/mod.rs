@@ -106,8 +106,6 @@ pub struct Node {
     training: Option<tokio::task::JoinHandle<Trained>>,
     /// This node's signed, hash-chained audit log.
     audit: AuditLog,
-    /// What this node sent per (plan, round): payload hash and size, to check round records.
-    sent: HashMap<(String, u32), (String, usize)>,
     /// The end-to-end tests' hooks ([`Node::with_faults`]); none unless `main` sets them.
     #[cfg(feature = "fault-injection")]
     faults: crate::faults::FaultOptions,
@@ -198,7 +196,6 @@ impl Node {
             secagg: None,
             training: None,
             audit,
-            sent: HashMap::new(),
             #[cfg(feature = "fault-injection")]
             faults: crate::faults::FaultOptions::default(),
         })

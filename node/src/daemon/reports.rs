@@ -1,5 +1,6 @@
 //! What the node reports back besides updates: evaluations of models of a run's lineage (or a
-//! refusal without a value) and countersigned round records ([`crate::receipt`] judges them).
+//! refusal without a value) and countersigned round records ([`crate::receipt`] judges them
+//! against the release store's durable `uploads`, so a restarted node judges as it would have).
 
 use sanctum_protocol::audit::AuditEvent;
 use sanctum_protocol::model::Weights;
@@ -7,7 +8,32 @@ use sanctum_protocol::plan::PrivacyMode;
 use sanctum_protocol::proto::{self, EvaluationReport};
 
 use super::{DaemonError, Node};
+use crate::receipt::{Knowledge, Sent, Verdict};
+use crate::release::{ReleaseError, ReleaseStore, RoundUpload};
 use crate::train;
+
+/// Judges a round record against what the store says this node sent in that round, in every run
+/// of the plan it holds (the record names no run) and in `accepted_run` (the plan's accepted run,
+/// found even where an earlier node wrote its directory).
+pub(super) fn judge_receipt(
+    releases: &ReleaseStore,
+    receipt: &proto::RoundReceipt,
+    me: &str,
+    accepted_run: Option<&str>,
+) -> Result<Verdict, ReleaseError> {
+    let found = releases.round_uploads(&receipt.plan_id, receipt.round, accepted_run)?;
+    let runs: Vec<Knowledge<'_>> = found
+        .iter()
+        .map(|(_, upload)| match upload {
+            RoundUpload::Known(u) => {
+                let sent = Sent { payload_sha256: &u.payload_sha256, bytes: u.bytes };
+                if u.answered { Knowledge::Sent(sent) } else { Knowledge::Leaving(sent) }
+            }
+            RoundUpload::NotKnown => Knowledge::NotKnown,
+        })
+        .collect();
+    Ok(crate::receipt::judge_runs(&receipt.record, &receipt.plan_id, receipt.round, me, &runs))
+}
 
 impl Node {
     /// Checks the coordinator's record of a closed round against what this node sent, and
@@ -15,9 +41,8 @@ impl Node {
     /// statement are `receipt`'s; this sends it and keeps it in the node's own audit log.
     pub(super) async fn countersign(&mut self, receipt: &proto::RoundReceipt) -> Result<(), DaemonError> {
         let me = self.material.identity().name.clone();
-        let sent = self.sent.get(&(receipt.plan_id.clone(), receipt.round));
-        let sent = sent.map(|(hash, bytes)| crate::receipt::Sent { payload_sha256: hash, bytes: *bytes as u64 });
-        let verdict = crate::receipt::judge(&receipt.record, &receipt.plan_id, receipt.round, &me, sent);
+        let accepted_run = self.plans.get(&receipt.plan_id).map(|a| a.run.as_str());
+        let verdict = judge_receipt(&self.releases, receipt, &me, accepted_run)?;
         let signature = verdict.statement(&receipt.plan_id, receipt.round).sign(|m| self.material.sign(m))?;
         self.audit(AuditEvent::ReceiptSigned {
             plan_id: receipt.plan_id.clone(),
@@ -110,5 +135,164 @@ impl Node {
         })?;
         self.link.report_evaluation(report).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use sanctum_protocol::audit::{GENESIS_PREV, Record};
+    use sanctum_protocol::hash::ContentHash;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::release::{Released, Upload};
+
+    const ME: &str = "cleveland";
+
+    fn receipt(round: u32, updates: Value) -> proto::RoundReceipt {
+        let params = BTreeMap::from([
+            ("plan_id".to_string(), json!("p")),
+            ("round".to_string(), json!(round)),
+            ("updates".to_string(), updates),
+        ]);
+        let record = Record {
+            seq: 9,
+            time: "t".into(),
+            actor: "c".into(),
+            event: "round_record".into(),
+            params,
+            prev: GENESIS_PREV.into(),
+            sig: "00".into(),
+        };
+        proto::RoundReceipt { plan_id: "p".into(), round, record: record.line() }
+    }
+
+    fn listed(payload: &[u8]) -> Value {
+        json!({"node": ME, "payload_sha256": ContentHash::of(payload).to_hex(), "bytes": payload.len()})
+    }
+
+    fn theirs() -> Value {
+        json!({"node": "hungarian", "payload_sha256": "bb".repeat(32), "bytes": 8})
+    }
+
+    /// What `train_and_send` and `send_update` leave in the store for a plain round: the release
+    /// (noted as leaving), then the note that the coordinator answered.
+    fn send_plain(store: &ReleaseStore, run: &str, round: u32, payload: &[u8]) {
+        store.put("p", run, round, &Released::Update { header: vec![1, 2], payload: payload.to_vec() }).unwrap();
+        let answered = Upload {
+            round,
+            payload_sha256: ContentHash::of(payload).to_hex(),
+            bytes: payload.len() as u64,
+            answered: true,
+        };
+        store.note_upload("p", run, &answered).unwrap();
+    }
+
+    fn verdict(store: &ReleaseStore, r: &proto::RoundReceipt, accepted: Option<&str>) -> Verdict {
+        judge_receipt(store, r, ME, accepted).unwrap()
+    }
+
+    #[test]
+    fn a_node_restarted_between_sending_and_the_receipt_agrees_with_a_correct_record_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let sent = vec![7u8; 56];
+        send_plain(&ReleaseStore::open(dir.path()).unwrap(), "run-1", 2, &sent);
+        // The restart: a new store on the same directory, no accepted plan yet (a record written
+        // at the coordinator's recovery comes before the plan is offered again).
+        let store = ReleaseStore::open(dir.path()).unwrap();
+        let correct = receipt(2, json!([listed(&sent), theirs()]));
+        let v = verdict(&store, &correct, None);
+        assert!(v.agrees, "{}", v.reason);
+        // What the in-memory map gave a restarted node: nothing sent, so a dispute.
+        let before = crate::receipt::judge(&correct.record, "p", 2, ME, None);
+        assert!(!before.agrees && before.reason.contains("never sent"), "{}", before.reason);
+        let mut other_size = listed(&sent);
+        other_size["bytes"] = json!(57);
+        // (what, receipt, a phrase of the dispute)
+        let wrong = [
+            ("another hash", receipt(2, json!([listed(&[8u8; 56])]))),
+            ("another size", receipt(2, json!([other_size]))),
+            ("left out", receipt(2, json!([theirs()]))),
+            ("listed twice", receipt(2, json!([listed(&sent), listed(&sent)]))),
+            ("a round it never sent", receipt(3, json!([listed(&sent)]))),
+        ];
+        for (what, r) in wrong {
+            let v = verdict(&store, &r, None);
+            assert!(!v.agrees, "{what}: agreed");
+            let phrase = if r.round == 3 { "never sent" } else { "this node sent 56 bytes with SHA-256" };
+            assert!(v.reason.contains(phrase), "{what}: {}", v.reason);
+        }
+    }
+
+    #[test]
+    fn two_runs_of_one_plan_are_judged_each_against_its_own_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ReleaseStore::open(dir.path()).unwrap();
+        let (run1, run2) = (vec![1u8; 40], vec![2u8; 48]);
+        send_plain(&store, "run-1", 2, &run1);
+        send_plain(&store, "run-1", 3, &[3u8; 40]);
+        store.close("p", "run-1").unwrap();
+        send_plain(&store, "run-2", 2, &run2);
+        let store = ReleaseStore::open(dir.path()).unwrap();
+        for accepted in [None, Some("run-2")] {
+            for (what, r) in
+                [("run 1's", receipt(2, json!([listed(&run1)]))), ("run 2's", receipt(2, json!([listed(&run2)])))]
+            {
+                let v = verdict(&store, &r, accepted);
+                assert!(v.agrees, "{what} record, accepted {accepted:?}: {}", v.reason);
+            }
+            // A late receipt of run 1's round 3, which run 2 has not reached.
+            let v = verdict(&store, &receipt(3, json!([listed(&[3u8; 40])])), accepted);
+            assert!(v.agrees, "run 1's round 3: {}", v.reason);
+            let v = verdict(&store, &receipt(3, json!([theirs()])), accepted);
+            assert!(!v.agrees && v.reason.contains("this node sent 40 bytes"), "{}", v.reason);
+            // One run's hash with the other's size fits neither.
+            let mut mixed = listed(&run1);
+            mixed["bytes"] = json!(48);
+            let v = verdict(&store, &receipt(2, json!([mixed])), accepted);
+            assert!(!v.agrees && v.reason.contains("; or "), "{}", v.reason);
+            let v = verdict(&store, &receipt(2, json!([theirs()])), accepted);
+            assert!(!v.agrees, "left out of both runs: {}", v.reason);
+        }
+    }
+
+    #[test]
+    fn a_masked_input_that_may_not_have_arrived_is_listed_exactly_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let masked = vec![5u8; 64];
+        {
+            let store = ReleaseStore::open(dir.path()).unwrap();
+            store.put("p", "run-1", 1, &Released::Masked).unwrap();
+            // Noted by `send_update` just before it leaves; the node stopped before the answer.
+            let leaving =
+                Upload { round: 1, payload_sha256: ContentHash::of(&masked).to_hex(), bytes: 64, answered: false };
+            store.note_upload("p", "run-1", &leaving).unwrap();
+        }
+        let store = ReleaseStore::open(dir.path()).unwrap();
+        assert!(verdict(&store, &receipt(1, json!([listed(&masked)])), None).agrees, "it arrived");
+        assert!(verdict(&store, &receipt(1, json!([theirs()])), None).agrees, "it never arrived");
+        let v = verdict(&store, &receipt(1, json!([listed(&[6u8; 64])])), None);
+        assert!(!v.agrees && v.reason.contains("may not have arrived"), "{}", v.reason);
+    }
+
+    #[test]
+    fn a_round_released_by_an_earlier_node_is_not_known_and_disputed_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ReleaseStore::open(dir.path()).unwrap();
+        send_plain(&store, "run-1", 1, &[1u8; 40]);
+        // An earlier node kept neither `uploads` nor `run`: remove them from the run directory.
+        let run_dir =
+            std::fs::read_dir(dir.path().join("releases")).unwrap().flatten().next().map(|e| e.path()).unwrap();
+        std::fs::remove_file(run_dir.join("uploads")).unwrap();
+        std::fs::remove_file(run_dir.join("run")).unwrap();
+        let store = ReleaseStore::open(dir.path()).unwrap();
+        let r = receipt(1, json!([listed(&[1u8; 40])]));
+        let v = verdict(&store, &r, Some("run-1"));
+        assert!(!v.agrees && v.reason.contains("cannot confirm the record"), "{}", v.reason);
+        // Without the accepted run the directory is not found: judged as before (nothing sent).
+        let v = verdict(&store, &r, None);
+        assert!(!v.agrees && v.reason.contains("never sent"), "{}", v.reason);
     }
 }

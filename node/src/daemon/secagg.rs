@@ -177,7 +177,7 @@ impl Node {
             // The link sets it: where the coordinator says a resumed upload starts.
             offset: 0,
         };
-        self.send_update(header, wire::words_to_le(&masked), Rule::ModelUpdate).await?;
+        self.send_update(&start.run, header, wire::words_to_le(&masked), Rule::ModelUpdate).await?;
         self.note_round(&start);
         #[cfg(feature = "fault-injection")]
         self.faults.secagg_exit(crate::faults::SecAggPoint::AfterInput, start.round);

@@ -18,7 +18,7 @@ use super::{DaemonError, Node, Trained, name_seed, short};
 use crate::budget::{self, Cost, DpPlan};
 use crate::data::LocalData;
 use crate::egress::Rule;
-use crate::release::Released;
+use crate::release::{Released, Upload};
 use crate::rounds::{self, RoundDecision, RoundState, Stored};
 use crate::train;
 
@@ -106,7 +106,7 @@ impl Node {
                         self.charge_cost(&start.plan_id, start.round, &cost)?;
                     }
                     tracing::info!(round = start.round, "sending the stored update, charged now (it never left)");
-                    self.send_update(header, payload, Rule::ModelUpdate).await?;
+                    self.send_update(&run, header, payload, Rule::ModelUpdate).await?;
                     self.note_round(start);
                     return Ok(());
                 }
@@ -114,7 +114,7 @@ impl Node {
                     round = start.round,
                     "round asked for again: re-sending the same bytes (no new release)"
                 );
-                self.send_update(header, payload, Rule::ModelUpdateResend).await?;
+                self.send_update(&run, header, payload, Rule::ModelUpdateResend).await?;
                 self.note_round(start);
                 Ok(())
             }
@@ -183,7 +183,7 @@ impl Node {
             #[cfg(feature = "fault-injection")]
             self.faults.crash_after_charge();
         }
-        self.send_update(header, payload, Rule::ModelUpdate).await
+        self.send_update(run, header, payload, Rule::ModelUpdate).await
     }
 
     /// The metrics that may go with a round's update: the starting model's test metric only as
@@ -269,16 +269,29 @@ impl Node {
         }
     }
 
-    /// Uploads an update (plain or masked), then remembers and audits what left: its hash and size.
+    /// Uploads an update (plain or masked) of `run`, then notes durably and audits what left: its
+    /// hash and size, which the round record is judged against ([`super::reports`]). A plain
+    /// update was noted when it was stored; a masked input is noted here, before it leaves.
     pub(super) async fn send_update(
         &mut self,
+        run: &str,
         header: UpdateHeader,
         payload: Vec<u8>,
         rule: Rule,
     ) -> Result<(), DaemonError> {
         let (plan_id, round, masked) = (header.plan_id.clone(), header.round, header.masked);
+        if masked {
+            let leaving = Upload {
+                round,
+                payload_sha256: ContentHash::of(&payload).to_hex(),
+                bytes: payload.len() as u64,
+                answered: false,
+            };
+            self.releases.note_upload(&plan_id, run, &leaving)?;
+        }
         let (hash, bytes) = self.link.upload(header, payload, rule).await?;
-        self.sent.insert((plan_id.clone(), round), (hash.clone(), bytes));
+        let answered = Upload { round, payload_sha256: hash.clone(), bytes: bytes as u64, answered: true };
+        self.releases.note_upload(&plan_id, run, &answered)?;
         Ok(self.audit(AuditEvent::UpdateSent {
             plan_id,
             round: u64::from(round),
