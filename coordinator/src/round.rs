@@ -189,6 +189,10 @@ enum Phase {
     Evaluating {
         pending: BTreeSet<NodeName>,
         deadline: Millis,
+        /// Nodes asked that went away before reporting: no longer waited for, but asked again if
+        /// they come back while the evaluation is still waiting for others.
+        #[serde(default)]
+        away: BTreeSet<NodeName>,
     },
     Finished,
 }
@@ -333,6 +337,15 @@ impl PlanRun {
         {
             actions.push(Action::Rejoin { node: node.clone(), round: *round, deadline: *deadline });
         }
+        // So is a node asked for the final evaluation that went away before reporting, while the
+        // evaluation still waits for others: its report counts like any other.
+        if let Phase::Evaluating { pending, away, deadline } = &mut self.phase
+            && now < *deadline
+            && away.remove(node)
+        {
+            pending.insert(node.clone());
+            actions.push(Action::Evaluate(vec![node.clone()]));
+        }
         // A retry waiting for nodes may open now.
         actions.extend(self.advance(now));
         actions
@@ -341,8 +354,10 @@ impl PlanRun {
     /// A node's connection went away.
     pub fn node_disconnected(&mut self, node: &NodeName, now: Millis) -> Vec<Action> {
         self.online.remove(node);
-        if let Phase::Evaluating { pending, .. } = &mut self.phase {
-            pending.remove(node);
+        if let Phase::Evaluating { pending, away, .. } = &mut self.phase
+            && pending.remove(node)
+        {
+            away.insert(node.clone());
         }
         // A participant that went away no longer holds up its round (see `advance`); it is
         // listed as dropped when the round closes.
@@ -495,7 +510,11 @@ impl PlanRun {
             return self.open_round_now(self.rounds_completed + 1, now);
         }
         let pending: BTreeSet<NodeName> = self.accepted.intersection(&self.online).cloned().collect();
-        self.phase = Phase::Evaluating { pending: pending.clone(), deadline: later(now, self.cfg.evaluation_deadline) };
+        self.phase = Phase::Evaluating {
+            pending: pending.clone(),
+            deadline: later(now, self.cfg.evaluation_deadline),
+            away: BTreeSet::new(),
+        };
         let mut actions = vec![Action::Evaluate(pending.into_iter().collect())];
         actions.extend(self.advance(now));
         actions
@@ -693,9 +712,9 @@ impl PlanRun {
                 }
                 vec![]
             }
-            Phase::Evaluating { pending, deadline } => {
+            Phase::Evaluating { pending, deadline, away } => {
                 if pending.is_empty() || now >= *deadline {
-                    let missing = pending.iter().cloned().collect::<Vec<_>>();
+                    let missing = pending.iter().chain(away.iter()).cloned().collect::<Vec<_>>();
                     let reason = if missing.is_empty() {
                         "completed".to_string()
                     } else {
@@ -941,6 +960,47 @@ mod tests {
         let a = run.evaluated(&node("b"), t0);
         assert_eq!(a, vec![Action::Finish { success: true, reason: "completed".into() }]);
         assert_eq!(run.rounds_completed(), 2);
+    }
+
+    #[test]
+    fn a_node_that_leaves_during_the_final_evaluation_and_returns_is_asked_again_and_counted() {
+        let t0: Millis = 0;
+        let (mut run, _) = PlanRun::start(cfg(1, 2), names(&["a", "b", "c"]), t0);
+        for n in ["a", "b", "c"] {
+            run.node_connected(&node(n), t0);
+            run.decision(&node(n), true, "", t0);
+        }
+        for n in ["a", "b", "c"] {
+            run.admit_update(&node(n), 1, t0).unwrap();
+        }
+        assert_eq!(run.round_aggregated(1, t0), vec![Action::Evaluate(names(&["a", "b", "c"]))]);
+        // `b` goes away before reporting: no longer waited for.
+        assert!(run.node_disconnected(&node("b"), t0).is_empty());
+        assert!(!run.awaits_evaluation(&node("b")));
+        assert!(run.evaluated(&node("a"), t0).is_empty(), "still waiting for c");
+        // It comes back while c is still awaited: offered the plan again and asked again.
+        let a = run.node_connected(&node("b"), t0 + 10);
+        assert_eq!(a, vec![Action::Reoffer(node("b")), Action::Evaluate(names(&["b"]))]);
+        assert!(run.awaits_evaluation(&node("b")));
+        assert!(run.evaluated(&node("c"), t0 + 20).is_empty(), "and now waited for");
+        assert_eq!(
+            run.evaluated(&node("b"), t0 + 30),
+            vec![Action::Finish { success: true, reason: "completed".into() }]
+        );
+
+        // One that never comes back is named when the evaluation ends without it.
+        let (mut run, _) = PlanRun::start(cfg(1, 2), names(&["a", "b"]), t0);
+        for n in ["a", "b"] {
+            run.node_connected(&node(n), t0);
+            run.decision(&node(n), true, "", t0);
+        }
+        for n in ["a", "b"] {
+            run.admit_update(&node(n), 1, t0).unwrap();
+        }
+        assert_eq!(run.round_aggregated(1, t0), vec![Action::Evaluate(names(&["a", "b"]))]);
+        run.node_disconnected(&node("b"), t0);
+        let a = run.evaluated(&node("a"), t0);
+        assert_eq!(a, vec![Action::Finish { success: true, reason: "completed; no final evaluation from b".into() }]);
     }
 
     #[test]
