@@ -16,7 +16,6 @@ use sanctum_protocol::audit::{AuditEvent, CertCheck, Record};
 use sanctum_protocol::hash::ContentHash;
 use sanctum_protocol::pki;
 use sanctum_protocol::receipt::{MAX_REASON_BYTES, Statement};
-use serde_json::Value;
 
 /// A round record sent to nodes, waiting for their countersignatures.
 #[derive(Debug)]
@@ -143,13 +142,13 @@ impl Awaiting {
         line: String,
         sent: Delivered,
     ) -> Option<ContentHash> {
-        let recipients: HashSet<String> = serde_json::from_str::<Record>(&line)
-            .ok()
-            .and_then(|r| r.params.get("reported").and_then(Value::as_array).cloned())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect();
+        // Only the nodes the record lists as reported countersign it; a line that is not a round
+        // record (never one this coordinator wrote) has no recipients, so nobody can.
+        let recipients: HashSet<String> = match serde_json::from_str::<Record>(&line).ok().and_then(|r| r.typed().ok())
+        {
+            Some(AuditEvent::RoundRecord { reported, .. }) => reported.into_iter().collect(),
+            _ => HashSet::new(),
+        };
         let delivered = if sent == Delivered::All { recipients.clone() } else { HashSet::new() };
         let hash = ContentHash::of(line.as_bytes());
         let pending = Pending { run: run.to_string(), line, hash, recipients, signed: HashSet::new(), delivered };
@@ -230,10 +229,6 @@ impl Awaiting {
     }
 }
 
-fn text(r: &Record, k: &str) -> String {
-    r.params.get(k).and_then(Value::as_str).unwrap_or_default().to_string()
-}
-
 /// A `receipt` record re-verified offline.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checked {
@@ -267,15 +262,16 @@ impl Checked {
 /// against `held`, the hash of the round record the log holds for that plan and round.
 pub fn check_record(r: &Record, held: Option<&str>, ca: Option<CertCheck<'_>>) -> Checked {
     let mut problems = Vec::new();
-    let round = r.params.get("round").and_then(Value::as_u64).unwrap_or(0);
-    let (plan_id, record_sha256, reason) = (text(r, "plan_id"), text(r, "record_sha256"), text(r, "reason"));
-    let agrees = r.params.get("agrees").and_then(Value::as_bool);
-    if agrees.is_none() {
-        problems.push("carries no verdict (agrees is not true or false)".to_string());
-    }
-    let agrees = agrees.unwrap_or(false);
-    let mut node = text(r, "node");
-    let cert = match r.params.get("certificate").and_then(Value::as_str) {
+    // Nothing of a record that does not read as a receipt is used: it never stands.
+    let event = match r.typed() {
+        Ok(event) => event,
+        Err(e) => return unreadable(r, format!("it does not read as a receipt: {e}")),
+    };
+    let AuditEvent::Receipt { mut node, plan_id, round, record_sha256, signature, agrees, reason, certificate } = event
+    else {
+        return unreadable(r, format!("it is a {} record, not a receipt", event.name()));
+    };
+    let cert = match certificate.as_deref() {
         None | Some("") => {
             problems.push(
                 "carries no certificate, so its signature cannot be checked (a receipt from before verdicts were signed, or one stripped)"
@@ -326,7 +322,6 @@ pub fn check_record(r: &Record, held: Option<&str>, ca: Option<CertCheck<'_>>) -
         )),
         _ => {}
     }
-    let signature = text(r, "signature");
     // Every path that does not verify the signature records why: a receipt whose signature was
     // not checked never stands.
     match (&cert, hash, u32::try_from(round)) {
@@ -348,6 +343,21 @@ pub fn check_record(r: &Record, held: Option<&str>, ca: Option<CertCheck<'_>>) -
     Checked { node, plan_id, round, record_sha256, agrees, reason, signature, actor: r.actor.clone(), problems }
 }
 
+/// A record [`check_record`] cannot read as a receipt: nothing of it is used, and it never stands.
+fn unreadable(r: &Record, problem: String) -> Checked {
+    Checked {
+        node: String::new(),
+        plan_id: String::new(),
+        round: 0,
+        record_sha256: String::new(),
+        agrees: false,
+        reason: String::new(),
+        signature: String::new(),
+        actor: r.actor.clone(),
+        problems: vec![problem],
+    }
+}
+
 fn verdict(agrees: bool) -> &'static str {
     if agrees { "agrees" } else { "disputes" }
 }
@@ -355,8 +365,16 @@ fn verdict(agrees: bool) -> &'static str {
 /// What differs between a receipt in the coordinator's log and the hospital's own
 /// `receipt_signed` record of it (same plan and round); empty when they agree.
 pub fn differences(coordinator: &Checked, hospital: &Record) -> Vec<String> {
+    let (their_hash, theirs, their_reason, their_sig) = match hospital.typed() {
+        Ok(AuditEvent::ReceiptSigned { record_sha256, agrees, reason, signature, .. }) => {
+            (record_sha256, agrees, reason, signature.unwrap_or_default())
+        }
+        // The report passes only the hospital's `receipt_signed` records; anything else differs
+        // wholly, and says why.
+        Ok(other) => return vec![format!("the hospital's record is a {} record, not a receipt_signed", other.name())],
+        Err(e) => return vec![format!("the hospital's record does not read as a receipt_signed: {e}")],
+    };
     let mut out = Vec::new();
-    let their_hash = text(hospital, "record_sha256");
     if their_hash != coordinator.record_sha256 {
         out.push(format!(
             "record hash: the coordinator's log has {}, the hospital's log {}",
@@ -364,15 +382,13 @@ pub fn differences(coordinator: &Checked, hospital: &Record) -> Vec<String> {
             short(&their_hash)
         ));
     }
-    let theirs = hospital.params.get("agrees").and_then(Value::as_bool);
-    if theirs != Some(coordinator.agrees) {
+    if theirs != coordinator.agrees {
         out.push(format!(
             "verdict: the coordinator's log says the hospital {}, the hospital's log says it {}",
             verdict(coordinator.agrees),
-            theirs.map_or("gave no verdict", verdict)
+            verdict(theirs)
         ));
     }
-    let their_reason = text(hospital, "reason");
     if their_reason != coordinator.reason {
         out.push(format!(
             "reason: the coordinator's log has {:?}, the hospital's log {:?}",
@@ -380,7 +396,6 @@ pub fn differences(coordinator: &Checked, hospital: &Record) -> Vec<String> {
         ));
     }
     // Older node logs did not keep the signature; where they do, it must be the one recorded.
-    let their_sig = text(hospital, "signature");
     if !their_sig.is_empty() && their_sig != coordinator.signature {
         out.push("signature: the coordinator's log holds another signature than the one the hospital made".into());
     }
@@ -394,7 +409,7 @@ mod tests {
     use sanctum_protocol::audit::GENESIS_PREV;
     use sanctum_protocol::pki::{Role, SignSpec};
     use sanctum_protocol::secagg::keys;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
@@ -421,11 +436,15 @@ mod tests {
     }
 
     fn round_record(reported: &[&str]) -> String {
-        let params = BTreeMap::from([
-            ("plan_id".to_string(), json!("p")),
-            ("round".to_string(), json!(1)),
-            ("reported".to_string(), json!(reported)),
-        ]);
+        let event = AuditEvent::RoundRecord {
+            plan_id: "p".into(),
+            round: 1,
+            model_sha256: "cd".repeat(32),
+            updates: vec![],
+            reported: reported.iter().map(|n| n.to_string()).collect(),
+            dropped: vec![],
+        };
+        let params = event.to_parts().unwrap().1;
         Record {
             seq: 5,
             time: "t".into(),
@@ -558,6 +577,20 @@ mod tests {
         }
         let (_, again) = signed(cle, &line, true, "");
         assert_eq!(awaiting.accept(signer(cle), cs(&hash, &again, true, "")).map(|_| ()), Err(Refusal::WrongRecord));
+        // A line that does not read as a round record (here one without its updates) has no
+        // recipients: nobody countersigns it.
+        let garbled = round_record(&["cleveland"]).replace(",\"updates\":[]", "");
+        assert!(!garbled.contains("updates"), "{garbled}");
+        awaiting.insert("p", "run9", 2, garbled.clone(), Delivered::All);
+        let hash = ContentHash::of(garbled.as_bytes());
+        let s = Statement { plan_id: "p", round: 2, record_sha256: hash, agrees: true, reason: "" };
+        let sig = s.sign(|b| keys::sign_message(b, &cle.key_pem)).unwrap();
+        let hex = hash.to_hex();
+        let c = Countersignature { round: 2, ..cs(&hex, &sig, true, "") };
+        assert_eq!(
+            awaiting.accept(signer(cle), c).map(|_| ()),
+            Err(Refusal::NotARecipient { node: "cleveland".into() })
+        );
     }
 
     /// A record written while recovering (the round was committed, its record was not) reaches
@@ -638,6 +671,14 @@ mod tests {
             ),
             ("reason added", with("reason", json!("forged")), Some(&hash), None, "does not verify"),
             ("no certificate", with("certificate", json!("")), Some(&hash), None, "carries no certificate"),
+            ("no verdict", with("agrees", json!("yes")), Some(&hash), None, "does not read as a receipt"),
+            (
+                "another kind of record",
+                Record { event: "receipt_signed".into(), ..good.clone() },
+                Some(&hash),
+                None,
+                "not a receipt",
+            ),
             (
                 "another node's certificate",
                 with("certificate", json!(hex::encode(&hun.der))),
@@ -710,5 +751,13 @@ mod tests {
         assert!(d[1].contains("says the hospital disputes, the hospital's log says it agrees"), "{d:?}");
         // A node log that did not keep the signature is compared on the rest.
         assert_eq!(differences(&coord, &hospital(false, "forged", "aa", "")), Vec::<String>::new());
+        let mut older = hospital(false, "forged", "aa", "");
+        older.params.remove("signature");
+        assert_eq!(differences(&coord, &older), Vec::<String>::new());
+        // A record that does not read as the hospital's receipt differs, and says why.
+        let mut garbled = hospital(false, "forged", "aa", "");
+        garbled.params.remove("agrees");
+        let d = differences(&coord, &garbled);
+        assert!(d.len() == 1 && d[0].contains("does not read as a receipt_signed"), "{d:?}");
     }
 }
