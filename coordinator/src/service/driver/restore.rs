@@ -2,7 +2,9 @@
 //! (`Engine::restore`), after the audit records of its last committed round that a crash left
 //! out are written (`crate::recovery`) and its round record is awaited for receipts again; a run
 //! whose end the audit log records is recorded as ended instead, and one that cannot be restored
-//! as interrupted, with the reason.
+//! as interrupted, with the reason. Every run the store says ended whose end a crash kept from
+//! the audit log (the log holds its `plan_submitted`, not its `plan_finished`) gets its
+//! `plan_finished` from what the store knows. The audit log is read once, typed.
 
 use std::time::SystemTime;
 
@@ -10,6 +12,7 @@ use sanctum_protocol::audit::AuditEvent;
 use sanctum_protocol::hash::ContentHash;
 
 use super::*;
+use crate::recovery;
 
 /// Why a run the store says is running cannot be restored; it is recorded as interrupted with
 /// this reason.
@@ -34,7 +37,8 @@ enum NotRestored {
 impl Driver {
     /// Restores every run the store says is running (a restart, or a crash): each continues from
     /// its last completed round. A run that cannot be restored is recorded as interrupted with
-    /// the reason.
+    /// the reason. Every run the store says ended whose end the audit log lacks gets its
+    /// `plan_finished` (`crate::recovery`).
     pub(super) fn restore_runs(&mut self) {
         let rows = match self.inner.db.call(|s| s.runs()) {
             Ok(rows) => rows,
@@ -43,13 +47,33 @@ impl Driver {
                 return;
             }
         };
-        let running: Vec<_> = rows.into_iter().filter(|r| r.status == RunStatus::Running).collect();
-        // A run's end goes to the store, then the audit log; a store write that failed (it is only
-        // logged) must not bring an ended, or cancelled, run back to life at the next start.
-        let ended = if running.is_empty() { Default::default() } else { self.ended_in_audit_log() };
-        for row in running {
+        let path = lock(&self.inner.audit).path().to_path_buf();
+        let records = match sanctum_protocol::audit::read_records(&path) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(
+                    "audit log {}: {e}; runs are resumed as the store says, and no record a crash left out is written",
+                    path.display()
+                );
+                None
+            }
+        };
+        let log = records.as_deref().map(recovery::entries);
+        let runs = log.as_deref().map(recovery::Runs::read);
+        // Ends first: they concern runs the store already holds as ended, and none of the
+        // records below (a resumed run's) is one.
+        if let Some(runs) = &runs {
+            for row in rows.iter().filter(|r| runs.end_missing(r)) {
+                self.write_missing_end(row);
+            }
+        }
+        for row in rows.into_iter().filter(|r| r.status == RunStatus::Running) {
             let run_id = row.run_id.clone();
-            if let Some((status, reason, model)) = ended.get(run_id.as_str()).cloned() {
+            // A run's end goes to the store, then the audit log; a store write that failed (it is
+            // only logged) must not bring an ended, or cancelled, run back to life at the next start.
+            if let Some(recovery::Ended { status, reason, model }) =
+                runs.as_ref().and_then(|runs| runs.ended(run_id.as_str())).cloned()
+            {
                 tracing::warn!(
                     run = short(&run_id),
                     "the audit log shows run {} ended ({}); recorded in the store, not resumed",
@@ -66,7 +90,7 @@ impl Driver {
                 }
                 continue;
             }
-            let result = self.restore_one(&row);
+            let result = self.restore_one(&row, log.as_deref());
             match result {
                 Ok(effects) => {
                     lock(&self.inner.history).start(&run_id);
@@ -80,49 +104,53 @@ impl Driver {
                         p.status = RunStatus::Interrupted.as_str().into();
                         p.reason = why.clone();
                     }
-                    let id = run_id.clone();
-                    if let Err(e) =
-                        self.inner.db.call(move |s| s.finish_run(&id, RunStatus::Interrupted, &why, None, at))
-                    {
-                        tracing::error!("store: {e}");
+                    let (id, reason) = (run_id.clone(), why.clone());
+                    match self.inner.db.call(move |s| s.finish_run(&id, RunStatus::Interrupted, &reason, None, at)) {
+                        Err(e) => tracing::error!("store: {e}"),
+                        // Its end is in the store: now in the audit log too (the log started it,
+                        // and holds no end: it would not be running otherwise).
+                        Ok(()) => {
+                            let ended = crate::db::RunRow { status: RunStatus::Interrupted, reason: why, ..row };
+                            if runs.as_ref().is_some_and(|runs| runs.end_missing(&ended)) {
+                                self.write_missing_end(&ended);
+                            }
+                        }
                     }
                 }
             }
         }
     }
 
-    /// The runs whose end the audit log records: status, reason and (on success) final model.
-    fn ended_in_audit_log(&self) -> std::collections::HashMap<String, (RunStatus, String, Option<String>)> {
-        let path = lock(&self.inner.audit).path().to_path_buf();
-        let records = match sanctum_protocol::audit::read_records(&path) {
-            Ok(r) => r,
+    /// Appends the `plan_finished` of a run the store says ended and the audit log holds no end
+    /// of, from the store's row and the run's checkpoint (rounds completed, its model).
+    fn write_missing_end(&self, row: &crate::db::RunRow) {
+        let id = row.run_id.clone();
+        let (rounds, model) = match self.inner.db.call(move |s| s.checkpoint(&id)) {
+            Ok(Some(cp)) => {
+                let model = serde_json::from_slice::<RunCheckpoint>(&cp.state).ok().map(|state| state.model);
+                (cp.rounds_completed, model)
+            }
+            Ok(None) => (0, None),
             Err(e) => {
-                tracing::error!("audit log {}: {e}; runs are resumed as the store says", path.display());
-                return Default::default();
+                tracing::error!("store: {e}; the run's end is written without its rounds and model");
+                (0, None)
             }
         };
-        let mut cancelled = std::collections::HashSet::new();
-        let mut ended = std::collections::HashMap::new();
-        for r in &records {
-            match AuditEvent::from_record(r) {
-                Ok(AuditEvent::PlanCancelled { run, .. }) => {
-                    cancelled.insert(run);
-                }
-                Ok(AuditEvent::PlanFinished { run: Some(run), success, reason, final_model_sha256, .. }) => {
-                    let status = match (success, cancelled.contains(&run)) {
-                        (true, _) => RunStatus::Succeeded,
-                        (false, true) => RunStatus::Cancelled,
-                        (false, false) => RunStatus::Failed,
-                    };
-                    ended.insert(run, (status, reason, success.then_some(final_model_sha256)));
-                }
-                _ => {}
-            }
-        }
-        ended
+        tracing::warn!(
+            run = short(&row.run_id),
+            "the audit log lacks the end of run {} ({}); writing its plan_finished",
+            row.name,
+            row.status.as_str()
+        );
+        let own = lock(&self.inner.audit).own_fingerprint().to_string();
+        self.inner.audit(&own, recovery::plan_finished(row, rounds, model.as_deref()));
     }
 
-    fn restore_one(&mut self, row: &crate::db::RunRow) -> Result<Vec<Effect>, NotRestored> {
+    fn restore_one(
+        &mut self,
+        row: &crate::db::RunRow,
+        log: Option<&[recovery::Entry<'_>]>,
+    ) -> Result<Vec<Effect>, NotRestored> {
         let id = row.run_id.clone();
         let cp = self.inner.db.call(move |s| s.checkpoint(&id))?.ok_or(NotRestored::NoCheckpoint)?;
         let state: RunCheckpoint = serde_json::from_slice(&cp.state)?;
@@ -141,7 +169,10 @@ impl Driver {
             None => None,
         };
         if let Some(last) = &state.last_round {
-            self.complete_round_records(&state.plan_id, &state.run_id, last);
+            match log {
+                Some(log) => self.complete_round_records(log, &state.plan_id, &state.run_id, last),
+                None => tracing::error!("the audit log could not be read; the last round's records are not checked"),
+            }
             self.complete_round_event(&state.run_id, last);
         }
         let now = self.now();
@@ -188,16 +219,14 @@ impl Driver {
 
     /// Writes the audit records of a run's last committed round that a crash right after its
     /// commit left out (`crate::recovery`), and awaits the nodes' receipts for its record again.
-    fn complete_round_records(&self, plan_id: &str, run_id: &str, last: &engine::checkpoint::ClosedRound) {
-        let path = lock(&self.inner.audit).path().to_path_buf();
-        let records = match sanctum_protocol::audit::read_records(&path) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("audit log {}: {e}; the last round's records are not checked", path.display());
-                return;
-            }
-        };
-        let missing = crate::recovery::missing(&records, plan_id, run_id, last.round);
+    fn complete_round_records(
+        &self,
+        log: &[recovery::Entry<'_>],
+        plan_id: &str,
+        run_id: &str,
+        last: &engine::checkpoint::ClosedRound,
+    ) {
+        let missing = recovery::missing(log, plan_id, run_id, last.round);
         let own = lock(&self.inner.audit).own_fingerprint().to_string();
         if missing.any() {
             tracing::warn!(round = last.round, ?missing, "writing the audit records a crash left out");
@@ -226,7 +255,7 @@ impl Driver {
             );
         }
         let line = if missing.round_record {
-            let appended = crate::recovery::round_record(&last.record)
+            let appended = recovery::round_record(&last.record)
                 .map_err(|e| e.to_string())
                 .and_then(|record| lock(&self.inner.audit).append_event_line(&own, &record).map_err(|e| e.to_string()));
             match appended {
@@ -237,33 +266,163 @@ impl Driver {
                 }
             }
         } else {
-            records
-                .iter()
-                .rev()
-                .find(|r| {
-                    r.event == "round_record"
-                        && r.params.get("plan_id").and_then(|v| v.as_str()) == Some(plan_id)
-                        && r.params.get("round").and_then(|v| v.as_u64()) == Some(u64::from(last.round))
-                })
-                .map(|r| r.line())
+            recovery::round_record_line(log, plan_id, last.round)
         };
         // The nodes that reported may still countersign the record after the restart: a record
         // written only now reached nobody, so each recipient is sent it as it connects; those
         // whose receipt the log already holds may not countersign it again.
         if let Some(line) = line {
             let hash = ContentHash::of(line.as_bytes());
-            let hex = hash.to_hex();
-            let signed: Vec<&str> = records
-                .iter()
-                .filter(|r| {
-                    r.event == "receipt" && r.params.get("record_sha256").and_then(|v| v.as_str()) == Some(hex.as_str())
-                })
-                .filter_map(|r| r.params.get("node").and_then(|v| v.as_str()))
-                .collect();
+            let signed = recovery::signed(log, &hash);
             let sent = if missing.round_record { receipts::Delivered::None } else { receipts::Delivered::All };
             let mut awaiting = lock(&self.inner.receipts);
             awaiting.insert(plan_id, run_id, last.round, line, sent);
             awaiting.already_signed(&hash, signed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use sanctum_protocol::audit::{AuditEvent, AuditLog, read_records};
+    use sanctum_protocol::pki::{self, Role, SignSpec};
+    use sanctum_protocol::tls::TlsMaterial;
+
+    use crate::db::{RunRow, RunStatus, StoreConfig};
+    use crate::service::{Coordinator, CoordinatorOptions};
+    use crate::test_ids::{plan, run};
+
+    fn options(dir: &std::path::Path) -> CoordinatorOptions {
+        CoordinatorOptions {
+            state_dir: dir.to_path_buf(),
+            evaluation_deadline: Duration::from_secs(5),
+            revocation_list: None,
+            limits: crate::config::Limits::default(),
+            store: StoreConfig::default(),
+            #[cfg(feature = "fault-injection")]
+            faults: crate::faults::FaultOptions::default(),
+        }
+    }
+
+    fn row(label: &str, number: u32, status: RunStatus) -> RunRow {
+        RunRow {
+            run_id: run(label),
+            plan_id: plan("heart"),
+            number,
+            name: "heart".into(),
+            wire_toml: String::new(),
+            submitted_by: "lead".into(),
+            submitted_ms: 1,
+            rounds_planned: 2,
+            status,
+            reason: String::new(),
+            final_model: None,
+            finished_ms: None,
+        }
+    }
+
+    /// The `plan_finished` records of the log in `dir`.
+    fn ends(dir: &std::path::Path) -> Vec<AuditEvent> {
+        read_records(&dir.join("audit").join("audit.jsonl"))
+            .unwrap()
+            .iter()
+            .filter_map(|r| r.typed().ok())
+            .filter(|e| matches!(e, AuditEvent::PlanFinished { .. }))
+            .collect()
+    }
+
+    /// Starts a coordinator on `dir` in a runtime of its own, waits until its log holds `want`
+    /// `plan_finished` records (or `patience`), and stops it (the runtime's end ends the driver).
+    fn start_and_wait(
+        dir: &std::path::Path,
+        material: &TlsMaterial,
+        want: usize,
+        patience: Duration,
+    ) -> Vec<AuditEvent> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let coordinator = rt.block_on(async { Coordinator::start(options(dir), material) }).unwrap();
+        let deadline = Instant::now() + patience;
+        while ends(dir).len() < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Time for a wrong second record to show.
+        std::thread::sleep(Duration::from_millis(300));
+        drop(coordinator);
+        rt.shutdown_timeout(Duration::from_secs(5));
+        ends(dir)
+    }
+
+    /// A crash between a run's end in the store and its `plan_finished` record: the next start
+    /// writes the record from the store's row and checkpoint, once; a run the log never started
+    /// gets none; the log still verifies and reports.
+    #[test]
+    fn a_run_ended_in_the_store_whose_end_the_log_lacks_gets_its_plan_finished_at_start_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = pki::init_ca("restore", 1).unwrap();
+        let hosts = ["localhost".to_string()];
+        let spec = SignSpec { name: "coordinator", role: Role::Coordinator, days: 1, hosts: &hosts };
+        let cert = pki::issue(&ca.cert_pem, &ca.key_pem, &spec).unwrap();
+        let material = TlsMaterial::from_pem(&ca.cert_pem, &cert.cert_pem, &cert.key_pem).unwrap();
+        let model = "ab".repeat(32);
+        {
+            let mut db = crate::db::open(&StoreConfig::default(), dir.path()).unwrap();
+            for (number, label) in [(1, "crashed"), (2, "never-logged")] {
+                db.insert_run(&row(label, number, RunStatus::Running)).unwrap();
+                let cp = crate::db::Checkpoint {
+                    run_id: run(label),
+                    rounds_completed: 2,
+                    state: b"{}".to_vec(),
+                    saved_ms: 2,
+                };
+                db.save_checkpoint(&cp).unwrap();
+                db.finish_run(&run(label), RunStatus::Succeeded, "all 2 rounds completed", Some(&model), 3).unwrap();
+            }
+            let mut log = AuditLog::open_for(&dir.path().join("audit"), &material).unwrap();
+            let own = log.own_fingerprint().to_string();
+            let submitted = AuditEvent::PlanSubmitted {
+                plan_id: plan("heart").to_string(),
+                run: Some(run("crashed").to_string()),
+                run_number: Some(1),
+                name: "heart".into(),
+                plan_sha256: plan("heart").to_string(),
+                rounds: 2,
+                strategy: "fedavg".into(),
+                privacy: sanctum_protocol::plan::PrivacyMode::None,
+                noise_multiplier: None,
+                target_epsilon: None,
+                delta: None,
+                secure_aggregation: false,
+                initial_model: "cd".repeat(32),
+            };
+            log.append_event(&own, &submitted).unwrap();
+        }
+        assert!(ends(dir.path()).is_empty());
+
+        let got = start_and_wait(dir.path(), &material, 1, Duration::from_secs(10));
+        assert_eq!(got.len(), 1, "{got:?}");
+        let AuditEvent::PlanFinished { run: r, success, reason, rounds_completed, final_model_sha256, .. } = &got[0]
+        else {
+            unreachable!()
+        };
+        assert_eq!(r.as_deref(), Some(run("crashed").as_str()));
+        assert!(*success && reason == "all 2 rounds completed" && *rounds_completed == 2, "{got:?}");
+        assert_eq!(final_model_sha256, &model);
+
+        // The next start finds the end in the log: nothing more.
+        assert_eq!(start_and_wait(dir.path(), &material, 2, Duration::from_secs(1)).len(), 1, "written once");
+
+        let log = dir.path().join("audit").join("audit.jsonl");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+        let check = |der: &[u8]| sanctum_protocol::audit::issued_by(&ca.cert_pem, der);
+        sanctum_protocol::audit::verify_file(&log, Some(&check)).unwrap();
+        let out = dir.path().join("report");
+        std::fs::create_dir_all(&out).unwrap();
+        let written = crate::report::write(&log, &[], Some(&ca_file), &out, false).unwrap();
+        assert!(!written.findings.failed(), "{:?}", written.findings);
+        let md = std::fs::read_to_string(&written.md).unwrap();
+        assert!(md.contains("succeeded: all 2 rounds completed after 2 round(s)"), "{md}");
     }
 }
