@@ -404,14 +404,8 @@ mod tests {
     use super::*;
 
     /// What the CLI prints for an error (`{:#}`): the message, then each cause after ": ".
-    fn chain(e: &dyn std::error::Error) -> String {
-        let mut text = e.to_string();
-        let mut cause = e.source();
-        while let Some(c) = cause {
-            text = format!("{text}: {c}");
-            cause = c.source();
-        }
-        text
+    fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+        sanctum_protocol::errors::Chain(e).to_string()
     }
 
     #[test]

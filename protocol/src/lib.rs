@@ -17,9 +17,11 @@
 //!   reason), and its check.
 //! - [`pki`]: the consortium CA, certificate requests, signing, and identity read from certificates.
 //! - [`tls`]: mutual TLS 1.3 (rustls + ring) for both ends of a tonic channel, and the role guard.
+//! - [`errors`]: an error printed with its causes on one line ([`errors::Chain`]).
 
 pub mod audit;
 pub mod dataset;
+pub mod errors;
 pub mod hash;
 pub mod ids;
 pub mod model;

@@ -5,7 +5,6 @@
 //! their chain of causes read as before; the few that were flattened to their text before
 //! (`{0}` without a source) stay flattened, so a chain printed with [`Chain`] shows no cause twice.
 
-use std::fmt;
 use std::path::PathBuf;
 
 use sanctum_protocol::audit::AuditError;
@@ -142,19 +141,7 @@ pub enum ChargeError {
 
 /// An error and its causes on one line, `outer: cause: cause`: how the daemon logged them before
 /// its errors were typed (and how `main` prints an error it exits with).
-pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
-
-impl fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cause = self.0.source();
-        while let Some(c) = cause {
-            write!(f, ": {c}")?;
-            cause = c.source();
-        }
-        Ok(())
-    }
-}
+pub(crate) use sanctum_protocol::errors::Chain;
 
 #[cfg(test)]
 mod tests {
