@@ -189,8 +189,10 @@ enum Phase {
     Evaluating {
         pending: BTreeSet<NodeName>,
         deadline: Millis,
-        /// Nodes asked that went away before reporting: no longer waited for, but asked again if
-        /// they come back while the evaluation is still waiting for others.
+        /// Nodes asked that went away before reporting: no longer waited for, but their report
+        /// still counts if it comes (a node usually finishes the directive in hand, report
+        /// included, before it sees its stream died), and one that comes back while the
+        /// evaluation is still waiting for others without having reported is asked again.
         #[serde(default)]
         away: BTreeSet<NodeName>,
     },
@@ -527,13 +529,14 @@ impl PlanRun {
 
     /// Whether the final evaluation is waiting for `node`'s report.
     pub fn awaits_evaluation(&self, node: &NodeName) -> bool {
-        matches!(&self.phase, Phase::Evaluating { pending, .. } if pending.contains(node))
+        matches!(&self.phase, Phase::Evaluating { pending, away, .. } if pending.contains(node) || away.contains(node))
     }
 
     /// A node reported its evaluation of the final model.
     pub fn evaluated(&mut self, node: &NodeName, now: Millis) -> Vec<Action> {
-        if let Phase::Evaluating { pending, .. } = &mut self.phase {
+        if let Phase::Evaluating { pending, away, .. } = &mut self.phase {
             pending.remove(node);
+            away.remove(node);
         }
         self.advance(now)
     }
@@ -974,9 +977,9 @@ mod tests {
             run.admit_update(&node(n), 1, t0).unwrap();
         }
         assert_eq!(run.round_aggregated(1, t0), vec![Action::Evaluate(names(&["a", "b", "c"]))]);
-        // `b` goes away before reporting: no longer waited for.
+        // `b` goes away before reporting: no longer waited for, but its report would still count.
         assert!(run.node_disconnected(&node("b"), t0).is_empty());
-        assert!(!run.awaits_evaluation(&node("b")));
+        assert!(run.awaits_evaluation(&node("b")));
         assert!(run.evaluated(&node("a"), t0).is_empty(), "still waiting for c");
         // It comes back while c is still awaited: offered the plan again and asked again.
         let a = run.node_connected(&node("b"), t0 + 10);
@@ -1001,6 +1004,27 @@ mod tests {
         run.node_disconnected(&node("b"), t0);
         let a = run.evaluated(&node("a"), t0);
         assert_eq!(a, vec![Action::Finish { success: true, reason: "completed; no final evaluation from b".into() }]);
+
+        // The likeliest order: the node sends its report, then notices its stream died. The report
+        // counts, and the node is not asked again when it returns.
+        let (mut run, _) = PlanRun::start(cfg(1, 2), names(&["a", "b", "c"]), t0);
+        for n in ["a", "b", "c"] {
+            run.node_connected(&node(n), t0);
+            run.decision(&node(n), true, "", t0);
+        }
+        for n in ["a", "b", "c"] {
+            run.admit_update(&node(n), 1, t0).unwrap();
+        }
+        run.round_aggregated(1, t0);
+        run.node_disconnected(&node("b"), t0);
+        assert!(run.evaluated(&node("b"), t0 + 1).is_empty(), "b's report is taken; c is still awaited");
+        assert!(!run.awaits_evaluation(&node("b")), "counted once");
+        assert_eq!(run.node_connected(&node("b"), t0 + 2), vec![Action::Reoffer(node("b"))], "not asked again");
+        run.evaluated(&node("a"), t0 + 3);
+        assert_eq!(
+            run.evaluated(&node("c"), t0 + 4),
+            vec![Action::Finish { success: true, reason: "completed".into() }]
+        );
     }
 
     #[test]

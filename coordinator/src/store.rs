@@ -153,6 +153,17 @@ impl Store {
         })
     }
 
+    /// Removes `key`'s partial upload, if there is one (an upload that broke a rule before it sent
+    /// data: what it held is not resumed).
+    pub fn discard_partial(&self, key: &PartialKey) -> io::Result<()> {
+        let name = key.file_name();
+        lock(&self.acknowledged).remove(&name);
+        match fs::remove_file(self.partial_dir().join(&name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Removes the partial uploads of `plan_id` other than those of round `keep` (all of them for
     /// `None`): their rounds closed, so no node can resume them. Returns how many went.
     pub fn drop_partials(&self, plan_id: &str, keep: Option<u32>) -> io::Result<usize> {

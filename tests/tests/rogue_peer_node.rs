@@ -360,6 +360,13 @@ async fn two_hundred_uploads_that_stop_four_bytes_short_free_their_spool() {
         assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
         assert!(s.message().contains("ended after 0 of 56 bytes"), "{}", s.message());
     }
+    // Nor do uploads of a header and an empty data chunk: refused before anything is opened.
+    for _ in 0..20 {
+        let msgs = vec![header(&plan_id, &start, &payload, 14, 10), data(&[])];
+        let s = rogue.clone().submit_update(tokio_stream::iter(msgs)).await.expect_err("an empty chunk is refused");
+        assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+        assert!(s.message().contains("data chunk of 0 bytes"), "{}", s.message());
+    }
     assert_eq!(coord.partial_files(), 0, "a header-only upload left a partial file");
     let started = Instant::now();
     let uploads: Vec<_> = (0..200)

@@ -228,6 +228,19 @@ impl FederationApi {
         }
     }
 
+    /// Drops what an upload that broke a rule held: the file it opened, or the partial it would
+    /// have resumed (not resumed after a broken rule).
+    fn discard(&self, opened: Option<(PartialUpload, Hasher)>, key: &PartialKey) {
+        match opened {
+            Some((partial, _)) => partial.discard(),
+            None => {
+                if let Err(e) = self.inner.store.discard_partial(key) {
+                    tracing::warn!("partial upload: {e}");
+                }
+            }
+        }
+    }
+
     /// `UploadStatus`: how much of an upload of the open round this node may resume from.
     pub(super) async fn resume_point(
         &self,
@@ -409,9 +422,7 @@ impl FederationApi {
                 .get(&info.plan_id)
                 .is_some_and(|open| open.same_opening(&info));
             if !still_open {
-                if let Some((partial, _)) = opened.take() {
-                    partial.discard();
-                }
+                self.discard(opened.take(), &key);
                 return Err(reject(Status::failed_precondition(format!(
                     "round {} of plan {} closed while this update was being uploaded; it was dropped and its spool freed",
                     info.round,
@@ -421,26 +432,21 @@ impl FederationApi {
             let data = match msg.part {
                 Some(update_chunk::Part::Data(d)) => d,
                 _ => {
-                    if let Some((partial, _)) = opened.take() {
-                        partial.discard();
-                    }
+                    self.discard(opened.take(), &key);
                     return Err(reject(Status::invalid_argument("an upload carries one header, then only data")));
                 }
             };
-            if data.len() > CHUNK_BYTES || data.len() % 4 != 0 {
-                if let Some((partial, _)) = opened.take() {
-                    partial.discard();
-                }
+            // An empty chunk too: it would open the partial file (and its fsyncs) for nothing.
+            if data.is_empty() || data.len() > CHUNK_BYTES || data.len() % 4 != 0 {
+                self.discard(opened.take(), &key);
                 return Err(reject(Status::invalid_argument(format!(
-                    "data chunk of {} bytes: chunks are whole f32 values and at most {CHUNK_BYTES} bytes",
+                    "data chunk of {} bytes: chunks are whole f32 values, at least 4 and at most {CHUNK_BYTES} bytes",
                     data.len()
                 ))));
             }
             received += data.len() as u64;
             if received > expected {
-                if let Some((partial, _)) = opened.take() {
-                    partial.discard();
-                }
+                self.discard(opened.take(), &key);
                 return Err(reject(Status::invalid_argument(format!(
                     "upload carries more than the {expected} bytes its {words} values need"
                 ))));
