@@ -48,6 +48,10 @@ pub enum Refusal {
     Data(String),
     #[error("local data has {local} features, the plan's model takes {model}")]
     Features { local: usize, model: usize },
+    #[error(
+        "this node takes part in one secure-aggregation plan at a time and is in plan '{other}' now; run this plan once that one has ended"
+    )]
+    SecAggBusy { other: String },
     #[error("plan has no differential privacy (privacy.mode = none); this hospital's policy requires {cap}")]
     NoDp { cap: String },
     #[error(
@@ -134,6 +138,25 @@ pub fn check_features(local: usize, model: usize) -> Result<(), Refusal> {
         return Err(Refusal::Features { local, model });
     }
     Ok(())
+}
+
+/// A secure-aggregation plan while another plan's secure-aggregation run is accepted here: the
+/// node holds one secure-aggregation round at a time (its keys, its masked input, its training),
+/// so two such plans would take turns breaking each other's rounds. `accepted` lists the node's
+/// accepted plans as (plan id, name, uses secure aggregation); the offered plan itself (a
+/// re-offer after a reconnect) does not count.
+pub fn check_one_secure_aggregation<'a>(
+    plan: &Plan,
+    plan_id: &str,
+    accepted: impl IntoIterator<Item = (&'a str, &'a str, bool)>,
+) -> Result<(), Refusal> {
+    if !plan.secure_aggregation {
+        return Ok(());
+    }
+    match accepted.into_iter().find(|(id, _, secagg)| *secagg && *id != plan_id) {
+        Some((_, other, _)) => Err(Refusal::SecAggBusy { other: other.to_string() }),
+        None => Ok(()),
+    }
 }
 
 /// A schema-level rule that refuses a plan's privacy before any data is read. The message names
@@ -588,6 +611,28 @@ mod tests {
                 "heart",
             ));
             assert!(got.starts_with(words), "{already} {planned:?}: {got}");
+        }
+    }
+
+    #[test]
+    fn one_secure_aggregation_plan_at_a_time() {
+        let sa = plan_with("secure_aggregation = true", CLIENT);
+        let plain = plan_with("", EXAMPLE);
+        // (what, offered, its id, accepted here, refused)
+        type Accepted<'a> = Vec<(&'a str, &'a str, bool)>;
+        let cases: [(&str, &Plan, &str, Accepted<'_>, bool); 5] = [
+            ("nothing else accepted", &sa, "p2", vec![], false),
+            ("a plain plan beside it", &sa, "p2", vec![("p1", "plain", false)], false),
+            ("another secure-aggregation plan", &sa, "p2", vec![("p1", "first", true)], true),
+            ("its own re-offer after a reconnect", &sa, "p1", vec![("p1", "first", true)], false),
+            ("a plain plan beside a secure-aggregation one", &plain, "p2", vec![("p1", "first", true)], false),
+        ];
+        for (what, plan, id, accepted, refused) in cases {
+            let r = check_one_secure_aggregation(plan, id, accepted);
+            assert_eq!(r.is_err(), refused, "{what}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("plan 'first'"), "{what}: the reason names the other plan: {e}");
+            }
         }
     }
 }

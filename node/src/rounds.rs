@@ -153,6 +153,33 @@ fn short(hex: &str) -> &str {
     hex.get(..12).unwrap_or(hex)
 }
 
+/// The secure-aggregation round this node holds now: its plan, round and deadline
+/// (`StartRound.deadline_unix_ms`).
+#[derive(Clone, Copy, Debug)]
+pub struct OpenSecAgg<'a> {
+    pub plan_id: &'a str,
+    pub round: u32,
+    pub deadline_unix_ms: u64,
+}
+
+/// Whether a secure-aggregation `StartRound` of `plan_id` must be refused because this node holds
+/// another plan's secure-aggregation round that is not past its deadline: the node has one such
+/// round at a time (its keys, its masked input, its training), and taking the second would break
+/// the first without a word. `Some(reason)` to refuse. A round of the same plan (the next round,
+/// or one the coordinator restarted) replaces it, and a round past its deadline is over at the
+/// coordinator: neither holds the slot.
+pub fn secagg_slot_taken(open: Option<OpenSecAgg<'_>>, plan_id: &str, now_unix_ms: u64) -> Option<String> {
+    let open = open?;
+    if open.plan_id == plan_id || now_unix_ms >= open.deadline_unix_ms {
+        return None;
+    }
+    let short = open.plan_id.get(..12).unwrap_or(open.plan_id);
+    Some(format!(
+        "this node is in plan {short}'s secure-aggregation round {} until its deadline; two plans' secure-aggregation rounds cannot overlap at one node",
+        open.round
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +232,24 @@ mod tests {
         l.record_evaluation("final");
         assert!(l.evaluate(&VIEW, "r1", "another").unwrap_err().to_string().contains("final model"));
         assert!(l.evaluate(&VIEW, "r1", "init").is_ok(), "lineage models stay evaluable once");
+    }
+
+    #[test]
+    fn one_plans_secure_aggregation_round_at_a_time() {
+        let open = Some(OpenSecAgg { plan_id: "aaaaaaaaaaaaaaaa", round: 3, deadline_unix_ms: 1_000 });
+        // (what, held, offered plan, now, refused)
+        let cases = [
+            ("nothing held", None, "bbbb", 500, false),
+            ("another plan's round before its deadline", open, "bbbb", 999, true),
+            ("another plan's round past its deadline", open, "bbbb", 1_000, false),
+            ("the same plan's next round", open, "aaaaaaaaaaaaaaaa", 500, false),
+        ];
+        for (what, held, plan, now, refused) in cases {
+            let r = secagg_slot_taken(held, plan, now);
+            assert_eq!(r.is_some(), refused, "{what}: {r:?}");
+            if let Some(reason) = r {
+                assert!(reason.contains("plan aaaaaaaaaaaa's secure-aggregation round 3"), "{reason}");
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@
 //! secure-aggregation rounds; [`charge`]: pricing and charging releases; [`reports`]:
 //! evaluations and countersigned round records; [`error`]: why a directive was not carried out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -97,6 +97,11 @@ pub struct Node {
     /// Exit once the plan offered to this node is closed (simulations and tests).
     exit_after_plan: bool,
     plans: HashMap<String, Accepted>,
+    /// Plans offered (or offered again) since this session began. An accepted plan the
+    /// coordinator did not offer again after a reconnect may have ended while the node was away,
+    /// so it does not count against a new secure-aggregation plan
+    /// (`admission::check_one_secure_aggregation`).
+    offered_this_session: HashSet<String>,
     /// The last global model fetched, to avoid fetching it twice.
     cached: Option<(ContentHash, Arc<Vec<u8>>)>,
     /// Checks peers' certificates and signatures relayed by the coordinator.
@@ -191,6 +196,7 @@ impl Node {
             releases,
             exit_after_plan,
             plans: HashMap::new(),
+            offered_this_session: HashSet::new(),
             cached: None,
             verifier,
             secagg: None,
@@ -285,6 +291,7 @@ impl Node {
             Err(e) => return SessionEnd::Lost(e.to_string()),
         };
         tracing::info!(coordinator = self.cfg.coordinator, "connected; waiting for plans");
+        self.offered_this_session.clear();
         if let Err(e) = self.audit(AuditEvent::Connected { coordinator: self.cfg.coordinator.clone() }) {
             return SessionEnd::Lost(format!("audit log: {e}"));
         }
@@ -338,6 +345,7 @@ impl Node {
     async fn handle(&mut self, kind: directive::Kind) -> Option<SessionEnd> {
         match kind {
             directive::Kind::OfferPlan(offer) => {
+                self.offered_this_session.insert(offer.plan_id.clone());
                 if let Err(e) = self.audit_approvals() {
                     return Some(SessionEnd::Lost(format!("audit log: {e}")));
                 }

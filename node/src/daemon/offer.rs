@@ -10,7 +10,7 @@ use sanctum_protocol::plan::Plan;
 use sanctum_protocol::privacy::noise::SecureGaussian;
 use sanctum_protocol::proto::{self};
 
-use super::{Accepted, Chain, DaemonError, Node};
+use super::{Accepted, Chain, ChargeError, DaemonError, Node};
 use crate::admission::{self, Refusal};
 use crate::approvals::{self, Approvals};
 use crate::budget::{self, DdgPlan, DpPlan};
@@ -24,6 +24,14 @@ impl Node {
     pub(super) fn consider(&mut self, offer: &proto::OfferPlan) -> Result<Accepted, Refusal> {
         let closed = self.releases.is_closed(&offer.plan_id, &offer.run);
         let plan = admission::parse_offer(&offer.plan_id, &offer.plan_toml, &offer.run, closed)?;
+        // Only plans still offered in this session: one that ended while the node was away is
+        // never offered again and must not hold the node out of new ones.
+        let accepted = self
+            .plans
+            .iter()
+            .filter(|(id, _)| self.offered_this_session.contains(*id))
+            .map(|(id, a)| (id.as_str(), a.plan.name.as_str(), a.plan.secure_aggregation));
+        admission::check_one_secure_aggregation(&plan, &offer.plan_id, accepted)?;
         // A copy (the schema is shared), so that the statistics' charge may borrow the node.
         let dataset = policy::check(&plan, &self.cfg)
             .map_err(|reason| {
@@ -118,8 +126,18 @@ impl Node {
             crate::dp_stats::estimate(&rows, data.features, &features, &stats, &mut SecureGaussian::from_os())
                 .map_err(|e| Refusal::Statistics(e.to_string()))?;
         let cost = budget::statistics_cost(stats.noise_multiplier, releases, delta, spent);
-        self.charge_dataset(&plan.data.schema, &plan.name, plan_id, &key, releases, &cost)
-            .map_err(|e| Refusal::StatisticsCharge(Chain(&e).to_string()))?;
+        self.charge_dataset(&plan.data.schema, &plan.name, plan_id, &key, releases, &cost).map_err(|e| {
+            // A cap or pricing refusal is the plan's, in the words of the policy; a ledger or
+            // audit failure names this hospital's files, which stay in its own log.
+            tracing::error!("the standardisation statistics were not charged: {}", Chain(&e));
+            Refusal::StatisticsCharge(match &e {
+                ChargeError::Budget(b) => b.to_string(),
+                _ => {
+                    "this hospital's privacy ledger could not record the charge; the hospital's node log has the detail"
+                        .to_string()
+                }
+            })
+        })?;
         data::standardize_with(data, &features, &released);
         Ok(())
     }

@@ -20,6 +20,18 @@ impl Node {
         let Some(setup) = start.secure_aggregation.clone() else {
             return Err(SecAggRefusal::NoSetup.into());
         };
+        let held = self.secagg.as_ref().map(|r| crate::rounds::OpenSecAgg {
+            plan_id: &r.start.plan_id,
+            round: r.start.round,
+            deadline_unix_ms: r.start.deadline_unix_ms,
+        });
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if let Some(reason) = crate::rounds::secagg_slot_taken(held, &start.plan_id, now) {
+            self.refuse_directive("StartRound", &start.plan_id, start.round, &reason)?;
+            return Err(DaemonError::Refused { directive: "StartRound", reason });
+        }
         if let Some(accepted) = self.plans.get(&start.plan_id)
             && let Err(reason) = self.still_approved(&accepted.plan)
         {
@@ -92,7 +104,11 @@ impl Node {
         let bytes = self.fetch(&start.plan_id, &start.model_sha256, start.model_bytes).await?;
         let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
         let job = self.training_job(plan, global, data, dp, start.round, script);
-        self.training = Some(tokio::task::spawn_blocking(job));
+        // A round this one replaced (the same plan's, or another's past its deadline) leaves its
+        // training's result unused.
+        if let Some(stale) = self.training.replace(tokio::task::spawn_blocking(job)) {
+            stale.abort();
+        }
         Ok(())
     }
 
