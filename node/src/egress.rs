@@ -2,7 +2,7 @@
 //! policy rule that allowed it, fsync'd before the message leaves.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -51,6 +51,33 @@ impl Rule {
     }
 }
 
+/// Where a last line without its newline starts, and its bytes; `None` when the file is empty
+/// or ends with a newline. Reads back from the end a block at a time (records are short).
+fn torn_tail(file: &mut File) -> std::io::Result<Option<(u64, Vec<u8>)>> {
+    const BLOCK: u64 = 4096;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut tail: Vec<u8> = Vec::new();
+    while end > 0 {
+        let start = end.saturating_sub(BLOCK);
+        let mut block = vec![0; usize::try_from(end - start).unwrap_or(0)];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut block)?;
+        if end == len && block.last() == Some(&b'\n') {
+            return Ok(None);
+        }
+        if let Some(nl) = block.iter().rposition(|b| *b == b'\n') {
+            block.drain(..=nl);
+            block.extend_from_slice(&tail);
+            return Ok(Some((start + nl as u64 + 1, block)));
+        }
+        block.extend_from_slice(&tail);
+        tail = block;
+        end = start;
+    }
+    Ok((!tail.is_empty()).then_some((0, tail)))
+}
+
 /// Append-only, fsync'd JSON Lines file.
 pub struct EgressLog {
     file: File,
@@ -58,11 +85,27 @@ pub struct EgressLog {
 }
 
 impl EgressLog {
-    /// Opens (creating) `dir/egress.jsonl`.
+    /// Opens (creating) `dir/egress.jsonl`. A last line a crash tore during its write (no
+    /// newline) is kept and completed if it is a whole record, and cut off otherwise: its fsync
+    /// never returned, so its message never left, and the next record must start a line of its own.
     pub fn open(dir: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("egress.jsonl");
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut file = OpenOptions::new().create(true).read(true).append(true).open(&path)?;
+        if let Some((at, tail)) = torn_tail(&mut file)? {
+            if serde_json::from_slice::<serde_json::Value>(&tail).is_ok_and(|v| v.is_object()) {
+                file.write_all(b"\n")?;
+                tracing::warn!(egress = %path.display(), "egress log: the last record lacked its newline; kept it and wrote the newline");
+            } else {
+                file.set_len(at)?;
+                tracing::warn!(
+                    egress = %path.display(),
+                    bytes = tail.len(),
+                    "egress log: cut a torn last line (a crash during its write: its message never left)"
+                );
+            }
+            file.sync_data()?;
+        }
         Ok(Self { file, path })
     }
 
@@ -123,5 +166,43 @@ impl EgressLog {
         text.push('\n');
         self.file.write_all(text.as_bytes())?;
         self.file.sync_data()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(dir: &Path) -> Vec<String> {
+        std::fs::read_to_string(dir.join("egress.jsonl")).unwrap().lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn a_line_torn_by_a_crash_is_cut_or_completed_before_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = EgressLog::open(dir.path()).unwrap();
+        log.record("Subscribe", "", None, 10, Rule::Subscribe).unwrap();
+        drop(log);
+        let file = dir.path().join("egress.jsonl");
+        let whole = std::fs::read_to_string(&file).unwrap();
+        // A torn record: half a line after the whole one.
+        std::fs::write(&file, format!("{whole}{}", &whole[..whole.len() / 2])).unwrap();
+        let mut log = EgressLog::open(dir.path()).unwrap();
+        log.record("Subscribe", "", None, 11, Rule::Subscribe).unwrap();
+        let l = lines(dir.path());
+        assert_eq!(l.len(), 2, "{l:?}");
+        assert!(l.iter().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "{l:?}");
+        // A whole record without its newline is kept and completed.
+        let text = std::fs::read_to_string(&file).unwrap();
+        std::fs::write(&file, text.trim_end_matches('\n')).unwrap();
+        let mut log = EgressLog::open(dir.path()).unwrap();
+        log.record("Subscribe", "", None, 12, Rule::Subscribe).unwrap();
+        let l = lines(dir.path());
+        assert_eq!(l.len(), 3, "{l:?}");
+        assert!(l.iter().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()), "{l:?}");
+        // A torn first line longer than a block, with nothing before it, goes entirely.
+        std::fs::write(&file, "x".repeat(10_000)).unwrap();
+        drop(EgressLog::open(dir.path()).unwrap());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "");
     }
 }
