@@ -103,6 +103,7 @@ impl Inner {
             last_seen_ms: now,
         };
         if let Err(e) = self.db.call(move |s| s.upsert_node(&row)) {
+            lock(&self.node_rows).forget(node);
             tracing::error!("store: {e}; the node is remembered until the next restart only");
         }
     }

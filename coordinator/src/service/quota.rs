@@ -139,6 +139,11 @@ impl NodeRowWrites {
         }
         due
     }
+
+    /// `node`'s row could not be written after all: its next connection writes it.
+    pub(super) fn forget(&mut self, node: &str) {
+        self.written.remove(node);
+    }
 }
 
 #[cfg(test)]
@@ -202,6 +207,9 @@ mod tests {
         assert!(flips <= 10, "1000 alternations over 10 s wrote {flips} rows");
         assert!(w.due("a", "0.2", "cuda:0", t0 + Duration::from_secs(30)), "a new device after a quiet second");
         assert!(w.due("a", "0.2", "cuda:0", t0 + Duration::from_secs(90)), "the last-seen time once a minute");
+        // A write that failed is not counted: the next connection writes the row.
+        w.forget("a");
+        assert!(w.due("a", "0.2", "cuda:0", t0 + Duration::from_secs(91)));
     }
 
     #[test]
