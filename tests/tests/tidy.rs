@@ -432,9 +432,9 @@ fn test_regions(text: &str) -> (Vec<bool>, Vec<String>) {
                     modules.push(name);
                 }
             } else {
-                end = (j + 1..lines.len())
-                    .find(|&k| matches!(lines[k].trim_end(), "}" | "};"))
-                    .unwrap_or(lines.len() - 1);
+                // The item's closing brace is the first at column 0 (rustfmt's layout), with or
+                // without a comment after it: `} // tests` must not hide the code that follows.
+                end = (j + 1..lines.len()).find(|&k| lines[k].starts_with('}')).unwrap_or(lines.len() - 1);
             }
         }
         for t in &mut test[i..=end] {
@@ -968,6 +968,9 @@ fn each_checker_catches_its_violation() {
                fn b() { let not_anyhow = 1; } // anyhow\n\
                #[cfg(test)]\nmod tests {\n    fn t() -> anyhow::Result<()> { Ok(()) }\n}\n";
     assert_eq!(anyhow_lines(src), vec![1, 2]);
+    // A test module closed with a comment after its brace hides nothing after it.
+    let src = "#[cfg(test)]\nmod tests {\n    use anyhow::Result;\n} // tests\nuse anyhow::Context;\n";
+    assert_eq!(anyhow_lines(src), vec![5]);
     assert!(is_binary_or_cli("coordinator/src/plan_cli.rs") && is_binary_or_cli("node/src/cli_data.rs"));
     assert!(!is_binary_or_cli("coordinator/src/client.rs"), "a name that merely holds `cli` is library code");
 }
