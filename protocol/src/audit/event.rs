@@ -151,6 +151,11 @@ pub enum AuditEvent {
     /// The closed round as the nodes that reported countersign it (its exact line is sent).
     RoundRecord {
         plan_id: String,
+        /// The run whose round it records (a plan's runs record the same round numbers); absent
+        /// in records of coordinators before it was written, which readers match by plan and
+        /// round as they did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run: Option<String>,
         round: u64,
         model_sha256: String,
         updates: Vec<RoundUpdate>,

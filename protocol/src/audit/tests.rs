@@ -489,6 +489,50 @@ fn kinds_no_test_log_holds_give_the_parameters_their_writers_built() {
     assert_eq!(kinds, known, "every known kind has a golden line or parameters, and nothing else does");
 }
 
+/// A `round_record` names its run since runs of one plan record the same round numbers: the
+/// golden line (written before, no `run`) reads as `run: None` and writes back byte for byte; the
+/// same line with a run (in its sorted place, as the writer puts it) reads as that run and writes
+/// back byte for byte, and a record built with a run writes it.
+#[test]
+fn a_round_record_reads_and_writes_back_with_and_without_its_run() {
+    let text = std::fs::read_to_string(testdata("events.jsonl")).unwrap();
+    let old = text.lines().find(|l| l.contains(r#""event":"round_record""#)).unwrap();
+    let r: Record = serde_json::from_str(old).unwrap();
+    assert!(matches!(r.typed().unwrap(), AuditEvent::RoundRecord { run: None, .. }), "an old record names no run");
+    assert_round_trip(&r, old);
+
+    let run = "0123456789abcdef0123456789abcdef";
+    // `run` sorts after `round` and before `updates`.
+    let with = old.replacen(r#","updates":"#, &format!(r#","run":"{run}","updates":"#), 1);
+    assert_ne!(with, old);
+    let r: Record = serde_json::from_str(&with).unwrap();
+    assert_eq!(r.line(), with, "the line with a run is canonical");
+    match r.typed().unwrap() {
+        AuditEvent::RoundRecord { run: Some(named), round: 1, .. } => assert_eq!(named, run),
+        other => panic!("{other:?}"),
+    }
+    assert_round_trip(&r, &with);
+
+    let event = AuditEvent::RoundRecord {
+        plan_id: "p".into(),
+        run: Some(run.into()),
+        round: 2,
+        model_sha256: "m".into(),
+        updates: vec![RoundUpdate { node: "va".into(), payload_sha256: "h".into(), bytes: 56 }],
+        reported: vec!["va".into()],
+        dropped: vec![],
+    };
+    let (name, params) = event.to_parts().unwrap();
+    assert_eq!(params.get("run"), Some(&Value::from(run)));
+    assert_eq!(AuditEvent::from_parts(1, &name, &params).unwrap(), event);
+    let mut unnamed = event;
+    if let AuditEvent::RoundRecord { run, .. } = &mut unnamed {
+        *run = None;
+    }
+    let (_, without) = unnamed.to_parts().unwrap();
+    assert!(!without.contains_key("run"), "no run, no parameter: {without:?}");
+}
+
 /// serde_json writes a non-finite f64 as null; the record reads back and writes the same.
 #[test]
 fn a_non_finite_number_writes_null_and_reads_back_to_the_same_line() {
