@@ -133,7 +133,9 @@ fn short(hex: &str) -> String {
 impl Awaiting {
     /// Registers the exact line of run `run`'s record of `round` for countersigning. It returns
     /// the hash of the record it replaced (the same run's record of the round, written again), if
-    /// any; the records of other runs stay, up to [`RUNS_AWAITED`] per round.
+    /// any; the records of other runs stay, up to [`RUNS_AWAITED`] per round. A record that names
+    /// its run is that run's, whatever `run` says (the line is what the nodes sign); one naming
+    /// none (an earlier coordinator's) is `run`'s.
     pub fn insert(
         &mut self,
         plan_id: &str,
@@ -144,16 +146,17 @@ impl Awaiting {
     ) -> Option<ContentHash> {
         // Only the nodes the record lists as reported countersign it; a line that is not a round
         // record (never one this coordinator wrote) has no recipients, so nobody can.
-        let recipients: HashSet<String> = match serde_json::from_str::<Record>(&line).ok().and_then(|r| r.typed().ok())
-        {
-            Some(AuditEvent::RoundRecord { reported, .. }) => reported.into_iter().collect(),
-            _ => HashSet::new(),
-        };
+        let (recipients, named): (HashSet<String>, Option<String>) =
+            match serde_json::from_str::<Record>(&line).ok().and_then(|r| r.typed().ok()) {
+                Some(AuditEvent::RoundRecord { reported, run, .. }) => (reported.into_iter().collect(), run),
+                _ => (HashSet::new(), None),
+            };
+        let run = named.unwrap_or_else(|| run.to_string());
         let delivered = if sent == Delivered::All { recipients.clone() } else { HashSet::new() };
         let hash = ContentHash::of(line.as_bytes());
-        let pending = Pending { run: run.to_string(), line, hash, recipients, signed: HashSet::new(), delivered };
+        let pending = Pending { run, line, hash, recipients, signed: HashSet::new(), delivered };
         let runs = self.records.entry((plan_id.to_string(), round)).or_default();
-        let replaced = runs.iter().position(|p| p.run == run).map(|i| runs.remove(i).hash);
+        let replaced = runs.iter().position(|p| p.run == pending.run).map(|i| runs.remove(i).hash);
         runs.push(pending);
         if runs.len() > RUNS_AWAITED {
             runs.remove(0);
@@ -436,8 +439,15 @@ mod tests {
     }
 
     fn round_record(reported: &[&str]) -> String {
+        round_record_of(None, reported)
+    }
+
+    /// A round record of plan "p" round 1 naming run `run` (`None`: as earlier coordinators
+    /// wrote it).
+    fn round_record_of(run: Option<&str>, reported: &[&str]) -> String {
         let event = AuditEvent::RoundRecord {
             plan_id: "p".into(),
+            run: run.map(str::to_string),
             round: 1,
             model_sha256: "cd".repeat(32),
             updates: vec![],
@@ -620,6 +630,28 @@ mod tests {
         let sent = round_record(&["cleveland"]).replace("\"seq\":5", "\"seq\":7");
         awaiting.insert("p", "run1", 2, sent, Delivered::All);
         assert!(awaiting.undelivered_to("cleveland").is_empty());
+    }
+
+    /// A record that names its run is awaited as that run's (a receipt for it is charged to it,
+    /// and writing that run's record again replaces it); one naming none is the caller's run's.
+    #[test]
+    fn a_record_that_names_its_run_is_awaited_as_that_runs() {
+        let (_, ms) = consortium();
+        let cle = &ms[0];
+        let mut awaiting = Awaiting::default();
+        let named = round_record_of(Some("run2"), &["cleveland"]);
+        assert!(named.contains(r#""run":"run2""#), "{named}");
+        // Registered under another run by mistake: the line's run is the one it is of.
+        assert_eq!(awaiting.insert("p", "run1", 1, named.clone(), Delivered::All), None);
+        let (hash, sig) = signed(cle, &named, true, "");
+        assert_eq!(awaiting.accept(signer(cle), cs(&hash, &sig, true, "")).map(|a| a.run), Ok("run2".into()));
+        // Run 2's record written again replaces it; an unnamed record registered for run 1 does not.
+        let again = named.replace("\"seq\":5", "\"seq\":8");
+        assert_eq!(awaiting.insert("p", "run2", 1, again, Delivered::All), Some(ContentHash::of(named.as_bytes())));
+        let unnamed = round_record(&["cleveland"]);
+        assert_eq!(awaiting.insert("p", "run1", 1, unnamed.clone(), Delivered::All), None);
+        let (hash, sig) = signed(cle, &unnamed, true, "");
+        assert_eq!(awaiting.accept(signer(cle), cs(&hash, &sig, true, "")).map(|a| a.run), Ok("run1".into()));
     }
 
     fn receipt_record(a: &Accepted, actor: &str) -> Record {

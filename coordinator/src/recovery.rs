@@ -24,9 +24,15 @@ use sanctum_protocol::hash::ContentHash;
 use crate::db::{RunRow, RunStatus};
 
 /// The `round_record` a checkpoint keeps (as its parameters: the store's format), typed again to
-/// be appended. An error names record 0: the parameters come from the store, not from a log.
-pub fn round_record(params: &Params) -> Result<AuditEvent, EventError> {
-    AuditEvent::from_parts(0, "round_record", params)
+/// be appended, naming run `run_id`: a checkpoint an earlier coordinator wrote kept a record
+/// without its run, and the record written now is one the nodes judge by its run. An error names
+/// record 0: the parameters come from the store, not from a log.
+pub fn round_record(params: &Params, run_id: &str) -> Result<AuditEvent, EventError> {
+    let mut event = AuditEvent::from_parts(0, "round_record", params)?;
+    if let AuditEvent::RoundRecord { run: run @ None, .. } = &mut event {
+        *run = Some(run_id.to_string());
+    }
+    Ok(event)
 }
 
 /// One record of the log a restart reads, with its typed event.
@@ -79,22 +85,40 @@ fn starts(event: &AuditEvent, run_id: &str) -> bool {
     matches!(event, AuditEvent::PlanSubmitted { run: Some(run), .. } if run == run_id)
 }
 
-/// The records of round `round` of run `run_id` (plan `plan_id`) missing from `log`. Only
-/// records after the run's `plan_submitted` count: the same plan's earlier runs have rounds of the
-/// same numbers (`aggregate_released` and `round_record` name the plan and round, not the run).
-pub fn missing(log: &[Entry<'_>], plan_id: &str, run_id: &str, round: u32) -> Missing {
+/// Whether a record of plan `p`, run `r` (`None`: a record that names no run) and round `n` is
+/// one of run `run_id`'s round `round`: a record naming a run is of that run alone; one naming
+/// none (written by an earlier coordinator) is matched by plan and round, as it always was.
+fn of_run(p: &str, r: Option<&String>, n: u64, plan_id: &str, run_id: &str, round: u64) -> bool {
+    p == plan_id && n == round && r.is_none_or(|r| r == run_id)
+}
+
+/// The log from run `run_id`'s `plan_submitted` on (the whole log if it holds none): the same
+/// plan's earlier runs have rounds of the same numbers, and `aggregate_released` names no run.
+fn since_start<'l, 'a>(log: &'l [Entry<'a>], run_id: &str) -> &'l [Entry<'a>] {
     let start = log.iter().position(|e| starts(&e.event, run_id)).unwrap_or(0);
+    &log[start..]
+}
+
+/// The records of round `round` of run `run_id` (plan `plan_id`) missing from `log`. Only
+/// records after the run's `plan_submitted` count, and of those a `round_closed` or
+/// `round_record` that names another run does not (`aggregate_released` names the plan and round,
+/// not the run; older `round_closed` and `round_record` records name no run either).
+pub fn missing(log: &[Entry<'_>], plan_id: &str, run_id: &str, round: u32) -> Missing {
     let round = u64::from(round);
     let mut out = Missing { round_closed: true, aggregate_released: true, round_record: true };
-    for e in &log[start..] {
+    for e in since_start(log, run_id) {
         match &e.event {
-            AuditEvent::RoundClosed { plan_id: p, round: r, .. } if p == plan_id && *r == round => {
+            AuditEvent::RoundClosed { plan_id: p, run: r, round: n, .. }
+                if of_run(p, r.as_ref(), *n, plan_id, run_id, round) =>
+            {
                 out.round_closed = false;
             }
-            AuditEvent::AggregateReleased { plan_id: p, round: r, .. } if p == plan_id && *r == round => {
+            AuditEvent::AggregateReleased { plan_id: p, round: n, .. } if p == plan_id && *n == round => {
                 out.aggregate_released = false;
             }
-            AuditEvent::RoundRecord { plan_id: p, round: r, .. } if p == plan_id && *r == round => {
+            AuditEvent::RoundRecord { plan_id: p, run: r, round: n, .. }
+                if of_run(p, r.as_ref(), *n, plan_id, run_id, round) =>
+            {
                 out.round_record = false;
             }
             _ => {}
@@ -103,14 +127,15 @@ pub fn missing(log: &[Entry<'_>], plan_id: &str, run_id: &str, round: u32) -> Mi
     out
 }
 
-/// The exact line of the last `round_record` of plan `plan_id`'s round `round` the log holds:
-/// what the nodes were sent and countersign.
-pub fn round_record_line(log: &[Entry<'_>], plan_id: &str, round: u32) -> Option<String> {
-    log.iter()
+/// The exact line of the last `round_record` of run `run_id`'s (plan `plan_id`) round `round`
+/// the log holds, as [`missing`] finds it: what the nodes were sent and countersign.
+pub fn round_record_line(log: &[Entry<'_>], plan_id: &str, run_id: &str, round: u32) -> Option<String> {
+    since_start(log, run_id)
+        .iter()
         .rev()
         .find(|e| {
-            matches!(&e.event, AuditEvent::RoundRecord { plan_id: p, round: r, .. }
-                if p == plan_id && *r == u64::from(round))
+            matches!(&e.event, AuditEvent::RoundRecord { plan_id: p, run: r, round: n, .. }
+                if of_run(p, r.as_ref(), *n, plan_id, run_id, u64::from(round)))
         })
         .map(|e| e.record.line())
 }
@@ -240,12 +265,19 @@ mod tests {
     }
 
     fn round(n: u64) -> [Record; 3] {
+        round_of(Some("r2"), n)
+    }
+
+    /// Round `n`'s three records of plan `p`, naming run `run` (`None`: as an earlier coordinator
+    /// wrote them, naming no run).
+    fn round_of(run: Option<&str>, n: u64) -> [Record; 3] {
         let p = || "p".to_string();
         let names = || vec!["cleveland".to_string()];
+        let run = run.map(str::to_string);
         [
             rec(AuditEvent::RoundClosed {
                 plan_id: p(),
-                run: Some("r2".into()),
+                run: run.clone(),
                 round: n,
                 reported: names(),
                 dropped: vec![],
@@ -253,6 +285,7 @@ mod tests {
             rec(AuditEvent::AggregateReleased { plan_id: p(), round: n, model_sha256: "m".into(), contributors: 1 }),
             rec(AuditEvent::RoundRecord {
                 plan_id: p(),
+                run,
                 round: n,
                 model_sha256: "m".into(),
                 updates: vec![],
@@ -285,7 +318,7 @@ mod tests {
         assert!(missing(&entries(&log), "p", "r2", 4).round_record);
         assert!(missing(&entries(&log), "q", "r2", 3).round_closed);
         // The record's line is the last one the log holds; the receipts are those naming its hash.
-        let line = round_record_line(&entries(&log), "p", 3).unwrap();
+        let line = round_record_line(&entries(&log), "p", "r2", 3).unwrap();
         assert_eq!(line, log[log.len() - 1].line());
         let hash = ContentHash::of(line.as_bytes());
         let receipt = |node: &str, of: &ContentHash| {
@@ -315,7 +348,58 @@ mod tests {
         record.params.remove("updates");
         log.push(record);
         assert!(missing(&entries(&log), "p", "r2", 3).round_record);
-        assert_eq!(round_record_line(&entries(&log), "p", 3), None);
+        assert_eq!(round_record_line(&entries(&log), "p", "r2", 3), None);
+    }
+
+    /// A round record names its run: run r1's record of round 3 does not stand for run r2's,
+    /// wherever it lies in the log (after r2's start: a later recovery of r1; or r2's start
+    /// missing from the log), while a record naming no run (an earlier coordinator's) still
+    /// counts by plan and round after the run's start, as before. Before records named their
+    /// run, r1's record hid r2's missing one, and its line was taken for r2's.
+    #[test]
+    fn another_runs_record_of_the_same_round_does_not_hide_a_missing_one() {
+        let [_, _, r1_record] = round_of(Some("r1"), 3);
+        let [r2_closed, r2_released, r2_record] = round(3);
+        let only_record = Missing { round_record: true, ..Missing::default() };
+        // r1's record after r2's start; r2's round 3 was committed and its record lost.
+        let mut log = vec![submitted("p", "r1"), submitted("p", "r2"), r1_record.clone(), r2_closed, r2_released];
+        assert_eq!(missing(&entries(&log), "p", "r2", 3), only_record, "r1's record is not r2's");
+        assert_eq!(round_record_line(&entries(&log), "p", "r2", 3), None);
+        assert!(!missing(&entries(&log), "p", "r1", 3).round_record, "it is r1's");
+        log.push(r2_record.clone());
+        assert!(!missing(&entries(&log), "p", "r2", 3).any());
+        assert_eq!(round_record_line(&entries(&log), "p", "r2", 3), Some(r2_record.line()));
+        // r1's record written after r2's: r2's line is still the one found for r2.
+        log.push(r1_record.clone());
+        assert_eq!(round_record_line(&entries(&log), "p", "r2", 3), Some(r2_record.line()));
+        assert_eq!(round_record_line(&entries(&log), "p", "r1", 3), Some(r1_record.line()));
+        // A log without r2's start is read whole: r1's named records still do not count for r2.
+        let [r1_closed, r1_released, _] = round_of(Some("r1"), 3);
+        let headless = vec![r1_closed, r1_released, r1_record];
+        let m = missing(&entries(&headless), "p", "r2", 3);
+        assert!(m.round_closed && m.round_record && !m.aggregate_released, "{m:?}");
+        // Records naming no run count for the run whose start they follow, as they always did.
+        let [old_closed, old_released, old_record] = round_of(None, 3);
+        let old = vec![submitted("p", "r1"), submitted("p", "r2"), old_closed, old_released, old_record.clone()];
+        assert!(!missing(&entries(&old), "p", "r2", 3).any());
+        assert_eq!(round_record_line(&entries(&old), "p", "r2", 3), Some(old_record.line()));
+    }
+
+    /// The record a restart writes from the checkpoint names the run, whether the checkpoint
+    /// (written by an earlier coordinator) kept it or not.
+    #[test]
+    fn the_record_written_at_restart_names_its_run() {
+        for kept in [None, Some("r2")] {
+            let [_, _, record] = round_of(kept, 3);
+            let written = round_record(&record.params, "r2").unwrap();
+            assert!(
+                matches!(&written, AuditEvent::RoundRecord { run: Some(r), round: 3, .. } if r == "r2"),
+                "{kept:?}: {written:?}"
+            );
+        }
+        let mut broken = round(3)[2].params.clone();
+        broken.remove("updates");
+        assert!(round_record(&broken, "r2").is_err());
     }
 
     fn row(label: &str, status: RunStatus, reason: &str, model: Option<&str>) -> RunRow {

@@ -89,13 +89,21 @@ fn a_huge_round_number_costs_one_entry() {
 }
 
 /// Each node a round record was sent to owes a receipt for that record: one the log holds
-/// (even a failed one, shown as FAILED) is not missing; one for another record is.
+/// (even a failed one, shown as FAILED) is not missing; one for another record is. The same
+/// whether the record names its run or, as earlier coordinators wrote it, not.
 #[test]
 fn a_receipt_a_round_record_asked_for_and_no_log_holds_is_missing() {
+    for run in [None, Some("r".to_string())] {
+        receipts_owed(run);
+    }
+}
+
+fn receipts_owed(run: Option<String>) {
     let rr = record(
         2,
         AuditEvent::RoundRecord {
             plan_id: "p".into(),
+            run: run.clone(),
             round: 1,
             model_sha256: "m".into(),
             updates: vec![],
@@ -123,7 +131,7 @@ fn a_receipt_a_round_record_asked_for_and_no_log_holds_is_missing() {
     let mut plans = plans(&coord, None);
     cross_check(&mut plans, &[]);
     find_missing(&mut plans);
-    assert_eq!(plans[0].missing, vec![(1, "b".to_string()), (1, "c".to_string())]);
+    assert_eq!(plans[0].missing, vec![(1, "b".to_string()), (1, "c".to_string())], "{run:?}");
     assert!(plans[0].countersignatures.iter().all(|c| !c.coordinator.as_ref().unwrap().stands()));
 }
 

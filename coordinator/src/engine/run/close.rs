@@ -70,8 +70,11 @@ impl RunEngine {
         // The round is durable (with the state after it) before anyone is told it closed. The
         // plan state machine is asked first, so the checkpoint holds the completed round.
         let next = self.run.round_aggregated(round, self.logical(now));
+        // The record names its run: the plan's other runs record the same round numbers, and a
+        // node judges the record against its release in this run alone.
         let record = AuditEvent::RoundRecord {
             plan_id: self.plan_id.to_string(),
+            run: Some(self.run_id.to_string()),
             round: u64::from(round),
             model_sha256: self.model.to_hex(),
             updates: self.round_updates.clone(),
