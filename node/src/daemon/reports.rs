@@ -12,24 +12,30 @@ use crate::receipt::{Knowledge, Sent, Verdict};
 use crate::release::{ReleaseError, ReleaseStore, RoundUpload};
 use crate::train;
 
-/// Judges a round record against what the store says this node sent in that round, in every run
-/// of the plan it holds (the record names no run) and in `accepted_run` (the plan's accepted run,
-/// found even where an earlier node wrote its directory).
+/// Judges a round record against what the store says this node sent in that round. A record
+/// that names its run (read from the record's line, which the node signs, never from the
+/// message's fields) is judged against that run alone, found even where an earlier node wrote
+/// its directory; one that names none (an earlier coordinator's) against every run of the plan
+/// the store holds and `accepted_run` (the plan's accepted run, found likewise).
 pub(super) fn judge_receipt(
     releases: &ReleaseStore,
     receipt: &proto::RoundReceipt,
     me: &str,
     accepted_run: Option<&str>,
 ) -> Result<Verdict, ReleaseError> {
-    let found = releases.round_uploads(&receipt.plan_id, receipt.round, accepted_run)?;
-    let runs: Vec<Knowledge<'_>> = found
+    let named = crate::receipt::record_run(&receipt.record);
+    let found = releases.round_uploads(&receipt.plan_id, receipt.round, named.as_deref().or(accepted_run))?;
+    let runs: Vec<(&str, Knowledge<'_>)> = found
         .iter()
-        .map(|(_, upload)| match upload {
-            RoundUpload::Known(u) => {
-                let sent = Sent { payload_sha256: &u.payload_sha256, bytes: u.bytes };
-                if u.answered { Knowledge::Sent(sent) } else { Knowledge::Leaving(sent) }
-            }
-            RoundUpload::NotKnown => Knowledge::NotKnown,
+        .map(|(run, upload)| {
+            let known = match upload {
+                RoundUpload::Known(u) => {
+                    let sent = Sent { payload_sha256: &u.payload_sha256, bytes: u.bytes };
+                    if u.answered { Knowledge::Sent(sent) } else { Knowledge::Leaving(sent) }
+                }
+                RoundUpload::NotKnown => Knowledge::NotKnown,
+            };
+            (run.as_str(), known)
         })
         .collect();
     Ok(crate::receipt::judge_runs(&receipt.record, &receipt.plan_id, receipt.round, me, &runs))
@@ -152,11 +158,19 @@ mod tests {
     const ME: &str = "cleveland";
 
     fn receipt(round: u32, updates: Value) -> proto::RoundReceipt {
-        let params = BTreeMap::from([
+        receipt_of(None, round, updates)
+    }
+
+    /// A receipt whose record names run `run` (`None`: none, as earlier coordinators wrote it).
+    fn receipt_of(run: Option<&str>, round: u32, updates: Value) -> proto::RoundReceipt {
+        let mut params = BTreeMap::from([
             ("plan_id".to_string(), json!("p")),
             ("round".to_string(), json!(round)),
             ("updates".to_string(), updates),
         ]);
+        if let Some(run) = run {
+            params.insert("run".to_string(), json!(run));
+        }
         let record = Record {
             seq: 9,
             time: "t".into(),
@@ -258,6 +272,61 @@ mod tests {
         }
     }
 
+    /// Run 1's round 2 update was left unconfirmed by a crash; run 2's was answered. A record
+    /// naming run 2 is judged against run 2's release alone, after a restart too; one naming no
+    /// run as before (any run that fits: leaving run 2's update out still fits run 1, the gap
+    /// that naming the run closes).
+    #[test]
+    fn a_record_that_names_its_run_is_judged_against_that_runs_release_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (run1, run2) = (vec![1u8; 40], vec![2u8; 48]);
+        {
+            let store = ReleaseStore::open(dir.path()).unwrap();
+            store.put("p", "run-1", 2, &Released::Update { header: vec![1], payload: run1.clone() }).unwrap();
+            let leaving =
+                Upload { round: 2, payload_sha256: ContentHash::of(&run1).to_hex(), bytes: 40, answered: false };
+            store.note_upload("p", "run-1", &leaving).unwrap();
+            store.close("p", "run-1").unwrap();
+            send_plain(&store, "run-2", 2, &run2);
+        }
+        let store = ReleaseStore::open(dir.path()).unwrap();
+        for accepted in [None, Some("run-1"), Some("run-2")] {
+            let of2 = |updates: Value| receipt_of(Some("run-2"), 2, updates);
+            // (what, receipt, agrees, a phrase of the reason)
+            let cases = [
+                ("run 2's record, run 2's update", of2(json!([listed(&run2), theirs()])), true, ""),
+                ("run 2's record, run 1's update", of2(json!([listed(&run1)])), false, "this node sent 48 bytes"),
+                ("run 2's record, left out", of2(json!([theirs()])), false, "the record lists []"),
+                ("run 1's record, left out", receipt_of(Some("run-1"), 2, json!([theirs()])), true, ""),
+                (
+                    "run 1's record, run 2's update",
+                    receipt_of(Some("run-1"), 2, json!([listed(&run2)])),
+                    false,
+                    "may not have arrived",
+                ),
+                (
+                    "a run never taken part in",
+                    receipt_of(Some("run-9"), 2, json!([listed(&run2)])),
+                    false,
+                    "never sent",
+                ),
+                ("no run named, left out", receipt(2, json!([theirs()])), true, ""),
+                ("no run named, run 2's update", receipt(2, json!([listed(&run2)])), true, ""),
+            ];
+            for (what, r, agrees, phrase) in cases {
+                let v = verdict(&store, &r, accepted);
+                assert_eq!(v.agrees, agrees, "{what}, accepted {accepted:?}: {}", v.reason);
+                assert!(v.reason.contains(phrase), "{what}, accepted {accepted:?}: {}", v.reason);
+            }
+        }
+        // The run is the record's, not the message's: a receipt whose fields say another plan
+        // round is still judged by its line (and is not this round's record).
+        let mut r = receipt_of(Some("run-2"), 2, json!([listed(&run2)]));
+        r.round = 3;
+        let v = verdict(&store, &r, None);
+        assert!(!v.agrees && v.reason.contains("not this round's"), "{}", v.reason);
+    }
+
     #[test]
     fn a_masked_input_that_may_not_have_arrived_is_listed_exactly_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
@@ -294,5 +363,8 @@ mod tests {
         // Without the accepted run the directory is not found: judged as before (nothing sent).
         let v = verdict(&store, &r, None);
         assert!(!v.agrees && v.reason.contains("never sent"), "{}", v.reason);
+        // A record that names the run finds the directory without it.
+        let v = verdict(&store, &receipt_of(Some("run-1"), 1, json!([listed(&[1u8; 40])])), None);
+        assert!(!v.agrees && v.reason.contains("cannot confirm the record"), "{}", v.reason);
     }
 }
