@@ -194,6 +194,8 @@ fn a_late_node_is_dropped_at_the_deadline_in_logical_time_and_the_round_goes_on(
     };
     let params = record.to_parts().unwrap().1;
     assert_eq!(params["dropped"], serde_json::json!(["c"]));
+    // The record names its run (the plan's other runs record the same round numbers).
+    assert_eq!(params["run"], serde_json::json!(ids::run("r1").to_string()));
     // The late node takes part in the next round.
     let s2 = start_round_of(&fx).unwrap();
     assert_eq!(s2.round, 2);

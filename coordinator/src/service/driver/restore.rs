@@ -255,7 +255,7 @@ impl Driver {
             );
         }
         let line = if missing.round_record {
-            let appended = recovery::round_record(&last.record)
+            let appended = recovery::round_record(&last.record, run_id)
                 .map_err(|e| e.to_string())
                 .and_then(|record| lock(&self.inner.audit).append_event_line(&own, &record).map_err(|e| e.to_string()));
             match appended {
@@ -266,7 +266,7 @@ impl Driver {
                 }
             }
         } else {
-            recovery::round_record_line(log, plan_id, last.round)
+            recovery::round_record_line(log, plan_id, run_id, last.round)
         };
         // The nodes that reported may still countersign the record after the restart: a record
         // written only now reached nobody, so each recipient is sent it as it connects; those
