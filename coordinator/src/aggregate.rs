@@ -7,9 +7,9 @@
 //!
 //! Two bounds hold whatever a node sends: an update's weight under sample weighting is at most
 //! the plan's `max_samples` ([`sample_weight`]), and a server step that would leave a non-finite
-//! global model is refused and changes nothing ([`ServerState::step`]).
+//! global model is refused and changes nothing ([`crate::strategy::ServerState::step`]).
 
-use sanctum_protocol::plan::{AdaptiveClipping, ServerOptimizer, Strategy};
+use sanctum_protocol::plan::AdaptiveClipping;
 
 /// Why an update cannot be folded in.
 #[derive(Debug, PartialEq, thiserror::Error)]
@@ -205,102 +205,11 @@ impl ClientDp {
     }
 }
 
-/// The server-side optimizer state that lives across rounds.
-#[derive(Debug)]
-pub struct ServerState {
-    strategy: Strategy,
-    /// First moment of the pseudo-gradient (adaptive strategies only).
-    m: Vec<f64>,
-    /// Second moment, started at τ² as in Reddi et al.
-    v: Vec<f64>,
-}
-
-impl ServerState {
-    /// The moments as bytes (m then v, little-endian f64), for a checkpoint; empty for FedAvg.
-    pub fn moments_bytes(&self) -> Vec<u8> {
-        self.m.iter().chain(&self.v).flat_map(|x| x.to_le_bytes()).collect()
-    }
-
-    /// The state a checkpoint saved with [`ServerState::moments_bytes`]; refused unless it holds
-    /// exactly the moments this strategy keeps for `num_params` parameters.
-    pub fn with_moments(strategy: Strategy, num_params: usize, bytes: &[u8]) -> Result<Self, AggregateError> {
-        let mut state = Self::new(strategy, num_params);
-        let want = (state.m.len() + state.v.len()) * 8;
-        if bytes.len() != want {
-            return Err(AggregateError::Shape { got: bytes.len() / 8, want: want / 8 });
-        }
-        let mut values = bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
-        for x in state.m.iter_mut().chain(state.v.iter_mut()) {
-            *x = values.next().unwrap_or(0.0);
-        }
-        Ok(state)
-    }
-
-    pub fn new(strategy: Strategy, num_params: usize) -> Self {
-        // FedAvg keeps no moments: no memory for them either.
-        let (n, tau) = match &strategy {
-            Strategy::Fedadam(o) | Strategy::Fedyogi(o) | Strategy::Fedadagrad(o) => (num_params, o.tau),
-            Strategy::Fedavg { .. } => (0, 0.0),
-        };
-        Self { strategy, m: vec![0.0; n], v: vec![tau * tau; n] }
-    }
-
-    /// Moves the global model by one server step, given the mean update Δ (local − global).
-    ///
-    /// Refused, with nothing changed (model and moments), when any new weight would not be a
-    /// finite f32: the step is computed twice, once to check and once to write, so a refusal
-    /// costs no copy of the model (which can be hundreds of MB).
-    pub fn step(&mut self, global: &mut [f32], delta: &[f64]) -> Result<(), AggregateError> {
-        if delta.len() != global.len() {
-            return Err(AggregateError::Shape { got: delta.len(), want: global.len() });
-        }
-        let strategy = self.strategy.clone();
-        for i in 0..global.len() {
-            let (w, _, _) = self.coordinate(&strategy, i, global[i], delta[i]);
-            if !w.is_finite() {
-                return Err(AggregateError::NonFiniteModel { index: i });
-            }
-        }
-        for i in 0..global.len() {
-            let (w, m, v) = self.coordinate(&strategy, i, global[i], delta[i]);
-            global[i] = w;
-            if let (Some(mi), Some(vi)) = (self.m.get_mut(i), self.v.get_mut(i)) {
-                (*mi, *vi) = (m, v);
-            }
-        }
-        Ok(())
-    }
-
-    /// One coordinate's new weight and moments, without writing them. Adaptive strategies:
-    /// m ← β1·m + (1−β1)·Δ, v ← f(v, Δ²), w ← w + η·m/(√v + τ); FedAvg: w ← w + Δ.
-    fn coordinate(&self, strategy: &Strategy, i: usize, w: f32, d: f64) -> (f32, f64, f64) {
-        let adaptive = |o: &ServerOptimizer, second_moment: &dyn Fn(f64, f64, f64) -> f64| {
-            let (m, v) = (self.m[i], self.v[i]);
-            let m = o.beta1 * m + (1.0 - o.beta1) * d;
-            let v = second_moment(v, d * d, o.beta2);
-            let step = o.server_learning_rate * m / (v.sqrt() + o.tau);
-            ((f64::from(w) + step) as f32, m, v)
-        };
-        match strategy {
-            // f64 → f32 overflows to ±infinity, which the check above refuses.
-            Strategy::Fedavg { .. } => ((f64::from(w) + d) as f32, 0.0, 0.0),
-            Strategy::Fedadam(o) => adaptive(o, &|v, d2, b2| b2 * v + (1.0 - b2) * d2),
-            Strategy::Fedyogi(o) => adaptive(o, &|v, d2, b2| v - (1.0 - b2) * d2 * (v - d2).signum()),
-            Strategy::Fedadagrad(o) => adaptive(o, &|v, d2, _| v + d2),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use sanctum_protocol::plan::{Strategy, Weighting};
 
     use super::*;
-
-    fn opt() -> ServerOptimizer {
-        ServerOptimizer { server_learning_rate: 0.1, beta1: 0.9, beta2: 0.99, tau: 1e-3, weighting: Weighting::Samples }
-    }
 
     #[test]
     fn weighted_mean_and_refusals_leave_the_sum_untouched() {
@@ -316,32 +225,6 @@ mod tests {
     }
 
     #[test]
-    fn a_step_to_a_non_finite_model_is_refused_and_changes_nothing() {
-        // FedAvg: finite f32 weights and a finite mean whose sum leaves f32's range.
-        let mut s = ServerState::new(Strategy::Fedavg { weighting: Weighting::Samples }, 3);
-        let mut w = [1.0f32, f32::MAX, -2.0];
-        let e = s.step(&mut w, &[0.5, f64::from(f32::MAX), 0.0]).unwrap_err();
-        assert_eq!(e, AggregateError::NonFiniteModel { index: 1 });
-        assert!(e.to_string().contains("not stored or published"), "{e}");
-        assert_eq!(w, [1.0, f32::MAX, -2.0], "a refused step leaves every weight as it was");
-        // FedAdam: a NaN in the mean (an overflowed sum upstream) poisons m and v; refused, and
-        // the moments stay as they were, so the same state still takes a good step.
-        let mut s = ServerState::new(Strategy::Fedadam(opt()), 2);
-        let mut w = [0.0f32, 0.0];
-        assert_eq!(s.step(&mut w, &[0.5, f64::NAN]), Err(AggregateError::NonFiniteModel { index: 1 }));
-        assert_eq!(w, [0.0, 0.0]);
-        assert_eq!((s.m.as_slice(), s.v.as_slice()), (&[0.0, 0.0][..], &[1e-6, 1e-6][..]));
-        s.step(&mut w, &[0.5, 0.5]).unwrap();
-        let mut fresh = ServerState::new(Strategy::Fedadam(opt()), 2);
-        let mut w2 = [0.0f32, 0.0];
-        fresh.step(&mut w2, &[0.5, 0.5]).unwrap();
-        assert_eq!(w, w2, "the refused step left no trace in the optimizer's state");
-        // Infinity in Δ for an adaptive step: m/√v is NaN.
-        let mut s = ServerState::new(Strategy::Fedyogi(opt()), 1);
-        assert!(matches!(s.step(&mut [0.0], &[f64::INFINITY]), Err(AggregateError::NonFiniteModel { .. })));
-    }
-
-    #[test]
     fn sample_weights_are_capped_at_max_samples() {
         assert_eq!(sample_weight(u64::MAX, 10_000), 10_000.0);
         assert_eq!(sample_weight(303, 10_000), 303.0);
@@ -352,17 +235,6 @@ mod tests {
         acc.add(&[1.0], sample_weight(u64::MAX, 10_000)).unwrap();
         acc.add(&[0.0], sample_weight(10_000, 10_000)).unwrap();
         assert_eq!(acc.mean().unwrap(), vec![0.5]);
-    }
-
-    #[test]
-    fn fedadam_first_step_matches_hand_computation() {
-        let mut s = ServerState::new(Strategy::Fedadam(opt()), 1);
-        let mut w = [0.0f32];
-        s.step(&mut w, &[0.5]).unwrap();
-        // m = 0.05, v = 0.99·1e-6 + 0.01·0.25, step = 0.1·m/(√v + τ)
-        let v: f64 = 0.99e-6 + 0.0025;
-        let want = 0.1 * 0.05 / (v.sqrt() + 1e-3);
-        assert!((f64::from(w[0]) - want).abs() < 1e-6, "{} vs {want}", w[0]);
     }
 
     #[test]
@@ -512,42 +384,6 @@ mod tests {
             dp.clip(&mut v);
             let norm = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
             prop_assert!(norm <= c * (1.0 + 1e-6));
-        }
-    }
-
-    proptest! {
-        #[test]
-        fn fedavg_moves_by_exactly_the_weighted_mean(
-            updates in prop::collection::vec((prop::collection::vec(-10.0f32..10.0, 4), 1.0f64..100.0), 1..8)
-        ) {
-            let mut acc = Accumulator::new(4);
-            for (u, w) in &updates {
-                acc.add(u, *w).unwrap();
-            }
-            let total: f64 = updates.iter().map(|(_, w)| w).sum();
-            let mean = acc.mean().unwrap();
-            for (i, m) in mean.iter().enumerate() {
-                let want: f64 = updates.iter().map(|(u, w)| f64::from(u[i]) * w).sum::<f64>() / total;
-                prop_assert!((m - want).abs() < 1e-9);
-            }
-            let mut global = [1.0f32; 4];
-            ServerState::new(Strategy::Fedavg { weighting: Weighting::Samples }, 4).step(&mut global, &mean).unwrap();
-            for i in 0..4 {
-                prop_assert!((f64::from(global[i]) - (1.0 + mean[i])).abs() < 1e-5);
-            }
-        }
-
-        #[test]
-        fn adaptive_steps_are_bounded_and_follow_the_sign(d in -5.0f64..5.0) {
-            prop_assume!(d.abs() > 1e-3);
-            for strat in [Strategy::Fedadam(opt()), Strategy::Fedyogi(opt()), Strategy::Fedadagrad(opt())] {
-                let mut s = ServerState::new(strat, 1);
-                let mut w = [0.0f32];
-                s.step(&mut w, &[d]).unwrap();
-                prop_assert_eq!(w[0].signum() as f64, d.signum());
-                // |m| ≤ (1−β1)|d| and √v ≥ √(1−β2)|d| bound the first step.
-                prop_assert!(f64::from(w[0].abs()) <= 0.1 * 0.1 / 0.01f64.sqrt() + 1e-6);
-            }
         }
     }
 }

@@ -10,6 +10,8 @@
 //! - [`store`]: content-addressed models, the upload spool and exports, written atomically.
 //! - [`service`]: the gRPC services (one file each), the transport, the revocation follower and the
 //!   driver task that applies the state machine's actions.
+//! - [`web`]: the read-only status page and Prometheus endpoint on a listener of their own;
+//!   [`metrics`]: the registry and typed handles the services and the driver increment.
 //! - [`watch`]: the lead's live view of a plan (progress bar and per-round lines).
 //! - [`config`]: the coordinator's and the lead's config files.
 //! - [`pki`]: `pki init` and `pki sign`, the consortium CA's file handling.
@@ -33,6 +35,7 @@ pub mod db;
 pub mod engine;
 #[cfg(feature = "fault-injection")]
 pub mod faults;
+pub mod metrics;
 pub mod pki;
 pub mod pki_cli;
 pub mod plan_cli;
@@ -47,6 +50,8 @@ pub mod service;
 pub mod simulate;
 pub mod status;
 pub mod store;
+pub mod strategy;
 #[cfg(test)]
 mod test_ids;
 pub mod watch;
+pub mod web;

@@ -18,8 +18,9 @@ use serde::{Deserialize, Serialize};
 use super::effects::{Actor, Effect};
 use super::run::{Prepared, RunEngine};
 use super::{Engine, Millis, NodeName, PlanId, RunId, short};
-use crate::aggregate::{ClientDp, ServerState};
+use crate::aggregate::ClientDp;
 use crate::round::PlanRun;
+use crate::strategy::ServerState;
 
 /// The checkpoint format this build writes and reads.
 pub const FORMAT: u32 = 1;
@@ -188,7 +189,7 @@ impl Engine {
         if ContentHash::of(model).to_hex() != cp.model {
             return Err(model_err("the stored file does not hash to the checkpoint's model".into()));
         }
-        let global = Weights::from_safetensors(model, &prepared.plan.model.layout())
+        let global = Weights::from_safetensors(model, &prepared.plan.global_layout())
             .map_err(|e| model_err(format!("{e} (it is not the plan's model)")))?;
         let num_params = global.values().len();
         let server = match (&cp.moments, moments) {

@@ -172,8 +172,10 @@ impl RunEngine {
         let update = mean.get(..self.global.values().len()).ok_or(super::AggregationFailed::ShortSum)?;
         // A step that would leave a non-finite model changes nothing and fails the round: the
         // model is neither stored nor published.
+        let shape =
+            crate::strategy::RoundShape { reported: outcome.survivors.len(), participants: self.participants.len() };
         self.server
-            .step(self.global.values_mut(), update)
+            .step(self.global.values_mut(), update, shape)
             .map_err(|source| super::AggregationFailed::Step { round, source })?;
         // The same per-round ρ the nodes charge (`encode::round_rho`, a function of the plan alone).
         if let Some(rho) = sa.encoding.round_rho(update.len() + 1)? {

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::hash::ContentHash;
-use crate::model::ModelSpec;
+use crate::model::{ModelSpec, TensorSpec, Weights};
 
 mod validate;
 
@@ -166,7 +166,9 @@ pub enum Weighting {
     Uniform,
 }
 
-/// The aggregation strategy and server optimizer (Reddi et al. 2021 for the adaptive ones).
+/// The aggregation strategy: how the nodes train (FedProx's proximal term, SCAFFOLD's
+/// correction), how the round's updates are combined (a weighted mean, or a robust rule), and the
+/// server optimizer that moves the global model (Reddi et al. 2021 for the adaptive ones).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Strategy {
@@ -175,9 +177,59 @@ pub enum Strategy {
         #[serde(default)]
         weighting: Weighting,
     },
+    /// FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020): FedAvg
+    /// at the server; each node adds (μ/2)·‖w − w_global‖² to its local loss.
+    Fedprox {
+        mu: f64,
+        #[serde(default)]
+        weighting: Weighting,
+    },
+    /// SCAFFOLD (Karimireddy et al., ICML 2020), control variates by option II: every local SGD
+    /// step is corrected by c − cᵢ, the node keeps cᵢ, and the server keeps c. The update a node
+    /// sends is Δy followed by Δcᵢ.
+    Scaffold {
+        #[serde(default = "default_one")]
+        server_learning_rate: f64,
+        #[serde(default)]
+        weighting: Weighting,
+    },
+    /// FedAvgM (Hsu et al. 2019, "Measuring the Effects of Non-Identical Data Distribution"):
+    /// server momentum, v ← β·v + Δ, w ← w + η·v.
+    Fedavgm {
+        #[serde(default = "default_one")]
+        server_learning_rate: f64,
+        #[serde(default = "default_momentum")]
+        momentum: f64,
+        #[serde(default)]
+        weighting: Weighting,
+    },
     Fedadam(ServerOptimizer),
     Fedyogi(ServerOptimizer),
     Fedadagrad(ServerOptimizer),
+    /// Coordinate-wise median of the round's updates (Yin et al., ICML 2018), unweighted.
+    Median,
+    /// Coordinate-wise trimmed mean (Yin et al. 2018): on each coordinate the ⌊β·n⌋ largest and
+    /// smallest values are dropped and the rest averaged, unweighted.
+    TrimmedMean {
+        trim: f64,
+    },
+    /// Multi-Krum (Blanchard et al., NeurIPS 2017): each update is scored by the sum of its squared
+    /// distances to its n − f − 2 nearest others; the `selected` (m) best are averaged with the
+    /// plan's weighting. Needs n ≥ 2f + 3 updates.
+    MultiKrum {
+        byzantine: usize,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        selected: Option<usize>,
+        #[serde(default)]
+        weighting: Weighting,
+    },
+}
+
+fn default_one() -> f64 {
+    1.0
+}
+fn default_momentum() -> f64 {
+    0.9
 }
 
 /// Hyper-parameters of the adaptive server optimizers.
@@ -275,18 +327,50 @@ impl Strategy {
     pub fn name(&self) -> &'static str {
         match self {
             Strategy::Fedavg { .. } => "fedavg",
+            Strategy::Fedprox { .. } => "fedprox",
+            Strategy::Scaffold { .. } => "scaffold",
+            Strategy::Fedavgm { .. } => "fedavgm",
             Strategy::Fedadam(_) => "fedadam",
             Strategy::Fedyogi(_) => "fedyogi",
             Strategy::Fedadagrad(_) => "fedadagrad",
+            Strategy::Median => "median",
+            Strategy::TrimmedMean { .. } => "trimmed_mean",
+            Strategy::MultiKrum { .. } => "multi_krum",
         }
     }
 
-    /// How updates are weighted.
+    /// How updates are weighted; the coordinate-wise rules count every update the same.
     pub fn weighting(&self) -> Weighting {
         match self {
-            Strategy::Fedavg { weighting } => *weighting,
+            Strategy::Fedavg { weighting }
+            | Strategy::Fedprox { weighting, .. }
+            | Strategy::Scaffold { weighting, .. }
+            | Strategy::Fedavgm { weighting, .. }
+            | Strategy::MultiKrum { weighting, .. } => *weighting,
             Strategy::Fedadam(o) | Strategy::Fedyogi(o) | Strategy::Fedadagrad(o) => o.weighting,
+            Strategy::Median | Strategy::TrimmedMean { .. } => Weighting::Uniform,
         }
+    }
+
+    /// A robust aggregator: it needs every update of the round on its own at close (so neither
+    /// secure aggregation, which hides them, nor client-level DP, whose noise is calibrated to a
+    /// mean, applies).
+    pub fn is_robust(&self) -> bool {
+        matches!(self, Strategy::Median | Strategy::TrimmedMean { .. } | Strategy::MultiKrum { .. })
+    }
+
+    /// FedProx's μ, when the nodes add a proximal term.
+    pub fn proximal_mu(&self) -> Option<f64> {
+        match self {
+            Strategy::Fedprox { mu, .. } => Some(*mu),
+            _ => None,
+        }
+    }
+
+    /// SCAFFOLD: the global model carries the server control variate and each update carries the
+    /// node's change of its own.
+    pub fn is_scaffold(&self) -> bool {
+        matches!(self, Strategy::Scaffold { .. })
     }
 }
 
@@ -452,7 +536,39 @@ pub mod limits {
 /// The rule plan names follow, as the error states it.
 pub const PLAN_NAME_RULE: &str = "must match [A-Za-z0-9][A-Za-z0-9._-]{0,63} (letters, digits, '.', '_' and '-', starting with a letter or digit, no '..'): it names the exported model's files";
 
+/// The name prefix of SCAFFOLD's server control variate in a published global model: one tensor
+/// `scaffold.c.<name>` per model tensor, after the model's own.
+pub const CONTROL_VARIATE_PREFIX: &str = "scaffold.c.";
+
 impl Plan {
+    /// The tensors of a published global model, in the order updates use: the model's own, then
+    /// (SCAFFOLD only) the server control variate, one tensor per model tensor. A node reading the
+    /// model alone (to evaluate it, or an exported model) takes the model's tensors by name and
+    /// never sees the control variate.
+    pub fn global_layout(&self) -> Vec<TensorSpec> {
+        let model = self.model.layout();
+        if !self.strategy.is_scaffold() {
+            return model;
+        }
+        let control = model
+            .iter()
+            .map(|t| TensorSpec { name: format!("{CONTROL_VARIATE_PREFIX}{}", t.name), shape: t.shape.clone() });
+        model.iter().cloned().chain(control).collect()
+    }
+
+    /// The run's first global model: the model's initial weights from the plan's seed, and for
+    /// SCAFFOLD a server control variate of zeros (as the paper starts it).
+    pub fn initial_global(&self) -> Weights {
+        let model = self.model.init(self.seed);
+        if !self.strategy.is_scaffold() {
+            return model;
+        }
+        let mut values = model.values().to_vec();
+        values.resize(model.values().len() * 2, 0.0);
+        // The layout's size is twice the model's by construction.
+        Weights::new(self.global_layout(), values).unwrap_or(model)
+    }
+
     /// Parses and validates a plan; the error names the line or the field at fault.
     pub fn parse(text: &str) -> Result<Self, PlanError> {
         let plan: Plan = toml::from_str(text).map_err(|e| PlanError::Toml(e.to_string()))?;

@@ -95,6 +95,7 @@ impl Plan {
         }
         self.validate_privacy()?;
         self.validate_secagg()?;
+        self.validate_strategy()?;
         if let Some(sim) = &self.simulation {
             let mut seen = BTreeSet::new();
             for h in &sim.hospitals {
@@ -263,7 +264,9 @@ impl Plan {
                 format!("has {layers} layers; a plan's model may have at most {}", limits::MAX_MODEL_LAYERS),
             ));
         }
-        match self.model.checked_num_params() {
+        // SCAFFOLD's global model and updates carry a control variate as large as the model.
+        let factor = if self.strategy.is_scaffold() { 2 } else { 1 };
+        match self.model.checked_num_params().and_then(|n| n.checked_mul(factor)) {
             Some(n) if n <= limits::MAX_MODEL_PARAMETERS => Ok(()),
             n => Err(invalid(
                 "model",
@@ -418,6 +421,96 @@ impl Plan {
                 "privacy.adaptive_clipping",
                 "needs each hospital's own update norm, which secure aggregation hides; use a fixed clip_norm",
             ));
+        }
+        Ok(())
+    }
+
+    /// The strategies' own parameters, and the combinations that cannot keep their promise.
+    fn validate_strategy(&self) -> Result<(), PlanError> {
+        let positive = |field: &'static str, x: f64| {
+            if x.is_finite() && x > 0.0 { Ok(()) } else { Err(invalid(field, "must be a positive number")) }
+        };
+        match &self.strategy {
+            Strategy::Fedprox { mu, .. } => {
+                if !(mu.is_finite() && *mu >= 0.0) {
+                    return Err(invalid("strategy.mu", "must be a number ≥ 0 (0 is FedAvg)"));
+                }
+            }
+            Strategy::Scaffold { server_learning_rate, .. } => {
+                positive("strategy.server_learning_rate", *server_learning_rate)?;
+                if self.local.optimizer != LocalOptimizer::Sgd {
+                    return Err(invalid(
+                        "strategy",
+                        "scaffold corrects plain SGD steps (its control variates are average gradients); set local.optimizer = \"sgd\"",
+                    ));
+                }
+                if self.privacy.mode == PrivacyMode::Client {
+                    return Err(invalid(
+                        "strategy",
+                        "scaffold with client-level DP is refused: the control-variate half of each update would need its own clipping and noise, which are not accounted; use example-level DP (the correction is then post-processing of released models) or another strategy",
+                    ));
+                }
+                if self.secure_aggregation {
+                    return Err(invalid(
+                        "strategy",
+                        "scaffold with secure aggregation is refused: its updates carry control variates the secure-aggregation encoding does not bound; use fedavg, fedprox or a server optimizer",
+                    ));
+                }
+            }
+            Strategy::Fedavgm { server_learning_rate, momentum, .. } => {
+                positive("strategy.server_learning_rate", *server_learning_rate)?;
+                if !(0.0..1.0).contains(momentum) {
+                    return Err(invalid("strategy.momentum", format!("is {momentum}; it must be in [0, 1)")));
+                }
+            }
+            Strategy::TrimmedMean { trim } => {
+                if !(0.0..0.5).contains(trim) {
+                    return Err(invalid(
+                        "strategy.trim",
+                        format!("is {trim}; it must be in [0, 0.5) (the fraction dropped from each end)"),
+                    ));
+                }
+            }
+            Strategy::MultiKrum { byzantine, selected, .. } => {
+                let need = byzantine.saturating_mul(2).saturating_add(3);
+                if self.min_nodes < need {
+                    return Err(invalid(
+                        "min_nodes",
+                        format!(
+                            "is {}; multi_krum with byzantine = {byzantine} needs at least 2f + 3 = {need} updates a round: raise min_nodes or lower strategy.byzantine",
+                            self.min_nodes
+                        ),
+                    ));
+                }
+                if *selected == Some(0) {
+                    return Err(invalid("strategy.selected", "must be at least 1"));
+                }
+            }
+            Strategy::Fedavg { .. }
+            | Strategy::Fedadam(_)
+            | Strategy::Fedyogi(_)
+            | Strategy::Fedadagrad(_)
+            | Strategy::Median => {}
+        }
+        if self.strategy.is_robust() {
+            if self.secure_aggregation {
+                return Err(invalid(
+                    "strategy",
+                    format!(
+                        "{} is refused with secure aggregation: a robust aggregator needs each hospital's update on its own, and secure aggregation reveals only their sum; use fedavg (or a server optimizer) with secure aggregation, or turn it off",
+                        self.strategy.name()
+                    ),
+                ));
+            }
+            if self.privacy.mode == PrivacyMode::Client {
+                return Err(invalid(
+                    "strategy",
+                    format!(
+                        "{} is refused with client-level DP: its noise is calibrated to a mean of clipped updates, not to a median or a selection; use example-level DP (privacy.mode = \"example\") with a robust aggregator",
+                        self.strategy.name()
+                    ),
+                ));
+            }
         }
         Ok(())
     }

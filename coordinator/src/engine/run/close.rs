@@ -49,8 +49,9 @@ impl RunEngine {
         // A step that would leave a non-finite model (NaN or infinity: FedAdam or FedAvg pushed
         // past f32's range) changes nothing and fails the round with the reason; the model is
         // neither stored nor published.
+        let shape = crate::strategy::RoundShape { reported: self.acc.count(), participants: self.participants.len() };
         self.server
-            .step(self.global.values_mut(), &mean)
+            .step(self.global.values_mut(), &mean, shape)
             .map_err(|source| crate::engine::AggregationFailed::Step { round, source })?;
         self.store_global(fx)?;
         tracing::info!(round, updates = self.acc.count(), model = %self.model.short(), "round aggregated");

@@ -17,9 +17,10 @@ use sanctum_protocol::transfer;
 
 use super::effects::{Actor, Effect};
 use super::{Millis, NodeName, PlanId, Refused, RunId, Update, instant, short};
-use crate::aggregate::{Accumulator, ClientDp, ServerState, sample_weight};
+use crate::aggregate::{Accumulator, ClientDp, sample_weight};
 use crate::round::PlanRun;
 use crate::secure::SecAggRound;
+use crate::strategy::ServerState;
 
 mod apply;
 mod close;
@@ -94,7 +95,7 @@ impl RunEngine {
         fx: &mut Vec<Effect>,
     ) -> Self {
         let Prepared { plan, plan_id, wire_toml, client_dp, secagg_noise } = prepared;
-        let global = plan.model.init(plan.seed);
+        let global = plan.initial_global();
         // Safetensors of a model the plan limits bound cannot fail to encode; if it did, the run
         // starts from an empty file the nodes refuse, and the round fails with their reasons.
         let bytes = global.to_safetensors().unwrap_or_default();
