@@ -30,6 +30,55 @@ pub struct CoordinatorConfig {
     /// directory (the default) or a PostgreSQL server.
     #[serde(default)]
     pub store: StoreConfig,
+    /// The read-only status page and Prometheus metrics (`[status]`); absent, nothing is served.
+    #[serde(default)]
+    pub status: Option<StatusConfig>,
+}
+
+/// `[status]` in `coordinator.toml`: the read-only status page (`GET /`) and the Prometheus
+/// metrics (`GET /metrics`) on a listener of their own, plain HTTP.
+///
+/// The page is **unauthenticated**: it shows plan names, hospital names, their states, refusal
+/// reasons and ε. So it listens on loopback unless the operator says otherwise with
+/// `allow_remote = true` (then put it behind a reverse proxy with authentication, or a firewall
+/// that admits only the monitoring host). Requests whose `Host` is not an IP address, `localhost`
+/// or one of `allowed_hosts` are refused, so a web page in the operator's browser cannot read it
+/// through DNS rebinding.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Where to listen, e.g. `127.0.0.1:9464` (port 0: any free port, logged at start).
+    pub listen: SocketAddr,
+    /// Whether a non-loopback `listen` is allowed (the page has no authentication).
+    #[serde(default)]
+    pub allow_remote: bool,
+    /// Host names (without port) a request may name besides IP addresses and `localhost`, e.g.
+    /// the monitoring host's name for this machine.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Seconds between the page's reloads (`<meta http-equiv="refresh">`); 0: no reload.
+    #[serde(default = "default_status_refresh")]
+    pub refresh_secs: u64,
+}
+
+fn default_status_refresh() -> u64 {
+    5
+}
+
+impl StatusConfig {
+    /// Refuses a non-loopback address without `allow_remote`, and a reload slower than an hour.
+    pub fn validate(&self) -> Result<(), SettingError> {
+        if !self.listen.ip().is_loopback() && !self.allow_remote {
+            return Err(SettingError::StatusNotLoopback(self.listen));
+        }
+        if self.refresh_secs > 3600 {
+            return Err(SettingError::StatusRefreshTooLong(self.refresh_secs));
+        }
+        if let Some(h) = self.allowed_hosts.iter().find(|h| h.is_empty() || h.len() > 253 || h.contains(':')) {
+            return Err(SettingError::StatusBadHost(h.clone()));
+        }
+        Ok(())
+    }
 }
 
 /// `[store]` in `coordinator.toml`: the database behind [`crate::db`].
@@ -244,6 +293,14 @@ pub enum SettingError {
     )]
     BadPostgresUrl { reason: String },
     #[error(
+        "status.listen = \"{0}\" is not a loopback address, and the status page has no authentication: listen on 127.0.0.1, or set status.allow_remote = true and protect it another way (a reverse proxy with authentication, a firewall)"
+    )]
+    StatusNotLoopback(SocketAddr),
+    #[error("status.refresh_secs ({0}) must be at most 3600 (0: the page does not reload)")]
+    StatusRefreshTooLong(u64),
+    #[error("status.allowed_hosts: {0:?} is not a host name (write the name alone, without a port)")]
+    StatusBadHost(String),
+    #[error(
         "store.url must not hold a password (it would sit in the config in clear): put the password alone in a file readable only by the coordinator and name it in store.password_file"
     )]
     PasswordInUrl,
@@ -271,6 +328,9 @@ pub fn load_coordinator(path: &Path) -> Result<CoordinatorConfig, ConfigError> {
     let err = |e: SettingError| ConfigError { path: path.to_path_buf(), reason: e.to_string() };
     cfg.limits.validate().map_err(err)?;
     cfg.store.validate().map_err(err)?;
+    if let Some(status) = &cfg.status {
+        status.validate().map_err(err)?;
+    }
     Ok(cfg)
 }
 
@@ -305,6 +365,32 @@ mod tests {
         assert!(
             inverted.validate().is_err_and(|e| e.to_string().contains("must not exceed limits.handshake_timeout_secs"))
         );
+    }
+
+    #[test]
+    fn the_status_page_is_off_by_default_loopback_unless_remote_is_allowed_by_name() {
+        let base = "listen = \"127.0.0.1:0\"\nstate_dir = \"s\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n";
+        let cfg: CoordinatorConfig = toml::from_str(base).unwrap();
+        assert_eq!(cfg.status, None, "absent: off");
+        let cfg: CoordinatorConfig = toml::from_str(&format!("{base}[status]\nlisten = \"127.0.0.1:9464\"\n")).unwrap();
+        let status = cfg.status.unwrap();
+        assert_eq!((status.allow_remote, status.refresh_secs), (false, 5));
+        assert_eq!(status.validate(), Ok(()));
+        let v6: StatusConfig = toml::from_str("listen = \"[::1]:9464\"\n").unwrap();
+        assert_eq!(v6.validate(), Ok(()));
+        let remote: StatusConfig = toml::from_str("listen = \"0.0.0.0:9464\"\n").unwrap();
+        let e = remote.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("status.listen = \"0.0.0.0:9464\" is not a loopback address") && e.contains("allow_remote"),
+            "{e}"
+        );
+        let remote = StatusConfig { allow_remote: true, ..remote };
+        assert_eq!(remote.validate(), Ok(()), "the operator opted in");
+        let slow = StatusConfig { refresh_secs: 7200, ..status.clone() };
+        assert_eq!(slow.validate(), Err(SettingError::StatusRefreshTooLong(7200)));
+        let port = StatusConfig { allowed_hosts: vec!["mon.example:80".into()], ..status };
+        assert!(port.validate().is_err());
+        assert!(toml::from_str::<StatusConfig>("listen = \"127.0.0.1:1\"\nallow_remot = true\n").is_err());
     }
 
     #[test]

@@ -197,6 +197,19 @@ impl Store {
         Ok(fs::read_dir(self.partial_dir())?.count())
     }
 
+    /// Bytes in the upload spool and the partial uploads now (the metrics' `sanctum_spool_bytes`);
+    /// a file that goes while it is counted counts as empty.
+    pub fn spool_bytes(&self) -> u64 {
+        [self.root.join("spool"), self.partial_dir()]
+            .iter()
+            .filter_map(|dir| fs::read_dir(dir).ok())
+            .flat_map(|d| d.filter_map(Result::ok))
+            .filter_map(|e| e.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// The path of the model with this hash.
     pub fn model_path(&self, hash: &ContentHash) -> PathBuf {
         self.root.join("models").join(format!("{hash}.safetensors"))
