@@ -16,6 +16,7 @@ use sanctum_protocol::privacy::noise::SecureGaussian;
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Reduction, TchError, Tensor, nn};
 
+use crate::correction::Correction;
 use crate::data::LocalData;
 use crate::loss::LossTargets;
 
@@ -392,7 +393,7 @@ fn finish_round(
 
 /// Runs the plan's local steps from `global` on the train split and returns the update.
 /// Batches follow a seeded shuffle per epoch (a DataLoader with `shuffle=True`); the last batch
-/// of an epoch may be smaller.
+/// of an epoch may be smaller. `correction` is added to every step's gradient (FedProx, SCAFFOLD).
 pub fn train_round(
     plan: &Plan,
     global: &Weights,
@@ -400,6 +401,7 @@ pub fn train_round(
     device: Device,
     seed: u64,
     script: Option<&std::path::Path>,
+    correction: &Correction,
 ) -> Result<RoundResult, TrainError> {
     let started = Instant::now();
     let net = Model::build(&plan.model, global, device, script)?;
@@ -417,6 +419,7 @@ pub fn train_round(
     let mut order: Vec<i64> = (0..n as i64).collect();
     let mut pos = n;
     let mut loss_sum = 0.0;
+    let params = net.params();
     for _ in 0..plan.local.steps {
         if pos >= n {
             order.shuffle(&mut rng);
@@ -431,6 +434,7 @@ pub fn train_round(
         let loss = task_loss(data.task, &out, &tb, weights.as_deref())?;
         opt.zero_grad();
         loss.f_backward()?;
+        correction.add_to_grads(&params)?;
         opt.step();
         loss_sum += loss.f_double_value(&[])?;
     }
@@ -458,6 +462,7 @@ pub fn train_round_dp(
     device: Device,
     dp: &DpSetup,
     script: Option<&std::path::Path>,
+    correction: &Correction,
 ) -> Result<RoundResult, TrainError> {
     let started = Instant::now();
     let net = Model::build(&plan.model, global, device, script)?;
@@ -490,25 +495,29 @@ pub fn train_round_dp(
             })?;
             net.clipped_sum(&xb, &tb.y, dp.clip_norm, data.task, weights.as_deref())?
         };
-        noisy_sgd_update(&params, sums, &mut secure, std, expected_batch, lr)?;
+        noisy_sgd_update(&params, sums, (&mut secure, std), expected_batch, lr, correction)?;
     }
     finish_round(&net, global, plan, loss_sum, started)
 }
 
-/// θ ← θ − lr·(Σ clipped + N(0, std²))/(expected batch), parameter by parameter.
+/// θ ← θ − lr·((Σ clipped + N(0, std²))/(expected batch) + correction), parameter by parameter:
+/// the correction reads no data, so it comes after the noise (see [`crate::correction`]).
 fn noisy_sgd_update(
     params: &[Tensor],
     sums: Vec<Tensor>,
-    secure: &mut SecureGaussian,
-    std: f64,
+    (secure, std): (&mut SecureGaussian, f64),
     expected_batch: f64,
     lr: f64,
+    correction: &Correction,
 ) -> Result<(), TchError> {
-    for (p, sum) in params.iter().zip(sums) {
+    for (k, (p, sum)) in params.iter().zip(sums).enumerate() {
         let mut noise = vec![0f32; sum.numel()];
         secure.fill(&mut noise, std);
         let noise = Tensor::f_from_slice(&noise)?.f_view(sum.size().as_slice())?.f_to_device(sum.device())?;
-        let grad = sum.f_add(&noise)?.f_div_scalar(expected_batch)?;
+        let mut grad = sum.f_add(&noise)?.f_div_scalar(expected_batch)?;
+        if let Some(term) = correction.term(k, p)? {
+            grad = grad.f_add(&term)?;
+        }
         let mut p = p.shallow_clone();
         tch::no_grad(|| p.f_sub_(&grad.f_mul_scalar(lr)?).map(|_| ()))?;
     }
@@ -557,7 +566,14 @@ impl StepBench {
     pub fn dp_step(&mut self, noise_multiplier: f64, clip_norm: f64) -> Result<(), TrainError> {
         let sums = crate::dpsgd::clipped_sum(&self.net, &self.x, &self.y, clip_norm, Task::Binary, None)?.grads;
         let batch = self.x.size()[0] as f64;
-        noisy_sgd_update(&self.params, sums, &mut self.secure, noise_multiplier * clip_norm, batch, 0.01)?;
+        noisy_sgd_update(
+            &self.params,
+            sums,
+            (&mut self.secure, noise_multiplier * clip_norm),
+            batch,
+            0.01,
+            &Correction::none(),
+        )?;
         Ok(())
     }
 }
@@ -626,8 +642,8 @@ mod tests {
         let plan = toy_plan(60, 0.5, "kind='logistic_regression'\ninputs=13");
         let data = toy_data();
         let w = plan.model.init(0);
-        let r1 = train_round(&plan, &w, &data, Device::Cpu, 9, None).unwrap();
-        let r2 = train_round(&plan, &w, &data, Device::Cpu, 9, None).unwrap();
+        let r1 = train_round(&plan, &w, &data, Device::Cpu, 9, None, &Correction::none()).unwrap();
+        let r2 = train_round(&plan, &w, &data, Device::Cpu, 9, None, &Correction::none()).unwrap();
         assert_eq!(r1.delta, r2.delta, "same seed, same update");
         let trained = applied(&w, &r1);
         let e = evaluate(&plan.model, &trained, &data, Device::Cpu, None).unwrap();
@@ -641,7 +657,7 @@ mod tests {
         let plan = toy_plan(80, 0.1, "kind='mlp'\ninputs=13\nhidden=[8]");
         let data = toy_data();
         let w = plan.model.init(1);
-        let r = train_round(&plan, &w, &data, Device::Cpu, 1, None).unwrap();
+        let r = train_round(&plan, &w, &data, Device::Cpu, 1, None, &Correction::none()).unwrap();
         let trained = applied(&w, &r);
         assert!(evaluate(&plan.model, &trained, &data, Device::Cpu, None).unwrap().primary().unwrap() >= 0.95);
     }
@@ -655,16 +671,16 @@ mod tests {
             evaluate(&plan.model, &applied(&w, r), &data, Device::Cpu, None).unwrap().primary().unwrap()
         };
         let mild = DpSetup { sampling_rate: 0.25, noise_multiplier: 0.5, clip_norm: 1.0 };
-        let r = train_round_dp(&plan, &w, &data, Device::Cpu, &mild, None).unwrap();
+        let r = train_round_dp(&plan, &w, &data, Device::Cpu, &mild, None, &Correction::none()).unwrap();
         assert!(apply(&r) >= 0.95, "DP-SGD with mild noise should still separate the toy data");
         // Two runs draw different batches and noise: the secure stream is not replayable.
-        let r2 = train_round_dp(&plan, &w, &data, Device::Cpu, &mild, None).unwrap();
+        let r2 = train_round_dp(&plan, &w, &data, Device::Cpu, &mild, None, &Correction::none()).unwrap();
         assert_ne!(r.delta, r2.delta);
         // With σ = 1e4 the step is noise: its size matches lr·σ·C/(q·n) per coordinate per step.
         // An MLP gives ~1,000 coordinates, so the sample RMS is within a few % of its expectation.
         let mlp = toy_plan(60, 0.5, "kind='mlp'\ninputs=13\nhidden=[64]");
         let loud = DpSetup { sampling_rate: 0.25, noise_multiplier: 1e4, clip_norm: 1.0 };
-        let r = train_round_dp(&mlp, &mlp.model.init(0), &data, Device::Cpu, &loud, None).unwrap();
+        let r = train_round_dp(&mlp, &mlp.model.init(0), &data, Device::Cpu, &loud, None, &Correction::none()).unwrap();
         let rms = (r.delta.iter().map(|d| f64::from(*d).powi(2)).sum::<f64>() / r.delta.len() as f64).sqrt();
         let want = 0.5 * 1e4 / (0.25 * 40.0) * 60f64.sqrt();
         assert!((rms / want - 1.0).abs() < 0.2, "rms step {rms}, expected about {want}");
@@ -675,7 +691,7 @@ mod tests {
         let plan = toy_plan(80, 0.1, "kind='cnn'\nchannels=1\nheight=13\nwidth=1\nfilters=[4]\nkernel_size=3");
         let data = toy_data();
         let w = plan.model.init(2);
-        let r = train_round(&plan, &w, &data, Device::Cpu, 1, None).unwrap();
+        let r = train_round(&plan, &w, &data, Device::Cpu, 1, None, &Correction::none()).unwrap();
         let trained = applied(&w, &r);
         assert!(evaluate(&plan.model, &trained, &data, Device::Cpu, None).unwrap().primary().unwrap() >= 0.95);
     }

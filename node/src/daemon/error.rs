@@ -37,6 +37,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Release(#[from] ReleaseError),
     #[error(transparent)]
+    Scaffold(#[from] crate::scaffold::ScaffoldError),
+    #[error(transparent)]
     Tls(#[from] TlsError),
     #[error(transparent)]
     Audit(#[from] AuditError),

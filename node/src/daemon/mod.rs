@@ -94,6 +94,8 @@ pub struct Node {
     ledger: Ledger,
     /// Each open run's latest release, so a repeated round re-sends the same bytes.
     releases: ReleaseStore,
+    /// SCAFFOLD's control variate of each open run.
+    control: crate::scaffold::ControlVariates,
     /// Exit once the plan offered to this node is closed (simulations and tests).
     exit_after_plan: bool,
     plans: HashMap<String, Accepted>,
@@ -184,6 +186,7 @@ impl Node {
             .map_err(|error| DaemonError::EgressOpen { dir: cfg.state_dir.clone(), error })?;
         let ledger = Ledger::open(lock)?;
         let releases = ReleaseStore::open(&cfg.state_dir)?;
+        let control = crate::scaffold::ControlVariates::open(&cfg.state_dir);
         let verifier = material.node_cert_verifier()?;
         let audit = AuditLog::open_for(&cfg.state_dir.join("audit"), &material)?;
         let link = Link::new(egress, &cfg.state_dir);
@@ -194,6 +197,7 @@ impl Node {
             link,
             ledger,
             releases,
+            control,
             exit_after_plan,
             plans: HashMap::new(),
             offered_this_session: HashSet::new(),
@@ -470,6 +474,7 @@ impl Node {
                 {
                     tracing::error!("{e}");
                 }
+                self.control.forget(&closed.plan_id, &closed.run);
                 if let Err(e) = self.audit(AuditEvent::PlanClosed {
                     plan_id: closed.plan_id.clone(),
                     run: closed.run.clone(),

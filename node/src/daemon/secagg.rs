@@ -103,7 +103,7 @@ impl Node {
         let (data, dp, script) = (accepted.data.clone(), accepted.dp, accepted.script.clone());
         let bytes = self.fetch(&start.plan_id, &start.model_sha256, start.model_bytes).await?;
         let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
-        let job = self.training_job(plan, global, data, dp, start.round, script);
+        let job = self.training_job(plan, global, data, dp, start.round, script, None);
         // A round this one replaced (the same plan's, or another's past its deadline) leaves its
         // training's result unused.
         if let Some(stale) = self.training.replace(tokio::task::spawn_blocking(job)) {

@@ -16,10 +16,12 @@ use sanctum_protocol::transfer;
 
 use super::{DaemonError, Node, Trained, name_seed, short};
 use crate::budget::{self, Cost, DpPlan};
+use crate::correction::Correction;
 use crate::data::LocalData;
 use crate::egress::Rule;
 use crate::release::{Released, Upload};
 use crate::rounds::{self, RoundDecision, RoundState, Stored};
+use crate::scaffold;
 use crate::train;
 
 impl Node {
@@ -142,9 +144,31 @@ impl Node {
         let dp = accepted.dp;
         let script = accepted.script.clone();
         let bytes = self.fetch(&start.plan_id, &start.model_sha256, start.model_bytes).await?;
-        let global = Weights::from_safetensors(&bytes, &plan.model.layout())?;
-        let job = self.training_job(plan, global, data, dp, start.round, script);
-        let (metric, result) = self.train_alive(start, job).await?;
+        let global = Weights::from_safetensors(&bytes, &plan.global_layout())?;
+        // SCAFFOLD: the global carries c; this node's cᵢ is as its last released round left it.
+        let (global, c) = scaffold::split_global(&plan, global)?;
+        let control = match c {
+            Some(c) => {
+                let releases = &self.releases;
+                let released = |round: u32| {
+                    releases.stored(&start.plan_id, run, round).is_some()
+                        || releases.released_rounds(&start.plan_id, run).is_ok_and(|r| r.contains(&round))
+                };
+                let ci = self.control.load(&start.plan_id, run, global.layout(), released)?;
+                Some((c, ci))
+            }
+            None => None,
+        };
+        let (steps, lr) = (plan.local.steps, plan.local.learning_rate);
+        let job = self.training_job(plan, global, data, dp, start.round, script, control.as_ref());
+        let (metric, mut result) = self.train_alive(start, job).await?;
+        if let Some((c, ci)) = &control {
+            // Δcᵢ follows Δy in the update; cᵢ before and after is durable before the release is.
+            let dc = scaffold::delta_c(c.values(), &result.delta, steps, lr);
+            let after: Vec<f32> = ci.iter().zip(&dc).map(|(a, b)| a + b).collect();
+            self.control.save(&start.plan_id, run, start.round, c.layout(), (ci, &after))?;
+            result.delta.extend_from_slice(&dc);
+        }
         tracing::info!(
             round = start.round,
             metric_before = format!("{:.4}", metric.primary().unwrap_or(f64::NAN)),
@@ -244,6 +268,7 @@ impl Node {
 
     /// One round's work for a blocking thread: evaluate the starting model, then train (DP-SGD
     /// when the plan asks for example-level privacy).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn training_job(
         &self,
         plan: Plan,
@@ -252,8 +277,11 @@ impl Node {
         dp: Option<DpPlan>,
         round: u32,
         script: Option<PathBuf>,
+        control: Option<&(Weights, Vec<f32>)>,
     ) -> impl FnOnce() -> Trained + Send + 'static {
         let device = self.device;
+        // SCAFFOLD's c − cᵢ, computed here so the job owns it.
+        let drift = control.map(|(c, ci)| scaffold::correction(c, ci));
         // Each node and round gets its own batch order, reproducible from the plan's seed.
         let seed = plan.seed
             ^ u64::from(round).wrapping_mul(0x9E37_79B9_7F4A_7C15)
@@ -261,9 +289,16 @@ impl Node {
         move || {
             let script = script.as_deref();
             let metric = train::evaluate(&plan.model, &global, &data, device, script)?;
+            let correction = match (drift, plan.strategy.proximal_mu()) {
+                (Some(drift), _) => {
+                    Correction::drift(&drift.map_err(|e| train::TrainError::Model(e.to_string()))?, device)?
+                }
+                (None, Some(mu)) => Correction::proximal(mu, &global, device)?,
+                (None, None) => Correction::none(),
+            };
             let result = match &dp {
-                Some(dp) => train::train_round_dp(&plan, &global, &data, device, &dp.setup, script)?,
-                None => train::train_round(&plan, &global, &data, device, seed, script)?,
+                Some(dp) => train::train_round_dp(&plan, &global, &data, device, &dp.setup, script, &correction)?,
+                None => train::train_round(&plan, &global, &data, device, seed, script, &correction)?,
             };
             Ok((metric, result))
         }
