@@ -56,6 +56,11 @@ enum Command {
         plan: PathBuf,
         #[arg(long)]
         seed: Option<u64>,
+        /// How the initial model is drawn from the seed: `chacha20` (Sanctum's) or `pytorch`
+        /// (exactly PyTorch's after `torch.manual_seed(seed)`, to start where a PyTorch baseline
+        /// such as FLamby's starts); overrides the plan's `init`.
+        #[arg(long, value_parser = parse_init)]
+        init: Option<sanctum_protocol::plan::InitScheme>,
         /// Write a JSON summary here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -202,6 +207,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Simulate {
             plan,
             seed,
+            init,
             json,
             workdir,
             node_bin,
@@ -215,6 +221,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let summary = simulate(&SimulateOptions {
                 plan,
                 seed,
+                init,
                 json,
                 workdir,
                 node_bin,
@@ -228,5 +235,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
             Ok(if summary.finished.success { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+    }
+}
+
+/// `--init`: the names a plan's `init` takes.
+fn parse_init(s: &str) -> Result<sanctum_protocol::plan::InitScheme, String> {
+    match s {
+        "chacha20" => Ok(sanctum_protocol::plan::InitScheme::Chacha20),
+        "pytorch" => Ok(sanctum_protocol::plan::InitScheme::Pytorch),
+        other => Err(format!("unknown init '{other}': use chacha20 or pytorch")),
     }
 }

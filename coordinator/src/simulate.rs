@@ -30,6 +30,8 @@ pub struct SimulateOptions {
     pub plan: PathBuf,
     /// Overrides the plan's seed.
     pub seed: Option<u64>,
+    /// Overrides the plan's `init` (how the initial model is drawn from the seed).
+    pub init: Option<sanctum_protocol::plan::InitScheme>,
     /// Where to write the JSON summary.
     pub json: Option<PathBuf>,
     /// Where to keep PKI, logs and state; a temporary directory (removed after) when absent.
@@ -193,6 +195,9 @@ pub async fn simulate(opts: &SimulateOptions) -> Result<Summary, SimulateError> 
     let mut plan = Plan::parse(&text).map_err(|source| SimulateError::Plan { path: opts.plan.clone(), source })?;
     if let Some(seed) = opts.seed {
         plan.seed = seed;
+    }
+    if let Some(init) = opts.init {
+        plan.init = init;
     }
     let plan_dir = opts.plan.parent().unwrap_or(Path::new(".")).to_path_buf();
     let files = crate::plan_files::resolve(&mut plan, &plan_dir)
@@ -420,6 +425,7 @@ pub async fn simulate(opts: &SimulateOptions) -> Result<Summary, SimulateError> 
         "plan": plan.name,
         "strategy": plan.strategy.name(),
         "seed": plan.seed,
+        "init": plan.init,
         "success": finished.success,
         "reason": finished.reason,
         "rounds_completed": finished.rounds_completed,
@@ -609,6 +615,7 @@ mod tests {
         SimulateOptions {
             plan: PathBuf::new(),
             seed: None,
+            init: None,
             json: None,
             workdir: None,
             node_bin: None,

@@ -36,6 +36,7 @@ pub mod receipt;
 pub(crate) mod schema;
 pub mod secagg;
 pub mod tls;
+pub mod torch_init;
 pub mod transfer;
 
 /// Generated gRPC types and services (`sanctum.v1`).

@@ -85,8 +85,8 @@ impl Node {
             self.release_statistics(&plan, &offer.plan_id, &offer.run, schema, *epsilon, planned, raw)?;
         }
         let mut lineage = Lineage::default();
-        // The initial model is the plan's own (its seed), so the node knows its hash itself.
-        if let Ok(bytes) = plan.model.init(plan.seed).to_safetensors() {
+        // The initial model is the plan's own (its seed and init), so the node knows its hash itself.
+        if let Ok(bytes) = plan.initial_global().to_safetensors() {
             lineage.models.insert(ContentHash::of(&bytes).to_hex());
         }
         Ok(Accepted { plan, run: offer.run.clone(), lineage, data, dp, ddg, script: None })

@@ -32,6 +32,9 @@ pub struct Plan {
     /// Seeds the initial model and each node's batch order, so a run can be reproduced.
     #[serde(default)]
     pub seed: u64,
+    /// How the initial model is drawn from `seed`.
+    #[serde(default, skip_serializing_if = "InitScheme::is_default")]
+    pub init: InitScheme,
     /// Federated rounds to run.
     pub rounds: u32,
     /// Fewest nodes that must accept the plan and report in each round; below it the plan fails.
@@ -152,6 +155,24 @@ pub enum LocalOptimizer {
     #[default]
     Sgd,
     Adam,
+}
+
+/// How a run's initial model is drawn from the plan's seed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitScheme {
+    /// PyTorch's layer rules (uniform in ±1/√fan_in) from a ChaCha20 stream seeded by the seed.
+    #[default]
+    Chacha20,
+    /// Exactly the weights PyTorch draws for the same layers after `torch.manual_seed(seed)` on
+    /// the CPU ([`crate::torch_init`]), to start where a PyTorch baseline with that seed starts.
+    Pytorch,
+}
+
+impl InitScheme {
+    fn is_default(&self) -> bool {
+        *self == InitScheme::Chacha20
+    }
 }
 
 /// How node updates are weighted in the average.
@@ -559,7 +580,10 @@ impl Plan {
     /// The run's first global model: the model's initial weights from the plan's seed, and for
     /// SCAFFOLD a server control variate of zeros (as the paper starts it).
     pub fn initial_global(&self) -> Weights {
-        let model = self.model.init(self.seed);
+        let model = match self.init {
+            InitScheme::Chacha20 => self.model.init(self.seed),
+            InitScheme::Pytorch => crate::torch_init::pytorch_init(self.model.layout(), self.seed),
+        };
         if !self.strategy.is_scaffold() {
             return model;
         }
