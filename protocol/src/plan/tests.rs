@@ -356,3 +356,62 @@ fn the_secagg_threshold_is_a_strict_majority_whatever_the_plan_asks() {
     .to_string();
     assert!(e.contains("secagg.threshold"), "{e}");
 }
+
+/// Each strategy parses with its parameters; the combinations that cannot keep their promise are
+/// refused with the reason, naming the field.
+#[test]
+fn strategies_parse_and_their_unsound_combinations_are_refused() {
+    let with = |strategy: &str, extra: &str| {
+        let text = PLAN
+            .replace("[strategy]\nkind = \"fedadam\"\nserver_learning_rate = 0.01\n", "")
+            .replace("min_nodes = 1", "min_nodes = 5");
+        if extra.starts_with('[') {
+            Plan::parse(&format!("{text}{extra}\n[strategy]\n{strategy}\n"))
+        } else {
+            Plan::parse(&format!("{extra}\n{text}[strategy]\n{strategy}\n"))
+        }
+    };
+    let ok = |s: &str| with(s, "").unwrap_or_else(|e| panic!("{s}: {e}"));
+    assert_eq!(ok("kind = \"fedprox\"\nmu = 0.01").strategy.proximal_mu(), Some(0.01));
+    assert!(ok("kind = \"scaffold\"").strategy.is_scaffold());
+    assert_eq!(
+        ok("kind = \"fedavgm\"").strategy,
+        Strategy::Fedavgm { server_learning_rate: 1.0, momentum: 0.9, weighting: Weighting::Samples }
+    );
+    for robust in ["kind = \"median\"", "kind = \"trimmed_mean\"\ntrim = 0.2"] {
+        let p = ok(robust);
+        assert!(p.strategy.is_robust());
+        assert_eq!(p.strategy.weighting(), Weighting::Uniform, "coordinate-wise rules count every update the same");
+    }
+    let refused = |s: &str, extra: &str, field: &str, words: &str| {
+        let e = with(s, extra).unwrap_err().to_string();
+        assert!(e.contains(field) && e.contains(words), "{s} / {extra}: {e}");
+    };
+    let secagg = "secure_aggregation = true";
+    let client_dp = "[privacy]\nmode = \"client\"\nnoise_multiplier = 1.0\nclip_norm = 1.0\ndelta = 1e-5";
+    refused("kind = \"median\"", secagg, "strategy", "reveals only their sum");
+    refused("kind = \"trimmed_mean\"\ntrim = 0.1", client_dp, "strategy", "calibrated to a mean");
+    refused("kind = \"trimmed_mean\"\ntrim = 0.5", "", "strategy.trim", "[0, 0.5)");
+    refused("kind = \"multi_krum\"\nbyzantine = 2", "", "min_nodes", "2f + 3 = 7");
+    assert!(ok("kind = \"multi_krum\"\nbyzantine = 1").strategy.is_robust(), "5 nodes hold f = 1");
+    refused("kind = \"scaffold\"\nweighting = \"uniform\"", client_dp, "strategy", "not accounted");
+    refused("kind = \"scaffold\"", secagg, "strategy", "secure aggregation");
+    refused("kind = \"fedprox\"\nmu = -1", "", "strategy.mu", "≥ 0");
+    refused("kind = \"fedavgm\"\nmomentum = 1.0", "", "strategy.momentum", "[0, 1)");
+    let adam = PLAN.replace("steps = 3\n", "steps = 3\noptimizer = \"adam\"\n");
+    let adam = adam.replace("kind = \"fedadam\"\nserver_learning_rate = 0.01", "kind = \"scaffold\"");
+    let e = Plan::parse(&adam).unwrap_err().to_string();
+    assert!(e.contains("plain SGD"), "{e}");
+    // SCAFFOLD's global model carries c after the model's own tensors, c starting at zero.
+    let p = ok("kind = \"scaffold\"");
+    let layout = p.global_layout();
+    assert_eq!(layout.len(), 4);
+    assert_eq!(layout[2].name, format!("{CONTROL_VARIATE_PREFIX}fc.weight"));
+    let g = p.initial_global();
+    assert_eq!(&g.values()[..14], p.model.init(p.seed).values());
+    assert!(g.values()[14..].iter().all(|v| *v == 0.0));
+    // `init = "pytorch"` starts from PyTorch's weights, and keeps the plan id of plans without it.
+    let torch = with("kind = \"fedavg\"", "init = \"pytorch\"").unwrap();
+    assert_eq!(torch.initial_global(), crate::torch_init::pytorch_init(torch.model.layout(), 0));
+    assert!(!ok("kind = \"fedavg\"").to_wire_toml().unwrap_or_default().contains("init"));
+}
