@@ -25,7 +25,7 @@ pub struct Series {
     pub bold: bool,
 }
 
-/// An SVG line chart (640 × 260), or a short paragraph when there is nothing to draw.
+/// An SVG line chart (600 × 260: two side by side on a 1280-pixel screen), or a short paragraph when there is nothing to draw.
 pub fn line_chart(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> String {
     let shown: Vec<Series> = series
         .iter()
@@ -55,7 +55,7 @@ pub fn line_chart(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) ->
     let pad = ((y1 - y0) * 0.08).max(1e-6);
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (640, 260)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, (600, 260)).into_drawing_area();
         let draw = || -> Result<(), Box<dyn std::error::Error + '_>> {
             root.fill(&WHITE)?;
             let mut chart = ChartBuilder::on(&root)
@@ -79,7 +79,7 @@ pub fn line_chart(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) ->
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
+                .position(SeriesLabelPosition::UpperLeft)
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK)
                 .draw()?;

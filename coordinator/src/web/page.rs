@@ -147,7 +147,7 @@ code{font-size:12px}.running{color:#0b63b6;font-weight:600}.succeeded{color:#187
 .bar{display:inline-block;width:120px;height:10px;background:#e3e6ea;vertical-align:middle;margin-right:6px}\
 .bar span{display:block;height:10px;background:#3b82c4}.charts{display:flex;flex-wrap:wrap;gap:12px}\
 .cards{display:flex;gap:12px;margin:12px 0}.card{background:#fff;border:1px solid #d5d8de;padding:8px 14px}\
-.card b{display:block;font-size:20px}.note{font-size:12px;color:#556;max-width:900px}";
+.card b{display:block;font-size:20px}td.n{white-space:nowrap}.note{font-size:12px;color:#556;max-width:900px}";
 
 /// The whole page.
 pub fn render(s: &Snapshot) -> String {
@@ -182,8 +182,12 @@ pub fn render(s: &Snapshot) -> String {
         "<h2>What this page knows</h2><p class=\"note\">Everything here is what the coordinator holds: the runs' \
          summaries, the events it keeps of each run (<code>limits.events_per_run</code>), the nodes it has seen, and \
          round times it measured since it started (a run resumed after a restart has no times for its earlier rounds). \
-         <b>ε per hospital</b> is what the hospital declared when it accepted the plan: its total for this plan after \
-         the plan's last round (<code>PrivacyCost</code>). The hospital's cap (<code>policy.max_epsilon</code>) and \
+         <b>ε per hospital</b>: <i>spent so far</i> is the ε the hospital sent with an update \
+         (<code>epsilon_spent</code>); the coordinator keeps one metric per hospital and round, the first it sends, \
+         so this is known only where the hospital's test metric stays at home (<code>policy.test_metrics</code>); \
+         <i>for the whole plan</i> is \
+         what it declared when it accepted: its total for this plan after the plan's last round \
+         (<code>PrivacyCost</code>). The hospital's cap (<code>policy.max_epsilon</code>) and \
          what it has spent on other plans stay at the hospital: the coordinator does not know them, and this page \
          does not guess. The hospital's own audit log has them (<code>sanctum-coordinator audit report --node-log</code> \
          plots ε against the cap). Client-level ε of a DP-FedAvg plan is shown once the run has finished.</p>",
@@ -303,9 +307,10 @@ fn run_section(h: &mut String, s: &Snapshot, run: &RunView) {
         h.push_str("<p class=\"muted\">no hospital has answered the offer yet</p>");
     } else {
         h.push_str(
-            "<table><tr><th>hospital</th><th>state</th><th>round</th><th>ε for this plan (declared)</th><th>δ</th>\
-             <th>cap</th><th>reason</th></tr>",
+            "<table><tr><th>hospital</th><th>state</th><th>round</th><th>ε spent so far (reported)</th>\
+             <th>ε for the whole plan (declared)</th><th>δ</th><th>cap</th><th>reason</th></tr>",
         );
+        let spent = epsilon_spent(p);
         for part in &run.status.participants {
             let finished = p.status != "running";
             let st = if finished && part.state != state::REFUSED {
@@ -320,9 +325,13 @@ fn run_section(h: &mut String, s: &Snapshot, run: &RunView) {
                 }
                 _ => ("— (no DP at this hospital's answer)".into(), "—".into()),
             };
+            let so_far = spent
+                .get(part.node.as_str())
+                .map_or_else(|| "—".to_string(), |(round, e)| format!("{e:.3} (round {round})"));
             let _ = write!(
                 h,
-                "<tr><td>{}</td><td><span class=\"st {st}\">{}</span></td><td>{}</td><td>{eps}</td><td>{delta}</td>\
+                "<tr><td>{}</td><td><span class=\"st {st}\">{}</span></td><td>{}</td><td class=\"n\">{so_far}</td>\
+                 <td class=\"n\">{eps}</td><td class=\"n\">{delta}</td>\
                  <td class=\"muted\">not known to the coordinator</td><td>{}</td></tr>",
                 esc(&part.node),
                 state_label(st),
@@ -335,19 +344,38 @@ fn run_section(h: &mut String, s: &Snapshot, run: &RunView) {
     // Charts: rounds over time, and the headline metric per hospital over rounds.
     h.push_str("<div class=\"charts\">");
     let start = p.started_unix_ms;
+    // Seconds for a run shorter than ten minutes, minutes after that.
+    let span_ms = run.round_times.last().map_or(0, |t| t.closed_unix_ms.saturating_sub(start));
+    let (unit_ms, x_desc) = if span_ms < 600_000 {
+        (1_000.0, "seconds since the run started")
+    } else {
+        (60_000.0, "minutes since the run started")
+    };
     let timeline: Vec<(f64, f64)> = run
         .round_times
         .iter()
-        .map(|t| (t.closed_unix_ms.saturating_sub(start) as f64 / 60_000.0, f64::from(t.round)))
+        .map(|t| (t.closed_unix_ms.saturating_sub(start) as f64 / unit_ms, f64::from(t.round)))
         .collect();
     let mut series = vec![Series { label: "rounds completed".into(), points: timeline, bold: false }];
     let durations: Vec<(f64, f64)> =
         run.round_times.iter().filter_map(|t| Some((f64::from(t.round), t.seconds?))).collect();
-    h.push_str(&line_chart("Rounds over time", "minutes since the run started", "round", &series));
+    h.push_str(&line_chart("Rounds over time", x_desc, "round", &series));
     series = vec![Series { label: "seconds open".into(), points: durations, bold: false }];
     h.push_str(&line_chart("Round duration", "round", "seconds", &series));
-    let (metric, per_node) = metric_series(p);
-    h.push_str(&line_chart(&format!("{metric} over rounds"), "round", &metric, &per_node));
+    match headline(p) {
+        Some(metric) => {
+            let series = metric_series(p, &metric, true);
+            h.push_str(&line_chart(&format!("{metric} over rounds"), "round", &metric, &series));
+        }
+        None => h.push_str(
+            "<p class=\"muted\">no test metric reported: each hospital's <code>policy.test_metrics</code> \
+             decides whether its metric leaves</p>",
+        ),
+    }
+    let eps = metric_series(p, EPSILON_SPENT, false);
+    if !eps.is_empty() {
+        h.push_str(&line_chart("ε spent on this plan per hospital", "round", "ε spent", &eps));
+    }
     h.push_str("</div>");
     // Refusals and failures.
     let failures = &run.status.round_failures;
@@ -383,38 +411,55 @@ fn run_section(h: &mut String, s: &Snapshot, run: &RunView) {
     }
 }
 
-/// The run's headline metric (the first name nodes reported) per hospital over rounds, and
-/// the sample-weighted mean, from the round records this process holds.
-fn metric_series(p: &PlanSummary) -> (String, Vec<Series>) {
-    let name = p
-        .rounds
+/// The metric nodes send with each update for the ε they have spent on the plan so far (the
+/// node's `round_metrics`); plotted on its own, never as the headline.
+const EPSILON_SPENT: &str = "epsilon_spent";
+
+/// The run's headline metric: the first name the nodes reported that is not [`EPSILON_SPENT`]
+/// (none when every hospital's `policy.test_metrics` keeps it at home).
+fn headline(p: &PlanSummary) -> Option<String> {
+    p.rounds
         .iter()
-        .flat_map(|r| r.metrics.first())
-        .map(|m| m.name.clone())
-        .next()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "metric".into());
-    let name: String = name.chars().take(40).collect();
+        .flat_map(|r| r.metrics.iter())
+        .map(|m| m.name.as_str())
+        .find(|n| !n.is_empty() && *n != EPSILON_SPENT)
+        .map(|n| n.chars().take(40).collect())
+}
+
+/// Metric `name` per hospital over rounds, from the round records this process holds, with the
+/// sample-weighted mean when `mean` (not for ε, whose "samples" are DP steps).
+fn metric_series(p: &PlanSummary, name: &str, mean: bool) -> Vec<Series> {
     let mut per_node: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
-    let mut mean = Vec::new();
+    let mut means = Vec::new();
     for r in &p.rounds {
         let (mut sum, mut weight) = (0.0, 0.0);
-        for m in r.metrics.iter().filter(|m| m.name == name || (m.name.is_empty() && name == "metric")) {
-            if !m.value.is_finite() {
-                continue;
-            }
+        for m in r.metrics.iter().filter(|m| m.name == name && m.value.is_finite()) {
             per_node.entry(m.node.as_str()).or_default().push((f64::from(r.round), m.value));
             let w = m.samples.max(1) as f64;
             sum += w * m.value;
             weight += w;
         }
         if weight > 0.0 {
-            mean.push((f64::from(r.round), sum / weight));
+            means.push((f64::from(r.round), sum / weight));
         }
     }
-    let mut series = vec![Series { label: "mean (by samples)".into(), points: mean, bold: true }];
+    let mut series = Vec::new();
+    if mean {
+        series.push(Series { label: "mean (by samples)".into(), points: means, bold: true });
+    }
     series.extend(per_node.into_iter().map(|(node, points)| Series { label: node.to_string(), points, bold: false }));
-    (name, series)
+    series
+}
+
+/// Each hospital's latest reported ε spent on the plan, with the round it came with.
+fn epsilon_spent(p: &PlanSummary) -> BTreeMap<&str, (u32, f64)> {
+    let mut out = BTreeMap::new();
+    for r in &p.rounds {
+        for m in r.metrics.iter().filter(|m| m.name == EPSILON_SPENT && m.value.is_finite()) {
+            out.insert(m.node.as_str(), (r.round, m.value));
+        }
+    }
+    out
 }
 
 fn nodes_table(h: &mut String, s: &Snapshot) {
@@ -480,6 +525,12 @@ mod tests {
                         value: 0.5 + 0.05 * f64::from(round),
                         samples: 100,
                         name: "accuracy".into(),
+                    },
+                    NodeMetric {
+                        node: "cleveland".into(),
+                        value: 0.8 * f64::from(round),
+                        samples: 40,
+                        name: EPSILON_SPENT.into(),
                     },
                 ],
                 ..Default::default()
@@ -560,7 +611,8 @@ mod tests {
         assert!(html.contains("<span class=\"st disconnected\">disconnected</span>"));
         assert!(html.contains("not known to the coordinator"), "the cap is said to be unknown");
         assert!(html.contains("round attempt 1 failed, retrying"));
-        assert_eq!(html.matches("<svg").count(), 3, "rounds over time, durations, the metric");
+        assert_eq!(html.matches("<svg").count(), 4, "rounds over time, durations, the metric, ε spent");
+        assert!(html.contains("2.400 (round 3)"), "cleveland's ε spent so far, from its last update");
         assert!(
             !html.contains("src=\"")
                 && !html.contains("href=\"http")
