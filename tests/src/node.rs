@@ -138,6 +138,12 @@ impl NodeProcess {
         cmd.spawn().expect("spawn node")
     }
 
+    /// Kills the node (SIGKILL) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Starts the same node again (same key, config and state directory) after it stopped.
     pub fn restart(&mut self) {
         let _ = self.child.kill();
