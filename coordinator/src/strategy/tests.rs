@@ -85,3 +85,44 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn fedavgm_accumulates_momentum_and_survives_a_checkpoint() {
+    let s = || Strategy::Fedavgm { server_learning_rate: 0.5, momentum: 0.9, weighting: Weighting::Samples };
+    let mut st = ServerState::new(s(), 2);
+    let mut w = [0.0f32, 1.0];
+    st.step(&mut w, &[1.0, -2.0], ONE).unwrap();
+    // v = Δ, w = 0.5·Δ.
+    assert_eq!(w, [0.5, 0.0]);
+    // A restart from the checkpointed velocity takes the same next step.
+    let mut restored = ServerState::with_moments(s(), 2, &st.moments_bytes()).unwrap();
+    let mut w2 = w;
+    st.step(&mut w, &[1.0, 0.0], ONE).unwrap();
+    restored.step(&mut w2, &[1.0, 0.0], ONE).unwrap();
+    // v = 0.9·(1, −2) + (1, 0) = (1.9, −1.8); w += 0.5·v.
+    assert_eq!(w, [0.5 + 0.95, -0.9]);
+    assert_eq!(w, w2);
+    assert!(ServerState::with_moments(s(), 3, &st.moments_bytes()).is_err(), "a checkpoint of another size is refused");
+    // β = 0, η = 1 is FedAvg.
+    let mut m = ServerState::new(
+        Strategy::Fedavgm { server_learning_rate: 1.0, momentum: 0.0, weighting: Weighting::Samples },
+        1,
+    );
+    let mut a = ServerState::new(Strategy::Fedavg { weighting: Weighting::Samples }, 1);
+    let (mut wm, mut wa) = ([0.25f32], [0.25f32]);
+    for d in [0.5, -0.25, 0.125] {
+        m.step(&mut wm, &[d], ONE).unwrap();
+        a.step(&mut wa, &[d], ONE).unwrap();
+    }
+    assert_eq!(wm, wa);
+}
+
+#[test]
+fn scaffold_moves_the_model_by_the_server_rate_and_c_by_the_share_that_reported() {
+    let mut s = ServerState::new(Strategy::Scaffold { server_learning_rate: 0.5, weighting: Weighting::Samples }, 4);
+    // [x₀, x₁, c₀, c₁]
+    let mut g = [1.0f32, 2.0, 0.0, 0.5];
+    s.step(&mut g, &[0.5, -1.0, 2.0, 1.0], RoundShape { reported: 3, participants: 4 }).unwrap();
+    assert_eq!(g, [1.25, 1.5, 1.5, 1.25], "x += η_g·Δy, c += (3/4)·Δc");
+    assert!(s.moments_bytes().is_empty(), "c lives in the global model, not in the optimizer state");
+}
