@@ -8,6 +8,9 @@
 //! - [`db`]: the durable state (runs, rounds with their checkpoints, decisions, receipts, events,
 //!   nodes) behind one trait, in SQLite (default) or PostgreSQL, with schema migrations.
 //! - [`store`]: content-addressed models, the upload spool and exports, written atomically.
+//! - [`robust_spool`]: the robust aggregators' open round's updates on disk, a file each, read back
+//!   a coordinate block at a time.
+//! - [`strategy`]: the server step of every strategy and the robust aggregators' rules.
 //! - [`service`]: the gRPC services (one file each), the transport, the revocation follower and the
 //!   driver task that applies the state machine's actions.
 //! - [`web`]: the read-only status page and Prometheus endpoint on a listener of their own;
@@ -43,6 +46,7 @@ pub mod plan_files;
 pub mod receipts;
 pub mod recovery;
 pub mod report;
+pub mod robust_spool;
 pub mod round;
 pub mod runs;
 pub mod secure;

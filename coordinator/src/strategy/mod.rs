@@ -15,7 +15,11 @@ use crate::aggregate::AggregateError;
 pub mod fedavg;
 pub mod fedavgm;
 pub mod fedopt;
+pub mod median;
+pub mod multi_krum;
+pub mod robust;
 pub mod scaffold;
+pub mod trimmed_mean;
 
 /// What a server step knows of its round beyond Δ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
