@@ -231,8 +231,18 @@ impl Engine {
             rounds_completed = cp.rounds_completed,
             "run resumed from its checkpoint"
         );
-        let mut engine =
-            RunEngine::restored(prepared, &cp, run, global, server, lineage, now, (self.epoch, self.epoch_unix_ms));
+        // A robust run's buffer starts empty: its interrupted round runs again from its start.
+        let mut engine = RunEngine::restored(
+            prepared,
+            &cp,
+            run,
+            global,
+            server,
+            lineage,
+            now,
+            (self.epoch, self.epoch_unix_ms),
+            &*self.buffers,
+        );
         engine.apply(actions, now, &mut fx);
         self.runs.insert(cp.run_id.clone(), engine);
         Ok(fx)

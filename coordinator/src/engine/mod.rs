@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 use sanctum_protocol::plan::Plan;
 use sanctum_protocol::proto::{self, EvaluationReport, PlanResponse, SecAggMessage};
 
+use crate::strategy::robust::RoundBuffers;
+
 pub mod checkpoint;
 mod effects;
 pub mod run;
@@ -127,6 +129,10 @@ pub enum AggregationFailed {
     SecAgg(#[from] sanctum_protocol::secagg::SecAggError),
     #[error("the unmasked sum is shorter than the model; the round is not applied")]
     ShortSum,
+    /// A robust aggregator made no Δ (too few updates for Multi-Krum, a buffered update that did
+    /// not read back).
+    #[error("round {round}: {rule}: {source}")]
+    Robust { round: u32, rule: &'static str, source: crate::strategy::robust::RobustError },
 }
 
 /// Why a plan's client-level DP cannot be set up; the plan is refused with it.
@@ -162,6 +168,9 @@ pub struct Engine {
     pub(super) evaluation_deadline: Duration,
     /// A participant that stops sending heartbeats while it trains is dropped after this.
     pub(super) heartbeat_timeout: Duration,
+    /// Where a robust run keeps its open round's updates until the round closes (the executor
+    /// injects a file-backed one; in memory by default, for tests).
+    pub(super) buffers: Box<dyn RoundBuffers>,
 }
 
 impl Engine {
@@ -175,7 +184,15 @@ impl Engine {
             epoch_unix_ms,
             evaluation_deadline,
             heartbeat_timeout: Duration::from_secs(30),
+            buffers: Box::new(crate::strategy::robust::MemoryBuffers),
         }
+    }
+
+    /// Where the robust runs started or restored from now on keep their rounds' updates (by
+    /// default in memory: O(nodes × model); the executor gives one on disk).
+    pub fn with_round_buffers(mut self, buffers: Box<dyn RoundBuffers>) -> Self {
+        self.buffers = buffers;
+        self
     }
 
     /// The heartbeat timeout of the runs started or restored from now on (default 30 s).
@@ -249,6 +266,7 @@ impl Engine {
                     (self.evaluation_deadline, self.heartbeat_timeout),
                     now,
                     (self.epoch, self.epoch_unix_ms),
+                    &*self.buffers,
                     fx,
                 );
                 self.runs.insert(run_id, run);

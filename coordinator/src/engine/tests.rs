@@ -10,6 +10,11 @@ use super::*;
 use crate::test_ids as ids;
 
 fn plan(name: &str, rounds: u32, min_nodes: usize) -> Plan {
+    plan_with_strategy(name, rounds, min_nodes, "kind = \"fedavg\"")
+}
+
+/// A plan whose `[strategy]` section is `strategy`.
+fn plan_with_strategy(name: &str, rounds: u32, min_nodes: usize, strategy: &str) -> Plan {
     Plan::parse(&format!(
         r#"
 name = "{name}"
@@ -28,7 +33,7 @@ steps = 1
 batch_size = 4
 learning_rate = 0.01
 [strategy]
-kind = "fedavg"
+{strategy}
 "#
     ))
     .unwrap()
@@ -603,4 +608,280 @@ fn a_run_stopped_during_its_final_evaluation_keeps_the_metrics_that_came_and_ask
     assert_eq!(got, [("a".to_string(), 0.75), ("b".to_string(), 0.85)]);
     let manifest = &export.as_ref().expect("exported").manifest;
     assert_eq!(manifest["final_metrics"]["a"][0]["value"], serde_json::json!(0.75));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Robust aggregators: the round's updates kept in an injected buffer until the round closes.
+// ---------------------------------------------------------------------------------------------
+
+fn update_values(plan_id: &str, s: &proto::StartRound, values: &[f32]) -> Box<Update> {
+    let payload: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Box::new(Update { bytes: payload.len() as u64, payload, ..*update(plan_id, s, 0.0) })
+}
+
+/// What a [`SharedBuffers`] buffer holds, seen from the test.
+#[derive(Default)]
+struct BufferState {
+    kept: Vec<Vec<f32>>,
+    /// Every `put` fails (a full disk).
+    fail: bool,
+    puts: usize,
+    clears: usize,
+}
+
+/// Round buffers whose contents the test can look at, and make fail.
+#[derive(Clone, Default)]
+struct SharedBuffers(std::sync::Arc<std::sync::Mutex<BufferState>>);
+
+impl SharedBuffers {
+    fn state(&self) -> std::sync::MutexGuard<'_, BufferState> {
+        self.0.lock().unwrap()
+    }
+}
+
+impl crate::strategy::robust::RoundBuffers for SharedBuffers {
+    fn open(&self, _run: &str) -> Box<dyn crate::strategy::robust::RoundBuffer> {
+        Box::new(self.clone())
+    }
+}
+
+impl crate::strategy::robust::RoundBuffer for SharedBuffers {
+    fn put(&mut self, _node: &str, values: &[f32]) -> std::io::Result<()> {
+        let mut s = self.state();
+        s.puts += 1;
+        if s.fail {
+            return Err(std::io::Error::other("No space left on device (os error 28)"));
+        }
+        s.kept.push(values.to_vec());
+        Ok(())
+    }
+    fn count(&self) -> usize {
+        self.state().kept.len()
+    }
+    fn read_block(&self, slot: usize, start: usize, out: &mut [f32]) -> std::io::Result<()> {
+        out.copy_from_slice(&self.state().kept[slot][start..start + out.len()]);
+        Ok(())
+    }
+    fn clear(&mut self) -> std::io::Result<()> {
+        let mut s = self.state();
+        s.kept.clear();
+        s.clears += 1;
+        Ok(())
+    }
+}
+
+/// Runs one round of `strategy` with `updates` (node, values) from as many nodes; returns the
+/// model's move (new − initial) and the effects of the last update.
+fn one_round(strategy: &str, updates: &[(&str, Vec<f32>)], buffers: &SharedBuffers) -> (Vec<f64>, Vec<Effect>) {
+    let mut e = engine().with_round_buffers(Box::new(buffers.clone()));
+    for (n, _) in updates {
+        e.step(0, Input::Connected { node: ids::node(n) }).unwrap();
+    }
+    let p = plan_with_strategy("robust", 1, updates.len(), strategy);
+    let initial = p.initial_global();
+    let layout = p.global_layout();
+    let (plan_id, _) = start(&mut e, p, "r1", 0);
+    let mut fx = Vec::new();
+    for (n, _) in updates {
+        fx = e.step(1, Input::Decision { node: ids::node(n), response: accept(&plan_id, "r1") }).unwrap();
+    }
+    let s = start_round_of(&fx).expect("round 1 opens");
+    for (n, values) in updates {
+        fx = e.step(2, Input::Update { node: ids::node(n), update: update_values(&plan_id, &s, values) }).unwrap();
+    }
+    let Some(bytes) = fx.iter().find_map(|f| match f {
+        Effect::StoreModel { bytes, .. } => Some(bytes.clone()),
+        _ => None,
+    }) else {
+        return (Vec::new(), fx);
+    };
+    let new = sanctum_protocol::model::Weights::from_safetensors(&bytes, &layout).unwrap();
+    let moved = new.values().iter().zip(initial.values()).map(|(a, b)| f64::from(*a) - f64::from(*b)).collect();
+    (moved, fx)
+}
+
+fn l2(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt()
+}
+
+/// Issue 13's must-show: four hospitals with similar updates and one that sends its update
+/// scaled ×10. The bound: on each coordinate the median and the trimmed mean (k = ⌊0.2 · 5⌋ = 1
+/// ≥ one rogue) lie within the honest updates' [min, max], so the model's move is at most
+/// `spread` = √Σₖ maxᵢ (hᵢₖ − h̄ₖ)² from the honest mean h̄ (in L2). FedAvg's moves by
+/// (10 h₀ − h̄)/5 ≈ 1.8 ‖h̄‖ from it.
+#[test]
+fn a_scaled_up_update_moves_the_median_and_trimmed_mean_models_by_less_than_the_honest_spread_while_fedavg_moves_far() {
+    let honest: [[f32; 4]; 4] =
+        [[0.10, -0.20, 0.05, 0.30], [0.11, -0.19, 0.06, 0.28], [0.09, -0.21, 0.04, 0.31], [0.12, -0.18, 0.05, 0.29]];
+    let rogue: Vec<f32> = honest[0].iter().map(|v| v * 10.0).collect();
+    let mean: Vec<f64> = (0..4).map(|k| honest.iter().map(|h| f64::from(h[k])).sum::<f64>() / 4.0).collect();
+    let spread = (0..4)
+        .map(|k| honest.iter().map(|h| (f64::from(h[k]) - mean[k]).powi(2)).fold(0.0, f64::max))
+        .sum::<f64>()
+        .sqrt();
+    let norm = mean.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let rogue_norm = rogue.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let mut updates: Vec<(&str, Vec<f32>)> =
+        ["cleveland", "hungarian", "switzerland", "va"].iter().zip(&honest).map(|(n, h)| (*n, h.to_vec())).collect();
+    updates.push(("rogue", rogue));
+    println!(
+        "honest mean ‖h̄‖ = {norm:.4}; rogue ‖10·h₀‖ = {rogue_norm:.4} ({:.1}× ‖h̄‖); bound (honest spread) = {spread:.4} ({:.1}% of ‖h̄‖)",
+        rogue_norm / norm,
+        100.0 * spread / norm
+    );
+    let mut moved = BTreeMap::new();
+    for (name, strategy) in [
+        ("fedavg", "kind = \"fedavg\"\nweighting = \"uniform\""),
+        ("median", "kind = \"median\""),
+        ("trimmed_mean", "kind = \"trimmed_mean\"\ntrim = 0.2"),
+        ("multi_krum", "kind = \"multi_krum\"\nbyzantine = 1"),
+    ] {
+        let (delta, fx) = one_round(strategy, &updates, &SharedBuffers::default());
+        assert_eq!(delta.len(), 4, "{name}: the round closed: {fx:?}");
+        let off = l2(&delta, &mean);
+        println!(
+            "{name:>12}: model moved by {:?}; ‖Δ − h̄‖ = {off:.4} = {:.1}% of ‖h̄‖ = {:.2}× ‖h̄‖",
+            delta.iter().map(|d| (d * 1e4).round() / 1e4).collect::<Vec<_>>(),
+            100.0 * off / norm,
+            off / norm
+        );
+        moved.insert(name, off);
+    }
+    // f32 rounding of the model's weights: well below the figures compared.
+    let slack = 1e-5;
+    assert!(moved["median"] <= spread + slack, "median: {} > {spread}", moved["median"]);
+    assert!(moved["trimmed_mean"] <= spread + slack, "trimmed mean: {} > {spread}", moved["trimmed_mean"]);
+    assert!(moved["multi_krum"] <= slack, "multi-krum drops the rogue: {}", moved["multi_krum"]);
+    assert!(moved["fedavg"] >= 1.5 * norm, "fedavg: {} < 1.5 × {norm}", moved["fedavg"]);
+    assert!(moved["fedavg"] >= 10.0 * moved["median"].max(moved["trimmed_mean"]));
+}
+
+#[test]
+fn a_robust_round_keeps_its_updates_until_it_closes_and_the_streaming_strategies_keep_none() {
+    let buffers = SharedBuffers::default();
+    let updates: Vec<(&str, Vec<f32>)> =
+        vec![("a", vec![1.0, 2.0, 3.0, 4.0]), ("b", vec![3.0, 0.0, 3.0, 0.0]), ("c", vec![100.0, -1.0, 3.0, 2.0])];
+    let (delta, fx) = one_round("kind = \"median\"", &updates, &buffers);
+    // Coordinate-wise median of the three: (3, 0, 3, 2).
+    let want = [3.0, 0.0, 3.0, 2.0];
+    assert!(l2(&delta, &want) < 1e-6, "{delta:?}");
+    assert!(fx.iter().any(|f| matches!(f, Effect::RoundRecord { .. })), "the round closed: {fx:?}");
+    let s = buffers.state();
+    assert_eq!(s.puts, 3, "each admitted update is kept");
+    assert!(s.kept.is_empty(), "the close removed them");
+    assert!(s.clears >= 2, "cleared at the round's opening and its close: {}", s.clears);
+    drop(s);
+    // FedAvg keeps the streaming sum: nothing is buffered.
+    let fedavg = SharedBuffers::default();
+    let (delta, _) = one_round("kind = \"fedavg\"", &updates, &fedavg);
+    assert!((delta[0] - 104.0 / 3.0).abs() < 1e-5, "{delta:?}");
+    let s = fedavg.state();
+    assert_eq!((s.puts, s.clears), (0, 0));
+}
+
+#[test]
+fn a_robust_update_that_cannot_be_kept_fails_the_round_with_the_reason_and_panics_nothing() {
+    let buffers = SharedBuffers::default();
+    buffers.state().fail = true;
+    let updates: Vec<(&str, Vec<f32>)> = vec![("a", vec![1.0; 4]), ("b", vec![2.0; 4])];
+    let mut e = engine().with_round_buffers(Box::new(buffers.clone()));
+    for (n, _) in &updates {
+        e.step(0, Input::Connected { node: ids::node(n) }).unwrap();
+    }
+    let (plan_id, _) = start(&mut e, plan_with_strategy("robust", 1, 2, "kind = \"median\""), "r1", 0);
+    let mut fx = Vec::new();
+    for (n, _) in &updates {
+        fx = e.step(1, Input::Decision { node: ids::node(n), response: accept(&plan_id, "r1") }).unwrap();
+    }
+    let s = start_round_of(&fx).unwrap();
+    let fx =
+        e.step(2, Input::Update { node: ids::node("a"), update: update_values(&plan_id, &s, &updates[0].1) }).unwrap();
+    let Some(Effect::Finish { finished, .. }) = fx.iter().find(|f| matches!(f, Effect::Finish { .. })) else {
+        panic!("the run fails at once: {fx:?}");
+    };
+    assert!(!finished.success);
+    assert!(
+        finished.reason.contains(
+            "round 1: median: the update of a could not be kept until the round closes: No space left on device"
+        ) && finished.reason.contains("spool/robust"),
+        "{}",
+        finished.reason
+    );
+    assert!(!fx.iter().any(|f| matches!(f, Effect::StoreModel { .. })), "no model is made");
+    assert!(e.is_idle());
+    assert_eq!(buffers.state().puts, 1);
+}
+
+/// A restart in the middle of a robust round: the new process's buffer is empty (the file-backed
+/// one removes `spool/robust` at start), the round runs again from its start, and its close
+/// uses exactly the updates sent again.
+#[test]
+fn a_robust_run_restored_mid_round_runs_the_round_again_on_an_empty_buffer() {
+    let before = SharedBuffers::default();
+    let mut e = engine().with_round_buffers(Box::new(before.clone()));
+    for n in ["a", "b", "c"] {
+        e.step(0, Input::Connected { node: ids::node(n) }).unwrap();
+    }
+    let p = plan_with_strategy("robust", 1, 3, "kind = \"trimmed_mean\"\ntrim = 0.34");
+    let initial = p.initial_global();
+    let (plan_id, start_fx) = start(&mut e, p.clone(), "r1", 0);
+    let (_, mut models) = durable(&start_fx);
+    let mut fx = Vec::new();
+    for n in ["a", "b", "c"] {
+        fx = e.step(1, Input::Decision { node: ids::node(n), response: accept(&plan_id, "r1") }).unwrap();
+    }
+    let (cp, more) = durable(&fx);
+    models.extend(more);
+    let s = start_round_of(&fx).unwrap();
+    for n in ["a", "b"] {
+        e.step(2, Input::Update { node: ids::node(n), update: update_values(&plan_id, &s, &[50.0; 4]) }).unwrap();
+    }
+    assert_eq!(before.state().kept.len(), 2);
+
+    let after = SharedBuffers::default();
+    let mut e = engine().with_round_buffers(Box::new(after.clone()));
+    let cp = cp.unwrap();
+    let model = models[&cp.model].clone();
+    e.restore(0, cp, &model, None).unwrap();
+    let mut fx = Vec::new();
+    for n in ["a", "b", "c"] {
+        e.step(10, Input::Connected { node: ids::node(n) }).unwrap();
+        fx = e.step(11, Input::Decision { node: ids::node(n), response: accept(&plan_id, "r1") }).unwrap();
+    }
+    let s = start_round_of(&fx).expect("round 1 opens again");
+    assert_eq!(s.round, 1);
+    assert!(after.state().kept.is_empty());
+    let mut fx = Vec::new();
+    for (n, v) in [("a", 1.0), ("b", 2.0), ("c", 30.0)] {
+        fx = e.step(12, Input::Update { node: ids::node(n), update: update_values(&plan_id, &s, &[v; 4]) }).unwrap();
+    }
+    // k = ⌊0.34 · 3⌋ = 1: the middle value, 2, on every coordinate; the 50s of the earlier
+    // process are nowhere.
+    let bytes = fx
+        .iter()
+        .find_map(|f| match f {
+            Effect::StoreModel { bytes, .. } => Some(bytes.clone()),
+            _ => None,
+        })
+        .expect("the round closes");
+    let new = sanctum_protocol::model::Weights::from_safetensors(&bytes, &p.global_layout()).unwrap();
+    for (a, b) in new.values().iter().zip(initial.values()) {
+        assert!((f64::from(*a) - f64::from(*b) - 2.0).abs() < 1e-5, "{a} − {b}");
+    }
+    assert!(after.state().kept.is_empty());
+}
+
+#[test]
+fn the_robust_example_plans_parse_resolve_and_are_accepted_for_a_run() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/heart_disease");
+    for (file, kind) in
+        [("median.toml", "median"), ("trimmed_mean.toml", "trimmed_mean"), ("multi_krum.toml", "multi_krum")]
+    {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        let mut p = Plan::parse(&text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        crate::plan_files::resolve(&mut p, &dir).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(p.strategy.name(), kind);
+        assert!(p.strategy.is_robust() && crate::strategy::robust::rule(&p.strategy).is_some());
+        engine().prepare(p, &[]).unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
 }

@@ -37,6 +37,8 @@ impl RunEngine {
                         fx.push(self.checkpoint_effect(None));
                     }
                     self.acc = Accumulator::new(self.global.values().len());
+                    // A retry's attempt keeps nothing of the failed one's.
+                    self.clear_robust();
                     self.round_metrics.clear();
                     self.round_updates.clear();
                     self.participants = participants.clone();
@@ -164,6 +166,7 @@ impl RunEngine {
                     // starts from the same global model with a fresh accumulator (`OpenRound`).
                     fx.push(Effect::CloseUploads { plan_id: plan_id.clone() });
                     self.secagg = None;
+                    self.clear_robust();
                     if retrying {
                         tracing::warn!(round, attempt, "round failed; retrying: {reason}");
                     } else {

@@ -36,6 +36,9 @@ impl RunEngine {
         round: u32,
         fx: &mut Vec<Effect>,
     ) -> Result<(), crate::engine::AggregationFailed> {
+        if self.robust.is_some() {
+            return self.close_robust_round(round, fx);
+        }
         if self.acc.count() == 0 {
             return Err(crate::engine::AggregationFailed::NoUpdate);
         }
@@ -55,6 +58,29 @@ impl RunEngine {
             .map_err(|source| crate::engine::AggregationFailed::Step { round, source })?;
         self.store_global(fx)?;
         tracing::info!(round, updates = self.acc.count(), model = %self.model.short(), "round aggregated");
+        Ok(())
+    }
+
+    /// A robust round's close: the rule reads the kept updates back a block at a time and makes
+    /// Δ, the FedAvg step applies it; the kept updates are removed whatever the outcome.
+    fn close_robust_round(&mut self, round: u32, fx: &mut Vec<Effect>) -> Result<(), crate::engine::AggregationFailed> {
+        let Some(robust) = self.robust.as_mut() else {
+            return Err(crate::engine::AggregationFailed::NoUpdate);
+        };
+        let reported = robust.count();
+        if reported == 0 {
+            return Err(crate::engine::AggregationFailed::NoUpdate);
+        }
+        let rule = robust.name();
+        let delta = robust.combine(crate::strategy::robust::BLOCK);
+        robust.clear();
+        let delta = delta.map_err(|source| crate::engine::AggregationFailed::Robust { round, rule, source })?;
+        let shape = crate::strategy::RoundShape { reported, participants: self.participants.len() };
+        self.server
+            .step(self.global.values_mut(), &delta, shape)
+            .map_err(|source| crate::engine::AggregationFailed::Step { round, source })?;
+        self.store_global(fx)?;
+        tracing::info!(round, updates = reported, rule, model = %self.model.short(), "round aggregated");
         Ok(())
     }
 
@@ -131,6 +157,7 @@ impl RunEngine {
         }
         self.finished = true;
         self.secagg = None;
+        self.clear_robust();
         fx.push(Effect::CloseUploads { plan_id: self.plan_id.clone() });
         let export = success.then(|| Box::new(self.export_job()));
         // The coordinator holds no schema: the headline metric is the one the nodes report first.

@@ -1,7 +1,9 @@
 //! One run of a plan inside the engine: its plan state machine (`round::PlanRun`), the global
-//! model and server optimizer, the open round's accumulator, client-level DP and secure
+//! model and server optimizer, the open round's accumulator (or, for a robust aggregator, the
+//! round buffer its updates are kept in until the round closes), client-level DP and secure
 //! aggregation. Every method appends what the executor must do to an effect list; nothing here
-//! reads a clock or touches a file.
+//! reads a clock or touches a file (a robust run's buffer is a trait object the executor
+//! injected, whose errors come back as values).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use crate::aggregate::{Accumulator, ClientDp, sample_weight};
 use crate::round::PlanRun;
 use crate::secure::SecAggRound;
 use crate::strategy::ServerState;
+use crate::strategy::robust::{RobustRound, RoundBuffers};
 
 mod apply;
 mod close;
@@ -49,6 +52,9 @@ pub struct RunEngine {
     pub(super) model_bytes: u64,
     pub(super) server: ServerState,
     pub(super) acc: Accumulator,
+    /// The robust aggregator's rule and the open round's kept updates, when the plan names one
+    /// (then `acc` only checks updates; it sums nothing).
+    pub(super) robust: Option<RobustRound>,
     /// Metrics reported with this round's updates (of the round's starting model).
     pub(super) round_metrics: BTreeMap<String, proto::Metric>,
     /// Every metric each node reported on the final model, in its order (the first is the task's
@@ -92,6 +98,7 @@ impl RunEngine {
         (evaluation_deadline, heartbeat_timeout): (Duration, Duration),
         now: Millis,
         (epoch, epoch_unix_ms): (Instant, u64),
+        buffers: &dyn RoundBuffers,
         fx: &mut Vec<Effect>,
     ) -> Self {
         let Prepared { plan, plan_id, wire_toml, client_dp, secagg_noise } = prepared;
@@ -139,12 +146,14 @@ impl RunEngine {
                 initial_model: model.to_hex(),
             },
         });
+        let robust = robust_round(&plan, &run_id, num_params, buffers);
         let mut this = Self {
             plan_id,
             run_id,
             run_number,
             server: ServerState::new(plan.strategy.clone(), num_params),
             acc: Accumulator::new(num_params),
+            robust,
             plan,
             wire_toml,
             started: now,
@@ -187,6 +196,7 @@ impl RunEngine {
         lineage: Vec<ContentHash>,
         now: Millis,
         (epoch, epoch_unix_ms): (Instant, u64),
+        buffers: &dyn RoundBuffers,
     ) -> Self {
         let Prepared { plan, plan_id, wire_toml, client_dp, secagg_noise } = prepared;
         let num_params = global.values().len();
@@ -197,6 +207,7 @@ impl RunEngine {
         };
         let model = lineage.last().copied().unwrap_or_else(|| ContentHash::of(&[]));
         Self {
+            robust: robust_round(&plan, &cp.run_id, num_params, buffers),
             plan_id,
             run_id: cp.run_id.clone(),
             run_number: cp.run_number,
@@ -474,6 +485,29 @@ impl RunEngine {
         let mut values = transfer::le_bytes_to_f32(&update.payload).map_err(|e| Refused::Invalid(e.to_string()))?;
         self.acc.check(&values).map_err(|e| Refused::Invalid(e.to_string()))?;
         let actions = self.run.admit_update(node, update.round, t)?;
+        if let Some(robust) = self.robust.as_mut() {
+            // Checked (shape, finite) and admitted: kept until the round closes. An update that
+            // cannot be kept fails the round (as an aggregation that cannot be made does), so
+            // the round's actions, its close among them, are not carried out.
+            if let Err(e) = robust.put(node.as_str(), weight, &values) {
+                let reason = format!(
+                    "round {}: {}: the update of {node} could not be kept until the round closes: {e}; check the disk of the coordinator's state directory (spool/robust)",
+                    update.round,
+                    robust.name()
+                );
+                tracing::error!("aggregation failed: {reason}");
+                let failed = self.run.aggregation_failed(&reason);
+                self.apply(failed, now, fx);
+                return Ok(());
+            }
+            if let Some(m) = update.metrics.into_iter().next() {
+                self.round_metrics.insert(node.to_string(), m);
+            }
+            tracing::info!(node = %node, round = update.round, kept = robust.count(), "update accepted and kept for the robust aggregator");
+            self.round_updates.push(entry);
+            self.apply(actions, now, fx);
+            return Ok(());
+        }
         if let Some((dp, _)) = self.client_dp.as_mut() {
             let norm = dp.clip(&mut values);
             tracing::debug!(node = %node, norm, clip = dp.clip_norm(), "update clipped for client-level DP");
@@ -486,6 +520,13 @@ impl RunEngine {
         self.round_updates.push(entry);
         self.apply(actions, now, fx);
         Ok(())
+    }
+
+    /// Forgets the open round's kept updates (robust runs only).
+    pub(super) fn clear_robust(&mut self) {
+        if let Some(r) = self.robust.as_mut() {
+            r.clear();
+        }
     }
 
     fn send(&self, fx: &mut Vec<Effect>, node: &NodeName, kind: directive::Kind) {
@@ -503,4 +544,10 @@ impl RunEngine {
             run: self.run_id.to_string(),
         })
     }
+}
+
+/// The robust aggregator of a plan that names one, with the run's (empty) round buffer.
+fn robust_round(plan: &Plan, run_id: &RunId, num_params: usize, buffers: &dyn RoundBuffers) -> Option<RobustRound> {
+    let rule = crate::strategy::robust::rule(&plan.strategy).filter(|_| false)?;
+    Some(RobustRound::new(rule, buffers.open(run_id.as_str()), num_params))
 }
