@@ -176,6 +176,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 &material,
             )?;
+            // The read-only status page and metrics (`[status]`), logged with the address bound.
+            if let Some(status) = &cfg.status {
+                coordinator.serve_status(status).await?;
+            }
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;

@@ -197,11 +197,21 @@ impl Store {
         Ok(fs::read_dir(self.partial_dir())?.count())
     }
 
-    /// Bytes in the upload spool and the partial uploads now (the metrics' `sanctum_spool_bytes`);
-    /// a file that goes while it is counted counts as empty.
+    /// Bytes in the upload spool, the partial uploads and the robust round buffers now (the
+    /// metrics' `sanctum_spool_bytes`); a file that goes while it is counted counts as empty.
     pub fn spool_bytes(&self) -> u64 {
+        // The spool, the partial uploads and the robust aggregators' per-run round buffers
+        // (`spool/robust/<run>/`), one level down.
+        let robust = self.root.join("spool").join("robust");
+        let run_dirs: Vec<PathBuf> = fs::read_dir(&robust)
+            .into_iter()
+            .flat_map(|d| d.filter_map(Result::ok))
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
         [self.root.join("spool"), self.partial_dir()]
-            .iter()
+            .into_iter()
+            .chain(run_dirs)
             .filter_map(|dir| fs::read_dir(dir).ok())
             .flat_map(|d| d.filter_map(Result::ok))
             .filter_map(|e| e.metadata().ok())

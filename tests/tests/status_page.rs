@@ -278,6 +278,16 @@ async fn the_status_page_renders_during_a_plan_and_the_metrics_follow_its_rounds
     let samples = parse_metrics(&text);
     assert_eq!(rounds_counter(&samples, &plan_id, &run), f64::from(ROUNDS));
     println!("at the end: {ROUNDS} rounds in the counter");
+    // What an operator's `curl` gets is the same text, and parses the same way.
+    match Command::new("curl").args(["-sf", &format!("http://{status}/metrics")]).output() {
+        Ok(out) => {
+            assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+            let samples = parse_metrics(&String::from_utf8(out.stdout).unwrap());
+            assert_eq!(rounds_counter(&samples, &plan_id, &run), f64::from(ROUNDS));
+            println!("curl http://{status}/metrics: {} samples, rounds counter {ROUNDS}", samples.len());
+        }
+        Err(e) => println!("curl not run ({e}): the strict parse above read the same endpoint"),
+    }
     // Read-only: anything but GET is refused, and nothing else is served.
     let mut s = std::net::TcpStream::connect(status).unwrap();
     write!(s, "POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();

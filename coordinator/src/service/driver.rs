@@ -46,10 +46,16 @@ pub(super) struct Driver {
 }
 
 impl Driver {
-    pub(super) fn new(inner: Arc<Inner>, evaluation_deadline: Duration) -> Self {
+    /// `buffers`: where robust runs keep their open round's updates (on disk, `spool/robust`).
+    pub(super) fn new(
+        inner: Arc<Inner>,
+        evaluation_deadline: Duration,
+        buffers: Box<dyn crate::strategy::robust::RoundBuffers>,
+    ) -> Self {
         let epoch = Instant::now();
         let engine = Engine::new(epoch, unix_ms(SystemTime::now()), evaluation_deadline)
-            .with_heartbeat_timeout(Duration::from_secs(inner.limits.heartbeat_timeout_secs));
+            .with_heartbeat_timeout(Duration::from_secs(inner.limits.heartbeat_timeout_secs))
+            .with_round_buffers(buffers);
         Self { inner, engine, epoch }
     }
 

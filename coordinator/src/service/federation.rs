@@ -167,6 +167,7 @@ impl Stream for ModelFileStream {
         };
         let msg = ModelChunk { offset: this.offset, total_bytes: this.total, data };
         this.offset += msg.data.len() as u64;
+        this.inner.metrics.sent(msg.data.len());
         this.file = Some(file);
         Poll::Ready(Some(Ok(msg)))
     }

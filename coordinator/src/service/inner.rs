@@ -154,6 +154,7 @@ impl Inner {
     /// is told about rounds and the plan's end is also what the audit log keeps.
     pub(super) fn publish_run(&self, plan_id: &PlanId, run: &RunId, kind: plan_event::Kind) {
         let run = run.clone();
+        self.metrics.on_event(plan_id.as_str(), run.as_str(), &kind);
         let own = lock(&self.audit).own_fingerprint().to_string();
         match &kind {
             plan_event::Kind::RoundClosed(r) => {
@@ -287,6 +288,7 @@ impl Inner {
     /// node's string never reaches the log; the reason is bounded ([`bounds::REASON_BYTES`]).
     pub(super) fn reject(&self, node: &str, plan_id: &str, round: u32, status: Status) -> Status {
         let plan_id = if bounds::is_sha256_hex(plan_id) { plan_id } else { "" };
+        self.metrics.refused(crate::metrics::RefusalKind::of_upload(status.code()));
         let reason = bounds::clip_bytes(status.message(), bounds::REASON_BYTES);
         // Itemised within the node's quota, counted beyond it (a loop of bad headers must not
         // choose how fast the audit log and the log grow).

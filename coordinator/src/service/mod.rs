@@ -17,6 +17,7 @@
 //! - `driver`: the task that runs the engine and carries out its effects (`driver/restore.rs`:
 //!   what a restart resumes); `durable`: the store on its own thread; `supervise`: the driver
 //!   task's end;
+//! - `status_source`: what the status page and the metrics endpoint read (`crate::web::Source`);
 //! - `bounds`: the bounds on strings a node chooses; `history`: the bounded event history;
 //!   `quota`: how many audit records one member can cause per period.
 
@@ -53,6 +54,7 @@ mod lead;
 mod quota;
 mod revocation;
 mod start;
+mod status_source;
 mod supervise;
 mod transport;
 mod uploads;
@@ -150,6 +152,8 @@ struct Inner {
     /// When each node's row was last written to the store (`node_hello`), so a reconnect loop
     /// cannot choose how often the store commits.
     node_rows: Mutex<quota::NodeRowWrites>,
+    /// The Prometheus metrics and round times the status page shows (`crate::metrics`).
+    metrics: crate::metrics::Metrics,
 }
 
 /// Room in the handlers → driver channel. The driver handles an event in microseconds (an

@@ -95,13 +95,30 @@ impl Coordinator {
             seen: Mutex::new(seen),
             heartbeats: Mutex::new(HashMap::new()),
             node_rows: Mutex::new(quota::NodeRowWrites::default()),
+            metrics: crate::metrics::Metrics::new(),
         });
         if let Some((path, text, list)) = revocations {
             inner.apply_revocations(list);
             tokio::spawn(follow_revocations(inner.clone(), path, text));
         }
-        let driver = Driver::new(inner.clone(), options.evaluation_deadline);
+        // The robust aggregators' round buffers: what an earlier process kept is removed (its
+        // rounds run again from their start).
+        let robust_dir = options.state_dir.join("spool").join("robust");
+        let buffers = crate::robust_spool::FileRoundBuffers::open(&robust_dir)
+            .map_err(|source| StartError::StateDir { path: robust_dir.clone(), source })?;
+        let driver = Driver::new(inner.clone(), options.evaluation_deadline, Box::new(buffers));
         let driver = supervise::supervise(tokio::spawn(driver.run(rx)));
         Ok(Self { inner, driver })
+    }
+}
+
+impl Coordinator {
+    /// Serves the read-only status page and the metrics of `[status]` on their own listener
+    /// (`crate::web`); returns the address bound.
+    pub async fn serve_status(
+        &self,
+        cfg: &crate::config::StatusConfig,
+    ) -> Result<std::net::SocketAddr, crate::web::WebError> {
+        crate::web::start(cfg, Arc::new(self.clone())).await
     }
 }

@@ -24,6 +24,7 @@ fn audit_refusals(inner: &Inner, report: &tls::RefusalReport) {
     let by_reason: std::collections::BTreeMap<String, u64> =
         report.by_reason.iter().map(|(class, n)| (class.key().to_string(), *n)).collect();
     let samples: Vec<String> = report.sample_remotes.iter().map(|ip| ip.to_string()).collect();
+    inner.metrics.refused_connections(report.by_reason.iter().map(|(class, n)| (class.key(), n)));
     tracing::warn!("refused peers: {} (from {})", report.summary(), report.remotes_summary());
     inner.audit(
         "unauthenticated",

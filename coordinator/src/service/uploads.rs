@@ -304,6 +304,7 @@ impl FederationApi {
                 ));
             }
         };
+        let started = std::time::Instant::now();
         let metrics = bounds::metrics(std::mem::take(&mut header.metrics));
         // Every check that needs no payload comes first: nothing is spooled for an upload that
         // names no plan, the wrong round, a node that is not a participant, or a duplicate.
@@ -445,6 +446,7 @@ impl FederationApi {
                 ))));
             }
             received += data.len() as u64;
+            self.inner.metrics.received(data.len());
             if received > expected {
                 self.discard(opened.take(), &key);
                 return Err(reject(Status::invalid_argument(format!(
@@ -499,7 +501,10 @@ impl FederationApi {
         let (reply, rx) = oneshot::channel();
         self.inner.send_event(Event::Update { node: node.clone(), update, reply }).await?;
         match rx.await {
-            Ok(Ok(())) => Ok(Response::new(UpdateReceipt { accepted: true, reason: String::new() })),
+            Ok(Ok(())) => {
+                self.inner.metrics.update_accepted(started);
+                Ok(Response::new(UpdateReceipt { accepted: true, reason: String::new() }))
+            }
             Ok(Err(reason)) => Err(reject(Status::failed_precondition(reason.to_string()))),
             Err(_) => Err(Status::unavailable("coordinator is shutting down")),
         }
