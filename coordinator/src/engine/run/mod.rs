@@ -548,6 +548,6 @@ impl RunEngine {
 
 /// The robust aggregator of a plan that names one, with the run's (empty) round buffer.
 fn robust_round(plan: &Plan, run_id: &RunId, num_params: usize, buffers: &dyn RoundBuffers) -> Option<RobustRound> {
-    let rule = crate::strategy::robust::rule(&plan.strategy).filter(|_| false)?;
+    let rule = crate::strategy::robust::rule(&plan.strategy)?;
     Some(RobustRound::new(rule, buffers.open(run_id.as_str()), num_params))
 }
