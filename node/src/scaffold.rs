@@ -33,6 +33,10 @@ pub enum ScaffoldError {
     Damaged { path: PathBuf, reason: String },
     #[error("the global model is not this plan's SCAFFOLD model: {0}")]
     Global(ModelError),
+    #[error(
+        "SCAFFOLD: {what} has a non-finite value at parameter {index}; the round is refused before anything is stored, charged or sent (lower the plan's strategy.server_learning_rate or raise local.learning_rate, or ask the consortium lead why)"
+    )]
+    NonFinite { what: &'static str, index: usize },
 }
 
 /// The global model split into the model's weights and the server control variate c.
@@ -46,6 +50,10 @@ pub fn split_global(plan: &Plan, global: Weights) -> Result<(Weights, Option<Wei
         return Err(ScaffoldError::Global(ModelError::Size { got: global.values().len(), want: 2 * p }));
     }
     let (model, c) = global.values().split_at(p);
+    // A coordinator's c that is not finite would make every correction and Δcᵢ non-finite.
+    if let Some(index) = c.iter().position(|v| !v.is_finite()) {
+        return Err(ScaffoldError::NonFinite { what: "the server control variate c", index });
+    }
     let model = Weights::new(layout.clone(), model.to_vec()).map_err(ScaffoldError::Global)?;
     let c = Weights::new(layout, c.to_vec()).map_err(ScaffoldError::Global)?;
     Ok((model, Some(c)))
@@ -57,10 +65,15 @@ pub fn correction(c: &Weights, ci: &[f32]) -> Result<Weights, ScaffoldError> {
     Weights::new(c.layout().to_vec(), values).map_err(ScaffoldError::Global)
 }
 
-/// Δcᵢ = −c − Δy/(K·η), in f64 before rounding to f32.
-pub fn delta_c(c: &[f32], delta_y: &[f32], steps: u32, learning_rate: f64) -> Vec<f32> {
+/// Δcᵢ = −c − Δy/(K·η), in f64 before rounding to f32; refused when a value leaves f32's range
+/// (a c near f32's largest value, or a tiny K·η), before it is stored, charged or sent.
+pub fn delta_c(c: &[f32], delta_y: &[f32], steps: u32, learning_rate: f64) -> Result<Vec<f32>, ScaffoldError> {
     let k_eta = f64::from(steps.max(1)) * learning_rate;
-    c.iter().zip(delta_y).map(|(c, d)| (-f64::from(*c) - f64::from(*d) / k_eta) as f32).collect()
+    let dc: Vec<f32> = c.iter().zip(delta_y).map(|(c, d)| (-f64::from(*c) - f64::from(*d) / k_eta) as f32).collect();
+    match dc.iter().position(|v| !v.is_finite()) {
+        Some(index) => Err(ScaffoldError::NonFinite { what: "the control-variate change Δcᵢ", index }),
+        None => Ok(dc),
+    }
 }
 
 /// The node's control variates, one directory per run.
@@ -201,12 +214,31 @@ mod tests {
     #[test]
     fn delta_c_is_minus_c_minus_the_average_step() {
         // K = 10, η = 0.1: Δy/(Kη) = Δy.
-        assert_eq!(delta_c(&[0.5, -1.0], &[1.0, 2.0], 10, 0.1), vec![-1.5, -1.0]);
+        assert_eq!(delta_c(&[0.5, -1.0], &[1.0, 2.0], 10, 0.1).unwrap(), vec![-1.5, -1.0]);
+        // Out of f32's range: refused, naming the parameter.
+        let e = delta_c(&[0.0, f32::MAX], &[0.0, -f32::MAX], 1, 0.1).unwrap_err();
+        assert!(e.to_string().contains("parameter 1") && e.to_string().contains("before anything is stored"), "{e}");
         // With cᵢ⁺ = cᵢ + Δcᵢ: cᵢ⁺ = cᵢ − c + (x − y)/(Kη), the paper's option II.
         let (ci, c, dy) = ([0.25f32], [0.5f32], [-0.2f32]);
-        let dc = delta_c(&c, &dy, 4, 0.5);
+        let dc = delta_c(&c, &dy, 4, 0.5).unwrap();
         let want = f64::from(ci[0]) - f64::from(c[0]) + 0.2 / 2.0;
         assert!((f64::from(ci[0] + dc[0]) - want).abs() < 1e-7);
+    }
+
+    #[test]
+    fn a_global_model_whose_control_variate_is_not_finite_or_of_the_wrong_size_is_refused() {
+        let plan = sanctum_protocol::plan::Plan::parse(
+            "name='t'\nrounds=1\nmin_nodes=1\n[model]\nkind='logistic_regression'\ninputs=2\n[data]\nschema='s'\nschema_sha256='0000000000000000000000000000000000000000000000000000000000000000'\n[local]\nsteps=1\nbatch_size=1\nlearning_rate=0.1\n[strategy]\nkind='scaffold'\n",
+        )
+        .unwrap();
+        let mut g = plan.initial_global();
+        let (model, c) = split_global(&plan, g.clone()).unwrap();
+        assert_eq!((model.values().len(), c.unwrap().values().len()), (3, 3));
+        g.values_mut()[4] = f32::NAN;
+        let e = split_global(&plan, g).unwrap_err().to_string();
+        assert!(e.contains("server control variate") && e.contains("parameter 1"), "{e}");
+        let short = Weights::new(plan.model.layout(), vec![0.0; 3]).unwrap();
+        assert!(matches!(split_global(&plan, short), Err(ScaffoldError::Global(_))));
     }
 
     #[test]

@@ -164,7 +164,7 @@ impl Node {
         let (metric, mut result) = self.train_alive(start, job).await?;
         if let Some((c, ci)) = &control {
             // Δcᵢ follows Δy in the update; cᵢ before and after is durable before the release is.
-            let dc = scaffold::delta_c(c.values(), &result.delta, steps, lr);
+            let dc = scaffold::delta_c(c.values(), &result.delta, steps, lr)?;
             let after: Vec<f32> = ci.iter().zip(&dc).map(|(a, b)| a + b).collect();
             self.control.save(&start.plan_id, run, start.round, c.layout(), (ci, &after))?;
             result.delta.extend_from_slice(&dc);

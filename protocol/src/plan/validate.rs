@@ -279,10 +279,12 @@ impl Plan {
         }
     }
 
-    /// The model's parameter count, which [`Plan::validate`] has bounded by
-    /// [`limits::MAX_MODEL_PARAMETERS`] (so it fits a `u64` and a `usize`).
+    /// The parameters a node holds and sends for the plan, which [`Plan::validate`] has bounded by
+    /// [`limits::MAX_MODEL_PARAMETERS`] (so it fits a `u64` and a `usize`): the model's, twice
+    /// over for SCAFFOLD (its control variate is as large as the model).
     pub fn model_parameters(&self) -> u64 {
-        self.model.checked_num_params().unwrap_or(u64::MAX)
+        let factor = if self.strategy.is_scaffold() { 2 } else { 1 };
+        self.model.checked_num_params().and_then(|n| n.checked_mul(factor)).unwrap_or(u64::MAX)
     }
 
     fn validate_privacy(&self) -> Result<(), PlanError> {
