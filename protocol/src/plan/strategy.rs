@@ -53,16 +53,21 @@ pub enum Strategy {
     },
     /// Multi-Krum (Blanchard et al., NeurIPS 2017): each update is scored by the sum of its squared
     /// distances to its n − f − 2 nearest others; the `selected` (m) best are averaged with the
-    /// plan's weighting. Needs n ≥ 2f + 3 updates.
+    /// plan's weighting, uniform unless the plan says otherwise (a hospital the rule selects must
+    /// not weigh more by claiming more samples, and a plan chosen out of distrust should not ask
+    /// every hospital for its size). Needs n ≥ 2f + 3 updates.
     MultiKrum {
         byzantine: usize,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         selected: Option<usize>,
-        #[serde(default)]
+        #[serde(default = "uniform")]
         weighting: Weighting,
     },
 }
 
+fn uniform() -> Weighting {
+    Weighting::Uniform
+}
 fn default_one() -> f64 {
     1.0
 }

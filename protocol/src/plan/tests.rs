@@ -397,6 +397,8 @@ fn strategies_parse_and_their_unsound_combinations_are_refused() {
     refused("kind = \"scaffold\"\nweighting = \"uniform\"", client_dp, "strategy", "not accounted");
     refused("kind = \"scaffold\"", secagg, "strategy", "secure aggregation");
     refused("kind = \"fedprox\"\nmu = -1", "", "strategy.mu", "≥ 0");
+    refused("kind = \"fedprox\"\nmu = 200", "", "strategy.mu", "diverges");
+    assert_eq!(ok("kind = \"multi_krum\"\nbyzantine = 1").strategy.weighting(), Weighting::Uniform);
     refused("kind = \"fedavgm\"\nmomentum = 1.0", "", "strategy.momentum", "[0, 1)");
     let adam = PLAN.replace("steps = 3\n", "steps = 3\noptimizer = \"adam\"\n");
     let adam = adam.replace("kind = \"fedadam\"\nserver_learning_rate = 0.01", "kind = \"scaffold\"");

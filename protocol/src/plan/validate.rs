@@ -437,6 +437,17 @@ impl Plan {
                 if !(mu.is_finite() && *mu >= 0.0) {
                     return Err(invalid("strategy.mu", "must be a number ≥ 0 (0 is FedAvg)"));
                 }
+                // With plain SGD the proximal term alone moves w − w_global by the factor
+                // 1 − η·μ each step: from η·μ ≥ 2 on it grows instead of shrinking.
+                let eta_mu = mu * self.local.learning_rate;
+                if self.local.optimizer == LocalOptimizer::Sgd && eta_mu >= 2.0 {
+                    return Err(invalid(
+                        "strategy.mu",
+                        format!(
+                            "times local.learning_rate is {eta_mu}; from 2 on, SGD's proximal step diverges: lower mu or the learning rate"
+                        ),
+                    ));
+                }
             }
             Strategy::Scaffold { server_learning_rate, .. } => {
                 positive("strategy.server_learning_rate", *server_learning_rate)?;
