@@ -187,7 +187,11 @@ impl Metrics {
             refusals.clone(),
         );
         registry.register("sanctum_connected_nodes", "Nodes with an open directive stream", connected_nodes.clone());
-        registry.register("sanctum_spool_bytes", "Bytes in the upload spool, partial uploads and robust round buffers", spool_bytes.clone());
+        registry.register(
+            "sanctum_spool_bytes",
+            "Bytes in the upload spool, partial uploads and robust round buffers",
+            spool_bytes.clone(),
+        );
         Self {
             registry,
             rounds_completed,
