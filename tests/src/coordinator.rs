@@ -117,9 +117,12 @@ impl CoordinatorProcess {
         std::fs::read_dir(self.state_dir().join("partial")).map(|d| d.count()).unwrap_or(0)
     }
 
-    /// Files in its upload spool now.
+    /// Uploads in its upload spool now: the files directly in `state/spool/` (its `robust/`
+    /// subdirectory holds the robust aggregators' round buffers, not uploads).
     pub fn spool_files(&self) -> usize {
-        std::fs::read_dir(self.state_dir().join("spool")).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(self.state_dir().join("spool"))
+            .map(|d| d.filter_map(Result::ok).filter(|e| e.path().is_file()).count())
+            .unwrap_or(0)
     }
 
     /// `localhost:PORT`, the name in the coordinator's certificate.
