@@ -343,7 +343,10 @@ async fn two_hundred_uploads_that_stop_four_bytes_short_free_their_spool() {
         std::thread::spawn(move || {
             let mut most = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let count = |d: &std::path::Path| std::fs::read_dir(d).map(|d| d.count()).unwrap_or(0);
+                // Files only: the spool's `robust/` directory holds no upload.
+                let count = |d: &std::path::Path| {
+                    std::fs::read_dir(d).map(|d| d.flatten().filter(|e| e.path().is_file()).count()).unwrap_or(0)
+                };
                 most = most.max(count(&spool_dir) + count(&partial_dir));
                 std::thread::sleep(Duration::from_millis(10));
             }
