@@ -53,7 +53,10 @@ pub async fn follow(events: impl Stream<Item = PlanEvent>, rounds: u32, metric: 
                 say(format!("  round {}: update from {} rejected: {}", r.round, r.node, r.reason));
             }
             Some(plan_event::Kind::RoundClosed(r)) => {
-                let m = mean(r.metrics.iter().map(|m| m.value));
+                // The test metric only: ε spent travels in the same list.
+                let m = mean(
+                    r.metrics.iter().filter(|m| m.name != sanctum_protocol::EPSILON_SPENT_METRIC).map(|m| m.value),
+                );
                 let dropped =
                     if r.dropped.is_empty() { String::new() } else { format!(", dropped: {}", r.dropped.join(", ")) };
                 say(format!(

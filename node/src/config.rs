@@ -155,6 +155,12 @@ pub struct Policy {
     /// relative to node.toml. A missing file approves none.
     #[serde(default = "default_model_approvals")]
     pub model_approvals: PathBuf,
+    /// Whether the node tells the coordinator its ε cap (`max_epsilon`) and what its data had
+    /// spent on other plans when it accepts a plan, so the lead's status page can show ε against
+    /// the cap. Off by default: it tells the consortium how much of the dataset's budget other
+    /// plans (perhaps of other consortia) have used.
+    #[serde(default)]
+    pub share_budget: bool,
 }
 
 fn default_model_approvals() -> PathBuf {
@@ -234,6 +240,7 @@ impl Default for Policy {
             test_metric_noise: None,
             public_min_train_rows: None,
             model_approvals: default_model_approvals(),
+            share_budget: false,
         }
     }
 }

@@ -50,3 +50,7 @@ pub use prost;
 
 /// The software version both binaries report, so a lead can see who runs what.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The metric a node sends with each update for the ε its data has spent on the run so far
+/// (its `samples` are the DP steps taken); never a test metric, so never a run's headline.
+pub const EPSILON_SPENT_METRIC: &str = "epsilon_spent";

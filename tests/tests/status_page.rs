@@ -187,9 +187,14 @@ async fn the_status_page_renders_during_a_plan_and_the_metrics_follow_its_rounds
     let _nodes: Vec<NodeProcess> = HOSPITALS
         .iter()
         .map(|h| {
-            let policy =
-                if *h == DECLINES { "max_epsilon = 0.5\n" } else { "max_epsilon = 1000.0\ntest_metrics = \"exact\"\n" };
-            NodeProcess::start_with_policy(&c, h, &addr, &heart_data(h), policy)
+            // Every hospital but va shares its budget with the page (`policy.share_budget`).
+            let share = if *h == "va" { "" } else { "share_budget = true\n" };
+            let policy = if *h == DECLINES {
+                "max_epsilon = 0.5\n".to_string()
+            } else {
+                format!("max_epsilon = 1000.0\ntest_metrics = \"exact\"\n{share}")
+            };
+            NodeProcess::start_with_policy(&c, h, &addr, &heart_data(h), &policy)
         })
         .collect();
     coord.wait_for_nodes(HOSPITALS.len());
@@ -225,6 +230,10 @@ async fn the_status_page_renders_during_a_plan_and_the_metrics_follow_its_rounds
     assert!(dom.contains("class=\"running\">running</td>"), "the plan was running when the page rendered");
     assert!(dom.contains("declined the plan"), "switzerland's refusal is listed");
     assert!(dom.contains("<svg"), "the charts are inline SVG");
+    // ε against the cap: cleveland shares its budget (nothing spent before this run), va does not.
+    assert!(dom.contains(" of 1000</span> (0 %; 0.000 before this run)"), "ε in all against the cap:\n{dom}");
+    assert!(dom.contains("cleveland cap"), "the cap is drawn in the ε chart");
+    assert!(dom.contains("not shared (<code>policy.share_budget</code>)"), "va's budget is said not to be shared");
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
     let _ = std::fs::remove_file(&shot);
     chromium(&["--window-size=1280,2000", &format!("--screenshot={}", shot.display())], &url);

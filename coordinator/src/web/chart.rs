@@ -23,6 +23,15 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     /// Drawn thicker (a mean over the others).
     pub bold: bool,
+    /// Drawn dashed, in the colour of the series before it (a hospital's cap after its ε).
+    pub dashed: bool,
+}
+
+impl Series {
+    /// A plain line.
+    pub fn line(label: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Self { label: label.into(), points, bold: false, dashed: false }
+    }
 }
 
 /// An SVG line chart (600 × 260: two side by side on a 1280-pixel screen), or a short paragraph when there is nothing to draw.
@@ -36,6 +45,7 @@ pub fn line_chart(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) ->
                 label: s.label.chars().take(LABEL_CHARS).collect(),
                 points: s.points.iter().skip(skip).copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect(),
                 bold: s.bold,
+                dashed: s.dashed,
             }
         })
         .filter(|s| !s.points.is_empty())
@@ -66,9 +76,21 @@ pub fn line_chart(title: &str, x_desc: &str, y_desc: &str, series: &[Series]) ->
                 .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))?;
             chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).light_line_style(WHITE.mix(0.0)).draw()?;
             let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, RGBColor(255, 140, 0), RGBColor(128, 0, 128)];
+            let mut colour = 0;
             for (i, s) in shown.iter().enumerate() {
-                let color = if s.bold { BLACK } else { palette[i % palette.len()] };
+                if !s.dashed || i == 0 {
+                    colour = i;
+                }
+                let color = if s.bold { BLACK } else { palette[colour % palette.len()] };
                 let width = if s.bold { 3 } else { 2 };
+                if s.dashed {
+                    let style = color.stroke_width(1);
+                    chart
+                        .draw_series(DashedLineSeries::new(s.points.clone(), 6, 4, style))?
+                        .label(s.label.as_str())
+                        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], style));
+                    continue;
+                }
                 chart
                     .draw_series(LineSeries::new(s.points.clone(), color.stroke_width(width)))?
                     .label(s.label.as_str())
@@ -108,22 +130,16 @@ mod tests {
 
     #[test]
     fn a_chart_escapes_its_labels_and_bounds_what_it_draws() {
-        let evil =
-            Series { label: "<script>alert(1)</script>".into(), points: vec![(1.0, 0.5), (2.0, 0.7)], bold: false };
+        let evil = Series::line("<script>alert(1)</script>", vec![(1.0, 0.5), (2.0, 0.7)]);
         let svg = line_chart("acc", "round", "accuracy", std::slice::from_ref(&evil));
         assert!(svg.starts_with("<svg") && !svg.contains("<script"), "{svg}");
-        let many: Vec<Series> = (0..30)
-            .map(|i| Series {
-                label: format!("n{i}"),
-                points: (0..5000).map(|x| (x as f64, 1.0)).collect(),
-                bold: false,
-            })
-            .collect();
+        let many: Vec<Series> =
+            (0..30).map(|i| Series::line(format!("n{i}"), (0..5000).map(|x| (x as f64, 1.0)).collect())).collect();
         let svg = line_chart("acc", "round", "accuracy", &many);
         assert!(svg.contains("first 12 of 30"));
         assert!(svg.len() < 2_000_000, "{} bytes", svg.len());
         assert!(line_chart("acc", "x", "y", &[]).contains("nothing to plot yet"));
-        let nan = Series { label: "x".into(), points: vec![(f64::NAN, 1.0)], bold: false };
+        let nan = Series::line("x", vec![(f64::NAN, 1.0)]);
         assert!(line_chart("acc", "x", "y", &[nan]).contains("nothing to plot"));
     }
 }

@@ -182,15 +182,14 @@ pub fn render(s: &Snapshot) -> String {
         "<h2>What this page knows</h2><p class=\"note\">Everything here is what the coordinator holds: the runs' \
          summaries, the events it keeps of each run (<code>limits.events_per_run</code>), the nodes it has seen, and \
          round times it measured since it started (a run resumed after a restart has no times for its earlier rounds). \
-         <b>ε per hospital</b>: <i>spent so far</i> is the ε the hospital sent with an update \
-         (<code>epsilon_spent</code>); the coordinator keeps one metric per hospital and round, the first it sends, \
-         so this is known only where the hospital's test metric stays at home (<code>policy.test_metrics</code>); \
-         <i>for the whole plan</i> is \
-         what it declared when it accepted: its total for this plan after the plan's last round \
-         (<code>PrivacyCost</code>). The hospital's cap (<code>policy.max_epsilon</code>) and \
-         what it has spent on other plans stay at the hospital: the coordinator does not know them, and this page \
-         does not guess. The hospital's own audit log has them (<code>sanctum-coordinator audit report --node-log</code> \
-         plots ε against the cap). Client-level ε of a DP-FedAvg plan is shown once the run has finished.</p>",
+         <b>ε per hospital</b>: <i>spent on this run so far</i> is the ε the hospital sent with its latest update \
+         (<code>epsilon_spent</code>); <i>for the whole plan</i> is what it declared when it accepted: its total \
+         for this plan after the plan's last round (<code>PrivacyCost</code>). <i>Spent in all</i> adds what its \
+         data had spent on other plans and runs when it accepted, and the cap is its <code>policy.max_epsilon</code>: \
+         a hospital sends both only if its <code>policy.share_budget</code> says so, and the page does not guess \
+         them otherwise. They are the hospital's word; its own ledger and audit log are the record \
+         (<code>sanctum-node budget</code>, <code>sanctum-coordinator audit report --node-log</code>). \
+         Client-level ε of a DP-FedAvg plan is shown once the run has finished.</p>",
     );
     h.push_str("</body></html>\n");
     h
@@ -307,8 +306,9 @@ fn run_section(h: &mut String, s: &Snapshot, run: &RunView) {
         h.push_str("<p class=\"muted\">no hospital has answered the offer yet</p>");
     } else {
         h.push_str(
-            "<table><tr><th>hospital</th><th>state</th><th>round</th><th>ε spent so far (reported)</th>\
-             <th>ε for the whole plan (declared)</th><th>δ</th><th>cap</th><th>reason</th></tr>",
+            "<table><tr><th>hospital</th><th>state</th><th>round</th><th>ε spent on this run so far (reported)</th>\
+             <th>ε for the whole plan (declared)</th><th>δ</th><th>ε spent in all, against the hospital's cap</th>\
+             <th>reason</th></tr>",
         );
         let spent = epsilon_spent(p);
         for part in &run.status.participants {
@@ -325,14 +325,13 @@ fn run_section(h: &mut String, s: &Snapshot, run: &RunView) {
                 }
                 _ => ("— (no DP at this hospital's answer)".into(), "—".into()),
             };
-            let so_far = spent
-                .get(part.node.as_str())
-                .map_or_else(|| "—".to_string(), |(round, e)| format!("{e:.3} (round {round})"));
+            let reported = spent.get(part.node.as_str()).copied();
+            let so_far = reported.map_or_else(|| "—".to_string(), |(round, e)| format!("{e:.3} (round {round})"));
+            let budget = budget_cell(Budget::of(part.privacy.as_ref()), reported.map_or(0.0, |(_, e)| e));
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td><span class=\"st {st}\">{}</span></td><td>{}</td><td class=\"n\">{so_far}</td>\
-                 <td class=\"n\">{eps}</td><td class=\"n\">{delta}</td>\
-                 <td class=\"muted\">not known to the coordinator</td><td>{}</td></tr>",
+                 <td class=\"n\">{eps}</td><td class=\"n\">{delta}</td><td>{budget}</td><td>{}</td></tr>",
                 esc(&part.node),
                 state_label(st),
                 if part.round > 0 { part.round.to_string() } else { "—".into() },
@@ -356,11 +355,11 @@ fn run_section(h: &mut String, s: &Snapshot, run: &RunView) {
         .iter()
         .map(|t| (t.closed_unix_ms.saturating_sub(start) as f64 / unit_ms, f64::from(t.round)))
         .collect();
-    let mut series = vec![Series { label: "rounds completed".into(), points: timeline, bold: false }];
+    let mut series = vec![Series::line("rounds completed", timeline)];
     let durations: Vec<(f64, f64)> =
         run.round_times.iter().filter_map(|t| Some((f64::from(t.round), t.seconds?))).collect();
     h.push_str(&line_chart("Rounds over time", x_desc, "round", &series));
-    series = vec![Series { label: "seconds open".into(), points: durations, bold: false }];
+    series = vec![Series::line("seconds open", durations)];
     h.push_str(&line_chart("Round duration", "round", "seconds", &series));
     match headline(p) {
         Some(metric) => {
@@ -372,9 +371,9 @@ fn run_section(h: &mut String, s: &Snapshot, run: &RunView) {
              decides whether its metric leaves</p>",
         ),
     }
-    let eps = metric_series(p, EPSILON_SPENT, false);
+    let eps = epsilon_series(p, &run.status);
     if !eps.is_empty() {
-        h.push_str(&line_chart("ε spent on this plan per hospital", "round", "ε spent", &eps));
+        h.push_str(&line_chart("ε spent per hospital, against its cap", "round", "ε spent", &eps));
     }
     h.push_str("</div>");
     // Refusals and failures.
@@ -411,9 +410,67 @@ fn run_section(h: &mut String, s: &Snapshot, run: &RunView) {
     }
 }
 
-/// The metric nodes send with each update for the ε they have spent on the plan so far (the
+/// The metric nodes send with each update for the ε they have spent on the run so far (the
 /// node's `round_metrics`); plotted on its own, never as the headline.
-const EPSILON_SPENT: &str = "epsilon_spent";
+const EPSILON_SPENT: &str = sanctum_protocol::EPSILON_SPENT_METRIC;
+
+/// A hospital's budget as it shared it with its answer (`policy.share_budget`); figures that
+/// are not finite non-negative numbers are treated as not shared.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Budget {
+    /// ε its data had spent on other plans and runs when it answered.
+    before: Option<f64>,
+    /// Its `policy.max_epsilon`.
+    cap: Option<f64>,
+}
+
+impl Budget {
+    fn of(cost: Option<&sanctum_protocol::proto::PrivacyCost>) -> Self {
+        let ok = |v: Option<f64>| v.filter(|v| v.is_finite() && *v >= 0.0);
+        let Some(c) = cost else { return Self::default() };
+        Self { before: ok(c.epsilon_spent_before), cap: ok(c.max_epsilon).filter(|c| *c > 0.0) }
+    }
+}
+
+/// The table cell for a hospital's ε in all (before this run plus `so_far` on it) against its cap.
+fn budget_cell(b: Budget, so_far: f64) -> String {
+    match (b.before, b.cap) {
+        (Some(before), Some(cap)) => {
+            let total = before + so_far;
+            let class = if total > cap { "st dropped" } else { "n" };
+            format!(
+                "<span class=\"{class}\">{total:.3} of {cap}</span> ({:.0} %; {before:.3} before this run)",
+                100.0 * total / cap
+            )
+        }
+        (Some(before), None) => format!("{:.3} (no cap set; {before:.3} before this run)", before + so_far),
+        (None, Some(cap)) => format!("cap {cap}"),
+        (None, None) => "<span class=\"muted\">not shared (<code>policy.share_budget</code>)</span>".into(),
+    }
+}
+
+/// Per hospital, the ε its data has spent in all over the run's rounds (from what it had spent
+/// before the run, at round 0) and its cap as a dashed line over the planned rounds; a hospital
+/// that shares no budget is drawn with this run's ε alone.
+fn epsilon_series(p: &PlanSummary, status: &PlanStatusResponse) -> Vec<Series> {
+    let budgets: BTreeMap<&str, Budget> =
+        status.participants.iter().map(|s| (s.node.as_str(), Budget::of(s.privacy.as_ref()))).collect();
+    let mut out = Vec::new();
+    for s in metric_series(p, EPSILON_SPENT, false) {
+        let b = budgets.get(s.label.as_str()).copied().unwrap_or_default();
+        let Some(before) = b.before else {
+            out.push(Series::line(format!("{} (this run)", s.label), s.points));
+            continue;
+        };
+        let points = std::iter::once((0.0, before)).chain(s.points.iter().map(|(x, y)| (*x, before + y))).collect();
+        out.push(Series::line(s.label.clone(), points));
+        if let Some(cap) = b.cap {
+            let end = f64::from(p.rounds_planned.max(1));
+            out.push(Series { dashed: true, ..Series::line(format!("{} cap", s.label), vec![(0.0, cap), (end, cap)]) });
+        }
+    }
+    out
+}
 
 /// The run's headline metric: the first name the nodes reported that is not [`EPSILON_SPENT`]
 /// (none when every hospital's `policy.test_metrics` keeps it at home).
@@ -445,9 +502,9 @@ fn metric_series(p: &PlanSummary, name: &str, mean: bool) -> Vec<Series> {
     }
     let mut series = Vec::new();
     if mean {
-        series.push(Series { label: "mean (by samples)".into(), points: means, bold: true });
+        series.push(Series { bold: true, ..Series::line("mean (by samples)", means) });
     }
-    series.extend(per_node.into_iter().map(|(node, points)| Series { label: node.to_string(), points, bold: false }));
+    series.extend(per_node.into_iter().map(|(node, points)| Series::line(node, points)));
     series
 }
 
@@ -553,7 +610,13 @@ mod tests {
                 node: "cleveland".into(),
                 state: state::TRAINING.into(),
                 round: 4,
-                privacy: Some(PrivacyCost { epsilon: 2.5, delta: 1e-5, ..Default::default() }),
+                privacy: Some(PrivacyCost {
+                    epsilon: 2.5,
+                    delta: 1e-5,
+                    max_epsilon: Some(10.0),
+                    epsilon_spent_before: Some(1.0),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
             ParticipantStatus { node: "va".into(), state: state::REPORTED.into(), round: 3, ..Default::default() },
@@ -609,7 +672,11 @@ mod tests {
         }
         // va reported round 3 and its stream is closed: disconnected, not idle.
         assert!(html.contains("<span class=\"st disconnected\">disconnected</span>"));
-        assert!(html.contains("not known to the coordinator"), "the cap is said to be unknown");
+        // cleveland shares its budget: 1.0 before the run and 2.4 on it, against its cap of 10.
+        assert!(html.contains("3.400 of 10</span> (34 %; 1.000 before this run)"), "ε in all against the cap");
+        assert!(html.contains("cleveland cap"), "the cap is drawn in the ε chart");
+        // va shares nothing: the page says so and does not guess.
+        assert!(html.contains("not shared (<code>policy.share_budget</code>)"), "an unshared budget is said to be");
         assert!(html.contains("round attempt 1 failed, retrying"));
         assert_eq!(html.matches("<svg").count(), 4, "rounds over time, durations, the metric, ε spent");
         assert!(html.contains("2.400 (round 3)"), "cleveland's ε spent so far, from its last update");
@@ -649,6 +716,25 @@ mod tests {
         assert_eq!(hospital_state(state::DROPPED, true), "dropped");
         assert_eq!(hospital_state(state::IN_ROUND, true), "in_round");
         assert_eq!(esc("a\u{1b}[31m<b>'"), "a[31m&lt;b&gt;&#39;");
+    }
+
+    #[test]
+    fn a_budget_is_shown_only_as_the_hospital_shared_it_and_nonsense_is_not_shared() {
+        let cost = |cap: Option<f64>, before: Option<f64>| PrivacyCost {
+            max_epsilon: cap,
+            epsilon_spent_before: before,
+            ..Default::default()
+        };
+        assert_eq!(Budget::of(None), Budget::default());
+        assert_eq!(Budget::of(Some(&cost(Some(f64::NAN), Some(-1.0)))), Budget::default());
+        assert_eq!(Budget::of(Some(&cost(Some(0.0), Some(f64::INFINITY)))), Budget::default());
+        let b = Budget::of(Some(&cost(Some(3.0), Some(2.5))));
+        assert_eq!(b, Budget { before: Some(2.5), cap: Some(3.0) });
+        assert!(
+            budget_cell(b, 1.0).contains("<span class=\"st dropped\">3.500 of 3</span> (117 %"),
+            "over the cap stands out"
+        );
+        assert!(budget_cell(Budget { before: Some(0.5), cap: None }, 1.0).starts_with("1.500 (no cap set"));
     }
 
     #[test]

@@ -390,6 +390,7 @@ impl Node {
                     steps: dp.steps,
                     sampling_rate: dp.accounted_rate,
                     noise_multiplier: dp.setup.noise_multiplier,
+                    ..Default::default()
                 });
                 // Client-level DP by distributed noise: one release per round, no sampling.
                 let privacy = privacy.or_else(|| {
@@ -399,7 +400,19 @@ impl Node {
                         steps: u64::from(rounds),
                         sampling_rate: 1.0,
                         noise_multiplier: d.noise_multiplier,
+                        ..Default::default()
                     })
+                });
+                // The hospital's cap and what other plans spent, when its policy shares them.
+                let privacy = privacy.map(|mut cost| {
+                    if self.cfg.policy.share_budget
+                        && let Some(a) = accepted
+                    {
+                        let before = self.ledger.spent(&a.plan.data.schema, Some((&offer.plan_id, &offer.run)));
+                        cost.max_epsilon = self.cfg.policy.max_epsilon;
+                        cost.epsilon_spent_before = Some(before.epsilon);
+                    }
+                    cost
                 });
                 let decision = PlanDecision {
                     node: None,

@@ -221,7 +221,11 @@ impl Node {
         let mut m: Vec<proto::Metric> = self.release_metric(plan_id, metric)?;
         // With sizes withheld, the cost is accounted at the public bound: it reveals nothing.
         if let Some(cost) = cost {
-            m.push(proto::Metric { name: "epsilon_spent".into(), value: cost.epsilon, samples: cost.steps });
+            m.push(proto::Metric {
+                name: sanctum_protocol::EPSILON_SPENT_METRIC.into(),
+                value: cost.epsilon,
+                samples: cost.steps,
+            });
         }
         Ok(m)
     }

@@ -119,6 +119,7 @@ impl RunEngine {
         let metrics = self
             .round_metrics
             .iter()
+            .flat_map(|(node, ms)| ms.iter().map(move |m| (node, m)))
             .map(|(node, m)| proto::NodeMetric {
                 node: node.clone(),
                 value: m.value,

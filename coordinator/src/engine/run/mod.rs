@@ -56,7 +56,7 @@ pub struct RunEngine {
     /// (then `acc` only checks updates; it sums nothing).
     pub(super) robust: Option<RobustRound>,
     /// Metrics reported with this round's updates (of the round's starting model).
-    pub(super) round_metrics: BTreeMap<String, proto::Metric>,
+    pub(super) round_metrics: BTreeMap<String, Vec<proto::Metric>>,
     /// Every metric each node reported on the final model, in its order (the first is the task's
     /// headline metric).
     pub(super) final_metrics: BTreeMap<NodeName, Vec<proto::Metric>>,
@@ -464,9 +464,7 @@ impl RunEngine {
             // The masked input joins the running sum only if the node may send one now.
             let sa_actions = sa.server.masked_input(node, &words, at).map_err(|e| Refused::Invalid(e.to_string()))?;
             let actions = self.run.admit_update(node, update.round, t)?;
-            if let Some(m) = update.metrics.into_iter().next() {
-                self.round_metrics.insert(node.to_string(), m);
-            }
+            self.round_metrics.insert(node.to_string(), kept_metrics(update.metrics));
             tracing::info!(node = %node, round = update.round, "masked input accepted");
             self.round_updates.push(entry);
             self.apply_secagg(sa_actions, now, fx);
@@ -500,9 +498,7 @@ impl RunEngine {
                 self.apply(failed, now, fx);
                 return Ok(());
             }
-            if let Some(m) = update.metrics.into_iter().next() {
-                self.round_metrics.insert(node.to_string(), m);
-            }
+            self.round_metrics.insert(node.to_string(), kept_metrics(update.metrics));
             tracing::info!(node = %node, round = update.round, kept = robust.count(), "update accepted and kept for the robust aggregator");
             self.round_updates.push(entry);
             self.apply(actions, now, fx);
@@ -513,9 +509,7 @@ impl RunEngine {
             tracing::debug!(node = %node, norm, clip = dp.clip_norm(), "update clipped for client-level DP");
         }
         self.acc.add(&values, weight).map_err(|e| Refused::Invalid(e.to_string()))?;
-        if let Some(m) = update.metrics.into_iter().next() {
-            self.round_metrics.insert(node.to_string(), m);
-        }
+        self.round_metrics.insert(node.to_string(), kept_metrics(update.metrics));
         tracing::info!(node = %node, round = update.round, "update accepted");
         self.round_updates.push(entry);
         self.apply(actions, now, fx);
@@ -544,6 +538,16 @@ impl RunEngine {
             run: self.run_id.to_string(),
         })
     }
+}
+
+/// What the coordinator keeps of the metrics a node sends with an update: its headline test
+/// metric (the first that is not ε) and the ε it has spent on the run so far, each at most once;
+/// nothing else a node sends is kept, so a node cannot grow the run's records.
+fn kept_metrics(metrics: Vec<proto::Metric>) -> Vec<proto::Metric> {
+    let is_eps = |m: &proto::Metric| m.name == sanctum_protocol::EPSILON_SPENT_METRIC;
+    let headline = metrics.iter().find(|m| !is_eps(m)).cloned();
+    let eps = metrics.into_iter().find(is_eps);
+    headline.into_iter().chain(eps).collect()
 }
 
 /// The robust aggregator of a plan that names one, with the run's (empty) round buffer.
