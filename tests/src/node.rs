@@ -45,6 +45,18 @@ impl NodeProcess {
         Self::start_configured(c, name, coordinator, data, policy, &[], false)
     }
 
+    /// Like [`NodeProcess::start_serving`], with extra environment variables (fault hooks).
+    pub fn start_serving_with(
+        c: &Consortium,
+        name: &str,
+        coordinator: &str,
+        data: &Path,
+        policy: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::start_configured(c, name, coordinator, data, policy, env, false)
+    }
+
     fn start_configured(
         c: &Consortium,
         name: &str,

@@ -29,6 +29,13 @@ const ROUNDS: u32 = 15;
 /// The round in flight when the coordinator is killed.
 const KILLED_IN: u32 = 7;
 const HOSPITALS: [&str; 3] = ["cleveland", "hungarian", "switzerland"];
+/// The hospital that stalls before training round [`KILLED_IN`] (a `fault-injection` hook), so
+/// that round cannot close before the kill however fast the others are: the kill's timing is not
+/// left to a race with a round that takes 0.1 s.
+const STALLED: &str = "switzerland";
+/// Shorter than the coordinator's heartbeat timeout (30 s), so the stalled hospital is not
+/// dropped and every run trains on all three.
+const STALL_SECS: &str = "4";
 
 fn plan(name: &str, dp: bool) -> String {
     let privacy =
@@ -100,10 +107,10 @@ fn killed_run(
         "round {before} never closed:\n{}",
         coord.log_text()
     );
-    // With `into_round` (the DP plan, whose rounds take seconds), into round 7 proper: killed once
-    // a hospital's round-7 update has left (it trained and charged its ledger), so the restarted
-    // coordinator meets nodes that already sent. The plan without DP runs a round in about 0.1 s,
-    // so it is killed as soon as round 6 closed.
+    // With `into_round` (the DP plan), into round 7 proper: killed once a hospital's round-7
+    // update has left (it trained and charged its ledger), so the restarted coordinator meets
+    // nodes that already sent. The plan without DP is killed as soon as round 6 closed. Either
+    // way round 7 is still open: STALLED waits STALL_SECS before training it.
     let plan_id = of_run(&coord.audit_records(), "plan_submitted", &run)
         .find_map(|r| r.params["plan_id"].as_str().map(str::to_string))
         .expect("the run's plan_submitted record");
@@ -238,7 +245,12 @@ fn kill9_during_round_7_of_15(backend: Backend) {
     // none by default, and this one's accuracy is not compared).
     let nodes: Vec<NodeProcess> = HOSPITALS
         .iter()
-        .map(|n| NodeProcess::start_serving(&c, n, &addr, &heart_data(n), "test_metrics = \"exact\""))
+        .map(|n| {
+            let round = KILLED_IN.to_string();
+            let stall = [("SANCTUM_FAULT_STALL_ROUND", round.as_str()), ("SANCTUM_FAULT_STALL_SECS", STALL_SECS)];
+            let env: &[(&str, &str)] = if *n == STALLED { &stall } else { &[] };
+            NodeProcess::start_serving_with(&c, n, &addr, &heart_data(n), "test_metrics = \"exact\"", env)
+        })
         .collect();
     coord.wait_for_nodes(HOSPITALS.len());
     let lead = lead_config(&c, &addr);
