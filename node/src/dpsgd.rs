@@ -63,11 +63,11 @@ pub(crate) fn clipped_sum(
                 let sq = g2.f_mul(&a2.f_add_scalar(1.0)?)?;
                 (PerExample::Linear { a: a.shallow_clone(), g }, sq)
             }
-            Layer::Conv { w, padding, .. } => {
+            Layer::Conv { w, stride, padding, .. } => {
                 let shape = w.size();
                 let k = shape[2];
                 let (batch, out) = (g.size()[0], g.size()[1]);
-                let patches = a.f_im2col([k, k], [1, 1], [*padding, *padding], [1, 1])?; // (B, C·k·k, L)
+                let patches = a.f_im2col([k, k], [1, 1], [*padding, *padding], [*stride, *stride])?; // (B, C·k·k, L)
                 let g = g.f_reshape([batch, out, -1])?; // (B, O, L)
                 let grads = g.f_bmm(&patches.f_transpose(1, 2)?)?; // (B, O, C·k·k)
                 let bias = g.f_sum_dim_intlist(2, false, Kind::Float)?; // (B, O)
@@ -108,7 +108,7 @@ pub(crate) fn clipped_sum(
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
-    use sanctum_protocol::model::ModelSpec;
+    use sanctum_protocol::model::{ConvLayer, ModelSpec};
     use tch::Device;
 
     use super::*;
@@ -152,6 +152,19 @@ mod tests {
             ModelSpec::Mlp { inputs: 13, hidden: vec![32, 8], outputs: 1 },
             ModelSpec::Cnn { channels: 1, height: 13, width: 1, filters: vec![4], kernel_size: 3, outputs: 1 },
             ModelSpec::Cnn { channels: 2, height: 6, width: 6, filters: vec![8, 4], kernel_size: 3, outputs: 1 },
+            // Strided, padded convolutions with max-pooling between them, then a hidden layer:
+            // 8 → conv 3/s2/p1 → 4 → pool 2/1 → 3 → conv 2 → 2, 2·2·2 = 8 features → 5 → 1.
+            ModelSpec::Convnet {
+                channels: 1,
+                height: 8,
+                width: 8,
+                conv: vec![
+                    ConvLayer { filters: 3, kernel: 3, stride: 2, padding: 1, pool: 2, pool_stride: 1 },
+                    ConvLayer { filters: 2, kernel: 2, stride: 1, padding: 0, pool: 0, pool_stride: 1 },
+                ],
+                hidden: vec![5],
+                outputs: 1,
+            },
         ];
         for (m, spec) in models.iter().enumerate() {
             for clip in [0.05, 1.0, 1e6] {

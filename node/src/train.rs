@@ -38,8 +38,8 @@ pub use crate::device::{DeviceError, check_device, device_name, parse_device};
 pub(crate) enum Layer {
     /// weight [out, in]
     Linear { w: Tensor, b: Tensor },
-    /// weight [out, in, k, k], stride 1, same padding
-    Conv { w: Tensor, b: Tensor, padding: i64 },
+    /// weight [out, in, k, k]; ReLU, then `pool` = (window, stride) max-pooling when set
+    Conv { w: Tensor, b: Tensor, stride: i64, padding: i64, pool: Option<(i64, i64)> },
 }
 
 impl Layer {
@@ -51,8 +51,9 @@ impl Layer {
 }
 
 /// A feed-forward net built from a layout of `(…weight, …bias)` pairs, ReLU between layers:
-/// 2-D weights are linear layers, 4-D weights convolutions. Flat feature rows are reshaped to
-/// images before the first convolution and flattened again before the first linear layer.
+/// 2-D weights are linear layers, 4-D weights convolutions, whose strides, paddings and pools
+/// come from the model ([`ModelSpec::conv_geometry`]). Flat feature rows are reshaped to images
+/// before the first convolution and flattened again before the first linear layer.
 pub(crate) struct Net {
     vs: nn::VarStore,
     pub(crate) layers: Vec<Layer>,
@@ -80,15 +81,24 @@ impl Net {
         if vars.len() % 2 != 0 {
             return Err(TrainError::Model("layout is not (weight, bias) pairs".into()));
         }
+        let mut geometry = model.conv_geometry().into_iter();
         let layers = vars
             .chunks(2)
             .map(|c| {
                 let (w, b) = (c[0].shallow_clone(), c[1].shallow_clone());
                 match w.size().as_slice() {
                     [_, _] => Ok(Layer::Linear { w, b }),
-                    [_, _, k, _] => {
-                        let padding = k / 2;
-                        Ok(Layer::Conv { w, b, padding })
+                    [_, _, _, _] => {
+                        let g = geometry.next().ok_or_else(|| {
+                            TrainError::Model("the layout has more convolutions than the model".into())
+                        })?;
+                        Ok(Layer::Conv {
+                            w,
+                            b,
+                            stride: g.stride as i64,
+                            padding: g.padding as i64,
+                            pool: g.pool.map(|(k, s)| (k as i64, s as i64)),
+                        })
                     }
                     other => Err(TrainError::Model(format!("weight of shape {other:?} is neither linear nor conv"))),
                 }
@@ -115,14 +125,14 @@ impl Net {
         let mut record = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let out = match layer {
-                Layer::Conv { w, b, padding } => {
+                Layer::Conv { w, b, stride, padding, .. } => {
                     if h.dim() == 2 {
                         let [c, hh, ww] =
                             self.image.ok_or_else(|| TchError::Kind("convolution without an image shape".into()))?;
                         h = h.f_view([-1, c, hh, ww])?;
                     }
                     let input = h.f_detach()?;
-                    let out = h.f_conv2d(w, Some(b), [1, 1], [*padding, *padding], [1, 1], 1)?;
+                    let out = h.f_conv2d(w, Some(b), [*stride, *stride], [*padding, *padding], [1, 1], 1)?;
                     record.push((input, out.shallow_clone()));
                     out
                 }
@@ -137,6 +147,9 @@ impl Net {
                 }
             };
             h = if i + 1 < self.layers.len() { out.f_relu()? } else { out };
+            if let Layer::Conv { pool: Some((k, s)), .. } = layer {
+                h = h.f_max_pool2d([*k, *k], [*s, *s], [0, 0], [1, 1], false)?;
+            }
         }
         Ok((h, record))
     }

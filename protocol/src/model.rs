@@ -40,6 +40,21 @@ pub enum ModelSpec {
         #[serde(default = "one", skip_serializing_if = "is_one")]
         outputs: usize,
     },
+    /// A convolutional net with PyTorch's layer kinds: each entry of `conv` is
+    /// `Conv2d(filters, kernel, stride, padding) → ReLU`, then `MaxPool2d(pool, pool_stride)` when
+    /// `pool` > 0; the result is flattened, then `Linear → ReLU` per entry of `hidden`, then
+    /// `Linear(…, outputs)`. Opacus's MNIST network is `conv = [{16, 5, s2, p2, pool 2/1},
+    /// {32, 4, s2, pool 2/1}]`, `hidden = [32]`, `outputs = 10`.
+    Convnet {
+        channels: usize,
+        height: usize,
+        width: usize,
+        conv: Vec<ConvLayer>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        hidden: Vec<usize>,
+        #[serde(default = "one", skip_serializing_if = "is_one")]
+        outputs: usize,
+    },
     /// The linear Cox proportional-hazards model: `Linear(inputs, 1)` whose output is the log
     /// relative risk (FLamby's Fed-TCGA-BRCA baseline). The bias does not change the partial
     /// likelihood; it is kept so the layout is PyTorch's `nn.Linear(inputs, 1)`.
@@ -54,6 +69,56 @@ fn one() -> usize {
 }
 fn is_one(v: &usize) -> bool {
     *v == 1
+}
+fn is_zero(v: &usize) -> bool {
+    *v == 0
+}
+
+/// One convolution of a [`ModelSpec::Convnet`], with its optional max-pooling.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConvLayer {
+    /// Output channels.
+    pub filters: usize,
+    /// The square kernel's side.
+    pub kernel: usize,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub stride: usize,
+    /// Zero padding on each side, at most `kernel / 2` (PyTorch's own limit).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub padding: usize,
+    /// The max-pool window's side after the ReLU; 0 for no pooling.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pool: usize,
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub pool_stride: usize,
+}
+
+impl ConvLayer {
+    /// The side of this layer's output (after pooling) for an input side `n`: `None` when the
+    /// kernel or the pool window does not fit, or a stride is 0.
+    fn out_side(&self, n: usize) -> Option<usize> {
+        if self.stride == 0 || self.kernel == 0 || self.padding > self.kernel / 2 {
+            return None;
+        }
+        let conv = n.checked_add(2 * self.padding)?.checked_sub(self.kernel)? / self.stride + 1;
+        if self.pool == 0 {
+            return Some(conv);
+        }
+        if self.pool_stride == 0 {
+            return None;
+        }
+        Some(conv.checked_sub(self.pool)? / self.pool_stride + 1)
+    }
+}
+
+/// How a node runs one convolution: the geometry the weight's shape does not say.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub stride: usize,
+    pub padding: usize,
+    /// `(window, stride)` of the max-pool after the ReLU.
+    pub pool: Option<(usize, usize)>,
 }
 
 /// A TorchScript model as a plan names it. The plan states the parameters (names and shapes, in
@@ -104,6 +169,8 @@ impl TensorSpec {
 pub enum ModelError {
     #[error("model needs at least one input and every hidden layer at least one unit")]
     EmptyLayer,
+    #[error("model geometry: {0}")]
+    Geometry(String),
     #[error("model has {got} parameters, the layout needs {want}")]
     Size { got: usize, want: usize },
     #[error("model file is not valid safetensors: {0}")]
@@ -131,6 +198,22 @@ impl ModelSpec {
                 layers.push(("out".into(), c * height * width, *outputs));
                 layers
             }
+            ModelSpec::Convnet { channels, conv, hidden, outputs, .. } => {
+                let mut layers = Vec::new();
+                let mut c = *channels;
+                for (i, l) in conv.iter().enumerate() {
+                    layers.push((format!("conv.{i}"), c * l.kernel * l.kernel, l.filters));
+                    c = l.filters;
+                }
+                let (h, w) = self.conv_output_side().unwrap_or((0, 0));
+                let mut fan_in = c * h * w;
+                for (i, &units) in hidden.iter().enumerate() {
+                    layers.push((format!("hidden.{i}"), fan_in, units));
+                    fan_in = units;
+                }
+                layers.push(("out".into(), fan_in, *outputs));
+                layers
+            }
             ModelSpec::LogisticRegression { inputs, outputs } => vec![("fc".into(), *inputs, *outputs)],
             ModelSpec::Cox { inputs } => vec![("fc".into(), *inputs, 1)],
             // Not layers of the zoo: its layout is the plan's list.
@@ -148,13 +231,43 @@ impl ModelSpec {
         }
     }
 
+    /// A convnet's (height, width) after its last convolution and pooling; `None` for other
+    /// models and for a geometry whose kernels or pools do not fit.
+    fn conv_output_side(&self) -> Option<(usize, usize)> {
+        let ModelSpec::Convnet { height, width, conv, .. } = self else {
+            return None;
+        };
+        conv.iter().try_fold((*height, *width), |(h, w), l| Some((l.out_side(h)?, l.out_side(w)?)))
+    }
+
+    /// How a node runs each convolution, in order: the zoo's `cnn` pads to the same size with
+    /// stride 1 and no pooling; a `convnet` says each layer's geometry.
+    pub fn conv_geometry(&self) -> Vec<ConvGeometry> {
+        match self {
+            ModelSpec::Cnn { filters, kernel_size, .. } => {
+                vec![ConvGeometry { stride: 1, padding: kernel_size / 2, pool: None }; filters.len()]
+            }
+            ModelSpec::Convnet { conv, .. } => conv
+                .iter()
+                .map(|l| ConvGeometry {
+                    stride: l.stride,
+                    padding: l.padding,
+                    pool: (l.pool > 0).then_some((l.pool, l.pool_stride)),
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Number of input features the model expects.
     pub fn inputs(&self) -> usize {
         match self {
             ModelSpec::LogisticRegression { inputs, .. }
             | ModelSpec::Mlp { inputs, .. }
             | ModelSpec::Cox { inputs } => *inputs,
-            ModelSpec::Cnn { channels, height, width, .. } => channels * height * width,
+            ModelSpec::Cnn { channels, height, width, .. } | ModelSpec::Convnet { channels, height, width, .. } => {
+                channels * height * width
+            }
             ModelSpec::Torchscript(t) => t.inputs,
         }
     }
@@ -164,7 +277,8 @@ impl ModelSpec {
         match self {
             ModelSpec::LogisticRegression { outputs, .. }
             | ModelSpec::Mlp { outputs, .. }
-            | ModelSpec::Cnn { outputs, .. } => *outputs,
+            | ModelSpec::Cnn { outputs, .. }
+            | ModelSpec::Convnet { outputs, .. } => *outputs,
             ModelSpec::Cox { .. } => 1,
             ModelSpec::Torchscript(t) => t.outputs,
         }
@@ -173,9 +287,34 @@ impl ModelSpec {
     /// `(channels, height, width)` for a CNN, whose flat feature rows are reshaped to images.
     pub fn image_shape(&self) -> Option<(usize, usize, usize)> {
         match self {
-            ModelSpec::Cnn { channels, height, width, .. } => Some((*channels, *height, *width)),
+            ModelSpec::Cnn { channels, height, width, .. } | ModelSpec::Convnet { channels, height, width, .. } => {
+                Some((*channels, *height, *width))
+            }
             _ => None,
         }
+    }
+
+    /// A convnet's kernels, strides, paddings and pools fit its image, layer by layer, in checked
+    /// arithmetic (so it may run before the parameter count is bounded); other models pass.
+    pub fn validate_geometry(&self) -> Result<(), ModelError> {
+        let ModelSpec::Convnet { height, width, conv, .. } = self else {
+            return Ok(());
+        };
+        if conv.is_empty() {
+            return Err(ModelError::EmptyLayer);
+        }
+        let (mut h, mut w) = (*height, *width);
+        for (i, l) in conv.iter().enumerate() {
+            let (Some(nh), Some(nw)) = (l.out_side(h), l.out_side(w)) else {
+                return Err(ModelError::Geometry(format!(
+                    "convolution {i} (kernel {}, stride {}, padding {}, pool {}/{}) does not fit its {h}×{w} input; \
+                     strides must be at least 1, padding at most kernel/2, and kernel and pool no larger than the padded input",
+                    l.kernel, l.stride, l.padding, l.pool, l.pool_stride
+                )));
+            };
+            (h, w) = (nh, nw);
+        }
+        Ok(())
     }
 
     /// Rejects degenerate architectures.
@@ -183,6 +322,7 @@ impl ModelSpec {
         if let ModelSpec::Torchscript(t) = self {
             return t.validate();
         }
+        self.validate_geometry()?;
         if self.linear_layers().iter().any(|(_, i, o)| *i == 0 || *o == 0) {
             return Err(ModelError::EmptyLayer);
         }
@@ -199,16 +339,19 @@ impl ModelSpec {
         if let ModelSpec::Torchscript(t) = self {
             return t.parameters.iter().map(|p| TensorSpec { name: p.name.clone(), shape: p.shape.clone() }).collect();
         }
-        let kernel = match self {
-            ModelSpec::Cnn { kernel_size, .. } => Some(*kernel_size),
-            _ => None,
+        let kernels: Vec<usize> = match self {
+            ModelSpec::Cnn { kernel_size, filters, .. } => vec![*kernel_size; filters.len()],
+            ModelSpec::Convnet { conv, .. } => conv.iter().map(|l| l.kernel).collect(),
+            _ => Vec::new(),
         };
         self.linear_layers()
             .into_iter()
-            .flat_map(|(name, fan_in, fan_out)| {
-                let weight = match kernel {
-                    Some(k) if name.starts_with("conv.") => vec![fan_out, fan_in / (k * k), k, k],
-                    _ => vec![fan_out, fan_in],
+            .enumerate()
+            .flat_map(|(i, (name, fan_in, fan_out))| {
+                // The convolutions come first, one per kernel.
+                let weight = match kernels.get(i) {
+                    Some(&k) => vec![fan_out, fan_in / (k * k).max(1), k, k],
+                    None => vec![fan_out, fan_in],
                 };
                 [
                     TensorSpec { name: format!("{name}.weight"), shape: weight },
@@ -253,6 +396,22 @@ impl ModelSpec {
                 // `inputs()` multiplies these three too.
                 u(*channels)?.checked_mul(u(*height)?)?.checked_mul(u(*width)?)?;
             }
+            ModelSpec::Convnet { channels, conv, hidden, outputs, height, width } => {
+                u(*channels)?.checked_mul(u(*height)?)?.checked_mul(u(*width)?)?;
+                let mut c = u(*channels)?;
+                for l in conv {
+                    layers.push((c.checked_mul(u(l.kernel)?.checked_mul(u(l.kernel)?)?)?, u(l.filters)?));
+                    c = u(l.filters)?;
+                }
+                // Out sides never exceed the padded input, so they are bounded by the checks above.
+                let (h, w) = self.conv_output_side()?;
+                let mut fan_in = c.checked_mul(u(h)?)?.checked_mul(u(w)?)?;
+                for &units in hidden {
+                    layers.push((fan_in, u(units)?));
+                    fan_in = u(units)?;
+                }
+                layers.push((fan_in, u(*outputs)?));
+            }
         }
         layers.into_iter().try_fold(0u64, |total, (fan_in, fan_out)| {
             total.checked_add(fan_in.checked_mul(fan_out)?.checked_add(fan_out)?)
@@ -270,6 +429,7 @@ impl ModelSpec {
             ModelSpec::LogisticRegression { .. } => "logistic_regression",
             ModelSpec::Mlp { .. } => "mlp",
             ModelSpec::Cnn { .. } => "cnn",
+            ModelSpec::Convnet { .. } => "convnet",
             ModelSpec::Cox { .. } => "cox",
             ModelSpec::Torchscript(_) => "torchscript",
         }
@@ -472,6 +632,71 @@ mod tests {
                 .validate()
                 .is_err()
         );
+    }
+
+    /// Opacus's MNIST network (its `examples/mnist.py` SampleConvNet, at the benchmark's 5×5 first
+    /// kernel), as a plan writes it.
+    fn opacus_mnist_cnn() -> ModelSpec {
+        let plan = "kind = 'convnet'\nchannels = 1\nheight = 28\nwidth = 28\nhidden = [32]\noutputs = 10\n\
+                    [[conv]]\nfilters = 16\nkernel = 5\nstride = 2\npadding = 2\npool = 2\n\
+                    [[conv]]\nfilters = 32\nkernel = 4\nstride = 2\npool = 2\n";
+        toml::from_str(plan).expect("the convnet parses")
+    }
+
+    #[test]
+    fn a_convnet_has_pytorchs_shapes_and_refuses_a_geometry_that_does_not_fit() {
+        let cnn = opacus_mnist_cnn();
+        cnn.validate().expect("valid");
+        let shapes: Vec<(String, Vec<usize>)> = cnn.layout().into_iter().map(|t| (t.name, t.shape)).collect();
+        // 28 → conv 5/s2/p2 → 14 → pool 2/1 → 13 → conv 4/s2 → 5 → pool 2/1 → 4: 32·4·4 = 512 features,
+        // as torch.nn prints the same network's parameters.
+        assert_eq!(
+            shapes,
+            [
+                ("conv.0.weight".to_string(), vec![16, 1, 5, 5]),
+                ("conv.0.bias".to_string(), vec![16]),
+                ("conv.1.weight".to_string(), vec![32, 16, 4, 4]),
+                ("conv.1.bias".to_string(), vec![32]),
+                ("hidden.0.weight".to_string(), vec![32, 512]),
+                ("hidden.0.bias".to_string(), vec![32]),
+                ("out.weight".to_string(), vec![10, 32]),
+                ("out.bias".to_string(), vec![10]),
+            ]
+        );
+        // sum(p.numel() for p in net.parameters()) in PyTorch.
+        assert_eq!(cnn.num_params(), 25_386);
+        assert_eq!(cnn.checked_num_params(), Some(25_386));
+        assert_eq!((cnn.inputs(), cnn.outputs(), cnn.name()), (784, 10, "convnet"));
+        assert_eq!(cnn.conv_geometry()[0], ConvGeometry { stride: 2, padding: 2, pool: Some((2, 1)) });
+        // Serialised back as written (defaults left out), so the coordinator and nodes agree on it.
+        let again: ModelSpec = toml::from_str(&toml::to_string(&cnn).expect("serialises")).expect("parses");
+        assert_eq!(again, cnn);
+
+        let with = |f: &dyn Fn(&mut ConvLayer)| {
+            let mut spec = opacus_mnist_cnn();
+            if let ModelSpec::Convnet { conv, .. } = &mut spec {
+                f(&mut conv[1]);
+            }
+            spec
+        };
+        for (bad, why) in [
+            (with(&|l| l.kernel = 14), "a kernel larger than its 13×13 input"),
+            (with(&|l| l.stride = 0), "stride 0"),
+            (with(&|l| l.padding = 3), "padding over kernel/2"),
+            (with(&|l| l.pool = 6), "a pool larger than the 5×5 convolution output"),
+            (with(&|l| l.pool_stride = 0), "pool stride 0"),
+            (with(&|l| l.kernel = usize::MAX), "a kernel of usize::MAX"),
+        ] {
+            let err = bad.validate().expect_err(why);
+            assert!(matches!(err, ModelError::Geometry(_)), "{why}: {err}");
+            assert!(err.to_string().contains("convolution 1"), "{why}: {err}");
+            assert_eq!(bad.checked_num_params(), None, "{why}");
+        }
+        let mut empty = opacus_mnist_cnn();
+        if let ModelSpec::Convnet { conv, .. } = &mut empty {
+            conv.clear();
+        }
+        assert!(matches!(empty.validate(), Err(ModelError::EmptyLayer)));
     }
 
     #[test]

@@ -252,11 +252,14 @@ impl Plan {
 
     /// The model's depth and parameter count within [`limits`], computed without overflow.
     fn validate_model_size(&self) -> Result<(), PlanError> {
+        // A convnet's sizes follow from its geometry: one that does not fit has no size to bound.
+        self.model.validate_geometry().map_err(|e| invalid("model", e.to_string()))?;
         let layers = match &self.model {
             ModelSpec::LogisticRegression { .. } | ModelSpec::Cox { .. } => 0,
             ModelSpec::Torchscript(t) => t.parameters.len().div_ceil(16),
             ModelSpec::Mlp { hidden, .. } => hidden.len(),
             ModelSpec::Cnn { filters, .. } => filters.len(),
+            ModelSpec::Convnet { conv, hidden, .. } => conv.len() + hidden.len(),
         };
         if layers > limits::MAX_MODEL_LAYERS {
             return Err(invalid(
