@@ -11,8 +11,8 @@
 //!
 //!   ṽ = Σ_rows φ(x) + N(0, (z·Δ)²·I),   Δ = √(1 + 2d),
 //!
-//! noise drawn by [`SecureGaussian`] (ChaCha20 from the OS, the floating-point hardening of Holohan
-//! and Braghin), never a seeded generator: ñ = ṽ₀ is the noised count, S̃₁ⱼ, S̃₂ⱼ the noised sums.
+//! noise drawn by [`SecureGaussian`] (AES-256-CTR keyed from the OS, the floating-point hardening
+//! of Holohan and Braghin), never a seeded generator: ñ = ṽ₀ is the noised count, S̃₁ⱼ, S̃₂ⱼ the noised sums.
 //!
 //! # Sensitivity
 //! Neighbouring datasets differ by adding or removing one row (the schema's privacy unit; a

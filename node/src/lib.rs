@@ -55,6 +55,7 @@ pub mod ledger;
 pub mod link;
 pub mod loss;
 pub mod metrics;
+pub mod noise_pool;
 pub mod policy;
 pub mod receipt;
 pub mod release;

@@ -14,11 +14,12 @@ use sanctum_protocol::model::{ModelSpec, TensorSpec, Weights};
 use sanctum_protocol::plan::{LocalOptimizer, Plan};
 use sanctum_protocol::privacy::noise::SecureGaussian;
 use tch::nn::OptimizerConfig;
-use tch::{Device, Kind, Reduction, TchError, Tensor, nn};
+use tch::{Device, Kind, TchError, Tensor, nn};
 
 use crate::correction::Correction;
 use crate::data::LocalData;
 use crate::loss::LossTargets;
+use crate::noise_pool::NoisePool;
 
 /// Why training or evaluation failed.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum TrainError {
     Model(String),
     #[error("training diverged: the update has non-finite values (lower local.learning_rate)")]
     Diverged,
+    #[error("DP-SGD noise: {0}")]
+    Noise(#[from] crate::noise_pool::NoiseWorkerPanicked),
 }
 
 // The device setting moved to its own module; re-exported so `train::parse_device` still names it.
@@ -466,8 +469,9 @@ pub struct DpSetup {
 /// One round of DP-SGD from `global`: each step samples every training example independently
 /// with probability q, clips each example's gradient to `clip_norm` (ghost clipping, see
 /// [`crate::dpsgd`]), adds N(0, (σ·C)²) noise from the OS-seeded CSPRNG to the sum, divides by
-/// the expected batch size q·n, and takes an SGD step. Batches are drawn from the secure stream
-/// too, so a DP round is deliberately not reproducible from the plan's seed.
+/// the expected batch size q·n, and takes an SGD step. Each step's noise is drawn while the step
+/// before it computes ([`NoisePool`]). Batches are drawn from the secure stream too, so a DP
+/// round is deliberately not reproducible from the plan's seed.
 pub fn train_round_dp(
     plan: &Plan,
     global: &Weights,
@@ -493,9 +497,10 @@ pub fn train_round_dp(
     let lr = plan.local.learning_rate;
     let std = dp.noise_multiplier * dp.clip_norm;
     let mut secure = SecureGaussian::from_os();
+    let mut noise = NoisePool::new(NoisePool::threads_beside_torch(device));
     let mut loss_sum = 0.0;
     let params = net.params();
-    for _ in 0..plan.local.steps {
+    for step in 0..plan.local.steps {
         let idx: Vec<i64> = (0..n as i64).filter(|_| secure.uniform() < dp.sampling_rate).collect();
         let sums: Vec<Tensor> = if idx.is_empty() {
             params.iter().map(|p| p.f_zeros_like()).collect::<Result<_, _>>()?
@@ -508,25 +513,30 @@ pub fn train_round_dp(
             })?;
             net.clipped_sum(&xb, &tb.y, dp.clip_norm, data.task, weights.as_deref())?
         };
-        noisy_sgd_update(&params, sums, (&mut secure, std), expected_batch, lr, correction)?;
+        let more = step + 1 < plan.local.steps;
+        noisy_sgd_update(&params, sums, (&mut noise, std, more), expected_batch, lr, correction)?;
     }
     finish_round(&net, global, plan, loss_sum, started)
 }
 
 /// θ ← θ − lr·((Σ clipped + N(0, std²))/(expected batch) + correction), parameter by parameter:
-/// the correction reads no data, so it comes after the noise (see [`crate::correction`]).
+/// the correction reads no data, so it comes after the noise (see [`crate::correction`]). The
+/// noise for every parameter is one buffer from `pool`, which starts drawing the next step's
+/// when `more` steps follow.
 fn noisy_sgd_update(
     params: &[Tensor],
     sums: Vec<Tensor>,
-    (secure, std): (&mut SecureGaussian, f64),
+    (pool, std, more): (&mut NoisePool, f64, bool),
     expected_batch: f64,
     lr: f64,
     correction: &Correction,
-) -> Result<(), TchError> {
+) -> Result<(), TrainError> {
+    let noise = pool.take(sums.iter().map(Tensor::numel).sum(), std, more)?;
+    let mut rest = noise.as_slice();
     for (k, (p, sum)) in params.iter().zip(sums).enumerate() {
-        let mut noise = vec![0f32; sum.numel()];
-        secure.fill(&mut noise, std);
-        let noise = Tensor::f_from_slice(&noise)?.f_view(sum.size().as_slice())?.f_to_device(sum.device())?;
+        let (mine, after) = rest.split_at(sum.numel());
+        rest = after;
+        let noise = Tensor::f_from_slice(mine)?.f_view(sum.size().as_slice())?.f_to_device(sum.device())?;
         let mut grad = sum.f_add(&noise)?.f_div_scalar(expected_batch)?;
         if let Some(term) = correction.term(k, p)? {
             grad = grad.f_add(&term)?;
@@ -545,24 +555,30 @@ pub struct StepBench {
     opt: nn::Optimizer,
     x: Tensor,
     y: Tensor,
-    secure: SecureGaussian,
+    task: Task,
+    noise: NoisePool,
 }
 
 impl StepBench {
-    /// A model from `spec` and a random batch of `batch` examples.
+    /// A model from `spec` and a random batch of `batch` examples: binary labels for one output,
+    /// class labels for several; the DP step's noise drawn ahead on the cores libtorch leaves free.
     pub fn new(spec: &sanctum_protocol::model::ModelSpec, batch: i64, device: Device) -> Result<Self, TrainError> {
         let net = Net::new(spec, &spec.init(0), device)?;
         let params = net.params();
         let opt = nn::Sgd::default().build(&net.vs, 0.01)?;
         let x = Tensor::f_randn([batch, spec.inputs() as i64], (Kind::Float, device))?;
-        let y = Tensor::f_randint(2, [batch], (Kind::Float, device))?;
-        Ok(Self { net, params, opt, x, y, secure: SecureGaussian::from_os() })
+        let outputs = spec.outputs();
+        let task = if outputs == 1 { Task::Binary } else { Task::Multiclass { classes: outputs } };
+        let y = Tensor::f_randint(outputs.max(2) as i64, [batch], (Kind::Float, device))?;
+        let noise = NoisePool::new(NoisePool::threads_beside_torch(device));
+        Ok(Self { net, params, opt, x, y, task, noise })
     }
 
     /// Forward, mean loss, backward, SGD step.
     pub fn plain_step(&mut self) -> Result<(), TrainError> {
-        let logits = self.net.forward(&self.x)?.f_view([-1])?;
-        let loss = logits.f_binary_cross_entropy_with_logits::<Tensor>(&self.y, None, None, Reduction::Mean)?;
+        let out = self.net.forward(&self.x)?;
+        let loss = crate::loss::batch_loss(self.task, &out, &LossTargets::Labels(&self.y), None)
+            .map_err(|e| TrainError::Model(e.to_string()))?;
         self.opt.zero_grad();
         loss.f_backward()?;
         self.opt.step();
@@ -571,18 +587,19 @@ impl StepBench {
 
     /// The clipped per-example sum alone (no noise, no update): the clipping's share of a DP step.
     pub fn clip_only(&mut self, clip_norm: f64) -> Result<(), TrainError> {
-        crate::dpsgd::clipped_sum(&self.net, &self.x, &self.y, clip_norm, Task::Binary, None)?;
+        crate::dpsgd::clipped_sum(&self.net, &self.x, &self.y, clip_norm, self.task, None)?;
         Ok(())
     }
 
-    /// Clipped per-example sum by ghost norms, secure Gaussian noise, SGD step.
+    /// Clipped per-example sum by ghost norms, secure Gaussian noise (drawn during the step before,
+    /// as in a DP round), SGD step.
     pub fn dp_step(&mut self, noise_multiplier: f64, clip_norm: f64) -> Result<(), TrainError> {
-        let sums = crate::dpsgd::clipped_sum(&self.net, &self.x, &self.y, clip_norm, Task::Binary, None)?.grads;
+        let sums = crate::dpsgd::clipped_sum(&self.net, &self.x, &self.y, clip_norm, self.task, None)?.grads;
         let batch = self.x.size()[0] as f64;
         noisy_sgd_update(
             &self.params,
             sums,
-            (&mut self.secure, noise_multiplier * clip_norm),
+            (&mut self.noise, noise_multiplier * clip_norm, true),
             batch,
             0.01,
             &Correction::none(),

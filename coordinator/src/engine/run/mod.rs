@@ -68,7 +68,7 @@ pub struct RunEngine {
     pub(super) participants: Vec<NodeName>,
     /// Client-level DP (DP-FedAvg) when the plan asks for it, with the ε it gives the plan.
     pub(super) client_dp: Option<(ClientDp, ClientDpCost)>,
-    /// Noise for DP-FedAvg: OS-seeded ChaCha20 (seeded once at the run's start: randomness, not I/O).
+    /// Noise for DP-FedAvg: OS-keyed AES-256-CTR (keyed once at the run's start: randomness, not I/O).
     pub(super) secure: SecureGaussian,
     /// The open round's secure aggregation, when the plan asks for it.
     pub(super) secagg: Option<SecAggRound>,
