@@ -19,6 +19,9 @@ pub struct ClippedSum {
     pub grads: Vec<Tensor>,
     /// Each example's gradient norm before clipping.
     pub norms: Tensor,
+    /// The batch's outputs from the same forward pass (detached), so a caller reads the loss off
+    /// them instead of running the model a second time.
+    pub logits: Tensor,
 }
 
 /// The task's per-example loss, one value per row ([`crate::loss::per_example_loss`]).
@@ -102,7 +105,7 @@ pub(crate) fn clipped_sum(
             }
         }
     }
-    Ok(ClippedSum { grads, norms: norms.f_detach()? })
+    Ok(ClippedSum { grads, norms: norms.f_detach()?, logits: logits.f_detach()? })
 }
 
 #[cfg(test)]

@@ -232,7 +232,8 @@ impl Model {
     }
 
     /// Σᵢ min(1, C/‖∇ℓᵢ‖)·∇ℓᵢ over the batch: ghost clipping for the zoo, one backward pass per
-    /// example for a TorchScript module (whose layers we cannot see into).
+    /// example for a TorchScript module (whose layers we cannot see into). With it, the batch's
+    /// outputs where the clipping's forward pass had them (the zoo's), detached.
     fn clipped_sum(
         &self,
         x: &Tensor,
@@ -240,9 +241,12 @@ impl Model {
         clip: f64,
         task: Task,
         weights: Option<&[f64]>,
-    ) -> Result<Vec<Tensor>, TrainError> {
+    ) -> Result<(Vec<Tensor>, Option<Tensor>), TrainError> {
         match self {
-            Model::Zoo(n) => Ok(crate::dpsgd::clipped_sum(n, x, y, clip, task, weights)?.grads),
+            Model::Zoo(n) => {
+                let sum = crate::dpsgd::clipped_sum(n, x, y, clip, task, weights)?;
+                Ok((sum.grads, Some(sum.logits)))
+            }
             Model::Script(s) => {
                 let loss = |out: &Tensor, row: i64| -> Result<Tensor, TchError> {
                     let yi = y.f_narrow(0, row, 1)?;
@@ -251,7 +255,7 @@ impl Model {
                         other => TchError::Kind(other.to_string()),
                     })
                 };
-                Ok(s.clipped_sum_by_microbatches(x, &loss, clip)?.0)
+                Ok((s.clipped_sum_by_microbatches(x, &loss, clip)?.0, None))
             }
         }
     }
@@ -507,11 +511,17 @@ pub fn train_round_dp(
         } else {
             let idx = Tensor::f_from_slice(&idx)?.f_to_device(device)?;
             let (xb, tb) = (x.f_index_select(0, &idx)?, targets.select(&idx)?);
+            let (sums, logits) = net.clipped_sum(&xb, &tb.y, dp.clip_norm, data.task, weights.as_deref())?;
+            // The zoo's clipping already ran the forward pass: its outputs give the loss (a
+            // TorchScript module's per-example passes do not, so it runs once more).
             loss_sum += tch::no_grad(|| -> Result<f64, TrainError> {
-                let out = net.forward(&xb)?;
+                let out = match logits {
+                    Some(out) => out,
+                    None => net.forward(&xb)?,
+                };
                 Ok(task_loss(data.task, &out, &tb, weights.as_deref())?.f_double_value(&[])?)
             })?;
-            net.clipped_sum(&xb, &tb.y, dp.clip_norm, data.task, weights.as_deref())?
+            sums
         };
         let more = step + 1 < plan.local.steps;
         noisy_sgd_update(&params, sums, (&mut noise, std, more), expected_batch, lr, correction)?;
