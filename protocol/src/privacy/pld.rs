@@ -13,8 +13,10 @@
 //! This is the approach of Google's `dp_accounting` (`PLDAccountant`), written from the papers;
 //! `protocol/testdata/privacy/epsilon_reference.json` holds its values and Opacus's PRV bounds.
 
-use rustfft::FftPlanner;
+use std::sync::{Arc, Mutex, OnceLock};
+
 use rustfft::num_complex::Complex;
+use rustfft::{Fft, FftPlanner};
 
 use super::special::ndtr;
 use super::{PrivacyError, SampledGaussian};
@@ -277,6 +279,35 @@ impl Composed {
     }
 }
 
+/// The smallest 2ᵃ·3ᵇ·5ᶜ ≥ `min`: rustfft is as fast per point on these as on powers of two, and
+/// the next power of two is up to twice the window (profile: the transforms and the power are
+/// linear in the length).
+fn fft_len(min: usize) -> usize {
+    let mut best = min.next_power_of_two();
+    let mut p5 = 1;
+    while p5 < best {
+        let mut p35 = p5;
+        while p35 < best {
+            let mut n = p35;
+            while n < min {
+                n *= 2;
+            }
+            best = best.min(n);
+            p35 *= 3;
+        }
+        p5 *= 5;
+    }
+    best
+}
+
+/// The forward and inverse transforms of length `n`, planned once per process: planning
+/// computes twiddles and picks algorithms, repeated for every ε before.
+fn plans(n: usize) -> (Arc<dyn Fft<f64>>, Arc<dyn Fft<f64>>) {
+    static PLANNER: OnceLock<Mutex<FftPlanner<f64>>> = OnceLock::new();
+    let mut planner = PLANNER.get_or_init(|| Mutex::new(FftPlanner::new())).lock().unwrap_or_else(|p| p.into_inner());
+    (planner.plan_fft_forward(n), planner.plan_fft_inverse(n))
+}
+
 /// zᵗ by polar form. A modulus below e^{−708} (where `exp` leaves the normal range) is set to
 /// zero without computing its angle: each output mass moves by less than 10⁻³⁰⁰, far below the
 /// transforms' own rounding (about 10⁻¹⁶ of the total mass), and the output masses are clamped at
@@ -285,7 +316,9 @@ fn power(z: Complex<f64>, t: f64) -> Complex<f64> {
     let (r, theta) = z.to_polar();
     // `powf` rather than exp(t·ln r): the latter's error grows with t·|ln r| (10⁻¹³ at T = 500),
     // which the inverse transform spreads into the small tail masses that decide ε.
-    if !(t * r.ln() > -708.0) {
+    // r = 0 gives −∞, below the threshold. A non-finite r cannot come from finite masses, and
+    // compose refuses a non-finite output rather than let `max(0.0)` turn it into zero mass.
+    if (t * r.ln()).partial_cmp(&-708.0) != Some(std::cmp::Ordering::Greater) {
         return Complex::new(0.0, 0.0);
     }
     Complex::from_polar(r.powf(t), theta * t)
@@ -318,8 +351,8 @@ fn compose(p: &DiscretePld, steps: u64, d: &Discretisation, sigma: f64) -> Resul
         }
     }
     let (m_lo, m_hi) = grid_span("composed privacy loss", s_lo, s_hi, h, sigma)?;
-    // Both at most MAX_GRID_POINTS + 1, so the sum and the power of two cannot overflow.
-    let n = ((m_hi - m_lo + 1).max(width) as usize + 1).next_power_of_two();
+    // Both at most MAX_GRID_POINTS + 1, so the sum and the transform length cannot overflow.
+    let n = fft_len((m_hi - m_lo + 1).max(width) as usize + 1);
     if n > MAX_GRID_POINTS {
         return Err(too_large("composed privacy loss", n as f64, sigma));
     }
@@ -327,8 +360,8 @@ fn compose(p: &DiscretePld, steps: u64, d: &Discretisation, sigma: f64) -> Resul
     for (i, m) in p.mass.iter().enumerate() {
         buf[i % n].re += m;
     }
-    let mut planner = FftPlanner::<f64>::new();
-    planner.plan_fft_forward(n).process(&mut buf);
+    let (forward, inverse) = plans(n);
+    forward.process(&mut buf);
     // The input is real, so the spectrum is Hermitian (Xₙ₋ₖ = conj Xₖ): raise the first half
     // to the T-th power and mirror it (profile: sincos, atan2 and pow here were a third of an ε).
     let half = n / 2;
@@ -339,7 +372,14 @@ fn compose(p: &DiscretePld, steps: u64, d: &Discretisation, sigma: f64) -> Resul
     for (hi, lo) in high.iter_mut().rev().zip(&low[1..]) {
         *hi = lo.conj();
     }
-    planner.plan_fft_inverse(n).process(&mut buf);
+    inverse.process(&mut buf);
+    // Never from finite masses; but `max(0.0)` below would silently turn a NaN into zero mass,
+    // and so a smaller ε, so it is refused outright.
+    if buf.iter().any(|z| !z.re.is_finite()) {
+        return Err(PrivacyError::Accounting(format!(
+            "the composed privacy loss is not finite at noise multiplier {sigma}"
+        )));
+    }
     let base = p.offset.checked_mul(steps_i64).ok_or_else(|| {
         PrivacyError::Accounting(format!("{steps} steps of this loss grid overflow its index; take fewer steps"))
     })?;
@@ -364,11 +404,17 @@ pub fn epsilon(run: &SampledGaussian, delta: f64, d: &Discretisation) -> Result<
     if run.steps == 0 {
         return Ok(0.0);
     }
-    let mut worst = 0.0f64;
-    for rel in [Relation::Remove, Relation::Add] {
-        worst = worst.max(compose(&discretise(rel, q, sigma, d)?, run.steps, d, sigma)?.epsilon(delta));
-    }
-    Ok(worst)
+    let one = |rel| -> Result<f64, PrivacyError> {
+        Ok(compose(&discretise(rel, q, sigma, d)?, run.steps, d, sigma)?.epsilon(delta))
+    };
+    // The two relations are independent: the add relation on a second thread (profile: an ε is
+    // two equal halves, each discretise, window, transforms and search).
+    let (remove, add) = std::thread::scope(|s| {
+        let add = s.spawn(|| one(Relation::Add));
+        (one(Relation::Remove), add.join())
+    });
+    let add = add.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    Ok(remove?.max(add?))
 }
 
 /// δ of `run` at `eps`: the larger of the remove and add relations.
@@ -583,6 +629,23 @@ mod tests {
                 Ok(())
             })
             .unwrap();
+    }
+
+    #[test]
+    fn transform_lengths_are_the_smallest_5_smooth_ones() {
+        let smooth = |mut n: usize| {
+            for p in [2, 3, 5] {
+                while n.is_multiple_of(p) {
+                    n /= p;
+                }
+            }
+            n == 1
+        };
+        for min in 1..5000 {
+            let n = fft_len(min);
+            assert!(n >= min && smooth(n), "{min} → {n}");
+            assert!((min..n).all(|m| !smooth(m)), "{min} → {n}");
+        }
     }
 
     #[test]
