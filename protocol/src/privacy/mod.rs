@@ -135,6 +135,13 @@ pub fn epsilon_with(accountant: Accountant, run: &SampledGaussian, delta: f64) -
 /// `accountant`. The answer is always on the safe side: its ε is at most the target. The search
 /// stays within the noise multipliers a plan may name ([`crate::plan::limits`]), so no accountant
 /// is ever asked about a σ whose grid or arithmetic a plan could not reach directly.
+///
+/// Each PLD ε is tens of milliseconds, so the search spends few: it starts from the RDP answer
+/// (microseconds; RDP's looser ε puts it at or a little above PLD's), brackets the answer by
+/// steps of 1.25×, then narrows the bracket by interpolating ln ε against ln σ (nearly linear),
+/// aiming each probe 0.04 % past the estimate on alternate sides so that one probe either side of
+/// the answer closes the 0.1 % bracket; a probe that fails to halve the bracket twice running is
+/// replaced by bisection. Typically 4–6 ε instead of the 12–15 of plain bisection from [0.1, 1].
 pub fn noise_for_epsilon(
     accountant: Accountant,
     target: f64,
@@ -147,37 +154,90 @@ pub fn noise_for_epsilon(
         return Err(PrivacyError::Epsilon(target));
     }
     check_delta(delta)?;
-    // A σ the accountant cannot answer for (its grid would be too large, which happens only
-    // for too little noise) counts as missing the target: the answer always has an ε.
-    let misses = |sigma: f64| -> Result<Result<bool, PrivacyError>, PrivacyError> {
+    // ε at σ; a σ the accountant cannot answer for (its grid would be too large, which happens
+    // only for too little noise) is kept as the error: it counts as missing the target, so the
+    // answer always has an ε.
+    let eps_at = |sigma: f64| -> Result<Result<f64, PrivacyError>, PrivacyError> {
         match epsilon_with(accountant, &SampledGaussian { sampling_rate, noise_multiplier: sigma, steps }, delta) {
-            Ok(e) => Ok(Ok(e > target)),
+            Ok(e) => Ok(Ok(e)),
             Err(e @ PrivacyError::Accounting(_)) => Ok(Err(e)),
             Err(e) => Err(e),
         }
     };
-    let mut hi = 1.0f64.clamp(MIN, MAX);
-    loop {
-        match misses(hi)? {
-            Ok(false) => break,
-            Ok(true) if hi >= MAX => return Err(PrivacyError::Unreachable { target, max: MAX }),
-            Err(e) if hi >= MAX => return Err(e),
-            _ => hi = (hi * 2.0).min(MAX),
+    let meets = |e: &Result<f64, PrivacyError>| matches!(e, Ok(v) if *v <= target);
+    let start = match accountant {
+        Accountant::Pld => noise_for_epsilon(Accountant::Rdp, target, sampling_rate, steps, delta).unwrap_or(1.0),
+        Accountant::Rdp => 1.0,
+    }
+    .clamp(MIN, MAX);
+    // (σ, ε at σ): `hi` meets the target, `lo` misses it.
+    let first = (start, eps_at(start)?);
+    let (mut lo, mut hi);
+    if meets(&first.1) {
+        hi = first;
+        loop {
+            if hi.0 <= MIN {
+                return Ok(MIN);
+            }
+            let s = (hi.0 / 1.25).max(MIN);
+            let e = eps_at(s)?;
+            if meets(&e) {
+                hi = (s, e);
+            } else {
+                lo = (s, e);
+                break;
+            }
+        }
+    } else {
+        lo = first;
+        loop {
+            if lo.0 >= MAX {
+                return Err(match lo.1 {
+                    Err(e) => e,
+                    Ok(_) => PrivacyError::Unreachable { target, max: MAX },
+                });
+            }
+            let s = (lo.0 * 1.25).min(MAX);
+            let e = eps_at(s)?;
+            if meets(&e) {
+                hi = (s, e);
+                break;
+            }
+            lo = (s, e);
         }
     }
-    let mut lo = MIN;
-    if misses(lo)? == Ok(false) {
-        return Ok(lo);
-    }
-    while (hi - lo) > 1e-3 * hi {
-        let mid = 0.5 * (lo + hi);
-        if misses(mid)? == Ok(false) {
-            hi = mid;
+    let mut toward_hi = true;
+    let mut widths = [f64::INFINITY; 2];
+    while hi.0 - lo.0 > 1e-3 * hi.0 {
+        let width = hi.0 - lo.0;
+        let interpolated = match (&lo.1, &hi.1) {
+            (Ok(el), Ok(eh)) if *el > 0.0 && *eh > 0.0 && el.is_finite() => {
+                let (gl, gh) = ((el / target).ln(), (eh / target).ln());
+                let (xl, xh) = (lo.0.ln(), hi.0.ln());
+                (gl > gh).then(|| (xl + (xh - xl) * gl / (gl - gh)).exp())
+            }
+            _ => None,
+        };
+        let stalled = width > 0.5 * widths[0];
+        let probe = match interpolated {
+            Some(est) if !stalled => {
+                let aim = est + if toward_hi { 4e-4 } else { -4e-4 } * hi.0;
+                // Strictly inside, so every probe narrows the bracket.
+                aim.clamp(lo.0 + 0.01 * width, hi.0 - 0.01 * width)
+            }
+            _ => 0.5 * (lo.0 + hi.0),
+        };
+        widths = [widths[1], width];
+        let e = eps_at(probe)?;
+        if meets(&e) {
+            hi = (probe, e);
+            toward_hi = false;
         } else {
-            lo = mid;
+            lo = (probe, e);
+            toward_hi = true;
         }
     }
-    Ok(hi)
+    Ok(hi.0)
 }
 
 #[cfg(test)]
