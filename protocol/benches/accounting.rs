@@ -294,7 +294,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let rel = relative(r.ours, e);
                 worst_rel = worst_rel.max(rel.abs());
                 slowest_speedup = slowest_speedup.min(s / r.ours_s);
-                (format!("{e:.6}"), format!("{:+.5} %", rel * 100.0), fmt_s(s), format!("{:.1}×", s / r.ours_s))
+                (format!("{e:.6}"), format!("{:+.1e} %", rel * 100.0), fmt_s(s), format!("{:.1}×", s / r.ours_s))
             }
             (None, Some(why)) => (format!("skipped: {why}"), "–".into(), "–".into(), "–".into()),
             (None, None) => ("–".into(), "–".into(), "–".into(), "–".into()),
@@ -344,7 +344,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if peer_note.is_none() {
         let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
         println!(
-            "Worst relative difference in ε: {:.5} % (goal ≤ {} %: {}); in σ: {:.4} % (the calibrations' tolerance is {} %). Slowest speed-up: {slowest_speedup:.1}× (goal ≥ {GOAL_SPEEDUP}×: {}).",
+            "Worst relative difference in ε: {:.1e} % (goal ≤ {} %: {}); in σ: {:.4} % (the calibrations' tolerance is {} %). Slowest speed-up: {slowest_speedup:.1}× (goal ≥ {GOAL_SPEEDUP}×: {}).",
             worst_rel * 100.0,
             GOAL_RELATIVE * 100.0,
             verdict(worst_rel <= GOAL_RELATIVE),
