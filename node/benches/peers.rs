@@ -153,14 +153,13 @@ fn data(case: &Case) -> LocalData {
     }
 }
 
-fn plan(case: &Case, steps: u32, batch: usize) -> Plan {
+fn plan(case: &Case, steps: u32, batch: usize) -> Result<Plan, Box<dyn std::error::Error>> {
     let zero = "0".repeat(64);
-    Plan::parse(&format!(
+    Ok(Plan::parse(&format!(
         "name = \"bench\"\nrounds = 1\nmin_nodes = 1\n[model]\n{}\n[data]\nschema = \"bench\"\nschema_sha256 = \"{zero}\"\n\
          [local]\nsteps = {steps}\nbatch_size = {batch}\nlearning_rate = {LR}\n[strategy]\nkind = \"fedavg\"\n",
         case.model
-    ))
-    .expect("the bench's plan parses")
+    ))?)
 }
 
 /// Steps per round so that one round takes a good fraction of a second on a CPU.
@@ -203,14 +202,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut opacus = Vec::new();
     for case in &CASES {
         let data = data(case);
-        let global = plan(case, 1, 1).model.init(0);
+        let global = plan(case, 1, 1)?.model.init(0);
         if let Some(p) = peer.as_mut() {
             p.call(json!({"op": "setup", "model": case.peer, "n": case.n, "threads": threads, "device": device_name}))?;
         }
         // Plain local training at the issue's batch: 4 for the logistic regression, 64 for the MLP.
         let batch = if case.features == 13 { 4 } else { 64 };
         let steps = steps_for(case, batch, false);
-        let p = plan(case, steps, batch);
+        let p = plan(case, steps, batch)?;
         let ours_round = || -> Result<f64, Box<dyn std::error::Error>> {
             let t = Instant::now();
             train_round(&p, &global, &data, device, 1, None, &Correction::none())?;
@@ -259,7 +258,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let batches: &[usize] = if case.features == 13 { &[4] } else { &[64, 256, 1024] };
         for &batch in batches {
             let steps = steps_for(case, batch, true);
-            let p = plan(case, steps, batch);
+            let p = plan(case, steps, batch)?;
             let dp = DpSetup { sampling_rate: batch as f64 / case.n as f64, noise_multiplier: SIGMA, clip_norm: CLIP };
             let dp_round = || -> Result<f64, Box<dyn std::error::Error>> {
                 let t = Instant::now();
