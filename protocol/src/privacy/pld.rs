@@ -606,15 +606,20 @@ mod tests {
     /// absolute tolerance; relative for ε ≥ 1) and the direct δ sum certifies it. End to end the
     /// two differ by the transforms' rounding too (mirroring the half spectrum is not bit-equal
     /// to raising the computed other half), which grows as δ rests on ever smaller masses: up to
-    /// 1.1·10⁻⁹ relative at q = 1, δ = 7·10⁻⁷, ε ≈ 650, and 1.3·10⁻⁸ at δ = 10⁻⁹; for δ ≥ 10⁻⁷
-    /// 10⁻⁸ relative is asserted. A coarse interval
+    /// 1.1·10⁻⁹ relative at q = 1, δ = 7·10⁻⁷, ε ≈ 650, and up to 2.2·10⁻⁸ at δ ≈ 10⁻⁷ on random
+    /// draws (either side: neither rounding order is the safer one), so 10⁻⁷ relative is asserted,
+    /// far below the 10⁻³ to which ε is reported and compared with dp_accounting. A coarse interval
     /// keeps the grids, and the test, small; the code is the same at any interval.
     #[test]
     fn the_fast_path_matches_the_straightforward_one() {
         use proptest::prelude::*;
         let d = Discretisation { interval: 1e-3, ..Discretisation::default() };
-        let mut runner =
-            proptest::test_runner::TestRunner::new(proptest::test_runner::Config { cases: 12, ..Default::default() });
+        // A fixed seed: the FFT-rounding differences below are a property of the inputs, and a
+        // suite that passes must pass again.
+        let mut runner = proptest::test_runner::TestRunner::new_with_rng(
+            proptest::test_runner::Config { cases: 12, ..Default::default() },
+            proptest::test_runner::TestRng::deterministic_rng(proptest::test_runner::RngAlgorithm::ChaCha),
+        );
         let strategy = (-3.0f64..0.0, 0.7f64..4.0, 1u64..3000, -7.0f64..-3.0);
         runner
             .run(&strategy, |(log_q, sigma, steps, log_delta)| {
@@ -631,7 +636,7 @@ mod tests {
                     prop_assert!(slow.delta(one_pass) <= delta, "{case}");
                     prop_assert!(e_fast.is_infinite() || fast.delta(e_fast) <= delta, "{case}");
                     prop_assert!(
-                        (e_fast - e_slow).abs() <= 1e-8 * e_slow.max(1.0),
+                        (e_fast - e_slow).abs() <= 1e-7 * e_slow.max(1.0),
                         "{case}: fast {e_fast}, reference {e_slow}"
                     );
                 }
