@@ -132,8 +132,13 @@ fn delta_one_step(rel: Relation, q: f64, sigma: f64, eps: f64) -> f64 {
             cdf0 * (1.0 - eps.exp() * (1.0 - q)) - eps.exp() * q * cdf1
         }
     };
-    d.max(0.0)
+    // A NaN stays NaN (f64::max would turn it into 0, the unsafe direction): discretise refuses it.
+    if d.is_nan() { d } else { d.max(0.0) }
 }
+
+/// The largest one-step privacy loss the grid represents: beyond it e^ε leaves the f64 range
+/// (e^709.8 overflows), so δ and the slopes would be infinite or NaN.
+const MAX_ONE_STEP_LOSS: f64 = 700.0;
 
 /// One step's loss range worth representing.
 fn loss_range(rel: Relation, q: f64, sigma: f64, z: f64) -> (f64, f64) {
@@ -156,6 +161,12 @@ struct DiscretePld {
 fn discretise(rel: Relation, q: f64, sigma: f64, d: &Discretisation) -> Result<DiscretePld, PrivacyError> {
     let h = d.interval;
     let (lo, hi) = loss_range(rel, q, sigma, d.tail_sigmas);
+    if !(lo.abs() <= MAX_ONE_STEP_LOSS && hi.abs() <= MAX_ONE_STEP_LOSS) {
+        return Err(PrivacyError::Accounting(format!(
+            "one step's privacy loss spans {lo:e} to {hi:e} at noise multiplier {sigma}, beyond the ±{MAX_ONE_STEP_LOSS} \
+             a double-precision grid holds; use more noise or the RDP accountant"
+        )));
+    }
     let (k_lo, k_hi) = grid_span("one step's privacy loss", lo, hi, h, sigma)?;
     // Within MAX_GRID_POINTS + 1 by grid_span.
     let n = (k_hi - k_lo + 1) as usize;
@@ -170,6 +181,13 @@ fn discretise(rel: Relation, q: f64, sigma: f64, d: &Discretisation) -> Result<D
     }
     let infinite = delta[n - 1];
     let rest: f64 = mass[1..].iter().sum::<f64>() + infinite;
+    // Every value finite, or no answer: a NaN clamped to zero mass would lower ε.
+    if !(rest.is_finite() && delta.iter().all(|v| v.is_finite()) && w.iter().all(|v| v.is_finite())) {
+        return Err(PrivacyError::Accounting(format!(
+            "one step's privacy-loss distribution is not finite at noise multiplier {sigma} and sampling rate {q}; \
+             use more noise or the RDP accountant"
+        )));
+    }
     mass[0] = (1.0 - rest).max(0.0);
     Ok(DiscretePld { offset: k_lo, mass, infinite })
 }
@@ -309,11 +327,28 @@ fn fft_len(min: usize) -> usize {
     best
 }
 
+/// Most transform points the process-wide planner keeps plans for (each plan holds about n
+/// complex twiddles): past it the planner starts afresh, so a long-running daemon that accounts
+/// for plan after plan, each with its own lengths, does not grow without bound.
+const MAX_PLANNED_POINTS: usize = 1 << 24;
+
 /// The forward and inverse transforms of length `n`, planned once per process: planning
 /// computes twiddles and picks algorithms, repeated for every ε before.
 fn plans(n: usize) -> (Arc<dyn Fft<f64>>, Arc<dyn Fft<f64>>) {
-    static PLANNER: OnceLock<Mutex<FftPlanner<f64>>> = OnceLock::new();
-    let mut planner = PLANNER.get_or_init(|| Mutex::new(FftPlanner::new())).lock().unwrap_or_else(|p| p.into_inner());
+    struct Planned {
+        planner: FftPlanner<f64>,
+        lengths: std::collections::BTreeSet<usize>,
+    }
+    static PLANNER: OnceLock<Mutex<Planned>> = OnceLock::new();
+    let mut planned = PLANNER
+        .get_or_init(|| Mutex::new(Planned { planner: FftPlanner::new(), lengths: Default::default() }))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if !planned.lengths.contains(&n) && planned.lengths.iter().sum::<usize>().saturating_add(n) > MAX_PLANNED_POINTS {
+        *planned = Planned { planner: FftPlanner::new(), lengths: Default::default() };
+    }
+    planned.lengths.insert(n);
+    let planner = &mut planned.planner;
     (planner.plan_fft_forward(n), planner.plan_fft_inverse(n))
 }
 
@@ -705,6 +740,11 @@ mod tests {
             let run = SampledGaussian { sampling_rate: 0.5, noise_multiplier: sigma, steps: 1 };
             assert!(matches!(epsilon(&run, 1e-5, &d), Err(PrivacyError::NoiseMultiplier(_))), "σ={sigma}");
         }
+        // A grid that fits but whose losses leave exp's range (e^709.8 overflows) is refused,
+        // not clamped: its δ would be NaN or infinite, and a NaN taken as zero mass lowers ε.
+        let run = SampledGaussian { sampling_rate: 1.0, noise_multiplier: 0.032, steps: 1 };
+        let e = epsilon(&run, 1e-5, &d).unwrap_err().to_string();
+        assert!(e.contains("double-precision"), "{e}");
         // The smallest σ a plan may name is answered.
         let run = SampledGaussian { sampling_rate: 1.0, noise_multiplier: 0.1, steps: 1 };
         assert!(epsilon(&run, 1e-5, &d).unwrap().is_finite());
