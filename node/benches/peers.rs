@@ -196,7 +196,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let versions = peer.as_mut().map(|p| p.call(json!({"op": "versions"}))).transpose()?.unwrap_or(Value::Null);
-    println!("device: {device:?}; libtorch intra-op threads: {threads} (both sides); peers: {versions}");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "device: {device:?}; libtorch intra-op threads: {threads} (both sides); Sanctum's DP rounds also draw the next \
+         step's noise on the {} core(s) libtorch leaves free (Opacus draws its noise inside libtorch's threads); \
+         peers: {versions}",
+        cores.saturating_sub(threads as usize).max(1)
+    );
 
     let mut training = Vec::new();
     let mut opacus = Vec::new();
@@ -341,8 +347,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             if let Some(g) = goal_plain {
                 goals.push(format!("vs plain ≤ {g}×: {}", if vp <= g { "met" } else { "not met" }));
             }
-            if let Some(b) = best {
-                goals.push(format!("vs fastest Opacus ≤ 0.8×: {} ({b:.2})", if b <= 0.8 { "met" } else { "not met" }));
+            // Judged only against all three modes: the fastest of fewer is not Opacus's fastest.
+            let failed: Vec<&str> = modes.iter().zip(&theirs).filter(|(_, t)| t.is_empty()).map(|(m, _)| *m).collect();
+            match best {
+                Some(b) if failed.is_empty() => goals
+                    .push(format!("vs fastest Opacus ≤ 0.8×: {} ({b:.2})", if b <= 0.8 { "met" } else { "not met" })),
+                _ => goals.push(format!("vs fastest Opacus: not judged ({} not measured)", failed.join(", "))),
             }
             cells.push(goals.join("; "));
             opacus.push(Row { cells });

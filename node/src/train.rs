@@ -95,13 +95,16 @@ impl Net {
                         let g = geometry.next().ok_or_else(|| {
                             TrainError::Model("the layout has more convolutions than the model".into())
                         })?;
-                        Ok(Layer::Conv {
-                            w,
-                            b,
-                            stride: g.stride as i64,
-                            padding: g.padding as i64,
-                            pool: g.pool.map(|(k, s)| (k as i64, s as i64)),
-                        })
+                        // Validated plans keep these within the image's sides; refused, not wrapped.
+                        let int = |v: usize| {
+                            i64::try_from(v)
+                                .map_err(|_| TrainError::Model(format!("convolution figure {v} is too large")))
+                        };
+                        let pool = match g.pool {
+                            Some((k, s)) => Some((int(k)?, int(s)?)),
+                            None => None,
+                        };
+                        Ok(Layer::Conv { w, b, stride: int(g.stride)?, padding: int(g.padding)?, pool })
                     }
                     other => Err(TrainError::Model(format!("weight of shape {other:?} is neither linear nor conv"))),
                 }

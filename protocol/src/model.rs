@@ -96,21 +96,35 @@ pub struct ConvLayer {
 
 impl ConvLayer {
     /// The side of this layer's output (after pooling) for an input side `n`: `None` when the
-    /// kernel or the pool window does not fit, or a stride is 0.
+    /// kernel, stride or pool window is 0 or larger than the side it reads (which also keeps every
+    /// figure a node hands libtorch within `i64`, since sides are bounded by the checked input
+    /// size), or the padding exceeds kernel/2.
     fn out_side(&self, n: usize) -> Option<usize> {
-        if self.stride == 0 || self.kernel == 0 || self.padding > self.kernel / 2 {
+        let fits = |v: usize, side: usize| v >= 1 && v <= side;
+        if !fits(self.kernel, n) || !fits(self.stride, n) || self.padding > self.kernel / 2 {
             return None;
         }
-        let conv = n.checked_add(2 * self.padding)?.checked_sub(self.kernel)? / self.stride + 1;
+        let conv = (n + 2 * self.padding - self.kernel) / self.stride + 1;
         if self.pool == 0 {
             return Some(conv);
         }
-        if self.pool_stride == 0 {
+        if !fits(self.pool, conv) || !fits(self.pool_stride, conv) {
             return None;
         }
-        Some(conv.checked_sub(self.pool)? / self.pool_stride + 1)
+        Some((conv - self.pool) / self.pool_stride + 1)
+    }
+
+    /// The unfolded input (`im2col`) ghost clipping forms for one example: `in_channels`·k²
+    /// values per output position of the convolution (before pooling), in checked arithmetic.
+    fn unfolded(&self, in_channels: usize, h: usize, w: usize) -> Option<usize> {
+        let side = |n: usize| (n + 2 * self.padding - self.kernel) / self.stride + 1;
+        in_channels.checked_mul(self.kernel)?.checked_mul(self.kernel)?.checked_mul(side(h))?.checked_mul(side(w))
     }
 }
+
+/// Most values one convolution of a [`ModelSpec::Convnet`] may unfold per example
+/// (in_channels·k²·output positions: 16 MiB of `f32`); Opacus's MNIST network unfolds 6,400.
+pub const MAX_UNFOLDED_PER_EXAMPLE: usize = 1 << 22;
 
 /// How a node runs one convolution: the geometry the weight's shape does not say.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -297,22 +311,36 @@ impl ModelSpec {
     /// A convnet's kernels, strides, paddings and pools fit its image, layer by layer, in checked
     /// arithmetic (so it may run before the parameter count is bounded); other models pass.
     pub fn validate_geometry(&self) -> Result<(), ModelError> {
-        let ModelSpec::Convnet { height, width, conv, .. } = self else {
+        let ModelSpec::Convnet { channels, height, width, conv, .. } = self else {
             return Ok(());
         };
         if conv.is_empty() {
             return Err(ModelError::EmptyLayer);
         }
         let (mut h, mut w) = (*height, *width);
+        let mut c = *channels;
         for (i, l) in conv.iter().enumerate() {
             let (Some(nh), Some(nw)) = (l.out_side(h), l.out_side(w)) else {
                 return Err(ModelError::Geometry(format!(
                     "convolution {i} (kernel {}, stride {}, padding {}, pool {}/{}) does not fit its {h}×{w} input; \
-                     strides must be at least 1, padding at most kernel/2, and kernel and pool no larger than the padded input",
+                     kernel and stride must be 1 to the input's side, padding at most kernel/2, and pool window and \
+                     stride 1 to the convolution's output side",
                     l.kernel, l.stride, l.padding, l.pool, l.pool_stride
                 )));
             };
-            (h, w) = (nh, nw);
+            // What DP-SGD's ghost clipping unfolds per example, so a plan cannot ask a node for
+            // gigabytes of patches with a small parameter count.
+            match l.unfolded(c, h, w) {
+                Some(n) if n <= MAX_UNFOLDED_PER_EXAMPLE => {}
+                n => {
+                    return Err(ModelError::Geometry(format!(
+                        "convolution {i} unfolds {} values per example (at most {MAX_UNFOLDED_PER_EXAMPLE}); \
+                         use smaller kernels, larger strides or fewer channels",
+                        n.map_or_else(|| "more than 2^64".into(), |n| n.to_string())
+                    )));
+                }
+            }
+            (h, w, c) = (nh, nw, l.filters);
         }
         Ok(())
     }
@@ -686,12 +714,32 @@ mod tests {
             (with(&|l| l.pool = 6), "a pool larger than the 5×5 convolution output"),
             (with(&|l| l.pool_stride = 0), "pool stride 0"),
             (with(&|l| l.kernel = usize::MAX), "a kernel of usize::MAX"),
+            (with(&|l| l.stride = 14), "a stride beyond its 13×13 input"),
+            (with(&|l| l.stride = 1 << 63), "a stride that would wrap an i64"),
+            (with(&|l| l.pool_stride = 6), "a pool stride beyond the 5×5 convolution output"),
         ] {
             let err = bad.validate().expect_err(why);
             assert!(matches!(err, ModelError::Geometry(_)), "{why}: {err}");
             assert!(err.to_string().contains("convolution 1"), "{why}: {err}");
             assert_eq!(bad.checked_num_params(), None, "{why}");
         }
+        // The reviewer's hostile plan: a huge kernel padded to fit a 28×28 image.
+        let mut huge = opacus_mnist_cnn();
+        if let ModelSpec::Convnet { conv, .. } = &mut huge {
+            (conv[0].kernel, conv[0].padding) = (8191, 4095);
+        }
+        assert!(matches!(huge.validate(), Err(ModelError::Geometry(_))));
+        // Few parameters, but 64·3²·256² = 37.7 M values unfolded per example.
+        let wide = ModelSpec::Convnet {
+            channels: 64,
+            height: 256,
+            width: 256,
+            conv: vec![ConvLayer { filters: 1, kernel: 3, stride: 1, padding: 1, pool: 0, pool_stride: 1 }],
+            hidden: vec![],
+            outputs: 1,
+        };
+        let err = wide.validate_geometry().expect_err("too much unfolded");
+        assert!(err.to_string().contains("unfolds 37748736 values per example"), "{err}");
         let mut empty = opacus_mnist_cnn();
         if let ModelSpec::Convnet { conv, .. } = &mut empty {
             conv.clear();

@@ -23,7 +23,10 @@ SECTIONS = [
     ("opacus", "2a. DP-SGD against Opacus",
      "Ours is the node's `train_round_dp` (Poisson sampling, ghost clipping, hardened noise from the "
      "OS-seeded CSPRNG, the round's setup included); Opacus 1.6 runs each grad-sample mode with "
-     "Poisson sampling and its default, unhardened noise, timed from after `make_private`. "
+     "Poisson sampling (through its DPDataLoader, which the plain PyTorch loop does not use) and "
+     "its default, unhardened noise, timed from after `make_private`. Both sides get the same "
+     "libtorch threads; ours also draws the next step's noise on the cores libtorch leaves free, "
+     "as the node does in production, which Opacus cannot. "
      "In brackets: ours / theirs. Goals: ≤ 0.8× Opacus's fastest mode; ≤ 2× our plain round at "
      "batch 64 and ≤ 1.3× at batch 256."),
     ("dpsgd", "2b. DP-SGD against our plain step; the noise generator against its keystream",
@@ -31,7 +34,9 @@ SECTIONS = [
      "keystream it reads."),
     ("accounting", "3. Accounting against dp-accounting",
      "ε for a plan and the noise multiplier for a target ε, against dp-accounting's PLD accountant "
-     "at the same discretisation. Goals: ≥ 10× faster, ε within 0.1 %, no DP simulation waiting "
+     "at the same discretisation (`cargo bench -p sanctum-protocol --bench accounting`, which runs "
+     "`scripts/bench-peers/accounting.py` in the same run; ours computes the two neighbouring "
+     "relations on two threads). Goals: ≥ 10× faster, ε within 0.1 %, no DP simulation waiting "
      "more than 1 s on accounting."),
     ("flower", "4. Round overhead against Flower", None),
     ("scale", "5. Aggregation at scale", None),
