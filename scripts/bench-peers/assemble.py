@@ -104,6 +104,8 @@ def main():
     fresh = {}
     for log in Path(args.logs).glob("*.out"):
         fresh.update(blocks(log.read_text()))
+    # Each fresh table names its own run, so a table kept from an earlier run (--only) keeps its own.
+    stamp = f"_Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC at commit {{commit}} by `{args.command}`._"
     if args.device != "cpu":
         # A GPU run fills the GPU section and leaves the CPU tables as they were.
         fresh = {f"{k}_cuda": f"Device: {args.device}.\n\n{b}" for k, b in fresh.items()}
@@ -112,6 +114,7 @@ def main():
     dirty = sh("git", "status", "--porcelain", "--untracked-files=no")
     if dirty and dirty != "unknown":
         commit += " (with uncommitted changes)"
+    fresh = {k: stamp.format(commit=commit) + "\n\n" + b for k, b in fresh.items()}
     v = versions()
     lines = [
         "# Benchmarks",
@@ -120,8 +123,8 @@ def main():
         "side by side in one run on one machine. Written by `scripts/bench` (the test suite runs none "
         "of it); rerun it to refresh every table.",
         "",
-        f"- Command: `{args.command}`",
-        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}",
+        f"- Last command: `{args.command}` (each table names the run that measured it)",
+        f"- Last run: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}",
         f"- Machine: {machine()}",
         f"- Device: {args.device}; libtorch intra-op threads on both sides of the training rows: {args.threads}",
         f"- Rust: {sh('rustc', '--version')}",
