@@ -518,4 +518,28 @@ mod tests {
             assert!(trig_err <= 1e-15, "{name}: cos/sin error {trig_err:e}");
         }
     }
+
+    /// Each thread of a parallel fill draws from its own key, taken from the parent's stream: a
+    /// replay with the same parent key rebuilds every chunk from four distinct child keys, and no
+    /// two 128-sample blocks of the output are equal (identical keys would repeat whole chunks).
+    #[test]
+    fn parallel_fills_draw_each_chunk_from_its_own_key() {
+        const THREADS: usize = 4;
+        let n = THREADS << 15;
+        let mut out = vec![0f32; n];
+        SecureGaussian::seeded(9).fill_on(&mut out, 1.0, THREADS);
+        let mut parent = SecureGaussian::seeded(9);
+        let keys: Vec<[u8; 32]> = (0..THREADS).map(|_| parent.stream.child_key()).collect();
+        let distinct: std::collections::BTreeSet<[u8; 32]> = keys.iter().copied().collect();
+        assert_eq!(distinct.len(), THREADS, "child keys repeat");
+        let chunk = n.div_ceil(THREADS).next_multiple_of(BLOCK);
+        for (i, (part, key)) in out.chunks(chunk).zip(&keys).enumerate() {
+            let mut want = vec![0f32; part.len()];
+            SecureGaussian::keyed(*key).fill_here(&mut want, 1.0);
+            assert_eq!(part, &want[..], "chunk {i} is not its own key's stream");
+        }
+        let blocks: std::collections::BTreeSet<Vec<u32>> =
+            out.chunks(128).map(|b| b.iter().map(|v| v.to_bits()).collect()).collect();
+        assert_eq!(blocks.len(), n / 128, "a 128-sample block repeats");
+    }
 }
