@@ -18,7 +18,7 @@ use std::time::Instant;
 use aes::cipher::{KeyIvInit, StreamCipher};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
-use sanctum_node::train::StepBench;
+use sanctum_node::step_bench::StepBench;
 use sanctum_protocol::model::ModelSpec;
 use sanctum_protocol::privacy::noise::SecureGaussian;
 use tch::Device;

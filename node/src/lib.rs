@@ -21,6 +21,7 @@
 //! - [`cli_model`]: `sanctum-node model approve | list | revoke | inspect`.
 //! - [`ledger`]: the privacy ledger, charged and fsync'd before an update leaves.
 //! - [`state_lock`]: the state directory's lock, one node process per state directory.
+//! - [`step_bench`]: one plain or DP-SGD step on a random batch, for `cargo bench --bench dpsgd`.
 //! - [`release`]: each open run's latest release, kept so a repeated round re-sends the same bytes.
 //! - [`rounds`]: which round and evaluation directives the node obeys (pure decisions).
 //! - [`metrics`]: test-split metrics as a noised, charged release (`policy.test_metrics = "noised"`).
@@ -63,6 +64,7 @@ pub mod rounds;
 pub mod scaffold;
 pub mod scores;
 pub mod state_lock;
+pub mod step_bench;
 pub mod table;
 pub mod torchscript;
 pub mod train;

@@ -14,7 +14,7 @@ use sanctum_protocol::model::{ModelSpec, TensorSpec, Weights};
 use sanctum_protocol::plan::{LocalOptimizer, Plan};
 use sanctum_protocol::privacy::noise::SecureGaussian;
 use tch::nn::OptimizerConfig;
-use tch::{Device, Kind, TchError, Tensor, nn};
+use tch::{Device, TchError, Tensor, nn};
 
 use crate::correction::Correction;
 use crate::data::LocalData;
@@ -58,7 +58,7 @@ impl Layer {
 /// come from the model ([`ModelSpec::conv_geometry`]). Flat feature rows are reshaped to images
 /// before the first convolution and flattened again before the first linear layer.
 pub(crate) struct Net {
-    vs: nn::VarStore,
+    pub(crate) vs: nn::VarStore,
     pub(crate) layers: Vec<Layer>,
     /// (channels, height, width) of the input image, for CNNs.
     image: Option<[i64; 3]>,
@@ -536,7 +536,7 @@ pub fn train_round_dp(
 /// the correction reads no data, so it comes after the noise (see [`crate::correction`]). The
 /// noise for every parameter is one buffer from `pool`, which starts drawing the next step's
 /// when `more` steps follow.
-fn noisy_sgd_update(
+pub(crate) fn noisy_sgd_update(
     params: &[Tensor],
     sums: Vec<Tensor>,
     (pool, std, more): (&mut NoisePool, f64, bool),
@@ -558,67 +558,6 @@ fn noisy_sgd_update(
         tch::no_grad(|| p.f_sub_(&grad.f_mul_scalar(lr)?).map(|_| ()))?;
     }
     Ok(())
-}
-
-/// One model and one batch, to time a plain SGD step against a DP-SGD step on the same work
-/// (`cargo bench -p sanctum-node`).
-pub struct StepBench {
-    net: Net,
-    params: Vec<Tensor>,
-    opt: nn::Optimizer,
-    x: Tensor,
-    y: Tensor,
-    task: Task,
-    noise: NoisePool,
-}
-
-impl StepBench {
-    /// A model from `spec` and a random batch of `batch` examples: binary labels for one output,
-    /// class labels for several; the DP step's noise drawn ahead on the cores libtorch leaves free.
-    pub fn new(spec: &sanctum_protocol::model::ModelSpec, batch: i64, device: Device) -> Result<Self, TrainError> {
-        let net = Net::new(spec, &spec.init(0), device)?;
-        let params = net.params();
-        let opt = nn::Sgd::default().build(&net.vs, 0.01)?;
-        let x = Tensor::f_randn([batch, spec.inputs() as i64], (Kind::Float, device))?;
-        let outputs = spec.outputs();
-        let task = if outputs == 1 { Task::Binary } else { Task::Multiclass { classes: outputs } };
-        let y = Tensor::f_randint(outputs.max(2) as i64, [batch], (Kind::Float, device))?;
-        let noise = NoisePool::new(NoisePool::threads_beside_torch(device));
-        Ok(Self { net, params, opt, x, y, task, noise })
-    }
-
-    /// Forward, mean loss, backward, SGD step.
-    pub fn plain_step(&mut self) -> Result<(), TrainError> {
-        let out = self.net.forward(&self.x)?;
-        let loss = crate::loss::batch_loss(self.task, &out, &LossTargets::Labels(&self.y), None)
-            .map_err(|e| TrainError::Model(e.to_string()))?;
-        self.opt.zero_grad();
-        loss.f_backward()?;
-        self.opt.step();
-        Ok(())
-    }
-
-    /// The clipped per-example sum alone (no noise, no update): the clipping's share of a DP step.
-    pub fn clip_only(&mut self, clip_norm: f64) -> Result<(), TrainError> {
-        crate::dpsgd::clipped_sum(&self.net, &self.x, &self.y, clip_norm, self.task, None)?;
-        Ok(())
-    }
-
-    /// Clipped per-example sum by ghost norms, secure Gaussian noise (drawn during the step before,
-    /// as in a DP round), SGD step.
-    pub fn dp_step(&mut self, noise_multiplier: f64, clip_norm: f64) -> Result<(), TrainError> {
-        let sums = crate::dpsgd::clipped_sum(&self.net, &self.x, &self.y, clip_norm, self.task, None)?.grads;
-        let batch = self.x.size()[0] as f64;
-        noisy_sgd_update(
-            &self.params,
-            sums,
-            (&mut self.noise, noise_multiplier * clip_norm, true),
-            batch,
-            0.01,
-            &Correction::none(),
-        )?;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
