@@ -155,12 +155,23 @@ async fn a_node_revoked_in_the_middle_of_a_round_is_dropped_and_the_round_goes_o
     let c = Consortium::new();
     let coord = CoordinatorProcess::start(&c);
     let addr = coord.address();
-    let _nodes: Vec<NodeProcess> =
-        ["cleveland", "hungarian", "va"].iter().map(|h| NodeProcess::start(&c, h, &addr, &heart_data(h))).collect();
+    // va stalls 10 s before training round 2 (a `fault-injection` hook; under the 30 s heartbeat
+    // timeout), so round 2 is still open when the revocation takes effect however fast the
+    // others train: a round of 2,000 steps alone lasted less than `pki revoke` on a loaded CI
+    // machine. Were the revocation ignored, va would report round 2 after its stall and be
+    // offered round 3, which the test refuses.
+    let stall = [("SANCTUM_FAULT_STALL_ROUND", "2"), ("SANCTUM_FAULT_STALL_SECS", "10")];
+    let _nodes: Vec<NodeProcess> = ["cleveland", "hungarian", "va"]
+        .iter()
+        .map(|h| {
+            let env: &[(&str, &str)] = if *h == "va" { &stall } else { &[] };
+            NodeProcess::start_with(&c, h, &addr, &heart_data(h), "", env)
+        })
+        .collect();
     coord.wait_for_nodes(3);
     let mut lead = LeadClient::new(channel(&addr, &c.lead()).await.unwrap());
     // The deadline is far longer than the test may take: only the revocation can close the
-    // round without va. Enough local steps that a round lasts a moment.
+    // round without va.
     let plan = "name = \"revoked-mid-round\"\nrounds = 3\nmin_nodes = 2\nround_deadline_secs = 600\n\
                 [model]\nkind = \"logistic_regression\"\ninputs = 13\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"39f2b3691b732094488517b366f5bb898ffb1d537dae5f6f2fc1b24c7f225688\"\n\
                 [local]\nsteps = 2000\nbatch_size = 4\nlearning_rate = 0.001\n[strategy]\nkind = \"fedavg\"\n";
