@@ -59,7 +59,7 @@ fn first_attempt() -> u32 {
 
 /// Heartbeats closer together than this do not count (and are refused): a node cannot make the
 /// coordinator do work at the rate it likes.
-pub const HEARTBEAT_MIN_GAP: Millis = 1000;
+pub const HEARTBEAT_MIN_GAP: Millis = sanctum_protocol::HEARTBEAT_MIN_GAP_MS;
 
 /// What a participant says it is doing, in its heartbeat.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -51,6 +51,14 @@ pub use prost;
 /// The software version both binaries report, so a lead can see who runs what.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The least time between two heartbeats of one node in one round that both count, in ms: the
+/// coordinator's round machine refuses the second as too frequent.
+pub const HEARTBEAT_MIN_GAP_MS: u64 = 1000;
+
+/// Heartbeats a node may send at once before the coordinator's rate limit of one a second
+/// (a token bucket per node, refilled at one token per [`HEARTBEAT_MIN_GAP_MS`]) refuses them.
+pub const HEARTBEAT_BURST: f64 = 4.0;
+
 /// The metric a node sends with each update for the ε its data has spent on the run so far
 /// (its `samples` are the DP steps taken); never a test metric, so never a run's headline.
 pub const EPSILON_SPENT_METRIC: &str = "epsilon_spent";

@@ -161,8 +161,9 @@ struct Inner {
 /// flight, and small enough that a flood waits in its handlers rather than in memory.
 const EVENTS_QUEUE: usize = 1024;
 
-/// Heartbeats a node may send at once before the one-a-second rate applies.
-const HEARTBEAT_BURST: f64 = 4.0;
+/// Heartbeats a node may send at once before the one-a-second rate applies (the node keeps the
+/// same bucket, so it does not send what would be refused here).
+const HEARTBEAT_BURST: f64 = sanctum_protocol::HEARTBEAT_BURST;
 
 struct NodeConn {
     /// Distinguishes a reconnect from the stream it replaced.

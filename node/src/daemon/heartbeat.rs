@@ -4,8 +4,10 @@
 //! `StartRound.heartbeat_interval_ms` until training ends, and one "uploading" before the update
 //! leaves (from there the round's deadline alone bounds the node). A coordinator that asks for
 //! none (interval 0) gets none. Each heartbeat goes through the link, so it is in the egress log.
+//! None goes that the coordinator would refuse as too frequent ([`HeartbeatGate`]), so rounds
+//! shorter than a second cost no heartbeat round trips that count for nothing.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sanctum_protocol::proto::{self, HeartbeatPhase, HeartbeatRequest};
 
@@ -13,7 +15,43 @@ use super::{DaemonError, Node, Trained};
 
 /// The least time between two heartbeats, whatever the coordinator asks: more often would not
 /// count (`round::HEARTBEAT_MIN_GAP` on the coordinator).
-const MIN_INTERVAL: Duration = Duration::from_secs(1);
+const MIN_INTERVAL: Duration = Duration::from_millis(sanctum_protocol::HEARTBEAT_MIN_GAP_MS);
+
+/// The coordinator's two heartbeat rules, kept on the node's side so that it sends only what
+/// counts: a token bucket per node (one a second, a burst of [`sanctum_protocol::HEARTBEAT_BURST`]),
+/// and at most one a second per round. Pure: the caller passes the time.
+#[derive(Debug, Default)]
+pub(super) struct HeartbeatGate {
+    /// Tokens left and when they were counted; `None` before the first heartbeat (a full bucket).
+    bucket: Option<(f64, Instant)>,
+    /// The round and time of the last heartbeat sent.
+    last: Option<(u32, Instant)>,
+}
+
+impl HeartbeatGate {
+    /// Whether a heartbeat for `round` sent at `now` would count; if so it is counted as sent.
+    pub(super) fn admit(&mut self, round: u32, now: Instant) -> bool {
+        if self.last.is_some_and(|(r, at)| r == round && now.saturating_duration_since(at) < MIN_INTERVAL) {
+            return false;
+        }
+        let burst = sanctum_protocol::HEARTBEAT_BURST;
+        let tokens = match self.bucket {
+            None => burst,
+            Some((tokens, at)) => {
+                (tokens + now.saturating_duration_since(at).as_secs_f64() / MIN_INTERVAL.as_secs_f64()).min(burst)
+            }
+        };
+        // A little short of a whole token still waits: the coordinator counts from when the
+        // heartbeat arrives, a little later than it left, so its bucket is never emptier.
+        if tokens < 1.0 {
+            self.bucket = Some((tokens, now));
+            return false;
+        }
+        self.bucket = Some((tokens - 1.0, now));
+        self.last = Some((round, now));
+        true
+    }
+}
 
 impl Node {
     /// Runs one round's training job on a blocking thread, sending heartbeats meanwhile, then the
@@ -53,7 +91,13 @@ impl Node {
 
     /// One heartbeat; a failure is logged, never an error of the round (the coordinator decides
     /// what silence means). Bounded by a second so a stuck call cannot hold up the round's work.
+    /// One the coordinator would refuse ([`HeartbeatGate`]) is not sent: it would only add a
+    /// round trip to a short round.
     async fn heartbeat(&mut self, start: &proto::StartRound, phase: HeartbeatPhase) {
+        if !self.heartbeats.admit(start.round, Instant::now()) {
+            tracing::debug!(round = start.round, "heartbeat not sent: the coordinator would refuse it as too frequent");
+            return;
+        }
         let msg = HeartbeatRequest {
             plan_id: start.plan_id.clone(),
             round: start.round,
@@ -65,5 +109,46 @@ impl Node {
             Ok(Err(e)) => tracing::debug!(round = start.round, "heartbeat not taken: {e}"),
             Err(_) => tracing::debug!(round = start.round, "heartbeat timed out"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(t0: Instant, ms: u64) -> Instant {
+        t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_second_heartbeat_in_the_same_round_within_a_second_is_not_sent() {
+        let (mut g, t0) = (HeartbeatGate::default(), Instant::now());
+        assert!(g.admit(1, t0));
+        assert!(!g.admit(1, ms(t0, 999)));
+        assert!(g.admit(1, ms(t0, 1000)));
+        // A new round's first heartbeat counts at once (the round machine keeps rounds apart).
+        assert!(g.admit(2, ms(t0, 1001)));
+    }
+
+    #[test]
+    fn short_rounds_send_the_burst_then_one_a_second_as_the_coordinators_bucket_counts() {
+        let (mut g, t0) = (HeartbeatGate::default(), Instant::now());
+        // Rounds every 125 ms (exact in binary), a heartbeat wanted at each round's start.
+        let sent: Vec<u32> = (1..=30).filter(|&r| g.admit(r, ms(t0, u64::from(r) * 125))).collect();
+        // Four from the burst, then one per second of refill (every eighth round).
+        assert_eq!(sent, vec![1, 2, 3, 4, 9, 17, 25]);
+    }
+
+    #[test]
+    fn the_bucket_refills_to_the_burst_and_no_further() {
+        let (mut g, t0) = (HeartbeatGate::default(), Instant::now());
+        for r in 1..=4 {
+            assert!(g.admit(r, t0));
+        }
+        assert!(!g.admit(5, t0));
+        // An hour idle refills four tokens, not 3,600.
+        let later = ms(t0, 3_600_000);
+        let sent = (6..=20).filter(|&r| g.admit(r, later)).count();
+        assert_eq!(sent, 4);
     }
 }

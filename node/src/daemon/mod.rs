@@ -106,6 +106,8 @@ pub struct Node {
     offered_this_session: HashSet<String>,
     /// The last global model fetched, to avoid fetching it twice.
     cached: Option<(ContentHash, Arc<Vec<u8>>)>,
+    /// The coordinator's heartbeat limits, mirrored: what it would refuse is not sent.
+    heartbeats: heartbeat::HeartbeatGate,
     /// Checks peers' certificates and signatures relayed by the coordinator.
     verifier: NodeCertVerifier,
     secagg: Option<SecAggRound>,
@@ -202,6 +204,7 @@ impl Node {
             plans: HashMap::new(),
             offered_this_session: HashSet::new(),
             cached: None,
+            heartbeats: heartbeat::HeartbeatGate::default(),
             verifier,
             secagg: None,
             training: None,
@@ -448,6 +451,7 @@ impl Node {
                 }
             }
             directive::Kind::StartRound(start) => {
+                tracing::debug!(round = start.round, "round directive received");
                 if let Err(e) = self.run_round(&start).await {
                     tracing::error!(round = start.round, "round not completed: {}", Chain(&e));
                 }
