@@ -391,7 +391,11 @@ pub struct RoundResult {
     /// local − global, in layout order.
     pub delta: Vec<f32>,
     pub mean_loss: f64,
+    /// Wall time of the local steps, the model's construction from the global weights included.
     pub seconds: f64,
+    /// Wall time of evaluating the starting model, where the caller evaluated it first (the
+    /// daemon's round job); 0 otherwise.
+    pub evaluate_seconds: f64,
 }
 
 /// The update local − global, refused if training diverged.
@@ -411,6 +415,7 @@ fn finish_round(
         delta,
         mean_loss: loss_sum / f64::from(plan.local.steps.max(1)),
         seconds: started.elapsed().as_secs_f64(),
+        evaluate_seconds: 0.0,
     })
 }
 

@@ -127,13 +127,7 @@ impl Node {
             return Err(SecAggRefusal::RunReplaced { round_run: start.run, accepted_run: accepted.run.clone() }.into());
         }
         let run = accepted.run.clone();
-        tracing::info!(
-            round = start.round,
-            metric_before = format!("{:.4}", metric.primary().unwrap_or(f64::NAN)),
-            loss = format!("{:.4}", result.mean_loss),
-            seconds = format!("{:.2}", result.seconds),
-            "local training done"
-        );
+        super::training::log_trained(start.round, &metric, &result);
         // The round is marked released (its masked input is never made again), then its privacy
         // cost is charged, durably, before anything about it leaves.
         let cost = self.round_cost(&start.plan_id, start.round)?;

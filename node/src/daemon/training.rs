@@ -144,6 +144,7 @@ impl Node {
         let dp = accepted.dp;
         let script = accepted.script.clone();
         let bytes = self.fetch(&start.plan_id, &start.model_sha256, start.model_bytes).await?;
+        tracing::debug!(round = start.round, bytes = bytes.len(), "global model held");
         let global = Weights::from_safetensors(&bytes, &plan.global_layout())?;
         // SCAFFOLD: the global carries c; this node's cᵢ is as its last released round left it.
         let (global, c) = scaffold::split_global(&plan, global)?;
@@ -169,13 +170,7 @@ impl Node {
             self.control.save(&start.plan_id, run, start.round, c.layout(), (ci, &after))?;
             result.delta.extend_from_slice(&dc);
         }
-        tracing::info!(
-            round = start.round,
-            metric_before = format!("{:.4}", metric.primary().unwrap_or(f64::NAN)),
-            loss = format!("{:.4}", result.mean_loss),
-            seconds = format!("{:.2}", result.seconds),
-            "local training done"
-        );
+        log_trained(start.round, &metric, &result);
         let cost = self.round_cost(&start.plan_id, start.round)?;
         let header = UpdateHeader {
             plan_id: start.plan_id.clone(),
@@ -207,6 +202,7 @@ impl Node {
             #[cfg(feature = "fault-injection")]
             self.faults.crash_after_charge();
         }
+        tracing::debug!(round = start.round, "update stored and charged; sending it");
         self.send_update(run, header, payload, Rule::ModelUpdate).await
     }
 
@@ -292,7 +288,9 @@ impl Node {
             ^ name_seed(&self.material.identity().name);
         move || {
             let script = script.as_deref();
+            let evaluating = std::time::Instant::now();
             let metric = train::evaluate(&plan.model, &global, &data, device, script)?;
+            let evaluate_seconds = evaluating.elapsed().as_secs_f64();
             let correction = match (drift, plan.strategy.proximal_mu()) {
                 (Some(drift), _) => {
                     Correction::drift(&drift.map_err(|e| train::TrainError::Model(e.to_string()))?, device)?
@@ -300,10 +298,11 @@ impl Node {
                 (None, Some(mu)) => Correction::proximal(mu, &global, device)?,
                 (None, None) => Correction::none(),
             };
-            let result = match &dp {
+            let mut result = match &dp {
                 Some(dp) => train::train_round_dp(&plan, &global, &data, device, &dp.setup, script, &correction)?,
                 None => train::train_round(&plan, &global, &data, device, seed, script, &correction)?,
             };
+            result.evaluate_seconds = evaluate_seconds;
             Ok((metric, result))
         }
     }
@@ -340,4 +339,17 @@ impl Node {
             resend: matches!(rule, Rule::ModelUpdateResend),
         })?)
     }
+}
+
+/// The node's own log line for a round's local work (`scripts/bench`'s round-overhead benchmark
+/// reads its two timings, to the tenth of a millisecond).
+pub(super) fn log_trained(round: u32, metric: &train::Evaluation, result: &train::RoundResult) {
+    tracing::info!(
+        round,
+        metric_before = format!("{:.4}", metric.primary().unwrap_or(f64::NAN)),
+        loss = format!("{:.4}", result.mean_loss),
+        seconds = format!("{:.4}", result.seconds),
+        evaluate_seconds = format!("{:.4}", result.evaluate_seconds),
+        "local training done"
+    );
 }
