@@ -16,6 +16,8 @@
 //!   lead's, and a raw TCP client with none.
 //! - [`runs`]: whole runs from outside: the coordinator's store (SQLite or a PostgreSQL schema of
 //!   the test's own) read back, the lead's CLI, a run's final accuracy.
+//! - [`scripted`]: scripted nodes: a node certificate's client that accepts every offer and
+//!   answers each round as the test says, uploading in the real node's chunks (no node process).
 
 #![allow(clippy::expect_used, clippy::panic)]
 
@@ -24,6 +26,7 @@ mod node;
 pub mod peer;
 pub mod rogue;
 pub mod runs;
+pub mod scripted;
 
 pub use coordinator::CoordinatorProcess;
 pub use node::{EgressRecord, LedgerCharge, NodeProcess, epsilon_by_run, read_audit_records};

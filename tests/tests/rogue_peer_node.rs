@@ -13,13 +13,13 @@ use sanctum_protocol::model::Weights;
 use sanctum_protocol::plan::Plan;
 use sanctum_protocol::proto::federation_client::FederationClient;
 use sanctum_protocol::proto::{
-    Directive, EvaluationReport, FetchModelRequest, PlanFinished, PlanResponse, RoundClosed, SecAggMessage, StartRound,
-    SubscribeRequest, UpdateChunk, UpdateHeader, directive, plan_event, update_chunk,
+    EvaluationReport, FetchModelRequest, PlanFinished, PlanResponse, RoundClosed, SecAggMessage, SubscribeRequest,
+    UpdateChunk, UpdateHeader, directive, plan_event, update_chunk,
 };
-use sanctum_protocol::tls::TlsFiles;
 use sanctum_protocol::transfer;
 use sanctum_tests::peer::lead_client;
-use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, channel, heart_data, next_event, submit_and_watch};
+use sanctum_tests::scripted::{client, data, header, scripted_node, subscribed};
+use sanctum_tests::{Consortium, CoordinatorProcess, NodeProcess, heart_data, next_event, submit_and_watch};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
@@ -37,82 +37,12 @@ fn plan(name: &str, rounds: u32, min_nodes: usize, model: &str, extra: &str) -> 
 
 const LOGISTIC: &str = "kind = \"logistic_regression\"\ninputs = 13";
 
-/// A client holding `files` (a node certificate), with message limits large enough for attacks.
-async fn client(coord: &CoordinatorProcess, files: &TlsFiles) -> FederationClient<Channel> {
-    let ch = channel(&coord.address(), files).await.expect("a node certificate connects");
-    FederationClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
-}
-
-/// A scripted hospital: a member certificate for `name`, a client holding it and its directive
-/// stream, subscribed (the caller waits for the coordinator to see it).
-async fn subscribed(
-    c: &Consortium,
-    coord: &CoordinatorProcess,
-    name: &str,
-) -> (TlsFiles, FederationClient<Channel>, Streaming<Directive>) {
-    let files = c.member(name, "node");
-    let node = client(coord, &files).await;
-    let directives = node.clone().subscribe(SubscribeRequest::default()).await.unwrap().into_inner();
-    (files, node, directives)
-}
-
 fn file_len(path: &std::path::Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
 fn audit_len(coord: &CoordinatorProcess) -> u64 {
     file_len(&coord.state_dir().join("audit/audit.jsonl"))
-}
-
-fn header(plan_id: &str, start: &StartRound, payload: &[u8], num_params: u64, sample_count: u64) -> UpdateChunk {
-    UpdateChunk {
-        part: Some(update_chunk::Part::Header(UpdateHeader {
-            plan_id: plan_id.into(),
-            round: start.round,
-            base_model_sha256: start.model_sha256.clone(),
-            num_params,
-            sample_count,
-            payload_sha256: ContentHash::of(payload).to_hex(),
-            metrics: vec![],
-            masked: false,
-            offset: 0,
-        })),
-    }
-}
-
-fn data(bytes: &[u8]) -> UpdateChunk {
-    UpdateChunk { part: Some(update_chunk::Part::Data(bytes.to_vec())) }
-}
-
-/// A node (held by the test) that accepts every offer and answers each `StartRound` with
-/// `update(round)` = (values, sample_count); it leaves (drops its stream) at `Evaluate` or when
-/// the plan closes. Returns the rounds it was sent, in order.
-async fn scripted_node(
-    mut client: FederationClient<Channel>,
-    mut directives: Streaming<Directive>,
-    update: impl Fn(u32) -> (Vec<f32>, u64),
-) -> Vec<StartRound> {
-    let mut starts = Vec::new();
-    while let Ok(Some(d)) = directives.message().await {
-        match d.kind {
-            Some(directive::Kind::OfferPlan(o)) => {
-                let accept =
-                    PlanResponse { plan_id: o.plan_id, accept: true, reason: String::new(), privacy: None, run: o.run };
-                client.respond_to_plan(accept).await.unwrap();
-            }
-            Some(directive::Kind::StartRound(start)) => {
-                let (values, samples) = update(start.round);
-                let payload = transfer::f32_to_le_bytes(&values);
-                let msgs = vec![header(&start.plan_id, &start, &payload, values.len() as u64, samples), data(&payload)];
-                let receipt = client.submit_update(tokio_stream::iter(msgs)).await;
-                assert!(receipt.is_ok(), "round {}: {receipt:?}", start.round);
-                starts.push(start);
-            }
-            Some(directive::Kind::Evaluate(_)) | Some(directive::Kind::PlanClosed(_)) => break,
-            _ => {}
-        }
-    }
-    starts
 }
 
 /// Downloads a stored model and decodes it with `plan`'s layout.
