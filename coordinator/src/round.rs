@@ -17,7 +17,8 @@
 //! A participant is watched from its first heartbeat of the attempt until it says it is
 //! uploading: before the first one it is fetching the model (or is a node that sends none), and
 //! an upload's time depends on its size and the link; the round's deadline bounds both. A
-//! heartbeat never moves the deadline. At most one a second counts ([`HEARTBEAT_MIN_GAP`]).
+//! heartbeat never moves the deadline. At most one a second counts ([`HEARTBEAT_MIN_GAP`]), but a
+//! change of activity counts at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -472,7 +473,10 @@ impl PlanRun {
             return Err(HeartbeatRefused::NotParticipant(node.clone()));
         }
         let previous = heard.get(node).copied();
-        if previous.is_some_and(|(at, _)| now < at.saturating_add(HEARTBEAT_MIN_GAP)) {
+        // A change of activity counts at once (an "uploading" right after a short training must
+        // stop the silence watch, or a long upload would be dropped as silent); the service's
+        // per-node bucket bounds how often a node can flip.
+        if previous.is_some_and(|(at, a)| a == activity && now < at.saturating_add(HEARTBEAT_MIN_GAP)) {
             return Err(HeartbeatRefused::TooFrequent);
         }
         heard.insert(node.clone(), (now, activity));
@@ -865,6 +869,21 @@ mod tests {
                 if reason == "round 1 cannot start: 2 of the 3 nodes that accepted are connected, min_nodes is 3"),
             "{a:?}"
         );
+    }
+
+    #[test]
+    fn an_uploading_heartbeat_right_after_a_short_training_counts_and_ends_the_silence_watch() {
+        let mut run = three_in_round_one(retrying(2, 2, 0));
+        assert!(!run.heartbeat(&node("c"), 1, Activity::Training, 1_000).unwrap().is_empty());
+        // Training took 10 ms: the change of activity counts at once and is published.
+        assert_eq!(
+            run.heartbeat(&node("c"), 1, Activity::Uploading, 1_010),
+            Ok(vec![Action::Participant { round: 1, node: node("c"), phase: ParticipantPhase::Uploading }])
+        );
+        // The same activity again within the second does not.
+        assert_eq!(run.heartbeat(&node("c"), 1, Activity::Uploading, 1_020), Err(HeartbeatRefused::TooFrequent));
+        // Its upload outlasts the heartbeat timeout (5 s): only the deadline bounds it now.
+        assert!(run.tick(20_000).is_empty(), "an uploading node is not dropped as silent");
     }
 
     #[test]

@@ -8,7 +8,8 @@ deployment: `flower-superlink` and one `flower-supernode` per hospital as proces
 (insecure: Flower's TLS is server-only and its node authentication is not mutual TLS, so this
 favours Flower), the app submitted with `flwr run`; each SuperNode runs its ClientApp in a
 process of its own, the SuperLink the ServerApp, as Flower deploys by default.
-simulation: `flwr.simulation.run_simulation` (the Ray backend, one CPU per virtual node).
+simulation: `flwr.simulation.run_simulation` (the Ray backend, every virtual node at once, each
+given cores / nodes CPUs).
 """
 
 import argparse
@@ -47,7 +48,7 @@ def wait_port(port, proc, timeout=120):
 def wait_for(path, procs, timeout):
     end = time.time() + timeout
     while time.time() < end:
-        if path.exists() and path.stat().st_size > 0:
+        if path.exists():
             return
         for p in procs:
             if p.poll() is not None:
@@ -129,7 +130,10 @@ def simulation(cfg):
         server_app=app.server_app,
         client_app=app.client_app,
         num_supernodes=cfg["nodes"],
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        # All the virtual nodes at once, as Sanctum's nodes share the machine's cores: with one
+        # CPU each, Ray would run them in waves of `cores` and count the later waves' work as
+        # Flower's overhead.
+        backend_config={"client_resources": {"num_cpus": (os.cpu_count() or 1) / cfg["nodes"], "num_gpus": 0.0}},
     )
 
 

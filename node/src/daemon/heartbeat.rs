@@ -19,19 +19,26 @@ const MIN_INTERVAL: Duration = Duration::from_millis(sanctum_protocol::HEARTBEAT
 
 /// The coordinator's two heartbeat rules, kept on the node's side so that it sends only what
 /// counts: a token bucket per node (one a second, a burst of [`sanctum_protocol::HEARTBEAT_BURST`]),
-/// and at most one a second per round. Pure: the caller passes the time.
+/// and, within a round, at most one a second of the same phase (a change of phase counts at once).
+/// Pure: the caller passes the time. It mirrors the coordinator's arithmetic; the coordinator
+/// counts from when a heartbeat arrives, so latency jitter can make the two differ by a few ms,
+/// which costs at most one refused heartbeat or one interval unwatched.
 #[derive(Debug, Default)]
 pub(super) struct HeartbeatGate {
     /// Tokens left and when they were counted; `None` before the first heartbeat (a full bucket).
     bucket: Option<(f64, Instant)>,
-    /// The round and time of the last heartbeat sent.
-    last: Option<(u32, Instant)>,
+    /// The round, phase and time of the last heartbeat sent.
+    last: Option<(u32, HeartbeatPhase, Instant)>,
 }
 
 impl HeartbeatGate {
-    /// Whether a heartbeat for `round` sent at `now` would count; if so it is counted as sent.
-    pub(super) fn admit(&mut self, round: u32, now: Instant) -> bool {
-        if self.last.is_some_and(|(r, at)| r == round && now.saturating_duration_since(at) < MIN_INTERVAL) {
+    /// Whether a heartbeat for `round` in `phase` sent at `now` would count; if so it is counted
+    /// as sent.
+    pub(super) fn admit(&mut self, round: u32, phase: HeartbeatPhase, now: Instant) -> bool {
+        if self
+            .last
+            .is_some_and(|(r, p, at)| r == round && p == phase && now.saturating_duration_since(at) < MIN_INTERVAL)
+        {
             return false;
         }
         let burst = sanctum_protocol::HEARTBEAT_BURST;
@@ -41,14 +48,12 @@ impl HeartbeatGate {
                 (tokens + now.saturating_duration_since(at).as_secs_f64() / MIN_INTERVAL.as_secs_f64()).min(burst)
             }
         };
-        // A little short of a whole token still waits: the coordinator counts from when the
-        // heartbeat arrives, a little later than it left, so its bucket is never emptier.
         if tokens < 1.0 {
             self.bucket = Some((tokens, now));
             return false;
         }
         self.bucket = Some((tokens - 1.0, now));
-        self.last = Some((round, now));
+        self.last = Some((round, phase, now));
         true
     }
 }
@@ -94,7 +99,7 @@ impl Node {
     /// One the coordinator would refuse ([`HeartbeatGate`]) is not sent: it would only add a
     /// round trip to a short round.
     async fn heartbeat(&mut self, start: &proto::StartRound, phase: HeartbeatPhase) {
-        if !self.heartbeats.admit(start.round, Instant::now()) {
+        if !self.heartbeats.admit(start.round, phase, Instant::now()) {
             tracing::debug!(round = start.round, "heartbeat not sent: the coordinator would refuse it as too frequent");
             return;
         }
@@ -116,25 +121,44 @@ impl Node {
 mod tests {
     use super::*;
 
+    const TRAINING: HeartbeatPhase = HeartbeatPhase::Training;
+    const UPLOADING: HeartbeatPhase = HeartbeatPhase::Uploading;
+
     fn ms(t0: Instant, ms: u64) -> Instant {
         t0 + Duration::from_millis(ms)
     }
 
     #[test]
-    fn a_second_heartbeat_in_the_same_round_within_a_second_is_not_sent() {
+    fn a_second_heartbeat_of_one_phase_in_a_round_within_a_second_is_not_sent() {
         let (mut g, t0) = (HeartbeatGate::default(), Instant::now());
-        assert!(g.admit(1, t0));
-        assert!(!g.admit(1, ms(t0, 999)));
-        assert!(g.admit(1, ms(t0, 1000)));
+        assert!(g.admit(1, TRAINING, t0));
+        assert!(!g.admit(1, TRAINING, ms(t0, 999)));
+        assert!(g.admit(1, TRAINING, ms(t0, 1000)));
+        // A change of phase counts at once: "uploading" 10 ms after training began.
+        assert!(g.admit(1, UPLOADING, ms(t0, 1010)));
         // A new round's first heartbeat counts at once (the round machine keeps rounds apart).
-        assert!(g.admit(2, ms(t0, 1001)));
+        assert!(g.admit(2, TRAINING, ms(t0, 1011)));
+    }
+
+    #[test]
+    fn a_heartbeat_held_back_by_the_round_rule_takes_no_token() {
+        let (mut g, t0) = (HeartbeatGate::default(), Instant::now());
+        assert!(g.admit(1, TRAINING, t0));
+        for _ in 0..10 {
+            assert!(!g.admit(1, TRAINING, t0));
+        }
+        // Three tokens are left for three other rounds at the same instant, then none.
+        for r in 2..=4 {
+            assert!(g.admit(r, TRAINING, t0), "round {r}");
+        }
+        assert!(!g.admit(5, TRAINING, t0));
     }
 
     #[test]
     fn short_rounds_send_the_burst_then_one_a_second_as_the_coordinators_bucket_counts() {
         let (mut g, t0) = (HeartbeatGate::default(), Instant::now());
         // Rounds every 125 ms (exact in binary), a heartbeat wanted at each round's start.
-        let sent: Vec<u32> = (1..=30).filter(|&r| g.admit(r, ms(t0, u64::from(r) * 125))).collect();
+        let sent: Vec<u32> = (1..=30).filter(|&r| g.admit(r, TRAINING, ms(t0, u64::from(r) * 125))).collect();
         // Four from the burst, then one per second of refill (every eighth round).
         assert_eq!(sent, vec![1, 2, 3, 4, 9, 17, 25]);
     }
@@ -143,12 +167,12 @@ mod tests {
     fn the_bucket_refills_to_the_burst_and_no_further() {
         let (mut g, t0) = (HeartbeatGate::default(), Instant::now());
         for r in 1..=4 {
-            assert!(g.admit(r, t0));
+            assert!(g.admit(r, TRAINING, t0));
         }
-        assert!(!g.admit(5, t0));
+        assert!(!g.admit(5, TRAINING, t0));
         // An hour idle refills four tokens, not 3,600.
         let later = ms(t0, 3_600_000);
-        let sent = (6..=20).filter(|&r| g.admit(r, later)).count();
+        let sent = (6..=20).filter(|&r| g.admit(r, TRAINING, later)).count();
         assert_eq!(sent, 4);
     }
 }

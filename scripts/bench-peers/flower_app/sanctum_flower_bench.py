@@ -133,5 +133,8 @@ def main(grid: Grid, context: Context):
         num_rounds=cfg["rounds"],
         train_config=ConfigRecord({"lr": cfg["lr"]}),
     )
-    with open(cfg["out"], "w") as f:
+    # Written whole, then renamed: the runner reads the file as soon as it exists.
+    tmp = cfg["out"] + ".tmp"
+    with open(tmp, "w") as f:
         json.dump({"params": params, "rounds": strategy.rounds}, f)
+    os.replace(tmp, cfg["out"])
