@@ -24,6 +24,8 @@ pub enum AggregateError {
         "the new global model would have a non-finite value (NaN or infinity) at parameter {index}; it was not stored or published (an update far too large for the server step)"
     )]
     NonFiniteModel { index: usize },
+    #[error("the round's sum was already turned into its mean; an update now is too late for it")]
+    Finished,
 }
 
 /// An update's aggregation weight under sample weighting: the node's sample count, at most
@@ -34,22 +36,39 @@ pub fn sample_weight(sample_count: u64, max_samples: u64) -> f64 {
     sample_count.min(max_samples) as f64
 }
 
-/// A running weighted sum of updates, in f64 so the order of arrival barely matters.
+/// A running weighted sum of updates, in f64 so the order of arrival barely matters. One buffer
+/// of the model's size at a time: [`Accumulator::mean_in_place`] divides it in place and
+/// [`Accumulator::reset`] replaces it only once it is freed, so no round holds a second one.
 #[derive(Debug)]
 pub struct Accumulator {
     sum: Vec<f64>,
     total_weight: f64,
     count: usize,
+    /// `sum` holds the mean now ([`Accumulator::mean_in_place`]); nothing more is taken.
+    finished: bool,
 }
 
 impl Accumulator {
     /// An empty sum for a model of `num_params` scalars.
     pub fn new(num_params: usize) -> Self {
-        Self { sum: vec![0.0; num_params], total_weight: 0.0, count: 0 }
+        Self { sum: vec![0.0; num_params], total_weight: 0.0, count: 0, finished: false }
     }
 
-    /// Checks an update without folding it in: shape and finiteness.
+    /// Empties the sum for a model of `num_params` scalars. The old buffer is freed before the
+    /// new one is made, so two never coexist, and a fresh zeroed buffer (calloc'd: its pages are
+    /// mapped as they are first written) holds no resident memory until updates arrive.
+    pub fn reset(&mut self, num_params: usize) {
+        self.sum = Vec::new();
+        self.sum = vec![0.0; num_params];
+        (self.total_weight, self.count, self.finished) = (0.0, 0, false);
+    }
+
+    /// Checks an update without folding it in: shape and finiteness, and that the round's sum is
+    /// still open (so an update checked here is one [`Accumulator::add`] takes).
     pub fn check(&self, update: &[f32]) -> Result<(), AggregateError> {
+        if self.finished {
+            return Err(AggregateError::Finished);
+        }
         if update.len() != self.sum.len() {
             return Err(AggregateError::Shape { got: update.len(), want: self.sum.len() });
         }
@@ -89,6 +108,22 @@ impl Accumulator {
             return None;
         }
         Some(self.sum.iter().map(|s| s / self.total_weight).collect())
+    }
+
+    /// The weighted mean update computed in the sum's own buffer (the same values as
+    /// [`Accumulator::mean`], bit for bit), or `None` when nothing was added. From then on the
+    /// accumulator takes no update until [`Accumulator::reset`].
+    pub fn mean_in_place(&mut self) -> Option<&[f64]> {
+        if self.count == 0 {
+            return None;
+        }
+        if !self.finished {
+            for s in &mut self.sum {
+                *s /= self.total_weight;
+            }
+            self.finished = true;
+        }
+        Some(&self.sum)
     }
 }
 
@@ -210,6 +245,33 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    proptest! {
+        /// The mean made in the sum's buffer is the allocating mean, bit for bit; after it the
+        /// accumulator takes nothing until reset, and reset starts again from zero.
+        #[test]
+        fn the_mean_in_place_is_the_mean_and_closes_the_sum_until_reset(
+            updates in proptest::collection::vec((proptest::collection::vec(-1e6f32..1e6, 5), 0.5f64..1e4), 1..8),
+        ) {
+            let mut acc = Accumulator::new(5);
+            for (u, w) in &updates {
+                acc.add(u, *w).unwrap();
+            }
+            let want = acc.mean().unwrap();
+            let got = acc.mean_in_place().unwrap().to_vec();
+            prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            // Asked again, the same mean (not divided twice).
+            prop_assert_eq!(acc.mean_in_place().unwrap(), &want[..]);
+            prop_assert_eq!(acc.check(&updates[0].0), Err(AggregateError::Finished));
+            prop_assert_eq!(acc.add(&updates[0].0, 1.0), Err(AggregateError::Finished));
+            acc.reset(5);
+            prop_assert_eq!((acc.count(), acc.sum()), (0, &[0.0; 5][..]));
+            prop_assert_eq!(acc.mean_in_place(), None);
+            acc.add(&updates[0].0, 2.0).unwrap();
+            let once: Vec<f64> = updates[0].0.iter().map(|v| f64::from(*v)).collect();
+            prop_assert_eq!(acc.mean_in_place().unwrap(), &once[..]);
+        }
+    }
 
     #[test]
     fn weighted_mean_and_refusals_leave_the_sum_untouched() {

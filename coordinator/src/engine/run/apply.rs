@@ -6,7 +6,6 @@ use std::collections::VecDeque;
 use sanctum_protocol::audit::AuditEvent;
 use sanctum_protocol::proto::{self, directive, plan_event};
 
-use crate::aggregate::Accumulator;
 use crate::engine::effects::{Actor, Effect, UploadRound};
 use crate::engine::{Millis, NodeName};
 use crate::round::Action;
@@ -36,7 +35,8 @@ impl RunEngine {
                         // restart during round 1 offers the run again to exactly them.
                         fx.push(self.checkpoint_effect(None));
                     }
-                    self.acc = Accumulator::new(self.global.values().len());
+                    // The old sum freed before the new one is made: never two of the model's size.
+                    self.acc.reset(self.global.values().len());
                     // A retry's attempt keeps nothing of the failed one's.
                     self.clear_robust();
                     self.round_metrics.clear();

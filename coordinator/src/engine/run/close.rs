@@ -42,19 +42,22 @@ impl RunEngine {
         if self.acc.count() == 0 {
             return Err(crate::engine::AggregationFailed::NoUpdate);
         }
-        let mean = match self.client_dp.as_mut() {
+        let shape = crate::strategy::RoundShape { reported: self.acc.count(), participants: self.participants.len() };
+        let released;
+        let mean: &[f64] = match self.client_dp.as_mut() {
             Some((dp, _)) => {
                 let secure = &mut self.secure;
-                dp.release(self.acc.sum(), self.participants.len(), &mut |std| secure.sample(std))
+                released = dp.release(self.acc.sum(), self.participants.len(), &mut |std| secure.sample(std));
+                &released
             }
-            None => self.acc.mean().ok_or(crate::engine::AggregationFailed::NoUpdate)?,
+            // In the sum's own buffer: no second buffer of the model's size at the close.
+            None => self.acc.mean_in_place().ok_or(crate::engine::AggregationFailed::NoUpdate)?,
         };
         // A step that would leave a non-finite model (NaN or infinity: FedAdam or FedAvg pushed
         // past f32's range) changes nothing and fails the round with the reason; the model is
         // neither stored nor published.
-        let shape = crate::strategy::RoundShape { reported: self.acc.count(), participants: self.participants.len() };
         self.server
-            .step(self.global.values_mut(), &mean, shape)
+            .step(self.global.values_mut(), mean, shape)
             .map_err(|source| crate::engine::AggregationFailed::Step { round, source })?;
         self.store_global(fx)?;
         tracing::info!(round, updates = self.acc.count(), model = %self.model.short(), "round aggregated");
