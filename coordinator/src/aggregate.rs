@@ -102,7 +102,9 @@ impl Accumulator {
         &self.sum
     }
 
-    /// The weighted mean update, or `None` when nothing was added.
+    /// The weighted mean update in a new buffer, or `None` when nothing was added: the reference
+    /// [`Accumulator::mean_in_place`] is tested against (the engine uses that one).
+    #[cfg(test)]
     pub fn mean(&self) -> Option<Vec<f64>> {
         if self.count == 0 {
             return None;
