@@ -36,22 +36,29 @@ pub struct CoordinatorConfig {
 }
 
 /// `[status]` in `coordinator.toml`: the read-only status page (`GET /`) and the Prometheus
-/// metrics (`GET /metrics`) on a listener of their own, plain HTTP.
+/// metrics (`GET /metrics`) on a listener of their own.
 ///
-/// The page is **unauthenticated**: it shows plan names, hospital names, their states, refusal
-/// reasons and ε. So it listens on loopback unless the operator says otherwise with
-/// `allow_remote = true` (then put it behind a reverse proxy with authentication, or a firewall
-/// that admits only the monitoring host). Requests whose `Host` is not an IP address, `localhost`
-/// or one of `allowed_hosts` are refused, so a web page in the operator's browser cannot read it
-/// through DNS rebinding.
+/// By default plain HTTP and **unauthenticated**: it shows plan names, hospital names, their
+/// states, refusal reasons and ε, so it listens on loopback unless the operator says otherwise.
+/// With `tls = true` it is served behind the coordinator's own mutual TLS instead: only a
+/// consortium certificate with role `lead` or `auditor` that is neither revoked nor expired is
+/// served (checked on every request), and any address may be used. `allow_remote = true` allows
+/// a non-loopback address for plain HTTP (then put it behind a reverse proxy with
+/// authentication, or a firewall that admits only the monitoring host). Requests whose `Host` is
+/// not an IP address, `localhost` or one of `allowed_hosts` are refused, so a web page in the
+/// operator's browser cannot read it through DNS rebinding.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct StatusConfig {
     /// Where to listen, e.g. `127.0.0.1:9464` (port 0: any free port, logged at start).
     pub listen: SocketAddr,
-    /// Whether a non-loopback `listen` is allowed (the page has no authentication).
+    /// Whether a non-loopback `listen` is allowed for plain HTTP (the page has no authentication).
     #[serde(default)]
     pub allow_remote: bool,
+    /// Serve over the coordinator's mutual TLS (its `[tls]` certificate and CA, HTTP/1.1):
+    /// lead and auditor certificates only.
+    #[serde(default)]
+    pub tls: bool,
     /// Host names (without port) a request may name besides IP addresses and `localhost`, e.g.
     /// the monitoring host's name for this machine.
     #[serde(default)]
@@ -66,9 +73,10 @@ fn default_status_refresh() -> u64 {
 }
 
 impl StatusConfig {
-    /// Refuses a non-loopback address without `allow_remote`, and a reload slower than an hour.
+    /// Refuses a non-loopback address for plain HTTP without `allow_remote`, and a reload
+    /// slower than an hour.
     pub fn validate(&self) -> Result<(), SettingError> {
-        if !self.listen.ip().is_loopback() && !self.allow_remote {
+        if !self.listen.ip().is_loopback() && !self.allow_remote && !self.tls {
             return Err(SettingError::StatusNotLoopback(self.listen));
         }
         if self.refresh_secs > 3600 {
@@ -293,7 +301,7 @@ pub enum SettingError {
     )]
     BadPostgresUrl { reason: String },
     #[error(
-        "status.listen = \"{0}\" is not a loopback address, and the status page has no authentication: listen on 127.0.0.1, or set status.allow_remote = true and protect it another way (a reverse proxy with authentication, a firewall)"
+        "status.listen = \"{0}\" is not a loopback address, and the status page over plain HTTP has no authentication: listen on 127.0.0.1, set status.tls = true (the coordinator's mutual TLS: lead and auditor certificates only), or set status.allow_remote = true and protect it another way (a reverse proxy with authentication, a firewall)"
     )]
     StatusNotLoopback(SocketAddr),
     #[error("status.refresh_secs ({0}) must be at most 3600 (0: the page does not reload)")]
@@ -374,7 +382,7 @@ mod tests {
         assert_eq!(cfg.status, None, "absent: off");
         let cfg: CoordinatorConfig = toml::from_str(&format!("{base}[status]\nlisten = \"127.0.0.1:9464\"\n")).unwrap();
         let status = cfg.status.unwrap();
-        assert_eq!((status.allow_remote, status.refresh_secs), (false, 5));
+        assert_eq!((status.allow_remote, status.tls, status.refresh_secs), (false, false, 5));
         assert_eq!(status.validate(), Ok(()));
         let v6: StatusConfig = toml::from_str("listen = \"[::1]:9464\"\n").unwrap();
         assert_eq!(v6.validate(), Ok(()));
@@ -384,6 +392,9 @@ mod tests {
             e.contains("status.listen = \"0.0.0.0:9464\" is not a loopback address") && e.contains("allow_remote"),
             "{e}"
         );
+        assert!(e.contains("status.tls = true"), "{e}");
+        let behind_tls = StatusConfig { tls: true, ..remote.clone() };
+        assert_eq!(behind_tls.validate(), Ok(()), "mutual TLS: any address");
         let remote = StatusConfig { allow_remote: true, ..remote };
         assert_eq!(remote.validate(), Ok(()), "the operator opted in");
         let slow = StatusConfig { refresh_secs: 7200, ..status.clone() };

@@ -178,7 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )?;
             // The read-only status page and metrics (`[status]`), logged with the address bound.
             if let Some(status) = &cfg.status {
-                coordinator.serve_status(status).await?;
+                coordinator.serve_status(status, &material).await?;
             }
             let listener = tokio::net::TcpListener::bind(cfg.listen)
                 .await

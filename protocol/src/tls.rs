@@ -46,7 +46,7 @@ mod guard;
 mod listener;
 pub mod refusals;
 
-pub use guard::{CallGuard, RefusalHook, Revocations, RevokedCert, peer, role_guard};
+pub use guard::{CallGuard, CallerRefusal, RefusalHook, Revocations, RevokedCert, caller_refusal, peer, role_guard};
 pub use listener::{AuthenticatedStream, IncomingOptions, PeerInfo, mtls_incoming};
 pub use refusals::{RefusalClass, RefusalReport, Refusals};
 
@@ -155,6 +155,14 @@ impl TlsMaterial {
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// The same server configuration for HTTP/1.1 (the status page behind mutual TLS): a browser
+    /// or Prometheus that presents a consortium certificate is offered `http/1.1` by ALPN.
+    pub fn https_server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let mut cfg = (*self.server_config()?).clone();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(cfg))
     }
 

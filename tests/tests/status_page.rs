@@ -6,6 +6,10 @@
 //! counter equals the rounds the coordinator reports completed at that moment, and the plan's
 //! rounds at its end.
 //!
+//! Behind mutual TLS (`[status] tls = true`), curl reads `/metrics` with an auditor's certificate,
+//! a hospital's certificate gets 403, no certificate gets no answer, and `pki revoke` ends the
+//! auditor's access.
+//!
 //! Build first: `cargo build --workspace --bins`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failed step is a failed test
@@ -20,8 +24,9 @@ use std::time::{Duration, Instant};
 use sanctum_protocol::proto::audit_client::AuditClient;
 use sanctum_protocol::proto::lead_client::LeadClient;
 use sanctum_protocol::proto::{PlanStatusRequest, plan_event};
+use sanctum_protocol::tls::TlsFiles;
 use sanctum_tests::{
-    Consortium, CoordinatorProcess, HEART_SCHEMA_SHA256, NodeProcess, channel, heart_data, next_event,
+    Consortium, CoordinatorProcess, HEART_SCHEMA_SHA256, NodeProcess, bin, channel, heart_data, next_event, run_ok,
     submit_and_watch, wait_until,
 };
 
@@ -304,4 +309,68 @@ async fn the_status_page_renders_during_a_plan_and_the_metrics_follow_its_rounds
     s.read_to_string(&mut raw).unwrap();
     assert!(raw.starts_with("HTTP/1.1 405"), "{raw}");
     assert_eq!(get(status, "/plan/cancel").0, 404);
+}
+
+/// `curl` over HTTPS to `url` with the consortium CA and, when given, a member's certificate:
+/// (curl's exit code, the HTTP status it printed, the body).
+fn curl_https(c: &Consortium, member: Option<&TlsFiles>, url: &str) -> (i32, String, String) {
+    let body = c.dir.path().join("curl-body");
+    let _ = std::fs::remove_file(&body);
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "--max-time", "10", "-o"])
+        .arg(&body)
+        .args(["-w", "%{http_code}", "--cacert"])
+        .arg(c.pki().join("ca.pem"));
+    if let Some(m) = member {
+        cmd.arg("--cert").arg(&m.cert).arg("--key").arg(&m.key);
+    }
+    let out = cmd.arg(url).output().expect("curl must be installed (scripts/test installs it)");
+    let code = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.code().unwrap_or(-1), code, std::fs::read_to_string(&body).unwrap_or_default())
+}
+
+#[test]
+fn behind_mutual_tls_curl_reads_the_metrics_with_a_lead_certificate_and_a_node_certificate_is_refused() {
+    let c = Consortium::new();
+    let coord = CoordinatorProcess::start_configured(&c, "[status]\nlisten = \"127.0.0.1:0\"\ntls = true\n", &[]);
+    let mut status: Option<SocketAddr> = None;
+    assert!(wait_until(Duration::from_secs(10), || {
+        status =
+            coord.log_text().split("status page on https://").nth(1).and_then(|r| r.split('/').next()?.parse().ok());
+        status.is_some()
+    }));
+    // The coordinator's certificate names localhost (`pki init`).
+    let url = format!("https://localhost:{}/metrics", status.unwrap().port());
+    let (lead, auditor, node) = (c.lead(), c.member("inspector", "auditor"), c.member("cleveland", "node"));
+
+    for (who, files) in [("lead", &lead), ("auditor", &auditor)] {
+        let (rc, code, text) = curl_https(&c, Some(files), &url);
+        assert_eq!((rc, code.as_str()), (0, "200"), "{who}: {text}");
+        let samples = parse_metrics(&text);
+        assert!(samples.iter().any(|(name, _, _)| name == "sanctum_connected_nodes"), "{who}: {text}");
+        println!("curl --cert {who}: 200, {} samples", samples.len());
+    }
+    let (rc, code, why) = curl_https(&c, Some(&node), &url);
+    assert_eq!((rc, code.as_str()), (0, "403"), "{why}");
+    assert!(why.contains("'cleveland' holds a node certificate; this call needs role lead or auditor"), "{why}");
+    println!("curl --cert cleveland (node): 403: {}", why.trim());
+    let (rc, code, text) = curl_https(&c, None, &url);
+    assert!(rc != 0 && code != "200" && text.is_empty(), "no certificate, yet: {rc} {code} {text}");
+    println!("curl without a certificate: exit {rc}, HTTP {code:?}");
+    // Plain HTTP on the same port gets no page.
+    let (rc, code, _) = curl_https(&c, Some(&auditor), &url.replace("https://", "http://"));
+    assert!(code != "200", "plain HTTP was served: {rc} {code}");
+
+    // The auditor is revoked: the coordinator follows revoked.json and stops answering it.
+    run_ok(
+        Command::new(bin("sanctum-coordinator"))
+            .args(["pki", "revoke", "inspector", "--reason", "left the consortium", "--dir"])
+            .arg(c.pki()),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || curl_https(&c, Some(&auditor), &url).1 != "200"),
+        "a revoked auditor still reads the status page"
+    );
+    assert_eq!(curl_https(&c, Some(&lead), &url).1, "200", "the lead is unaffected");
+    println!("after pki revoke inspector: refused; the lead still reads it");
 }

@@ -66,7 +66,7 @@ use history::History;
 use lead::LeadApi;
 pub use revocation::RevocationListError;
 use revocation::follow_revocations;
-pub use start::StartError;
+pub use start::{StartError, StatusError};
 pub use transport::ServeError;
 use uploads::{RoundInfo, SpooledUpdate};
 

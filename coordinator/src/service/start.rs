@@ -114,11 +114,53 @@ impl Coordinator {
 
 impl Coordinator {
     /// Serves the read-only status page and the metrics of `[status]` on their own listener
-    /// (`crate::web`); returns the address bound.
+    /// (`crate::web`), behind this coordinator's mutual TLS (`material`) when `tls = true`;
+    /// returns the address bound. Refusals on a mutual-TLS status listener are written to the
+    /// audit log at most once per `limits.refusal_report_secs`, as the gRPC listener's are.
     pub async fn serve_status(
         &self,
         cfg: &crate::config::StatusConfig,
-    ) -> Result<std::net::SocketAddr, crate::web::WebError> {
-        crate::web::start(cfg, Arc::new(self.clone())).await
+        material: &tls::TlsMaterial,
+    ) -> Result<std::net::SocketAddr, StatusError> {
+        let tls = if cfg.tls {
+            let period = std::time::Duration::from_secs(self.inner.limits.refusal_report_secs);
+            let refusals = Arc::new(tls::Refusals::new(period));
+            let (inner, counted) = (self.inner.clone(), Arc::clone(&refusals));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(period).await;
+                    if let Some(report) = counted.take_due() {
+                        super::transport::audit_refusals(&inner, &report);
+                    }
+                }
+            });
+            let config = material.https_server_config().map_err(StatusError::Tls)?;
+            // A refused request of a member is audited with who it was, as a refused gRPC call.
+            let inner = self.inner.clone();
+            let on_itemised: tls::RefusalHook = Arc::new(move |remote: &str, reason: &str| {
+                inner.audit(
+                    "unauthorised",
+                    AuditEvent::CallRefused { remote: remote.to_string(), reason: reason.to_string() },
+                );
+            });
+            Some(crate::web::StatusTls {
+                config,
+                revoked: Arc::clone(&self.inner.revoked),
+                refusals,
+                on_itemised: Some(on_itemised),
+            })
+        } else {
+            None
+        };
+        crate::web::start(cfg, Arc::new(self.clone()), tls).await.map_err(StatusError::Web)
     }
+}
+
+/// Why the status listener did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Web(crate::web::WebError),
+    #[error("the status page's mutual TLS (status.tls = true): {0}")]
+    Tls(tls::TlsError),
 }

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use super::*;
 
 /// Writes one periodic refusal record (bounded: see [`tls::RefusalReport`]).
-fn audit_refusals(inner: &Inner, report: &tls::RefusalReport) {
+pub(super) fn audit_refusals(inner: &Inner, report: &tls::RefusalReport) {
     let by_reason: std::collections::BTreeMap<String, u64> =
         report.by_reason.iter().map(|(class, n)| (class.key().to_string(), *n)).collect();
     let samples: Vec<String> = report.sample_remotes.iter().map(|ip| ip.to_string()).collect();

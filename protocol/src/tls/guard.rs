@@ -101,42 +101,75 @@ fn expiry_refusal(identity: &Identity, now: time::OffsetDateTime) -> Option<Stri
     })
 }
 
+/// Why a verified caller is refused now, if it is: the decision [`role_guard`] and the status
+/// page's mutual-TLS listener share.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallerRefusal {
+    /// Its certificate was revoked or has expired since the handshake.
+    Unauthenticated(String),
+    /// Its certificate is valid but its role is not one the call allows.
+    Forbidden(String),
+}
+
+impl CallerRefusal {
+    /// The reason, naming the certificate and what to do.
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Unauthenticated(m) | Self::Forbidden(m) => m,
+        }
+    }
+}
+
+/// Whether `identity` may make a call that needs one of `allowed` roles at `now`: neither
+/// revoked nor expired (a connection may outlive both), and holding one of the roles.
+pub fn caller_refusal(
+    identity: &Identity,
+    allowed: &[Role],
+    revoked: &Revocations,
+    now: time::OffsetDateTime,
+) -> Option<CallerRefusal> {
+    // A certificate revoked while its connection is open is refused on its next call.
+    if let Some(why) = revoked.refusal(identity) {
+        return Some(CallerRefusal::Unauthenticated(why));
+    }
+    // So is one that expired: TLS checked its validity only at the handshake.
+    if let Some(why) = expiry_refusal(identity, now) {
+        return Some(CallerRefusal::Unauthenticated(why));
+    }
+    (!allowed.contains(&identity.role)).then(|| {
+        let need: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+        CallerRefusal::Forbidden(format!(
+            "'{}' holds a {} certificate; this call needs role {}",
+            identity.name,
+            identity.role,
+            need.join(" or ")
+        ))
+    })
+}
+
 /// An interceptor that lets through only callers whose certificate has one of `allowed` roles
-/// and is, at the time of the call, neither revoked nor expired (a connection may outlive both).
+/// and is, at the time of the call, neither revoked nor expired ([`caller_refusal`]).
 pub fn role_guard(
     allowed: &'static [Role],
     guard: CallGuard,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
     move |request: Request<()>| {
         let peer = peer(&request)?;
-        let refuse = |status: Status| {
-            let reason = format!("{}: {}", peer.identity, status.message());
-            if guard.refusals.refuse(RefusalClass::CallRefused, peer.remote, &reason)
-                && let Some(hook) = &guard.on_itemised
-            {
-                hook(&peer.remote.to_string(), &reason);
-            }
-            Err(status)
+        let Some(refusal) = caller_refusal(&peer.identity, allowed, &guard.revoked, time::OffsetDateTime::now_utc())
+        else {
+            return Ok(request);
         };
-        // A certificate revoked while its connection is open is refused on its next call.
-        if let Some(why) = guard.revoked.refusal(&peer.identity) {
-            return refuse(Status::unauthenticated(why));
+        let status = match &refusal {
+            CallerRefusal::Unauthenticated(why) => Status::unauthenticated(why.clone()),
+            CallerRefusal::Forbidden(why) => Status::permission_denied(why.clone()),
+        };
+        let reason = format!("{}: {}", peer.identity, status.message());
+        if guard.refusals.refuse(RefusalClass::CallRefused, peer.remote, &reason)
+            && let Some(hook) = &guard.on_itemised
+        {
+            hook(&peer.remote.to_string(), &reason);
         }
-        // So is one that expired: TLS checked its validity only at the handshake.
-        if let Some(why) = expiry_refusal(&peer.identity, time::OffsetDateTime::now_utc()) {
-            return refuse(Status::unauthenticated(why));
-        }
-        if allowed.contains(&peer.identity.role) {
-            Ok(request)
-        } else {
-            let need: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
-            refuse(Status::permission_denied(format!(
-                "'{}' holds a {} certificate; this call needs role {}",
-                peer.identity.name,
-                peer.identity.role,
-                need.join(" or ")
-            )))
-        }
+        Err(status)
     }
 }
 
