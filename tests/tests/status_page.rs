@@ -260,7 +260,7 @@ async fn the_status_page_renders_during_a_plan_and_the_metrics_follow_its_rounds
         assert!(f64::from(before) <= counter && counter <= f64::from(after), "{before} <= {counter} <= {after}");
         if before == after {
             assert_eq!(counter, f64::from(before));
-            assert_eq!(value(&samples, "sanctum_connected_nodes", &[]), Some(4.0));
+            assert_eq!(value(&samples, "sanctum_connected_nodes", &[]), Some(4.0), "after {after} rounds:\n{text}");
             assert!(
                 value(&samples, "sanctum_updates_accepted_total", &[]).unwrap_or(0.0) >= 6.0,
                 "3 hospitals × 2 rounds"
