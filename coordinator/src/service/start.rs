@@ -124,30 +124,16 @@ impl Coordinator {
     ) -> Result<std::net::SocketAddr, StatusError> {
         let tls = if cfg.tls {
             let period = std::time::Duration::from_secs(self.inner.limits.refusal_report_secs);
-            let refusals = Arc::new(tls::Refusals::new(period));
-            let (inner, counted) = (self.inner.clone(), Arc::clone(&refusals));
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(period).await;
-                    if let Some(report) = counted.take_due() {
-                        super::transport::audit_refusals(&inner, &report);
-                    }
-                }
-            });
             let config = material.https_server_config().map_err(StatusError::Tls)?;
-            // A refused request of a member is audited with who it was, as a refused gRPC call.
-            let inner = self.inner.clone();
-            let on_itemised: tls::RefusalHook = Arc::new(move |remote: &str, reason: &str| {
-                inner.audit(
-                    "unauthorised",
-                    AuditEvent::CallRefused { remote: remote.to_string(), reason: reason.to_string() },
-                );
-            });
+            let refusals = Arc::new(tls::Refusals::new(period));
+            // Lives as long as the process, as the status listener does.
+            super::transport::spawn_refusal_reporter(&self.inner, &refusals, period);
             Some(crate::web::StatusTls {
                 config,
                 revoked: Arc::clone(&self.inner.revoked),
                 refusals,
-                on_itemised: Some(on_itemised),
+                // A refused request of a member is audited with who it was, as a refused gRPC call.
+                on_itemised: Some(super::transport::refusal_hook(&self.inner)),
             })
         } else {
             None

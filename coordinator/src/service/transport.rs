@@ -19,6 +19,33 @@ use tokio::net::TcpListener;
 
 use super::*;
 
+/// The hook that audits a refused call of a verified member one by one (`call_refused`, with
+/// who called), for the gRPC listener and the status page's mutual TLS alike.
+pub(super) fn refusal_hook(inner: &Arc<Inner>) -> tls::RefusalHook {
+    let inner = Arc::clone(inner);
+    Arc::new(move |remote: &str, reason: &str| {
+        inner.audit("unauthorised", AuditEvent::CallRefused { remote: remote.to_string(), reason: reason.to_string() });
+    })
+}
+
+/// Writes what `refusals` counted to the audit log at most once per `period` (the sleep between
+/// two takes is a whole period), until the task is aborted.
+pub(super) fn spawn_refusal_reporter(
+    inner: &Arc<Inner>,
+    refusals: &Arc<tls::Refusals>,
+    period: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let (inner, refusals) = (Arc::clone(inner), Arc::clone(refusals));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            if let Some(report) = refusals.take_due() {
+                audit_refusals(&inner, &report);
+            }
+        }
+    })
+}
+
 /// Writes one periodic refusal record (bounded: see [`tls::RefusalReport`]).
 pub(super) fn audit_refusals(inner: &Inner, report: &tls::RefusalReport) {
     let by_reason: std::collections::BTreeMap<String, u64> =
@@ -71,13 +98,7 @@ impl Coordinator {
         let limits = &self.inner.limits;
         let period = Duration::from_secs(limits.refusal_report_secs);
         let refusals = Arc::new(tls::Refusals::new(period));
-        let inner = self.inner.clone();
-        let on_itemised: tls::RefusalHook = Arc::new(move |remote: &str, reason: &str| {
-            inner.audit(
-                "unauthorised",
-                AuditEvent::CallRefused { remote: remote.to_string(), reason: reason.to_string() },
-            );
-        });
+        let on_itemised = refusal_hook(&self.inner);
         let revoked = Arc::clone(&self.inner.revoked);
         let options = tls::IncomingOptions {
             max_handshakes_in_flight: limits.max_handshakes_in_flight,
@@ -123,17 +144,7 @@ impl Coordinator {
             }
         };
         // A record per period at most: the sleep between two takes is a whole period.
-        let reporter = {
-            let (inner, refusals) = (self.inner.clone(), Arc::clone(&refusals));
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(period).await;
-                    if let Some(report) = refusals.take_due() {
-                        audit_refusals(&inner, &report);
-                    }
-                }
-            })
-        };
+        let reporter = spawn_refusal_reporter(&self.inner, &refusals, period);
         let audit = audit_server::AuditServer::new(AuditApi { inner: self.inner.clone() });
         let federation = federation_server::FederationServer::new(FederationApi { inner: self.inner.clone() })
             .max_decoding_message_size(2 * CHUNK_BYTES);
