@@ -36,6 +36,98 @@ pub fn sample_weight(sample_count: u64, max_samples: u64) -> f64 {
     sample_count.min(max_samples) as f64
 }
 
+/// An update's values, every one of them finite: made only by [`FiniteValues::new`] and
+/// [`FiniteValues::read_le`], which check, so [`Accumulator::add_finite`] folds them without a
+/// second pass over them. The service decodes and checks each upload on a blocking thread of its
+/// own, beside the others; the engine then only folds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FiniteValues(Vec<f32>);
+
+/// Why a payload read back is not an update's values.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error(transparent)]
+    NotFinite(#[from] AggregateError),
+    #[error("the payload holds {got} bytes, not the {want} its values need")]
+    Length { got: u64, want: u64 },
+    #[error("reading the payload back: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl FiniteValues {
+    /// Checks that every value is finite.
+    pub fn new(values: Vec<f32>) -> Result<Self, AggregateError> {
+        match values.iter().position(|v| !v.is_finite()) {
+            Some(index) => Err(AggregateError::NonFinite { index }),
+            None => Ok(Self(values)),
+        }
+    }
+
+    /// Reads exactly `count` little-endian f32 values from `r` into one buffer of that size (no
+    /// copy of the bytes is kept), checking each as it is decoded; more or fewer bytes, or a
+    /// non-finite value (named by its index), is refused.
+    pub fn read_le(r: &mut impl std::io::Read, count: usize) -> Result<Self, PayloadError> {
+        let want = count as u64 * 4;
+        let mut values = Vec::with_capacity(count);
+        let mut block = vec![0u8; (1 << 20).min(count * 4).max(4)];
+        let mut got = 0u64;
+        while values.len() < count {
+            let take = block.len().min((count - values.len()) * 4);
+            let n = read_full(r, &mut block[..take])?;
+            got += n as u64;
+            if n < take {
+                return Err(PayloadError::Length { got, want });
+            }
+            for b in block[..take].chunks_exact(4) {
+                let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                if !v.is_finite() {
+                    return Err(AggregateError::NonFinite { index: values.len() }.into());
+                }
+                values.push(v);
+            }
+        }
+        let extra = read_full(r, &mut [0u8; 1])?;
+        if extra > 0 {
+            return Err(PayloadError::Length { got: want + extra as u64, want });
+        }
+        Ok(Self(values))
+    }
+
+    /// The values.
+    pub fn as_slice(&self) -> &[f32] {
+        &self.0
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The values, to change them (and check them again with [`FiniteValues::new`]).
+    pub fn into_inner(self) -> Vec<f32> {
+        self.0
+    }
+}
+
+/// Reads until `buf` is full or the reader ends; how many bytes were read.
+fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// A running weighted sum of updates, in f64 so the order of arrival barely matters. One buffer
 /// of the model's size at a time: [`Accumulator::mean_in_place`] divides it in place and
 /// [`Accumulator::reset`] replaces it only once it is freed, so no round holds a second one.
@@ -66,12 +158,7 @@ impl Accumulator {
     /// Checks an update without folding it in: shape and finiteness, and that the round's sum is
     /// still open (so an update checked here is one [`Accumulator::add`] takes).
     pub fn check(&self, update: &[f32]) -> Result<(), AggregateError> {
-        if self.finished {
-            return Err(AggregateError::Finished);
-        }
-        if update.len() != self.sum.len() {
-            return Err(AggregateError::Shape { got: update.len(), want: self.sum.len() });
-        }
+        self.check_shape(update.len())?;
         if let Some(index) = update.iter().position(|v| !v.is_finite()) {
             return Err(AggregateError::NonFinite { index });
         }
@@ -84,12 +171,38 @@ impl Accumulator {
             return Err(AggregateError::Weight(weight));
         }
         self.check(update)?;
+        self.fold(update, weight);
+        Ok(())
+    }
+
+    /// [`Accumulator::add`] for values already checked finite: only the shape, the weight and
+    /// whether the sum is still open are checked.
+    pub fn add_finite(&mut self, update: &FiniteValues, weight: f64) -> Result<(), AggregateError> {
+        self.check_shape(update.len())?;
+        if !(weight.is_finite() && weight > 0.0) {
+            return Err(AggregateError::Weight(weight));
+        }
+        self.fold(update.as_slice(), weight);
+        Ok(())
+    }
+
+    /// Refuses an update of another length than the model's, or one that comes after the mean.
+    pub fn check_shape(&self, len: usize) -> Result<(), AggregateError> {
+        if self.finished {
+            return Err(AggregateError::Finished);
+        }
+        if len != self.sum.len() {
+            return Err(AggregateError::Shape { got: len, want: self.sum.len() });
+        }
+        Ok(())
+    }
+
+    fn fold(&mut self, update: &[f32], weight: f64) {
         for (s, u) in self.sum.iter_mut().zip(update) {
             *s += weight * f64::from(*u);
         }
         self.total_weight += weight;
         self.count += 1;
-        Ok(())
     }
 
     /// How many updates were folded in.
@@ -247,6 +360,79 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    /// A reader that hands out at most `step` bytes a call, as a file or socket may.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        step: usize,
+    }
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.step).min(self.bytes.len());
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    proptest! {
+        /// Read back in any pieces, the values are the bytes' little-endian f32s, and folding
+        /// them unchecked is folding them checked, bit for bit.
+        #[test]
+        fn values_read_back_in_any_pieces_are_the_payload_and_fold_as_add_does(
+            values in proptest::collection::vec(-1e30f32..1e30, 1..3000),
+            step in 1usize..9000,
+            weight in 0.5f64..1e4,
+        ) {
+            let bytes = sanctum_protocol::transfer::f32_to_le_bytes(&values);
+            let read = FiniteValues::read_le(&mut Trickle { bytes: &bytes, step }, values.len()).unwrap();
+            prop_assert_eq!(read.as_slice(), &values[..]);
+            let (mut checked, mut unchecked) = (Accumulator::new(values.len()), Accumulator::new(values.len()));
+            checked.add(&values, weight).unwrap();
+            unchecked.add_finite(&read, weight).unwrap();
+            prop_assert_eq!(checked.sum().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), unchecked.sum().iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            prop_assert_eq!((checked.count(), checked.total_weight), (unchecked.count(), unchecked.total_weight));
+        }
+
+        /// A non-finite value anywhere is refused, naming its index; so are bytes too few or too
+        /// many for the values.
+        #[test]
+        fn a_payload_with_a_non_finite_value_or_the_wrong_length_is_refused(
+            len in 1usize..600_000,
+            at in 0usize..600_000,
+            bad in prop_oneof![Just(f32::NAN), Just(f32::INFINITY), Just(f32::NEG_INFINITY)],
+        ) {
+            let at = at % len;
+            let mut values = vec![0.25f32; len];
+            values[at] = bad;
+            let bytes = sanctum_protocol::transfer::f32_to_le_bytes(&values);
+            let e = FiniteValues::read_le(&mut &bytes[..], len).unwrap_err();
+            prop_assert!(matches!(e, PayloadError::NotFinite(AggregateError::NonFinite { index }) if index == at), "{e}");
+            prop_assert!(FiniteValues::new(values).is_err());
+            let ok = sanctum_protocol::transfer::f32_to_le_bytes(&vec![0.25f32; len]);
+            let short = FiniteValues::read_le(&mut &ok[..ok.len() - 1], len).unwrap_err();
+            prop_assert!(matches!(short, PayloadError::Length { got, want } if got == want - 1), "{short}");
+            let mut long = ok.clone();
+            long.push(0);
+            let long = FiniteValues::read_le(&mut &long[..], len).unwrap_err();
+            prop_assert!(matches!(long, PayloadError::Length { .. }), "{long}");
+        }
+    }
+
+    #[test]
+    fn unchecked_folding_still_refuses_a_wrong_shape_a_bad_weight_and_a_closed_sum() {
+        let values = FiniteValues::new(vec![1.0, 2.0]).unwrap();
+        let mut acc = Accumulator::new(3);
+        assert_eq!(acc.add_finite(&values, 1.0), Err(AggregateError::Shape { got: 2, want: 3 }));
+        let mut acc = Accumulator::new(2);
+        assert_eq!(acc.add_finite(&values, 0.0), Err(AggregateError::Weight(0.0)));
+        assert!(matches!(acc.add_finite(&values, f64::NAN), Err(AggregateError::Weight(w)) if w.is_nan()));
+        acc.add_finite(&values, 2.0).unwrap();
+        acc.mean_in_place().unwrap();
+        assert_eq!(acc.add_finite(&values, 1.0), Err(AggregateError::Finished));
+        assert_eq!(acc.count(), 1, "nothing refused was folded");
+    }
 
     proptest! {
         /// The mean made in the sum's buffer is the allocating mean, bit for bit; after it the

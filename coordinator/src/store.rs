@@ -369,7 +369,7 @@ impl PartialUpload {
         Ok(())
     }
 
-    /// The complete upload as a spool file (removed when dropped), for the driver to read back.
+    /// The complete upload as a spool file (removed when dropped), for its handler to read back.
     pub fn into_spool(self) -> io::Result<tempfile::NamedTempFile> {
         self.file.sync_all()?;
         let spooled = tempfile::Builder::new().prefix("update-").tempfile_in(&self.spool)?;

@@ -40,6 +40,14 @@ pub type Millis = u64;
 pub use crate::round::NodeName;
 pub use sanctum_protocol::ids::{PlanId, RunId};
 
+/// An update's payload as the service read it back from its spool: f32 values already checked
+/// finite, or a masked secure-aggregation input's u32 words.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Payload {
+    Values(crate::aggregate::FiniteValues),
+    Words(Vec<u32>),
+}
+
 /// The header of an update the service spooled, with its payload read back.
 #[derive(Clone, Debug)]
 pub struct Update {
@@ -53,8 +61,8 @@ pub struct Update {
     pub masked: bool,
     pub payload_sha256: String,
     pub bytes: u64,
-    /// The payload itself (little-endian f32 values, or u32 words when masked).
-    pub payload: Vec<u8>,
+    /// The payload itself: values, or words when masked.
+    pub payload: Payload,
 }
 
 /// What happened, as the engine is told.

@@ -7,6 +7,7 @@ use sanctum_protocol::plan::Plan;
 use sanctum_protocol::proto::{self, directive};
 
 use super::*;
+use crate::aggregate::FiniteValues;
 use crate::test_ids as ids;
 
 fn plan(name: &str, rounds: u32, min_nodes: usize) -> Plan {
@@ -84,7 +85,7 @@ fn start_round_of(fx: &[Effect]) -> Option<proto::StartRound> {
 }
 
 fn update(plan_id: &str, s: &proto::StartRound, value: f32) -> Box<Update> {
-    let payload: Vec<u8> = (0..4).flat_map(|_| value.to_le_bytes()).collect();
+    let values = vec![value; 4];
     Box::new(Update {
         round: s.round,
         attempt: 1,
@@ -94,8 +95,8 @@ fn update(plan_id: &str, s: &proto::StartRound, value: f32) -> Box<Update> {
         metrics: vec![],
         masked: false,
         payload_sha256: "00".repeat(32),
-        bytes: payload.len() as u64,
-        payload,
+        bytes: 16,
+        payload: Payload::Values(FiniteValues::new(values).expect("finite test values")),
     })
 }
 
@@ -615,8 +616,8 @@ fn a_run_stopped_during_its_final_evaluation_keeps_the_metrics_that_came_and_ask
 // ---------------------------------------------------------------------------------------------
 
 fn update_values(plan_id: &str, s: &proto::StartRound, values: &[f32]) -> Box<Update> {
-    let payload: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    Box::new(Update { bytes: payload.len() as u64, payload, ..*update(plan_id, s, 0.0) })
+    let payload = Payload::Values(FiniteValues::new(values.to_vec()).expect("finite test values"));
+    Box::new(Update { bytes: values.len() as u64 * 4, payload, ..*update(plan_id, s, 0.0) })
 }
 
 /// What a [`SharedBuffers`] buffer holds, seen from the test.

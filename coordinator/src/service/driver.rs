@@ -4,7 +4,6 @@
 //! directives to nodes, models into the content store, audit records, events for watchers, the
 //! upload gates the handlers check, round records and receipts, exports.
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -134,10 +133,10 @@ impl Driver {
             Event::Decision { node, response } => {
                 let _ = self.step(Input::Decision { node, response });
             }
-            Event::Update { node, update, reply } => {
-                let result = read_spooled(update)
-                    .map_err(NotTaken::Spool)
-                    .and_then(|update| Ok(self.step(Input::Update { node, update: Box::new(update) })?));
+            Event::Update { node, update, decode_slot, reply } => {
+                let result = self.step(Input::Update { node, update }).map_err(NotTaken::from);
+                // Folded (or refused): the decoded payload is gone, another may be read back.
+                drop(decode_slot);
                 let _ = reply.send(result);
             }
             Event::SecAgg { node, cert_der, msg, reply } => {
@@ -442,25 +441,6 @@ impl Driver {
             Err(e) => tracing::error!("audit log: {e}"),
         }
     }
-}
-
-/// Reads a spooled update back for the engine.
-fn read_spooled(update: SpooledUpdate) -> std::io::Result<engine::Update> {
-    let mut payload = Vec::new();
-    let mut file = update.spool.reopen()?;
-    file.read_to_end(&mut payload)?;
-    Ok(engine::Update {
-        round: update.round,
-        attempt: update.attempt,
-        plan_id: update.plan_id,
-        base_model: update.base_model,
-        sample_count: update.sample_count,
-        metrics: update.metrics,
-        masked: update.masked,
-        payload_sha256: update.payload_sha256,
-        bytes: update.bytes,
-        payload,
-    })
 }
 
 /// Why the final model or its manifest was not exported; the run's end is recorded even so.

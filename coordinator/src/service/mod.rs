@@ -68,7 +68,7 @@ pub use revocation::RevocationListError;
 use revocation::follow_revocations;
 pub use start::{StartError, StatusError};
 pub use transport::ServeError;
-use uploads::{RoundInfo, SpooledUpdate};
+use uploads::RoundInfo;
 
 /// Settings of a running coordinator.
 #[derive(Clone, Debug)]
@@ -154,6 +154,11 @@ struct Inner {
     node_rows: Mutex<quota::NodeRowWrites>,
     /// The Prometheus metrics and round times the status page shows (`crate::metrics`).
     metrics: crate::metrics::Metrics,
+    /// Updates read back from their spool and decoded, waiting for or in the driver, at once:
+    /// one per core. Each upload's handler reads and checks its own payload on a blocking
+    /// thread, beside the others, and holds a slot until the driver has folded it, so at most
+    /// this many decoded updates are alive whatever the number of nodes.
+    decode_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Room in the handlers → driver channel. The driver handles an event in microseconds (an
@@ -177,8 +182,6 @@ struct NodeConn {
 /// `FailedPrecondition` with it.
 #[derive(Debug, thiserror::Error)]
 enum NotTaken {
-    #[error("spool: {0}")]
-    Spool(std::io::Error),
     #[error("{0}")]
     Refused(#[from] crate::engine::Refused),
 }
@@ -205,7 +208,9 @@ enum Event {
     },
     Update {
         node: NodeName,
-        update: SpooledUpdate,
+        update: Box<crate::engine::Update>,
+        /// One of `Inner::decode_slots`, given back once the driver has taken the update.
+        decode_slot: tokio::sync::OwnedSemaphorePermit,
         reply: oneshot::Sender<Result<(), NotTaken>>,
     },
     Evaluation {

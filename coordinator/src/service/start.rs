@@ -96,6 +96,9 @@ impl Coordinator {
             heartbeats: Mutex::new(HashMap::new()),
             node_rows: Mutex::new(quota::NodeRowWrites::default()),
             metrics: crate::metrics::Metrics::new(),
+            decode_slots: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            )),
         });
         if let Some((path, text, list)) = revocations {
             inner.apply_revocations(list);

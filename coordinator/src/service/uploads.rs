@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sanctum_protocol::hash::{ContentHash, Hasher};
-use sanctum_protocol::proto::{
-    self, UpdateChunk, UpdateReceipt, UploadStatusRequest, UploadStatusResponse, update_chunk,
-};
+use sanctum_protocol::proto::{UpdateChunk, UpdateReceipt, UploadStatusRequest, UploadStatusResponse, update_chunk};
 use sanctum_protocol::tls;
 use sanctum_protocol::transfer::{self, CHUNK_BYTES};
 use tokio::sync::oneshot;
@@ -168,20 +166,23 @@ impl Drop for UploadSlot {
     }
 }
 
-/// A header that passed the handler's checks, and where its payload was spooled.
-pub(super) struct SpooledUpdate {
-    pub(super) round: u32,
-    /// The attempt at the round the upload was made in: a failed attempt's upload is not
-    /// admitted into the retry, even when it completed while the retry opened.
-    pub(super) attempt: u32,
-    pub(super) plan_id: PlanId,
-    pub(super) base_model: String,
-    pub(super) sample_count: u64,
-    pub(super) metrics: Vec<proto::Metric>,
-    pub(super) masked: bool,
-    pub(super) payload_sha256: String,
-    pub(super) bytes: u64,
-    pub(super) spool: tempfile::NamedTempFile,
+/// Reads a spooled payload back for the engine: `num_params` f32 values checked finite as they
+/// are decoded, or, when masked, `num_params + 1` u32 words. Runs on the blocking pool.
+fn read_payload(
+    spool: tempfile::NamedTempFile,
+    num_params: usize,
+    masked: bool,
+) -> Result<crate::engine::Payload, crate::aggregate::PayloadError> {
+    let mut file = std::io::BufReader::with_capacity(1 << 20, spool.reopen()?);
+    if masked {
+        let mut bytes = Vec::with_capacity((num_params + 1) * 4);
+        std::io::Read::read_to_end(&mut file, &mut bytes)?;
+        let words = sanctum_protocol::secagg::wire::words_from_le(&bytes).map_err(|_| {
+            crate::aggregate::PayloadError::Length { got: bytes.len() as u64, want: (num_params as u64 + 1) * 4 }
+        })?;
+        return Ok(crate::engine::Payload::Words(words));
+    }
+    Ok(crate::engine::Payload::Values(crate::aggregate::FiniteValues::read_le(&mut file, num_params)?))
 }
 
 /// Opens the partial upload `key` of `total` bytes on the blocking pool, resumes it at `offset`
@@ -486,7 +487,21 @@ impl FederationApi {
             .await
             .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?
             .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
-        let update = SpooledUpdate {
+        // Read back and checked on the blocking pool, beside the other uploads' (a slot each, held
+        // until the driver has taken it): the driver only folds.
+        let decode_slot = Arc::clone(&self.inner.decode_slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
+        let (num_params, masked) = (info.num_params, header.masked);
+        let payload = tokio::task::spawn_blocking(move || read_payload(spool, num_params, masked))
+            .await
+            .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?
+            .map_err(|e| match e {
+                crate::aggregate::PayloadError::Io(e) => reject(Status::internal(format!("spool: {e}"))),
+                e => reject(Status::invalid_argument(e.to_string())),
+            })?;
+        let update = Box::new(crate::engine::Update {
             round: header.round,
             attempt: info.attempt,
             plan_id,
@@ -496,10 +511,10 @@ impl FederationApi {
             masked: header.masked,
             payload_sha256: header.payload_sha256.clone(),
             bytes: received,
-            spool,
-        };
+            payload,
+        });
         let (reply, rx) = oneshot::channel();
-        self.inner.send_event(Event::Update { node: node.clone(), update, reply }).await?;
+        self.inner.send_event(Event::Update { node: node.clone(), update, decode_slot, reply }).await?;
         match rx.await {
             Ok(Ok(())) => {
                 self.inner.metrics.update_accepted(started);

@@ -15,10 +15,9 @@ use sanctum_protocol::model::Weights;
 use sanctum_protocol::plan::{Plan, Weighting};
 use sanctum_protocol::privacy::noise::SecureGaussian;
 use sanctum_protocol::proto::{self, EvaluationReport, PlanResponse, directive, plan_event};
-use sanctum_protocol::transfer;
 
 use super::effects::{Actor, Effect};
-use super::{Millis, NodeName, PlanId, Refused, RunId, Update, instant, short};
+use super::{Millis, NodeName, Payload, PlanId, Refused, RunId, Update, instant, short};
 use crate::aggregate::{Accumulator, ClientDp, sample_weight};
 use crate::round::PlanRun;
 use crate::secure::SecAggRound;
@@ -455,14 +454,17 @@ impl RunEngine {
                     "this round uses secure aggregation: only masked inputs are accepted".into(),
                 ));
             }
-            let words = sanctum_protocol::secagg::wire::words_from_le(&update.payload)
-                .map_err(|e| Refused::Invalid(e.to_string()))?;
+            let Payload::Words(words) = &update.payload else {
+                return Err(Refused::Invalid(
+                    "this round uses secure aggregation: only masked inputs are accepted".into(),
+                ));
+            };
             // The plan run is asked first, changing nothing: `masked_input` folds the input into
             // the sum, which cannot be undone, so it runs only for an input the run will admit
             // (with the same `now`, `admit_update` below then cannot refuse it).
             self.run.can_admit(node, update.round, t)?;
             // The masked input joins the running sum only if the node may send one now.
-            let sa_actions = sa.server.masked_input(node, &words, at).map_err(|e| Refused::Invalid(e.to_string()))?;
+            let sa_actions = sa.server.masked_input(node, words, at).map_err(|e| Refused::Invalid(e.to_string()))?;
             let actions = self.run.admit_update(node, update.round, t)?;
             self.round_metrics.insert(node.to_string(), kept_metrics(update.metrics));
             tracing::info!(node = %node, round = update.round, "masked input accepted");
@@ -480,14 +482,19 @@ impl RunEngine {
             Weighting::Samples => sample_weight(update.sample_count, self.plan.secagg_settings().max_samples),
             Weighting::Uniform => 1.0,
         };
-        let mut values = transfer::le_bytes_to_f32(&update.payload).map_err(|e| Refused::Invalid(e.to_string()))?;
-        self.acc.check(&values).map_err(|e| Refused::Invalid(e.to_string()))?;
+        let Payload::Values(values) = update.payload else {
+            return Err(Refused::Invalid(
+                "this round does not use secure aggregation: masked inputs are not accepted".into(),
+            ));
+        };
+        // Checked finite as it was read back (`FiniteValues`); the shape here.
+        self.acc.check_shape(values.len()).map_err(|e| Refused::Invalid(e.to_string()))?;
         let actions = self.run.admit_update(node, update.round, t)?;
         if let Some(robust) = self.robust.as_mut() {
             // Checked (shape, finite) and admitted: kept until the round closes. An update that
             // cannot be kept fails the round (as an aggregation that cannot be made does), so
             // the round's actions, its close among them, are not carried out.
-            if let Err(e) = robust.put(node.as_str(), weight, &values) {
+            if let Err(e) = robust.put(node.as_str(), weight, values.as_slice()) {
                 let reason = format!(
                     "round {}: {}: the update of {node} could not be kept until the round closes: {e}; check the disk of the coordinator's state directory (spool/robust)",
                     update.round,
@@ -505,10 +512,14 @@ impl RunEngine {
             return Ok(());
         }
         if let Some((dp, _)) = self.client_dp.as_mut() {
-            let norm = dp.clip(&mut values);
+            let mut clipped = values.into_inner();
+            let norm = dp.clip(&mut clipped);
             tracing::debug!(node = %node, norm, clip = dp.clip_norm(), "update clipped for client-level DP");
+            // Scaled by a factor in (0, 1]: still finite; checked again all the same.
+            self.acc.add(&clipped, weight).map_err(|e| Refused::Invalid(e.to_string()))?;
+        } else {
+            self.acc.add_finite(&values, weight).map_err(|e| Refused::Invalid(e.to_string()))?;
         }
-        self.acc.add(&values, weight).map_err(|e| Refused::Invalid(e.to_string()))?;
         self.round_metrics.insert(node.to_string(), kept_metrics(update.metrics));
         tracing::info!(node = %node, round = update.round, "update accepted");
         self.round_updates.push(entry);
