@@ -2,12 +2,14 @@
 //! all at once, to a real release `sanctum-coordinator` over loopback mutual TLS. Measured: the
 //! coordinator's throughput against a plain loopback TCP copy of the same bytes by the same
 //! number of connections (goal ≥ 0.5×), and its peak RSS against the model's size (goal ≤ 3×).
+//! Beside them, what the spool's file system allows: the same bytes written at once into as many
+//! new files, fsync'd at every chunk as the coordinator's partial uploads are.
 //!
 //! Each repetition is one round of one plan: the nodes build their header (the payload's hash)
 //! when `StartRound` arrives, wait until all of them hold theirs, then upload together; the
 //! coordinator's time runs from that barrier to the last `UpdateReceipt`. The plain TCP copy
-//! runs just before each round, while the coordinator waits for its uploads, so the two
-//! alternate. The scripted nodes do not fetch the global model (a real node does, before it
+//! and the disk copy run just before each round, while the coordinator waits for its uploads, so
+//! the three alternate. The scripted nodes do not fetch the global model (a real node does, before it
 //! trains: outside the window either way), and share one payload to keep the bench's own memory
 //! down (the coordinator hashes, spools and aggregates each as its own).
 //!
@@ -135,6 +137,40 @@ async fn tcp_copy(payload: &Arc<[u8]>) -> Duration {
     sink.await.expect("the sink") - started
 }
 
+/// The disk alone: `NODES` threads at once each write `payload` to a new file in `dir` (the
+/// coordinator's state directory, so the same file system) in 1 MiB chunks, fsync'ing its data
+/// after each chunk and the whole file at the end, as the coordinator's partial uploads are
+/// (`store::PartialUpload`); the time from the barrier to the last file on disk. The files are
+/// left for the caller to remove (after the coordinator's round, so neither side starts on the
+/// memory the other has just freed).
+async fn disk_copy(payload: &Arc<[u8]>, dir: &std::path::Path) -> Duration {
+    use std::io::Write;
+    std::fs::create_dir_all(dir).expect("the disk copy's directory");
+    let go = Arc::new(std::sync::Barrier::new(NODES + 1));
+    let mut writers = Vec::new();
+    for i in 0..NODES {
+        let (go, payload, path) = (go.clone(), payload.clone(), dir.join(format!("copy-{i:02}")));
+        writers.push(tokio::task::spawn_blocking(move || {
+            let mut file = std::fs::File::create(&path).expect("create a disk copy");
+            go.wait();
+            for chunk in payload.chunks(1 << 20) {
+                file.write_all(chunk).expect("write a disk copy");
+                file.sync_data().expect("fsync a disk copy");
+            }
+            file.sync_all().expect("fsync a disk copy");
+            Instant::now()
+        }));
+    }
+    let barrier = go.clone();
+    tokio::task::spawn_blocking(move || barrier.wait()).await.expect("the disk copy's barrier");
+    let started = Instant::now();
+    let mut last = started;
+    for w in writers {
+        last = last.max(w.await.expect("a disk writer"));
+    }
+    last - started
+}
+
 /// Waits for `round`'s `RoundClosed`; panics if the run ends first.
 async fn round_closed(events: &mut Streaming<PlanEvent>, round: u32) {
     loop {
@@ -155,6 +191,7 @@ struct Figures {
     payload_bytes: u64,
     ours: Vec<Duration>,
     tcp: Vec<Duration>,
+    disk: Vec<Duration>,
     coord_cpu: Vec<f64>,
     bench_cpu: Vec<f64>,
     baseline_kib: u64,
@@ -206,6 +243,7 @@ async fn main() {
         payload_bytes,
         ours: vec![],
         tcp: vec![],
+        disk: vec![],
         coord_cpu: vec![],
         bench_cpu: vec![],
         baseline_kib: 0,
@@ -225,6 +263,10 @@ async fn main() {
         let tcp = tcp_copy(&payload).await;
         eprintln!("rep {rep}: plain TCP {tcp:.2?}");
         f.tcp.push(tcp);
+        let disk_dir = coord.state_dir().join("bench-disk-copy");
+        let disk = disk_copy(&payload, &disk_dir).await;
+        eprintln!("rep {rep}: disk copy {disk:.2?}");
+        f.disk.push(disk);
         let (coord0, self0) = (cpu_secs(&pid, tick), cpu_secs("self", tick));
         go.wait().await;
         let t0 = Instant::now();
@@ -255,6 +297,7 @@ async fn main() {
             coord.peak_rss_kib()
         );
         f.ours.push(ours);
+        std::fs::remove_dir_all(&disk_dir).expect("remove the disk copy");
         round_closed(&mut events, rep).await;
     }
     let finished = loop {
@@ -279,6 +322,8 @@ fn print_block(f: &Figures) {
     let (ours, tcp) = (median(f.ours.clone()), median(f.tcp.clone()));
     let (ours_mbs, tcp_mbs) = (mb(total) / ours.as_secs_f64(), mb(total) / tcp.as_secs_f64());
     let ratio = ours_mbs / tcp_mbs;
+    let disk = median(f.disk.clone());
+    let disk_mbs = mb(total) / disk.as_secs_f64();
     let peak_bytes = f.peak_kib as f64 * 1024.0;
     let rss_ratio = peak_bytes / f.payload_bytes as f64;
     let verdict = |met: bool| if met { "met" } else { "missed" };
@@ -303,8 +348,10 @@ fn print_block(f: &Figures) {
          the coordinator's time runs from the barrier the nodes start from to the last `UpdateReceipt` (each \
          update decrypted, hashed, spooled to disk with its fsyncs, read back and folded into the round's sum; \
          the last one's receipt comes after the round's close). Against it, {NODES} plain loopback TCP \
-         connections write the same bytes at once into a sink that reads and discards them (no TLS, no disk). \
-         {REPS} repetitions of each, alternating (each round of one plan, the TCP copy just before it); medians. \
+         connections write the same bytes at once into a sink that reads and discards them (no TLS, no disk); \
+         and, for what the spool's file system allows, {NODES} threads write them at once into new files beside \
+         the coordinator's state, fsync'd at every 1 MiB chunk as its partial uploads are (no TLS, no network). \
+         {REPS} repetitions of each, alternating (each round of one plan, the two copies just before it); medians. \
          Machine: {cores} cores ({cpu}), shared by the coordinator and the bench's clients. Peak RSS is the \
          coordinator's `VmHWM` after the run. `cargo bench -p sanctum-tests --bench scale`.",
         f.num_params
@@ -325,6 +372,13 @@ fn print_block(f: &Figures) {
         secs(&f.tcp)
     );
     println!("| throughput ratio, coordinator / plain TCP | {ratio:.2} | ≥ 0.5: {} |", verdict(ratio >= 0.5));
+    println!(
+        "| the disk alone: the same bytes into {NODES} new files at once, fsync'd every 1 MiB (median; each) | \
+         {:.2} s ({} s) → {disk_mbs:.0} MB/s | |",
+        disk.as_secs_f64(),
+        secs(&f.disk)
+    );
+    println!("| throughput ratio, coordinator / the disk alone | {:.2} | |", ours_mbs / disk_mbs);
     println!(
         "| CPU in the upload window (cores busy, of {cores}): coordinator; the bench's clients | {:.2}; {:.2} | |",
         cores_busy(&f.coord_cpu),
