@@ -141,8 +141,9 @@ async fn tcp_copy(payload: &Arc<[u8]>) -> Duration {
 /// coordinator's state directory, so the same file system) in 1 MiB chunks, fsync'ing its data
 /// after each chunk and the whole file at the end, as the coordinator's partial uploads are
 /// (`store::PartialUpload`); the time from the barrier to the last file on disk. The files are
-/// left for the caller to remove (after the coordinator's round, so neither side starts on the
-/// memory the other has just freed).
+/// removed at once after, so the coordinator's round starts, as this copy did, just after the
+/// other side freed the same amount of page cache (on a VM that hands freed memory back to its
+/// host, writing into memory that was not touched lately is several times slower).
 async fn disk_copy(payload: &Arc<[u8]>, dir: &std::path::Path) -> Duration {
     use std::io::Write;
     std::fs::create_dir_all(dir).expect("the disk copy's directory");
@@ -168,6 +169,7 @@ async fn disk_copy(payload: &Arc<[u8]>, dir: &std::path::Path) -> Duration {
     for w in writers {
         last = last.max(w.await.expect("a disk writer"));
     }
+    std::fs::remove_dir_all(dir).expect("remove the disk copy");
     last - started
 }
 
@@ -297,7 +299,6 @@ async fn main() {
             coord.peak_rss_kib()
         );
         f.ours.push(ours);
-        std::fs::remove_dir_all(&disk_dir).expect("remove the disk copy");
         round_closed(&mut events, rep).await;
     }
     let finished = loop {
