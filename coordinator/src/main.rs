@@ -15,6 +15,14 @@ use sanctum_coordinator::{audit_cli, pki_cli, plan_cli};
 use sanctum_protocol::privacy::cli::PrivacyCommand;
 use sanctum_protocol::tls::{self, TlsMaterial};
 
+/// jemalloc, not the system's allocator: a coordinator runs for months with tens of uploads at
+/// once, each with its own megabyte buffers on its own worker thread, and glibc's per-thread
+/// arenas kept that memory fragmented (the resident set after each round of 50 uploads of 40 MB
+/// climbed, and the peak was 12× the model; BENCHMARKS.md, section 5).
+#[cfg(all(unix, not(target_env = "musl")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit code for unusable configuration or arguments (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 

@@ -36,16 +36,21 @@ use tonic::Streaming;
 
 /// Nodes uploading at once.
 const NODES: usize = 50;
-/// Rounds of the plan, each one repetition of both measurements.
-const REPS: usize = 3;
+/// Rounds of the plan, each one repetition of the three measurements, unless
+/// `SANCTUM_BENCH_SCALE_ROUNDS` says otherwise (a longer run shows whether the coordinator's
+/// resident set settles from round to round).
+fn reps() -> usize {
+    std::env::var("SANCTUM_BENCH_SCALE_ROUNDS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(3)
+}
 /// 13·3160 + 3160 + 3160² + 3160 + 3160 + 1 = 10,036,161 parameters (40.1 MB of f32).
 const MODEL: &str = "kind = \"mlp\"\ninputs = 13\nhidden = [3160, 3160]";
 /// How long a step may take before the bench gives up on the run.
 const STALL_SECS: u64 = 600;
 
 fn plan_toml() -> String {
+    let reps = reps();
     format!(
-        "name = \"scale\"\nrounds = {REPS}\nmin_nodes = {NODES}\n\
+        "name = \"scale\"\nrounds = {reps}\nmin_nodes = {NODES}\n\
          round_deadline_secs = 1800\nrecruit_deadline_secs = 300\n\
          [model]\n{MODEL}\n[data]\nschema = \"heart_disease\"\nschema_sha256 = \"{HEART_SCHEMA_SHA256}\"\n\
          [local]\nsteps = 1\nbatch_size = 4\nlearning_rate = 0.01\n[strategy]\nkind = \"fedavg\"\n"
@@ -198,6 +203,8 @@ struct Figures {
     bench_cpu: Vec<f64>,
     baseline_kib: u64,
     peak_kib: u64,
+    /// The coordinator's RSS once each round has closed.
+    after_round_kib: Vec<u64>,
 }
 
 #[tokio::main]
@@ -207,7 +214,7 @@ async fn main() {
     let num_params = plan.model.num_params();
     let payload = payload(num_params);
     let payload_bytes = payload.len() as u64;
-    eprintln!("model: {num_params} parameters, {payload_bytes} bytes of f32; {NODES} nodes, {REPS} rounds");
+    eprintln!("model: {num_params} parameters, {payload_bytes} bytes of f32; {NODES} nodes, {} rounds", reps());
 
     let c = Consortium::new();
     let coord = CoordinatorProcess::start(&c);
@@ -250,8 +257,9 @@ async fn main() {
         bench_cpu: vec![],
         baseline_kib: 0,
         peak_kib: 0,
+        after_round_kib: vec![],
     };
-    for rep in 1..=REPS as u32 {
+    for rep in 1..=reps() as u32 {
         // Every node holds round `rep`'s StartRound and its header: the coordinator waits.
         tokio::time::timeout(Duration::from_secs(STALL_SECS), ready.wait()).await.expect("round did not start");
         if rep == 1 {
@@ -300,6 +308,7 @@ async fn main() {
         );
         f.ours.push(ours);
         round_closed(&mut events, rep).await;
+        f.after_round_kib.push(coord.rss_kib());
     }
     let finished = loop {
         if let Some(Kind::PlanFinished(done)) =
@@ -352,10 +361,11 @@ fn print_block(f: &Figures) {
          connections write the same bytes at once into a sink that reads and discards them (no TLS, no disk); \
          and, for what the spool's file system allows, {NODES} threads write them at once into new files beside \
          the coordinator's state, fsync'd at every 1 MiB chunk as its partial uploads are (no TLS, no network). \
-         {REPS} repetitions of each, alternating (each round of one plan, the two copies just before it); medians. \
+         {} repetitions of each, alternating (each round of one plan, the two copies just before it); medians. \
          Machine: {cores} cores ({cpu}), shared by the coordinator and the bench's clients. Peak RSS is the \
          coordinator's `VmHWM` after the run. `cargo bench -p sanctum-tests --bench scale`.",
-        f.num_params
+        f.num_params,
+        f.ours.len()
     );
     println!();
     println!("| | measured | goal |");
@@ -391,6 +401,8 @@ fn print_block(f: &Figures) {
         mb(peak_bytes)
     );
     println!("| peak RSS / model size | {rss_ratio:.2}× | ≤ 3×: {} |", verdict(rss_ratio <= 3.0));
+    let after: Vec<String> = f.after_round_kib.iter().map(|k| format!("{:.0}", mb(*k as f64 * 1024.0))).collect();
+    println!("| coordinator RSS once each round closed, MB | {} | |", after.join(", "));
     println!("| the same run with secure aggregation | not built yet | |");
     println!("<!-- scale:end -->");
 }
