@@ -494,13 +494,18 @@ impl FederationApi {
             .await
             .map_err(|_| Status::unavailable("coordinator is shutting down"))?;
         let (num_params, masked) = (info.num_params, header.masked);
-        let payload = tokio::task::spawn_blocking(move || read_payload(spool, num_params, masked))
-            .await
-            .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?
-            .map_err(|e| match e {
-                crate::aggregate::PayloadError::Io(e) => reject(Status::internal(format!("spool: {e}"))),
-                e => reject(Status::invalid_argument(e.to_string())),
-            })?;
+        // The slot goes into the blocking task and comes back with the payload: a handler
+        // cancelled while it waits (a reset stream) cannot free the slot while the decode runs on.
+        let (payload, decode_slot) = tokio::task::spawn_blocking(move || {
+            let payload = read_payload(spool, num_params, masked);
+            (payload, decode_slot)
+        })
+        .await
+        .map_err(|e| reject(Status::internal(format!("spool: {e}"))))?;
+        let payload = payload.map_err(|e| match e {
+            crate::aggregate::PayloadError::Io(e) => reject(Status::internal(format!("spool: {e}"))),
+            e => reject(Status::invalid_argument(e.to_string())),
+        })?;
         let update = Box::new(crate::engine::Update {
             round: header.round,
             attempt: info.attempt,
